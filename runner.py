@@ -1,15 +1,44 @@
-"""Stigmer local runner: run a Claude agent in a workspace, streamed to a local daemon.
+"""Stigmer local runner: a Claude agent works in your workspace; every step streams to a local daemon.
 
-    python runner.py "add a --verbose flag to cli.py"     # run one task here
-    python runner.py --help
+    python runner.py "make the failing test pass"         # run one task in the current directory
+    python runner.py run "add a README" --workspace ~/proj --max-turns 20
+    python runner.py start --workers 2                    # daemon and workers in the background
+    python runner.py list                                 # past runs, newest first
+    python runner.py logs ex-1a2b3c -f                    # replay a run, then follow it
+    python runner.py stop
 
-(Work in progress: the CLI is being built; see the runner issue.)
+Configuration comes from the environment, read once here: MODE (local | cloud), ENV
+(development | staging | production: logging only), STIGMER_HOME (~/.stigmer),
+STIGMER_BACKEND_ENDPOINT (localhost:50051), SANDBOX_ROOT_DIR (the current directory),
+STIGMER_MODEL, ANTHROPIC_API_KEY (asked for with a masked prompt when missing).
+
+The agent's shell runs on this host as you, with your environment minus the model keys:
+it is not a security boundary. File tools are confined to the workspace.
 """
+import argparse
 import importlib.util
+import json
 import os
+import re
+import signal
+import subprocess
 import sys
+import threading
+import time
+from dataclasses import dataclass
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+VERSION = "0.1.0"
+MODES = ("local", "cloud")
+ENVS = ("development", "staging", "production")
+FALLBACK_MODEL = "claude-sonnet-4-5"  # when the installed SDK lists no Sonnet
+EXIT_CODES = {"COMPLETED": 0, "FAILED": 1, "CANCELLED": 130}
+CANCEL_WAIT = 5.0  # seconds Ctrl-C waits for the execution to confirm it stopped
+START_WAIT = 15.0  # seconds `start` waits for the daemon to answer
+COMMANDS = ("run", "start", "stop", "status", "list", "logs", "cancel", "daemon", "worker")
+
+if __name__ == "__main__":
+    sys.modules.setdefault("runner", sys.modules[__name__])  # worker.py imports us by name
 
 
 def _project_module(name, alias):
@@ -30,13 +59,655 @@ def _project_module(name, alias):
 stigmer_secrets = _project_module("secrets", "stigmer_secrets")
 
 
-def main(argv=None):
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] in ("-h", "--help"):
-        print(__doc__.strip())
+class CliError(Exception):
+    """A one-line message for the user and the exit code that goes with it."""
+
+    def __init__(self, message, code=1):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Config:
+    mode: str
+    env: str
+    home: str
+    endpoint: str
+    sandbox_root: str
+    model: str
+    environ: dict
+
+    @staticmethod
+    def load(environ):
+        """Read and check the environment once; raises CliError on a bad value."""
+        mode = environ.get("MODE", "local").strip().lower() or "local"
+        if mode not in MODES:
+            raise CliError(f"MODE={environ['MODE']!r} is not a mode: use MODE=local (the default) or MODE=cloud", 2)
+        env = environ.get("ENV", "development").strip().lower() or "development"
+        if env not in ENVS:
+            raise CliError(f"ENV={environ['ENV']!r} is not one of {', '.join(ENVS)}", 2)
+        home = os.path.abspath(os.path.expanduser(environ.get("STIGMER_HOME") or "~/.stigmer"))
+        return Config(mode=mode, env=env, home=home,
+                      endpoint=environ.get("STIGMER_BACKEND_ENDPOINT") or "localhost:50051",
+                      sandbox_root=os.path.abspath(environ.get("SANDBOX_ROOT_DIR") or os.getcwd()),
+                      model=environ.get("STIGMER_MODEL", ""), environ=dict(environ))
+
+    def require_local(self):
+        if self.mode == "cloud":
+            raise CliError("MODE=cloud is not available yet (the Daytona and Redis runner is still being built): "
+                           "unset MODE or set MODE=local", 2)
+
+
+def default_model():
+    """The newest Sonnet in the installed SDK's model list, read from its source without importing it."""
+    found = importlib.util.find_spec("anthropic")
+    try:
+        with open(os.path.join(os.path.dirname(found.origin), "types", "model.py")) as f:
+            names = re.findall(r'"(claude-sonnet-[0-9][0-9a-z-]*)"', f.read())
+    except (OSError, AttributeError, TypeError):
+        names = []
+    undated = [n for n in names if not re.search(r"-\d{8}$", n)]
+    return (undated or names or [FALLBACK_MODEL])[0]
+
+
+# ---- talking to the daemon ----
+
+class Client:
+    """The CLI's gRPC client: the token, the stub and one-line errors."""
+
+    def __init__(self, cfg, endpoint=None):
+        import daemon
+        import stigmer_pb2
+        import stigmer_pb2_grpc
+        self.pb, self.endpoint = stigmer_pb2, endpoint or cfg.endpoint
+        try:
+            self.metadata = daemon.auth_metadata(daemon.read_token(cfg.home))
+        except daemon.DaemonError as exc:
+            raise CliError(str(exc)) from None
+        self.channel = daemon.client_channel(self.endpoint)
+        self.stub = stigmer_pb2_grpc.DaemonStub(self.channel)
+
+    def call(self, method, request, timeout=10.0):
+        import grpc
+        try:
+            return getattr(self.stub, method)(request, metadata=self.metadata, timeout=timeout)
+        except grpc.RpcError as exc:
+            raise CliError(rpc_message(exc, self.endpoint)) from None
+
+    def watch(self, execution_id, after_seq=0, follow=True):
+        return self.stub.Watch(self.pb.WatchRequest(execution_id=execution_id, after_seq=after_seq, follow=follow),
+                               metadata=self.metadata)
+
+
+def rpc_message(exc, endpoint):
+    """A one-line message for a failed RPC."""
+    import grpc
+    code = exc.code()
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return f"no daemon answers at {endpoint}: start one with `python runner.py start`"
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return (f"the daemon at {endpoint} refused our token: it belongs to another STIGMER_HOME, or restarted; "
+                "check STIGMER_HOME and STIGMER_BACKEND_ENDPOINT")
+    return exc.details() or code.name
+
+
+def find_daemon(cfg):
+    """A Client for a daemon that answers at the endpoint, or None."""
+    if not os.path.exists(os.path.join(cfg.home, "daemon.token")):
+        return None
+    client = Client(cfg)
+    try:
+        return client, client.call("Status", client.pb.StatusRequest(), timeout=2.0)
+    except CliError:
+        client.channel.close()
+        return None
+
+
+def open_log(cfg):
+    """(client, embedded): the running daemon, or a short-lived embedded one over the same STIGMER_HOME
+    so that past runs can be listed and replayed when no daemon is running."""
+    found = find_daemon(cfg)
+    if found is not None:
+        return found[0], None
+    if not os.path.exists(os.path.join(cfg.home, "stigmer.db")):
+        raise CliError(f"no executions yet in {cfg.home}: run one with python runner.py \"your task\"")
+    import daemon
+    try:
+        embedded = daemon.serve(cfg.home, "127.0.0.1:0")
+    except daemon.DaemonError as exc:
+        raise CliError(str(exc)) from None
+    return Client(cfg, endpoint=embedded.endpoint), embedded
+
+
+# ---- processes: workers and background services ----
+
+def worker_env(cfg, secrets, endpoint):
+    """The environment of a worker: the user's, the secrets, and where the daemon is."""
+    env = stigmer_secrets.child_env(secrets, base=cfg.environ)
+    env.update(STIGMER_HOME=cfg.home, STIGMER_BACKEND_ENDPOINT=endpoint, MODE=cfg.mode, PYTHONUNBUFFERED="1")
+    return env
+
+
+def without_keys(environ):
+    """ENVIRON minus every provider key: what the daemon gets."""
+    keys = {var for p in stigmer_secrets.PROVIDERS.values() for var in (p.env_var, *p.alt_env_vars)}
+    return {k: v for k, v in environ.items() if k not in keys}
+
+
+def spawn(args, env, log_path, stdin=subprocess.DEVNULL):
+    """Start `python runner.py ARGS` in its own session, output appended to LOG_PATH."""
+    os.makedirs(os.path.dirname(log_path), mode=0o700, exist_ok=True)
+    with open(log_path, "ab") as log:
+        return subprocess.Popen([sys.executable, os.path.join(HERE, "runner.py"), *args], env=env, stdin=stdin,
+                                stdout=log, stderr=log, start_new_session=True)
+
+
+def gather_secrets(cfg, names):
+    """The model key plus NAMES, prompting on the terminal for what is missing."""
+    try:
+        return stigmer_secrets.gather(("anthropic",), names, environ=cfg.environ,
+                                      warn=lambda m: print(f"stigmer: warning: {m}", file=sys.stderr))
+    except stigmer_secrets.PromptCancelled:
+        raise CliError("cancelled at the key prompt", 130) from None
+    except stigmer_secrets.SecretError as exc:
+        raise CliError(str(exc), 2) from None
+
+
+def stop_process(proc, timeout=5.0):
+    """SIGTERM a child we started, then SIGKILL it after TIMEOUT seconds."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def pid_files(cfg):
+    logs = os.path.join(cfg.home, "logs")
+    return sorted(os.path.join(logs, n) for n in os.listdir(logs) if n.endswith(".pid")) if os.path.isdir(logs) else []
+
+
+def live_pid(path):
+    """The pid in a pid file if that process is still one of ours, else None."""
+    try:
+        with open(path) as f:
+            pid = int(f.read().strip())
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+        with open(f"/proc/{pid}/stat") as f:
+            zombie = f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, ValueError):
+        return None
+    return pid if b"runner.py" in cmdline and not zombie else None
+
+
+# ---- rendering ----
+
+class Renderer:
+    """Shows events: JSON lines for scripts, or live text, tool calls and a summary on a terminal."""
+
+    def __init__(self, json_lines, color, spinner):
+        self.json_lines, self.spinner_on = json_lines, spinner
+        self.color = color
+        self.mid_line = False
+        self.last_output = time.monotonic()
+        self.spinning = False
+        self.frame = 0
+        self.calls = {}  # tool_use id -> (name, input)
+
+    def paint(self, code, text):
+        return f"\033[{code}m{text}\033[0m" if self.color else text
+
+    def out(self, text, err=False):
+        self.clear_spinner()
+        stream = sys.stderr if err else sys.stdout
+        stream.write(text)
+        stream.flush()
+        self.last_output = time.monotonic()
+
+    def newline(self):
+        if self.mid_line:
+            self.out("\n")
+            self.mid_line = False
+
+    def tick(self, running):
+        """Called while waiting: shows a spinner after a quiet moment."""
+        if not (self.spinner_on and running) or time.monotonic() - self.last_output < 0.4:
+            return
+        frames = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
+        self.frame += 1
+        sys.stderr.write(f"\r{self.paint('2', frames[self.frame % len(frames)] + ' working…')}")
+        sys.stderr.flush()
+        self.spinning = True
+
+    def clear_spinner(self):
+        if self.spinning:
+            sys.stderr.write("\r\033[K" if self.color else "\r" + " " * 12 + "\r")
+            sys.stderr.flush()
+            self.spinning = False
+
+    def event(self, ev):
+        if self.json_lines:
+            print(json.dumps(event_dict(ev), ensure_ascii=False), flush=True)
+            return
+        kind = ev.WhichOneof("payload")
+        if kind == "text":
+            self.out(ev.text.text)
+            self.mid_line = not ev.text.text.endswith("\n")
+        elif kind == "tool_call":
+            self.newline()
+            try:
+                args = json.loads(ev.tool_call.input_json)
+            except ValueError:
+                args = {}
+            self.calls[ev.tool_call.id] = ev.tool_call.name
+            shown = args.get("command") or args.get("path") or args.get("pattern") if isinstance(args, dict) else None
+            shown = shown or ev.tool_call.input_json
+            self.out(f"{self.paint('36', '⏺ ' + ev.tool_call.name)} {shown[:200]}\n")
+        elif kind == "tool_result":
+            r = ev.tool_result
+            lines = r.output.splitlines()
+            status = f"exit {r.exit_code}" if self.calls.get(r.id) == "execute" else ("error" if r.is_error else "ok")
+            head = f"  ⎿ {status} · {r.duration_ms / 1000:.1f} s" + (" · truncated" if r.truncated else "")
+            self.out(self.paint("31" if r.is_error else "2", head) + "\n")
+            for line in lines[:4]:
+                self.out(self.paint("2", f"    {line[:160]}") + "\n")
+            if len(lines) > 4:
+                self.out(self.paint("2", f"    … {len(lines) - 4} more lines") + "\n")
+        elif kind == "error":
+            self.newline()
+            self.out(self.paint("31", f"✗ {ev.error.message}") + "\n", err=True)
+
+    def summary(self, execution, phase_name, elapsed):
+        if self.json_lines:  # stdout stays pure JSON; a failure still gets one line on stderr
+            if phase_name != "COMPLETED":
+                print(f"stigmer: {phase_name.lower()}: {execution.error or 'no reason given'} ({execution.id})",
+                      file=sys.stderr)
+            return
+        self.newline()
+        u = execution.usage
+        prompt_tokens = u.input_tokens + u.cache_read_tokens + u.cache_write_tokens
+        hit = f" ({100 * u.cache_read_tokens // prompt_tokens}% of input)" if prompt_tokens else ""
+        mark = {"COMPLETED": self.paint("32", "✓ completed"), "FAILED": self.paint("31", "✗ failed"),
+                "CANCELLED": self.paint("33", "■ cancelled")}.get(phase_name, phase_name)
+        reason = f": {execution.error}" if execution.error and phase_name != "COMPLETED" else ""
+        self.out(f"\n{mark}{reason}\n", err=phase_name != "COMPLETED")
+        self.out(self.paint("2", f"  {execution.turns} turns · {u.input_tokens:,} in / {u.output_tokens:,} out tokens · "
+                                 f"cache {u.cache_read_tokens:,} read{hit}, {u.cache_write_tokens:,} written · "
+                                 f"{elapsed:.1f} s · {execution.id}") + "\n")
+
+
+def event_dict(ev):
+    """An Event as a flat JSON-ready dict: execution_id, seq, time, kind, and the payload's fields."""
+    from google.protobuf.json_format import MessageToDict
+    kind = ev.WhichOneof("payload")
+    body = MessageToDict(getattr(ev, kind), preserving_proto_field_name=True,
+                         always_print_fields_with_no_presence=True) if kind else {}
+    for key in ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "duration_ms"):
+        if key in body:
+            body[key] = int(body[key])  # proto3 JSON writes int64 as strings
+    return {"execution_id": ev.execution_id, "seq": ev.seq, "time": ev.time, "kind": kind, **body}
+
+
+def execution_dict(ex):
+    from google.protobuf.json_format import MessageToDict
+    d = MessageToDict(ex, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    d["last_seq"] = int(d.get("last_seq", 0))
+    return d
+
+
+def follow(client, execution_id, renderer, after_seq=0, follow_live=True, on_interrupt=None):
+    """Render the execution's events until its terminal phase (or the end of the replay).
+    Returns the terminal phase name, or None. The Watch runs on a thread so Ctrl-C stays responsive."""
+    import queue
+
+    import grpc
+    events = queue.Queue()
+    call = client.watch(execution_id, after_seq=after_seq, follow=follow_live)
+
+    def pump():
+        try:
+            for ev in call:
+                events.put(ev)
+            events.put(None)
+        except grpc.RpcError as exc:
+            events.put(exc)
+
+    threading.Thread(target=pump, daemon=True).start()
+    phase, running, deadline = None, True, None
+    terminal = ("COMPLETED", "FAILED", "CANCELLED")
+    while True:
+        try:
+            item = events.get(timeout=0.1)
+        except queue.Empty:
+            renderer.tick(running)
+            if deadline and time.monotonic() > deadline:
+                call.cancel()
+                return phase
+            continue
+        except KeyboardInterrupt:
+            if on_interrupt is None or deadline is not None:
+                call.cancel()
+                raise
+            renderer.newline()
+            renderer.out("stigmer: cancelling… (Ctrl-C again to quit at once)\n", err=True)
+            on_interrupt()
+            deadline = time.monotonic() + CANCEL_WAIT
+            continue
+        if item is None:
+            return phase
+        if isinstance(item, grpc.RpcError):
+            if item.code() == grpc.StatusCode.CANCELLED:
+                return phase
+            raise CliError(rpc_message(item, client.endpoint))
+        renderer.event(item)
+        if item.WhichOneof("payload") == "phase":
+            name = client.pb.Phase.Name(item.phase.phase)
+            running = name in ("PENDING", "RUNNING")
+            if name in terminal:
+                phase = name
+                renderer.clear_spinner()
+                return phase
+
+
+def make_renderer(args, cfg):
+    tty = sys.stdout.isatty()
+    json_lines = getattr(args, "json", False) or not tty
+    color = tty and not cfg.environ.get("NO_COLOR")
+    return Renderer(json_lines, color, spinner=not json_lines and sys.stderr.isatty())
+
+
+# ---- commands ----
+
+def cmd_run(cfg, args):
+    cfg.require_local()
+    import daemon
+    workspace = os.path.abspath(os.path.expanduser(args.workspace)) if args.workspace else cfg.sandbox_root
+    if not os.path.isdir(workspace):
+        raise CliError(f"the workspace {workspace} does not exist (or is not a directory)", 2)
+    prompt = " ".join(args.task).strip()
+    if not prompt:
+        raise CliError("give the task to run, e.g. python runner.py \"add a --verbose flag\"", 2)
+    try:
+        names = stigmer_secrets.sandbox_secret_names(args.secret or (), cfg.environ)
+    except stigmer_secrets.SecretError as exc:
+        raise CliError(str(exc), 2) from None
+    found = find_daemon(cfg)
+    embedded = worker = None
+    if found is None and args.detach:
+        cmd_start(cfg, argparse.Namespace(workers=1, secret=args.secret))
+        found = find_daemon(cfg)
+    try:
+        if found is None:
+            try:
+                embedded = daemon.serve(cfg.home, cfg.endpoint)
+            except daemon.DaemonError as exc:
+                raise CliError(str(exc)) from None
+            client = Client(cfg, endpoint=embedded.endpoint)
+            status = None
+        else:
+            client, status = found
+        if status is None or status.connected_runners == 0:
+            secrets = gather_secrets(cfg, names)
+            worker = spawn(["worker", "--capacity", "1", "--exit-with-stdin"],
+                           worker_env(cfg, secrets, client.endpoint),
+                           os.path.join(cfg.home, "logs", "run-worker.log"), stdin=subprocess.PIPE)
+            del secrets
+        renderer = make_renderer(args, cfg)
+        model = args.model or cfg.model or default_model()
+        spec = client.pb.ExecutionSpec(prompt=prompt, workspace=workspace, model=model, max_turns=args.max_turns,
+                                       secret_names=names, max_tokens_total=args.max_tokens_total or 0)
+        execution = client.call("Submit", client.pb.SubmitRequest(spec=spec))
+        if args.detach:
+            print(json.dumps({"execution_id": execution.id}) if args.json else execution.id)
+            return 0
+        if not renderer.json_lines:
+            where = f"embedded daemon on {client.endpoint}" if embedded else f"daemon at {client.endpoint}"
+            renderer.out(renderer.paint("2", f"stigmer · {cfg.mode} · {where} · {workspace} · {model} · "
+                                             f"{execution.id}") + "\n", err=True)
+        started = time.monotonic()
+        cancel = lambda: client.call("Cancel", client.pb.CancelRequest(execution_id=execution.id))  # noqa: E731
+        try:
+            phase = follow(client, execution.id, renderer, on_interrupt=cancel)
+        except KeyboardInterrupt:
+            return 130
+        final = client.call("Get", client.pb.GetRequest(execution_id=execution.id))
+        phase = phase or client.pb.Phase.Name(final.phase)
+        if phase in EXIT_CODES:
+            renderer.summary(final, phase, time.monotonic() - started)
+        return EXIT_CODES.get(phase, 130)
+    finally:
+        if worker is not None:
+            worker.stdin.close()  # EOF tells the worker to stop and kill its commands
+            stop_process(worker)
+        if embedded is not None:
+            embedded.stop()
+
+
+def cmd_start(cfg, args):
+    cfg.require_local()
+    names = stigmer_secrets.sandbox_secret_names(args.secret or (), cfg.environ)
+    secrets = gather_secrets(cfg, names)
+    logs = os.path.join(cfg.home, "logs")
+    found = find_daemon(cfg)
+    if found is None:
+        proc = spawn(["daemon"], without_keys(cfg.environ), os.path.join(logs, "daemon.log"))
+        with open(os.path.join(logs, "daemon.pid"), "w") as f:
+            f.write(str(proc.pid))
+        deadline = time.monotonic() + START_WAIT
+        while found is None:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                tail = open(os.path.join(logs, "daemon.log"), errors="replace").read().strip().splitlines()[-1:]
+                raise CliError(f"the daemon did not start: {tail[0] if tail else 'no output'} "
+                               f"(log: {os.path.join(logs, 'daemon.log')})")
+            time.sleep(0.1)
+            found = find_daemon(cfg)
+        print(f"daemon started (pid {proc.pid}) at {cfg.endpoint}")
+    else:
+        print(f"daemon already running at {cfg.endpoint}")
+    alive = sum(1 for p in pid_files(cfg) if os.path.basename(p).startswith("worker-") and live_pid(p))
+    env = worker_env(cfg, secrets, cfg.endpoint)
+    started = 0
+    for n in range(1, 1000):
+        if alive + started >= args.workers:
+            break
+        path = os.path.join(logs, f"worker-{n}.pid")
+        if live_pid(path):
+            continue
+        proc = spawn(["worker"], env, os.path.join(logs, f"worker-{n}.log"))
+        with open(path, "w") as f:
+            f.write(str(proc.pid))
+        started += 1
+    print(f"{alive + started} worker(s) running ({started} started); logs in {logs}")
+    return 0
+
+
+def cmd_stop(cfg, args):
+    files = pid_files(cfg)
+    ordered = [p for p in files if "worker-" in p] + [p for p in files if "worker-" not in p]
+    stopped = 0
+    for path in ordered:  # workers first, so they can report their last events to the daemon
+        pid = live_pid(path)
+        if pid:
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while live_pid(path) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if live_pid(path):
+                os.kill(pid, signal.SIGKILL)
+            stopped += 1
+        os.unlink(path)
+    print(f"stopped {stopped} process(es)" if stopped else "nothing was running")
+    return 0
+
+
+def cmd_status(cfg, args):
+    found = find_daemon(cfg)
+    procs = {os.path.basename(p)[:-4]: live_pid(p) for p in pid_files(cfg)}
+    if found is None:
+        raise CliError(f"no daemon answers at {cfg.endpoint}: start one with `python runner.py start`")
+    client, st = found
+    if args.json:
+        from google.protobuf.json_format import MessageToDict
+        print(json.dumps({**MessageToDict(st, preserving_proto_field_name=True), "processes": procs}))
         return 0
-    print("stigmer: the runner CLI is not implemented yet (stub); see the runner issue.", file=sys.stderr)
-    return 2
+    phases = ", ".join(f"{k.lower()} {v}" for k, v in sorted(st.executions_by_phase.items())) or "none"
+    print(f"daemon {st.version} pid {st.pid} at {client.endpoint}, up {st.uptime_seconds:.0f} s")
+    print(f"runners connected: {st.connected_runners} (free slots {st.free_capacity}); queue: {st.queue_depth}")
+    print(f"executions: {phases}")
+    for name, pid in procs.items():
+        print(f"  {name}: {'pid ' + str(pid) if pid else 'not running'}")
+    return 0
+
+
+def cmd_list(cfg, args):
+    client, embedded = open_log(cfg)
+    try:
+        return list_executions(client, args)
+    finally:
+        if embedded:
+            embedded.stop()
+
+
+def list_executions(client, args):
+    phase = client.pb.Phase.Value(args.phase.upper()) if args.phase else 0
+    resp = client.call("List", client.pb.ListRequest(phase=phase, limit=args.limit))
+    if args.json:
+        for ex in resp.executions:
+            print(json.dumps(execution_dict(ex), ensure_ascii=False))
+        return 0
+    if not resp.executions:
+        print("no executions yet: run one with python runner.py \"your task\"")
+        return 0
+    now = time.time()
+    print(f"{'ID':<18} {'PHASE':<10} {'AGE':>6} {'TURNS':>5} {'TOKENS':>8}  PROMPT")
+    for ex in resp.executions:
+        age = now - ex.created_at
+        age_s = f"{age:.0f}s" if age < 90 else f"{age / 60:.0f}m" if age < 5400 else f"{age / 3600:.0f}h"
+        tokens = ex.usage.input_tokens + ex.usage.output_tokens
+        print(f"{ex.id:<18} {client.pb.Phase.Name(ex.phase):<10} {age_s:>6} {ex.turns:>5} {tokens:>8}  "
+              f"{ex.spec.prompt.splitlines()[0][:60] if ex.spec.prompt else ''}")
+    return 0
+
+
+def cmd_logs(cfg, args):
+    client, embedded = open_log(cfg)
+    try:
+        client.call("Get", client.pb.GetRequest(execution_id=args.id))  # NOT_FOUND becomes a one-line error
+        renderer = make_renderer(args, cfg)
+        follow(client, args.id, renderer, follow_live=args.follow and embedded is None)
+        renderer.newline()
+        return 0
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if embedded:
+            embedded.stop()
+
+
+def cmd_cancel(cfg, args):
+    client = Client(cfg)
+    ex = client.call("Cancel", client.pb.CancelRequest(execution_id=args.id))
+    print(f"{ex.id}: {client.pb.Phase.Name(ex.phase)}")
+    return 0
+
+
+def cmd_daemon(cfg, args):
+    import daemon
+    return daemon.main(["--endpoint", cfg.endpoint] + (["--allow-remote"] if args.allow_remote else []))
+
+
+def cmd_worker(cfg, args):
+    cfg.require_local()
+    import logging
+
+    import worker
+    level = {"development": logging.DEBUG, "staging": logging.INFO, "production": logging.WARNING}[cfg.env]
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    for noisy in ("httpx", "httpx2", "httpcore", "httpcore2", "anthropic", "grpc"):  # they log whole requests
+        logging.getLogger(noisy).setLevel(max(level, logging.INFO))
+    if worker.check_keys(cfg.environ):
+        os.environ.update(gather_secrets(cfg, []))  # the key lives in this process's memory and environment only
+    model = cfg.model or default_model()
+    print(f"stigmer worker {VERSION} · mode {cfg.mode} · endpoint {cfg.endpoint} · sandbox root {cfg.sandbox_root} · "
+          f"model {model} · capacity {args.capacity}", file=sys.stderr, flush=True)
+    return worker.serve(cfg.endpoint, cfg.home, capacity=args.capacity, mode=cfg.mode, model=model,
+                        exit_with_stdin=args.exit_with_stdin)
+
+
+def parser():
+    p = argparse.ArgumentParser(prog="stigmer", description=__doc__.split("\n\n")[0],
+                                epilog="\n".join(__doc__.split("\n\n")[1:3]),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"stigmer {VERSION}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run a task (the default command)",
+                         epilog='example: python runner.py run "fix the failing test" --workspace ~/proj')
+    run.add_argument("task", nargs="+", help="what the agent should do")
+    run.add_argument("--workspace", help="directory the agent works in (default: SANDBOX_ROOT_DIR or .)")
+    run.add_argument("--model", help="model id (default: STIGMER_MODEL or the newest Sonnet)")
+    run.add_argument("--max-turns", type=int, default=50, help="most model turns (default 50)")
+    run.add_argument("--max-tokens-total", type=int, help="stop after this many tokens in all")
+    run.add_argument("--secret", action="append", metavar="NAME", help="pass env var NAME to the agent's shell, redacted")
+    run.add_argument("--json", action="store_true", help="one JSON object per event per line")
+    run.add_argument("--detach", action="store_true", help="submit to the background daemon and print the id")
+
+    start = sub.add_parser("start", help="run the daemon and workers in the background",
+                           epilog="example: python runner.py start --workers 2")
+    start.add_argument("--workers", type=int, default=1, help="how many workers (default 1)")
+    start.add_argument("--secret", action="append", metavar="NAME", help="a secret the workers' shells may see")
+    sub.add_parser("stop", help="stop the background daemon and workers")
+    status = sub.add_parser("status", help="report on the daemon and workers")
+    status.add_argument("--json", action="store_true")
+    lst = sub.add_parser("list", help="list executions, newest first", epilog="example: python runner.py list --phase failed")
+    lst.add_argument("--json", action="store_true", help="one JSON object per execution per line")
+    lst.add_argument("--phase", choices=["pending", "running", "completed", "failed", "cancelled"])
+    lst.add_argument("--limit", type=int, default=20)
+    logs = sub.add_parser("logs", help="replay an execution's events", epilog="example: python runner.py logs ex-1a2b -f")
+    logs.add_argument("id")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep following until it ends")
+    logs.add_argument("--json", action="store_true")
+    cancel = sub.add_parser("cancel", help="cancel an execution")
+    cancel.add_argument("id")
+    dmn = sub.add_parser("daemon", help="run the daemon in the foreground")
+    dmn.add_argument("--allow-remote", action="store_true", help="allow a non-loopback STIGMER_BACKEND_ENDPOINT")
+    wrk = sub.add_parser("worker", help="run a worker in the foreground")
+    wrk.add_argument("--capacity", type=int, default=2, help="executions at once (default 2)")
+    wrk.add_argument("--exit-with-stdin", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv=None):
+    """The CLI; returns the exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] not in COMMANDS and not args[0].startswith("-"):
+        args.insert(0, "run")
+    elif args and args[0].startswith("-") and args[0] not in ("-h", "--help", "--version") and "run" not in args[:1]:
+        args.insert(0, "run")
+    p = parser()
+    if not args:
+        p.print_help()
+        return 2
+    try:
+        parsed = p.parse_args(args)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 2
+    handlers = {"run": cmd_run, "start": cmd_start, "stop": cmd_stop, "status": cmd_status, "list": cmd_list,
+                "logs": cmd_logs, "cancel": cmd_cancel, "daemon": cmd_daemon, "worker": cmd_worker}
+    try:
+        cfg = Config.load(os.environ)
+        return handlers[parsed.command](cfg, parsed)
+    except CliError as exc:
+        print(f"stigmer: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        print("stigmer: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,417 @@
+"""End-to-end tests of runner.py: the CLI as a subprocess, a real daemon and worker, the real
+anthropic SDK against the fake Messages API on loopback (testsupport.FakeAnthropic).
+
+    python -m unittest test_runner -v
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+
+import agent
+import runner
+from testsupport import FAKE_KEY, HERE, FakeAnthropic, free_port, pid_alive, run_cli, text_step, tool_step
+
+KEY_VARS = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "OPENAI_API_KEY", "STIGMER_SANDBOX_SECRETS", "MODE", "ENV",
+            "STIGMER_MODEL", "SANDBOX_ROOT_DIR", "NO_COLOR")
+
+
+class CliCase(unittest.TestCase):
+    """A temporary STIGMER_HOME and workspace, a free daemon port, and a fake model per test."""
+
+    script = [text_step("nothing to do")]
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="stigmer-test-")
+        self.home = os.path.join(self.tmp, "home")
+        self.workspace = os.path.join(self.tmp, "ws")
+        os.makedirs(self.workspace)
+        self.fake = FakeAnthropic(self.script).start()
+        self.env = {k: v for k, v in os.environ.items() if k not in KEY_VARS}
+        self.env.update(STIGMER_HOME=self.home, STIGMER_BACKEND_ENDPOINT=f"127.0.0.1:{free_port()}",
+                        ANTHROPIC_BASE_URL=self.fake.url, ANTHROPIC_API_KEY=FAKE_KEY, STIGMER_MODEL="claude-fake",
+                        SANDBOX_ROOT_DIR=self.workspace, HOME=os.path.join(self.tmp, "userhome"))
+
+    def tearDown(self):
+        run_cli(["stop"], self.env, timeout=30)
+        self.fake.stop()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def cli(self, *args, env=None, timeout=90):
+        return run_cli(list(args), env or self.env, timeout=timeout, cwd=self.workspace)
+
+    def run_task(self, *args, env=None):
+        """Run a task with --json; returns (CompletedProcess, events)."""
+        proc = self.cli("--json", *args, env=env)
+        events = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+        return proc, events
+
+    def logs(self, execution_id):
+        proc = self.cli("logs", execution_id, "--json")
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        return [json.loads(line) for line in proc.stdout.splitlines()]
+
+    def assertContiguous(self, events):
+        self.assertEqual([e["seq"] for e in events], list(range(1, len(events) + 1)))
+
+    def tool_results(self, request_index):
+        """The tool_result blocks the fake received in request REQUEST_INDEX's last user message."""
+        return [b for b in self.fake.requests[request_index]["messages"][-1]["content"] if b["type"] == "tool_result"]
+
+
+class MultiTurnTest(CliCase):
+    script = [
+        tool_step(("write_file", {"path": "app/calc.py", "content": "print('sum', 2 + )\n"}), text="Writing it."),
+        tool_step(("execute", {"command": "python3 app/calc.py"})),
+        tool_step(("edit_file", {"path": "app/calc.py", "old_string": "2 + )", "new_string": "2 + 3)"})),
+        tool_step(("execute", {"command": "python3 app/calc.py"})),
+        text_step("Fixed calc.py; it prints sum 5."),
+    ]
+
+    def test_write_run_fix_run(self):
+        proc, events = self.run_task("write calc.py and make it run")
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        with open(os.path.join(self.workspace, "app", "calc.py")) as f:
+            self.assertEqual(f.read(), "print('sum', 2 + 3)\n")
+        self.assertEqual(events, self.logs(events[0]["execution_id"]))  # live stream == stored log
+        self.assertContiguous(events)
+        kinds = [e["kind"] for e in events]
+        self.assertEqual([e["phase"] for e in events if e["kind"] == "phase"], ["PENDING", "RUNNING", "COMPLETED"])
+        self.assertEqual([e["name"] for e in events if e["kind"] == "tool_call"],
+                         ["write_file", "execute", "edit_file", "execute"])
+        results = [e for e in events if e["kind"] == "tool_result"]
+        self.assertEqual([r["is_error"] for r in results], [False, True, False, False])
+        self.assertIn("SyntaxError", results[1]["output"])
+        self.assertIn("sum 5", results[3]["output"])
+        self.assertEqual(results[3]["exit_code"], 0)
+        for call, result in zip([e for e in events if e["kind"] == "tool_call"], results):
+            self.assertEqual(call["id"], result["id"])
+            self.assertLess(kinds.index("tool_call"), kinds.index("tool_result"))
+        self.assertEqual(events[-1]["final_text"], "Fixed calc.py; it prints sum 5.")
+        self.assertEqual(events[-1]["turns"], 5)
+        self.assertIn("usage", kinds)
+        # the model saw the failing run as an error, with its output
+        self.assertTrue(self.tool_results(2)[0]["is_error"])
+        self.assertIn("SyntaxError", self.tool_results(2)[0]["content"])
+        # prompt caching: stable prefix and latest turn marked
+        body = self.fake.requests[-1]
+        self.assertEqual(body["tools"][-1]["cache_control"], {"type": "ephemeral"})
+        self.assertEqual(body["system"][-1]["cache_control"], {"type": "ephemeral"})
+        self.assertEqual(body["messages"][-1]["content"][-1]["cache_control"], {"type": "ephemeral"})
+        marked = [b for m in body["messages"] for b in m["content"] if isinstance(b, dict) and "cache_control" in b]
+        self.assertEqual(len(marked), 1)
+
+        listed = self.cli("list", "--json")
+        self.assertEqual(listed.returncode, 0, listed.stderr)
+        rows = [json.loads(line) for line in listed.stdout.splitlines()]
+        self.assertEqual([r["id"] for r in rows], [events[0]["execution_id"]])
+        self.assertEqual(rows[0]["phase"], "COMPLETED")
+        self.assertEqual(rows[0]["turns"], 5)
+        table = self.cli("list")
+        self.assertIn(events[0]["execution_id"], table.stdout)
+
+
+class ToolErrorTest(CliCase):
+    script = [
+        tool_step(("read_file", {"path": "missing.txt"})),
+        tool_step(("frobnicate", {"x": 1})),
+        tool_step(("execute", {"cmd": 5})),
+        tool_step(("execute", '{"command": ls}')),  # not JSON at all
+        tool_step(("read_file", {"path": "../../etc/passwd"})),
+        text_step("All five tools failed, as expected."),
+    ]
+
+    def test_tool_failures_reach_the_model_and_the_run_goes_on(self):
+        proc, events = self.run_task("try some tools")
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        expected = ["missing.txt", "unknown tool 'frobnicate'", "missing required field: command",
+                    "not a valid JSON object", "outside the workspace"]
+        for i, text in enumerate(expected, start=1):
+            (result,) = self.tool_results(i)
+            self.assertTrue(result["is_error"], result)
+            self.assertIn(text, result["content"])
+        results = [e for e in events if e["kind"] == "tool_result"]
+        self.assertEqual(len(results), 5)
+        self.assertTrue(all(r["is_error"] for r in results))
+        self.assertEqual(events[-1]["phase"], "COMPLETED")
+
+
+class ApiErrorTest(CliCase):
+    script = [text_step("hello after a retry", errors=[429])]
+
+    def test_429_once_is_retried_by_the_sdk(self):
+        proc, events = self.run_task("say hello")
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertEqual(self.fake.statuses, [(0, 429), (0, 200)])
+        self.assertEqual("".join(e["text"] for e in events if e["kind"] == "text"), "hello after a retry")
+
+    def test_401_is_a_clear_failure(self):
+        env = dict(self.env, ANTHROPIC_API_KEY="sk-ant-wrong-key-0000000000")
+        proc, events = self.run_task("say hello", env=env)
+        self.assertEqual(proc.returncode, 1)
+        self.assertIn("ANTHROPIC_API_KEY", proc.stderr)
+        self.assertNotIn("Traceback", proc.stderr)
+        self.assertEqual(events[-1]["phase"], "FAILED")
+        self.assertEqual([e["code"] for e in events if e["kind"] == "error"], ["auth"])
+        self.assertNotIn("sk-ant-wrong-key-0000000000", proc.stdout + proc.stderr)
+
+
+class ContextWindowTest(CliCase):
+    script = [text_step("never", errors=[(400, "prompt is too long: 250000 tokens > 200000 maximum")])]
+
+    def test_context_window_exceeded_fails_clearly(self):
+        proc, events = self.run_task("a big task")
+        self.assertEqual(proc.returncode, 1)
+        self.assertIn("context window", events[-1]["reason"])
+
+
+class LimitsTest(CliCase):
+    script = [tool_step(("execute", {"command": f"echo turn {i}"})) for i in range(10)]
+
+    def test_max_turns(self):
+        proc, events = self.run_task("loop forever", "--max-turns", "3")
+        self.assertEqual(proc.returncode, 1)
+        self.assertEqual(len(self.fake.requests), 3)
+        self.assertEqual(events[-1]["phase"], "FAILED")
+        self.assertIn("turn limit (3 turns)", events[-1]["reason"])
+        self.assertIn("turn limit", proc.stderr)
+
+    def test_max_tokens_total(self):
+        proc, events = self.run_task("loop forever", "--max-tokens-total", "250")
+        self.assertEqual(proc.returncode, 1)
+        self.assertEqual(len(self.fake.requests), 3)  # 120 tokens a turn: over 250 after the third
+        self.assertIn("token limit", events[-1]["reason"])
+
+
+class RefusalTest(CliCase):
+    script = [tool_step(("execute", {"command": "touch should-not-exist"}), stop="refusal")]
+
+    def test_refusal_runs_no_tools(self):
+        proc, events = self.run_task("something bad")
+        self.assertEqual(proc.returncode, 1)
+        self.assertFalse(os.path.exists(os.path.join(self.workspace, "should-not-exist")))
+        self.assertEqual([e for e in events if e["kind"] == "tool_result"], [])
+        self.assertIn("refused", events[-1]["reason"])
+
+
+def children(pid):
+    """PIDs of the direct children of PID."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(entry))
+            except (OSError, IndexError):
+                pass
+    return out
+
+
+def read(path):
+    with open(path) as f:
+        return f.read()
+
+
+def wait_for(predicate, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError("timed out waiting")
+
+
+class CancelTest(CliCase):
+    script = [tool_step(("execute", {"command": "echo $$ > shell.pid; sleep 60 & echo $! > sleep.pid; wait"})),
+              text_step("never reached")]
+
+    def test_sigint_cancels_and_leaves_no_process(self):
+        proc = subprocess.Popen([sys.executable, os.path.join(HERE, "runner.py"), "--json", "sleep a while"],
+                                env=self.env, cwd=self.workspace, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                stdin=subprocess.DEVNULL, text=True)
+        try:
+            sleep_pid_file = os.path.join(self.workspace, "sleep.pid")
+            wait_for(lambda: os.path.exists(sleep_pid_file) and read(sleep_pid_file).strip())
+            pids = [int(read(os.path.join(self.workspace, n))) for n in ("shell.pid", "sleep.pid")]
+            workers = children(proc.pid)
+            self.assertTrue(workers)
+            self.assertTrue(all(pid_alive(p) for p in pids + workers))
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        self.assertEqual(proc.returncode, 130, err)
+        events = [json.loads(line) for line in out.splitlines()]
+        self.assertEqual(events[-1]["phase"], "CANCELLED")
+        for pid in pids + workers:
+            self.assertFalse(pid_alive(pid), f"pid {pid} is still alive")
+        stored = self.logs(events[0]["execution_id"])
+        self.assertEqual(stored[-1]["phase"], "CANCELLED")
+        self.assertContiguous(stored)
+
+
+class BackgroundServicesTest(CliCase):
+    script = [tool_step(("execute", {"command": "sleep 3; echo slept"})),
+              tool_step(("execute", {"command": "echo second"})),
+              text_step("done after the restart")]
+
+    def test_daemon_restart_mid_run_loses_nothing(self):
+        started = self.cli("start", "--workers", "1")
+        self.assertEqual(started.returncode, 0, started.stderr + started.stdout)
+        daemon_pid = int(read(os.path.join(self.home, "logs", "daemon.pid")))
+        submitted = self.cli("run", "--detach", "slow task")
+        self.assertEqual(submitted.returncode, 0, submitted.stderr)
+        execution_id = submitted.stdout.strip()
+        wait_for(lambda: self.fake.requests)  # the model has been asked: the sleep is under way
+        os.kill(daemon_pid, signal.SIGTERM)
+        wait_for(lambda: not pid_alive(daemon_pid))
+        restarted = self.cli("start", "--workers", "1")
+        self.assertEqual(restarted.returncode, 0, restarted.stderr)
+        self.assertIn("0 started", restarted.stdout)  # the worker survived and reconnects
+        followed = self.cli("logs", execution_id, "-f", "--json")
+        self.assertEqual(followed.returncode, 0, followed.stderr)
+        events = [json.loads(line) for line in followed.stdout.splitlines()]
+        self.assertContiguous(events)
+        self.assertEqual(events[-1]["phase"], "COMPLETED")
+        self.assertEqual(len({(e["seq"]) for e in events}), len(events))
+        self.assertIn("slept", [e for e in events if e["kind"] == "tool_result"][0]["output"])
+        status = self.cli("status", "--json")
+        self.assertEqual(json.loads(status.stdout)["executions_by_phase"]["COMPLETED"], "1")
+        stopped = self.cli("stop")
+        self.assertIn("stopped 2", stopped.stdout)
+        self.assertFalse(pid_alive(daemon_pid))
+
+
+class SecretsTest(CliCase):
+    GITHUB = "ghp_thisIsAFakeGithubToken123"
+    script = [tool_step(("execute", {"command": "echo key=[$ANTHROPIC_API_KEY] gh=$GITHUB_TOKEN; sleep 1"})),
+              text_step("done")]
+
+    def test_keys_appear_nowhere(self):
+        env = dict(self.env, GITHUB_TOKEN=self.GITHUB)
+        proc = subprocess.Popen([sys.executable, os.path.join(HERE, "runner.py"), "--json", "--secret", "GITHUB_TOKEN",
+                                 "print the env"], env=env, cwd=self.workspace, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+        argv_hits = []
+        while proc.poll() is None:  # while it runs, no process carries a secret in its argv
+            for entry in os.listdir("/proc"):
+                try:
+                    with open(f"/proc/{entry}/cmdline", "rb") as f:
+                        cmdline = f.read()
+                except OSError:
+                    continue
+                if FAKE_KEY.encode() in cmdline or self.GITHUB.encode() in cmdline:
+                    argv_hits.append(entry)
+            time.sleep(0.05)
+        out, err = proc.communicate()
+        self.assertEqual(proc.returncode, 0, err)
+        self.assertEqual(argv_hits, [])
+        (result,) = [json.loads(line) for line in out.splitlines() if '"tool_result"' in line]
+        self.assertIn("key=[]", result["output"])  # the model key is not in the agent's shell
+        self.assertIn("gh=[REDACTED:GITHUB_TOKEN]", result["output"])  # the named secret is, redacted
+        self.assertIn("[REDACTED:GITHUB_TOKEN]", self.tool_results(1)[0]["content"])  # the model saw it redacted
+        for secret in (FAKE_KEY, self.GITHUB):
+            self.assertNotIn(secret, out + err)
+            self.assertNotIn(secret, json.dumps(self.fake.requests))
+            for root in (self.home, self.workspace, os.path.join(self.tmp, "userhome")):
+                for folder, _, files in os.walk(root):
+                    for name in files:
+                        with open(os.path.join(folder, name), "rb") as f:
+                            self.assertNotIn(secret.encode(), f.read(), os.path.join(folder, name))
+
+
+class CliErrorTest(CliCase):
+    def assertOneLine(self, proc, code, *needles):
+        self.assertEqual(proc.returncode, code, proc.stderr)
+        self.assertNotIn("Traceback", proc.stderr)
+        self.assertEqual(len(proc.stderr.strip().splitlines()), 1, proc.stderr)
+        for needle in needles:
+            self.assertIn(needle, proc.stderr)
+
+    def test_missing_workspace(self):
+        self.assertOneLine(self.cli("run", "x", "--workspace", "/nonexistent/dir"), 2, "/nonexistent/dir")
+
+    def test_missing_key_without_terminal(self):
+        env = {k: v for k, v in self.env.items() if k != "ANTHROPIC_API_KEY"}
+        proc = subprocess.run([sys.executable, os.path.join(HERE, "runner.py"), "do it"], env=env, cwd=self.workspace,
+                              capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+                              start_new_session=True)  # no controlling terminal at all
+        self.assertOneLine(proc, 2, "ANTHROPIC_API_KEY")
+
+    def test_dead_daemon(self):
+        os.makedirs(self.home)
+        with open(os.path.join(self.home, "daemon.token"), "w") as f:
+            f.write("stale")
+        self.assertOneLine(self.cli("status"), 1, "no daemon answers", self.env["STIGMER_BACKEND_ENDPOINT"])
+        self.assertOneLine(self.cli("cancel", "ex-123"), 1, "no daemon answers")
+
+    def test_unknown_execution(self):
+        self.cli("start")
+        self.assertOneLine(self.cli("logs", "ex-does-not-exist"), 1, "ex-does-not-exist")
+        self.assertOneLine(self.cli("cancel", "ex-does-not-exist"), 1, "ex-does-not-exist")
+
+    def test_modes(self):
+        self.assertOneLine(self.cli("x", env=dict(self.env, MODE="cloud")), 2, "MODE=cloud is not available yet")
+        self.assertOneLine(self.cli("list", env=dict(self.env, MODE="banana")), 2, "MODE='banana'")
+        self.assertOneLine(self.cli("list", env=dict(self.env, ENV="prod")), 2, "ENV='prod'")
+
+    def test_local_mode_needs_no_cloud_settings(self):
+        env = {k: v for k, v in self.env.items() if not k.startswith(("REDIS", "DAYTONA"))}
+        proc, events = self.run_task("hi", env=dict(env, MODE="local", ENV="production"))
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertNotIn("REDIS", proc.stderr + proc.stdout)
+        self.assertNotIn("DAYTONA", proc.stderr + proc.stdout)
+
+    def test_help_and_version(self):
+        proc = self.cli("--help")
+        self.assertEqual(proc.returncode, 0)
+        self.assertIn('python runner.py "make the failing test pass"', proc.stdout)
+        self.assertIn("logs", proc.stdout)
+        self.assertEqual(self.cli("--version").stdout.strip(), f"stigmer {runner.VERSION}")
+        self.assertEqual(self.cli("run", "--max-turns", "many", "x").returncode, 2)
+
+
+class AgentPartsTest(unittest.TestCase):
+    """The small pure pieces of the loop."""
+
+    def test_cap_output_keeps_head_and_tail(self):
+        text = "A" * 40_000 + "Z" * 40_000
+        capped, cut = agent.cap_output(text)
+        self.assertTrue(cut)
+        self.assertLess(len(capped), agent.TOOL_OUTPUT_CHARS + 100)
+        self.assertTrue(capped.startswith("A") and capped.endswith("Z"))
+        self.assertIn("50000 characters cut", capped)
+        self.assertEqual(agent.cap_output("short"), ("short", False))
+
+    def test_check_args(self):
+        schema = next(t["input_schema"] for t in agent.TOOLS if t["name"] == "read_file")
+        self.assertIsNone(agent.check_args({"path": "a", "offset": 3}, schema))
+        self.assertIn("missing required field: path", agent.check_args({}, schema))
+        self.assertIn("offset must be an integer", agent.check_args({"path": "a", "offset": "3"}, schema))
+        self.assertIn("offset must be an integer", agent.check_args({"path": "a", "offset": True}, schema))
+        self.assertIn("unknown field: bogus", agent.check_args({"path": "a", "bogus": 1}, schema))
+
+    def test_every_tool_has_an_implementation_and_schema(self):
+        self.assertEqual([t["name"] for t in agent.TOOLS], list(agent.TOOL_FUNCS))
+        for tool in agent.TOOLS:
+            self.assertGreater(len(tool["description"]), 40)
+            self.assertEqual(tool["input_schema"]["type"], "object")
+
+    def test_config(self):
+        cfg = runner.Config.load({"STIGMER_HOME": "/tmp/h"})
+        self.assertEqual((cfg.mode, cfg.env, cfg.endpoint), ("local", "development", "localhost:50051"))
+        with self.assertRaises(runner.CliError):
+            runner.Config.load({"MODE": "remote"})
+        self.assertTrue(runner.default_model().startswith("claude-"))
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -1,0 +1,204 @@
+"""Helpers shared by the tests and bench.py: a fake Anthropic Messages API on loopback.
+
+    from testsupport import FakeAnthropic, tool_step, text_step
+    fake = FakeAnthropic([tool_step(("execute", {"command": "ls"})), text_step("done")]).start()
+    os.environ["ANTHROPIC_BASE_URL"] = fake.url   # the real SDK now talks to it
+
+The fake serves `POST /v1/messages` with SSE streaming, scripted by a list of steps.
+Which step answers is derived from the request itself (the number of assistant
+messages already in it), so the SDK's retries and a worker's reconnects replay the
+same step. Like the real API it checks the key and that every `tool_use` of the last
+assistant turn is answered by a `tool_result` in the next user message, else 400.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+FAKE_KEY = "sk-ant-fake-0123456789abcdefghijklmnop"  # the only key the fake accepts
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def text_step(text, stop="end_turn", **extra):
+    """A turn in which the model only writes text."""
+    return {"text": text, "stop": stop, **extra}
+
+
+def tool_step(*calls, text="", stop="tool_use", **extra):
+    """A turn in which the model calls tools: each call is (name, input_dict)."""
+    return {"text": text, "tools": list(calls), "stop": stop, **extra}
+
+
+def free_port():
+    """A TCP port that was free on 127.0.0.1 a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _sse(event, data):
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
+
+
+def render_stream(step, index, model="claude-fake"):
+    """The SSE body of one scripted turn."""
+    usage = step.get("usage", {})
+    out = [_sse("message_start", {"type": "message_start", "message": {
+        "id": f"msg_{index}", "type": "message", "role": "assistant", "model": model,
+        "content": [], "stop_reason": None, "stop_sequence": None,
+        "usage": {"input_tokens": usage.get("input", 100), "output_tokens": 1,
+                  "cache_read_input_tokens": usage.get("cache_read", 0),
+                  "cache_creation_input_tokens": usage.get("cache_write", 0)}}})]
+    block = 0
+    if step.get("text"):
+        out.append(_sse("content_block_start", {"type": "content_block_start", "index": block,
+                                                "content_block": {"type": "text", "text": ""}}))
+        text = step["text"]
+        pieces = step.get("pieces") or [text[i:i + 16] for i in range(0, len(text), 16)]
+        for piece in pieces:
+            out.append(_sse("content_block_delta", {"type": "content_block_delta", "index": block,
+                                                    "delta": {"type": "text_delta", "text": piece}}))
+        out.append(_sse("content_block_stop", {"type": "content_block_stop", "index": block}))
+        block += 1
+    for n, (name, tool_input) in enumerate(step.get("tools", [])):
+        out.append(_sse("content_block_start", {"type": "content_block_start", "index": block, "content_block": {
+            "type": "tool_use", "id": f"toolu_{index}_{n}", "name": name, "input": {}}}))
+        raw = tool_input if isinstance(tool_input, str) else json.dumps(tool_input)
+        for i in range(0, len(raw), 40):
+            out.append(_sse("content_block_delta", {"type": "content_block_delta", "index": block,
+                                                    "delta": {"type": "input_json_delta", "partial_json": raw[i:i + 40]}}))
+        out.append(_sse("content_block_stop", {"type": "content_block_stop", "index": block}))
+        block += 1
+    out.append(_sse("message_delta", {"type": "message_delta",
+                                      "delta": {"stop_reason": step.get("stop", "end_turn"), "stop_sequence": None},
+                                      "usage": {"output_tokens": usage.get("output", 20)}}))
+    out.append(_sse("message_stop", {"type": "message_stop"}))
+    return "".join(out).encode()
+
+
+def check_request(body):
+    """What the real API would reject in this request body, or None."""
+    messages = body.get("messages") or []
+    if not messages or messages[0].get("role") != "user":
+        return "messages: the first message must use the user role"
+    for i, message in enumerate(messages):
+        content = message.get("content")
+        if message.get("role") != "assistant" or not isinstance(content, list):
+            continue
+        wanted = {b["id"] for b in content if b.get("type") == "tool_use"}
+        if not wanted:
+            continue
+        reply = messages[i + 1]["content"] if i + 1 < len(messages) else None
+        given = {b.get("tool_use_id") for b in reply if b.get("type") == "tool_result"} if isinstance(reply, list) else set()
+        if wanted - given:
+            return f"messages.{i + 1}: tool_use ids were found without tool_result blocks: {sorted(wanted - given)}"
+    return None
+
+
+class FakeAnthropic:
+    """A scripted Messages API server on a free loopback port."""
+
+    def __init__(self, script, key=FAKE_KEY):
+        self.script = list(script)
+        self.key = key
+        self.requests = []  # parsed JSON bodies, in arrival order
+        self.statuses = []  # (step, status) per request
+        self._failures = {}  # step -> how many scripted errors were already served
+        self._lock = threading.Lock()
+        self._server = None
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def start(self):
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # else each response waits on a delayed ACK (~40 ms)
+
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                length = int(self.headers.get("content-length") or 0)
+                body = json.loads(self.rfile.read(length) or b"{}")
+                status, headers, payload = fake._answer(self.path, self.headers, body)
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("content-length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self):
+        if self._server:
+            self._server.shutdown()
+            self._server.server_close()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def _error(self, status, kind, message, headers=None):
+        body = json.dumps({"type": "error", "error": {"type": kind, "message": message}}).encode()
+        return status, {"content-type": "application/json", **(headers or {})}, body
+
+    def _answer(self, path, headers, body):
+        if not path.startswith("/v1/messages"):
+            return self._error(404, "not_found_error", f"no route {path}")
+        step_index = sum(1 for m in body.get("messages", []) if m.get("role") == "assistant")
+        with self._lock:
+            self.requests.append(body)
+            step = self.script[step_index] if step_index < len(self.script) else text_step("(script exhausted)")
+            served = self._failures.get(step_index, 0)
+            errors = step.get("errors", [])
+            scripted_error = errors[served] if served < len(errors) else None
+            if scripted_error is not None:
+                self._failures[step_index] = served + 1
+        key = headers.get("x-api-key") or (headers.get("authorization") or "").removeprefix("Bearer ")
+        if key != self.key:
+            result = self._error(401, "authentication_error", "invalid x-api-key")
+        elif (problem := check_request(body)) is not None:
+            result = self._error(400, "invalid_request_error", problem)
+        elif scripted_error is not None:
+            kinds = {400: "invalid_request_error", 403: "permission_error", 429: "rate_limit_error",
+                     500: "api_error", 529: "overloaded_error"}
+            status, message = scripted_error if isinstance(scripted_error, tuple) else (scripted_error, "scripted")
+            result = self._error(status, kinds.get(status, "api_error"), message, {"retry-after": "0.05"})
+        else:
+            if step.get("delay"):
+                time.sleep(step["delay"])
+            result = 200, {"content-type": "text/event-stream", "cache-control": "no-cache"}, \
+                render_stream(step, step_index, body.get("model", "claude-fake"))
+        with self._lock:
+            self.statuses.append((step_index, result[0]))
+        return result
+
+
+def run_cli(args, env, timeout=60, cwd=None, input=None):
+    """Run `python runner.py ARGS` as a new user would; returns the CompletedProcess."""
+    return subprocess.run([sys.executable, os.path.join(HERE, "runner.py"), *args], env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout, input=input,
+                          stdin=None if input is not None else subprocess.DEVNULL)
+
+
+def pid_alive(pid):
+    """True while PID exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False

@@ -1,0 +1,348 @@
+"""The Agent Runner: takes executions from the daemon's Connect stream and runs them.
+
+    python runner.py worker                  # foreground, against STIGMER_BACKEND_ENDPOINT
+    python runner.py worker --capacity 4
+
+Every event an agent emits gets the next seq of its execution and stays in that
+execution's outbox until the daemon acknowledges it. While the daemon is away the
+agents keep working; past MAX_BUFFERED_EVENTS they pause (nothing is dropped). The
+worker reconnects with exponential backoff and jitter, says Hello with its in-flight
+executions, and sends again everything not yet acknowledged. Text deltas that pile
+up while the stream is backed up are coalesced into one event.
+"""
+import logging
+import os
+import random
+import socket
+import sys
+import threading
+import time
+import uuid
+
+import grpc
+
+import daemon
+import stigmer_pb2 as pb
+import stigmer_pb2_grpc as pb_grpc
+from runner import stigmer_secrets
+
+log = logging.getLogger("stigmer.worker")
+
+BATCH_EVENTS = 500  # most events per EventBatch message
+MAX_BUFFERED_EVENTS = 20_000  # unacknowledged events held before agents pause
+MAX_PENDING_TEXT = 1_000_000  # characters of not-yet-sequenced text before text emitters pause too
+HEARTBEAT_SECONDS = 5.0  # idle interval between heartbeats
+BACKOFF_CAP = 5.0  # seconds, the longest wait between reconnect attempts
+FLUSH_ON_STOP = 5.0  # seconds a stopping worker waits for its last events to be acknowledged
+MODEL_KEY_VARS = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "OPENAI_API_KEY")  # hidden from the agent's shell
+
+
+class Outbox:
+    """One execution's events, kept from emit until the daemon acknowledges them."""
+
+    def __init__(self, execution_id, last_seq):
+        self.execution_id = execution_id
+        self.events = []  # unacknowledged events, in seq order
+        self.acked = last_seq  # highest seq the daemon has confirmed
+        self.sent = last_seq  # highest seq sent on the current stream
+        self.next_seq = last_seq + 1
+        self.pending_text = []  # text deltas not yet sequenced (coalesced when the stream lags)
+        self.finished = False  # the terminal phase event has been emitted
+
+    def sequence_text(self):
+        """Turn pending text into one event; returns how many events were added."""
+        if not self.pending_text:
+            return 0
+        self._append(text=pb.TextDelta(text="".join(self.pending_text)))
+        self.pending_text.clear()
+        return 1
+
+    def _append(self, **payload):
+        self.events.append(pb.Event(execution_id=self.execution_id, seq=self.next_seq, time=time.time(), **payload))
+        self.next_seq += 1
+
+    def ack(self, seq):
+        """Forget events up to SEQ; returns how many were freed."""
+        if seq <= self.acked:
+            return 0
+        keep = [e for e in self.events if e.seq > seq]
+        freed = len(self.events) - len(keep)
+        self.events, self.acked = keep, seq
+        self.sent = max(self.sent, seq)
+        return freed
+
+
+class Worker:
+    """Holds the Connect stream and the executions it runs."""
+
+    def __init__(self, endpoint, home, *, capacity=2, mode="local", model="", runner_id=None):
+        self.endpoint, self.home, self.capacity, self.mode = endpoint, home, capacity, mode
+        self.model = model
+        self.runner_id = runner_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.cond = threading.Condition()
+        self.outboxes = {}  # execution id -> Outbox
+        self.agents = {}  # execution id -> Agent, while it runs
+        self.buffered = 0  # unacknowledged events over all outboxes
+        self.stopping = threading.Event()
+        self.connected = False
+        self._client = None
+        self._client_lock = threading.Lock()
+
+    # ---- events from the agents ----
+
+    def emit(self, execution_id, redactor, **payload):
+        """Queue one event payload for EXECUTION_ID; waits while the buffer is full."""
+        with self.cond:
+            box = self.outboxes[execution_id]
+            if "text" in payload:
+                text = redactor.feed(payload["text"].text)
+                if text:
+                    box.pending_text.append(text)
+                while sum(map(len, box.pending_text)) > MAX_PENDING_TEXT and not self.stopping.is_set():
+                    self.cond.wait(0.5)
+            else:
+                held = redactor.flush()
+                if held:
+                    box.pending_text.append(held)
+                self.buffered += box.sequence_text()
+                while self.buffered >= MAX_BUFFERED_EVENTS and not self.stopping.is_set():
+                    self.cond.wait(0.5)  # the agent pauses here until acks free room
+                box._append(**payload)
+                self.buffered += 1
+                if "phase" in payload and payload["phase"].phase in (pb.COMPLETED, pb.FAILED, pb.CANCELLED):
+                    box.finished = True
+            self.cond.notify_all()
+
+    def _take_batch(self):
+        """Unsent events, oldest executions first, at most BATCH_EVENTS (called with the lock held)."""
+        batch = []
+        for box in list(self.outboxes.values()):
+            self.buffered += box.sequence_text()
+            for event in box.events:
+                if len(batch) >= BATCH_EVENTS:
+                    return batch
+                if event.seq > box.sent:
+                    batch.append(event)
+                    box.sent = event.seq
+        return batch
+
+    # ---- the stream ----
+
+    def _requests(self, session):
+        """The runner's side of Connect: Hello, then batches and heartbeats until the session ends."""
+        with self.cond:
+            for box in self.outboxes.values():
+                box.sent = box.acked  # send again everything not acknowledged
+            in_flight = [pb.InFlight(execution_id=b.execution_id, last_seq=b.next_seq - 1) for b in self.outboxes.values()]
+        yield pb.RunnerMessage(hello=pb.Hello(runner_id=self.runner_id, capacity=self.capacity, mode=self.mode,
+                                              in_flight=in_flight))
+        last = time.monotonic()
+        while not session.is_set():
+            with self.cond:
+                batch = self._take_batch()
+                if not batch:
+                    self.cond.wait(0.25)
+                    batch = self._take_batch()
+                free = self.capacity - len(self.agents)
+            if batch:
+                yield pb.RunnerMessage(events=pb.EventBatch(events=batch))
+                last = time.monotonic()
+            elif time.monotonic() - last > HEARTBEAT_SECONDS:
+                yield pb.RunnerMessage(heartbeat=pb.Heartbeat(free_slots=free))
+                last = time.monotonic()
+
+    def _session(self):
+        """One Connect stream, until it breaks or the worker stops."""
+        token = daemon.read_token(self.home)
+        channel = daemon.client_channel(self.endpoint)
+        session = threading.Event()
+        try:
+            call = pb_grpc.DaemonStub(channel).Connect(self._requests(session), metadata=daemon.auth_metadata(token))
+            watcher = threading.Thread(target=lambda: (self.stopping.wait(), call.cancel()), daemon=True)
+            watcher.start()
+            for message in call:
+                if not self.connected:
+                    self.connected = True
+                    log.info("connected to the daemon at %s as %s", self.endpoint, self.runner_id)
+                self._handle(message)
+        finally:
+            session.set()
+            with self.cond:
+                self.cond.notify_all()
+            channel.close()
+
+    def _handle(self, message):
+        kind = message.WhichOneof("msg")
+        if kind == "assign":
+            self._start(message.assign.execution)
+        elif kind == "ack":
+            with self.cond:
+                box = self.outboxes.get(message.ack.execution_id)
+                if box:
+                    self.buffered -= box.ack(message.ack.seq)
+                    if box.finished and not box.events and not box.pending_text:
+                        del self.outboxes[box.execution_id]
+                self.cond.notify_all()
+        elif kind == "reject":
+            reject = message.reject
+            with self.cond:
+                box = self.outboxes.get(reject.execution_id)
+                if box and reject.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]:
+                    self.buffered -= box.ack(reject.ack_seq)
+                    box.sent = box.acked  # resend from the daemon's last contiguous seq
+                elif box:
+                    log.warning("daemon refused events for %s: %s", reject.execution_id, reject.message)
+                    self._drop(reject.execution_id)
+                self.cond.notify_all()
+        elif kind == "cancel":
+            execution_id = message.cancel.execution_id
+            agent = self.agents.get(execution_id)
+            if agent is not None:
+                log.info("cancelling %s", execution_id)
+                agent.cancel()
+            else:
+                with self.cond:
+                    self._drop(execution_id)
+
+    def _drop(self, execution_id):
+        """Forget an execution the daemon no longer wants (called with the lock held)."""
+        box = self.outboxes.pop(execution_id, None)
+        if box:
+            self.buffered -= len(box.events)
+        agent = self.agents.get(execution_id)
+        if agent is not None:
+            agent.cancel()
+
+    def run(self):
+        """Connect, reconnecting with backoff and jitter, until stop()."""
+        delay = 0.1
+        down_since = None
+        while not self.stopping.is_set():
+            try:
+                self._session()
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.CANCELLED and self.stopping.is_set():
+                    break
+                reason = f"{exc.code().name}: {exc.details()}"
+            except daemon.DaemonError as exc:
+                reason = str(exc)
+            else:
+                reason = "the daemon closed the stream"
+            if self.connected:
+                delay, down_since = 0.1, None
+            if down_since is None:
+                down_since = time.monotonic()
+                log.warning("lost the daemon at %s (%s); agents keep running, events are buffered; reconnecting",
+                            self.endpoint, reason)
+            self.connected = False
+            self.stopping.wait(min(BACKOFF_CAP, delay) * random.uniform(0.5, 1.0))
+            delay = min(BACKOFF_CAP, delay * 2)
+
+    # ---- executions ----
+
+    def _start(self, execution):
+        with self.cond:
+            if execution.id in self.outboxes or execution.id in self.agents:
+                return
+            self.outboxes[execution.id] = Outbox(execution.id, execution.last_seq)
+        thread = threading.Thread(target=self._run_execution, args=(execution,), name=execution.id, daemon=True)
+        thread.start()
+
+    def client(self):
+        """The anthropic client, made once (imported lazily: it is slow to import)."""
+        with self._client_lock:
+            if self._client is None:
+                import agent  # noqa: F401  (imports anthropic too)
+                import anthropic
+                self._client = anthropic.Anthropic()
+            return self._client
+
+    def _run_execution(self, execution):
+        import agent as agent_mod
+        from sandbox import FilesystemSandbox, SandboxError
+
+        spec = execution.spec
+        names = [n for n in (*MODEL_KEY_VARS, *spec.secret_names) if os.environ.get(n)]
+        redactor = stigmer_secrets.Redactor({n: os.environ[n] for n in names})
+        emit = lambda **payload: self.emit(execution.id, redactor, **payload)  # noqa: E731
+        log.info("running %s in %s", execution.id, spec.workspace)
+        phase, reason, final_text, turns = pb.FAILED, "", "", 0
+        try:
+            for name in spec.secret_names:
+                if name not in os.environ:
+                    emit(error=pb.Error(code="secret_missing", message=f"{name} was named with --secret but this "
+                                        "worker's environment does not have it; the agent's shell runs without it"))
+            if not os.path.isdir(spec.workspace):
+                raise SandboxError(f"the workspace {spec.workspace} does not exist on this runner")
+            shell_env = {name: None for name in MODEL_KEY_VARS if name not in spec.secret_names}
+            the_agent = agent_mod.Agent(self.client(), FilesystemSandbox(spec.workspace), emit,
+                                        model=spec.model or self.model, max_turns=spec.max_turns,
+                                        max_tokens_total=spec.max_tokens_total, redactor=redactor, shell_env=shell_env)
+            with self.cond:
+                self.agents[execution.id] = the_agent
+                if execution.id not in self.outboxes:  # dropped (refused or cancelled) before it started
+                    the_agent.cancel()
+            phase, reason, final_text = the_agent.run(spec.prompt, spec.workspace)
+            turns = the_agent.turns
+        except SandboxError as exc:
+            reason = str(exc)
+            emit(error=pb.Error(code="workspace", message=reason))
+        except Exception as exc:  # a bug in the runner: report it on the execution, keep serving others
+            log.exception("execution %s crashed", execution.id)
+            reason = f"internal runner error: {type(exc).__name__}: {exc}"
+            emit(error=pb.Error(code="internal", message=redactor.redact(reason)))
+        finally:
+            with self.cond:
+                self.agents.pop(execution.id, None)
+                alive = execution.id in self.outboxes
+            if alive:
+                emit(phase=pb.PhaseChange(phase=phase, reason=redactor.redact(reason), final_text=final_text,
+                                          turns=turns))
+            log.info("%s ended %s", execution.id, pb.Phase.Name(phase))
+
+    def stop(self, flush=FLUSH_ON_STOP):
+        """Cancel running agents, give their last events a moment to reach the daemon, then end."""
+        with self.cond:
+            agents = list(self.agents.values())
+        for agent in agents:
+            agent.cancel()
+        deadline = time.monotonic() + flush
+        with self.cond:
+            while (self.agents or self.buffered) and self.connected and time.monotonic() < deadline:
+                self.cond.wait(0.1)
+        self.stopping.set()
+        with self.cond:
+            self.cond.notify_all()
+
+
+def check_keys(environ):
+    """The model key variables missing from ENVIRON, as a list of names (empty when the worker can start)."""
+    if any(environ.get(n) for n in ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN")):
+        return []
+    return ["ANTHROPIC_API_KEY"]
+
+
+def serve(endpoint, home, *, capacity, mode, model, exit_with_stdin=False):
+    """Run a worker in the foreground until SIGTERM, SIGINT or (optionally) EOF on stdin; returns an exit code."""
+    import signal
+
+    from sandbox import kill_all
+
+    worker = Worker(endpoint, home, capacity=capacity, mode=mode, model=model)
+    # The SDK takes seconds to import: load it while we connect, not when the first task arrives.
+    threading.Thread(target=worker.client, name="import-anthropic", daemon=True).start()
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    if exit_with_stdin:  # the CLI that spawned us holds our stdin; EOF means it is gone
+        threading.Thread(target=lambda: (sys.stdin.buffer.read(), stop.set()), daemon=True).start()
+    thread = threading.Thread(target=worker.run, name="connect", daemon=True)
+    thread.start()
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        worker.stop()
+        thread.join(timeout=2)
+        kill_all()
+    return 0
