@@ -44,15 +44,20 @@ if __name__ == "__main__":
 def _project_module(name, alias):
     """Import the project's NAME.py from beside this file, even where a standard-library
     module of the same name comes first on sys.path (the installed console script)."""
-    loaded = sys.modules.get(name)
-    if loaded is not None and os.path.dirname(os.path.abspath(getattr(loaded, "__file__", None) or "")) == HERE:
-        return loaded
+    mine = os.path.realpath(os.path.join(HERE, name + ".py"))
+    found = importlib.util.find_spec(name)
+    if found is not None and found.origin and os.path.realpath(found.origin) == mine:
+        return importlib.import_module(name)  # ours wins on sys.path: one module, one set of classes
     if alias in sys.modules:
         return sys.modules[alias]
-    spec = importlib.util.spec_from_file_location(alias, os.path.join(HERE, name + ".py"))
+    spec = importlib.util.spec_from_file_location(alias, mine)
     module = importlib.util.module_from_spec(spec)
     sys.modules[alias] = module
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[alias]
+        raise
     return module
 
 

@@ -107,6 +107,7 @@ class FakeAnthropic:
         self.key = key
         self.requests = []  # parsed JSON bodies, in arrival order
         self.statuses = []  # (step, status) per request
+        self.times = []  # time.perf_counter() at each request's arrival
         self._failures = {}  # step -> how many scripted errors were already served
         self._lock = threading.Lock()
         self._server = None
@@ -161,6 +162,7 @@ class FakeAnthropic:
             return self._error(404, "not_found_error", f"no route {path}")
         step_index = sum(1 for m in body.get("messages", []) if m.get("role") == "assistant")
         with self._lock:
+            self.times.append(time.perf_counter())
             self.requests.append(body)
             step = self.script[step_index] if step_index < len(self.script) else text_step("(script exhausted)")
             served = self._failures.get(step_index, 0)

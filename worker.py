@@ -29,12 +29,14 @@ from runner import stigmer_secrets
 log = logging.getLogger("stigmer.worker")
 
 BATCH_EVENTS = 500  # most events per EventBatch message
+BATCH_LINGER = 0.005  # seconds the sender waits after a wake-up so that a burst travels as one batch
 MAX_BUFFERED_EVENTS = 20_000  # unacknowledged events held before agents pause
 MAX_PENDING_TEXT = 1_000_000  # characters of not-yet-sequenced text before text emitters pause too
 HEARTBEAT_SECONDS = 5.0  # idle interval between heartbeats
 BACKOFF_CAP = 5.0  # seconds, the longest wait between reconnect attempts
 FLUSH_ON_STOP = 5.0  # seconds a stopping worker waits for its last events to be acknowledged
-MODEL_KEY_VARS = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "OPENAI_API_KEY")  # hidden from the agent's shell
+MODEL_KEY_VARS = tuple(var for p in stigmer_secrets.PROVIDERS.values()
+                       for var in (p.env_var, *p.alt_env_vars))  # hidden from the agent's shell
 
 
 class Outbox:
@@ -113,6 +115,10 @@ class Worker:
                     box.finished = True
             self.cond.notify_all()
 
+    def _unsent(self):
+        """True when some event or text is waiting to be sent (called with the lock held)."""
+        return any(b.pending_text or (b.events and b.events[-1].seq > b.sent) for b in self.outboxes.values())
+
     def _take_batch(self):
         """Unsent events, oldest executions first, at most BATCH_EVENTS (called with the lock held)."""
         batch = []
@@ -139,10 +145,15 @@ class Worker:
         last = time.monotonic()
         while not session.is_set():
             with self.cond:
-                batch = self._take_batch()
-                if not batch:
+                if not self._unsent():
                     self.cond.wait(0.25)
-                    batch = self._take_batch()
+                    woke = self._unsent()
+                else:
+                    woke = False
+            if woke:  # let the rest of this burst (a turn's events) join the same batch
+                time.sleep(BATCH_LINGER)
+            with self.cond:
+                batch = self._take_batch()
                 free = self.capacity - len(self.agents)
             if batch:
                 yield pb.RunnerMessage(events=pb.EventBatch(events=batch))

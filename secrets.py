@@ -1,0 +1,371 @@
+"""Provider API keys for the Stigmer runner: find them, ask for missing ones, pass them on, redact them.
+
+    python secrets.py check                          # is ANTHROPIC_API_KEY set? (names only, never values)
+    python secrets.py check --provider openai --secret GITHUB_TOKEN --json
+
+The runner calls gather() once at start: a key already in the environment is used as is, a
+missing one is asked for with a masked getpass prompt. child_env() hands the keys to the worker
+subprocess, and Redactor replaces every value with [REDACTED:NAME] in whatever the model or the
+event log sees, streamed chunk by chunk if need be.
+
+Where a terminal is: getpass reads from /dev/tty (as ssh and sudo do), so a key can be typed even
+when stdin is a pipe; failing that it uses stdin if stdin is a terminal. With neither, getpass
+would read stdin with echo on, so gather() checks first and raises MissingSecret at once, naming
+the variable to export. It never hangs.
+
+The name: this file shadows the standard library's `secrets` whenever the checkout comes first on
+sys.path (`python runner.py`, `python -m unittest`), and pydantic and httpx (under anthropic)
+import `secrets`. So it re-exports the standard library module's whole API, loaded from the
+stdlib's own file. Installed, the stdlib wins and runner.py loads this file as `stigmer_secrets`;
+nothing here imports itself by name. Standard library only; nothing here writes a file or logs a
+value.
+"""
+import importlib.machinery
+import importlib.util
+import os
+import sys
+import sysconfig
+
+
+def _stdlib_secrets():
+    """The standard library's secrets module, loaded from its own file under a private name."""
+    path = os.path.join(sysconfig.get_paths()["stdlib"], "secrets.py")
+    for module in (sys.modules.get("secrets"), sys.modules.get("_stdlib_secrets")):
+        file = getattr(module, "__file__", None)
+        if file and os.path.realpath(file) == os.path.realpath(path):
+            return module
+    if os.path.isfile(path):
+        spec = importlib.util.spec_from_file_location("_stdlib_secrets", path)
+    else:  # a zipped or frozen standard library: search sys.path without this file's directory
+        here = os.path.dirname(os.path.realpath(__file__))
+        dirs = [d for d in sys.path if os.path.realpath(d or os.curdir) != here]
+        spec = importlib.machinery.PathFinder.find_spec("secrets", dirs)
+        spec.name = "_stdlib_secrets"
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules["_stdlib_secrets"] = module
+    return module
+
+
+_std = _stdlib_secrets()
+# token_bytes, token_hex, token_urlsafe, compare_digest, choice, randbelow, randbits, SystemRandom
+globals().update({name: getattr(_std, name) for name in _std.__all__})
+DEFAULT_ENTROPY = _std.DEFAULT_ENTROPY
+
+import argparse  # noqa: E402  (after the re-export: nothing below may import `secrets` half-built)
+import copy  # noqa: E402
+import getpass  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+from collections.abc import Mapping  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+__all__ = list(_std.__all__) + [
+    "DEFAULT_ENTROPY", "PROVIDERS", "Provider", "Secrets", "Redactor", "SecretError", "MissingSecret",
+    "PromptCancelled", "gather", "sandbox_secret_names", "child_env", "main",
+]
+
+MIN_REDACT_LEN = 8  # shorter values are not redacted: they would match ordinary text
+MAX_ATTEMPTS = 3  # empty answers at the prompt before giving up
+SANDBOX_SECRETS_VAR = "STIGMER_SANDBOX_SECRETS"  # NAME,NAME: like repeating --secret NAME
+PREFILTER_MAX = 16  # up to this many values, a str.find per value skips the regex on clean chunks
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+class SecretError(Exception):
+    """A secret could not be had; the message says what to do and never holds a value."""
+
+
+class MissingSecret(SecretError):
+    """A secret is not set and there is no terminal to ask on."""
+
+    def __init__(self, names):
+        self.names = tuple(names)
+        what = " and ".join(self.names) + (" is" if len(self.names) == 1 else " are")
+        exports = " ".join(f"{name}=..." for name in self.names)
+        super().__init__(f"{what} not set and there is no terminal to ask on: export {exports} "
+                         "or run `python runner.py start` in a terminal")
+
+
+class PromptCancelled(SecretError):
+    """Ctrl-C or end of input at the prompt; callers exit with code 130."""
+
+
+@dataclass(frozen=True)
+class Provider:
+    """A model provider's key: the variable its SDK reads and what its keys look like."""
+    name: str
+    env_var: str
+    alt_env_vars: tuple = ()  # also accepted, kept under their own name (the SDK reads them)
+    prefix: str = ""  # what real keys start with; anything else gets a warning
+    label: str = ""  # for the prompt
+
+    def __post_init__(self):
+        if not self.label:
+            object.__setattr__(self, "label", f"{self.name} API key")
+
+
+PROVIDERS = {p.name: p for p in (
+    Provider("anthropic", "ANTHROPIC_API_KEY", ("ANTHROPIC_AUTH_TOKEN",), "sk-ant-", "Anthropic API key"),
+    Provider("openai", "OPENAI_API_KEY", (), "sk-", "OpenAI API key"),
+    Provider("gemini", "GEMINI_API_KEY", ("GOOGLE_API_KEY",), "AIza", "Gemini API key"),
+)}
+
+
+class Secrets(Mapping):
+    """Secret values by variable name; repr and str show names only."""
+
+    def __init__(self, values=()):
+        self._values = dict(values)
+
+    def __getitem__(self, name):
+        return self._values[name]
+
+    def __iter__(self):
+        return iter(self._values)
+
+    def __len__(self):
+        return len(self._values)
+
+    @property
+    def names(self):
+        """The variable names, in the order they were gathered."""
+        return tuple(self._values)
+
+    def redactor(self):
+        """A Redactor for these values."""
+        return Redactor(self._values)
+
+    def __repr__(self):
+        return "Secrets(" + ", ".join(f"{name}='***'" for name in self._values) + ")"
+
+    __str__ = __repr__
+
+
+def sandbox_secret_names(cli_names=(), environ=None):
+    """Names from repeated --secret NAME, then $STIGMER_SANDBOX_SECRETS, deduplicated in order."""
+    environ = os.environ if environ is None else environ
+    from_env = [n.strip() for n in environ.get(SANDBOX_SECRETS_VAR, "").split(",") if n.strip()]
+    names = []
+    for source, name in [("--secret", n) for n in cli_names] + [(SANDBOX_SECRETS_VAR, n) for n in from_env]:
+        if not isinstance(name, str) or not _ENV_NAME.match(name):
+            raise SecretError(f"{source} {name!r} is not an environment variable name "
+                              "(letters, digits and _, not starting with a digit)")
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def gather(providers=("anthropic",), extra=(), *, environ=None, prompt=None, stdin_isatty=None, warn=None):
+    """Collect provider keys and extra secrets: from the environment, else a masked prompt.
+
+    stdin_isatty overrides the terminal check (None: /dev/tty opens, or stdin is a terminal).
+    """
+    environ = os.environ if environ is None else environ
+    prompt = getpass.getpass if prompt is None else prompt
+    warn = _warn if warn is None else warn
+    wanted = {}  # variable name -> (alternative names, label, expected prefix)
+    for key in providers:
+        if key not in PROVIDERS:
+            raise SecretError(f"unknown provider {key!r}: known providers are {', '.join(PROVIDERS)}")
+        p = PROVIDERS[key]
+        wanted.setdefault(p.env_var, (p.alt_env_vars, p.label, p.prefix))
+    for name in sandbox_secret_names(extra, environ={}):
+        wanted.setdefault(name, ((), "Secret for the agent's shell", ""))
+    found = {}
+    for name, (alts, _, _) in wanted.items():
+        var = next((v for v in (name, *alts) if environ.get(v)), None)
+        found[name if var is None else var] = None if var is None else environ[var]
+    missing = [name for name, value in found.items() if value is None]
+    if missing and not (_terminal_available() if stdin_isatty is None else stdin_isatty):
+        raise MissingSecret(missing)
+    for name in missing:
+        _, label, prefix = wanted[name]
+        found[name] = _ask(prompt, f"{label} ({name}): ", name, prefix, warn)
+    return Secrets(found)
+
+
+def _ask(prompt, question, name, prefix, warn):
+    """Ask until a non-empty answer, at most MAX_ATTEMPTS times; refuse control characters."""
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        try:
+            value = (prompt(question) or "").strip()
+        except (KeyboardInterrupt, EOFError):
+            raise PromptCancelled(f"cancelled at the prompt for {name}") from None
+        if value:
+            break
+        if attempt < MAX_ATTEMPTS:
+            warn(f"{name}: the answer was empty; paste the value ({MAX_ATTEMPTS - attempt} more tries)")
+    else:
+        raise SecretError(f"{name}: {MAX_ATTEMPTS} empty answers; export {name}=... or type it at the prompt")
+    if _CONTROL.search(value):
+        raise SecretError(f"{name}: the value holds a newline or control character, so it was refused "
+                          "(it is not shown)")
+    if prefix and not value.startswith(prefix):
+        warn(f"warning: {name} does not start with {prefix!r} as keys of its kind do; using it anyway")
+    return value
+
+
+def _terminal_available():
+    """True where getpass can read with echo off: /dev/tty opens, or stdin is a terminal."""
+    if os.name == "posix":
+        try:
+            os.close(os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY))
+            return True
+        except OSError:
+            pass
+    try:
+        return sys.stdin is not None and sys.stdin.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stdin
+        return False
+
+
+def _warn(message):
+    print(message, file=sys.stderr, flush=True)
+
+
+def child_env(secrets, base=None):
+    """The worker subprocess's environment: base (default os.environ) plus the secrets."""
+    env = dict(os.environ if base is None else base)
+    for name, value in secrets.items():
+        if not isinstance(value, str):
+            raise SecretError(f"{name}: a secret must be a string")
+        env[name] = value
+    return env
+
+
+class Redactor:
+    """Replaces each secret value of MIN_REDACT_LEN or more characters with [REDACTED:NAME].
+
+    redact(text) works on a whole text. feed(chunk) and flush() work on a stream, and redact a
+    value split across chunks: feed holds back only a tail that could begin a value (never more
+    than the longest value's length minus one). The concatenated output of feed()s and flush()
+    equals redact() of the concatenated input. One compiled alternation, longest first, so a
+    value containing another wins; where two values only partly overlap, the leftmost wins. A
+    value held under two names is labelled with the first. Use stream() for each further stream.
+    """
+
+    def __init__(self, secrets=None):
+        labels = {}
+        for name, value in dict(secrets or {}).items():
+            if isinstance(value, str) and len(value) >= MIN_REDACT_LEN:
+                labels.setdefault(value, f"[REDACTED:{name}]")
+        self._labels = labels
+        self._values = sorted(labels, key=len, reverse=True)
+        self.names = tuple(dict.fromkeys(label[10:-1] for label in labels.values()))
+        self._pending = ""
+        self._pattern = self._starts = None
+        if labels:
+            self._pattern = re.compile("|".join(map(re.escape, self._values)))
+            # Where a held-back tail may begin: a value's first two characters, or its first at the end.
+            firsts = "".join(sorted({re.escape(v[0]) for v in self._values}))
+            heads = sorted({re.escape(v[:2]) for v in self._values})
+            self._starts = re.compile(f"(?={'|'.join(heads)}|[{firsts}]\\Z)")
+        self._hold = len(self._values[0]) - 1 if labels else 0
+        self._prefilter = len(labels) <= PREFILTER_MAX
+
+    def _label(self, match):
+        return self._labels[match.group()]
+
+    def _clean(self, text):
+        """True when no value occurs in text, so the regex can be skipped."""
+        if not self._prefilter:
+            return False
+        for value in self._values:
+            if value in text:
+                return False
+        return True
+
+    def redact(self, text):
+        """Text with every secret value replaced by [REDACTED:NAME]."""
+        if self._pattern is None or self._clean(text):
+            return text
+        return self._pattern.sub(self._label, text)
+
+    def feed(self, chunk):
+        """Redact the next piece of a stream; returns what is safe to pass on now."""
+        if self._pattern is None:
+            return chunk
+        text = self._pending + chunk if self._pending else chunk
+        held = self._held_from(text)
+        if self._clean(text):
+            self._pending = text[held:]
+            return text[:held]
+        out, pos = [], 0
+        for match in self._pattern.finditer(text):
+            if match.start() >= held:  # may yet grow into a longer value: decide on the next feed
+                break
+            out += (text[pos:match.start()], self._labels[match.group()])
+            pos = match.end()
+        cut = max(held, pos)
+        out.append(text[pos:cut])
+        self._pending = text[cut:]
+        return "".join(out)
+
+    def flush(self):
+        """End of the stream: the held-back text, redacted."""
+        text, self._pending = self._pending, ""
+        return self.redact(text)
+
+    def stream(self):
+        """A Redactor with the same secrets and an empty buffer, for another stream."""
+        other = copy.copy(self)
+        other._pending = ""
+        return other
+
+    def _held_from(self, text):
+        """Where the longest tail of text that is a proper prefix of some value begins."""
+        for match in self._starts.finditer(text, max(0, len(text) - self._hold)):
+            tail = text[match.start():]
+            for value in self._values:
+                if len(value) > len(tail) and value.startswith(tail):
+                    return match.start()
+        return len(text)
+
+    def __repr__(self):
+        return "Redactor(" + ", ".join(f"{name}='***'" for name in self.names) + ")"
+
+
+def main(argv=None, environ=None):
+    """`python secrets.py check`: report which keys are set or missing, by name only."""
+    environ = os.environ if environ is None else environ
+    parser = argparse.ArgumentParser(prog="python secrets.py", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    check = commands.add_parser("check", help="report which provider keys and secrets are set")
+    check.add_argument("--provider", action="append", choices=sorted(PROVIDERS),
+                       help="a provider to check (repeatable; default: anthropic)")
+    check.add_argument("--secret", action="append", default=[], metavar="NAME",
+                       help=f"a variable for the agent's shell (repeatable; also ${SANDBOX_SECRETS_VAR})")
+    check.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    try:
+        extra = sandbox_secret_names(args.secret, environ)
+    except SecretError as exc:
+        print(f"secrets: {exc}", file=sys.stderr)
+        return 2
+    rows = []
+    for key in args.provider or ["anthropic"]:
+        p = PROVIDERS[key]
+        source = next((v for v in (p.env_var, *p.alt_env_vars) if environ.get(v)), None)
+        rows.append({"name": p.env_var, "provider": key, "set": source is not None, "from": source})
+    for name in extra:
+        rows.append({"name": name, "provider": None, "set": bool(environ.get(name)),
+                     "from": name if environ.get(name) else None})
+    ok = all(row["set"] for row in rows)
+    if args.json:
+        print(json.dumps({"ok": ok, "secrets": rows}))
+    else:
+        for row in rows:
+            state = "set" if row["from"] == row["name"] else f"set (as {row['from']})"
+            state = state if row["set"] else "missing"
+            print(f"{row['name']:<24} {state:<32} {row['provider'] or '--secret'}")
+        if not ok:
+            names = [row["name"] for row in rows if not row["set"]]
+            print(f"missing: export {' '.join(n + '=...' for n in names)}, or run `python runner.py start` "
+                  "in a terminal to be asked", file=sys.stderr)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,594 @@
+"""Tests for secrets.py: the masked prompt on a real pty, the environment handed to children,
+the streaming Redactor, and the name it shares with the standard library.
+
+    python -m unittest test_secrets -v
+
+The installed-console-script test does a real `pip install` into a throwaway venv (about 5 s).
+"""
+import contextlib
+import fcntl
+import hashlib
+import importlib.util
+import io
+import json
+import os
+import random
+import select
+import shutil
+import subprocess
+import sys
+import tempfile
+import termios
+import time
+import unittest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SECRETS_PY = os.path.join(HERE, "secrets.py")
+PYTHON = sys.executable
+
+
+def _load():
+    """Our secrets.py by file path, under the alias runner.py uses."""
+    module = sys.modules.get("stigmer_secrets")
+    if module is None:
+        spec = importlib.util.spec_from_file_location("stigmer_secrets", SECRETS_PY)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["stigmer_secrets"] = module
+        spec.loader.exec_module(module)
+    return module
+
+
+S = _load()
+KEY = "sk-ant-api03-" + "x7Qz" * 10  # a fake key; tests that type keys use a fresh one each run
+
+
+def answers(*replies):
+    """A fake prompt giving each reply in turn (an exception instance is raised instead)."""
+    queue = list(replies)
+
+    def prompt(question):
+        prompt.asked.append(question)
+        reply = queue.pop(0)
+        if isinstance(reply, BaseException):
+            raise reply
+        return reply
+    prompt.asked = []
+    return prompt
+
+
+def never(question):
+    raise AssertionError(f"prompted unexpectedly: {question!r}")
+
+
+def run(args, **kwargs):
+    kwargs.setdefault("timeout", 30)
+    return subprocess.run(args, capture_output=True, text=True, **kwargs)
+
+
+def files_containing(needle, *roots):
+    """Every file under roots whose bytes contain needle."""
+    hits = []
+    for root in roots:
+        for folder, _, names in os.walk(root):
+            for name in names:
+                path = os.path.join(folder, name)
+                if os.path.isfile(path) and not os.path.islink(path):
+                    with open(path, "rb") as f:
+                        if needle.encode() in f.read():
+                            hits.append(path)
+    return hits
+
+
+class GatherTest(unittest.TestCase):
+    def setUp(self):
+        self.warnings = []
+
+    def gather(self, prompt=never, environ=None, **kwargs):
+        kwargs.setdefault("stdin_isatty", True)
+        return S.gather(environ={} if environ is None else environ, prompt=prompt,
+                        warn=self.warnings.append, **kwargs)
+
+    def test_environment_value_used_as_is(self):
+        got = self.gather(environ={"ANTHROPIC_API_KEY": " " + KEY})
+        self.assertEqual(dict(got), {"ANTHROPIC_API_KEY": " " + KEY})
+
+    def test_alt_variable_kept_under_its_own_name(self):
+        got = self.gather(environ={"ANTHROPIC_AUTH_TOKEN": "bearer-token-123"})
+        self.assertEqual(got.names, ("ANTHROPIC_AUTH_TOKEN",))
+
+    def test_missing_key_prompted_naming_provider_and_variable(self):
+        prompt = answers(KEY)
+        got = self.gather(prompt, environ={"ANTHROPIC_API_KEY": ""})
+        self.assertEqual(prompt.asked, ["Anthropic API key (ANTHROPIC_API_KEY): "])
+        self.assertEqual(got["ANTHROPIC_API_KEY"], KEY)
+        self.assertEqual(self.warnings, [])
+
+    def test_whitespace_stripped(self):
+        got = self.gather(answers(f"  {KEY}\t \n"))
+        self.assertEqual(got["ANTHROPIC_API_KEY"], KEY)
+
+    def test_empty_answer_asks_again(self):
+        prompt = answers("", "   ", KEY)
+        self.assertEqual(self.gather(prompt)["ANTHROPIC_API_KEY"], KEY)
+        self.assertEqual(len(prompt.asked), 3)
+        self.assertEqual(len(self.warnings), 2)
+
+    def test_three_empty_answers_fail(self):
+        prompt = answers("", "", " ", KEY)
+        with self.assertRaises(S.SecretError) as caught:
+            self.gather(prompt)
+        self.assertNotIsInstance(caught.exception, (S.MissingSecret, S.PromptCancelled))
+        self.assertEqual(len(prompt.asked), 3)
+        self.assertIn("ANTHROPIC_API_KEY", str(caught.exception))
+
+    def test_control_characters_refused_without_echo(self):
+        for bad in (KEY[:10] + "\n" + KEY[10:], KEY + "\x1b[201~", KEY[:5] + "\x00" + KEY[5:], KEY + "\x7f"):
+            with self.subTest(bad=bad), self.assertRaises(S.SecretError) as caught:
+                self.gather(answers(bad))
+            self.assertNotIn(KEY[8:20], str(caught.exception))
+            self.assertIn("control character", str(caught.exception))
+
+    def test_unlike_key_warns_but_is_used(self):
+        got = self.gather(answers("not-an-anthropic-key-42"))
+        self.assertEqual(got["ANTHROPIC_API_KEY"], "not-an-anthropic-key-42")
+        self.assertEqual(len(self.warnings), 1)
+        self.assertIn("sk-ant-", self.warnings[0])
+        self.assertNotIn("not-an-anthropic-key-42", self.warnings[0])
+
+    def test_ctrl_c_and_eof_cancel(self):
+        for interrupt in (KeyboardInterrupt(), EOFError()):
+            with self.subTest(interrupt=type(interrupt).__name__):
+                with self.assertRaises(S.PromptCancelled) as caught:
+                    self.gather(answers(interrupt))
+                self.assertIsInstance(caught.exception, S.SecretError)
+                self.assertIn("ANTHROPIC_API_KEY", str(caught.exception))
+
+    def test_no_terminal_fails_at_once_naming_the_variables(self):
+        with self.assertRaises(S.MissingSecret) as caught:
+            self.gather(never, stdin_isatty=False, extra=["GITHUB_TOKEN"])
+        self.assertEqual(caught.exception.names, ("ANTHROPIC_API_KEY", "GITHUB_TOKEN"))
+        self.assertIn("export ANTHROPIC_API_KEY=... GITHUB_TOKEN=...", str(caught.exception))
+        with self.assertRaises(S.MissingSecret) as caught:
+            self.gather(never, stdin_isatty=False)
+        self.assertEqual(str(caught.exception),
+                         "ANTHROPIC_API_KEY is not set and there is no terminal to ask on: "
+                         "export ANTHROPIC_API_KEY=... or run `python runner.py start` in a terminal")
+
+    def test_extra_secrets_and_several_providers(self):
+        prompt = answers("ghp_" + "a" * 36)
+        got = self.gather(prompt, providers=("anthropic", "openai"), extra=["GITHUB_TOKEN"],
+                          environ={"ANTHROPIC_API_KEY": KEY, "OPENAI_API_KEY": "sk-proj-abc"})
+        self.assertEqual(got.names, ("ANTHROPIC_API_KEY", "OPENAI_API_KEY", "GITHUB_TOKEN"))
+        self.assertEqual(prompt.asked, ["Secret for the agent's shell (GITHUB_TOKEN): "])
+        with self.assertRaises(S.SecretError):
+            self.gather(providers=("nope",))
+        with self.assertRaises(S.SecretError):
+            self.gather(extra=["NOT-A-NAME"], environ={"ANTHROPIC_API_KEY": KEY})
+
+    def test_secrets_repr_masks_values(self):
+        got = S.Secrets({"ANTHROPIC_API_KEY": KEY, "GITHUB_TOKEN": "ghp_secretvalue"})
+        for text in (repr(got), str(got), f"{got}", repr([got])):
+            self.assertNotIn(KEY[7:], text)
+            self.assertNotIn("secretvalue", text)
+            self.assertIn("ANTHROPIC_API_KEY", text)
+        self.assertEqual(got.names, ("ANTHROPIC_API_KEY", "GITHUB_TOKEN"))
+        self.assertEqual(dict(got)["GITHUB_TOKEN"], "ghp_secretvalue")
+        self.assertEqual(len(got), 2)
+
+    def test_providers_table(self):
+        anthropic = S.PROVIDERS["anthropic"]
+        self.assertEqual((anthropic.env_var, anthropic.alt_env_vars, anthropic.prefix),
+                         ("ANTHROPIC_API_KEY", ("ANTHROPIC_AUTH_TOKEN",), "sk-ant-"))
+        self.assertEqual(S.PROVIDERS["openai"].env_var, "OPENAI_API_KEY")
+        self.assertEqual(S.PROVIDERS["gemini"].env_var, "GEMINI_API_KEY")
+        with self.assertRaises(Exception):
+            anthropic.env_var = "X"  # frozen
+
+
+class NamesAndEnvTest(unittest.TestCase):
+    def test_sandbox_secret_names_merge_dedupe_order(self):
+        environ = {"STIGMER_SANDBOX_SECRETS": " NPM_TOKEN, GITHUB_TOKEN,,_X1 "}
+        self.assertEqual(S.sandbox_secret_names(["GITHUB_TOKEN", "AWS_KEY", "GITHUB_TOKEN"], environ),
+                         ["GITHUB_TOKEN", "AWS_KEY", "NPM_TOKEN", "_X1"])
+        self.assertEqual(S.sandbox_secret_names(environ={}), [])
+
+    def test_sandbox_secret_names_refuse_bad_names(self):
+        for bad in ("1ABC", "A-B", "A B", "", "A=B", "É"):
+            with self.subTest(bad=bad), self.assertRaises(S.SecretError):
+                S.sandbox_secret_names([bad], environ={})
+        with self.assertRaises(S.SecretError) as caught:
+            S.sandbox_secret_names(environ={"STIGMER_SANDBOX_SECRETS": "OK,no good"})
+        self.assertIn("STIGMER_SANDBOX_SECRETS", str(caught.exception))
+
+    def test_child_env_adds_secrets_to_a_copy(self):
+        base = {"PATH": "/bin", "HOME": "/h"}
+        env = S.child_env(S.Secrets({"ANTHROPIC_API_KEY": KEY}), base)
+        self.assertEqual(env, {"PATH": "/bin", "HOME": "/h", "ANTHROPIC_API_KEY": KEY})
+        self.assertEqual(base, {"PATH": "/bin", "HOME": "/h"})
+        self.assertEqual(S.child_env({"X_SECRET": "v"})["PATH"], os.environ["PATH"])
+        self.assertNotIn("X_SECRET", os.environ)
+
+    def test_child_with_temporary_home_leaves_no_key_in_files(self):
+        key = "sk-ant-childenv-" + S.token_hex(16)
+        with tempfile.TemporaryDirectory() as home, tempfile.TemporaryDirectory() as work:
+            os.mkdir(os.path.join(work, "tmp"))
+            base = {"HOME": home, "PATH": os.environ["PATH"], "TMPDIR": os.path.join(work, "tmp")}
+            child = (
+                "import hashlib, json, os, subprocess, sys, tempfile\n"
+                "open('notes.txt', 'w').write('ordinary work\\n')\n"
+                "os.makedirs(os.path.expanduser('~/.config/app'))\n"
+                "json.dump({'ok': True}, open(os.path.expanduser('~/.config/app/settings.json'), 'w'))\n"
+                "tempfile.NamedTemporaryFile(delete=False).write(b'scratch')\n"
+                "subprocess.run([sys.executable, '-c', 'print(40 + 2)'], check=True)\n"
+                "key = os.environ['ANTHROPIC_API_KEY']\n"
+                "print(hashlib.sha256(key.encode()).hexdigest())\n"
+                "print('argv clean' if key.encode() not in open('/proc/self/cmdline', 'rb').read() else 'argv!')\n"
+            )
+            done = run([PYTHON, "-c", child], cwd=work, env=S.child_env(S.Secrets({"ANTHROPIC_API_KEY": key}), base))
+            self.assertEqual(done.returncode, 0, done.stderr)
+            self.assertEqual(done.stdout.split(), ["42", hashlib.sha256(key.encode()).hexdigest(), "argv", "clean"])
+            self.assertTrue(os.path.exists(os.path.join(home, ".config/app/settings.json")))
+            self.assertEqual(files_containing(key, home, work), [])
+            with open(os.path.join(work, "canary"), "w") as f:  # the scan itself can fail
+                f.write("a fake canary value for the scanner")
+            self.assertEqual(len(files_containing("fake canary value", home, work)), 1)
+
+    def test_check_cli_reports_names_only(self):
+        value = "sk-ant-" + "v" * 30
+
+        def check(argv, environ):
+            out, err = io.StringIO(), io.StringIO()
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                code = S.main(argv, environ=environ)
+            self.assertNotIn(value, out.getvalue() + err.getvalue())
+            return code, out.getvalue(), err.getvalue()
+
+        code, out, _ = check(["check"], {"ANTHROPIC_API_KEY": value})
+        self.assertEqual(code, 0)
+        self.assertRegex(out, r"ANTHROPIC_API_KEY\s+set")
+        code, out, err = check(["check", "--secret", "GITHUB_TOKEN"], {"ANTHROPIC_API_KEY": value})
+        self.assertEqual(code, 1)
+        self.assertRegex(out, r"GITHUB_TOKEN\s+missing")
+        self.assertIn("export GITHUB_TOKEN=...", err)
+        code, out, _ = check(["check", "--json", "--provider", "openai"],
+                             {"OPENAI_API_KEY": value, "STIGMER_SANDBOX_SECRETS": "HOME_X"})
+        report = json.loads(out)
+        self.assertEqual((code, report["ok"]), (1, False))
+        self.assertEqual([(r["name"], r["set"]) for r in report["secrets"]],
+                         [("OPENAI_API_KEY", True), ("HOME_X", False)])
+        self.assertEqual(check(["check", "--secret", "no-good"], {})[0], 2)
+
+
+# ---- the masked prompt on a real terminal ----
+
+PROMPT_CHILD = r"""
+import hashlib, importlib.util, os, sys
+spec = importlib.util.spec_from_file_location("stigmer_secrets", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+report = int(sys.argv[2])
+try:
+    got = module.gather(environ={})
+except module.SecretError as exc:
+    os.write(report, type(exc).__name__.encode())
+    print("stigmer:", exc, file=sys.stderr)
+    sys.exit(130 if isinstance(exc, module.PromptCancelled) else 2)
+os.write(report, hashlib.sha256(got["ANTHROPIC_API_KEY"].encode()).hexdigest().encode())
+"""
+
+
+def read_until(fd, needle, deadline):
+    """Bytes read from fd until needle shows up, EOF, or the deadline."""
+    data = b""
+    while needle is None or needle not in data:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            break
+        try:
+            piece = os.read(fd, 4096)
+        except OSError:  # EIO: the child closed the pty
+            break
+        if not piece:
+            break
+        data += piece
+    return data
+
+
+class PtyPromptTest(unittest.TestCase):
+    def type_at_prompt(self, typed, stdin_is_pty=True):
+        """Run PROMPT_CHILD on a new pty (its controlling terminal); type at the prompt.
+        Returns (exit code, everything the terminal showed, what the child reported)."""
+        master, slave = os.openpty()
+        report_r, report_w = os.pipe()
+        ctty = 0 if stdin_is_pty else 1
+        try:
+            proc = subprocess.Popen(
+                [PYTHON, "-c", PROMPT_CHILD, SECRETS_PY, str(report_w)],
+                stdin=slave if stdin_is_pty else subprocess.PIPE, stdout=slave, stderr=slave,
+                pass_fds=(report_w,), start_new_session=True,
+                preexec_fn=lambda: fcntl.ioctl(ctty, termios.TIOCSCTTY, 0))
+            os.close(slave)
+            os.close(report_w)
+            deadline = time.monotonic() + 15
+            shown = read_until(master, b"(ANTHROPIC_API_KEY): ", deadline)
+            self.assertIn(b"Anthropic API key (ANTHROPIC_API_KEY): ", shown)
+            os.write(master, typed)
+            shown += read_until(master, None, deadline)
+            code = proc.wait(timeout=max(1, deadline - time.monotonic()))
+            reported = read_until(report_r, None, deadline).decode()
+            if proc.stdin:
+                proc.stdin.close()
+            return code, shown, reported
+        finally:
+            os.close(master)
+            os.close(report_r)
+
+    def test_typed_key_is_not_echoed_and_arrives_exactly(self):
+        key = "sk-ant-pty-" + S.token_urlsafe(24)
+        code, shown, reported = self.type_at_prompt(f"  {key} \r".encode())
+        self.assertEqual(code, 0, shown)
+        self.assertEqual(reported, hashlib.sha256(key.encode()).hexdigest())
+        self.assertNotIn(key[7:].encode(), shown)
+        self.assertNotIn(key[-12:].encode(), shown)
+
+    def test_prompt_uses_dev_tty_when_stdin_is_a_pipe(self):
+        key = "sk-ant-tty-" + S.token_urlsafe(24)
+        code, shown, reported = self.type_at_prompt(f"{key}\r".encode(), stdin_is_pty=False)
+        self.assertEqual(code, 0, shown)
+        self.assertEqual(reported, hashlib.sha256(key.encode()).hexdigest())
+        self.assertNotIn(key[-12:].encode(), shown)
+
+    def test_ctrl_c_and_ctrl_d_at_the_prompt_cancel(self):
+        for typed in (b"\x03", b"\x04"):
+            with self.subTest(typed=typed):
+                code, shown, reported = self.type_at_prompt(typed)
+                self.assertEqual((code, reported), (130, "PromptCancelled"), shown)
+                self.assertNotIn(b"Traceback", shown)
+
+    def test_no_terminal_fails_at_once(self):
+        for stdin in (subprocess.DEVNULL, subprocess.PIPE):  # a pipe left open would hang a fallback read
+            with self.subTest(stdin=stdin):
+                report_r, report_w = os.pipe()
+                started = time.monotonic()
+                proc = subprocess.Popen([PYTHON, "-c", PROMPT_CHILD, SECRETS_PY, str(report_w)], stdin=stdin,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                        pass_fds=(report_w,), start_new_session=True)
+                os.close(report_w)
+                try:
+                    out, err = proc.communicate(timeout=10)
+                finally:
+                    proc.kill()
+                    reported = read_until(report_r, None, time.monotonic() + 1).decode()
+                    os.close(report_r)
+                self.assertLess(time.monotonic() - started, 10)
+                self.assertEqual((proc.returncode, reported), (2, "MissingSecret"), err)
+                self.assertIn("ANTHROPIC_API_KEY is not set and there is no terminal to ask on", err)
+                self.assertIn("export ANTHROPIC_API_KEY=...", err)
+                self.assertNotIn("Traceback", err)
+                self.assertNotIn("Warning", err)  # getpass's "can not control echo" fallback
+
+
+# ---- the redactor ----
+
+class RedactorTest(unittest.TestCase):
+    SECRETS = {"ANTHROPIC_API_KEY": KEY, "GITHUB_TOKEN": "ghp_" + "T0k3n" * 7}
+    TEXT = f"key={KEY} then ghp_ and {SECRETS['GITHUB_TOKEN']}! and sk-ant- end"
+    WANT = "key=[REDACTED:ANTHROPIC_API_KEY] then ghp_ and [REDACTED:GITHUB_TOKEN]! and sk-ant- end"
+
+    def streamed(self, redactor, chunks):
+        return "".join([redactor.feed(c) for c in chunks] + [redactor.flush()])
+
+    def test_whole_text(self):
+        self.assertEqual(S.Redactor(self.SECRETS).redact(self.TEXT), self.WANT)
+
+    def test_every_split_into_two_chunks(self):
+        redactor = S.Redactor(self.SECRETS)
+        for i in range(len(self.TEXT) + 1):
+            self.assertEqual(self.streamed(redactor, [self.TEXT[:i], self.TEXT[i:]]), self.WANT, i)
+
+    def test_every_split_into_three_chunks(self):
+        redactor = S.Redactor(self.SECRETS)
+        text = f"{KEY} ghp_ {self.SECRETS['GITHUB_TOKEN']}."
+        want = redactor.redact(text)
+        self.assertEqual(want, "[REDACTED:ANTHROPIC_API_KEY] ghp_ [REDACTED:GITHUB_TOKEN].")
+        for i in range(len(text) + 1):
+            for j in range(i, len(text) + 1):
+                self.assertEqual(self.streamed(redactor, [text[:i], text[i:j], text[j:]]), want, (i, j))
+
+    def test_random_chunks_with_nested_values_match_whole_text(self):
+        secrets = {"DB_PASSWORD": "hunter2hunter2", "DATABASE_URL": "postgres://app:hunter2hunter2@db/app",
+                   "TOKEN": "abcabcabcd", "TOKEN_LONG": "abcabcabcdabcabcabce", "PIN": "1234"}
+        pieces = list(secrets.values()) + ["abc", "abcabc", "hunter2", "postgres://app:", " ", "x", "\n", "é"]
+        rng = random.Random(7)
+        redactor = S.Redactor(secrets)
+        for _ in range(300):
+            text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 30)))
+            want = redactor.redact(text)
+            for value in list(secrets.values())[:4]:
+                self.assertNotIn(value, want.replace("[REDACTED:", "\0"))
+            cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, rng.randint(0, 8))))
+            chunks = [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
+            self.assertEqual(self.streamed(redactor, chunks), want, chunks)
+
+    def test_longer_overlapping_value_wins(self):
+        redactor = S.Redactor({"DB_PASSWORD": "hunter2hunter2", "DATABASE_URL": "postgres://app:hunter2hunter2@db/app",
+                               "SHORT_KEY": "sk-ant-abcdefgh", "LONG_KEY": "sk-ant-abcdefgh-longer"})
+        self.assertEqual(redactor.redact("url=postgres://app:hunter2hunter2@db/app pw=hunter2hunter2"),
+                         "url=[REDACTED:DATABASE_URL] pw=[REDACTED:DB_PASSWORD]")
+        self.assertEqual(redactor.redact("sk-ant-abcdefgh-longer sk-ant-abcdefgh-long"),
+                         "[REDACTED:LONG_KEY] [REDACTED:SHORT_KEY]-long")
+        self.assertEqual(self.streamed(redactor, ["sk-ant-abcdefgh", "-longer"]), "[REDACTED:LONG_KEY]")
+
+    def test_short_values_left_alone(self):
+        redactor = S.Redactor({"PIN": "1234567", "OK": "12345678"})
+        self.assertEqual(redactor.redact("1234567 12345678"), "1234567 [REDACTED:OK]")
+        self.assertEqual(redactor.names, ("OK",))
+
+    def test_regex_characters_in_values(self):
+        value = "a.b*c+d?(e)[f]|g\\h^$"
+        redactor = S.Redactor({"ODD": value})
+        self.assertEqual(redactor.redact(f"<{value}> a.bXc"), "<[REDACTED:ODD]> a.bXc")
+        self.assertEqual(self.streamed(redactor, ["<a.b*c+d", "?(e)[f]|g\\h^", "$>"]), "<[REDACTED:ODD]>")
+
+    def test_holds_back_only_a_possible_start_and_flush_releases_it(self):
+        redactor = S.Redactor(self.SECRETS)
+        self.assertEqual(redactor.feed("plain text, nothing to hide"), "plain text, nothing to hide")
+        self.assertEqual(redactor.feed("almost sk-ant-api"), "almost ")
+        self.assertEqual(redactor.feed("03-nope"), "sk-ant-api03-nope")
+        self.assertEqual(redactor.feed("tail " + KEY[:-1]), "tail ")
+        self.assertEqual(redactor.flush(), KEY[:-1])
+        self.assertEqual(redactor.flush(), "")
+        redactor.feed("ghp_T0k3n")
+        self.assertEqual(redactor.feed("T0k3nT0k3nT0k3nT0k3nT0k3nT0k3n."), "[REDACTED:GITHUB_TOKEN].")
+
+    def test_hold_never_exceeds_longest_value_minus_one(self):
+        redactor = S.Redactor({"A": "aaaaaaaaab"})
+        self.assertEqual(redactor.feed("x" + "a" * 30), "x" + "a" * 21)
+        self.assertEqual(redactor.feed("b"), "[REDACTED:A]")
+
+    def test_streams_are_independent(self):
+        first = S.Redactor(self.SECRETS)
+        second = first.stream()
+        self.assertEqual(first.feed(KEY[:12]), "")
+        self.assertEqual(second.feed("hello"), "hello")
+        self.assertEqual(first.feed(KEY[12:]), "[REDACTED:ANTHROPIC_API_KEY]")
+
+    def test_many_secrets_without_prefilter(self):
+        secrets = {f"S{i}": f"value-{i:02d}-" + "z" * i for i in range(S.PREFILTER_MAX + 4)}
+        redactor = S.Redactor(secrets)
+        text = " ".join(secrets.values()) + " value-0"
+        want = " ".join(f"[REDACTED:{name}]" for name in secrets) + " value-0"
+        self.assertEqual(redactor.redact(text), want)
+        self.assertEqual(self.streamed(redactor, [text[i:i + 5] for i in range(0, len(text), 5)]), want)
+
+    def test_no_secrets_passes_through(self):
+        for redactor in (S.Redactor(), S.Redactor({}), S.Redactor({"PIN": "1234"})):
+            self.assertEqual(redactor.redact("sk-ant-anything"), "sk-ant-anything")
+            self.assertEqual(redactor.feed("sk-ant-"), "sk-ant-")
+            self.assertEqual(redactor.flush(), "")
+
+    def test_repr_masks_values(self):
+        redactor = S.Redactor(self.SECRETS)
+        self.assertEqual(repr(redactor), "Redactor(ANTHROPIC_API_KEY='***', GITHUB_TOKEN='***')")
+        self.assertEqual(repr(S.Secrets(self.SECRETS).redactor()), repr(redactor))
+
+
+# ---- the name `secrets`: the standard library's API on every entry path ----
+
+STDLIB_PROBE = "import json, secrets; print(json.dumps([secrets.__file__, secrets.__all__]))"
+CHECKOUT_PROBE = r"""
+import json, sys
+first = sys.path[0]
+import secrets, anthropic, pydantic
+import runner
+print(json.dumps({
+    "path0": first, "file": secrets.__file__, "hex": len(secrets.token_hex(4)),
+    "digest": secrets.compare_digest(b"ab", b"ab"), "below": secrets.randbelow(3) < 3,
+    "pydantic": pydantic.SecretStr("k") == pydantic.SecretStr("k") != pydantic.SecretStr("j"),
+    "anthropic": callable(anthropic.Anthropic), "ours": hasattr(secrets, "Redactor"),
+    "runner": hasattr(runner.stigmer_secrets, "Redactor"),
+}))
+"""
+
+
+def stdlib_secrets():
+    """The standard library's secrets (file, __all__), as a neutral directory sees it."""
+    done = run([PYTHON, "-I", "-c", STDLIB_PROBE], cwd=tempfile.gettempdir())
+    return json.loads(done.stdout)
+
+
+class ShadowingTest(unittest.TestCase):
+    def test_stdlib_api_reexported(self):
+        path, names = stdlib_secrets()
+        self.assertNotEqual(os.path.realpath(path), os.path.realpath(SECRETS_PY))
+        self.assertTrue(set(names) <= set(S.__all__), set(names) - set(S.__all__))
+        self.assertEqual(os.path.realpath(S._std.__file__), os.path.realpath(path))
+        for name in names:
+            self.assertIs(getattr(S, name), getattr(S._std, name), name)
+        self.assertEqual(len(S.token_hex(4)), 8)
+        self.assertEqual(len(S.token_bytes(5)), 5)
+        self.assertRegex(S.token_urlsafe(8), r"^[A-Za-z0-9_-]+$")
+        self.assertTrue(S.compare_digest("abc", "abc") and not S.compare_digest("abc", "abd"))
+        self.assertIn(S.choice("xyz"), "xyz")
+        self.assertLess(S.randbelow(5), 5)
+        self.assertIsInstance(S.SystemRandom().random(), float)
+        self.assertEqual(S.DEFAULT_ENTROPY, 32)
+
+    def test_from_the_checkout(self):
+        done = run([PYTHON, "-c", CHECKOUT_PROBE], cwd=HERE)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        got = json.loads(done.stdout)
+        self.assertEqual(got.pop("path0"), "")
+        self.assertEqual(got.pop("file"), SECRETS_PY)  # ours shadows the stdlib here
+        self.assertEqual(set(got.values()), {True, 8}, got)
+        done = run([PYTHON, "runner.py", "--help"], cwd=HERE)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertNotIn("Traceback", done.stderr)
+
+    def test_from_python_m_unittest(self):
+        env = dict(os.environ, STIGMER_UNITTEST_PROBE="1")
+        done = run([PYTHON, "-m", "unittest", "-v", "test_secrets.UnittestEntryProbe"], cwd=HERE, env=env)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertIn("Ran 1 test", done.stderr)
+        self.assertNotIn("skipped", done.stderr)
+
+    @unittest.skipUnless(importlib.util.find_spec("setuptools") and importlib.util.find_spec("pip"),
+                         "needs pip and setuptools to install the project offline")
+    def test_installed_console_script(self):
+        # SLOW (~5 s): a real `pip install` of a copy of the checkout into a throwaway venv that
+        # sees this venv's site-packages through a .pth file, so nothing is downloaded.
+        import sysconfig
+        import tomllib
+        with tempfile.TemporaryDirectory() as tmp:
+            src, venv = os.path.join(tmp, "src"), os.path.join(tmp, "venv")
+            os.mkdir(src)
+            with open(os.path.join(HERE, "pyproject.toml")) as f:
+                pyproject = f.read()
+            modules = tomllib.loads(pyproject)["tool"]["setuptools"]["py-modules"]
+            with open(os.path.join(src, "pyproject.toml"), "w") as f:
+                f.write(pyproject)  # setuptools only warns about listed modules not yet written
+            for name in [m + ".py" for m in modules] + ["stigmer.proto", "README.md"]:
+                if os.path.exists(os.path.join(HERE, name)):
+                    shutil.copy(os.path.join(HERE, name), src)
+            run([PYTHON, "-m", "venv", "--without-pip", venv], check=True)
+            vpython = os.path.join(venv, "bin", "python")
+            site = run([vpython, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip()
+            with open(os.path.join(site, "parent-venv.pth"), "w") as f:
+                f.write(sysconfig.get_paths()["purelib"] + "\n")
+            env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INDEX="1", PIP_NO_CACHE_DIR="1")
+            env.pop("PYTHONPATH", None)
+            done = run([vpython, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", src],
+                       cwd=tmp, env=env, timeout=120)
+            self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
+            done = run([os.path.join(venv, "bin", "stigmer"), "--help"], cwd=tmp, env=env)
+            self.assertEqual(done.returncode, 0, done.stderr)
+            self.assertIn("runner", done.stdout)
+            probe = ("import json, secrets, anthropic, pydantic, runner; print(json.dumps(["
+                     "runner.__file__, secrets.__file__, runner.stigmer_secrets.__file__, len(secrets.token_hex(4)),"
+                     "hasattr(runner.stigmer_secrets, 'Redactor'), hasattr(secrets, 'Redactor'), "
+                     "callable(anthropic.Anthropic), pydantic.SecretStr('k') == pydantic.SecretStr('k')]))")
+            done = run([vpython, "-c", probe], cwd=tmp, env=env)
+            self.assertEqual(done.returncode, 0, done.stderr)
+            runner_file, secrets_file, ours_file, *checks = json.loads(done.stdout)
+            self.assertEqual(os.path.dirname(runner_file), site)  # really installed
+            self.assertEqual(ours_file, os.path.join(site, "secrets.py"))
+            self.assertEqual(secrets_file, stdlib_secrets()[0])
+            self.assertEqual(checks, [8, True, False, True, True])
+
+
+@unittest.skipUnless(os.environ.get("STIGMER_UNITTEST_PROBE"), "run by ShadowingTest.test_from_python_m_unittest")
+class UnittestEntryProbe(unittest.TestCase):
+    def test_secrets_and_anthropic_under_python_m_unittest(self):
+        import secrets
+        import anthropic
+        import pydantic
+        import runner
+        self.assertEqual(secrets.__file__, SECRETS_PY)
+        self.assertEqual(len(secrets.token_hex(4)), 8)
+        self.assertTrue(pydantic.SecretStr("k") == pydantic.SecretStr("k"))
+        self.assertTrue(callable(anthropic.Anthropic))
+        self.assertTrue(hasattr(runner.stigmer_secrets, "Redactor"))
+
+
+if __name__ == "__main__":
+    unittest.main()
