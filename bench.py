@@ -25,16 +25,295 @@ def bench(fn):
 
 
 # ---- sandbox (issue: sandbox.py) ----
-# SANDBOX-BENCH-PLACEHOLDER
+@bench
+def bench_sandbox():
+    """execute("true") against a bare subprocess.run, and peak RSS growth over 200 MB of output."""
+    import os
+    import subprocess
+    import tempfile
+
+    import sandbox
+
+    runs = 300
+    with tempfile.TemporaryDirectory() as root:
+        box = sandbox.FilesystemSandbox(root)
+        bare, ours = [], []
+        for _ in range(runs):  # interleaved, so machine noise hits both alike
+            t = time.perf_counter()
+            subprocess.run("true", shell=True, cwd=root)
+            bare.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            box.execute("true")
+            ours.append(time.perf_counter() - t)
+        # A fresh interpreter, so the peak RSS is this one call's and nothing earlier masks it.
+        probe = (
+            "import resource, sys, time, sandbox\n"
+            "box = sandbox.FilesystemSandbox(sys.argv[1])\n"
+            "box.execute('true')\n"
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "t = time.perf_counter()\n"
+            "r = box.execute('yes | head -c 200000000')\n"
+            "took = time.perf_counter() - t\n"
+            "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "assert r.truncated and r.exit_code == 0, r\n"
+            "print((after - before) / 1024, took)\n"
+        )
+        here = os.path.dirname(os.path.abspath(__file__))
+        out = subprocess.run([sys.executable, "-c", probe, root], cwd=here, check=True,
+                             capture_output=True, text=True).stdout.split()
+    bare_ms, ours_ms = statistics.median(bare) * 1e3, statistics.median(ours) * 1e3
+    growth_mb, took = float(out[0]), float(out[1])
+    return {
+        "runs_each": runs,
+        "bare_subprocess_run_median_ms": round(bare_ms, 3),
+        "execute_median_ms": round(ours_ms, 3),
+        "execute_overhead_ratio": round(ours_ms / bare_ms, 3),  # target <= 1.3
+        "swallow_200MB_peak_rss_growth_MB": round(growth_mb, 1),  # target < 50
+        "swallow_200MB_seconds": round(took, 2),
+        "swallow_200MB_GB_per_s": round(0.2 / took, 2),
+    }
 
 # ---- redact (issue: secrets.py) ----
-# REDACT-BENCH-PLACEHOLDER
+@bench
+def bench_redact():
+    """Redactor streaming 10 MB in 4 KiB chunks against five str.replace calls on the whole text."""
+    import importlib.util
+    import os
+    import random
+
+    module = sys.modules.get("stigmer_secrets")
+    if module is None:  # by file path: `import secrets` may be the standard library's
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "secrets.py")
+        spec = importlib.util.spec_from_file_location("stigmer_secrets", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["stigmer_secrets"] = module
+        spec.loader.exec_module(module)
+    rng = random.Random(3)
+    secrets = {
+        "ANTHROPIC_API_KEY": "sk-ant-api03-" + "".join(rng.choice("abcdefXYZ0123456789_-") for _ in range(95)),
+        "OPENAI_API_KEY": "sk-proj-" + "".join(rng.choice("abcdefXYZ0123456789") for _ in range(48)),
+        "GITHUB_TOKEN": "ghp_" + "".join(rng.choice("abcdefXYZ0123456789") for _ in range(36)),
+        "AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+        "DB_PASSWORD": "correct-horse-battery-staple",
+    }
+    words = ("the build step test failed passed running import error warning sk- ghp token "
+             "secret value config return status ok def class self src tests /usr/lib python").split()
+    lines, size = [], 0
+    while size < 10_000_000:
+        line = " ".join(rng.choice(words) for _ in range(rng.randint(4, 16)))
+        if rng.random() < 0.0005:  # about 100 occurrences in all, some across chunk boundaries
+            line += " " + rng.choice(list(secrets.values()))
+        lines.append(line)
+        size += len(line) + 1
+    text = "\n".join(lines)
+    chunks = [text[i:i + 4096] for i in range(0, len(text), 4096)]
+    ordered = sorted(secrets.items(), key=lambda kv: len(kv[1]), reverse=True)
+
+    def baseline():
+        out = text
+        for name, value in ordered:
+            out = out.replace(value, f"[REDACTED:{name}]")
+        return out
+
+    def streamed():
+        redactor = module.Redactor(secrets)
+        return "".join([redactor.feed(chunk) for chunk in chunks] + [redactor.flush()])
+
+    base_times, redact_times = [], []
+    for _ in range(7):
+        for fn, times in ((baseline, base_times), (streamed, redact_times)):
+            start = time.perf_counter()
+            result = fn()
+            times.append(time.perf_counter() - start)
+    assert result == baseline(), "streamed redaction differs from str.replace"
+    occurrences = sum(text.count(v) for v in secrets.values())
+    base, redact = statistics.median(base_times), statistics.median(redact_times)
+    return {"mb": round(len(text) / 1e6, 1), "chunks": len(chunks), "occurrences": occurrences,
+            "str_replace_ms": round(base * 1e3, 1), "redactor_ms": round(redact * 1e3, 1),
+            "ratio": round(redact / base, 2), "target": "<= 3.0"}
 
 # ---- events (issue: daemon.py) ----
-# EVENTS-BENCH-PLACEHOLDER
+EVENTS_WATCHER = """
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+import daemon, stigmer_pb2 as pb, stigmer_pb2_grpc as pb_grpc
+endpoint, token, execution_id, last = sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
+channel = daemon.client_channel(endpoint)
+arrivals = []  # (seq, perf_counter) of every 1000th event and the last text event
+for event in pb_grpc.DaemonStub(channel).Watch(pb.WatchRequest(execution_id=execution_id, follow=True),
+                                                metadata=daemon.auth_metadata(token), timeout=600):
+    if event.seq == 1:
+        print("ready", flush=True)
+    if event.seq % 1000 == 0 or event.seq == last:
+        arrivals.append((event.seq, time.perf_counter()))
+print(json.dumps(arrivals), flush=True)
+"""
+
+
+@bench
+def bench_events():
+    """One runner streams TextDelta events through Connect into SQLite while one watcher (a
+    separate process, as the CLI is) follows; against a bare grpcio bidi stream, in this
+    process, sending the same events one message each with no storage. The same run without
+    the watcher shows what serving the watcher costs the writer."""
+    import os
+    import queue
+    import subprocess
+    import tempfile
+    from concurrent import futures
+
+    import grpc
+
+    import daemon
+    import stigmer_pb2 as pb
+    import stigmer_pb2_grpc as pb_grpc
+
+    total, batch_size, bare_total = 200_000, 2000, 50_000  # events; per EventBatch; for the baseline
+    body = "x" * 180  # about 200 bytes per serialized Event
+    here = os.path.dirname(os.path.abspath(__file__))
+
+    def persist(with_watcher):
+        """Stream `total` events into a fresh daemon; (events/s, watcher events behind, ms behind)."""
+        with tempfile.TemporaryDirectory() as home:
+            server = daemon.serve(home, "127.0.0.1:0", runner_grace=60)
+            channel = daemon.client_channel(server.endpoint)
+            stub, md = pb_grpc.DaemonStub(channel), daemon.auth_metadata(server.token)
+            ex = stub.Submit(pb.SubmitRequest(spec=pb.ExecutionSpec(prompt="bench", workspace=home)),
+                             metadata=md, timeout=30)
+            last = total + 2  # seq 1 and 2 are the daemon's PENDING and RUNNING
+            events = [pb.Event(execution_id=ex.id, seq=seq, time=1.0, text=pb.TextDelta(text=body))
+                      for seq in range(3, last + 1)]
+            batches = [pb.RunnerMessage(events=pb.EventBatch(events=events[i:i + batch_size]))
+                       for i in range(0, total, batch_size)]
+            if with_watcher:
+                watcher = subprocess.Popen([sys.executable, "-c", EVENTS_WATCHER, here, server.endpoint,
+                                            server.token, ex.id, str(last)], stdout=subprocess.PIPE, text=True)
+                assert watcher.stdout.readline().strip() == "ready"
+            outbox = queue.Queue()
+            outbox.put(pb.RunnerMessage(hello=pb.Hello(runner_id="bench", capacity=1, mode="local")))
+            responses = stub.Connect(iter(outbox.get, None), metadata=md, timeout=600)
+            assert next(responses).assign.execution.id == ex.id
+            start = time.perf_counter()
+            for message in batches:
+                outbox.put(message)
+            for message in responses:
+                if message.ack.seq == last:
+                    break
+            stored = time.perf_counter()
+            outbox.put(pb.RunnerMessage(events=pb.EventBatch(events=[pb.Event(
+                execution_id=ex.id, seq=last + 1, phase=pb.PhaseChange(phase=pb.COMPLETED))])))
+            arrivals = json.loads(watcher.communicate(timeout=600)[0]) if with_watcher else [(last, stored)]
+            outbox.put(None)
+            channel.close()
+            server.stop(0)
+        seen_by_then = max((seq for seq, at in arrivals if at <= stored), default=0)
+        return total / (stored - start), last - seen_by_then, max(0.0, dict(arrivals)[last] - stored), events
+
+    alone, _, _, _ = persist(with_watcher=False)
+    watched, behind, behind_s, events = persist(with_watcher=True)
+
+    def bare_stream(request_iterator, context):
+        yield pb.Ack(seq=sum(1 for _ in request_iterator))
+
+    bare = grpc.server(futures.ThreadPoolExecutor(4), options=daemon.SERVER_OPTIONS)
+    bare.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("bench.Bare", {
+        "Stream": grpc.stream_stream_rpc_method_handler(
+            bare_stream, request_deserializer=pb.Event.FromString, response_serializer=pb.Ack.SerializeToString)})])
+    port = bare.add_insecure_port("127.0.0.1:0")
+    bare.start()
+    with daemon.client_channel(f"127.0.0.1:{port}") as bare_channel:
+        call = bare_channel.stream_stream("/bench.Bare/Stream", request_serializer=pb.Event.SerializeToString,
+                                          response_deserializer=pb.Ack.FromString)
+        bare_start = time.perf_counter()
+        (ack,) = list(call(iter(events[:bare_total]), timeout=600))
+        bare_rate = ack.seq / (time.perf_counter() - bare_start)
+    bare.stop(0)
+    return {
+        "events": total,
+        "event_bytes": events[0].ByteSize(),
+        "batch_size": batch_size,
+        "persisted_per_s": round(watched),
+        "persisted_per_s_without_watcher": round(alone),
+        "watcher_behind_when_last_stored_events": behind,
+        "watcher_behind_when_last_stored_ms": round(behind_s * 1000, 1),
+        "bare_stream_per_s": round(bare_rate),
+        "ratio_vs_bare": round(watched / bare_rate, 2),
+    }
 
 # ---- loop (issue: runner.py) ----
-# LOOP-BENCH-PLACEHOLDER
+@bench
+def bench_loop(turns=50, list_runs=15):
+    """A 50-turn scripted run through CLI, daemon, worker, fake model and sandbox, per turn, against
+    a bare loop (the SDK on the same fake server plus subprocess.run); and `runner.py list` start time."""
+    import os
+    import subprocess
+    import tempfile
+
+    import anthropic
+
+    import agent
+    import daemon
+    from testsupport import FAKE_KEY, FakeAnthropic, free_port, text_step, tool_step
+
+    script = [tool_step(("execute", {"command": f"echo turn {i}"})) for i in range(turns - 1)] + [text_step("done")]
+
+    def per_turn_ms(fake):
+        return (fake.times[-1] - fake.times[0]) / (len(fake.times) - 1) * 1000
+
+    # The bare loop: no daemon, no worker, no sandbox, no events. It sends the same tools and system
+    # prompt as the agent, so the ratio measures the runner's machinery, not the request's size.
+    system = agent.SYSTEM_PROMPT.format(workspace="/tmp", os="Linux", date="today")
+    with FakeAnthropic(script) as fake:
+        client = anthropic.Anthropic(api_key=FAKE_KEY, base_url=fake.url)
+        messages = [{"role": "user", "content": "go"}]
+        while True:
+            with client.messages.stream(model="m", max_tokens=agent.MAX_OUTPUT_TOKENS, messages=messages,
+                                        system=system, tools=agent.TOOLS) as stream:
+                message = stream.get_final_message()
+            if message.stop_reason != "tool_use":
+                break
+            messages.append({"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in message.content]})
+            results = []
+            for block in message.content:
+                if block.type == "tool_use":
+                    done = subprocess.run(block.input["command"], shell=True, capture_output=True, text=True)
+                    results.append({"type": "tool_result", "tool_use_id": block.id, "content": done.stdout})
+            messages.append({"role": "user", "content": results})
+        bare = per_turn_ms(fake)
+
+    with tempfile.TemporaryDirectory() as tmp, FakeAnthropic(script) as fake:
+        env = dict(os.environ, STIGMER_HOME=os.path.join(tmp, "home"), SANDBOX_ROOT_DIR=tmp,
+                   STIGMER_BACKEND_ENDPOINT=f"127.0.0.1:{free_port()}", ANTHROPIC_API_KEY=FAKE_KEY,
+                   ANTHROPIC_BASE_URL=fake.url, STIGMER_MODEL="m")
+        runner_py = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runner.py")
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, runner_py, "--json", "go"], env=env, capture_output=True, text=True)
+        wall = time.perf_counter() - start
+        if done.returncode != 0 or len(fake.times) != turns:
+            raise RuntimeError(f"the scripted run failed ({done.returncode}): {done.stderr[-500:]}")
+        full = per_turn_ms(fake)
+
+        served = daemon.serve(env["STIGMER_HOME"], env["STIGMER_BACKEND_ENDPOINT"])
+        try:
+            starts = []
+            for _ in range(list_runs):
+                t0 = time.perf_counter()
+                subprocess.run([sys.executable, runner_py, "list"], env=env, capture_output=True, check=True)
+                starts.append(time.perf_counter() - t0)
+            python_alone = statistics.median(
+                [_timed(lambda: subprocess.run([sys.executable, "-c", "pass"], check=True)) for _ in range(list_runs)])
+        finally:
+            served.stop()
+    return {"turns": turns, "bare_loop_ms_per_turn": round(bare, 2), "full_path_ms_per_turn": round(full, 2),
+            "ratio": f"{full / bare:.2f}x (target <= 1.5x)",
+            "full_run_wall_s (incl. process start and SDK import)": round(wall, 2),
+            "list_start_s": f"{statistics.median(starts):.3f} (target < 0.3; bare python start {python_alone:.3f})"}
+
+
+def _timed(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def main(argv=None):

@@ -1,0 +1,637 @@
+"""Where the agent's tools run: shell commands and file tools confined to one directory.
+
+    from sandbox import FilesystemSandbox, SandboxError, kill_all
+
+    box = FilesystemSandbox("/tmp/work", env={"ANTHROPIC_API_KEY": None}, timeout=60)
+    r = box.execute("python -m pytest -q", timeout=300)
+    print(r.exit_code, r.timed_out, r.truncated, f"{r.duration:.1f}s")
+    print(r.output)                          # stdout, then stderr, for the model
+    box.write("notes/todo.md", "- fix the test\\n")
+    box.edit("notes/todo.md", "fix", "write", replace_all=False)   # -> 1 replacement
+    print(box.read("notes/todo.md", offset=0, limit=50))
+    print(box.ls("."), box.glob("**/*.py"), box.grep("def main", glob="*.py"))
+    try:
+        box.read("../../etc/passwd")
+    except SandboxError as e:
+        print(e)                             # "../../etc/passwd is outside the workspace ..."
+    kill_all()                               # at shutdown: SIGKILL every command still running
+
+The shell is NOT confined: execute() is plain host execution in the workspace
+directory. Only the file tools (ls, read, write, edit, glob, grep) are confined to the
+root, symlinks included. Each execute() is independent: no shell state carries over.
+
+Standard library only, so this file can be copied alone into another project.
+"""
+import dataclasses
+import errno
+import fcntl
+import math
+import os
+import re
+import select
+import shutil
+import signal
+import stat
+import subprocess
+import threading
+import time
+
+KILL_GRACE = 2.0        # seconds between SIGTERM and SIGKILL on timeout or cancel
+EOF_GRACE = 2.0         # seconds to wait for EOF once the shell has exited (background children)
+CANCEL_POLL = 0.05      # seconds between checks of the cancel event while a command runs
+READ_CHUNK = 1 << 20    # bytes per os.read from a command's pipes
+PIPE_SIZE = 1 << 20     # kernel pipe buffer requested once a command fills the default one
+MAX_READ_BYTES = 10 * 1024 * 1024  # read() and edit() refuse larger files
+BINARY_SNIFF = 8192     # a NUL byte in this many leading bytes means "binary"
+SEARCH_TIMEOUT = 30.0   # seconds a glob() or grep() may run; then it returns what it found
+USE_RG = True           # grep uses ripgrep when it is on PATH; False forces the Python search
+SKIP_DIRS = {".git"}    # glob and grep never descend into these (hidden files are searched)
+NON_INTERACTIVE = {"GIT_TERMINAL_PROMPT": "0", "PAGER": "cat", "GIT_PAGER": "cat"}
+
+_LIVE = set()           # process-group ids of commands running now, in any sandbox
+_LIVE_LOCK = threading.Lock()
+
+
+@dataclasses.dataclass(frozen=True)
+class ExecutionResult:
+    """What a command did. exit_code is 124 on timeout, 130 on cancel, 128+N on signal N."""
+    exit_code: int
+    stdout: str
+    stderr: str
+    timed_out: bool
+    truncated: bool
+    duration: float
+    cancelled: bool = False
+
+    @property
+    def output(self) -> str:
+        """stdout followed by stderr, as the model should see them."""
+        if self.stdout and self.stderr and not self.stdout.endswith("\n"):
+            return self.stdout + "\n" + self.stderr
+        return self.stdout + self.stderr
+
+
+class SandboxError(Exception):
+    """A refused or invalid request; the message says what to do instead."""
+
+
+def kill_all() -> int:
+    """SIGKILL every process group started by any sandbox that is still running."""
+    with _LIVE_LOCK:  # held while signalling, so no group is reaped (and its id reused) meanwhile
+        for pgid in _LIVE:
+            _signal_group(pgid, signal.SIGKILL)
+        return len(_LIVE)
+
+
+def _signal_group(pgid, sig):
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+class _Capture:
+    """Keeps the first and last bytes of a stream, counting what falls in between."""
+
+    def __init__(self, limit):
+        self.head_limit = limit // 2
+        self.tail_limit = limit - self.head_limit
+        self.head = bytearray()
+        self.tail = bytearray()
+        self.total = 0
+
+    def add(self, data):
+        self.total += len(data)
+        room = self.head_limit - len(self.head)
+        if room > 0:
+            self.head += data[:room]
+            data = data[room:]
+        if data:
+            self.tail += data
+            if len(self.tail) > 2 * self.tail_limit + READ_CHUNK:  # trim now and then, not per chunk
+                del self.tail[: len(self.tail) - self.tail_limit]
+
+    def result(self):
+        """(text, truncated): head, a marker saying how much was dropped, then tail."""
+        tail = self.tail[len(self.tail) - self.tail_limit:] if self.tail_limit else b""
+        omitted = self.total - len(self.head) - len(tail)
+        text = self.head.decode("utf-8", errors="replace")
+        if omitted:
+            text += f"\n… {omitted} bytes omitted …\n"
+        return text + tail.decode("utf-8", errors="replace"), omitted > 0
+
+
+class FilesystemSandbox:
+    """Runs commands and file tools in root_dir on this host."""
+
+    def __init__(self, root_dir, *, env=None, timeout=120.0, max_output_bytes=1_000_000):
+        os.makedirs(root_dir, exist_ok=True)
+        self.root = os.path.realpath(root_dir)
+        self.env = _check_env(env)
+        self.timeout = _check_timeout(timeout)
+        if isinstance(max_output_bytes, bool) or not isinstance(max_output_bytes, int) \
+                or max_output_bytes < 1:
+            raise SandboxError(f"max_output_bytes must be a positive integer, not {max_output_bytes!r}")
+        self.max_output_bytes = max_output_bytes
+
+    def __repr__(self):
+        return f"FilesystemSandbox({self.root!r})"
+
+    # ---- shell ----
+
+    def execute(self, command, timeout=None, env=None, *, cancel=None) -> ExecutionResult:
+        """Run command with the shell in the root; never raises because the command failed."""
+        if not isinstance(command, str) or not command.strip():
+            raise SandboxError("command must be a non-empty string")
+        if "\0" in command:
+            raise SandboxError("command must not contain a NUL byte")
+        timeout = self.timeout if timeout is None else _check_timeout(timeout)
+        environment = self._environment(_check_env(env))
+        start = time.monotonic()
+        if cancel is not None and cancel.is_set():
+            return ExecutionResult(130, "", "cancelled before it started\n", False, False, 0.0, True)
+        out_r, out_w = os.pipe()  # our own pipes: cheaper than Popen's file objects
+        err_r, err_w = os.pipe()
+        try:
+            proc = subprocess.Popen(command, shell=True, cwd=self.root, env=environment,
+                                    stdin=subprocess.DEVNULL, stdout=out_w, stderr=err_w,
+                                    start_new_session=True)
+        except OSError as e:  # e.g. the workspace was deleted, or no file descriptors left
+            for fd in (out_r, out_w, err_r, err_w):
+                os.close(fd)
+            return ExecutionResult(127, "", f"could not start the command: {e}\n",
+                                   False, False, time.monotonic() - start)
+        os.close(out_w)
+        os.close(err_w)
+        pid = proc.pid  # start_new_session: also the id of the command's process group
+        with _LIVE_LOCK:
+            _LIVE.add(pid)
+        out, err = _Capture(self.max_output_bytes), _Capture(self.max_output_bytes)
+        try:
+            outcome = _pump(pid, {out_r: out, err_r: err}, start + timeout, cancel)
+        finally:
+            # The shell is exited but not yet reaped, so its pid (the group id) cannot have
+            # been reused: this SIGKILL reaches only what this command started.
+            with _LIVE_LOCK:
+                _signal_group(pid, signal.SIGKILL)
+                _LIVE.discard(pid)
+            os.close(out_r)
+            os.close(err_r)
+            proc.wait()
+        stdout, out_cut = out.result()
+        stderr, err_cut = err.result()
+        code = proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
+        note = {"timed_out": f"timed out after {timeout:g} s; its process group was killed",
+                "cancelled": "cancelled; its process group was killed",
+                "lingering": f"background processes still held the output {EOF_GRACE:g} s after "
+                             "the shell exited, so they were killed"}.get(outcome)
+        if note:
+            stderr += ("\n" if stderr and not stderr.endswith("\n") else "") + f"[{note}]\n"
+        code = {"timed_out": 124, "cancelled": 130}.get(outcome, code)
+        return ExecutionResult(code, stdout, stderr, outcome == "timed_out", out_cut or err_cut,
+                               time.monotonic() - start, outcome == "cancelled")
+
+    def _environment(self, env):
+        # Bytes throughout: copying os.environ's raw dict is ~40x cheaper than dict(os.environ).
+        merged = dict(getattr(os.environb, "_data", None) or os.environb)
+        for layer in (NON_INTERACTIVE, self.env, env):
+            for name, value in layer.items():
+                if value is None:
+                    merged.pop(os.fsencode(name), None)
+                else:
+                    merged[os.fsencode(name)] = os.fsencode(value)
+        return merged
+
+    # ---- file tools ----
+
+    def ls(self, path=".") -> list:
+        """Sorted names in a directory, directories with a trailing '/'."""
+        full = self._resolve(path)
+        if not os.path.isdir(full):
+            raise SandboxError(f"{path} is not a directory" if os.path.exists(full)
+                               else f"{path} does not exist")
+        with os.scandir(full) as it:
+            return sorted(e.name + "/" if _is_dir(e) else e.name for e in it)
+
+    def read(self, path, offset=0, limit=None) -> str:
+        """Lines [offset, offset+limit) of a text file, line endings kept."""
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise SandboxError(f"offset must be a non-negative integer, not {offset!r}")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+            raise SandboxError(f"limit must be a non-negative integer or None, not {limit!r}")
+        text = self._read_text(path, "replace")
+        lines = text.split("\n")
+        lines = [line + "\n" for line in lines[:-1]] + ([lines[-1]] if lines[-1] else [])
+        end = None if limit is None else offset + limit
+        return "".join(lines[offset:end])
+
+    def write(self, path, content) -> None:
+        """Write UTF-8 text atomically, creating parent directories and keeping permissions."""
+        if not isinstance(content, str):
+            raise SandboxError(f"content must be a string, not {type(content).__name__}")
+        full = self._resolve(path)
+        if os.path.isdir(full):
+            raise SandboxError(f"{path} is a directory")
+        _atomic_write(full, content.encode("utf-8", errors="surrogateescape"))
+
+    def edit(self, path, old, new, replace_all=False) -> int:
+        """Replace old with new in a file; returns the number of replacements."""
+        if not isinstance(old, str) or not isinstance(new, str):
+            raise SandboxError("old and new must be strings")
+        if not old:
+            raise SandboxError("old must not be empty: to create or overwrite a file use write")
+        if old == new:
+            raise SandboxError("old and new are the same, so there is nothing to change")
+        text = self._read_text(path, "surrogateescape")  # undecodable bytes survive the round trip
+        if "\r\n" not in old and _first_line_ending(text) == "\r\n":
+            crlf_old, crlf_new = _to_crlf(old), _to_crlf(new)
+            if crlf_old in text:
+                old, new = crlf_old, crlf_new
+        count = text.count(old)
+        if count == 0:
+            raise SandboxError(f"old text not found in {path}{_near_miss_hint(text, old)}")
+        if count > 1 and not replace_all:
+            raise SandboxError(f"old text occurs {count} times in {path}: include more surrounding "
+                               "lines to make it unique, or pass replace_all=True")
+        text = text.replace(old, new) if replace_all else text.replace(old, new, 1)
+        _atomic_write(self._resolve(path), text.encode("utf-8", errors="surrogateescape"))
+        return count if replace_all else 1
+
+    def glob(self, pattern, path=".") -> list:
+        """Paths under path matching pattern ('**' spans directories), relative to the root, sorted.
+
+        Hidden files match; .git directories and symlinked directories are not entered;
+        symlinks that resolve outside the root are left out.
+        """
+        if not isinstance(pattern, str) or not pattern:
+            raise SandboxError("pattern must be a non-empty string such as '**/*.py'")
+        if pattern.startswith("/") or ".." in pattern.split("/"):
+            raise SandboxError(f"pattern {pattern!r} must be relative: pass the directory as path")
+        base = self._resolve(path)
+        if not os.path.isdir(base):
+            raise SandboxError(f"{path} is not a directory")
+        regex = _glob_regex(pattern)
+        found = []
+        for rel, full, _ in _walk(base, time.monotonic() + SEARCH_TIMEOUT, dirs=True):
+            if regex.match(rel) and self._inside(os.path.realpath(full)):
+                found.append(os.path.relpath(full, self.root))
+        return sorted(found)
+
+    def grep(self, pattern, path=".", glob=None, max_count=1000) -> list:
+        """(path, line number, line) for lines containing pattern literally, sorted.
+
+        Searches hidden files but not .git directories, ignores .gitignore, skips binary
+        files (a NUL byte anywhere) and symlinks. At most max_count results; a search
+        running past SEARCH_TIMEOUT seconds returns what it found so far.
+        """
+        if not isinstance(pattern, str) or not pattern:
+            raise SandboxError("pattern must be a non-empty string")
+        if "\n" in pattern or "\0" in pattern:
+            raise SandboxError("pattern must be on one line (grep matches within a line)")
+        if isinstance(max_count, bool) or not isinstance(max_count, int) or max_count < 1:
+            raise SandboxError(f"max_count must be a positive integer, not {max_count!r}")
+        base = self._resolve(path)
+        if not os.path.exists(base):
+            raise SandboxError(f"{path} does not exist")
+        keep = _glob_filter(glob)
+        deadline = time.monotonic() + SEARCH_TIMEOUT
+        rg = shutil.which("rg") if USE_RG else None
+        if rg and os.path.isdir(base):
+            hits = self._grep_rg(rg, pattern, base, glob, keep, max_count, deadline)
+        else:
+            hits = self._grep_python(pattern, base, keep, max_count, deadline)
+        return sorted(hits, key=lambda h: (h[0], h[1]))
+
+    def _grep_python(self, pattern, base, keep, max_count, deadline):
+        needle = pattern.encode("utf-8", errors="surrogateescape")
+        if os.path.isdir(base):
+            files = ((rel, full) for rel, full, _ in _walk(base, deadline, dirs=False))
+        else:
+            files = [(os.path.basename(base), base)]
+        hits = []
+        for rel, full in files:
+            if not keep(rel):
+                continue
+            try:
+                with open(full, "rb") as f:
+                    data = f.read()
+            except OSError:
+                continue  # unreadable: skipped, as rg does
+            if needle not in data or b"\0" in data:
+                continue
+            shown = os.path.relpath(full, self.root)
+            line_no, counted_to, pos = 1, 0, data.find(needle)
+            while pos != -1 and len(hits) < max_count:
+                start = data.rfind(b"\n", 0, pos) + 1
+                end = data.find(b"\n", pos)
+                end = len(data) if end == -1 else end
+                line_no += data.count(b"\n", counted_to, start)
+                counted_to = start
+                hits.append((shown, line_no, _line_text(data[start:end])))
+                pos = data.find(needle, end + 1)
+            if len(hits) >= max_count:
+                break
+        return hits
+
+    def _grep_rg(self, rg, pattern, base, glob, keep, max_count, deadline):
+        rel_base = os.path.relpath(base, self.root)
+        cmd = [rg, "--no-config", "--fixed-strings", "--line-number", "--no-heading",
+               "--with-filename", "--color", "never", "--null", "--no-messages", "--hidden",
+               "--no-ignore", "--sort", "path", "--encoding", "none", "--max-count", str(max_count)]
+        if glob and re.fullmatch(r"[^/\[\]{}\\!^]+", glob):
+            cmd += ["--glob", glob]  # a plain basename pattern: let rg pre-filter; `keep` decides
+        for name in sorted(SKIP_DIRS):
+            cmd += ["--glob", "!" + name]
+        cmd += ["-e", pattern, "--", rel_base + "/"]
+        proc = subprocess.Popen(cmd, cwd=self.root, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        timer = threading.Timer(max(0.0, deadline - time.monotonic()), proc.kill)
+        timer.start()
+        hits = []
+        try:
+            for raw in proc.stdout:
+                name, _, rest = raw.partition(b"\0")
+                number, _, line = rest.partition(b":")
+                shown = os.path.normpath(os.fsdecode(name))
+                if keep(os.path.relpath(shown, rel_base)):
+                    hits.append((shown, int(number), _line_text(line.rstrip(b"\n"))))
+                    if len(hits) >= max_count:
+                        break
+        finally:
+            timer.cancel()
+            proc.kill()
+            proc.stdout.close()
+            proc.wait()
+        return hits
+
+    # ---- paths ----
+
+    def _resolve(self, path):
+        """The real path of path, or SandboxError if it is outside the root."""
+        if isinstance(path, os.PathLike):
+            path = os.fspath(path)
+        if not isinstance(path, str) or not path:
+            raise SandboxError(f"path must be a non-empty string, not {path!r}")
+        if "\0" in path:
+            raise SandboxError("path must not contain a NUL byte")
+        real = os.path.realpath(os.path.join(self.root, path))  # an absolute path replaces root
+        if not self._inside(real):
+            raise SandboxError(f"{path} is outside the workspace {self.root}: "
+                               "use a path relative to it")
+        try:
+            os.stat(real)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise SandboxError(f"{path} is a symlink loop") from None
+        return real
+
+    def _inside(self, real):
+        return real == self.root or real.startswith(self.root.rstrip(os.sep) + os.sep)
+
+    def _read_text(self, path, errors):
+        full = self._resolve(path)
+        try:
+            st = os.stat(full)
+        except FileNotFoundError:
+            raise SandboxError(f"{path} does not exist") from None
+        if stat.S_ISDIR(st.st_mode):
+            raise SandboxError(f"{path} is a directory: use ls or glob to list it")
+        if not stat.S_ISREG(st.st_mode):
+            raise SandboxError(f"{path} is not a regular file")
+        if st.st_size > MAX_READ_BYTES:
+            raise SandboxError(f"{path} is {_size(st.st_size)}, over the {_size(MAX_READ_BYTES)} "
+                               "limit: use execute with head, tail, sed -n or grep")
+        with open(full, "rb") as f:
+            data = f.read()
+        if b"\0" in data[:BINARY_SNIFF]:
+            raise SandboxError(f"{path} looks binary ({_size(len(data))}): "
+                               "inspect it with execute, e.g. `file` or `xxd | head`")
+        return data.decode("utf-8", errors=errors)
+
+
+# ---- helpers ----
+
+def _pump(pid, streams, deadline, cancel):
+    """Read the pipes in streams (fd -> _Capture) until EOF and the shell's exit; returns None,
+    'timed_out', 'cancelled' or 'lingering'. Leaves the shell unreaped, so its group id
+    stays reserved."""
+    poller = select.poll()
+    for fd in streams:
+        poller.register(fd, select.POLLIN)
+    small = set(streams)  # pipes still at the kernel's default size
+    try:
+        pidfd = os.pidfd_open(pid)
+        poller.register(pidfd, select.POLLIN)
+    except (AttributeError, OSError):  # no pidfd (old kernel): check the shell on each wake-up
+        pidfd = None
+    exited, outcome, kill_at, eof_by, give_up_at, backoff = False, None, None, None, None, 1e-4
+    try:
+        while streams or not exited:
+            now = time.monotonic()
+            if outcome is None and cancel is not None and cancel.is_set():
+                outcome = "cancelled"
+            elif outcome is None and now >= deadline:
+                outcome = "timed_out"
+            if outcome in ("cancelled", "timed_out") and kill_at is None and give_up_at is None:
+                _signal_group(pid, signal.SIGTERM)
+                kill_at = now + KILL_GRACE
+            if exited and streams and eof_by is None:
+                eof_by = now + EOF_GRACE
+            if give_up_at is None and ((kill_at and now >= kill_at) or (eof_by and now >= eof_by)):
+                if outcome is None:
+                    outcome = "lingering"
+                _signal_group(pid, signal.SIGKILL)
+                kill_at, eof_by = None, math.inf
+                give_up_at = now + 1.0  # something outside the group may hold the pipes
+            if give_up_at is not None and now >= give_up_at:
+                break
+            wake = min(t for t in (deadline if outcome is None else None, kill_at, eof_by,
+                                   give_up_at, math.inf) if t is not None) - now
+            if cancel is not None and outcome is None:
+                wake = min(wake, CANCEL_POLL)
+            if pidfd is None and not exited:
+                wake = min(wake, 0.05 if streams else backoff)
+                backoff = min(backoff * 2, 0.05)
+            for fd, _ in poller.poll(max(0, math.ceil(wake * 1000))):
+                if fd == pidfd:
+                    exited = True
+                    poller.unregister(pidfd)
+                    continue
+                data = os.read(fd, READ_CHUNK)
+                if data:
+                    streams[fd].add(data)
+                    if fd in small and len(data) >= 65536:  # a chatty command: fewer wake-ups
+                        small.discard(fd)
+                        _grow_pipe(fd)
+                else:
+                    poller.unregister(fd)
+                    del streams[fd]
+            if pidfd is None and not exited:
+                exited = os.waitid(os.P_PID, pid,
+                                   os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+    return outcome
+
+
+def _grow_pipe(fd):
+    try:
+        fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_SIZE)  # Linux only
+    except OSError:
+        pass  # the default buffer works, only with more wake-ups
+
+
+def _check_timeout(timeout):
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
+            or not timeout > 0 or timeout == math.inf:
+        raise SandboxError(f"timeout must be a positive number of seconds, not {timeout!r}")
+    return float(timeout)
+
+
+def _check_env(env):
+    if env is None:
+        return {}
+    if not isinstance(env, dict):
+        raise SandboxError(f"env must be a dict of name -> str or None, not {type(env).__name__}")
+    for name, value in env.items():
+        if not isinstance(name, str) or not name or "=" in name or "\0" in name:
+            raise SandboxError(f"invalid environment variable name {name!r}")
+        if value is not None and (not isinstance(value, str) or "\0" in value):
+            raise SandboxError(f"env[{name!r}] must be a string (or None to remove it)")
+    return dict(env)
+
+
+def _atomic_write(full, data):
+    """Write data to a temporary file beside full, then rename it over full."""
+    directory, name = os.path.split(full)
+    os.makedirs(directory, exist_ok=True)
+    try:
+        mode = os.stat(full).st_mode & 0o7777
+    except FileNotFoundError:
+        mode = None
+    tmp = os.path.join(directory, f".{name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # umask applies to new files
+    try:
+        with open(fd, "wb") as f:
+            if mode is not None:
+                os.fchmod(f.fileno(), mode)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, full)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _first_line_ending(text):
+    i = text.find("\n")
+    return "\r\n" if i > 0 and text[i - 1] == "\r" else "\n"
+
+
+def _to_crlf(s):
+    return s.replace("\r\n", "\n").replace("\n", "\r\n")
+
+
+def _near_miss_hint(text, old):
+    """Say why old almost matched, when only whitespace or a trailing newline differs."""
+    if old.endswith("\n") and old.rstrip("\r\n") in text:
+        return (": it matches without its trailing newline (the file may end there); "
+                "drop the newline from old and new")
+    squash = lambda s: re.sub(r"\s+", " ", s).strip()
+    if squash(old) and squash(old) in squash(text):
+        return (": it matches only if whitespace is ignored, so check indentation, tabs versus "
+                "spaces and trailing spaces; read the file and copy the exact text")
+    return ": read the file and copy the exact text, including indentation"
+
+
+def _size(n):
+    return f"{n} bytes" if n < 1024 else f"{n / 1024:.1f} KiB" if n < 1 << 20 \
+        else f"{n / (1 << 20):.1f} MB"
+
+
+def _line_text(raw):
+    return raw.removesuffix(b"\r").decode("utf-8", errors="replace")
+
+
+def _walk(base, deadline, dirs):
+    """Depth-first (rel, full, is_dir) under base in sorted name order, the order of
+    `rg --sort path`. Skips SKIP_DIRS and does not follow symlinks. Stops at deadline."""
+    try:
+        with os.scandir(base) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except OSError:
+        return
+    for e in entries:
+        if time.monotonic() > deadline:
+            return
+        is_dir = e.is_dir(follow_symlinks=False)
+        if is_dir and e.name in SKIP_DIRS:
+            continue
+        if is_dir:
+            if dirs:
+                yield e.name, e.path, True
+            for rel, full, sub_is_dir in _walk(e.path, deadline, dirs):
+                yield e.name + "/" + rel, full, sub_is_dir
+        elif dirs or e.is_file(follow_symlinks=False):
+            yield e.name, e.path, False
+
+
+def _is_dir(entry):
+    try:
+        return entry.is_dir()
+    except OSError:  # a symlink loop
+        return False
+
+
+def _glob_regex(pattern):
+    """Compile a glob: '*' and '?' stay within one path segment, '**' spans segments."""
+    parts = pattern.split("/")
+    out = []
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if part == "**":
+            out.append(".*" if last else "(?:.*/)?")
+        else:
+            out.append(_segment_regex(part) + ("" if last else "/"))
+    return re.compile("".join(out) + r"\Z", re.DOTALL)
+
+
+def _segment_regex(part):
+    out, i = [], 0
+    while i < len(part):
+        c = part[i]
+        if c == "*":
+            out.append("[^/]*")
+            while i + 1 < len(part) and part[i + 1] == "*":
+                i += 1
+        elif c == "?":
+            out.append("[^/]")
+        elif c == "[" and part.find("]", i + 2) != -1:
+            j = part.find("]", i + 2)  # a ']' right after '[' is a member, as in fnmatch
+            body = part[i + 1:j]
+            negate = body[:1] in ("!", "^")
+            body = body[1:] if negate else body
+            out.append("[" + ("^" if negate else "") + body.replace("\\", "\\\\") + "]")
+            i = j
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return "".join(out)
+
+
+def _glob_filter(glob):
+    """grep's file filter: a glob without '/' matches the file name, else the path under path."""
+    if glob is None:
+        return lambda rel: True
+    if not isinstance(glob, str) or not glob:
+        raise SandboxError("glob must be a non-empty pattern such as '*.py', or None")
+    if "/" not in glob:
+        name = re.compile(_segment_regex(glob) + r"\Z", re.DOTALL)
+        return lambda rel: name.match(rel.rsplit("/", 1)[-1]) is not None
+    regex = _glob_regex(glob)
+    return lambda rel: regex.match(rel) is not None
