@@ -1,0 +1,820 @@
+"""The Stigmer Daemon: the execution queue, the durable SQLite event log, Watch fan-out,
+token auth and runner sessions, behind the gRPC service in stigmer.proto.
+
+    python daemon.py                              # listen on $STIGMER_BACKEND_ENDPOINT (localhost:50051)
+    python daemon.py --endpoint 127.0.0.1:50052   # another port
+    STIGMER_HOME=/tmp/st python daemon.py         # keep stigmer.db and daemon.token elsewhere
+
+Usually started for you by `python runner.py start` or `python runner.py daemon`.
+
+Threads: the gRPC server runs one pool thread per active RPC, so every open Watch and
+Connect stream holds one (a Connect stream also has a reader thread of its own). Writes
+to SQLite go through one connection under the daemon lock; each Watch reads the log
+through its own connection, so a stalled watcher only ever blocks its own thread.
+"""
+import argparse
+import errno
+import hmac
+import ipaddress
+import os
+import queue
+import signal
+import socket
+import sqlite3
+import sys
+import threading
+import time
+import traceback
+from concurrent import futures
+
+import grpc
+
+import stigmer_pb2 as pb
+import stigmer_pb2_grpc as pb_grpc
+
+VERSION = "0.1.0"
+DEFAULT_ENDPOINT = "localhost:50051"
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # largest gRPC message either way; bigger gets RESOURCE_EXHAUSTED
+RPC_THREADS = 128  # pool threads: one per active RPC (each open Watch or Connect holds one)
+MAX_CONCURRENT_RPCS = RPC_THREADS  # beyond this new RPCs fail fast with RESOURCE_EXHAUSTED instead of queuing behind streams
+LIST_DEFAULT, LIST_MAX = 50, 1000  # List's page size when the request says 0, and its cap
+WATCH_PAGE = 1000  # events read from SQLite per query by a watcher
+TOKEN_FILE, DB_FILE = "daemon.token", "stigmer.db"  # inside $STIGMER_HOME
+AUTH_MESSAGE = "missing or wrong daemon token; clients read it from $STIGMER_HOME/daemon.token"
+
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.so_reuseport", 0),  # otherwise a second daemon could bind the same port silently
+]
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+]
+TERMINAL = (pb.COMPLETED, pb.FAILED, pb.CANCELLED)
+RUNNER_PHASES = TERMINAL + (pb.RUNNING,)  # a runner may report RUNNING (with turns) and the terminal phases
+Code = grpc.StatusCode
+
+# The schema, as a list of migrations; PRAGMA user_version counts those applied. Append only.
+MIGRATIONS = [
+    """
+    CREATE TABLE executions (
+        id TEXT PRIMARY KEY, created_at REAL NOT NULL, phase INTEGER NOT NULL,
+        spec BLOB NOT NULL,                                  -- serialized ExecutionSpec
+        started_at REAL NOT NULL DEFAULT 0, finished_at REAL NOT NULL DEFAULT 0,
+        runner_id TEXT NOT NULL DEFAULT '', usage BLOB NOT NULL DEFAULT x'',  -- serialized Usage
+        final_text TEXT NOT NULL DEFAULT '', error TEXT NOT NULL DEFAULT '',
+        last_seq INTEGER NOT NULL DEFAULT 0, turns INTEGER NOT NULL DEFAULT 0);
+    CREATE INDEX executions_by_created ON executions (created_at);
+    CREATE INDEX executions_by_phase ON executions (phase, created_at);
+    CREATE TABLE events (
+        execution_id TEXT NOT NULL, seq INTEGER NOT NULL, time REAL NOT NULL,
+        kind TEXT NOT NULL,       -- phase, text, tool_call, tool_result, usage, error
+        payload BLOB NOT NULL,    -- serialized Event
+        PRIMARY KEY (execution_id, seq)) WITHOUT ROWID;
+    """,
+]
+EXECUTION_COLUMNS = ("id, created_at, phase, spec, started_at, finished_at, runner_id, usage, "
+                     "final_text, error, last_seq, turns")
+
+
+class DaemonError(Exception):
+    """A problem a person must fix before the daemon can run; the message says how."""
+
+
+def default_home():
+    """$STIGMER_HOME, else ~/.stigmer."""
+    return os.environ.get("STIGMER_HOME") or os.path.expanduser("~/.stigmer")
+
+
+def read_token(home):
+    """The running daemon's token from HOME/daemon.token."""
+    path = os.path.join(home, TOKEN_FILE)
+    try:
+        with open(path) as f:
+            token = f.read().strip()
+    except FileNotFoundError:
+        token = ""
+    if not token:
+        raise DaemonError(f"no daemon token at {path}: is the daemon running? "
+                          "start it with `python runner.py start`")
+    return token
+
+
+def auth_metadata(token):
+    """The metadata every RPC must carry."""
+    return (("authorization", f"Bearer {token}"),)
+
+
+def client_channel(endpoint):
+    """An insecure channel to the daemon with the daemon's message size limits."""
+    return grpc.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
+
+
+# ---- the store ----
+
+def open_db(path):
+    """Open (creating or migrating) the SQLite store for writing."""
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA busy_timeout = 5000")
+    db.execute("PRAGMA journal_mode = WAL")
+    db.execute("PRAGMA synchronous = NORMAL")
+    db.execute("PRAGMA cache_size = -32768")  # 32 MiB of page cache for the writer
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    if version > len(MIGRATIONS):
+        db.close()
+        raise DaemonError(f"{path} has schema version {version}, newer than this daemon "
+                          f"({len(MIGRATIONS)}): upgrade stigmer")
+    for number in range(version, len(MIGRATIONS)):
+        db.executescript(f"BEGIN; {MIGRATIONS[number]}; PRAGMA user_version = {number + 1}; COMMIT;")
+    return db
+
+
+def _execution_row(ex):
+    return (ex.id, ex.created_at, ex.phase, ex.spec.SerializeToString(), ex.started_at,
+            ex.finished_at, ex.runner_id, ex.usage.SerializeToString(), ex.final_text,
+            ex.error, ex.last_seq, ex.turns)
+
+
+def _execution_from_row(row):
+    (id_, created, phase, spec, started, finished, runner_id, usage, final_text, error,
+     last_seq, turns) = row
+    return pb.Execution(id=id_, created_at=created, phase=phase, spec=pb.ExecutionSpec.FromString(spec),
+                        started_at=started, finished_at=finished, runner_id=runner_id,
+                        usage=pb.Usage.FromString(usage), final_text=final_text, error=error,
+                        last_seq=last_seq, turns=turns)
+
+
+def _event_row(event):
+    return (event.execution_id, event.seq, event.time, event.WhichOneof("payload"),
+            event.SerializeToString())
+
+
+def _copy(ex):
+    new = pb.Execution()
+    new.CopyFrom(ex)
+    return new
+
+
+def _finish(ex, change):
+    """Apply a terminal PhaseChange to an execution."""
+    ex.phase = change.phase
+    ex.finished_at = time.time()
+    ex.error = change.reason
+    ex.final_text = change.final_text
+    if change.turns:
+        ex.turns = change.turns
+
+
+def _spec_problem(spec):
+    """Why a spec cannot run, or None."""
+    if not spec.prompt.strip():
+        return "spec.prompt is empty: say what the agent should do"
+    if not spec.workspace:
+        return "spec.workspace is missing: give the absolute path of the workspace directory"
+    if not os.path.isabs(spec.workspace):
+        return f"spec.workspace {spec.workspace!r} is relative: give an absolute path"
+    if not os.path.isdir(spec.workspace):
+        return f"spec.workspace {spec.workspace} is not an existing directory"
+    if spec.max_turns < 0 or spec.max_tokens_total < 0:
+        return "spec.max_turns and spec.max_tokens_total must not be negative"
+    return None
+
+
+def _reject(execution_id, code, message, ack_seq):
+    return pb.DaemonMessage(reject=pb.Reject(execution_id=execution_id, code=code.value[0],
+                                             message=message, ack_seq=ack_seq))
+
+
+def _ack(execution_id, seq):
+    return pb.DaemonMessage(ack=pb.Ack(execution_id=execution_id, seq=seq))
+
+
+def _cancel_message(execution_id):
+    return pb.DaemonMessage(cancel=pb.CancelExecution(execution_id=execution_id))
+
+
+class Session:
+    """One runner's Connect stream: what it holds and the queue of messages to send it."""
+
+    def __init__(self, hello):
+        self.runner_id, self.capacity, self.mode = hello.runner_id, hello.capacity, hello.mode
+        self.executions = set()  # ids of the RUNNING executions it holds
+        self.outbox = queue.Queue()  # DaemonMessages, then None to end the stream
+        self.last_seen = time.monotonic()
+        self.closed = False
+        self.error = None  # (StatusCode, message) when the daemon ends the stream over a problem
+
+    def free_slots(self):
+        return max(0, self.capacity - len(self.executions))
+
+    def send(self, message):
+        self.outbox.put(message)
+
+
+class Daemon(pb_grpc.DaemonServicer):
+    """The service. All state sits behind self._lock; watchers wait on per-execution conditions."""
+
+    def __init__(self, db, db_path, runner_grace, cancel_grace):
+        self._db, self._db_path = db, db_path
+        self._runner_grace, self._cancel_grace = runner_grace, cancel_grace
+        self._lock = threading.Lock()
+        self._active = {}  # id -> Execution, for PENDING and RUNNING; replaced, never mutated
+        self._pending = {}  # ids of PENDING executions, oldest first (a dict keeps order)
+        self._sessions = {}  # runner_id -> Session
+        self._owner = {}  # execution id -> the Session holding it
+        self._conds = {}  # execution id -> Condition(self._lock) that watchers wait on
+        self._timers = {}  # ("lost" | "cancel", execution id) -> threading.Timer
+        self._stopping = False
+        self._started = time.time()
+        rows = db.execute(f"SELECT {EXECUTION_COLUMNS} FROM executions WHERE phase IN (?, ?) "
+                          "ORDER BY created_at, id", (pb.PENDING, pb.RUNNING)).fetchall()
+        for ex in map(_execution_from_row, rows):
+            self._active[ex.id] = ex
+            if ex.phase == pb.PENDING:
+                self._pending[ex.id] = None
+            else:  # its runner has `runner_grace` from now to reconnect and claim it
+                self._schedule(("lost", ex.id), runner_grace, self._runner_lost)
+
+    # ---- unary RPCs ----
+
+    def Submit(self, request, context):
+        problem = _spec_problem(request.spec)
+        if problem:
+            context.abort(Code.INVALID_ARGUMENT, problem)
+        with self._lock:
+            self._check_open(context)
+            ex = pb.Execution(id=self._new_id(), spec=request.spec, phase=pb.PENDING,
+                              created_at=time.time())
+            self._store(self._author(ex, phase=pb.PhaseChange(phase=pb.PENDING)), [ex])
+            self._pending[ex.id] = None
+            self._dispatch()
+            return self._active.get(ex.id, ex)
+
+    def Get(self, request, context):
+        with self._lock:
+            self._check_open(context)
+            return self._find(request.execution_id, context)
+
+    def List(self, request, context):
+        if request.limit < 0 or request.phase not in pb.Phase.values():
+            context.abort(Code.INVALID_ARGUMENT, "limit must not be negative and phase must be a known Phase")
+        limit = min(request.limit or LIST_DEFAULT, LIST_MAX)
+        where, args = ("WHERE phase = ?", (request.phase,)) if request.phase else ("", ())
+        with self._lock:
+            self._check_open(context)
+            rows = self._db.execute(f"SELECT {EXECUTION_COLUMNS} FROM executions {where} "
+                                    "ORDER BY created_at DESC, id DESC LIMIT ?", args + (limit,)).fetchall()
+        return pb.ListResponse(executions=map(_execution_from_row, rows))
+
+    def Cancel(self, request, context):
+        with self._lock:
+            self._check_open(context)
+            ex = self._find(request.execution_id, context)
+            if ex.phase == pb.PENDING:
+                ex = _copy(ex)
+                change = pb.PhaseChange(phase=pb.CANCELLED, reason="cancelled before it started")
+                rows = self._author(ex, phase=change)
+                _finish(ex, change)
+                self._store(rows, [ex])
+            elif ex.phase == pb.RUNNING and ("cancel", ex.id) not in self._timers:
+                # The runner confirms with a CANCELLED event; if it does not in time, we write it.
+                self._schedule(("cancel", ex.id), self._cancel_grace, self._cancel_expired)
+                if ex.id in self._owner:
+                    self._owner[ex.id].send(_cancel_message(ex.id))
+            return ex
+
+    def Status(self, request, context):
+        with self._lock:
+            self._check_open(context)
+            counts = self._db.execute("SELECT phase, COUNT(*) FROM executions GROUP BY phase").fetchall()
+            return pb.DaemonStatus(
+                version=VERSION, pid=os.getpid(), uptime_seconds=time.time() - self._started,
+                connected_runners=len(self._sessions), queue_depth=len(self._pending),
+                executions_by_phase={pb.Phase.Name(phase): n for phase, n in counts},
+                free_capacity=sum(s.free_slots() for s in self._sessions.values()))
+
+    # ---- Watch ----
+
+    def Watch(self, request, context):
+        with self._lock:
+            self._check_open(context)
+            self._find(request.execution_id, context)
+        return self._watch(request.execution_id, request.after_seq, request.follow, context)
+
+    def _watch(self, execution_id, after, follow, context):
+        """Yield stored events after `after` page by page; with follow, wait for more until the terminal one."""
+        db = sqlite3.connect(self._db_path, check_same_thread=False)
+        db.execute("PRAGMA busy_timeout = 5000")
+        try:
+            finished = False
+            while context.is_active():
+                rows = db.execute("SELECT payload FROM events WHERE execution_id = ? AND seq > ? "
+                                  "ORDER BY seq LIMIT ?", (execution_id, after, WATCH_PAGE)).fetchall()
+                for (payload,) in rows:
+                    event = pb.Event.FromString(payload)
+                    yield event
+                    after = event.seq
+                    if event.WhichOneof("payload") == "phase" and event.phase.phase in TERMINAL:
+                        return
+                if len(rows) == WATCH_PAGE:
+                    continue
+                if not follow or finished:
+                    return
+                finished = self._wait_for_events(execution_id, after, context)
+                if finished is None:
+                    return
+        finally:
+            db.close()
+
+    def _wait_for_events(self, execution_id, after, context):
+        """Block until the execution has events past `after` (False) or has finished (True);
+        None when the watch should end (client gone, daemon stopping)."""
+        while context.is_active():  # checked outside our lock: grpc takes its own locks
+            with self._lock:
+                if self._stopping:
+                    return None
+                ex = self._active.get(execution_id)
+                if ex is None or ex.last_seq > after:
+                    return ex is None
+                cond = self._conds.setdefault(execution_id, threading.Condition(self._lock))
+                cond.wait(1.0)  # the timeout only serves to notice a departed client
+        return None
+
+    # ---- Connect ----
+
+    def Connect(self, request_iterator, context):
+        try:
+            first = next(request_iterator, None)
+        except grpc.RpcError:  # the runner left before saying anything
+            return iter(())
+        if first is None or first.WhichOneof("msg") != "hello":
+            context.abort(Code.FAILED_PRECONDITION, "send Hello first: a Connect stream must open with Hello")
+        hello = first.hello
+        if not hello.runner_id or hello.capacity < 0:
+            context.abort(Code.INVALID_ARGUMENT, "Hello needs a runner_id and a capacity of 0 or more")
+        session = Session(hello)
+        if not context.add_callback(lambda: session.outbox.put(None)):
+            return iter(())
+        with self._lock:
+            self._check_open(context)
+            if hello.runner_id in self._sessions:  # a reconnect racing the old stream's end
+                self._end_session(self._sessions[hello.runner_id])
+            self._sessions[hello.runner_id] = session
+            self._resume(session, hello.in_flight)
+            self._dispatch()
+        threading.Thread(target=self._read, args=(session, request_iterator), daemon=True,
+                         name=f"stigmer-runner-{hello.runner_id}").start()
+        return self._write(session, context)
+
+    def _resume(self, session, in_flight):
+        """Keep the executions a reconnecting runner still holds; tell it to drop the rest."""
+        for item in in_flight:
+            ex = self._active.get(item.execution_id)
+            if (ex is None or ex.phase != pb.RUNNING or ex.runner_id != session.runner_id
+                    or ex.id in self._owner):
+                session.send(_cancel_message(item.execution_id))
+                continue
+            self._cancel_timer(("lost", ex.id))
+            self._owner[ex.id] = session
+            session.executions.add(ex.id)
+            session.send(_ack(ex.id, ex.last_seq))  # it resends everything after this
+            if ("cancel", ex.id) in self._timers:  # cancelled while it was away
+                session.send(_cancel_message(ex.id))
+
+    def _write(self, session, context):
+        """The response stream: whatever lands in the session's outbox, until None. (The reader
+        thread ends the session: its read fails or stops whenever the RPC ends.)"""
+        while (message := session.outbox.get()) is not None:
+            yield message
+        if session.error:
+            context.set_code(session.error[0])
+            context.set_details(session.error[1])
+
+    def _read(self, session, requests):
+        """The runner's messages, on a thread of their own."""
+        try:
+            for message in requests:
+                kind = message.WhichOneof("msg")
+                session.last_seen = time.monotonic()
+                if kind == "events":
+                    self._store_batch(session, message.events)
+                elif kind == "hello":
+                    session.error = (Code.FAILED_PRECONDITION, "Hello may only be sent once per Connect stream")
+                if session.closed or session.error:
+                    break
+        except grpc.RpcError:  # the runner went away; its executions get the grace period below
+            pass
+        except Exception as e:  # a daemon bug: end this stream loudly, keep the daemon up
+            traceback.print_exc()
+            session.error = (Code.INTERNAL, f"daemon error while handling runner {session.runner_id}: {e!r}")
+        with self._lock:
+            self._end_session(session)
+
+    def _end_session(self, session):
+        """Forget a stream; its RUNNING executions wait `runner_grace` for it to come back."""
+        if session.closed:
+            return
+        session.closed = True
+        if self._sessions.get(session.runner_id) is session:
+            del self._sessions[session.runner_id]
+        for execution_id in session.executions:
+            if self._owner.get(execution_id) is session:
+                del self._owner[execution_id]
+                if not self._stopping:
+                    self._schedule(("lost", execution_id), self._runner_grace, self._runner_lost)
+        session.executions.clear()
+        session.outbox.put(None)
+
+    def _store_batch(self, session, batch):
+        """Store a runner's EventBatch in one transaction, then Ack (and Reject) per execution."""
+        groups = {}
+        for event in batch.events:
+            groups.setdefault(event.execution_id, []).append(event)
+        replies, rows, changed, now = [], [], [], time.time()
+        with self._lock:
+            if self._stopping or session.closed:
+                return
+            for execution_id, events in groups.items():
+                if self._owner.get(execution_id) is not session:
+                    replies.append(_reject(execution_id, Code.PERMISSION_DENIED,
+                                           f"execution {execution_id} is not running on runner "
+                                           f"{session.runner_id}: stop sending events for it",
+                                           self._stored_last_seq(execution_id)))
+                    continue
+                ex = _copy(self._active[execution_id])
+                problem = self._take_events(ex, events, rows, now)
+                if ex.last_seq != self._active[execution_id].last_seq:
+                    changed.append(ex)
+                replies.append(_ack(execution_id, ex.last_seq))
+                if problem:
+                    replies.append(_reject(execution_id, *problem, ex.last_seq))
+            self._store(rows, changed)
+            for reply in replies:
+                session.send(reply)
+            if any(ex.phase in TERMINAL for ex in changed):
+                self._dispatch()
+
+    def _take_events(self, ex, events, rows, now):
+        """Append the next contiguous events to rows and apply them to ex (a copy); the problem, if any."""
+        execution_id, last, ended = ex.id, ex.last_seq, ex.phase in TERMINAL  # locals: this is the hot loop
+        problem = None
+        for event in events:
+            seq = event.seq
+            if seq <= last:
+                continue  # a resend of a stored event
+            if ended:
+                problem = Code.PERMISSION_DENIED, f"execution {execution_id} already ended at seq {last}"
+                break
+            if seq != last + 1:
+                problem = (Code.FAILED_PRECONDITION, f"seq gap for execution {execution_id}: got {seq}, "
+                           f"expected {last + 1}; resend after {last}")
+                break
+            kind = event.WhichOneof("payload")
+            if kind is None or (kind == "phase" and event.phase.phase not in RUNNER_PHASES):
+                problem = (Code.INVALID_ARGUMENT, f"event {seq} of {execution_id} has no payload or a phase "
+                           "a runner may not set (runners send RUNNING, COMPLETED, FAILED or CANCELLED)")
+                break
+            if kind == "usage":
+                ex.usage.CopyFrom(event.usage)
+            elif kind == "phase":
+                if event.phase.phase in TERMINAL:
+                    _finish(ex, event.phase)
+                    ended = True
+                elif event.phase.turns:
+                    ex.turns = event.phase.turns
+            if not event.time:
+                event.time = now
+            rows.append((execution_id, seq, event.time, kind, event.SerializeToString()))
+            last = seq
+        ex.last_seq = last
+        return problem
+
+    # ---- state changes (the caller holds self._lock) ----
+
+    def _store(self, rows, executions):
+        """Write event rows and execution rows in one transaction, then update memory and wake watchers."""
+        if not rows and not executions:
+            return
+        self._db.execute("BEGIN")
+        try:
+            self._db.executemany("INSERT INTO events (execution_id, seq, time, kind, payload) "
+                                 "VALUES (?, ?, ?, ?, ?)", rows)
+            self._db.executemany(f"INSERT OR REPLACE INTO executions ({EXECUTION_COLUMNS}) "
+                                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                                 [_execution_row(ex) for ex in executions])
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+        for ex in executions:
+            cond = self._conds.get(ex.id)
+            if ex.phase not in TERMINAL:
+                self._active[ex.id] = ex
+            else:
+                self._active.pop(ex.id, None)
+                self._pending.pop(ex.id, None)
+                self._conds.pop(ex.id, None)
+                session = self._owner.pop(ex.id, None)
+                if session:
+                    session.executions.discard(ex.id)
+                self._cancel_timer(("lost", ex.id))
+                self._cancel_timer(("cancel", ex.id))
+            if cond:
+                cond.notify_all()
+
+    def _author(self, ex, **payload):
+        """The next event of ex, written by the daemon itself (advances ex.last_seq)."""
+        ex.last_seq += 1
+        return [_event_row(pb.Event(execution_id=ex.id, seq=ex.last_seq, time=time.time(), **payload))]
+
+    def _dispatch(self):
+        """Assign PENDING executions, oldest first, to the runners with the most free slots."""
+        for execution_id in list(self._pending):
+            session = max(self._sessions.values(), key=Session.free_slots, default=None)
+            if session is None or session.free_slots() == 0:
+                return
+            ex = _copy(self._active[execution_id])
+            ex.phase, ex.runner_id = pb.RUNNING, session.runner_id
+            ex.started_at = ex.started_at or time.time()
+            self._store(self._author(ex, phase=pb.PhaseChange(phase=pb.RUNNING)), [ex])
+            del self._pending[execution_id]
+            self._owner[execution_id] = session
+            session.executions.add(execution_id)
+            session.send(pb.DaemonMessage(assign=pb.Assign(execution=ex)))
+
+    def _runner_lost(self, execution_id):
+        """Fail an execution whose runner did not come back in time."""
+        ex = self._active.get(execution_id)
+        if ex is None or ex.phase != pb.RUNNING or execution_id in self._owner:
+            return
+        ex = _copy(ex)
+        message = (f"runner {ex.runner_id or '?'} lost: it did not reconnect with this execution "
+                   f"within {self._runner_grace:g}s")
+        change = pb.PhaseChange(phase=pb.FAILED, reason="runner lost", turns=ex.turns)
+        rows = self._author(ex, error=pb.Error(code="runner_lost", message=message))
+        rows += self._author(ex, phase=change)
+        _finish(ex, change)
+        self._store(rows, [ex])
+
+    def _cancel_expired(self, execution_id):
+        """Mark CANCELLED a running execution whose runner did not confirm the cancel in time."""
+        ex = self._active.get(execution_id)
+        if ex is None or ex.phase != pb.RUNNING:
+            return
+        ex = _copy(ex)
+        change = pb.PhaseChange(phase=pb.CANCELLED, turns=ex.turns,
+                                reason=f"cancelled (the runner did not confirm within {self._cancel_grace:g}s)")
+        rows = self._author(ex, phase=change)
+        _finish(ex, change)
+        self._store(rows, [ex])
+        self._dispatch()
+
+    def _schedule(self, key, delay, action):
+        self._cancel_timer(key)
+        timer = threading.Timer(delay, self._fire, (key, action))
+        timer.daemon = True
+        self._timers[key] = timer
+        timer.start()
+
+    def _fire(self, key, action):
+        with self._lock:
+            if self._stopping or self._timers.get(key) is not threading.current_thread():
+                return  # cancelled or replaced after it started
+            del self._timers[key]
+            action(key[1])
+
+    def _cancel_timer(self, key):
+        timer = self._timers.pop(key, None)
+        if timer:
+            timer.cancel()
+
+    # ---- lookups (the caller holds self._lock) ----
+
+    def _check_open(self, context):
+        if self._stopping:
+            context.abort(Code.UNAVAILABLE, "the daemon is shutting down")
+
+    def _find(self, execution_id, context):
+        ex = self._active.get(execution_id)
+        if ex is None:
+            row = self._db.execute(f"SELECT {EXECUTION_COLUMNS} FROM executions WHERE id = ?",
+                                   (execution_id,)).fetchone()
+            if row is None:
+                context.abort(Code.NOT_FOUND, f"no execution {execution_id!r}: `python runner.py list` shows them")
+            ex = _execution_from_row(row)
+        return ex
+
+    def _stored_last_seq(self, execution_id):
+        if execution_id in self._active:
+            return self._active[execution_id].last_seq
+        row = self._db.execute("SELECT last_seq FROM executions WHERE id = ?", (execution_id,)).fetchone()
+        return row[0] if row else 0
+
+    def _new_id(self):
+        """ex- + seconds in hex + random hex: short, unique, roughly in submit order."""
+        while True:
+            execution_id = f"ex-{int(time.time()):08x}{os.urandom(3).hex()}"
+            if not self._db.execute("SELECT 1 FROM executions WHERE id = ?", (execution_id,)).fetchone():
+                return execution_id
+
+    # ---- shutdown ----
+
+    def begin_stop(self):
+        """Refuse new work, end runner streams and wake watchers so the server can drain."""
+        with self._lock:
+            self._stopping = True
+            for session in list(self._sessions.values()):
+                self._end_session(session)
+            for cond in self._conds.values():
+                cond.notify_all()
+            for key in list(self._timers):
+                self._cancel_timer(key)
+
+    def close(self):
+        """Stop (if not yet) and close the database."""
+        self.begin_stop()
+        with self._lock:
+            self._db.close()
+
+
+class TokenAuth(grpc.ServerInterceptor):
+    """Refuses every RPC whose metadata lacks `authorization: Bearer <daemon token>`."""
+
+    def __init__(self, token):
+        self._expected = f"Bearer {token}".encode()
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        supplied = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
+        if handler is None or hmac.compare_digest(str(supplied).encode(), self._expected):
+            return handler
+
+        def refuse(request, context):
+            context.abort(Code.UNAUTHENTICATED, AUTH_MESSAGE)
+
+        make = {(False, False): grpc.unary_unary_rpc_method_handler,
+                (False, True): grpc.unary_stream_rpc_method_handler,
+                (True, False): grpc.stream_unary_rpc_method_handler,
+                (True, True): grpc.stream_stream_rpc_method_handler}
+        return make[handler.request_streaming, handler.response_streaming](
+            refuse, request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
+
+
+# ---- starting and stopping ----
+
+class DaemonServer:
+    """A started daemon: .port, .endpoint ("127.0.0.1:PORT"), .token, .home."""
+
+    def __init__(self, server, daemon, port, endpoint, token, home):
+        self._server, self._daemon = server, daemon
+        self.port, self.endpoint, self.token, self.home = port, endpoint, token, home
+        self._stop_lock = threading.Lock()
+        self._stopped = threading.Event()
+
+    def stop(self, grace=1.0):
+        """Stop accepting RPCs, end the streams, flush and close the database, remove the token."""
+        with self._stop_lock:
+            if self._stopped.is_set():
+                return
+            self._daemon.begin_stop()
+            self._server.stop(grace).wait()
+            self._daemon.close()
+            path = os.path.join(self.home, TOKEN_FILE)
+            try:
+                if read_token(self.home) == self.token:  # not a newer daemon's
+                    os.remove(path)
+            except DaemonError:
+                pass  # already gone
+            self._stopped.set()
+
+    def wait(self):
+        """Block until stop() has finished."""
+        self._stopped.wait()
+
+
+def _parse_endpoint(endpoint):
+    host, _, port = endpoint.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise DaemonError(f"bad endpoint {endpoint!r}: expected HOST:PORT, for example {DEFAULT_ENDPOINT}")
+    return host, int(port)
+
+
+def _is_loopback(host):
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _bind_problem(host, port):
+    """Why a plain socket cannot bind host:port, to explain a failed add_insecure_port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpc does
+            probe.bind((host, port))
+    except OSError as e:
+        return e
+    return None
+
+
+def _write_token(home, token):
+    """Write HOME/daemon.token with mode 0600, atomically."""
+    path = os.path.join(home, TOKEN_FILE)
+    temporary = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(temporary, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(fd, 0o600)  # in case a stale temporary file had other bits
+        f.write(token + "\n")
+    os.replace(temporary, path)
+
+
+def serve(home, endpoint=DEFAULT_ENDPOINT, *, allow_remote=False, runner_grace=15.0, cancel_grace=None):
+    """Start a daemon keeping its state in HOME and listening on ENDPOINT (port 0: any free port).
+
+    cancel_grace: how long a runner has to confirm a cancel (default: runner_grace)."""
+    host, port = _parse_endpoint(endpoint)
+    if not _is_loopback(host):
+        if not allow_remote:
+            raise DaemonError(f"refusing to listen on {endpoint}: {host} is not a loopback address; "
+                              "pass --allow-remote if other machines should reach this daemon")
+        print(f"warning: the daemon listens on {endpoint}, reachable from other machines; "
+              "anyone there with the token can run commands as you", file=sys.stderr)
+    bind_host = "127.0.0.1" if host == "localhost" else host
+    address = f"[{bind_host}]:{port}" if ":" in bind_host else f"{bind_host}:{port}"
+    os.makedirs(home, mode=0o700, exist_ok=True)
+    db_path = os.path.join(home, DB_FILE)
+    try:
+        db = open_db(db_path)
+    except sqlite3.Error as e:
+        raise DaemonError(f"cannot open the database {db_path}: {e}") from None
+    token = os.urandom(32).hex()
+    daemon = Daemon(db, db_path, runner_grace, runner_grace if cancel_grace is None else cancel_grace)
+    server = grpc.server(futures.ThreadPoolExecutor(RPC_THREADS, thread_name_prefix="stigmer-rpc"),
+                         interceptors=[TokenAuth(token)], options=SERVER_OPTIONS,
+                         maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS)
+    pb_grpc.add_DaemonServicer_to_server(daemon, server)
+    problem = port and _bind_problem(bind_host, port)  # checked first: grpc would also log a warning
+    if problem and problem.errno == errno.EADDRINUSE:
+        daemon.close()
+        raise DaemonError(f"port {port} is already in use: is another daemon running? "
+                          f"(`python runner.py status`) or pick another with --endpoint")
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError:
+        bound = 0
+    if not bound:
+        daemon.close()
+        raise DaemonError(f"cannot listen on {address}: {_bind_problem(bind_host, port) or 'gRPC refused it'}")
+    _write_token(home, token)
+    server.start()
+    return DaemonServer(server, daemon, bound, f"{bind_host}:{bound}" if ":" not in bind_host
+                        else f"[{bind_host}]:{bound}", token, home)
+
+
+EXAMPLES = """examples:
+  python daemon.py                               # localhost:50051, state in ~/.stigmer
+  python daemon.py --endpoint 127.0.0.1:50052    # another port
+  STIGMER_HOME=/tmp/st python daemon.py          # state elsewhere
+  python daemon.py --endpoint 0.0.0.0:50051 --allow-remote   # reachable from other machines
+
+environment: STIGMER_HOME, STIGMER_BACKEND_ENDPOINT, STIGMER_RUNNER_GRACE (seconds a
+disconnected runner has to come back before its executions fail; default 15)"""
+
+
+def main(argv=None):
+    """Run the daemon in the foreground until SIGTERM or SIGINT."""
+    parser = argparse.ArgumentParser(prog="python daemon.py", epilog=EXAMPLES,
+                                     description="The Stigmer Daemon: execution queue and event log.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--endpoint", default=os.environ.get("STIGMER_BACKEND_ENDPOINT") or DEFAULT_ENDPOINT,
+                        help="HOST:PORT to listen on (default: $STIGMER_BACKEND_ENDPOINT or %(default)s)")
+    parser.add_argument("--allow-remote", action="store_true",
+                        help="allow a non-loopback HOST (other machines could reach the daemon)")
+    args = parser.parse_args(argv)
+    home = default_home()
+    try:
+        try:
+            runner_grace = float(os.environ.get("STIGMER_RUNNER_GRACE") or 15)
+        except ValueError:
+            raise DaemonError("STIGMER_RUNNER_GRACE must be a number of seconds, for example 15") from None
+        server = serve(home, args.endpoint, allow_remote=args.allow_remote, runner_grace=runner_grace)
+    except DaemonError as e:
+        print(f"stigmer daemon: {e}", file=sys.stderr)
+        return 1
+    stop = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+    print(f"stigmer daemon listening on {server.endpoint} (home {home})", flush=True)
+    while not stop.wait(0.5):
+        pass
+    server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
