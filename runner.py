@@ -320,7 +320,8 @@ class Renderer:
             for line in lines[:4]:
                 self.out(self.paint("2", f"    {line[:160]}") + "\n")
             if len(lines) > 4:
-                self.out(self.paint("2", f"    … {len(lines) - 4} more lines") + "\n")
+                more = len(lines) - 4
+                self.out(self.paint("2", f"    … {more} more line{'s' if more > 1 else ''}") + "\n")
         elif kind == "error":
             self.newline()
             self.out(self.paint("31", f"✗ {ev.error.message}") + "\n", err=True)
@@ -644,7 +645,7 @@ def cmd_worker(cfg, args):
 
 def parser():
     p = argparse.ArgumentParser(prog="stigmer", description=__doc__.split("\n\n")[0],
-                                epilog="\n".join(__doc__.split("\n\n")[1:3]),
+                                epilog="\n\n".join(__doc__.split("\n\n")[1:4]),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"stigmer {VERSION}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
