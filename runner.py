@@ -475,6 +475,8 @@ def cmd_run(cfg, args):
                                              f"{execution.id}") + "\n", err=True)
         started = time.monotonic()
         cancel = lambda: client.call("Cancel", client.pb.CancelRequest(execution_id=execution.id))  # noqa: E731
+        for sig in (signal.SIGTERM, signal.SIGHUP):  # a closed terminal or `kill` cancels like Ctrl-C
+            signal.signal(sig, lambda *_: signal.default_int_handler(signal.SIGINT, None))
         try:
             phase = follow(client, execution.id, renderer, on_interrupt=cancel)
         except KeyboardInterrupt:

@@ -233,6 +233,12 @@ class CancelTest(CliCase):
               text_step("never reached")]
 
     def test_sigint_cancels_and_leaves_no_process(self):
+        self.interrupt(signal.SIGINT)
+
+    def test_sigterm_cancels_too(self):
+        self.interrupt(signal.SIGTERM)
+
+    def interrupt(self, sig):
         proc = subprocess.Popen([sys.executable, os.path.join(HERE, "runner.py"), "--json", "sleep a while"],
                                 env=self.env, cwd=self.workspace, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 stdin=subprocess.DEVNULL, text=True)
@@ -243,7 +249,7 @@ class CancelTest(CliCase):
             workers = children(proc.pid)
             self.assertTrue(workers)
             self.assertTrue(all(pid_alive(p) for p in pids + workers))
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(sig)
             out, err = proc.communicate(timeout=30)
         finally:
             if proc.poll() is None:
