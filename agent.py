@@ -25,7 +25,10 @@ DEFAULT_MAX_TURNS = 50  # model turns per execution unless the spec says otherwi
 MAX_OUTPUT_TOKENS = 16000  # max_tokens per model request
 TOOL_OUTPUT_CHARS = 30_000  # tool output sent to the model: head plus tail beyond this
 READ_DEFAULT_LINES = 2000  # read_file's default limit
+STREAM_RETRIES = 2  # extra attempts when the connection drops in the middle of a streamed reply
 CONTINUE_NOTE = "Your previous reply was cut off by the output token limit. Continue exactly where you stopped."
+TOOL_CUT_NOTE = ("Your previous reply was cut off by the output token limit in the middle of a tool call, so the "
+                 "tool was not run. Make the call again, smaller: for example write a large file in several parts.")
 
 TOOLS = [
     {"name": "execute",
@@ -188,9 +191,11 @@ class Agent:
                     messages.append({"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in message.content]})
                 elif message.stop_reason == "max_tokens":
                     kept = [b.model_dump(exclude_none=True) for b in message.content if b.type == "text" and b.text]
-                    if kept:
-                        messages.append({"role": "assistant", "content": kept})
-                        messages.append({"role": "user", "content": [{"type": "text", "text": CONTINUE_NOTE}]})
+                    cut_tool = any(b.type == "tool_use" for b in message.content)
+                    messages.append({"role": "assistant", "content": kept or [
+                        {"type": "text", "text": "(reply cut off by the output token limit)"}]})
+                    messages.append({"role": "user", "content": [
+                        {"type": "text", "text": TOOL_CUT_NOTE if cut_tool else CONTINUE_NOTE}]})
                 elif message.stop_reason == "refusal":
                     raise Stop(pb.FAILED, "the model refused this task; its tools were not run", "refusal")
                 elif message.stop_reason == "model_context_window_exceeded":
@@ -219,9 +224,28 @@ class Agent:
         return out + [last]
 
     def _turn(self, system, tools, messages):
-        """One model request, streamed; returns the final message."""
+        """One model turn; returns the final message. A reply whose stream breaks mid-way is asked for again."""
         self._check_limits()
         self.turns += 1
+        for attempt in range(STREAM_RETRIES + 1):
+            try:
+                return self._request(system, tools, messages)
+            except Stop:
+                raise
+            except Exception as exc:
+                if self.cancelled.is_set():
+                    raise Stop(pb.CANCELLED, "cancelled by the user", "cancelled") from None
+                if type(exc).__module__.split(".")[0] not in TRANSPORT_MODULES:
+                    raise
+                if attempt == STREAM_RETRIES:
+                    text = f"the connection to the model API broke mid-reply {attempt + 1} times ({type(exc).__name__})"
+                    self.emit(error=pb.Error(code="connection", message=text))
+                    raise Stop(pb.FAILED, text, "connection") from None
+                self.emit(error=pb.Error(code="stream_retry", message=f"the model's reply broke off "
+                                         f"({type(exc).__name__}: {exc}); asking again"))
+
+    def _request(self, system, tools, messages):
+        """One streamed model request."""
         try:
             with self.client.messages.stream(model=self.model, max_tokens=MAX_OUTPUT_TOKENS, system=system,
                                              tools=tools, messages=self._request_messages(messages)) as stream:
@@ -243,12 +267,6 @@ class Agent:
             code, text = api_error_message(exc)
             self.emit(error=pb.Error(code=code, message=text))
             raise Stop(pb.FAILED, text, code) from None
-        except Stop:
-            raise
-        except Exception:
-            if self.cancelled.is_set():  # the stream was closed under us by cancel()
-                raise Stop(pb.CANCELLED, "cancelled by the user", "cancelled") from None
-            raise
         finally:
             self._stream = None
         self._add_usage(message.usage)
@@ -314,6 +332,8 @@ class Agent:
             return tool(self, **args)
         except SandboxError as exc:
             return str(exc), True, 1, False
+        except (OSError, ValueError) as exc:  # a tool should have said SandboxError; still the model's to handle
+            return f"{name} failed: {type(exc).__name__}: {exc}", True, 1, False
 
     def _execute(self, command, timeout=None):
         timeout = min(float(timeout), 600.0) if timeout else None
@@ -348,6 +368,7 @@ class Agent:
         return "\n".join(f"{p}:{n}:{line}" for p, n, line in hits) or "(no matches)", False, 0, False
 
 
+TRANSPORT_MODULES = ("httpx", "httpx2", "httpcore", "httpcore2", "h11")  # the SDK's HTTP stack, across versions
 TOOL_FUNCS = {"execute": Agent._execute, "read_file": Agent._read, "write_file": Agent._write,
               "edit_file": Agent._edit, "ls": Agent._ls, "glob": Agent._glob, "grep": Agent._grep}
 _JSON_TYPES = {"string": str, "integer": int, "number": (int, float), "boolean": bool, "object": dict}

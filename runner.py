@@ -357,16 +357,26 @@ def event_dict(ev):
     return {"execution_id": ev.execution_id, "seq": ev.seq, "time": ev.time, "kind": kind, **body}
 
 
+def json_ints(value):
+    """Undo proto3 JSON's int64-as-string for our messages: digit strings become ints."""
+    if isinstance(value, dict):
+        return {k: json_ints(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_ints(v) for v in value]
+    return int(value) if isinstance(value, str) and value.isdigit() and len(value) < 19 else value
+
+
 def execution_dict(ex):
     from google.protobuf.json_format import MessageToDict
     d = MessageToDict(ex, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
-    d["last_seq"] = int(d.get("last_seq", 0))
-    return d
+    spec = d.pop("spec", {})
+    return {**json_ints(d), "spec": spec}
 
 
-def follow(client, execution_id, renderer, after_seq=0, follow_live=True, on_interrupt=None):
+def follow(client, execution_id, renderer, after_seq=0, follow_live=True, interrupted=None):
     """Render the execution's events until its terminal phase (or the end of the replay).
-    Returns the terminal phase name, or None. The Watch runs on a thread so Ctrl-C stays responsive."""
+    Returns the terminal phase name, or None. The Watch runs on a thread so Ctrl-C stays responsive;
+    once INTERRUPTED is set, it waits up to CANCEL_WAIT seconds for the terminal event."""
     import queue
 
     import grpc
@@ -385,6 +395,10 @@ def follow(client, execution_id, renderer, after_seq=0, follow_live=True, on_int
     phase, running, deadline = None, True, None
     terminal = ("COMPLETED", "FAILED", "CANCELLED")
     while True:
+        if interrupted is not None and interrupted.is_set() and deadline is None:
+            renderer.newline()
+            renderer.out("stigmer: cancelling… (Ctrl-C again to quit at once)\n", err=True)
+            deadline = time.monotonic() + CANCEL_WAIT
         try:
             item = events.get(timeout=0.1)
         except queue.Empty:
@@ -394,14 +408,8 @@ def follow(client, execution_id, renderer, after_seq=0, follow_live=True, on_int
                 return phase
             continue
         except KeyboardInterrupt:
-            if on_interrupt is None or deadline is not None:
-                call.cancel()
-                raise
-            renderer.newline()
-            renderer.out("stigmer: cancelling… (Ctrl-C again to quit at once)\n", err=True)
-            on_interrupt()
-            deadline = time.monotonic() + CANCEL_WAIT
-            continue
+            call.cancel()
+            raise
         if item is None:
             return phase
         if isinstance(item, grpc.RpcError):
@@ -436,6 +444,8 @@ def cmd_run(cfg, args):
     prompt = " ".join(args.task).strip()
     if not prompt:
         raise CliError("give the task to run, e.g. python runner.py \"add a --verbose flag\"", 2)
+    if args.max_turns < 1 or (args.max_tokens_total or 0) < 0:
+        raise CliError("--max-turns must be at least 1 and --max-tokens-total positive", 2)
     try:
         names = stigmer_secrets.sandbox_secret_names(args.secret or (), cfg.environ)
     except stigmer_secrets.SecretError as exc:
@@ -474,11 +484,24 @@ def cmd_run(cfg, args):
             renderer.out(renderer.paint("2", f"stigmer · {cfg.mode} · {where} · {workspace} · {model} · "
                                              f"{execution.id}") + "\n", err=True)
         started = time.monotonic()
-        cancel = lambda: client.call("Cancel", client.pb.CancelRequest(execution_id=execution.id))  # noqa: E731
-        for sig in (signal.SIGTERM, signal.SIGHUP):  # a closed terminal or `kill` cancels like Ctrl-C
-            signal.signal(sig, lambda *_: signal.default_int_handler(signal.SIGINT, None))
+        interrupted = threading.Event()
+
+        def cancel():
+            try:
+                client.call("Cancel", client.pb.CancelRequest(execution_id=execution.id))
+            except CliError as exc:
+                print(f"stigmer: could not cancel {execution.id}: {exc}", file=sys.stderr)
+
+        def on_signal(signum, frame):
+            if interrupted.is_set():
+                raise KeyboardInterrupt  # the second Ctrl-C: quit at once
+            interrupted.set()
+            threading.Thread(target=cancel, daemon=True).start()  # at once, even if rendering is stuck
+
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # Ctrl-C, `kill`, a closed terminal
+            signal.signal(sig, on_signal)
         try:
-            phase = follow(client, execution.id, renderer, on_interrupt=cancel)
+            phase = follow(client, execution.id, renderer, interrupted=interrupted)
         except KeyboardInterrupt:
             return 130
         final = client.call("Get", client.pb.GetRequest(execution_id=execution.id))
@@ -489,7 +512,7 @@ def cmd_run(cfg, args):
     finally:
         if worker is not None:
             worker.stdin.close()  # EOF tells the worker to stop and kill its commands
-            stop_process(worker)
+            stop_process(worker, timeout=10)
         if embedded is not None:
             embedded.stop()
 
@@ -559,7 +582,7 @@ def cmd_status(cfg, args):
     client, st = found
     if args.json:
         from google.protobuf.json_format import MessageToDict
-        print(json.dumps({**MessageToDict(st, preserving_proto_field_name=True), "processes": procs}))
+        print(json.dumps({**json_ints(MessageToDict(st, preserving_proto_field_name=True)), "processes": procs}))
         return 0
     phases = ", ".join(f"{k.lower()} {v}" for k, v in sorted(st.executions_by_phase.items())) or "none"
     print(f"daemon {st.version} pid {st.pid} at {client.endpoint}, up {st.uptime_seconds:.0f} s")
@@ -618,7 +641,8 @@ def cmd_logs(cfg, args):
 def cmd_cancel(cfg, args):
     client = Client(cfg)
     ex = client.call("Cancel", client.pb.CancelRequest(execution_id=args.id))
-    print(f"{ex.id}: {client.pb.Phase.Name(ex.phase)}")
+    phase = client.pb.Phase.Name(ex.phase)
+    print(f"{ex.id}: cancel requested; its runner is stopping it" if phase == "RUNNING" else f"{ex.id}: {phase}")
     return 0
 
 
@@ -667,8 +691,9 @@ def parser():
                            epilog="example: python runner.py start --workers 2")
     start.add_argument("--workers", type=int, default=1, help="how many workers (default 1)")
     start.add_argument("--secret", action="append", metavar="NAME", help="a secret the workers' shells may see")
-    sub.add_parser("stop", help="stop the background daemon and workers")
-    status = sub.add_parser("status", help="report on the daemon and workers")
+    sub.add_parser("stop", help="stop the background daemon and workers", epilog="example: python runner.py stop")
+    status = sub.add_parser("status", help="report on the daemon and workers",
+                            epilog="example: python runner.py status --json")
     status.add_argument("--json", action="store_true")
     lst = sub.add_parser("list", help="list executions, newest first", epilog="example: python runner.py list --phase failed")
     lst.add_argument("--json", action="store_true", help="one JSON object per execution per line")
@@ -678,11 +703,13 @@ def parser():
     logs.add_argument("id")
     logs.add_argument("-f", "--follow", action="store_true", help="keep following until it ends")
     logs.add_argument("--json", action="store_true")
-    cancel = sub.add_parser("cancel", help="cancel an execution")
+    cancel = sub.add_parser("cancel", help="cancel an execution", epilog="example: python runner.py cancel ex-1a2b")
     cancel.add_argument("id")
-    dmn = sub.add_parser("daemon", help="run the daemon in the foreground")
+    dmn = sub.add_parser("daemon", help="run the daemon in the foreground",
+                         epilog="example: STIGMER_BACKEND_ENDPOINT=localhost:50052 python runner.py daemon")
     dmn.add_argument("--allow-remote", action="store_true", help="allow a non-loopback STIGMER_BACKEND_ENDPOINT")
-    wrk = sub.add_parser("worker", help="run a worker in the foreground")
+    wrk = sub.add_parser("worker", help="run a worker in the foreground",
+                         epilog="example: ANTHROPIC_API_KEY=... python runner.py worker --capacity 4")
     wrk.add_argument("--capacity", type=int, default=2, help="executions at once (default 2)")
     wrk.add_argument("--exit-with-stdin", action="store_true", help=argparse.SUPPRESS)
     return p

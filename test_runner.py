@@ -91,7 +91,7 @@ class MultiTurnTest(CliCase):
         self.assertEqual(results[3]["exit_code"], 0)
         for call, result in zip([e for e in events if e["kind"] == "tool_call"], results):
             self.assertEqual(call["id"], result["id"])
-            self.assertLess(kinds.index("tool_call"), kinds.index("tool_result"))
+            self.assertLess(call["seq"], result["seq"])
         self.assertEqual(events[-1]["final_text"], "Fixed calc.py; it prints sum 5.")
         self.assertEqual(events[-1]["turns"], 5)
         self.assertIn("usage", kinds)
@@ -238,6 +238,24 @@ class CancelTest(CliCase):
     def test_sigterm_cancels_too(self):
         self.interrupt(signal.SIGTERM)
 
+    def test_ctrl_c_before_the_agent_starts(self):
+        proc = subprocess.Popen([sys.executable, os.path.join(HERE, "runner.py"), "--json", "quick"], env=self.env,
+                                cwd=self.workspace, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                stdin=subprocess.DEVNULL, text=True)
+        try:
+            first = json.loads(proc.stdout.readline())  # PENDING: the worker is still importing the SDK
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        self.assertEqual(first["phase"], "PENDING")
+        self.assertEqual(proc.returncode, 130, err)
+        events = [first] + [json.loads(line) for line in out.splitlines()]
+        self.assertEqual(events[-1]["phase"], "CANCELLED")
+        self.assertContiguous(events)
+        self.assertEqual(self.fake.requests, [])  # the model was never asked
+
     def interrupt(self, sig):
         proc = subprocess.Popen([sys.executable, os.path.join(HERE, "runner.py"), "--json", "sleep a while"],
                                 env=self.env, cwd=self.workspace, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -290,7 +308,7 @@ class BackgroundServicesTest(CliCase):
         self.assertEqual(len({(e["seq"]) for e in events}), len(events))
         self.assertIn("slept", [e for e in events if e["kind"] == "tool_result"][0]["output"])
         status = self.cli("status", "--json")
-        self.assertEqual(json.loads(status.stdout)["executions_by_phase"]["COMPLETED"], "1")
+        self.assertEqual(json.loads(status.stdout)["executions_by_phase"]["COMPLETED"], 1)
         stopped = self.cli("stop")
         self.assertIn("stopped 2", stopped.stdout)
         self.assertFalse(pid_alive(daemon_pid))

@@ -85,6 +85,26 @@ class OutboxTest(unittest.TestCase):
         self.assertNotIn("ex-1", self.w.outboxes)
         self.assertEqual(self.w.buffered, 0)
 
+    def test_cancel_before_the_agent_exists_still_ends_cancelled(self):
+        self.w._handle(pb.DaemonMessage(cancel=pb.CancelExecution(execution_id="ex-1")))
+        self.assertIn("ex-1", self.w.outboxes)  # kept: its CANCELLED event must still reach the daemon
+        spec = pb.ExecutionSpec(prompt="p", workspace=tempfile.gettempdir())
+        self.w._run_execution(pb.Execution(id="ex-1", spec=spec, last_seq=2))  # the SDK is never ready here
+        (event,) = self.w._take_batch()
+        self.assertEqual((event.seq, event.phase.phase), (3, pb.CANCELLED))
+
+    def test_emit_after_the_daemon_dropped_the_execution_is_ignored(self):
+        self.w._handle(pb.DaemonMessage(reject=pb.Reject(
+            execution_id="ex-1", code=grpc.StatusCode.PERMISSION_DENIED.value[0])))
+        self.emit(usage=pb.Usage(input_tokens=1))  # no KeyError, nothing kept
+        self.assertEqual(self.w.buffered, 0)
+
+    def test_batches_are_capped_in_bytes(self):
+        big = "x" * (worker.BATCH_BYTES // 3)
+        for _ in range(4):
+            self.emit(tool_result=pb.ToolResult(id="t", output=big))
+        self.assertEqual([len(self.w._take_batch()) for _ in range(3)], [2, 2, 0])
+
     def test_finished_execution_is_forgotten_once_acknowledged(self):
         self.emit(phase=pb.PhaseChange(phase=pb.COMPLETED))
         self.w._take_batch()

@@ -99,6 +99,14 @@ def check_request(body):
     return None
 
 
+class QuietServer(ThreadingHTTPServer):
+    """Clients that hang up (a cancelled stream, a retry) are normal here, not errors to print."""
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 class FakeAnthropic:
     """A scripted Messages API server on a free loopback port."""
 
@@ -131,13 +139,15 @@ class FakeAnthropic:
                 body = json.loads(self.rfile.read(length) or b"{}")
                 status, headers, payload = fake._answer(self.path, self.headers, body)
                 self.send_response(status)
+                headers.setdefault("content-length", str(len(payload)))
                 for name, value in headers.items():
                     self.send_header(name, value)
-                self.send_header("content-length", str(len(payload)))
                 self.end_headers()
                 self.wfile.write(payload)
+                if len(payload) < int(headers["content-length"]):
+                    self.close_connection = True  # the promised rest never comes
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = QuietServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         return self
@@ -183,8 +193,15 @@ class FakeAnthropic:
         else:
             if step.get("delay"):
                 time.sleep(step["delay"])
-            result = 200, {"content-type": "text/event-stream", "cache-control": "no-cache"}, \
-                render_stream(step, step_index, body.get("model", "claude-fake"))
+            full = render_stream(step, step_index, body.get("model", "claude-fake"))
+            sent = full
+            with self._lock:
+                drops = self._failures.get(("drop", step_index), 0)
+                if drops < step.get("drop", 0):  # break the stream off half-way, like a dropped connection
+                    self._failures[("drop", step_index)] = drops + 1
+                    sent = full[:len(full) // 2]
+            result = 200, {"content-type": "text/event-stream", "cache-control": "no-cache",
+                           "content-length": str(len(full))}, sent
         with self._lock:
             self.statuses.append((step_index, result[0]))
         return result

@@ -29,6 +29,7 @@ from runner import stigmer_secrets
 log = logging.getLogger("stigmer.worker")
 
 BATCH_EVENTS = 500  # most events per EventBatch message
+BATCH_BYTES = 4 << 20  # most serialized bytes per EventBatch (the daemon takes up to 16 MiB)
 BATCH_LINGER = 0.005  # seconds the sender waits after a wake-up so that a burst travels as one batch
 MAX_BUFFERED_EVENTS = 20_000  # unacknowledged events held before agents pause
 MAX_PENDING_TEXT = 1_000_000  # characters of not-yet-sequenced text before text emitters pause too
@@ -37,6 +38,10 @@ BACKOFF_CAP = 5.0  # seconds, the longest wait between reconnect attempts
 FLUSH_ON_STOP = 5.0  # seconds a stopping worker waits for its last events to be acknowledged
 MODEL_KEY_VARS = tuple(var for p in stigmer_secrets.PROVIDERS.values()
                        for var in (p.env_var, *p.alt_env_vars))  # hidden from the agent's shell
+
+
+class Cancelled(Exception):
+    """An execution was cancelled before its agent started."""
 
 
 class Outbox:
@@ -49,6 +54,7 @@ class Outbox:
         self.sent = last_seq  # highest seq sent on the current stream
         self.next_seq = last_seq + 1
         self.pending_text = []  # text deltas not yet sequenced (coalesced when the stream lags)
+        self.pending_chars = 0
         self.finished = False  # the terminal phase event has been emitted
 
     def sequence_text(self):
@@ -57,6 +63,7 @@ class Outbox:
             return 0
         self._append(text=pb.TextDelta(text="".join(self.pending_text)))
         self.pending_text.clear()
+        self.pending_chars = 0
         return 1
 
     def _append(self, **payload):
@@ -84,23 +91,28 @@ class Worker:
         self.cond = threading.Condition()
         self.outboxes = {}  # execution id -> Outbox
         self.agents = {}  # execution id -> Agent, while it runs
+        self.cancels = set()  # executions cancelled before their agent existed
         self.buffered = 0  # unacknowledged events over all outboxes
         self.stopping = threading.Event()
         self.connected = False
         self._client = None
         self._client_lock = threading.Lock()
+        self._client_ready = threading.Event()
 
     # ---- events from the agents ----
 
     def emit(self, execution_id, redactor, **payload):
         """Queue one event payload for EXECUTION_ID; waits while the buffer is full."""
         with self.cond:
-            box = self.outboxes[execution_id]
+            box = self.outboxes.get(execution_id)
+            if box is None:  # the daemon refused or dropped this execution: nobody wants its events
+                return
             if "text" in payload:
                 text = redactor.feed(payload["text"].text)
                 if text:
                     box.pending_text.append(text)
-                while sum(map(len, box.pending_text)) > MAX_PENDING_TEXT and not self.stopping.is_set():
+                    box.pending_chars += len(text)
+                while box.pending_chars > MAX_PENDING_TEXT and not self.stopping.is_set():
                     self.cond.wait(0.5)
             else:
                 held = redactor.flush()
@@ -120,16 +132,19 @@ class Worker:
         return any(b.pending_text or (b.events and b.events[-1].seq > b.sent) for b in self.outboxes.values())
 
     def _take_batch(self):
-        """Unsent events, oldest executions first, at most BATCH_EVENTS (called with the lock held)."""
-        batch = []
+        """Unsent events, oldest executions first, at most BATCH_EVENTS and about BATCH_BYTES
+        (called with the lock held)."""
+        batch, size = [], 0
         for box in list(self.outboxes.values()):
             self.buffered += box.sequence_text()
             for event in box.events:
-                if len(batch) >= BATCH_EVENTS:
+                if event.seq <= box.sent:
+                    continue
+                if len(batch) >= BATCH_EVENTS or (batch and size + event.ByteSize() > BATCH_BYTES):
                     return batch
-                if event.seq > box.sent:
-                    batch.append(event)
-                    box.sent = event.seq
+                batch.append(event)
+                size += event.ByteSize()
+                box.sent = event.seq
         return batch
 
     # ---- the stream ----
@@ -153,6 +168,8 @@ class Worker:
             if woke:  # let the rest of this burst (a turn's events) join the same batch
                 time.sleep(BATCH_LINGER)
             with self.cond:
+                if session.is_set():  # a newer stream owns the outboxes now
+                    return
                 batch = self._take_batch()
                 free = self.capacity - len(self.agents)
             if batch:
@@ -207,12 +224,15 @@ class Worker:
                 self.cond.notify_all()
         elif kind == "cancel":
             execution_id = message.cancel.execution_id
-            agent = self.agents.get(execution_id)
-            if agent is not None:
-                log.info("cancelling %s", execution_id)
-                agent.cancel()
-            else:
-                with self.cond:
+            with self.cond:
+                agent = self.agents.get(execution_id)
+                box = self.outboxes.get(execution_id)
+                if agent is not None:
+                    log.info("cancelling %s", execution_id)
+                    agent.cancel()
+                elif box is not None and not box.finished:
+                    self.cancels.add(execution_id)  # its agent is still being set up: cancel it on arrival
+                else:
                     self._drop(execution_id)
 
     def _drop(self, execution_id):
@@ -266,6 +286,7 @@ class Worker:
                 import agent  # noqa: F401  (imports anthropic too)
                 import anthropic
                 self._client = anthropic.Anthropic()
+                self._client_ready.set()
             return self._client
 
     def _run_execution(self, execution):
@@ -286,15 +307,22 @@ class Worker:
             if not os.path.isdir(spec.workspace):
                 raise SandboxError(f"the workspace {spec.workspace} does not exist on this runner")
             shell_env = {name: None for name in MODEL_KEY_VARS if name not in spec.secret_names}
+            while not self._client_ready.wait(0.1):  # the SDK is still importing (serve() started that)
+                if execution.id in self.cancels or self.stopping.is_set():
+                    raise Cancelled()
+                if not self._client_lock.locked():
+                    self.client()
             the_agent = agent_mod.Agent(self.client(), FilesystemSandbox(spec.workspace), emit,
                                         model=spec.model or self.model, max_turns=spec.max_turns,
                                         max_tokens_total=spec.max_tokens_total, redactor=redactor, shell_env=shell_env)
             with self.cond:
                 self.agents[execution.id] = the_agent
-                if execution.id not in self.outboxes:  # dropped (refused or cancelled) before it started
-                    the_agent.cancel()
+                if execution.id in self.cancels or execution.id not in self.outboxes:
+                    the_agent.cancel()  # cancelled (or dropped) while it was being set up
             phase, reason, final_text = the_agent.run(spec.prompt, spec.workspace)
             turns = the_agent.turns
+        except Cancelled:
+            phase, reason = pb.CANCELLED, "cancelled by the user"
         except SandboxError as exc:
             reason = str(exc)
             emit(error=pb.Error(code="workspace", message=reason))
@@ -305,6 +333,7 @@ class Worker:
         finally:
             with self.cond:
                 self.agents.pop(execution.id, None)
+                self.cancels.discard(execution.id)
                 alive = execution.id in self.outboxes
             if alive:
                 emit(phase=pb.PhaseChange(phase=phase, reason=redactor.redact(reason), final_text=final_text,
