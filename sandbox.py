@@ -19,12 +19,17 @@
 The shell is NOT confined: execute() is plain host execution in the workspace
 directory. Only the file tools (ls, read, write, edit, glob, grep) are confined to the
 root, symlinks included. Each execute() is independent: no shell state carries over.
+When a command ends (or times out, or is cancelled) its process group is SIGKILLed, and
+so is anything it started that left the group (setsid, job control): each command runs
+with STIGMER_SANDBOX_RUN=<id> in its environment, and /proc names what still carries it.
 
 Standard library only, so this file can be copied alone into another project.
 """
+import base64
 import dataclasses
 import errno
 import fcntl
+import json
 import math
 import os
 import re
@@ -42,11 +47,16 @@ CANCEL_POLL = 0.05      # seconds between checks of the cancel event while a com
 READ_CHUNK = 1 << 20    # bytes per os.read from a command's pipes
 PIPE_SIZE = 1 << 20     # kernel pipe buffer requested once a command fills the default one
 MAX_READ_BYTES = 10 * 1024 * 1024  # read() and edit() refuse larger files
-BINARY_SNIFF = 8192     # a NUL byte in this many leading bytes means "binary"
+MAX_GREP_BYTES = 50 * 1024 * 1024  # grep skips larger files (rg: --max-filesize); names one: refused
+GREP_CHUNK = 1 << 20    # bytes per read while grep scans a file
+BINARY_SNIFF = 8192     # read(): a NUL byte in this many leading bytes means "binary"
 SEARCH_TIMEOUT = 30.0   # seconds a glob() or grep() may run; then it returns what it found
 USE_RG = True           # grep uses ripgrep when it is on PATH; False forces the Python search
 SKIP_DIRS = {".git"}    # glob and grep never descend into these (hidden files are searched)
+# Override the host's values (an agent must never get `less`); the sandbox's env and a call's env win.
 NON_INTERACTIVE = {"GIT_TERMINAL_PROMPT": "0", "PAGER": "cat", "GIT_PAGER": "cat"}
+RUN_MARKER = "STIGMER_SANDBOX_RUN"  # set to a fresh id for each command; finds what left its group
+SWEEP_ROUNDS = 3        # /proc scans for processes that left the group (they may fork meanwhile)
 
 _LIVE = set()           # process-group ids of commands running now, in any sandbox
 _LIVE_LOCK = threading.Lock()
@@ -113,7 +123,7 @@ class _Capture:
 
     def result(self):
         """(text, truncated): head, a marker saying how much was dropped, then tail."""
-        tail = self.tail[len(self.tail) - self.tail_limit:] if self.tail_limit else b""
+        tail = self.tail[max(0, len(self.tail) - self.tail_limit):] if self.tail_limit else b""
         omitted = self.total - len(self.head) - len(tail)
         text = self.head.decode("utf-8", errors="replace")
         if omitted:
@@ -147,6 +157,8 @@ class FilesystemSandbox:
             raise SandboxError("command must not contain a NUL byte")
         timeout = self.timeout if timeout is None else _check_timeout(timeout)
         environment = self._environment(_check_env(env))
+        marker = os.urandom(8).hex()
+        environment[os.fsencode(RUN_MARKER)] = marker.encode()
         start = time.monotonic()
         if cancel is not None and cancel.is_set():
             return ExecutionResult(130, "", "cancelled before it started\n", False, False, 0.0, True)
@@ -167,25 +179,43 @@ class FilesystemSandbox:
         with _LIVE_LOCK:
             _LIVE.add(pid)
         out, err = _Capture(self.max_output_bytes), _Capture(self.max_output_bytes)
+        sweeper = _Sweeper(pid, marker, start)
         try:
-            outcome = _pump(pid, {out_r: out, err_r: err}, start + timeout, cancel)
+            outcome, abandoned = _pump(pid, {out_r: out, err_r: err}, start + timeout, cancel,
+                                       sweeper.sweep)
         finally:
             # The shell is exited but not yet reaped, so its pid (the group id) cannot have
             # been reused: this SIGKILL reaches only what this command started.
             with _LIVE_LOCK:
                 _signal_group(pid, signal.SIGKILL)
                 _LIVE.discard(pid)
-            os.close(out_r)
-            os.close(err_r)
-            proc.wait()
+            try:
+                sweeper.sweep()  # what left the group (setsid, job control) and still runs
+            finally:
+                os.close(out_r)
+                os.close(err_r)
+                proc.wait()
         stdout, out_cut = out.result()
         stderr, err_cut = err.result()
         code = proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
-        note = {"timed_out": f"timed out after {timeout:g} s; its process group was killed",
-                "cancelled": "cancelled; its process group was killed",
-                "lingering": f"background processes still held the output {EOF_GRACE:g} s after "
-                             "the shell exited, so they were killed"}.get(outcome)
-        if note:
+        notes = [{"timed_out": f"timed out after {timeout:g} s; its process group was killed",
+                  "cancelled": "cancelled; its process group was killed",
+                  "lingering": f"background processes still held the output {EOF_GRACE:g} s after "
+                               "the shell exited, so they were killed"}.get(outcome)]
+        if sweeper.killed:
+            notes.append(f"{_count(sweeper.killed, 'background process')} had left the process "
+                         "group (setsid or job control) and " + ("was" if sweeper.killed == 1 else
+                                                                  "were") + " killed")
+        if sweeper.failed:
+            notes.append(f"{_count(sweeper.failed, 'background process')} left the process group "
+                         "and could not be killed")
+        if abandoned:
+            if outcome == "lingering":
+                notes[0] = (f"background processes still held the output {EOF_GRACE:g} s after the "
+                            "shell exited; those found were killed")
+            notes.append("a process outside the command's process group (which changed its "
+                         "environment or user) still holds the output and was left running")
+        for note in filter(None, notes):
             stderr += ("\n" if stderr and not stderr.endswith("\n") else "") + f"[{note}]\n"
         code = {"timed_out": 124, "cancelled": 130}.get(outcome, code)
         return ExecutionResult(code, stdout, stderr, outcome == "timed_out", out_cut or err_cut,
@@ -203,6 +233,7 @@ class FilesystemSandbox:
         return merged
 
     # ---- file tools ----
+    # Each tool turns OSError and a bad glob's re.error into SandboxError saying what to do.
 
     def ls(self, path=".") -> list:
         """Sorted names in a directory, directories with a trailing '/'."""
@@ -210,8 +241,11 @@ class FilesystemSandbox:
         if not os.path.isdir(full):
             raise SandboxError(f"{path} is not a directory" if os.path.exists(full)
                                else f"{path} does not exist")
-        with os.scandir(full) as it:
-            return sorted(e.name + "/" if _is_dir(e) else e.name for e in it)
+        try:
+            with os.scandir(full) as it:
+                return sorted(e.name + "/" if _is_dir(e) else e.name for e in it)
+        except OSError as e:
+            raise _os_error(e, path, "list") from None
 
     def read(self, path, offset=0, limit=None) -> str:
         """Lines [offset, offset+limit) of a text file, line endings kept."""
@@ -229,13 +263,24 @@ class FilesystemSandbox:
         """Write UTF-8 text atomically, creating parent directories and keeping permissions."""
         if not isinstance(content, str):
             raise SandboxError(f"content must be a string, not {type(content).__name__}")
+        if isinstance(path, str) and (path.endswith(("/", os.sep))
+                                      or os.path.basename(path) in (".", "..")):
+            raise SandboxError(f"{path} names a directory (it ends with '/' or a dot entry): "
+                               "give the path of a file, such as dir/notes.md")
         full = self._resolve(path)
         if os.path.isdir(full):
             raise SandboxError(f"{path} is a directory")
-        _atomic_write(full, content.encode("utf-8", errors="surrogateescape"))
+        try:
+            _atomic_write(full, content.encode("utf-8", errors="surrogateescape"))
+        except OSError as e:
+            raise _os_error(e, path, "write") from None
 
     def edit(self, path, old, new, replace_all=False) -> int:
-        """Replace old with new in a file; returns the number of replacements."""
+        """Replace old with new in a file; returns the number of replacements.
+
+        In a file with CRLF line endings (anywhere in it), an old written with LF endings that
+        does not occur as given is matched with CRLF endings, and new is written with them.
+        """
         if not isinstance(old, str) or not isinstance(new, str):
             raise SandboxError("old and new must be strings")
         if not old:
@@ -243,10 +288,10 @@ class FilesystemSandbox:
         if old == new:
             raise SandboxError("old and new are the same, so there is nothing to change")
         text = self._read_text(path, "surrogateescape")  # undecodable bytes survive the round trip
-        if "\r\n" not in old and _first_line_ending(text) == "\r\n":
-            crlf_old, crlf_new = _to_crlf(old), _to_crlf(new)
+        if "\n" in old and "\r\n" not in old and "\r\n" in text and old not in text:
+            crlf_old = _to_crlf(old)
             if crlf_old in text:
-                old, new = crlf_old, crlf_new
+                old, new = crlf_old, _to_crlf(new)
         count = text.count(old)
         if count == 0:
             raise SandboxError(f"old text not found in {path}{_near_miss_hint(text, old)}")
@@ -254,7 +299,10 @@ class FilesystemSandbox:
             raise SandboxError(f"old text occurs {count} times in {path}: include more surrounding "
                                "lines to make it unique, or pass replace_all=True")
         text = text.replace(old, new) if replace_all else text.replace(old, new, 1)
-        _atomic_write(self._resolve(path), text.encode("utf-8", errors="surrogateescape"))
+        try:
+            _atomic_write(self._resolve(path), text.encode("utf-8", errors="surrogateescape"))
+        except OSError as e:
+            raise _os_error(e, path, "write") from None
         return count if replace_all else 1
 
     def glob(self, pattern, path=".") -> list:
@@ -280,9 +328,11 @@ class FilesystemSandbox:
     def grep(self, pattern, path=".", glob=None, max_count=1000) -> list:
         """(path, line number, line) for lines containing pattern literally, sorted.
 
-        Searches hidden files but not .git directories, ignores .gitignore, skips binary
-        files (a NUL byte anywhere) and symlinks. At most max_count results; a search
-        running past SEARCH_TIMEOUT seconds returns what it found so far.
+        Searches hidden files but not .git directories (a .git file is searched), ignores
+        .gitignore, and skips symlinks, non-regular files (FIFOs, devices), binary files (a
+        NUL byte anywhere, as rg decides) and files over MAX_GREP_BYTES. Naming such a file as
+        path is an error, except a binary one, which has no hits. At most max_count results; a
+        search running past SEARCH_TIMEOUT seconds returns what it found in the files it finished.
         """
         if not isinstance(pattern, str) or not pattern:
             raise SandboxError("pattern must be a non-empty string")
@@ -295,6 +345,12 @@ class FilesystemSandbox:
             raise SandboxError(f"{path} does not exist")
         keep = _glob_filter(glob)
         deadline = time.monotonic() + SEARCH_TIMEOUT
+        if not os.path.isdir(base):
+            fd, st = _open_regular(base, path)  # refuses a FIFO before anything could block on it
+            os.close(fd)
+            if st.st_size > MAX_GREP_BYTES:
+                raise SandboxError(f"{path} is {_size(st.st_size)}, over grep's "
+                                   f"{_size(MAX_GREP_BYTES)} limit: use execute with grep or rg")
         rg = shutil.which("rg") if USE_RG else None
         if rg and os.path.isdir(base):
             hits = self._grep_rg(rg, pattern, base, glob, keep, max_count, deadline)
@@ -310,51 +366,63 @@ class FilesystemSandbox:
             files = [(os.path.basename(base), base)]
         hits = []
         for rel, full in files:
+            if time.monotonic() > deadline:
+                break
             if not keep(rel):
                 continue
             try:
-                with open(full, "rb") as f:
-                    data = f.read()
-            except OSError:
-                continue  # unreadable: skipped, as rg does
-            if needle not in data or b"\0" in data:
-                continue
-            shown = os.path.relpath(full, self.root)
-            line_no, counted_to, pos = 1, 0, data.find(needle)
-            while pos != -1 and len(hits) < max_count:
-                start = data.rfind(b"\n", 0, pos) + 1
-                end = data.find(b"\n", pos)
-                end = len(data) if end == -1 else end
-                line_no += data.count(b"\n", counted_to, start)
-                counted_to = start
-                hits.append((shown, line_no, _line_text(data[start:end])))
-                pos = data.find(needle, end + 1)
-            if len(hits) >= max_count:
-                break
+                fd, st = _open_regular(full, rel)
+            except (OSError, SandboxError):
+                continue  # unreadable or not a regular file: skipped, as rg does
+            with open(fd, "rb", buffering=0) as f:
+                found = None if st.st_size > MAX_GREP_BYTES else \
+                    _grep_file(f, needle, max_count - len(hits), deadline)
+            if found:
+                shown = os.path.relpath(full, self.root)
+                hits += [(shown, number, line) for number, line in found]
+                if len(hits) >= max_count:
+                    break
         return hits
 
     def _grep_rg(self, rg, pattern, base, glob, keep, max_count, deadline):
         rel_base = os.path.relpath(base, self.root)
-        cmd = [rg, "--no-config", "--fixed-strings", "--line-number", "--no-heading",
-               "--with-filename", "--color", "never", "--null", "--no-messages", "--hidden",
-               "--no-ignore", "--sort", "path", "--encoding", "none", "--max-count", str(max_count)]
+        cmd = [rg, "--no-config", "--json", "--fixed-strings", "--no-messages", "--hidden",
+               "--no-ignore", "--no-mmap", "--sort", "path", "--encoding", "none",
+               "--max-count", str(max_count), "--max-filesize", str(MAX_GREP_BYTES)]
         if glob and re.fullmatch(r"[^/\[\]{}\\!^]+", glob):
             cmd += ["--glob", glob]  # a plain basename pattern: let rg pre-filter; `keep` decides
         for name in sorted(SKIP_DIRS):
-            cmd += ["--glob", "!" + name]
+            cmd += ["--glob", "!" + name + "/"]  # the trailing '/': directories only
         cmd += ["-e", pattern, "--", rel_base + "/"]
         proc = subprocess.Popen(cmd, cwd=self.root, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         timer = threading.Timer(max(0.0, deadline - time.monotonic()), proc.kill)
         timer.start()
-        hits = []
+        hits, pending = [], {}  # pending: a file's hits until rg's "end" says it was not binary
         try:
             for raw in proc.stdout:
-                name, _, rest = raw.partition(b"\0")
-                number, _, line = rest.partition(b":")
+                try:
+                    message = json.loads(raw)
+                    kind, data = message["type"], message["data"]
+                    name = _rg_bytes(data["path"])
+                except (ValueError, TypeError, KeyError):
+                    continue  # not a message we understand (a warning, a newer rg): skip it
+                if name is None:
+                    continue
                 shown = os.path.normpath(os.fsdecode(name))
-                if keep(os.path.relpath(shown, rel_base)):
-                    hits.append((shown, int(number), _line_text(line.rstrip(b"\n"))))
+                if kind == "match":
+                    line, number = _rg_bytes(data.get("lines")), data.get("line_number")
+                    if line is not None and isinstance(number, int) \
+                            and keep(os.path.relpath(shown, rel_base)):
+                        pending.setdefault(shown, []).append(
+                            (shown, number, _line_text(line.rstrip(b"\n"))))
+                elif kind == "end" and shown in pending:
+                    found = pending.pop(shown)
+                    if data.get("binary_offset") is not None:
+                        continue  # rg met a NUL after a match: binary, so no hits (as in Python)
+                    if len(found) >= max_count and _has_nul(os.path.join(self.root, shown)):
+                        continue  # rg stopped at --max-count, before any later NUL
+                    hits += found[:max_count - len(hits)]
                     if len(hits) >= max_count:
                         break
         finally:
@@ -362,7 +430,7 @@ class FilesystemSandbox:
             proc.kill()
             proc.stdout.close()
             proc.wait()
-        return hits
+        return hits  # files rg did not finish (killed at the deadline) are left out
 
     # ---- paths ----
 
@@ -390,19 +458,20 @@ class FilesystemSandbox:
 
     def _read_text(self, path, errors):
         full = self._resolve(path)
-        try:
-            st = os.stat(full)
-        except FileNotFoundError:
-            raise SandboxError(f"{path} does not exist") from None
-        if stat.S_ISDIR(st.st_mode):
+        if os.path.isdir(full):
             raise SandboxError(f"{path} is a directory: use ls or glob to list it")
-        if not stat.S_ISREG(st.st_mode):
-            raise SandboxError(f"{path} is not a regular file")
-        if st.st_size > MAX_READ_BYTES:
-            raise SandboxError(f"{path} is {_size(st.st_size)}, over the {_size(MAX_READ_BYTES)} "
-                               "limit: use execute with head, tail, sed -n or grep")
-        with open(full, "rb") as f:
-            data = f.read()
+        fd, st = _open_regular(full, path)
+        with open(fd, "rb") as f:
+            if st.st_size > MAX_READ_BYTES:
+                raise SandboxError(f"{path} is {_size(st.st_size)}, over the {_size(MAX_READ_BYTES)} "
+                                   "limit: use execute with head, tail, sed -n or grep")
+            try:
+                data = f.read(MAX_READ_BYTES + 1)
+            except OSError as e:
+                raise _os_error(e, path, "read") from None
+        if len(data) > MAX_READ_BYTES:
+            raise SandboxError(f"{path} grew past the {_size(MAX_READ_BYTES)} limit while being "
+                               "read: use execute with head, tail, sed -n or grep")
         if b"\0" in data[:BINARY_SNIFF]:
             raise SandboxError(f"{path} looks binary ({_size(len(data))}): "
                                "inspect it with execute, e.g. `file` or `xxd | head`")
@@ -411,10 +480,11 @@ class FilesystemSandbox:
 
 # ---- helpers ----
 
-def _pump(pid, streams, deadline, cancel):
-    """Read the pipes in streams (fd -> _Capture) until EOF and the shell's exit; returns None,
-    'timed_out', 'cancelled' or 'lingering'. Leaves the shell unreaped, so its group id
-    stays reserved."""
+def _pump(pid, streams, deadline, cancel, sweep):
+    """Read the pipes in streams (fd -> _Capture) until EOF and the shell's exit; returns
+    (outcome, abandoned): outcome is None, 'timed_out', 'cancelled' or 'lingering', abandoned
+    is True if something still held a pipe when we gave up. sweep() kills what left the group.
+    Leaves the shell unreaped, so its group id stays reserved."""
     poller = select.poll()
     for fd in streams:
         poller.register(fd, select.POLLIN)
@@ -441,6 +511,7 @@ def _pump(pid, streams, deadline, cancel):
                 if outcome is None:
                     outcome = "lingering"
                 _signal_group(pid, signal.SIGKILL)
+                sweep()  # a setsid'd child may be what holds the pipes
                 kill_at, eof_by = None, math.inf
                 give_up_at = now + 1.0  # something outside the group may hold the pipes
             if give_up_at is not None and now >= give_up_at:
@@ -472,7 +543,108 @@ def _pump(pid, streams, deadline, cancel):
     finally:
         if pidfd is not None:
             os.close(pidfd)
-    return outcome
+    return outcome, bool(streams)
+
+
+_NS_LAST_PID = None     # an fd kept open on /proc/sys/kernel/ns_last_pid: pread is ~10x cheaper
+_NS_LAST_PID_LOCK = threading.Lock()
+
+
+def _last_pid():
+    """The pid most recently handed out in this pid namespace, or None if unknown."""
+    global _NS_LAST_PID
+    if _NS_LAST_PID is None:
+        with _NS_LAST_PID_LOCK:
+            if _NS_LAST_PID is None:
+                try:
+                    _NS_LAST_PID = os.open("/proc/sys/kernel/ns_last_pid", os.O_RDONLY | os.O_CLOEXEC)
+                except OSError:
+                    _NS_LAST_PID = -1
+    if _NS_LAST_PID < 0:
+        return None
+    try:
+        return int(os.pread(_NS_LAST_PID, 32, 0))
+    except (OSError, ValueError):
+        return None
+
+
+class _Sweeper:
+    """Finds and SIGKILLs the processes a command started that left its process group.
+
+    Everything the command starts inherits RUN_MARKER=<this run's id> in its environment, so
+    /proc/PID/environ names them even after setsid or a double fork re-parented them. Only
+    pids allocated since the shell started are read (about none for most commands), unless
+    the command ran long enough that pids may have wrapped. A process that replaced its
+    environment (env -i) or runs as another user is not found.
+    """
+
+    def __init__(self, group, marker, start):
+        self.group, self.start = group, start
+        self.needle = os.fsencode(RUN_MARKER) + b"=" + marker.encode() + b"\0"
+        self.killed = self.failed = 0
+        self._seen = set()
+
+    def sweep(self):
+        for _ in range(SWEEP_ROUNDS):
+            found = 0
+            for pid in self._candidates():
+                found += self._kill_if_ours(pid)
+            if not found:
+                return
+
+    def _candidates(self):
+        first, last = self.group, _last_pid()
+        if last == first and time.monotonic() - self.start < 1.0:
+            return []  # no process was created since the shell: nothing can have escaped
+        try:
+            names = os.listdir("/proc")
+        except OSError:
+            return []
+        pids = (int(n) for n in names if n.isdigit())
+        if last is None or time.monotonic() - self.start >= 1.0:  # pids may have wrapped round
+            return [p for p in pids if p != first]
+        if last > first:
+            return [p for p in pids if first < p <= last]
+        return [p for p in pids if p > first or p <= last]
+
+    def _kill_if_ours(self, pid):
+        """1 if pid carries our marker outside our group and was signalled (or could not be)."""
+        if pid in self._seen or not self._ours(pid):
+            return 0
+        try:
+            handle = os.pidfd_open(pid)  # pins the process: its pid cannot be reused under us
+        except (AttributeError, OSError):
+            handle = None
+        try:
+            if handle is not None and not self._ours(pid):
+                return 0  # it exited between the two looks
+            self._seen.add(pid)
+            try:
+                if handle is not None:
+                    signal.pidfd_send_signal(handle, signal.SIGKILL)
+                else:
+                    os.kill(pid, signal.SIGKILL)
+                self.killed += 1
+            except ProcessLookupError:
+                pass
+            except OSError:
+                self.failed += 1
+            return 1
+        finally:
+            if handle is not None:
+                os.close(handle)
+
+    def _ours(self, pid):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if b"\0" + self.needle not in b"\0" + f.read():
+                    return False
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                fields = f.read().rpartition(b")")[2].split()
+        except OSError:
+            return False  # gone, or another user's
+        # A zombie is harmless; a member of the group was SIGKILLed already.
+        return fields[0] not in (b"Z", b"X") and int(fields[2]) != self.group
 
 
 def _grow_pipe(fd):
@@ -480,6 +652,102 @@ def _grow_pipe(fd):
         fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_SIZE)  # Linux only
     except OSError:
         pass  # the default buffer works, only with more wake-ups
+
+
+def _open_regular(full, shown):
+    """(fd, stat) for full if it is a regular file, else SandboxError. O_NONBLOCK, so a FIFO
+    swapped in after any earlier check cannot block the open; fstat then refuses it."""
+    try:
+        fd = os.open(full, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise _os_error(e, shown, "read") from None
+    try:
+        st = os.fstat(fd)
+    except OSError as e:
+        os.close(fd)
+        raise _os_error(e, shown, "read") from None
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        kind = "a directory: use ls or glob to list it" if stat.S_ISDIR(st.st_mode) else \
+            "not a regular file (a FIFO, socket or device): inspect it with execute"
+        raise SandboxError(f"{shown} is {kind}")
+    return fd, st
+
+
+def _os_error(e, path, action):
+    """A SandboxError for an OSError from a file tool, with what to do about it."""
+    why = {
+        errno.ENOENT: f"{path} (or a directory above it) does not exist: check it with ls or glob",
+        errno.ENOTDIR: f"part of {path} is a file, not a directory: check the path with ls",
+        errno.EEXIST: f"part of {path} is a file, not a directory: check the path with ls",
+        errno.EISDIR: f"{path} is a directory",
+        errno.EACCES: "permission denied: check its mode with execute (`ls -l`), or use another path",
+        errno.EPERM: "operation not permitted: check its mode and flags with execute (`ls -l`)",
+        errno.ENOSPC: "no space left on the device: free some space and try again",
+        errno.EDQUOT: "disk quota exceeded: free some space and try again",
+        errno.EROFS: "the file system is read-only: write somewhere else",
+        errno.ENAMETOOLONG: "a name in the path is too long: use a shorter one",
+        errno.ELOOP: f"{path} is a symlink loop",
+    }.get(e.errno, e.strerror or str(e))
+    return SandboxError(f"cannot {action} {path}: {why}")
+
+
+def _grep_file(f, needle, room, deadline):
+    """[(line number, line)] for at most room lines of the open file f holding needle; None if
+    the file holds a NUL anywhere (binary) or the deadline passed before its end."""
+    hits, carry, line_no = [], b"", 1
+    while True:
+        chunk = f.read(GREP_CHUNK)
+        if b"\0" in chunk:
+            return None
+        buf = carry + chunk if carry else chunk
+        end = len(buf) if not chunk else buf.rfind(b"\n") + 1  # whole lines; the rest waits
+        if len(hits) < room and end:
+            pos, counted_to = buf.find(needle, 0, end), 0
+            while pos != -1 and len(hits) < room:
+                start = buf.rfind(b"\n", 0, pos) + 1
+                stop = buf.find(b"\n", pos, end)
+                stop = end if stop == -1 else stop
+                line_no += buf.count(b"\n", counted_to, start)
+                counted_to = start
+                hits.append((line_no, _line_text(buf[start:stop])))
+                pos = buf.find(needle, stop + 1, end)
+            line_no += buf.count(b"\n", counted_to, end)
+        if not chunk:
+            return hits
+        carry = buf[end:]
+        if time.monotonic() > deadline:
+            return None  # unfinished, so not known to be text
+
+
+def _has_nul(full):
+    """True if the regular file full holds a NUL byte (or cannot be read to the end)."""
+    try:
+        fd, _ = _open_regular(full, full)
+    except (OSError, SandboxError):
+        return True
+    with open(fd, "rb", buffering=0) as f:
+        for _ in range(MAX_GREP_BYTES // GREP_CHUNK + 1):
+            chunk = f.read(GREP_CHUNK)
+            if not chunk:
+                return False
+            if b"\0" in chunk:
+                return True
+    return True
+
+
+def _rg_bytes(field):
+    """The bytes of an rg --json {"text": ...} or {"bytes": base64} field; None if neither."""
+    if not isinstance(field, dict):
+        return None
+    if isinstance(field.get("text"), str):
+        return field["text"].encode("utf-8", errors="surrogateescape")
+    if isinstance(field.get("bytes"), str):
+        try:
+            return base64.b64decode(field["bytes"])
+        except ValueError:
+            return None
+    return None
 
 
 def _check_timeout(timeout):
@@ -549,6 +817,10 @@ def _near_miss_hint(text, old):
     return ": read the file and copy the exact text, including indentation"
 
 
+def _count(n, noun):
+    return f"{n} {noun}" + ("" if n == 1 else "es" if noun.endswith("s") else "s")
+
+
 def _size(n):
     return f"{n} bytes" if n < 1024 else f"{n / 1024:.1f} KiB" if n < 1 << 20 \
         else f"{n / (1 << 20):.1f} MB"
@@ -598,7 +870,15 @@ def _glob_regex(pattern):
             out.append(".*" if last else "(?:.*/)?")
         else:
             out.append(_segment_regex(part) + ("" if last else "/"))
-    return re.compile("".join(out) + r"\Z", re.DOTALL)
+    return _compile_glob("".join(out), pattern)
+
+
+def _compile_glob(regex, pattern):
+    try:
+        return re.compile(regex + r"\Z", re.DOTALL)
+    except re.error as e:
+        raise SandboxError(f"invalid glob pattern {pattern!r}: {e.msg} (a range in [...] must go "
+                           "upward, as in [a-z]); fix the pattern") from None
 
 
 def _segment_regex(part):
@@ -631,7 +911,7 @@ def _glob_filter(glob):
     if not isinstance(glob, str) or not glob:
         raise SandboxError("glob must be a non-empty pattern such as '*.py', or None")
     if "/" not in glob:
-        name = re.compile(_segment_regex(glob) + r"\Z", re.DOTALL)
+        name = _compile_glob(_segment_regex(glob), glob)
         return lambda rel: name.match(rel.rsplit("/", 1)[-1]) is not None
     regex = _glob_regex(glob)
     return lambda rel: regex.match(rel) is not None

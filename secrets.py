@@ -238,12 +238,18 @@ def child_env(secrets, base=None):
 class Redactor:
     """Replaces each secret value of MIN_REDACT_LEN or more characters with [REDACTED:NAME].
 
-    redact(text) works on a whole text. feed(chunk) and flush() work on a stream, and redact a
-    value split across chunks: feed holds back only a tail that could begin a value (never more
-    than the longest value's length minus one). The concatenated output of feed()s and flush()
-    equals redact() of the concatenated input. One compiled alternation, longest first, so a
-    value containing another wins; where two values only partly overlap, the leftmost wins. A
-    value held under two names is labelled with the first. Use stream() for each further stream.
+    Every occurrence of every value is found, overlapping ones included. Occurrences that
+    overlap merge into one span, labelled with the longest value in it (of values as long, the
+    one named first), so no character of any value survives: with A="AAAABBBB" and
+    B="BBBBCCCCCCCC", "xAAAABBBBCCCCCCCCx" becomes "x[REDACTED:B]x". Occurrences that merely
+    touch keep a label each. A value held under two names is labelled with the first.
+
+    redact(text) works on a whole text. feed(chunk) and flush() work on a stream, and give the
+    same result: the concatenated output of feed()s and flush() equals redact() of the
+    concatenated input, however it is split. feed holds back only a tail that could begin a
+    value (at most the longest value's length minus one characters), plus, while such a tail
+    starts inside a span, that span: it is secret text whose label a later value may change.
+    Use stream() for each further stream.
     """
 
     def __init__(self, secrets=None):
@@ -253,10 +259,12 @@ class Redactor:
                 labels.setdefault(value, f"[REDACTED:{name}]")
         self._labels = labels
         self._values = sorted(labels, key=len, reverse=True)
+        self._rank = {value: i for i, value in enumerate(self._values)}  # lower wins a merged span
         self.names = tuple(dict.fromkeys(label[10:-1] for label in labels.values()))
         self._pending = ""
         self._pattern = self._starts = None
         if labels:
+            # Longest first, so a match is the longest value starting at its position.
             self._pattern = re.compile("|".join(map(re.escape, self._values)))
             # Where a held-back tail may begin: a value's first two characters, or its first at the end.
             firsts = "".join(sorted({re.escape(v[0]) for v in self._values}))
@@ -264,9 +272,6 @@ class Redactor:
             self._starts = re.compile(f"(?={'|'.join(heads)}|[{firsts}]\\Z)")
         self._hold = len(self._values[0]) - 1 if labels else 0
         self._prefilter = len(labels) <= PREFILTER_MAX
-
-    def _label(self, match):
-        return self._labels[match.group()]
 
     def _clean(self, text):
         """True when no value occurs in text, so the regex can be skipped."""
@@ -277,28 +282,51 @@ class Redactor:
                 return False
         return True
 
+    def _spans(self, text):
+        """(start, end, value) for each run of overlapping occurrences in text, left to right;
+        value is the one whose label the run gets."""
+        search, rank = self._pattern.search, self._rank
+        match = search(text)
+        while match:
+            start, end, best = match.start(), match.end(), match.group()
+            match = search(text, start + 1)  # the next occurrence starting anywhere later
+            while match and match.start() < end:  # it overlaps the run: merge it
+                end = max(end, match.end())
+                if rank[match.group()] < rank[best]:
+                    best = match.group()
+                match = search(text, match.start() + 1)
+            yield start, end, best
+
     def redact(self, text):
         """Text with every secret value replaced by [REDACTED:NAME]."""
         if self._pattern is None or self._clean(text):
             return text
-        return self._pattern.sub(self._label, text)
+        out, pos = [], 0
+        for start, end, best in self._spans(text):
+            out += (text[pos:start], self._labels[best])
+            pos = end
+        out.append(text[pos:])
+        return "".join(out)
 
     def feed(self, chunk):
         """Redact the next piece of a stream; returns what is safe to pass on now."""
         if self._pattern is None:
             return chunk
         text = self._pending + chunk if self._pending else chunk
-        held = self._held_from(text)
+        held = self._held_from(text)  # only an occurrence starting here or later can still grow
         if self._clean(text):
             self._pending = text[held:]
             return text[:held]
-        out, pos = [], 0
-        for match in self._pattern.finditer(text):
-            if match.start() >= held:  # may yet grow into a longer value: decide on the next feed
+        out, pos, cut = [], 0, held
+        for start, end, best in self._spans(text):
+            if start >= held:  # may yet grow into a longer value: decide on the next feed
                 break
-            out += (text[pos:match.start()], self._labels[match.group()])
-            pos = match.end()
-        cut = max(held, pos)
+            if end > held:  # a later occurrence may still overlap it, and change its label
+                cut = start
+                break
+            out += (text[pos:start], self._labels[best])
+            pos = end
+        cut = max(cut, pos)
         out.append(text[pos:cut])
         self._pending = text[cut:]
         return "".join(out)

@@ -2,8 +2,10 @@
 
     python -m unittest test_sandbox -v
 """
+import errno
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import textwrap
@@ -87,13 +89,22 @@ class ExecuteTest(SandboxCase):
         self.assertTrue(os.path.isdir(box2.root))
 
     def test_environment_layers_and_removal(self):
-        with mock.patch.dict(os.environ, {"HOST_ONLY": "host", "HIDE_ME": "secret", "PAGER": "less"}):
+        host = {"HOST_ONLY": "host", "HIDE_ME": "secret", "PAGER": "less", "GIT_PAGER": "less -R",
+                "GIT_TERMINAL_PROMPT": "1"}
+        show = 'echo "$PAGER|$GIT_PAGER|$GIT_TERMINAL_PROMPT"'
+        with mock.patch.dict(os.environ, host):
             box = FilesystemSandbox(self.root, env={"A": "box", "B": "box", "HIDE_ME": None})
-            r = box.execute('echo "$A $B $HOST_ONLY ${HIDE_ME-unset} $PAGER $GIT_PAGER '
-                            '$GIT_TERMINAL_PROMPT"', env={"B": "call"})
-            self.assertEqual(r.stdout, "box call host unset cat cat 0\n")
+            r = box.execute('echo "$A $B $HOST_ONLY ${HIDE_ME-unset}"', env={"B": "call"})
+            self.assertEqual(r.stdout, "box call host unset\n")
             r = box.execute('echo "${A-unset} $PAGER"', env={"A": None, "PAGER": "more"})
             self.assertEqual(r.stdout, "unset more\n")
+            # The non-interactive defaults override what the host set...
+            self.assertEqual(box.execute(show).stdout, "cat|cat|0\n")
+            # ...but a sandbox-level env wins over them, and a call's env over that.
+            box = FilesystemSandbox(self.root, env={"PAGER": "most", "GIT_TERMINAL_PROMPT": "1"})
+            self.assertEqual(box.execute(show).stdout, "most|cat|1\n")
+            self.assertEqual(box.execute(show, env={"PAGER": "more", "GIT_PAGER": None}).stdout,
+                             "more||1\n")
 
     def test_invalid_arguments(self):
         for bad in ("", "   ", None, "echo \0"):
@@ -165,10 +176,76 @@ class ExecuteTest(SandboxCase):
         self.assertFalse(alive(self.pid_from("stubborn.pid")))
 
     def test_stdin_is_closed(self):
-        t = time.monotonic()
-        r = self.box.execute("cat; echo done", timeout=30)
-        self.assertLess(time.monotonic() - t, HANG)
+        # Give this process an open stdin that never ends (under CI it is /dev/null, where
+        # an inherited stdin would pass too): a command that inherited it would wait forever.
+        read_end, write_end = os.pipe()
+        saved = os.dup(0)
+        os.dup2(read_end, 0)
+        try:
+            r = self.box.execute("cat; echo done", timeout=3)
+        finally:
+            os.dup2(saved, 0)
+            for fd in (saved, read_end, write_end):
+                os.close(fd)
         self.assertEqual((r.exit_code, r.stdout, r.timed_out), (0, "done\n", False))
+
+    def test_setsid_child_is_found_and_killed(self):
+        t = time.monotonic()
+        r = self.box.execute("setsid sleep 30 & echo $!")  # holds the pipes, in its own session
+        self.assertLess(time.monotonic() - t, HANG)
+        self.assertFalse(alive(int(r.stdout)), "the setsid'd sleep survived")
+        self.assertIn("1 background process had left the process group", r.stderr)
+        self.assertIn("and was killed", r.stderr)
+        r = self.box.execute(  # holds nothing; the shell waits until setsid has run
+            "setsid sh -c 'echo > started; exec sleep 30' >/dev/null 2>&1 & "
+            "while [ ! -e started ]; do sleep 0.01; done; echo $!")
+        self.assertLess(r.duration, 1.5)
+        self.assertFalse(alive(int(r.stdout)), "the detached setsid'd sleep survived")
+        self.assertIn("and was killed", r.stderr)
+        r = self.box.execute("setsid sleep 30 >/dev/null 2>&1 & echo $!; sleep 30", timeout=1)
+        self.assertTrue(r.timed_out)
+        self.assertFalse(alive(int(r.stdout)), "the setsid'd sleep survived the timeout")
+        self.assertNotIn("left the process group", self.box.execute("echo plain").stderr)
+
+    def test_untraceable_escapee_is_reported_not_claimed_killed(self):
+        # env -i drops the marker the sandbox tracks, so this one cannot be found: say so.
+        r = self.box.execute("env -i setsid sleep 30 & echo $!")
+        pid = int(r.stdout)
+        self.addCleanup(lambda: os.kill(pid, signal.SIGKILL) if alive(pid) else None)
+        self.assertTrue(alive(pid))
+        self.assertIn("still holds the output and was left running", r.stderr)
+        self.assertNotIn("so they were killed", r.stderr)
+
+    def test_output_below_at_and_just_over_the_limit(self):
+        box = FilesystemSandbox(self.root)  # the default 1 MB
+        for size, cut in ((900_000, False), (1_000_000, False), (1_000_001, True)):
+            with self.subTest(size=size):
+                r = box.execute(f"head -c {size} /dev/zero | tr '\\0' a")
+                self.assertEqual(r.truncated, cut)
+                if cut:
+                    self.assertEqual(r.stdout, "a" * 500_000 + "\n… 1 bytes omitted …\n" + "a" * 500_000)
+                else:
+                    self.assertEqual(r.stdout, "a" * size)
+
+    def test_capture_keeps_exact_head_and_tail_at_every_size_and_chunking(self):
+        for read_chunk in (0, 1, 1 << 20):  # 0 and 1 make the tail trim itself at every chance
+            with mock.patch.object(sandbox, "READ_CHUNK", read_chunk):
+                for limit in (1, 2, 7, 10):
+                    for total in range(3 * limit + 3):
+                        data = bytes(range(65, 65 + total))
+                        for step in (1, 3, max(1, total)):
+                            cap = sandbox._Capture(limit)
+                            for i in range(0, total, step):
+                                cap.add(data[i:i + step])
+                            text, cut = cap.result()
+                            if total <= limit:
+                                want = data.decode()
+                            else:
+                                head = limit // 2
+                                want = (data[:head].decode() + f"\n… {total - limit} bytes omitted …\n"
+                                        + data[total - (limit - head):].decode())
+                            self.assertEqual((text, cut), (want, total > limit),
+                                             (read_chunk, limit, total, step))
 
     def test_huge_output_is_truncated_to_head_and_tail(self):
         box = FilesystemSandbox(self.root, max_output_bytes=100_000)
@@ -347,11 +424,92 @@ class FileToolsTest(SandboxCase):
     def test_write_failure_leaves_old_file_whole(self):
         self.put("keep.txt", "original\n")
         with mock.patch("sandbox.os.fsync", side_effect=OSError(28, "No space left on device")):
-            with self.assertRaises(OSError):
+            with self.assertRaises(SandboxError) as cm:
                 self.box.write("keep.txt", "new content\n")
+        self.assertIn("no space left", str(cm.exception))
         with open(self.path("keep.txt")) as f:
             self.assertEqual(f.read(), "original\n")
         self.assertEqual(os.listdir(self.root), ["keep.txt"])
+
+    def test_write_refuses_a_directory_path(self):
+        for path in ("newdir/", "newdir/.", "sub/newdir/", "./"):
+            with self.subTest(path=path):
+                with self.assertRaises(SandboxError) as cm:
+                    self.box.write(path, "x")
+                self.assertIn("names a directory", str(cm.exception))
+        self.assertEqual(os.listdir(self.root), [])
+
+    def test_os_and_pattern_errors_become_sandbox_errors(self):
+        self.put("afile", "text\n")
+        cases = {
+            "read below a file": (lambda: self.box.read("afile/x"), "is a file, not a directory"),
+            "edit below a file": (lambda: self.box.edit("afile/x", "a", "b"), "is a file, not a directory"),
+            "write below a file": (lambda: self.box.write("afile/child", "x"), "is a file, not a directory"),
+            "write deeper below": (lambda: self.box.write("afile/a/b", "x"), "is a file, not a directory"),
+            "ls below a file": (lambda: self.box.ls("afile/x"), "does not exist"),
+            "grep below a file": (lambda: self.box.grep("x", "afile/x"), "does not exist"),
+            "glob range": (lambda: self.box.glob("[z-a]"), "bad character range"),
+            "glob range in a path": (lambda: self.box.glob("**/[z-a].py"), "bad character range"),
+            "grep glob range": (lambda: self.box.grep("text", glob="[z-a]"), "bad character range"),
+            "grep path glob range": (lambda: self.box.grep("text", glob="d/[z-a]"), "bad character range"),
+        }
+        for what, (call, words) in cases.items():
+            with self.subTest(what):
+                with self.assertRaises(SandboxError) as cm:
+                    call()
+                self.assertIn(words, str(cm.exception))
+
+    def test_unreadable_file_and_directory(self):
+        secret = self.put("locked.txt", "text\n")
+        os.makedirs(self.path("locked_dir"))
+        for p in (secret, self.path("locked_dir")):
+            os.chmod(p, 0)
+            self.addCleanup(os.chmod, p, 0o700)
+        real_open, real_scandir = os.open, os.scandir
+
+        def denied(real):  # root ignores modes: refuse as a non-root user would be refused
+            def call(path, *args, **kwargs):
+                if os.fspath(path).startswith((secret, self.path("locked_dir"))):
+                    raise PermissionError(errno.EACCES, "Permission denied", path)
+                return real(path, *args, **kwargs)
+            return call
+        with mock.patch("sandbox.os.open", denied(real_open)), \
+                mock.patch("sandbox.os.scandir", denied(real_scandir)):
+            for call in (lambda: self.box.read("locked.txt"), lambda: self.box.edit("locked.txt", "t", "T"),
+                         lambda: self.box.grep("text", "locked.txt"), lambda: self.box.ls("locked_dir"),
+                         lambda: self.box.write("locked_dir/new.txt", "x")):
+                with self.assertRaises(SandboxError) as cm:
+                    call()
+                self.assertIn("permission denied", str(cm.exception))
+            with mock.patch.object(sandbox, "USE_RG", False):
+                self.assertEqual(self.box.grep("text"), [])  # skipped in a search, as rg does
+
+    def test_fifo_is_refused_and_skipped_without_blocking(self):
+        fifo = self.path("pipe")
+        os.mkfifo(fifo)
+        self.put("a.txt", "needle\n")
+        results = []
+
+        def calls():
+            for call in (lambda: self.box.grep("needle", "pipe"), lambda: self.box.read("pipe"),
+                         lambda: self.box.edit("pipe", "a", "b")):
+                try:
+                    call()
+                    results.append("no error")
+                except SandboxError as e:
+                    results.append(str(e))
+            with mock.patch.object(sandbox, "USE_RG", False):
+                results.append(self.box.grep("needle"))
+            results.append(self.box.grep("needle"))
+        worker = threading.Thread(target=calls, daemon=True)
+        worker.start()
+        worker.join(HANG)
+        if worker.is_alive():  # unblock the stuck open so the thread can end
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            self.fail("a file tool blocked on a FIFO")
+        for message in results[:3]:
+            self.assertIn("not a regular file", message)
+        self.assertEqual(results[3:], [[("a.txt", 1, "needle")]] * 2)
 
     def test_edit(self):
         self.put("e.py", "x = 1\ny = 1\nz = 2\n")
@@ -387,6 +545,22 @@ class FileToolsTest(SandboxCase):
         self.box.edit("lf.txt", "a\nb", "c\nd")
         with open(self.path("lf.txt"), "rb") as f:
             self.assertEqual(f.read(), b"c\nd\n")
+
+    def test_edit_in_a_file_with_mixed_line_endings(self):
+        # The first line ends in LF, later ones in CRLF: an LF old still finds the CRLF lines.
+        self.put("m.txt", b"first\nsecond\r\nthird\r\n")
+        self.assertEqual(self.box.edit("m.txt", "second\nthird\n", "2\n3\n"), 1)
+        with open(self.path("m.txt"), "rb") as f:
+            self.assertEqual(f.read(), b"first\n2\r\n3\r\n")
+        # Where the LF text itself occurs, it is what is replaced, as given.
+        self.assertEqual(self.box.edit("m.txt", "first\n2", "one\ntwo"), 1)
+        with open(self.path("m.txt"), "rb") as f:
+            self.assertEqual(f.read(), b"one\ntwo\r\n3\r\n")
+        self.put("c.txt", b"a\r\nb\r\nc\nd\n")
+        self.assertEqual(self.box.edit("c.txt", "a\nb\n", "x\n"), 1)
+        self.assertEqual(self.box.edit("c.txt", "c\nd\n", "y\n"), 1)
+        with open(self.path("c.txt"), "rb") as f:
+            self.assertEqual(f.read(), b"x\r\ny\n")
 
     def test_glob(self):
         for rel in ("a.py", "pkg/b.py", "pkg/sub/c.py", "pkg/readme.md", ".hidden/d.py",
@@ -500,6 +674,69 @@ class GrepTest(SandboxCase):
     def test_bad_arguments(self):
         for args in (("",), ("a\nb",), ("x", "missing"), ("x", ".", None, 0)):
             self.assertRaises(SandboxError, self.box.grep, *args)
+
+    def test_nul_after_the_first_buffer_is_binary_in_both(self):
+        # rg 13 finds this NUL only after printing the match, then warns; it must not crash
+        # the parser, and the file counts as binary in both searches.
+        self.put("late.txt", b"needle\n" + b"x" * 300_000 + b"\0")
+        self.put("late2.txt", b"needle\n" * 5 + b"y" * 300_000 + b"\0")  # rg stops at max_count first
+        self.assertEqual(self.both("needle"), self.expected)
+        for max_count in (1, 3, 5, 6):
+            hits = self.both("needle", max_count=max_count)
+            self.assertEqual(len(hits), max_count)
+            self.assertFalse([h for h in hits if h[0].startswith("late")], hits)
+        self.assertEqual(self.both("needle", "late.txt"), [])
+        self.assertEqual(self.both("needle", "late2.txt", max_count=2), [])
+
+    def test_odd_file_names(self):
+        self.put("new\nline.txt", "needle\n")
+        self.put("tab\tand:colon.txt", "a:1:needle\n")
+        self.put("caf\xe9.txt".encode("latin-1").decode("utf-8", "surrogateescape"), "needle\n")
+        found = self.both("needle")
+        for hit in [("new\nline.txt", 1, "needle"), ("tab\tand:colon.txt", 1, "a:1:needle"),
+                    ("caf\udce9.txt", 1, "needle")]:
+            self.assertIn(hit, found)
+
+    def test_rg_output_it_cannot_parse_is_skipped(self):
+        real_rg = shutil.which("rg")
+        if not real_rg:
+            self.skipTest("ripgrep (rg) is not installed")
+        bin_dir = os.path.join(self.tmp, "bin")
+        os.makedirs(bin_dir)
+        with open(os.path.join(bin_dir, "rg"), "w") as f:
+            f.write(f'#!/bin/sh\necho "./a.txt: WARNING: something odd"\necho "[1, 2]"\necho "{{}}"\n'
+                    f'echo \'{{"type": "match", "data": {{"path": 7}}}}\'\nexec "{real_rg}" "$@"\n')
+        os.chmod(os.path.join(bin_dir, "rg"), 0o755)
+        with mock.patch.dict(os.environ, {"PATH": bin_dir}):
+            self.assertEqual(self.box.grep("needle"), self.expected)
+
+    def test_git_file_is_searched_git_directory_is_not(self):
+        self.put("sub/.git", "gitdir: ../.git/modules/needle\n")  # a submodule's or worktree's
+        self.assertIn(("sub/.git", 1, "gitdir: ../.git/modules/needle"), self.both("needle"))
+        self.assertNotIn(".git/config", [h[0] for h in self.both("needle")])
+
+    def test_size_cap_and_chunk_boundaries(self):
+        self.put("cap/exact.txt", b"needle\n" + b"z" * 56 + b"\n")  # 64 bytes
+        self.put("cap/over.txt", b"needle\n" + b"z" * 57 + b"\n")  # 65 bytes
+        with mock.patch.object(sandbox, "MAX_GREP_BYTES", 64):
+            self.assertEqual(self.both("needle", "cap"), [("cap/exact.txt", 1, "needle")])
+            with self.assertRaises(SandboxError) as cm:
+                self.box.grep("needle", "cap/over.txt")
+            self.assertIn("over grep's 64 bytes limit", str(cm.exception))
+        for chunk in (1, 2, 3, 5, 7, 64):
+            with self.subTest(chunk=chunk), mock.patch.object(sandbox, "GREP_CHUNK", chunk):
+                self.assertEqual(self.both("needle"), sorted(self.expected + [
+                    ("cap/exact.txt", 1, "needle"), ("cap/over.txt", 1, "needle")]))
+                self.assertEqual(len(self.both("needle", max_count=4)), 4)
+
+    def test_python_search_checks_the_deadline_inside_a_file(self):
+        self.put("big.txt", "x\n" * 10_000 + "needle at the end\n")
+        clock = iter(range(10**6))  # each look at the clock is one second later
+        with mock.patch.object(sandbox, "USE_RG", False), \
+                mock.patch.object(sandbox, "SEARCH_TIMEOUT", 5.0), \
+                mock.patch.object(sandbox, "GREP_CHUNK", 100), \
+                mock.patch("sandbox.time.monotonic", lambda: float(next(clock))):
+            self.assertEqual(self.box.grep("needle", "big.txt"), [])
 
 
 if __name__ == "__main__":

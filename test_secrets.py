@@ -13,6 +13,7 @@ import io
 import json
 import os
 import random
+import re
 import select
 import shutil
 import subprocess
@@ -208,26 +209,43 @@ class NamesAndEnvTest(unittest.TestCase):
         self.assertEqual(S.child_env({"X_SECRET": "v"})["PATH"], os.environ["PATH"])
         self.assertNotIn("X_SECRET", os.environ)
 
-    def test_child_with_temporary_home_leaves_no_key_in_files(self):
+    def test_our_code_in_a_child_with_temporary_home_writes_no_key(self):
+        # A child does what the CLI does with a key: gather, child_env, redact, hand it to
+        # `secrets.py check` and `runner.py --help`. Nothing under HOME, the cwd or TMPDIR may
+        # hold it afterwards. (test_runner.SecretsTest runs a whole task and scans STIGMER_HOME.)
         key = "sk-ant-childenv-" + S.token_hex(16)
         with tempfile.TemporaryDirectory() as home, tempfile.TemporaryDirectory() as work:
             os.mkdir(os.path.join(work, "tmp"))
-            base = {"HOME": home, "PATH": os.environ["PATH"], "TMPDIR": os.path.join(work, "tmp")}
+            base = {"HOME": home, "PATH": os.environ["PATH"], "TMPDIR": os.path.join(work, "tmp"),
+                    "PYTHONDONTWRITEBYTECODE": "1", "STIGMER_SANDBOX_SECRETS": "GITHUB_TOKEN",
+                    "GITHUB_TOKEN": "ghp_" + S.token_hex(12)}
             child = (
-                "import hashlib, json, os, subprocess, sys, tempfile\n"
-                "open('notes.txt', 'w').write('ordinary work\\n')\n"
-                "os.makedirs(os.path.expanduser('~/.config/app'))\n"
-                "json.dump({'ok': True}, open(os.path.expanduser('~/.config/app/settings.json'), 'w'))\n"
-                "tempfile.NamedTemporaryFile(delete=False).write(b'scratch')\n"
-                "subprocess.run([sys.executable, '-c', 'print(40 + 2)'], check=True)\n"
-                "key = os.environ['ANTHROPIC_API_KEY']\n"
-                "print(hashlib.sha256(key.encode()).hexdigest())\n"
-                "print('argv clean' if key.encode() not in open('/proc/self/cmdline', 'rb').read() else 'argv!')\n"
+                "import hashlib, importlib.util, os, subprocess, sys\n"
+                "spec = importlib.util.spec_from_file_location('stigmer_secrets', sys.argv[1])\n"
+                "S = importlib.util.module_from_spec(spec); spec.loader.exec_module(S)\n"
+                "names = S.sandbox_secret_names()\n"
+                "found = S.gather(('anthropic',), names, stdin_isatty=False)\n"
+                "env = S.child_env(found)\n"
+                "key = env['ANTHROPIC_API_KEY']\n"
+                "r = found.redactor()\n"
+                "print(r.redact('key=' + key), ''.join([r.feed(key[:9]), r.feed(key[9:] + '.'), r.flush()]))\n"
+                "open('notes.txt', 'w').write(r.redact(f'log: {key}\\n'))\n"
+                "here = os.path.dirname(sys.argv[1])\n"
+                "for args in ([os.path.join(here, 'secrets.py'), 'check', '--json'],\n"
+                "             [os.path.join(here, 'runner.py'), '--help']):\n"
+                "    done = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True)\n"
+                "    assert done.returncode == 0 and key not in done.stdout + done.stderr, done\n"
+                "print(hashlib.sha256(key.encode()).hexdigest(), repr(found))\n"
             )
-            done = run([PYTHON, "-c", child], cwd=work, env=S.child_env(S.Secrets({"ANTHROPIC_API_KEY": key}), base))
+            done = run([PYTHON, "-c", child, SECRETS_PY], cwd=work,
+                       env=S.child_env(S.Secrets({"ANTHROPIC_API_KEY": key}), base))
             self.assertEqual(done.returncode, 0, done.stderr)
-            self.assertEqual(done.stdout.split(), ["42", hashlib.sha256(key.encode()).hexdigest(), "argv", "clean"])
-            self.assertTrue(os.path.exists(os.path.join(home, ".config/app/settings.json")))
+            self.assertEqual(done.stdout.split("\n")[0],
+                             "key=[REDACTED:ANTHROPIC_API_KEY] [REDACTED:ANTHROPIC_API_KEY].")
+            self.assertIn(hashlib.sha256(key.encode()).hexdigest(), done.stdout)
+            self.assertNotIn(key, done.stdout + done.stderr)
+            with open(os.path.join(work, "notes.txt")) as f:
+                self.assertEqual(f.read(), "log: [REDACTED:ANTHROPIC_API_KEY]\n")
             self.assertEqual(files_containing(key, home, work), [])
             with open(os.path.join(work, "canary"), "w") as f:  # the scan itself can fail
                 f.write("a fake canary value for the scanner")
@@ -418,6 +436,61 @@ class RedactorTest(unittest.TestCase):
         self.assertEqual(redactor.redact("sk-ant-abcdefgh-longer sk-ant-abcdefgh-long"),
                          "[REDACTED:LONG_KEY] [REDACTED:SHORT_KEY]-long")
         self.assertEqual(self.streamed(redactor, ["sk-ant-abcdefgh", "-longer"]), "[REDACTED:LONG_KEY]")
+
+    def test_partly_overlapping_values_leak_nothing(self):
+        redactor = S.Redactor({"A": "AAAABBBB", "B": "BBBBCCCCCCCC"})
+        self.assertEqual(redactor.redact("xAAAABBBBCCCCCCCCx"), "x[REDACTED:B]x")
+        self.assertEqual(redactor.redact("xBBBBCCCCCCCCx AAAABBBB"), "x[REDACTED:B]x [REDACTED:A]")
+        self.assertEqual(redactor.redact("AAAABBBBAAAABBBB"), "[REDACTED:A][REDACTED:A]")  # touching only
+        for i in range(len("xAAAABBBBCCCCCCCCx") + 1):
+            text = "xAAAABBBBCCCCCCCCx"
+            self.assertEqual(self.streamed(redactor, [text[:i], text[i:]]), "x[REDACTED:B]x", i)
+        # A run of a value overlapping itself, joined by a longer one at its far end.
+        redactor = S.Redactor({"P": "hunter2hunter2", "Q": "2hunter2-and-more"})
+        text = "<" + "hunter2" * 5 + "-and-more>"
+        self.assertEqual(redactor.redact(text), "<[REDACTED:Q]>")
+        for i in range(len(text) + 1):
+            self.assertEqual(self.streamed(redactor, [text[:i], text[i:]]), "<[REDACTED:Q]>", i)
+
+    def test_random_overlaps_match_a_brute_force_reference(self):
+        def reference(secrets, text):
+            """Mark every occurrence of every value; merge overlapping ones; longest labels."""
+            values = sorted(dict.fromkeys(v for v in secrets.values() if len(v) >= S.MIN_REDACT_LEN),
+                            key=len, reverse=True)
+            names = {}
+            for name, value in secrets.items():
+                names.setdefault(value, name)
+            found = sorted((i, i + len(v), values.index(v)) for v in values
+                           for i in range(len(text)) if text.startswith(v, i))
+            out, pos, k = [], 0, 0
+            while k < len(found):
+                start, end, best = found[k]
+                k += 1
+                while k < len(found) and found[k][0] < end:
+                    end, best = max(end, found[k][1]), min(best, found[k][2])
+                    k += 1
+                out += (text[pos:start], f"[REDACTED:{names[values[best]]}]")
+                pos = end
+            return "".join(out) + text[pos:]
+
+        rng = random.Random(11)
+        for trial in range(60):
+            alphabet = "ab" if trial % 2 else "abc"
+            secrets = {f"S{i}": "".join(rng.choice(alphabet) for _ in range(rng.randint(8, 14)))
+                       for i in range(rng.randint(1, 4))}
+            redactor = S.Redactor(secrets)
+            for _ in range(20):
+                text = "".join(rng.choice([*secrets.values(), "a", "b", "ab", "x"])
+                               for _ in range(rng.randint(0, 12)))
+                want = reference(secrets, text)
+                self.assertEqual(redactor.redact(text), want, (secrets, text))
+                cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, rng.randint(0, 6))))
+                chunks = [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
+                self.assertEqual(self.streamed(redactor, chunks), want, (secrets, chunks))
+                self.assertEqual(self.streamed(redactor, list(text)), want, (secrets, text))
+                plain = re.sub(r"\[REDACTED:S\d+\]", "\0", want)
+                for value in secrets.values():  # nothing long enough to be a value survives
+                    self.assertNotIn(value, plain)
 
     def test_short_values_left_alone(self):
         redactor = S.Redactor({"PIN": "1234567", "OK": "12345678"})
