@@ -352,6 +352,47 @@ class SecretsTest(CliCase):
                             self.assertNotIn(secret.encode(), f.read(), os.path.join(folder, name))
 
 
+class TerminalTest(CliCase):
+    script = [tool_step(("execute", {"command": "printf 'one\\ntwo\\nthree\\nfour\\nfive\\nsix\\n'"}),
+                        text="Listing things."),
+              text_step("All done here.", usage={"cache_read": 300, "input": 100})]
+
+    def run_on_pty(self, env):
+        """Run a task with stdout and stderr on a pseudo-terminal; returns (exit code, what the terminal got)."""
+        import pty
+        main_fd, sub_fd = pty.openpty()
+        proc = subprocess.Popen([sys.executable, os.path.join(HERE, "runner.py"), "show me"], env=env,
+                                cwd=self.workspace, stdin=subprocess.DEVNULL, stdout=sub_fd, stderr=sub_fd)
+        os.close(sub_fd)
+        chunks = []
+        while True:
+            try:
+                data = os.read(main_fd, 65536)
+            except OSError:  # EIO: every writer has closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+        os.close(main_fd)
+        return proc.wait(timeout=60), b"".join(chunks).decode("utf-8", "replace")
+
+    def test_live_view_and_summary(self):
+        code, screen = self.run_on_pty(self.env)
+        self.assertEqual(code, 0, screen)
+        for text in ("Listing things.", "execute", "one", "four", "2 more lines", "All done here.", "completed",
+                     "2 turns", "cache 300 read (60% of input)"):
+            self.assertIn(text, screen)
+        self.assertNotIn("    five", screen)  # the preview shows 4 lines
+        self.assertNotIn('"kind"', screen)  # a terminal gets the live view, not JSON
+        self.assertIn("\033[", screen)
+
+    def test_no_color(self):
+        code, screen = self.run_on_pty(dict(self.env, NO_COLOR="1"))
+        self.assertEqual(code, 0, screen)
+        self.assertIn("completed", screen)
+        self.assertNotIn("\033[", screen)
+
+
 class CliErrorTest(CliCase):
     def assertOneLine(self, proc, code, *needles):
         self.assertEqual(proc.returncode, code, proc.stderr)
