@@ -10,7 +10,8 @@ Usually started for you by `python runner.py start` or `python runner.py daemon`
 Threads: the gRPC server runs one pool thread per active RPC, so every open Watch and
 Connect stream holds one (a Connect stream also has a reader thread of its own). Writes
 to SQLite go through one connection under the daemon lock; each Watch reads the log
-through its own connection, so a stalled watcher only ever blocks its own thread.
+through its own connection, so a stalled watcher only ever blocks its own thread. The schema and
+the row conversions live in store.py. Watch sends the log's stored bytes as they are (add_service).
 """
 import argparse
 import errno
@@ -26,11 +27,13 @@ import threading
 import time
 import traceback
 from concurrent import futures
+from operator import itemgetter
 
 import grpc
 
 import stigmer_pb2 as pb
 import stigmer_pb2_grpc as pb_grpc
+import store
 
 VERSION = "0.1.0"
 DEFAULT_ENDPOINT = "localhost:50051"
@@ -51,32 +54,10 @@ CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 ]
+SERVICE = "stigmer.v1.Daemon"  # the full name of the gRPC service
 TERMINAL = (pb.COMPLETED, pb.FAILED, pb.CANCELLED)
 RUNNER_PHASES = TERMINAL + (pb.RUNNING,)  # a runner may report RUNNING (with turns) and the terminal phases
 Code = grpc.StatusCode
-
-# The schema, as a list of migrations; PRAGMA user_version counts those applied. Append only.
-MIGRATIONS = [
-    """
-    CREATE TABLE executions (
-        id TEXT PRIMARY KEY, created_at REAL NOT NULL, phase INTEGER NOT NULL,
-        spec BLOB NOT NULL,                                  -- serialized ExecutionSpec
-        started_at REAL NOT NULL DEFAULT 0, finished_at REAL NOT NULL DEFAULT 0,
-        runner_id TEXT NOT NULL DEFAULT '', usage BLOB NOT NULL DEFAULT x'',  -- serialized Usage
-        final_text TEXT NOT NULL DEFAULT '', error TEXT NOT NULL DEFAULT '',
-        last_seq INTEGER NOT NULL DEFAULT 0, turns INTEGER NOT NULL DEFAULT 0);
-    CREATE INDEX executions_by_created ON executions (created_at);
-    CREATE INDEX executions_by_phase ON executions (phase, created_at);
-    CREATE TABLE events (
-        execution_id TEXT NOT NULL, seq INTEGER NOT NULL, time REAL NOT NULL,
-        kind TEXT NOT NULL,       -- phase, text, tool_call, tool_result, usage, error
-        payload BLOB NOT NULL,    -- serialized Event
-        PRIMARY KEY (execution_id, seq)) WITHOUT ROWID;
-    """,
-]
-EXECUTION_COLUMNS = ("id, created_at, phase, spec, started_at, finished_at, runner_id, usage, "
-                     "final_text, error, last_seq, turns")
-
 
 class DaemonError(Exception):
     """A problem a person must fix before the daemon can run; the message says how."""
@@ -109,45 +90,6 @@ def auth_metadata(token):
 def client_channel(endpoint):
     """An insecure channel to the daemon with the daemon's message size limits."""
     return grpc.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
-
-
-# ---- the store ----
-
-def open_db(path):
-    """Open (creating or migrating) the SQLite store for writing."""
-    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    db.execute("PRAGMA busy_timeout = 5000")
-    db.execute("PRAGMA journal_mode = WAL")
-    db.execute("PRAGMA synchronous = NORMAL")
-    db.execute("PRAGMA cache_size = -32768")  # 32 MiB of page cache for the writer
-    version = db.execute("PRAGMA user_version").fetchone()[0]
-    if version > len(MIGRATIONS):
-        db.close()
-        raise DaemonError(f"{path} has schema version {version}, newer than this daemon "
-                          f"({len(MIGRATIONS)}): upgrade stigmer")
-    for number in range(version, len(MIGRATIONS)):
-        db.executescript(f"BEGIN; {MIGRATIONS[number]}; PRAGMA user_version = {number + 1}; COMMIT;")
-    return db
-
-
-def _execution_row(ex):
-    return (ex.id, ex.created_at, ex.phase, ex.spec.SerializeToString(), ex.started_at,
-            ex.finished_at, ex.runner_id, ex.usage.SerializeToString(), ex.final_text,
-            ex.error, ex.last_seq, ex.turns)
-
-
-def _execution_from_row(row):
-    (id_, created, phase, spec, started, finished, runner_id, usage, final_text, error,
-     last_seq, turns) = row
-    return pb.Execution(id=id_, created_at=created, phase=phase, spec=pb.ExecutionSpec.FromString(spec),
-                        started_at=started, finished_at=finished, runner_id=runner_id,
-                        usage=pb.Usage.FromString(usage), final_text=final_text, error=error,
-                        last_seq=last_seq, turns=turns)
-
-
-def _event_row(event):
-    return (event.execution_id, event.seq, event.time, event.WhichOneof("payload"),
-            event.SerializeToString())
 
 
 def _copy(ex):
@@ -227,9 +169,9 @@ class Daemon(pb_grpc.DaemonServicer):
         self._timers = {}  # ("lost" | "cancel", execution id) -> threading.Timer
         self._stopping = False
         self._started = time.time()
-        rows = db.execute(f"SELECT {EXECUTION_COLUMNS} FROM executions WHERE phase IN (?, ?) "
+        rows = db.execute(f"SELECT {store.EXECUTION_COLUMNS} FROM executions WHERE phase IN (?, ?) "
                           "ORDER BY created_at, id", (pb.PENDING, pb.RUNNING)).fetchall()
-        for ex in map(_execution_from_row, rows):
+        for ex in map(store.execution_from_row, rows):
             self._active[ex.id] = ex
             if ex.phase == pb.PENDING:
                 self._pending[ex.id] = None
@@ -263,9 +205,9 @@ class Daemon(pb_grpc.DaemonServicer):
         where, args = ("WHERE phase = ?", (request.phase,)) if request.phase else ("", ())
         with self._lock:
             self._check_open(context)
-            rows = self._db.execute(f"SELECT {EXECUTION_COLUMNS} FROM executions {where} "
+            rows = self._db.execute(f"SELECT {store.EXECUTION_COLUMNS} FROM executions {where} "
                                     "ORDER BY created_at DESC, id DESC LIMIT ?", args + (limit,)).fetchall()
-        return pb.ListResponse(executions=map(_execution_from_row, rows))
+        return pb.ListResponse(executions=map(store.execution_from_row, rows))
 
     def Cancel(self, request, context):
         with self._lock:
@@ -297,28 +239,30 @@ class Daemon(pb_grpc.DaemonServicer):
     # ---- Watch ----
 
     def Watch(self, request, context):
+        """Yields each event as the bytes stored in the log, which are a serialized Event: the
+        service registers Watch with no response serializer (see add_service)."""
         with self._lock:
             self._check_open(context)
             self._find(request.execution_id, context)
         return self._watch(request.execution_id, request.after_seq, request.follow, context)
 
     def _watch(self, execution_id, after, follow, context):
-        """Yield stored events after `after` page by page; with follow, wait for more until the terminal one."""
+        """Yield stored events after `after` page by page; with follow, wait for more until the terminal one.
+        A terminal phase event is always an execution's last, so only each page's last row is looked at."""
         db = sqlite3.connect(self._db_path, check_same_thread=False)
         db.execute("PRAGMA busy_timeout = 5000")
         try:
             finished = False
             while context.is_active():
-                rows = db.execute("SELECT payload FROM events WHERE execution_id = ? AND seq > ? "
+                rows = db.execute("SELECT payload, seq, kind FROM events WHERE execution_id = ? AND seq > ? "
                                   "ORDER BY seq LIMIT ?", (execution_id, after, WATCH_PAGE)).fetchall()
-                for (payload,) in rows:
-                    event = pb.Event.FromString(payload)
-                    yield event
-                    after = event.seq
-                    if event.WhichOneof("payload") == "phase" and event.phase.phase in TERMINAL:
+                if rows:
+                    yield from map(itemgetter(0), rows)
+                    payload, after, kind = rows[-1]
+                    if kind == "phase" and pb.Event.FromString(payload).phase.phase in TERMINAL:
                         return
-                if len(rows) == WATCH_PAGE:
-                    continue
+                    if len(rows) == WATCH_PAGE:
+                        continue
                 if not follow or finished:
                     return
                 finished = self._wait_for_events(execution_id, after, context)
@@ -500,9 +444,9 @@ class Daemon(pb_grpc.DaemonServicer):
         try:
             self._db.executemany("INSERT INTO events (execution_id, seq, time, kind, payload) "
                                  "VALUES (?, ?, ?, ?, ?)", rows)
-            self._db.executemany(f"INSERT OR REPLACE INTO executions ({EXECUTION_COLUMNS}) "
+            self._db.executemany(f"INSERT OR REPLACE INTO executions ({store.EXECUTION_COLUMNS}) "
                                  "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                                 [_execution_row(ex) for ex in executions])
+                                 [store.execution_row(ex) for ex in executions])
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
@@ -526,7 +470,7 @@ class Daemon(pb_grpc.DaemonServicer):
     def _author(self, ex, **payload):
         """The next event of ex, written by the daemon itself (advances ex.last_seq)."""
         ex.last_seq += 1
-        return [_event_row(pb.Event(execution_id=ex.id, seq=ex.last_seq, time=time.time(), **payload))]
+        return [store.event_row(pb.Event(execution_id=ex.id, seq=ex.last_seq, time=time.time(), **payload))]
 
     def _dispatch(self):
         """Assign PENDING executions, oldest first, to the runners with the most free slots."""
@@ -598,11 +542,11 @@ class Daemon(pb_grpc.DaemonServicer):
     def _find(self, execution_id, context):
         ex = self._active.get(execution_id)
         if ex is None:
-            row = self._db.execute(f"SELECT {EXECUTION_COLUMNS} FROM executions WHERE id = ?",
+            row = self._db.execute(f"SELECT {store.EXECUTION_COLUMNS} FROM executions WHERE id = ?",
                                    (execution_id,)).fetchone()
             if row is None:
                 context.abort(Code.NOT_FOUND, f"no execution {execution_id!r}: `python runner.py list` shows them")
-            ex = _execution_from_row(row)
+            ex = store.execution_from_row(row)
         return ex
 
     def _stored_last_seq(self, execution_id):
@@ -660,6 +604,25 @@ class TokenAuth(grpc.ServerInterceptor):
         return make[handler.request_streaming, handler.response_streaming](
             refuse, request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer)
+
+
+def add_service(daemon, server):
+    """Register the Daemon service as generated, except that Watch sends what its handler yields
+    as it is: the log's stored bytes, already serialized Events, so none is parsed and re-serialized."""
+    handlers = {}
+
+    class Capture:  # stands in for the server to collect the generated handlers
+        def add_generic_rpc_handlers(self, generic_handlers):
+            pass
+
+        def add_registered_method_handlers(self, service, method_handlers):
+            handlers.update(method_handlers)
+
+    pb_grpc.add_DaemonServicer_to_server(daemon, Capture())
+    handlers["Watch"] = grpc.unary_stream_rpc_method_handler(
+        daemon.Watch, request_deserializer=pb.WatchRequest.FromString, response_serializer=None)  # None: as is
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)
 
 
 # ---- starting and stopping ----
@@ -748,7 +711,7 @@ def serve(home, endpoint=DEFAULT_ENDPOINT, *, allow_remote=False, runner_grace=1
     os.makedirs(home, mode=0o700, exist_ok=True)
     db_path = os.path.join(home, DB_FILE)
     try:
-        db = open_db(db_path)
+        db = store.open_db(db_path)
     except sqlite3.Error as e:
         raise DaemonError(f"cannot open the database {db_path}: {e}") from None
     token = os.urandom(32).hex()
@@ -756,7 +719,7 @@ def serve(home, endpoint=DEFAULT_ENDPOINT, *, allow_remote=False, runner_grace=1
     server = grpc.server(futures.ThreadPoolExecutor(RPC_THREADS, thread_name_prefix="stigmer-rpc"),
                          interceptors=[TokenAuth(token)], options=SERVER_OPTIONS,
                          maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS)
-    pb_grpc.add_DaemonServicer_to_server(daemon, server)
+    add_service(daemon, server)
     problem = port and _bind_problem(bind_host, port)  # checked first: grpc would also log a warning
     if problem and problem.errno == errno.EADDRINUSE:
         daemon.close()
