@@ -177,6 +177,9 @@ class Daemon(pb_grpc.DaemonServicer):
                 self._pending[ex.id] = None
             else:  # its runner has `runner_grace` from now to reconnect and claim it
                 self._schedule(("lost", ex.id), runner_grace, self._runner_lost)
+        for (execution_id,) in db.execute("SELECT id FROM executions WHERE phase = ? AND cancel_requested_at > 0",
+                                          (pb.RUNNING,)):
+            self._schedule(("cancel", execution_id), cancel_grace, self._cancel_expired)  # sent again on Hello
 
     # ---- unary RPCs ----
 
@@ -221,6 +224,7 @@ class Daemon(pb_grpc.DaemonServicer):
                 self._store(rows, [ex])
             elif ex.phase == pb.RUNNING and ("cancel", ex.id) not in self._timers:
                 # The runner confirms with a CANCELLED event; if it does not in time, we write it.
+                self._db.execute("UPDATE executions SET cancel_requested_at = ? WHERE id = ?", (time.time(), ex.id))
                 self._schedule(("cancel", ex.id), self._cancel_grace, self._cancel_expired)
                 if ex.id in self._owner:
                     self._owner[ex.id].send(_cancel_message(ex.id))
@@ -267,6 +271,9 @@ class Daemon(pb_grpc.DaemonServicer):
                     return
                 finished = self._wait_for_events(execution_id, after, context)
                 if finished is None:
+                    if self._stopping and context.is_active():  # not a clean end: the log goes on
+                        context.abort(Code.UNAVAILABLE, "the daemon is shutting down; watch again after "
+                                                        f"seq {after} to resume")
                     return
         finally:
             db.close()
@@ -325,6 +332,14 @@ class Daemon(pb_grpc.DaemonServicer):
             session.send(_ack(ex.id, ex.last_seq))  # it resends everything after this
             if ("cancel", ex.id) in self._timers:  # cancelled while it was away
                 session.send(_cancel_message(ex.id))
+        claimed = {item.execution_id for item in in_flight}
+        for ex in list(self._active.values()):  # assigned to it, but the Assign was lost with the old stream
+            if (ex.phase == pb.RUNNING and ex.runner_id == session.runner_id and ex.id not in claimed
+                    and ex.id not in self._owner):
+                self._cancel_timer(("lost", ex.id))
+                self._owner[ex.id] = session
+                session.executions.add(ex.id)
+                session.send(pb.DaemonMessage(assign=pb.Assign(execution=ex)))
 
     def _write(self, session, context):
         """The response stream: whatever lands in the session's outbox, until None. (The reader

@@ -34,6 +34,7 @@ ENVS = ("development", "staging", "production")
 FALLBACK_MODEL = "claude-sonnet-4-5"  # when the installed SDK lists no Sonnet
 EXIT_CODES = {"COMPLETED": 0, "FAILED": 1, "CANCELLED": 130}
 CANCEL_WAIT = 5.0  # seconds Ctrl-C waits for the execution to confirm it stopped
+RECONNECT_WAIT = 60.0  # seconds a follower waits for a daemon that went away
 START_WAIT = 15.0  # seconds `start` waits for the daemon to answer
 COMMANDS = ("run", "start", "stop", "status", "list", "logs", "cancel", "daemon", "worker")
 
@@ -373,26 +374,32 @@ def execution_dict(ex):
     return {**json_ints(d), "spec": spec}
 
 
-def follow(client, execution_id, renderer, after_seq=0, follow_live=True, interrupted=None):
+def follow(client, execution_id, renderer, after_seq=0, follow_live=True, interrupted=None, reconnect=None):
     """Render the execution's events until its terminal phase (or the end of the replay).
     Returns the terminal phase name, or None. The Watch runs on a thread so Ctrl-C stays responsive;
-    once INTERRUPTED is set, it waits up to CANCEL_WAIT seconds for the terminal event."""
+    once INTERRUPTED is set, it waits up to CANCEL_WAIT seconds for the terminal event. If the daemon
+    goes away and RECONNECT is given, it waits for the daemon and resumes after the last event shown."""
     import queue
 
     import grpc
     events = queue.Queue()
-    call = client.watch(execution_id, after_seq=after_seq, follow=follow_live)
 
-    def pump():
-        try:
-            for ev in call:
-                events.put(ev)
-            events.put(None)
-        except grpc.RpcError as exc:
-            events.put(exc)
+    def watch(client, after):
+        call = client.watch(execution_id, after_seq=after, follow=follow_live)
 
-    threading.Thread(target=pump, daemon=True).start()
-    phase, running, deadline = None, True, None
+        def pump():
+            try:
+                for ev in call:
+                    events.put(ev)
+                events.put(None)
+            except grpc.RpcError as exc:
+                events.put(exc)
+
+        threading.Thread(target=pump, daemon=True).start()
+        return call
+
+    call = watch(client, after_seq)
+    last_seq, phase, running, deadline = after_seq, None, True, None
     terminal = ("COMPLETED", "FAILED", "CANCELLED")
     while True:
         if interrupted is not None and interrupted.is_set() and deadline is None:
@@ -415,7 +422,11 @@ def follow(client, execution_id, renderer, after_seq=0, follow_live=True, interr
         if isinstance(item, grpc.RpcError):
             if item.code() == grpc.StatusCode.CANCELLED:
                 return phase
+            if item.code() == grpc.StatusCode.UNAVAILABLE and reconnect is not None and follow_live:
+                client, call = reconnect_watch(reconnect, renderer, lambda c: watch(c, last_seq), interrupted)
+                continue
             raise CliError(rpc_message(item, client.endpoint))
+        last_seq = item.seq
         renderer.event(item)
         if item.WhichOneof("payload") == "phase":
             name = client.pb.Phase.Name(item.phase.phase)
@@ -424,6 +435,24 @@ def follow(client, execution_id, renderer, after_seq=0, follow_live=True, interr
                 phase = name
                 renderer.clear_spinner()
                 return phase
+
+
+def reconnect_watch(reconnect, renderer, watch, interrupted=None):
+    """Wait up to RECONNECT_WAIT seconds for the daemon to answer again; returns (client, call)."""
+    renderer.newline()
+    renderer.out(f"stigmer: lost the daemon; waiting up to {RECONNECT_WAIT:.0f} s for it to come back…\n", err=True)
+    deadline = time.monotonic() + RECONNECT_WAIT
+    while time.monotonic() < deadline and not (interrupted is not None and interrupted.is_set()):
+        time.sleep(0.5)
+        try:
+            client = reconnect()
+            client.call("Status", client.pb.StatusRequest(), timeout=2.0)
+        except CliError:
+            continue
+        renderer.out("stigmer: reconnected; resuming the log\n", err=True)
+        return client, watch(client)
+    raise CliError("the daemon did not come back: see `python runner.py status`, then "
+                   "`python runner.py logs ID -f` to resume")
 
 
 def make_renderer(args, cfg):
@@ -501,9 +530,12 @@ def cmd_run(cfg, args):
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # Ctrl-C, `kill`, a closed terminal
             signal.signal(sig, on_signal)
         try:
-            phase = follow(client, execution.id, renderer, interrupted=interrupted)
+            phase = follow(client, execution.id, renderer, interrupted=interrupted,
+                           reconnect=None if embedded else lambda: Client(cfg))
         except KeyboardInterrupt:
             return 130
+        if not embedded:
+            client = Client(cfg)  # the daemon may have restarted (with a new token) while we watched
         final = client.call("Get", client.pb.GetRequest(execution_id=execution.id))
         phase = phase or client.pb.Phase.Name(final.phase)
         if phase in EXIT_CODES:
@@ -628,7 +660,8 @@ def cmd_logs(cfg, args):
     try:
         client.call("Get", client.pb.GetRequest(execution_id=args.id))  # NOT_FOUND becomes a one-line error
         renderer = make_renderer(args, cfg)
-        follow(client, args.id, renderer, follow_live=args.follow and embedded is None)
+        follow(client, args.id, renderer, follow_live=args.follow and embedded is None,
+               reconnect=lambda: Client(cfg))
         renderer.newline()
         return 0
     except KeyboardInterrupt:

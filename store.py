@@ -27,6 +27,8 @@ MIGRATIONS = [
         payload BLOB NOT NULL,    -- serialized Event
         PRIMARY KEY (execution_id, seq)) WITHOUT ROWID;
     """,
+    # A cancel asked for while RUNNING, kept so that a daemon restart still delivers it.
+    "ALTER TABLE executions ADD COLUMN cancel_requested_at REAL NOT NULL DEFAULT 0;",
 ]
 EXECUTION_COLUMNS = ("id, created_at, phase, spec, started_at, finished_at, runner_id, usage, "
                      "final_text, error, last_seq, turns")

@@ -364,6 +364,33 @@ class RunnerStreamTest(DaemonCase):
         self.assertEqual([e.text.text for e in events[2:15]], [f"t{seq}" for seq in range(3, 16)])
         self.assertEqual(self.get(ex.id).final_text, "done")
 
+    def test_an_assignment_lost_with_the_stream_is_sent_again(self):
+        ex = self.submit()
+        runner = self.runner(runner_id="w")
+        self.assigned(runner)
+        runner.drop()  # say the Assign never reached it: it reconnects holding nothing
+        back = self.runner(runner_id="w", in_flight=[])
+        again = back.expect("assign").execution
+        self.assertEqual((again.id, again.last_seq, again.phase), (ex.id, 2, pb.RUNNING))
+        back.batch(phase(ex.id, 3, pb.COMPLETED, final_text="done"))
+        back.expect_ack(ex.id, 3)
+        self.assertEqual(self.get(ex.id).phase, pb.COMPLETED)
+
+    def test_a_cancel_survives_a_restart(self):
+        ex = self.submit()
+        runner = self.runner(runner_id="w")
+        self.assigned(runner)
+        runner.drop()  # the runner is away when the cancel comes
+        self.rpc("Cancel", pb.CancelRequest(execution_id=ex.id))
+        self.server.stop()
+        self.start()
+        back = self.runner(runner_id="w", in_flight=[(ex.id, 2)])
+        back.expect_ack(ex.id, 2)
+        self.assertEqual(back.expect("cancel").execution_id, ex.id)  # still delivered after the restart
+        back.batch(phase(ex.id, 3, pb.CANCELLED, reason="cancelled by the user"))
+        back.expect_ack(ex.id, 3)
+        self.assertEqual(self.get(ex.id).phase, pb.CANCELLED)
+
     def test_running_executions_found_at_boot_get_the_grace_period(self):
         ex = self.submit()
         runner = self.runner(runner_id="w")

@@ -294,15 +294,21 @@ class BackgroundServicesTest(CliCase):
         submitted = self.cli("run", "--detach", "slow task")
         self.assertEqual(submitted.returncode, 0, submitted.stderr)
         execution_id = submitted.stdout.strip()
+        follower = subprocess.Popen([sys.executable, os.path.join(HERE, "runner.py"), "logs", execution_id, "-f",
+                                     "--json"], env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    stdin=subprocess.DEVNULL, text=True)
+        self.addCleanup(lambda: follower.poll() is None and follower.kill())
         wait_for(lambda: self.fake.requests)  # the model has been asked: the sleep is under way
         os.kill(daemon_pid, signal.SIGTERM)
         wait_for(lambda: not pid_alive(daemon_pid))
         restarted = self.cli("start", "--workers", "1")
         self.assertEqual(restarted.returncode, 0, restarted.stderr)
         self.assertIn("0 started", restarted.stdout)  # the worker survived and reconnects
-        followed = self.cli("logs", execution_id, "-f", "--json")
-        self.assertEqual(followed.returncode, 0, followed.stderr)
-        events = [json.loads(line) for line in followed.stdout.splitlines()]
+        out, err = follower.communicate(timeout=60)  # it lived through the restart
+        self.assertEqual(follower.returncode, 0, err)
+        self.assertIn("reconnected", err)
+        self.assertEqual([json.loads(line) for line in out.splitlines()], self.logs(execution_id))
+        events = self.logs(execution_id)
         self.assertContiguous(events)
         self.assertEqual(events[-1]["phase"], "COMPLETED")
         self.assertEqual(len({(e["seq"]) for e in events}), len(events))
