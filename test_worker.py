@@ -141,6 +141,19 @@ class StreamTest(unittest.TestCase):
             time.sleep(0.02)
         self.fail("timed out")
 
+    def test_reconnecting_to_a_dead_daemon_leaks_no_threads(self):
+        w = worker.Worker("127.0.0.1:1", self.home, capacity=1)  # nothing listens on port 1
+        before = threading.active_count()
+        with mock.patch.object(worker, "BACKOFF_CAP", 0.01):
+            thread = threading.Thread(target=w.run, daemon=True)
+            thread.start()
+            time.sleep(1.5)  # dozens of attempts
+            during = threading.active_count()
+            w.stopping.set()
+            thread.join(5)
+        self.assertFalse(thread.is_alive())
+        self.assertLessEqual(during - before, 4)
+
     def test_events_emitted_while_the_daemon_is_down_arrive_exactly_once(self):
         stub, md = self.stub()
         ex = stub.Submit(pb.SubmitRequest(spec=pb.ExecutionSpec(prompt="p", workspace=self.workspace)), metadata=md)

@@ -186,8 +186,13 @@ class Worker:
         session = threading.Event()
         try:
             call = pb_grpc.DaemonStub(channel).Connect(self._requests(session), metadata=daemon.auth_metadata(token))
-            watcher = threading.Thread(target=lambda: (self.stopping.wait(), call.cancel()), daemon=True)
-            watcher.start()
+            def cancel_on_stop():  # lives as long as this session, not as long as the worker
+                while not session.wait(0.25):
+                    if self.stopping.is_set():
+                        call.cancel()
+                        return
+
+            threading.Thread(target=cancel_on_stop, name="session-watch", daemon=True).start()
             for message in call:
                 if not self.connected:
                     self.connected = True
