@@ -15,6 +15,7 @@ import os
 import random
 import re
 import select
+import signal
 import shutil
 import subprocess
 import sys
@@ -324,7 +325,10 @@ class PtyPromptTest(unittest.TestCase):
                 [PYTHON, "-c", PROMPT_CHILD, SECRETS_PY, str(report_w)],
                 stdin=slave if stdin_is_pty else subprocess.PIPE, stdout=slave, stderr=slave,
                 pass_fds=(report_w,), start_new_session=True,
-                preexec_fn=lambda: fcntl.ioctl(ctty, termios.TIOCSCTTY, 0))
+                preexec_fn=lambda: (
+                    # Ctrl-C must raise SIGINT as in a terminal, even if CI started us with SIGINT ignored
+                    signal.signal(signal.SIGINT, signal.SIG_DFL),
+                    fcntl.ioctl(ctty, termios.TIOCSCTTY, 0)))
             os.close(slave)
             os.close(report_w)
             deadline = time.monotonic() + 15
