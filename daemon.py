@@ -34,15 +34,15 @@ import grpc
 import stigmer_pb2 as pb
 import stigmer_pb2_grpc as pb_grpc
 import store
+from daemon_client import (CHANNEL_OPTIONS, DEFAULT_ENDPOINT, MAX_MESSAGE_BYTES, TOKEN_FILE,  # noqa: F401
+                           DaemonError, auth_metadata, client_channel, default_home, read_token)
 
 VERSION = "0.1.0"
-DEFAULT_ENDPOINT = "localhost:50051"
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # largest gRPC message either way; bigger gets RESOURCE_EXHAUSTED
 RPC_THREADS = 128  # pool threads: one per active RPC (each open Watch or Connect holds one)
 MAX_CONCURRENT_RPCS = RPC_THREADS  # beyond this new RPCs fail fast with RESOURCE_EXHAUSTED instead of queuing behind streams
 LIST_DEFAULT, LIST_MAX = 50, 1000  # List's page size when the request says 0, and its cap
 WATCH_PAGE = 1000  # events read from SQLite per query by a watcher
-TOKEN_FILE, DB_FILE = "daemon.token", "stigmer.db"  # inside $STIGMER_HOME
+DB_FILE = "stigmer.db"  # inside $STIGMER_HOME
 AUTH_MESSAGE = "missing or wrong daemon token; clients read it from $STIGMER_HOME/daemon.token"
 
 SERVER_OPTIONS = [
@@ -50,47 +50,10 @@ SERVER_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.so_reuseport", 0),  # otherwise a second daemon could bind the same port silently
 ]
-CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-]
 SERVICE = "stigmer.v1.Daemon"  # the full name of the gRPC service
 TERMINAL = (pb.COMPLETED, pb.FAILED, pb.CANCELLED)
 RUNNER_PHASES = TERMINAL + (pb.RUNNING,)  # a runner may report RUNNING (with turns) and the terminal phases
 Code = grpc.StatusCode
-
-class DaemonError(Exception):
-    """A problem a person must fix before the daemon can run; the message says how."""
-
-
-def default_home():
-    """$STIGMER_HOME, else ~/.stigmer."""
-    return os.environ.get("STIGMER_HOME") or os.path.expanduser("~/.stigmer")
-
-
-def read_token(home):
-    """The running daemon's token from HOME/daemon.token."""
-    path = os.path.join(home, TOKEN_FILE)
-    try:
-        with open(path) as f:
-            token = f.read().strip()
-    except FileNotFoundError:
-        token = ""
-    if not token:
-        raise DaemonError(f"no daemon token at {path}: is the daemon running? "
-                          "start it with `python runner.py start`")
-    return token
-
-
-def auth_metadata(token):
-    """The metadata every RPC must carry."""
-    return (("authorization", f"Bearer {token}"),)
-
-
-def client_channel(endpoint):
-    """An insecure channel to the daemon with the daemon's message size limits."""
-    return grpc.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
-
 
 def _copy(ex):
     new = pb.Execution()

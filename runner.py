@@ -21,11 +21,10 @@ import json
 import os
 import re
 import signal
-import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from collections import namedtuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VERSION = "0.1.0"
@@ -62,7 +61,15 @@ def _project_module(name, alias):
     return module
 
 
-stigmer_secrets = _project_module("secrets", "stigmer_secrets")
+def project_secrets():
+    """The project's secrets.py (loaded on first use: list, logs and status never need it)."""
+    return _project_module("secrets", "stigmer_secrets")
+
+
+def __getattr__(name):  # `runner.stigmer_secrets` and `from runner import stigmer_secrets`, lazily
+    if name == "stigmer_secrets":
+        return project_secrets()
+    raise AttributeError(f"module 'runner' has no attribute {name!r}")
 
 
 class CliError(Exception):
@@ -73,15 +80,8 @@ class CliError(Exception):
         self.code = code
 
 
-@dataclass(frozen=True)
-class Config:
-    mode: str
-    env: str
-    home: str
-    endpoint: str
-    sandbox_root: str
-    model: str
-    environ: dict
+class Config(namedtuple("Config", "mode env home endpoint sandbox_root model environ")):
+    """The configuration, read from the environment once at the entry point."""
 
     @staticmethod
     def load(environ):
@@ -122,15 +122,15 @@ class Client:
     """The CLI's gRPC client: the token, the stub and one-line errors."""
 
     def __init__(self, cfg, endpoint=None):
-        import daemon
+        import daemon_client
         import stigmer_pb2
         import stigmer_pb2_grpc
         self.pb, self.endpoint = stigmer_pb2, endpoint or cfg.endpoint
         try:
-            self.metadata = daemon.auth_metadata(daemon.read_token(cfg.home))
-        except daemon.DaemonError as exc:
+            self.metadata = daemon_client.auth_metadata(daemon_client.read_token(cfg.home))
+        except daemon_client.DaemonError as exc:
             raise CliError(str(exc)) from None
-        self.channel = daemon.client_channel(self.endpoint)
+        self.channel = daemon_client.client_channel(self.endpoint)
         self.stub = stigmer_pb2_grpc.DaemonStub(self.channel)
 
     def call(self, method, request, timeout=10.0):
@@ -189,38 +189,43 @@ def open_log(cfg):
 
 def worker_env(cfg, secrets, endpoint):
     """The environment of a worker: the user's, the secrets, and where the daemon is."""
-    env = stigmer_secrets.child_env(secrets, base=cfg.environ)
+    env = project_secrets().child_env(secrets, base=cfg.environ)
     env.update(STIGMER_HOME=cfg.home, STIGMER_BACKEND_ENDPOINT=endpoint, MODE=cfg.mode, PYTHONUNBUFFERED="1")
     return env
 
 
 def without_keys(environ):
     """ENVIRON minus every provider key: what the daemon gets."""
-    keys = {var for p in stigmer_secrets.PROVIDERS.values() for var in (p.env_var, *p.alt_env_vars)}
+    keys = {var for p in project_secrets().PROVIDERS.values() for var in (p.env_var, *p.alt_env_vars)}
     return {k: v for k, v in environ.items() if k not in keys}
 
 
-def spawn(args, env, log_path, stdin=subprocess.DEVNULL):
-    """Start `python runner.py ARGS` in its own session, output appended to LOG_PATH."""
+def spawn(args, env, log_path, pipe_stdin=False):
+    """Start `python runner.py ARGS` in its own session, output appended to LOG_PATH
+    (stdin a pipe we hold when PIPE_STDIN, else /dev/null)."""
+    import subprocess
     os.makedirs(os.path.dirname(log_path), mode=0o700, exist_ok=True)
     with open(log_path, "ab") as log:
-        return subprocess.Popen([sys.executable, os.path.join(HERE, "runner.py"), *args], env=env, stdin=stdin,
+        return subprocess.Popen([sys.executable, os.path.join(HERE, "runner.py"), *args], env=env,
+                                stdin=subprocess.PIPE if pipe_stdin else subprocess.DEVNULL,
                                 stdout=log, stderr=log, start_new_session=True)
 
 
 def gather_secrets(cfg, names):
     """The model key plus NAMES, prompting on the terminal for what is missing."""
+    mod = project_secrets()
     try:
-        return stigmer_secrets.gather(("anthropic",), names, environ=cfg.environ,
+        return mod.gather(("anthropic",), names, environ=cfg.environ,
                                       warn=lambda m: print(f"stigmer: warning: {m}", file=sys.stderr))
-    except stigmer_secrets.PromptCancelled:
+    except mod.PromptCancelled:
         raise CliError("cancelled at the key prompt", 130) from None
-    except stigmer_secrets.SecretError as exc:
+    except mod.SecretError as exc:
         raise CliError(str(exc), 2) from None
 
 
 def stop_process(proc, timeout=5.0):
     """SIGTERM a child we started, then SIGKILL it after TIMEOUT seconds."""
+    import subprocess
     if proc.poll() is None:
         proc.terminate()
         try:
@@ -475,9 +480,10 @@ def cmd_run(cfg, args):
         raise CliError("give the task to run, e.g. python runner.py \"add a --verbose flag\"", 2)
     if args.max_turns < 1 or (args.max_tokens_total or 0) < 0:
         raise CliError("--max-turns must be at least 1 and --max-tokens-total positive", 2)
+    mod = project_secrets()
     try:
-        names = stigmer_secrets.sandbox_secret_names(args.secret or (), cfg.environ)
-    except stigmer_secrets.SecretError as exc:
+        names = mod.sandbox_secret_names(args.secret or (), cfg.environ)
+    except mod.SecretError as exc:
         raise CliError(str(exc), 2) from None
     found = find_daemon(cfg)
     embedded = worker = None
@@ -498,7 +504,7 @@ def cmd_run(cfg, args):
             secrets = gather_secrets(cfg, names)
             worker = spawn(["worker", "--capacity", "1", "--exit-with-stdin"],
                            worker_env(cfg, secrets, client.endpoint),
-                           os.path.join(cfg.home, "logs", "run-worker.log"), stdin=subprocess.PIPE)
+                           os.path.join(cfg.home, "logs", "run-worker.log"), pipe_stdin=True)
             del secrets
         renderer = make_renderer(args, cfg)
         model = args.model or cfg.model or default_model()
@@ -551,7 +557,7 @@ def cmd_run(cfg, args):
 
 def cmd_start(cfg, args):
     cfg.require_local()
-    names = stigmer_secrets.sandbox_secret_names(args.secret or (), cfg.environ)
+    names = project_secrets().sandbox_secret_names(args.secret or (), cfg.environ)
     secrets = gather_secrets(cfg, names)
     logs = os.path.join(cfg.home, "logs")
     found = find_daemon(cfg)
@@ -749,8 +755,21 @@ def parser():
 
 
 def main(argv=None):
-    """The CLI; returns the exit code."""
-    args = list(sys.argv[1:] if argv is None else argv)
+    """The CLI; returns the exit code. From the command line (ARGV None) it exits the process itself."""
+    if argv is None:
+        code = run_cli(sys.argv[1:])
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except BrokenPipeError:
+            pass
+        os._exit(code)  # every file is flushed and closed by now; skip the gRPC runtime's ~50 ms teardown
+    return run_cli(argv)
+
+
+def run_cli(argv):
+    """Parse ARGV and run the command; returns the exit code."""
+    args = list(argv)
     if args and args[0] not in COMMANDS and not args[0].startswith("-"):
         args.insert(0, "run")
     elif args and args[0].startswith("-") and args[0] not in ("-h", "--help", "--version") and "run" not in args[:1]:

@@ -21,7 +21,7 @@ import uuid
 
 import grpc
 
-import daemon
+import daemon_client
 import stigmer_pb2 as pb
 import stigmer_pb2_grpc as pb_grpc
 from runner import stigmer_secrets
@@ -181,11 +181,11 @@ class Worker:
 
     def _session(self):
         """One Connect stream, until it breaks or the worker stops."""
-        token = daemon.read_token(self.home)
-        channel = daemon.client_channel(self.endpoint)
+        token = daemon_client.read_token(self.home)
+        channel = daemon_client.client_channel(self.endpoint)
         session = threading.Event()
         try:
-            call = pb_grpc.DaemonStub(channel).Connect(self._requests(session), metadata=daemon.auth_metadata(token))
+            call = pb_grpc.DaemonStub(channel).Connect(self._requests(session), metadata=daemon_client.auth_metadata(token))
             def cancel_on_stop():  # lives as long as this session, not as long as the worker
                 while not session.wait(0.25):
                     if self.stopping.is_set():
@@ -260,7 +260,7 @@ class Worker:
                 if exc.code() == grpc.StatusCode.CANCELLED and self.stopping.is_set():
                     break
                 reason = f"{exc.code().name}: {exc.details()}"
-            except daemon.DaemonError as exc:
+            except daemon_client.DaemonError as exc:
                 reason = str(exc)
             else:
                 reason = "the daemon closed the stream"
