@@ -510,6 +510,10 @@ def cmd_run(cfg, args):
         model = args.model or cfg.model or default_model()
         spec = client.pb.ExecutionSpec(prompt=prompt, workspace=workspace, model=model, max_turns=args.max_turns,
                                        secret_names=names, max_tokens_total=args.max_tokens_total or 0)
+        queued = client.call("Status", client.pb.StatusRequest()).queue_depth
+        if queued:
+            print(f"stigmer: {queued} older execution(s) are queued and run first: see `python runner.py list "
+                  "--phase pending`, and `python runner.py cancel ID` to drop one", file=sys.stderr)
         execution = client.call("Submit", client.pb.SubmitRequest(spec=spec))
         if args.detach:
             print(json.dumps({"execution_id": execution.id}) if args.json else execution.id)
