@@ -44,14 +44,18 @@ def bench_sandbox():
     runs = 300
     with tempfile.TemporaryDirectory() as root:
         box = sandbox.FilesystemSandbox(root)
-        bare, ours = [], []
-        for _ in range(runs):  # interleaved, so machine noise hits both alike
+        bare, ours, capture = [], [], []
+        for _ in range(runs):  # interleaved, so machine noise hits all alike
             t = time.perf_counter()
             subprocess.run("true", shell=True, cwd=root)
             bare.append(time.perf_counter() - t)
             t = time.perf_counter()
             box.execute("true")
             ours.append(time.perf_counter() - t)
+            t = time.perf_counter()  # context: subprocess.run doing what execute must (capture, stdin closed, own session)
+            subprocess.run("true", shell=True, cwd=root, capture_output=True, stdin=subprocess.DEVNULL,
+                           start_new_session=True)
+            capture.append(time.perf_counter() - t)
         # A fresh interpreter, so the peak RSS is this one call's and nothing earlier masks it.
         probe = (
             "import resource, sys, time, sandbox\n"
@@ -75,6 +79,8 @@ def bench_sandbox():
         "bare_subprocess_run_median_ms": round(bare_ms, 3),
         "execute_median_ms": round(ours_ms, 3),
         "execute_overhead_ratio": verdict(ours_ms / bare_ms, "<=", 1.3, 3),
+        "context: subprocess.run with capture, stdin closed, own session, vs bare":
+            round(statistics.median(capture) * 1e3 / bare_ms, 3),
         "swallow_200MB_peak_rss_growth_MB": verdict(growth_mb, "<", 50, 1),
         "swallow_200MB_seconds": round(took, 2),
         "swallow_200MB_GB_per_s": round(0.2 / took, 2),
