@@ -303,6 +303,8 @@ class Daemon(pb_grpc.DaemonServicer):
                 self._owner[ex.id] = session
                 session.executions.add(ex.id)
                 session.send(pb.DaemonMessage(assign=pb.Assign(execution=ex)))
+                if ("cancel", ex.id) in self._timers:  # cancelled while the Assign was lost
+                    session.send(_cancel_message(ex.id))
 
     def _write(self, session, context):
         """The response stream: whatever lands in the session's outbox, until None. (The reader
@@ -422,9 +424,7 @@ class Daemon(pb_grpc.DaemonServicer):
         try:
             self._db.executemany("INSERT INTO events (execution_id, seq, time, kind, payload) "
                                  "VALUES (?, ?, ?, ?, ?)", rows)
-            self._db.executemany(f"INSERT OR REPLACE INTO executions ({store.EXECUTION_COLUMNS}) "
-                                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                                 [store.execution_row(ex) for ex in executions])
+            self._db.executemany(store.UPSERT_EXECUTION, [store.execution_row(ex) for ex in executions])
         except BaseException:
             self._db.execute("ROLLBACK")
             raise

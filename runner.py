@@ -357,26 +357,25 @@ def event_dict(ev):
     kind = ev.WhichOneof("payload")
     body = MessageToDict(getattr(ev, kind), preserving_proto_field_name=True,
                          always_print_fields_with_no_presence=True) if kind else {}
-    for key in ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "duration_ms"):
-        if key in body:
-            body[key] = int(body[key])  # proto3 JSON writes int64 as strings
-    return {"execution_id": ev.execution_id, "seq": ev.seq, "time": ev.time, "kind": kind, **body}
+    return {"execution_id": ev.execution_id, "seq": ev.seq, "time": ev.time, "kind": kind, **json_ints(body)}
+
+
+INT64_FIELDS = {"input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "duration_ms",
+                "last_seq", "seq", "max_tokens_total"}  # proto3 JSON writes these as strings
 
 
 def json_ints(value):
-    """Undo proto3 JSON's int64-as-string for our messages: digit strings become ints."""
+    """VALUE (from MessageToDict) with our int64 fields as numbers, as a JSON reader expects."""
     if isinstance(value, dict):
-        return {k: json_ints(v) for k, v in value.items()}
+        return {k: int(v) if k in INT64_FIELDS and isinstance(v, str) else json_ints(v) for k, v in value.items()}
     if isinstance(value, list):
         return [json_ints(v) for v in value]
-    return int(value) if isinstance(value, str) and value.isdigit() and len(value) < 19 else value
+    return value
 
 
 def execution_dict(ex):
     from google.protobuf.json_format import MessageToDict
-    d = MessageToDict(ex, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
-    spec = d.pop("spec", {})
-    return {**json_ints(d), "spec": spec}
+    return json_ints(MessageToDict(ex, preserving_proto_field_name=True, always_print_fields_with_no_presence=True))
 
 
 def follow(client, execution_id, renderer, after_seq=0, follow_live=True, interrupted=None, reconnect=None):
@@ -447,12 +446,18 @@ def reconnect_watch(reconnect, renderer, watch, interrupted=None):
     renderer.newline()
     renderer.out(f"stigmer: lost the daemon; waiting up to {RECONNECT_WAIT:.0f} s for it to come back…\n", err=True)
     deadline = time.monotonic() + RECONNECT_WAIT
-    while time.monotonic() < deadline and not (interrupted is not None and interrupted.is_set()):
+    while time.monotonic() < deadline:
+        if interrupted is not None and interrupted.is_set():
+            raise CliError("interrupted while the daemon was away, so the cancel may not have reached it: "
+                           "run `python runner.py cancel ID` once it is back", 130)
         time.sleep(0.5)
+        client = None
         try:
             client = reconnect()
             client.call("Status", client.pb.StatusRequest(), timeout=2.0)
         except CliError:
+            if client is not None:
+                client.channel.close()
             continue
         renderer.out("stigmer: reconnected; resuming the log\n", err=True)
         return client, watch(client)
@@ -527,7 +532,8 @@ def cmd_run(cfg, args):
 
         def cancel():
             try:
-                client.call("Cancel", client.pb.CancelRequest(execution_id=execution.id))
+                live = client if embedded else Client(cfg)  # the daemon may have restarted with a new token
+                live.call("Cancel", live.pb.CancelRequest(execution_id=execution.id))
             except CliError as exc:
                 print(f"stigmer: could not cancel {execution.id}: {exc}", file=sys.stderr)
 
@@ -552,6 +558,8 @@ def cmd_run(cfg, args):
             renderer.summary(final, phase, time.monotonic() - started)
         return EXIT_CODES.get(phase, 130)
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # let the clean-up below finish
+            signal.signal(sig, signal.SIG_IGN)
         if worker is not None:
             worker.stdin.close()  # EOF tells the worker to stop and kill its commands
             stop_process(worker, timeout=10)
@@ -624,7 +632,9 @@ def cmd_status(cfg, args):
     client, st = found
     if args.json:
         from google.protobuf.json_format import MessageToDict
-        print(json.dumps({**json_ints(MessageToDict(st, preserving_proto_field_name=True)), "processes": procs}))
+        status = MessageToDict(st, preserving_proto_field_name=True)
+        status["executions_by_phase"] = {k: int(v) for k, v in status.get("executions_by_phase", {}).items()}
+        print(json.dumps({**status, "processes": procs}))
         return 0
     phases = ", ".join(f"{k.lower()} {v}" for k, v in sorted(st.executions_by_phase.items())) or "none"
     print(f"daemon {st.version} pid {st.pid} at {client.endpoint}, up {st.uptime_seconds:.0f} s")

@@ -32,6 +32,10 @@ MIGRATIONS = [
 ]
 EXECUTION_COLUMNS = ("id, created_at, phase, spec, started_at, finished_at, runner_id, usage, "
                      "final_text, error, last_seq, turns")
+# Insert or update an execution, leaving the columns it does not carry (cancel_requested_at) alone.
+UPSERT_EXECUTION = (f"INSERT INTO executions ({EXECUTION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT(id) DO UPDATE SET " +
+                    ", ".join(f"{c} = excluded.{c}" for c in EXECUTION_COLUMNS.split(", ")[1:]))
 
 
 

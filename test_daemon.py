@@ -369,9 +369,11 @@ class RunnerStreamTest(DaemonCase):
         runner = self.runner(runner_id="w")
         self.assigned(runner)
         runner.drop()  # say the Assign never reached it: it reconnects holding nothing
+        self.rpc("Cancel", pb.CancelRequest(execution_id=ex.id))  # while it is away
         back = self.runner(runner_id="w", in_flight=[])
         again = back.expect("assign").execution
         self.assertEqual((again.id, again.last_seq, again.phase), (ex.id, 2, pb.RUNNING))
+        self.assertEqual(back.expect("cancel").execution_id, ex.id)  # the cancel follows the re-sent Assign
         back.batch(phase(ex.id, 3, pb.COMPLETED, final_text="done"))
         back.expect_ack(ex.id, 3)
         self.assertEqual(self.get(ex.id).phase, pb.COMPLETED)
@@ -380,15 +382,18 @@ class RunnerStreamTest(DaemonCase):
         ex = self.submit()
         runner = self.runner(runner_id="w")
         self.assigned(runner)
-        runner.drop()  # the runner is away when the cancel comes
         self.rpc("Cancel", pb.CancelRequest(execution_id=ex.id))
+        self.assertEqual(runner.expect("cancel").execution_id, ex.id)
+        runner.batch(text(ex.id, 3, "still busy"))  # an event stored after the cancel must not erase it
+        runner.expect_ack(ex.id, 3)
+        runner.drop()
         self.server.stop()
         self.start()
-        back = self.runner(runner_id="w", in_flight=[(ex.id, 2)])
-        back.expect_ack(ex.id, 2)
-        self.assertEqual(back.expect("cancel").execution_id, ex.id)  # still delivered after the restart
-        back.batch(phase(ex.id, 3, pb.CANCELLED, reason="cancelled by the user"))
+        back = self.runner(runner_id="w", in_flight=[(ex.id, 3)])
         back.expect_ack(ex.id, 3)
+        self.assertEqual(back.expect("cancel").execution_id, ex.id)  # still delivered after the restart
+        back.batch(phase(ex.id, 4, pb.CANCELLED, reason="cancelled by the user"))
+        back.expect_ack(ex.id, 4)
         self.assertEqual(self.get(ex.id).phase, pb.CANCELLED)
 
     def test_running_executions_found_at_boot_get_the_grace_period(self):

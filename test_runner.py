@@ -320,6 +320,31 @@ class BackgroundServicesTest(CliCase):
         self.assertFalse(pid_alive(daemon_pid))
 
 
+class CancelAfterRestartTest(CliCase):
+    script = [tool_step(("execute", {"command": "sleep 60"})), text_step("never")]
+
+    def test_ctrl_c_after_the_daemon_restarted_still_cancels(self):
+        self.assertEqual(self.cli("start").returncode, 0)
+        daemon_pid = int(read(os.path.join(self.home, "logs", "daemon.pid")))
+        proc = subprocess.Popen([sys.executable, os.path.join(HERE, "runner.py"), "--json", "wait"], env=self.env,
+                                cwd=self.workspace, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                stdin=subprocess.DEVNULL, text=True)
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        wait_for(lambda: self.fake.requests)  # the sleep is under way
+        os.kill(daemon_pid, signal.SIGTERM)
+        wait_for(lambda: not pid_alive(daemon_pid))
+        self.assertEqual(self.cli("start").returncode, 0)  # a new daemon, with a new token
+        line = ""
+        while "reconnected" not in line:
+            line = proc.stderr.readline()
+            self.assertTrue(line, "the CLI never reconnected")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+        self.assertEqual(proc.returncode, 130, err)
+        self.assertNotIn("could not cancel", err)
+        self.assertEqual(json.loads(out.splitlines()[-1])["phase"], "CANCELLED")
+
+
 class SecretsTest(CliCase):
     GITHUB = "ghp_thisIsAFakeGithubToken123"
     script = [tool_step(("execute", {"command": "echo key=[$ANTHROPIC_API_KEY] gh=$GITHUB_TOKEN; sleep 1"})),

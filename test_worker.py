@@ -93,6 +93,25 @@ class OutboxTest(unittest.TestCase):
         (event,) = self.w._take_batch()
         self.assertEqual((event.seq, event.phase.phase), (3, pb.CANCELLED))
 
+    def test_a_cancel_after_the_end_keeps_the_unacknowledged_tail(self):
+        self.emit(usage=pb.Usage(input_tokens=1))
+        self.emit(phase=pb.PhaseChange(phase=pb.COMPLETED))
+        self.w._handle(pb.DaemonMessage(cancel=pb.CancelExecution(execution_id="ex-1")))
+        self.assertEqual([e.seq for e in self.w._take_batch()], [3, 4])  # COMPLETED still goes out
+
+    def test_an_emit_waiting_for_room_gives_up_when_the_execution_is_dropped(self):
+        with mock.patch.object(worker, "MAX_BUFFERED_EVENTS", 1):
+            self.emit(usage=pb.Usage(input_tokens=1))
+            waiting = threading.Thread(target=self.emit, kwargs={"usage": pb.Usage(input_tokens=2)})
+            waiting.start()
+            time.sleep(0.2)
+            with self.w.cond:
+                self.w._drop("ex-1")
+                self.w.cond.notify_all()
+            waiting.join(5)
+        self.assertFalse(waiting.is_alive())
+        self.assertEqual(self.w.buffered, 0)
+
     def test_emit_after_the_daemon_dropped_the_execution_is_ignored(self):
         self.w._handle(pb.DaemonMessage(reject=pb.Reject(
             execution_id="ex-1", code=grpc.StatusCode.PERMISSION_DENIED.value[0])))

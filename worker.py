@@ -114,6 +114,8 @@ class Worker:
                     box.pending_chars += len(text)
                 while box.pending_chars > MAX_PENDING_TEXT and not self.stopping.is_set():
                     self.cond.wait(0.5)
+                    if self.outboxes.get(execution_id) is not box:
+                        return  # dropped while we waited
             else:
                 held = redactor.flush()
                 if held:
@@ -121,6 +123,8 @@ class Worker:
                 self.buffered += box.sequence_text()
                 while self.buffered >= MAX_BUFFERED_EVENTS and not self.stopping.is_set():
                     self.cond.wait(0.5)  # the agent pauses here until acks free room
+                    if self.outboxes.get(execution_id) is not box:
+                        return  # dropped while we waited
                 box._append(**payload)
                 self.buffered += 1
                 if "phase" in payload and payload["phase"].phase in (pb.COMPLETED, pb.FAILED, pb.CANCELLED):
@@ -237,8 +241,9 @@ class Worker:
                     agent.cancel()
                 elif box is not None and not box.finished:
                     self.cancels.add(execution_id)  # its agent is still being set up: cancel it on arrival
-                else:
+                elif box is None:
                     self._drop(execution_id)
+                # else: it has finished and its last events are on their way; the daemon decides
 
     def _drop(self, execution_id):
         """Forget an execution the daemon no longer wants (called with the lock held)."""
