@@ -151,14 +151,14 @@ class ApiErrorTest(CliCase):
         self.assertEqual("".join(e["text"] for e in events if e["kind"] == "text"), "hello after a retry")
 
     def test_401_is_a_clear_failure(self):
-        env = dict(self.env, ANTHROPIC_API_KEY="sk-ant-wrong-key-0000000000")
+        env = dict(self.env, ANTHROPIC_API_KEY="sk-ant-wrong.key.0000000000")
         proc, events = self.run_task("say hello", env=env)
         self.assertEqual(proc.returncode, 1)
         self.assertIn("ANTHROPIC_API_KEY", proc.stderr)
         self.assertNotIn("Traceback", proc.stderr)
         self.assertEqual(events[-1]["phase"], "FAILED")
         self.assertEqual([e["code"] for e in events if e["kind"] == "error"], ["auth"])
-        self.assertNotIn("sk-ant-wrong-key-0000000000", proc.stdout + proc.stderr)
+        self.assertNotIn("sk-ant-wrong.key.0000000000", proc.stdout + proc.stderr)
 
 
 class ContextWindowTest(CliCase):

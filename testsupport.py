@@ -19,7 +19,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-FAKE_KEY = "sk-ant-fake-0123456789abcdefghijklmnop"  # the only key the fake accepts
+FAKE_KEY = "sk-ant-fake.not.a.real.key.0123456789"  # the only key the fake accepts (dots: no real key has them)
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
