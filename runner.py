@@ -492,9 +492,10 @@ def cmd_run(cfg, args):
         raise CliError(str(exc), 2) from None
     found = find_daemon(cfg)
     embedded = worker = None
-    if found is None and args.detach:
-        cmd_start(cfg, argparse.Namespace(workers=1, secret=args.secret))
+    if found is None and args.detach:  # a detached run needs daemon and worker to outlive this command
+        cmd_start(cfg, argparse.Namespace(workers=1, secret=args.secret), out=sys.stderr)
         found = find_daemon(cfg)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         if found is None:
             try:
@@ -558,16 +559,18 @@ def cmd_run(cfg, args):
             renderer.summary(final, phase, time.monotonic() - started)
         return EXIT_CODES.get(phase, 130)
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # let the clean-up below finish
+        for sig in handlers:  # let the clean-up below finish
             signal.signal(sig, signal.SIG_IGN)
         if worker is not None:
             worker.stdin.close()  # EOF tells the worker to stop and kill its commands
             stop_process(worker, timeout=10)
         if embedded is not None:
             embedded.stop()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
-def cmd_start(cfg, args):
+def cmd_start(cfg, args, out=None):
     cfg.require_local()
     names = project_secrets().sandbox_secret_names(args.secret or (), cfg.environ)
     secrets = gather_secrets(cfg, names)
@@ -585,9 +588,9 @@ def cmd_start(cfg, args):
                                f"(log: {os.path.join(logs, 'daemon.log')})")
             time.sleep(0.1)
             found = find_daemon(cfg)
-        print(f"daemon started (pid {proc.pid}) at {cfg.endpoint}")
+        print(f"daemon started (pid {proc.pid}) at {cfg.endpoint}", file=out)
     else:
-        print(f"daemon already running at {cfg.endpoint}")
+        print(f"daemon already running at {cfg.endpoint}", file=out)
     alive = sum(1 for p in pid_files(cfg) if os.path.basename(p).startswith("worker-") and live_pid(p))
     env = worker_env(cfg, secrets, cfg.endpoint)
     started = 0
@@ -601,7 +604,7 @@ def cmd_start(cfg, args):
         with open(path, "w") as f:
             f.write(str(proc.pid))
         started += 1
-    print(f"{alive + started} worker(s) running ({started} started); logs in {logs}")
+    print(f"{alive + started} worker(s) running ({started} started); logs in {logs}", file=out)
     return 0
 
 
