@@ -109,6 +109,11 @@ class Stop(Exception):
         self.phase, self.reason, self.code = phase, reason, code
 
 
+def cancel_stop():
+    """The Stop that ends a run the user cancelled."""
+    return Stop(pb.CANCELLED, "cancelled by the user", "cancelled")
+
+
 def cap_output(text, limit=TOOL_OUTPUT_CHARS):
     """Head plus tail of TEXT within LIMIT characters, saying what was cut."""
     if len(text) <= limit:
@@ -207,7 +212,7 @@ class Agent:
 
     def _check_limits(self):
         if self.cancelled.is_set():
-            raise Stop(pb.CANCELLED, "cancelled by the user", "cancelled")
+            raise cancel_stop()
         if self.turns >= self.max_turns:
             raise Stop(pb.FAILED, f"reached the turn limit ({self.max_turns} turns); raise it with --max-turns", "max_turns")
         spent = self.usage.input_tokens + self.usage.output_tokens + self.usage.cache_read_tokens + self.usage.cache_write_tokens
@@ -234,7 +239,7 @@ class Agent:
                 raise
             except Exception as exc:
                 if self.cancelled.is_set():
-                    raise Stop(pb.CANCELLED, "cancelled by the user", "cancelled") from None
+                    raise cancel_stop() from None
                 if type(exc).__module__.split(".")[0] not in TRANSPORT_MODULES:
                     raise
                 if attempt == STREAM_RETRIES:
@@ -259,11 +264,11 @@ class Agent:
                 except ValueError as exc:  # the model sent tool input that is not JSON
                     return self._malformed_turn(stream, exc)
                 if self.cancelled.is_set():
-                    raise Stop(pb.CANCELLED, "cancelled by the user", "cancelled")
+                    raise cancel_stop()
                 message = stream.get_final_message()
         except anthropic.APIError as exc:
             if self.cancelled.is_set():
-                raise Stop(pb.CANCELLED, "cancelled by the user", "cancelled") from None
+                raise cancel_stop() from None
             code, text = api_error_message(exc)
             self.emit(error=pb.Error(code=code, message=text))
             raise Stop(pb.FAILED, text, code) from None
@@ -313,7 +318,7 @@ class Agent:
             results.append({"type": "tool_result", "tool_use_id": block.id, "is_error": is_error,
                             "content": output or "(no output)"})
         if self.cancelled.is_set():
-            raise Stop(pb.CANCELLED, "cancelled by the user", "cancelled")
+            raise cancel_stop()
         return results
 
     def _call_tool(self, name, args):

@@ -716,8 +716,7 @@ def cmd_worker(cfg, args):
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     for noisy in ("httpx", "httpx2", "httpcore", "httpcore2", "anthropic", "grpc"):  # they log whole requests
         logging.getLogger(noisy).setLevel(max(level, logging.INFO))
-    if worker.check_keys(cfg.environ):
-        os.environ.update(gather_secrets(cfg, []))  # the key lives in this process's memory and environment only
+    os.environ.update(gather_secrets(cfg, []))  # asks only for a missing key; it lives in memory and env only
     model = cfg.model or default_model()
     print(f"stigmer worker {VERSION} · mode {cfg.mode} · endpoint {cfg.endpoint} · sandbox root {cfg.sandbox_root} · "
           f"model {model} · capacity {args.capacity}", file=sys.stderr, flush=True)

@@ -61,12 +61,13 @@ class Outbox:
         """Turn pending text into one event; returns how many events were added."""
         if not self.pending_text:
             return 0
-        self._append(text=pb.TextDelta(text="".join(self.pending_text)))
+        self.append(text=pb.TextDelta(text="".join(self.pending_text)))
         self.pending_text.clear()
         self.pending_chars = 0
         return 1
 
-    def _append(self, **payload):
+    def append(self, **payload):
+        """Give PAYLOAD the next seq and keep it until acknowledged."""
         self.events.append(pb.Event(execution_id=self.execution_id, seq=self.next_seq, time=time.time(), **payload))
         self.next_seq += 1
 
@@ -125,7 +126,7 @@ class Worker:
                     self.cond.wait(0.5)  # the agent pauses here until acks free room
                     if self.outboxes.get(execution_id) is not box:
                         return  # dropped while we waited
-                box._append(**payload)
+                box.append(**payload)
                 self.buffered += 1
                 if "phase" in payload and payload["phase"].phase in (pb.COMPLETED, pb.FAILED, pb.CANCELLED):
                     box.finished = True
@@ -363,13 +364,6 @@ class Worker:
         self.stopping.set()
         with self.cond:
             self.cond.notify_all()
-
-
-def check_keys(environ):
-    """The model key variables missing from ENVIRON, as a list of names (empty when the worker can start)."""
-    if any(environ.get(n) for n in ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN")):
-        return []
-    return ["ANTHROPIC_API_KEY"]
 
 
 def serve(endpoint, home, *, capacity, mode, model, exit_with_stdin=False):
