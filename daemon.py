@@ -34,10 +34,9 @@ import grpc
 import stigmer_pb2 as pb
 import stigmer_pb2_grpc as pb_grpc
 import store
-from daemon_client import (CHANNEL_OPTIONS, DEFAULT_ENDPOINT, MAX_MESSAGE_BYTES, TOKEN_FILE,  # noqa: F401
+from daemon_client import (CHANNEL_OPTIONS, DEFAULT_ENDPOINT, MAX_MESSAGE_BYTES, TOKEN_FILE, VERSION,  # noqa: F401
                            DaemonError, auth_metadata, client_channel, default_home, read_token)
 
-VERSION = "0.1.0"
 RPC_THREADS = 128  # pool threads: one per active RPC (each open Watch or Connect holds one)
 MAX_CONCURRENT_RPCS = RPC_THREADS  # beyond this new RPCs fail fast with RESOURCE_EXHAUSTED instead of queuing behind streams
 LIST_DEFAULT, LIST_MAX = 50, 1000  # List's page size when the request says 0, and its cap

@@ -11,7 +11,13 @@ import os
 
 import grpc
 
+import stigmer_pb2 as pb
+
+VERSION = "0.1.0"  # the one version: pyproject, the daemon's Status and `--version` read it
 DEFAULT_ENDPOINT = "localhost:50051"
+DEFAULT_HOME = "~/.stigmer"  # where state lives unless STIGMER_HOME says otherwise
+TERMINAL_PHASES = (pb.COMPLETED, pb.FAILED, pb.CANCELLED)  # an execution in one of these is over
+TERMINAL_NAMES = tuple(pb.Phase.Name(p) for p in TERMINAL_PHASES)
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # largest gRPC message either way; bigger gets RESOURCE_EXHAUSTED
 TOKEN_FILE = "daemon.token"  # inside $STIGMER_HOME
 CHANNEL_OPTIONS = [

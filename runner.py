@@ -16,10 +16,8 @@ The agent's shell runs on this host as you, with your environment minus the mode
 it is not a security boundary. File tools are confined to the workspace.
 """
 import argparse
-import importlib.util
 import json
 import os
-import re
 import signal
 import sys
 import threading
@@ -27,10 +25,9 @@ import time
 from collections import namedtuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-VERSION = "0.1.0"
+from daemon_client import VERSION  # noqa: E402
 MODES = ("local", "cloud")
 ENVS = ("development", "staging", "production")
-FALLBACK_MODEL = "claude-sonnet-4-5"  # when the installed SDK lists no Sonnet
 EXIT_CODES = {"COMPLETED": 0, "FAILED": 1, "CANCELLED": 130}
 CANCEL_WAIT = 5.0  # seconds Ctrl-C waits for the execution to confirm it stopped
 RECONNECT_WAIT = 60.0  # seconds a follower waits for a daemon that went away
@@ -41,29 +38,10 @@ if __name__ == "__main__":
     sys.modules.setdefault("runner", sys.modules[__name__])  # worker.py imports us by name
 
 
-def _project_module(name, alias):
-    """Import the project's NAME.py from beside this file, even where a standard-library
-    module of the same name comes first on sys.path (the installed console script)."""
-    mine = os.path.realpath(os.path.join(HERE, name + ".py"))
-    found = importlib.util.find_spec(name)
-    if found is not None and found.origin and os.path.realpath(found.origin) == mine:
-        return importlib.import_module(name)  # ours wins on sys.path: one module, one set of classes
-    if alias in sys.modules:
-        return sys.modules[alias]
-    spec = importlib.util.spec_from_file_location(alias, mine)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[alias] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[alias]
-        raise
-    return module
-
-
 def project_secrets():
-    """The project's secrets.py (loaded on first use: list, logs and status never need it)."""
-    return _project_module("secrets", "stigmer_secrets")
+    """The project's secrets.py, loaded once by models.py."""
+    import models
+    return models.project_secrets()
 
 
 def __getattr__(name):  # `runner.stigmer_secrets` and `from runner import stigmer_secrets`, lazily
@@ -105,15 +83,8 @@ class Config(namedtuple("Config", "mode env home endpoint sandbox_root model env
 
 
 def default_model():
-    """The newest Sonnet in the installed SDK's model list, read from its source without importing it."""
-    found = importlib.util.find_spec("anthropic")
-    try:
-        with open(os.path.join(os.path.dirname(found.origin), "types", "model.py")) as f:
-            names = re.findall(r'"(claude-sonnet-[0-9][0-9a-z-]*)"', f.read())
-    except (OSError, AttributeError, TypeError):
-        names = []
-    undated = [n for n in names if not re.search(r"-\d{8}$", n)]
-    return (undated or names or [FALLBACK_MODEL])[0]
+    import models
+    return models.default_model()
 
 
 # ---- talking to the daemon ----
