@@ -62,7 +62,8 @@ from dataclasses import dataclass  # noqa: E402
 
 __all__ = list(_std.__all__) + [
     "DEFAULT_ENTROPY", "PROVIDERS", "Provider", "Secrets", "Redactor", "SecretError", "MissingSecret",
-    "PromptCancelled", "gather", "sandbox_secret_names", "child_env", "main",
+    "PromptCancelled", "gather", "sandbox_secret_names", "child_env", "main", "SECRET_WORDS", "looks_secret",
+    "secret_looking_names", "SDK_EXTRAS",
 ]
 
 MIN_REDACT_LEN = 8  # shorter values are not redacted: they would match ordinary text
@@ -100,6 +101,8 @@ class Provider:
     alt_env_vars: tuple = ()  # also accepted, kept under their own name (the SDK reads them)
     prefix: str = ""  # what real keys start with; anything else gets a warning
     label: str = ""  # for the prompt
+    required: bool = True  # False: used when set, never asked for (local servers need no key)
+    sdk: str = "anthropic"  # the Python package the runner speaks to this provider with
 
     def __post_init__(self):
         if not self.label:
@@ -108,9 +111,13 @@ class Provider:
 
 PROVIDERS = {p.name: p for p in (
     Provider("anthropic", "ANTHROPIC_API_KEY", ("ANTHROPIC_AUTH_TOKEN",), "sk-ant-", "Anthropic API key"),
-    Provider("openai", "OPENAI_API_KEY", (), "sk-", "OpenAI API key"),
-    Provider("gemini", "GEMINI_API_KEY", ("GOOGLE_API_KEY",), "AIza", "Gemini API key"),
+    Provider("openai", "OPENAI_API_KEY", (), "sk-", "OpenAI API key", sdk="openai"),
+    Provider("gemini", "GEMINI_API_KEY", ("GOOGLE_API_KEY",), "AIza", "Gemini API key", sdk="openai"),
+    Provider("ollama", "", label="Ollama (a local server; no key)", required=False, sdk="openai"),
+    Provider("openai-compatible", "OPENAI_API_KEY", (), "", "API key of the OpenAI-compatible server",
+             required=False, sdk="openai"),
 )}
+SDK_EXTRAS = {"openai": "openai"}  # SDK package -> the pyproject extra that installs it
 
 
 class Secrets(Mapping):
@@ -157,6 +164,21 @@ def sandbox_secret_names(cli_names=(), environ=None):
     return names
 
 
+SECRET_WORDS = ("KEY", "SECRET", "TOKEN", "PASSWORD", "CREDENTIAL")  # names holding one of these look secret
+
+
+def looks_secret(name):
+    """True when an environment variable's NAME suggests it holds a secret (case-insensitive)."""
+    upper = name.upper()
+    return any(word in upper for word in SECRET_WORDS)
+
+
+def secret_looking_names(environ=None):
+    """The names in ENVIRON (default os.environ) that look secret and have a non-empty value, sorted."""
+    environ = os.environ if environ is None else environ
+    return sorted(name for name, value in environ.items() if value and looks_secret(name))
+
+
 def gather(providers=("anthropic",), extra=(), *, environ=None, prompt=None, stdin_isatty=None, warn=None):
     """Collect provider keys and extra secrets: from the environment, else a masked prompt.
 
@@ -170,6 +192,12 @@ def gather(providers=("anthropic",), extra=(), *, environ=None, prompt=None, std
         if key not in PROVIDERS:
             raise SecretError(f"unknown provider {key!r}: known providers are {', '.join(PROVIDERS)}")
         p = PROVIDERS[key]
+        if not p.env_var:
+            continue
+        if not p.required:  # an optional key is passed on when set and never asked for
+            if environ.get(p.env_var):
+                wanted.setdefault(p.env_var, ((), p.label, ""))
+            continue
         wanted.setdefault(p.env_var, (p.alt_env_vars, p.label, p.prefix))
     for name in sandbox_secret_names(extra, environ={}):
         wanted.setdefault(name, ((), "Secret for the agent's shell", ""))
@@ -203,7 +231,7 @@ def _ask(prompt, question, name, prefix, warn):
         raise SecretError(f"{name}: the value holds a newline or control character, so it was refused "
                           "(it is not shown)")
     if prefix and not value.startswith(prefix):
-        warn(f"warning: {name} does not start with {prefix!r} as keys of its kind do; using it anyway")
+        warn(f"{name} does not start with {prefix!r} as keys of its kind do; using it anyway")
     return value
 
 
@@ -372,23 +400,38 @@ def main(argv=None, environ=None):
     except SecretError as exc:
         print(f"secrets: {exc}", file=sys.stderr)
         return 2
-    rows = []
+    rows, problems = [], []
     for key in args.provider or ["anthropic"]:
         p = PROVIDERS[key]
+        if importlib.util.find_spec(p.sdk) is None:
+            problems.append(f"{key} needs the {p.sdk} package: pip install -e '.[{SDK_EXTRAS.get(p.sdk, p.sdk)}]'"
+                            if p.sdk in SDK_EXTRAS else f"{key} needs the {p.sdk} package: pip install -e .")
+        if key == "openai-compatible" and not environ.get("OPENAI_BASE_URL"):
+            problems.append("openai-compatible needs OPENAI_BASE_URL, the server's address (for example "
+                            "http://localhost:8000/v1)")
+        if not p.env_var:
+            rows.append({"name": None, "provider": key, "set": True, "from": None, "needed": False})
+            continue
         source = next((v for v in (p.env_var, *p.alt_env_vars) if environ.get(v)), None)
-        rows.append({"name": p.env_var, "provider": key, "set": source is not None, "from": source})
+        rows.append({"name": p.env_var, "provider": key, "set": source is not None or not p.required,
+                     "from": source, "needed": p.required})
     for name in extra:
         rows.append({"name": name, "provider": None, "set": bool(environ.get(name)),
                      "from": name if environ.get(name) else None})
-    ok = all(row["set"] for row in rows)
+    ok = all(row["set"] for row in rows) and not problems
     if args.json:
-        print(json.dumps({"ok": ok, "secrets": rows}))
+        print(json.dumps({"ok": ok, "secrets": rows, "problems": problems}))
     else:
         for row in rows:
+            if row["name"] is None:
+                print(f"{'(no key)':<24} {'not needed':<32} {row['provider']}")
+                continue
             state = "set" if row["from"] == row["name"] else f"set (as {row['from']})"
-            state = state if row["set"] else "missing"
+            state = state if row["from"] else ("missing" if row["set"] is False else "not set (optional)")
             print(f"{row['name']:<24} {state:<32} {row['provider'] or '--secret'}")
-        if not ok:
+        for problem in problems:
+            print(f"problem: {problem}", file=sys.stderr)
+        if not all(row["set"] for row in rows):
             names = [row["name"] for row in rows if not row["set"]]
             print(f"missing: export {' '.join(n + '=...' for n in names)}, or run `python runner.py start` "
                   "in a terminal to be asked", file=sys.stderr)

@@ -187,6 +187,79 @@ class GatherTest(unittest.TestCase):
             anthropic.env_var = "X"  # frozen
 
 
+class ProviderKeysTest(unittest.TestCase):
+    """Keys for the chosen provider only; providers without a key; the check tells the truth."""
+
+    def check(self, argv, environ):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = S.main(argv, environ=environ)
+        return code, out.getvalue(), err.getvalue()
+
+    def test_each_provider_asks_for_its_own_key_only(self):
+        for provider, var in (("openai", "OPENAI_API_KEY"), ("gemini", "GEMINI_API_KEY")):
+            with self.subTest(provider=provider):
+                prompt = answers("a-key-for-" + provider)
+                got = S.gather((provider,), environ={"ANTHROPIC_API_KEY": ""}, prompt=prompt, stdin_isatty=True,
+                               warn=lambda m: None)
+                self.assertEqual(got.names, (var,))
+                self.assertEqual(len(prompt.asked), 1)
+                self.assertIn(var, prompt.asked[0])
+
+    def test_gemini_takes_google_api_key(self):
+        got = S.gather(("gemini",), environ={"GOOGLE_API_KEY": "AIza-google-key"}, prompt=never, stdin_isatty=True)
+        self.assertEqual(dict(got), {"GOOGLE_API_KEY": "AIza-google-key"})
+
+    def test_ollama_needs_no_key_even_without_a_terminal(self):
+        got = S.gather(("ollama",), environ={}, prompt=never, stdin_isatty=False)
+        self.assertEqual(dict(got), {})
+
+    def test_openai_compatible_key_is_optional(self):
+        self.assertEqual(dict(S.gather(("openai-compatible",), environ={}, prompt=never, stdin_isatty=False)), {})
+        got = S.gather(("openai-compatible",), environ={"OPENAI_API_KEY": "vllm-key-123"}, prompt=never,
+                       stdin_isatty=False)
+        self.assertEqual(dict(got), {"OPENAI_API_KEY": "vllm-key-123"})
+
+    def test_check_ollama_is_ok_without_a_key(self):
+        code, out, _ = self.check(["check", "--provider", "ollama"], {})
+        self.assertEqual(code, 0)
+        self.assertRegex(out, r"not needed\s+ollama")
+
+    def test_check_openai_compatible_needs_a_base_url(self):
+        code, _, err = self.check(["check", "--provider", "openai-compatible"], {})
+        self.assertEqual(code, 1)
+        self.assertIn("OPENAI_BASE_URL", err)
+        code, out, _ = self.check(["check", "--json", "--provider", "openai-compatible"],
+                                  {"OPENAI_BASE_URL": "http://127.0.0.1:9/v1"})
+        self.assertEqual((code, json.loads(out)["ok"]), (0, True))
+
+    def test_check_names_the_missing_sdk(self):
+        saved = S.importlib.util.find_spec
+        S.importlib.util.find_spec = lambda name, *a: None if name == "openai" else saved(name, *a)
+        try:
+            code, out, _ = self.check(["check", "--json", "--provider", "openai"], {"OPENAI_API_KEY": "sk-x" * 5})
+        finally:
+            S.importlib.util.find_spec = saved
+        report = json.loads(out)
+        self.assertEqual((code, report["ok"]), (1, False))
+        self.assertIn("pip install -e '.[openai]'", report["problems"][0])
+
+    def test_odd_key_warning_is_not_prefixed_twice(self):
+        warnings = []
+        S.gather(environ={}, prompt=answers("not-an-anthropic-key-42"), stdin_isatty=True, warn=warnings.append)
+        self.assertEqual(len(warnings), 1)
+        self.assertFalse(warnings[0].lower().startswith("warning"), warnings[0])
+
+    def test_secret_looking_names(self):
+        for name in ("GITHUB_TOKEN", "aws_secret_access_key", "DB_PASSWORD", "GOOGLE_APPLICATION_CREDENTIALS",
+                     "NPM_AUTH_TOKEN", "Api_Key"):
+            self.assertTrue(S.looks_secret(name), name)
+        for name in ("HOME", "PATH", "LANG", "EDITOR", "PWD"):
+            self.assertFalse(S.looks_secret(name), name)
+        self.assertEqual(S.secret_looking_names({"GITHUB_TOKEN": "x", "EMPTY_TOKEN": "", "HOME": "/h"}),
+                         ["GITHUB_TOKEN"])
+
+
 class NamesAndEnvTest(unittest.TestCase):
     def test_sandbox_secret_names_merge_dedupe_order(self):
         environ = {"STIGMER_SANDBOX_SECRETS": " NPM_TOKEN, GITHUB_TOKEN,,_X1 "}

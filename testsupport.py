@@ -44,11 +44,11 @@ def _sse(event, data):
     return f"event: {event}\ndata: {json.dumps(data)}\n\n"
 
 
-def render_stream(step, index, model="claude-fake"):
+def render_stream(step, index, model="claude-fake", reply_id=None):
     """The SSE body of one scripted turn."""
     usage = step.get("usage", {})
     out = [_sse("message_start", {"type": "message_start", "message": {
-        "id": f"msg_{index}", "type": "message", "role": "assistant", "model": model,
+        "id": reply_id or f"msg_{index}", "type": "message", "role": "assistant", "model": model,
         "content": [], "stop_reason": None, "stop_sequence": None,
         "usage": {"input_tokens": usage.get("input", 100), "output_tokens": 1,
                   "cache_read_input_tokens": usage.get("cache_read", 0),
@@ -193,7 +193,10 @@ class FakeAnthropic:
         else:
             if step.get("delay"):
                 time.sleep(step["delay"])
-            full = render_stream(step, step_index, body.get("model", "claude-fake"))
+            with self._lock:
+                self._replies = getattr(self, "_replies", 0) + 1
+                reply_id = f"msg_{step_index}_{self._replies}"  # unique per reply, as the real API's ids are
+            full = render_stream(step, step_index, body.get("model", "claude-fake"), reply_id)
             sent = full
             with self._lock:
                 drops = self._failures.get(("drop", step_index), 0)
@@ -221,3 +224,132 @@ def pid_alive(pid):
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (FileNotFoundError, ProcessLookupError):
         return False
+
+
+# ---- a fake OpenAI Chat Completions API (OpenAI, Gemini's compatible endpoint, Ollama, vLLM) ----
+
+OPENAI_FINISH = {"end_turn": "stop", "tool_use": "tool_calls", "max_tokens": "length", "refusal": "content_filter",
+                 "stop_sequence": "stop"}  # the Anthropic-style stop kinds of a script step, as finish_reason
+
+
+def render_chat_stream(step, index, model="gpt-fake", include_usage=True, reply_id="chatcmpl-0"):
+    """The SSE body of one scripted turn, as Chat Completions streams it."""
+    def chunk(delta=None, finish=None, usage=None):
+        body = {"id": reply_id, "object": "chat.completion.chunk", "created": 1_700_000_000, "model": model,
+                "choices": [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish,
+                                                      "logprobs": None}]}
+        if usage is not None:
+            body["usage"] = usage
+        return f"data: {json.dumps(body)}\n\n"
+
+    out = [chunk({"role": "assistant", "content": ""})]
+    text = step.get("text") or ""
+    for piece in step.get("pieces") or [text[i:i + 16] for i in range(0, len(text), 16)]:
+        out.append(chunk({"content": piece}))
+    for n, (name, tool_input) in enumerate(step.get("tools", [])):
+        raw = tool_input if isinstance(tool_input, str) else json.dumps(tool_input)
+        out.append(chunk({"tool_calls": [{"index": n, "id": f"call_{index}_{n}", "type": "function",
+                                          "function": {"name": name, "arguments": ""}}]}))
+        for i in range(0, len(raw), 40):
+            out.append(chunk({"tool_calls": [{"index": n, "function": {"arguments": raw[i:i + 40]}}]}))
+    stop = step.get("finish") or OPENAI_FINISH.get(step.get("stop", "end_turn"), "stop")
+    out.append(chunk({}, finish=stop))
+    if include_usage:
+        usage = step.get("usage", {})
+        prompt = usage.get("input", 100) + usage.get("cache_read", 0)
+        out.append(chunk(None, usage={"prompt_tokens": prompt, "completion_tokens": usage.get("output", 20),
+                                      "total_tokens": prompt + usage.get("output", 20),
+                                      "prompt_tokens_details": {"cached_tokens": usage.get("cache_read", 0)}}))
+    out.append("data: [DONE]\n\n")
+    return "".join(out).encode()
+
+
+def check_chat_request(body):
+    """What a real Chat Completions server would reject in this request body, or None."""
+    messages = body.get("messages") or []
+    if not messages:
+        return "messages: must not be empty"
+    for i, message in enumerate(messages):
+        calls = message.get("tool_calls") if message.get("role") == "assistant" else None
+        if not calls:
+            continue
+        answered = set()
+        for later in messages[i + 1:]:
+            if later.get("role") != "tool":
+                break
+            answered.add(later.get("tool_call_id"))
+        missing = {c["id"] for c in calls} - answered
+        if missing:
+            return (f"An assistant message with 'tool_calls' must be followed by tool messages responding to "
+                    f"each 'tool_call_id'. The following tool_call_ids did not have response messages: "
+                    f"{sorted(missing)}")
+        for call in calls:
+            if not isinstance(call.get("function", {}).get("arguments"), str):
+                return f"messages.{i}.tool_calls: arguments must be a string"
+    return None
+
+
+class FakeOpenAI(FakeAnthropic):
+    """A scripted Chat Completions server on a free loopback port; the same scripts as FakeAnthropic.
+
+    Any path ending in /chat/completions answers (/v1/..., Gemini's /v1beta/openai/...). KEY None
+    accepts requests without a key, as Ollama does. A step's "errors" may hold "context" for the
+    context-length error."""
+
+    def __init__(self, script, key="sk-openai-fake.not.a.real.key.0123456789"):
+        super().__init__(script, key=key)
+        self.paths = []
+        self._replies = 0
+
+    def _error(self, status, kind, message, headers=None, code=None):
+        body = json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}}).encode()
+        return status, {"content-type": "application/json", **(headers or {})}, body
+
+    def _answer(self, path, headers, body):
+        if not path.rstrip("/").endswith("/chat/completions"):
+            return self._error(404, "invalid_request_error", f"Unknown request URL: POST {path}",
+                               code="unknown_url")
+        step_index = sum(1 for m in body.get("messages", []) if m.get("role") == "assistant")
+        with self._lock:
+            self.times.append(time.perf_counter())
+            self.requests.append(body)
+            self.paths.append(path)
+            self._replies += 1
+            reply_id = f"chatcmpl-{step_index}-{self._replies}"
+            step = self.script[step_index] if step_index < len(self.script) else text_step("(script exhausted)")
+            served = self._failures.get(step_index, 0)
+            errors = step.get("errors", [])
+            scripted_error = errors[served] if served < len(errors) else None
+            if scripted_error is not None:
+                self._failures[step_index] = served + 1
+        key = (headers.get("authorization") or "").removeprefix("Bearer ")
+        if self.key is not None and key != self.key:
+            result = self._error(401, "invalid_request_error", "Incorrect API key provided: sk-op***", code="invalid_api_key")
+        elif (problem := check_chat_request(body)) is not None:
+            result = self._error(400, "invalid_request_error", problem)
+        elif scripted_error == "context":
+            result = self._error(400, "invalid_request_error", "This model's maximum context length is 128000 "
+                                 "tokens. However, your messages resulted in 130000 tokens.",
+                                 code="context_length_exceeded")
+        elif scripted_error is not None:
+            status, message = scripted_error if isinstance(scripted_error, tuple) else (scripted_error, "scripted")
+            kinds = {400: "invalid_request_error", 403: "permission_error", 404: "invalid_request_error",
+                     429: "rate_limit_exceeded", 500: "server_error"}
+            result = self._error(status, kinds.get(status, "server_error"), message, {"retry-after": "0.05"},
+                                 code="model_not_found" if status == 404 else None)
+        else:
+            if step.get("delay"):
+                time.sleep(step["delay"])
+            include = bool((body.get("stream_options") or {}).get("include_usage"))
+            full = render_chat_stream(step, step_index, body.get("model", "gpt-fake"), include, reply_id)
+            sent = full
+            with self._lock:
+                drops = self._failures.get(("drop", step_index), 0)
+                if drops < step.get("drop", 0):
+                    self._failures[("drop", step_index)] = drops + 1
+                    sent = full[:len(full) // 2]
+            result = 200, {"content-type": "text/event-stream", "cache-control": "no-cache",
+                           "content-length": str(len(full))}, sent
+        with self._lock:
+            self.statuses.append((step_index, result[0]))
+        return result
