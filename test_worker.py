@@ -13,6 +13,7 @@ from unittest import mock
 import grpc
 
 import daemon
+import daemon_client
 import stigmer_pb2 as pb
 import stigmer_pb2_grpc as pb_grpc
 import worker
@@ -148,9 +149,9 @@ class StreamTest(unittest.TestCase):
         shutil.rmtree(self.workspace, ignore_errors=True)
 
     def stub(self):
-        channel = daemon.client_channel(self.endpoint)
+        channel = daemon_client.client_channel(self.endpoint)
         self.addCleanup(channel.close)
-        return pb_grpc.DaemonStub(channel), daemon.auth_metadata(daemon.read_token(self.home))
+        return pb_grpc.DaemonStub(channel), daemon_client.auth_metadata(daemon_client.read_token(self.home))
 
     def wait(self, predicate, timeout=20):
         deadline = time.monotonic() + timeout
