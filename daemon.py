@@ -35,7 +35,7 @@ import stigmer_pb2 as pb
 import stigmer_pb2_grpc as pb_grpc
 import store
 from daemon_client import (DEFAULT_ENDPOINT, MAX_MESSAGE_BYTES, TERMINAL_PHASES, TOKEN_FILE, VERSION, DaemonError,
-                           default_home, read_token)
+                           read_token)
 
 RPC_THREADS = 128  # pool threads: one per active RPC (each open Watch or Connect holds one)
 MAX_CONCURRENT_RPCS = RPC_THREADS  # beyond this new RPCs fail fast with RESOURCE_EXHAUSTED instead of queuing behind streams
