@@ -22,9 +22,9 @@ import uuid
 import grpc
 
 import daemon_client
+import models
 import stigmer_pb2 as pb
 import stigmer_pb2_grpc as pb_grpc
-from runner import stigmer_secrets
 
 log = logging.getLogger("stigmer.worker")
 
@@ -36,8 +36,7 @@ MAX_PENDING_TEXT = 1_000_000  # characters of not-yet-sequenced text before text
 HEARTBEAT_SECONDS = 5.0  # idle interval between heartbeats
 BACKOFF_CAP = 5.0  # seconds, the longest wait between reconnect attempts
 FLUSH_ON_STOP = 5.0  # seconds a stopping worker waits for its last events to be acknowledged
-MODEL_KEY_VARS = tuple(var for p in stigmer_secrets.PROVIDERS.values()
-                       for var in (p.env_var, *p.alt_env_vars))  # hidden from the agent's shell
+MODEL_KEY_VARS = models.model_key_vars()  # hidden from the agent's shell
 
 
 class Cancelled(Exception):
@@ -96,9 +95,8 @@ class Worker:
         self.buffered = 0  # unacknowledged events over all outboxes
         self.stopping = threading.Event()
         self.connected = False
-        self._client = None
-        self._client_lock = threading.Lock()
-        self._client_ready = threading.Event()
+        self._sdk_lock = threading.Lock()
+        self._sdk_ready = threading.Event()
 
     # ---- events from the agents ----
 
@@ -290,15 +288,12 @@ class Worker:
         thread = threading.Thread(target=self._run_execution, args=(execution,), name=execution.id, daemon=True)
         thread.start()
 
-    def client(self):
-        """The anthropic client, made once (imported lazily: it is slow to import)."""
-        with self._client_lock:
-            if self._client is None:
-                import agent  # noqa: F401  (imports anthropic too)
-                import anthropic
-                self._client = anthropic.Anthropic()
-                self._client_ready.set()
-            return self._client
+    def preload(self):
+        """Import the model SDK once (it is slow to import) and make its client."""
+        with self._sdk_lock:
+            if not self._sdk_ready.is_set():
+                models.preload(self.model)
+                self._sdk_ready.set()
 
     def _run_execution(self, execution):
         import agent as agent_mod
@@ -306,7 +301,7 @@ class Worker:
 
         spec = execution.spec
         names = [n for n in (*MODEL_KEY_VARS, *spec.secret_names) if os.environ.get(n)]
-        redactor = stigmer_secrets.Redactor({n: os.environ[n] for n in names})
+        redactor = models.project_secrets().Redactor({n: os.environ[n] for n in names})
         emit = lambda **payload: self.emit(execution.id, redactor, **payload)  # noqa: E731
         log.info("running %s in %s", execution.id, spec.workspace)
         phase, reason, final_text, turns = pb.FAILED, "", "", 0
@@ -318,14 +313,14 @@ class Worker:
             if not os.path.isdir(spec.workspace):
                 raise SandboxError(f"the workspace {spec.workspace} does not exist on this runner")
             shell_env = {name: None for name in MODEL_KEY_VARS if name not in spec.secret_names}
-            while not self._client_ready.wait(0.1):  # the SDK is still importing (serve() started that)
+            while not self._sdk_ready.wait(0.1):  # the SDK is still importing (serve() started that)
                 if execution.id in self.cancels or self.stopping.is_set():
                     raise Cancelled()
-                if not self._client_lock.locked():
-                    self.client()
-            the_agent = agent_mod.Agent(self.client(), FilesystemSandbox(spec.workspace), emit,
-                                        model=spec.model or self.model, max_turns=spec.max_turns,
-                                        max_tokens_total=spec.max_tokens_total, redactor=redactor, shell_env=shell_env)
+                if not self._sdk_lock.locked():
+                    self.preload()
+            the_agent = agent_mod.Agent(models.make_model(spec.model or self.model), FilesystemSandbox(spec.workspace),
+                                        emit, max_turns=spec.max_turns, max_tokens_total=spec.max_tokens_total,
+                                        redactor=redactor, shell_env=shell_env)
             with self.cond:
                 self.agents[execution.id] = the_agent
                 if execution.id in self.cancels or execution.id not in self.outboxes:
@@ -337,6 +332,9 @@ class Worker:
         except SandboxError as exc:
             reason = str(exc)
             emit(error=pb.Error(code="workspace", message=reason))
+        except models.ModelError as exc:  # a model name that does not resolve
+            reason = exc.message
+            emit(error=pb.Error(code=exc.code, message=reason))
         except Exception as exc:  # a bug in the runner: report it on the execution, keep serving others
             log.exception("execution %s crashed", execution.id)
             reason = f"internal runner error: {type(exc).__name__}: {exc}"
@@ -374,7 +372,7 @@ def serve(endpoint, home, *, capacity, mode, model, exit_with_stdin=False):
 
     worker = Worker(endpoint, home, capacity=capacity, mode=mode, model=model)
     # The SDK takes seconds to import: load it while we connect, not when the first task arrives.
-    threading.Thread(target=worker.client, name="import-anthropic", daemon=True).start()
+    threading.Thread(target=worker.preload, name="import-model-sdk", daemon=True).start()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
