@@ -1,17 +1,27 @@
-"""The client side of the daemon's contract: where the daemon is, its token, and a channel to it.
+"""The client side of the daemon's contract: where the daemon is, its token, a channel to it,
+and the CLI's `Client` (submit, get, list, watch, cancel, status), which returns stigmer_pb2 messages.
 
-    channel = client_channel("localhost:50051")
-    stub = stigmer_pb2_grpc.DaemonStub(channel)
-    stub.Status(stigmer_pb2.StatusRequest(), metadata=auth_metadata(read_token(default_home())))
+    client = Client(os.path.expanduser("~/.stigmer"), "localhost:50051")
+    execution = client.submit(stigmer_pb2.ExecutionSpec(prompt="add a README", workspace="/tmp/ws"))
+    for event in client.watch(execution.id):
+        print(event.seq, event.WhichOneof("payload"))
+
+    link = DaemonLink("localhost:50051", home)              # a worker's side of the Connect stream
+    link.run(worker.Worker(capacity=2))                     # until the worker stops
 
 Kept apart from daemon.py (the server) so that CLI commands such as `list` start without
-importing the server's SQLite store and thread pool. daemon.py re-exports all of it.
+importing the server's SQLite store and thread pool.
 """
+import logging
 import os
+import random
+import threading
+import time
 
 import grpc
 
 import stigmer_pb2 as pb
+import stigmer_pb2_grpc as pb_grpc
 
 VERSION = "0.1.0"  # the one version: pyproject, the daemon's Status and `--version` read it
 DEFAULT_ENDPOINT = "localhost:50051"
@@ -28,11 +38,6 @@ CHANNEL_OPTIONS = [
 
 class DaemonError(Exception):
     """A problem a person must fix before the daemon can run; the message says how."""
-
-
-def default_home():
-    """$STIGMER_HOME, else ~/.stigmer."""
-    return os.environ.get("STIGMER_HOME") or os.path.expanduser("~/.stigmer")
 
 
 def read_token(home):
@@ -57,3 +62,196 @@ def auth_metadata(token):
 def client_channel(endpoint):
     """An insecure channel to the daemon with the daemon's message size limits."""
     return grpc.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
+
+
+# ---- DaemonLink: a worker's side of the Connect stream ----
+
+link_log = logging.getLogger("stigmer.link")
+HEARTBEAT_SECONDS = 5.0  # idle interval between heartbeats
+BACKOFF_CAP = 5.0  # seconds, the longest wait between reconnect attempts
+BATCH_WAIT = 0.25  # seconds the sender waits for events before it considers a heartbeat
+GAP = grpc.StatusCode.FAILED_PRECONDITION.value[0]  # a Reject with this code asks for a resend after ack_seq
+
+
+class DaemonLink:
+    """Connects a worker to the daemon: Hello with its in-flight executions, event batches,
+    heartbeats; reconnects with exponential backoff and jitter until the worker stops."""
+
+    def __init__(self, endpoint, home):
+        self.endpoint, self.home = endpoint, home
+
+    def run(self, worker):
+        """Connect, reconnecting with backoff and jitter, until worker.stopping is set."""
+        delay = 0.1
+        told = False  # the current outage has been logged
+        while not worker.stopping.is_set():
+            try:
+                self._session(worker)
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.CANCELLED and worker.stopping.is_set():
+                    break
+                reason = f"{exc.code().name}: {exc.details()}"
+            except DaemonError as exc:
+                reason = str(exc)
+            else:
+                reason = "the daemon closed the stream"
+            if worker.connected:  # the session was up: a new outage
+                delay, told = 0.1, True
+                link_log.warning("lost the daemon at %s (%s); agents keep running, events are buffered; reconnecting",
+                            self.endpoint, reason)
+            elif not told:  # never connected yet
+                told = True
+                link_log.warning("cannot reach the daemon at %s (%s); retrying", self.endpoint, reason)
+            worker.connected = False
+            worker.stopping.wait(min(BACKOFF_CAP, delay) * random.uniform(0.5, 1.0))
+            delay = min(BACKOFF_CAP, delay * 2)
+
+    def _session(self, worker):
+        """One Connect stream, until it breaks or the worker stops."""
+        token = read_token(self.home)
+        channel = client_channel(self.endpoint)
+        session = threading.Event()
+        try:
+            call = pb_grpc.DaemonStub(channel).Connect(self._requests(worker, session),
+                                                       metadata=auth_metadata(token))
+
+            def cancel_on_stop():  # lives as long as this session, not as long as the worker
+                while not session.wait(0.25):
+                    if worker.stopping.is_set():
+                        call.cancel()
+                        return
+
+            threading.Thread(target=cancel_on_stop, name="session-watch", daemon=True).start()
+            for message in call:
+                if not worker.connected:
+                    worker.connected = True
+                    link_log.info("connected to the daemon at %s as %s", self.endpoint, worker.runner_id)
+                self._dispatch(worker, message)
+        finally:
+            session.set()
+            channel.close()
+
+    def _requests(self, worker, session):
+        """The runner's side of Connect: Hello, then batches and heartbeats until the session ends."""
+        yield pb.RunnerMessage(hello=pb.Hello(runner_id=worker.runner_id, capacity=worker.capacity,
+                                              mode=worker.mode, in_flight=worker.rewind()))
+        last = time.monotonic()
+        while not session.is_set():
+            batch = worker.next_batch(BATCH_WAIT, session)
+            if session.is_set():  # a newer stream owns the outboxes now
+                return
+            if batch:
+                yield pb.RunnerMessage(events=pb.EventBatch(events=batch))
+                last = time.monotonic()
+            elif time.monotonic() - last > HEARTBEAT_SECONDS:
+                yield pb.RunnerMessage(heartbeat=pb.Heartbeat(free_slots=worker.free_slots()))
+                last = time.monotonic()
+
+    @staticmethod
+    def _dispatch(worker, message):
+        """Hand one DaemonMessage to the worker."""
+        kind = message.WhichOneof("msg")
+        if kind == "assign":
+            worker.assigned(message.assign.execution)
+        elif kind == "ack":
+            worker.acked(message.ack.execution_id, message.ack.seq)
+        elif kind == "reject":
+            reject = message.reject
+            worker.refused(reject.execution_id, reject.ack_seq, gap=reject.code == GAP, message=reject.message)
+        elif kind == "cancel":
+            worker.cancel_requested(message.cancel.execution_id)
+
+# ---- the CLI's client ----
+
+class BackendError(Exception):
+    """What went wrong talking to the backend, in one line for a person."""
+
+
+class BackendUnavailable(BackendError):
+    """The backend cannot be reached (yet): a follower may wait for it and reconnect."""
+
+
+def rpc_message(exc, endpoint):
+    """A one-line message for a failed RPC."""
+    code = exc.code()
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return f"no daemon answers at {endpoint}: start one with `python runner.py start`"
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return (f"the daemon at {endpoint} refused our token: it belongs to another STIGMER_HOME, or restarted; "
+                "check STIGMER_HOME and STIGMER_BACKEND_ENDPOINT")
+    return exc.details() or code.name
+
+
+def backend_error(exc, endpoint):
+    """The BackendError (or BackendUnavailable) for a failed RPC."""
+    unavailable = exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    return (BackendUnavailable if unavailable else BackendError)(rpc_message(exc, endpoint))
+
+
+class Watch:
+    """An execution's events from a Watch call, as an iterator; cancel() ends it from any thread."""
+
+    def __init__(self, call, endpoint, channel):
+        self._call, self._endpoint = call, endpoint
+        self._channel = channel  # held: a channel that is garbage-collected cancels its calls
+
+    def __iter__(self):
+        try:
+            yield from self._call
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.CANCELLED:  # CANCELLED: we (or the daemon) ended it
+                raise backend_error(exc, self._endpoint) from None
+
+    def cancel(self):
+        """End the watch: the iteration stops quietly."""
+        self._call.cancel()
+
+
+class Client:
+    """The CLI's daemon client. Every method returns stigmer_pb2 messages and raises BackendError
+    (BackendUnavailable when no daemon answers)."""
+
+    def __init__(self, home, endpoint):
+        import stigmer_pb2_grpc
+        self.endpoint = endpoint
+        try:
+            self._metadata = auth_metadata(read_token(home))
+        except DaemonError as exc:  # no token: no daemon has started for this home (or it stopped)
+            raise BackendUnavailable(str(exc)) from None
+        self._channel = client_channel(endpoint)
+        self._stub = stigmer_pb2_grpc.DaemonStub(self._channel)
+
+    def _call(self, method, request, timeout=10.0):
+        try:
+            return getattr(self._stub, method)(request, metadata=self._metadata, timeout=timeout)
+        except grpc.RpcError as exc:
+            raise backend_error(exc, self.endpoint) from None
+
+    def submit(self, spec):
+        """Queue an execution of SPEC; returns the pb.Execution (PENDING)."""
+        return self._call("Submit", pb.SubmitRequest(spec=spec))
+
+    def get(self, execution_id):
+        """The execution as the log has it now."""
+        return self._call("Get", pb.GetRequest(execution_id=execution_id))
+
+    def list(self, phase=0, limit=20):
+        """Executions newest first, of one phase if PHASE is set."""
+        return list(self._call("List", pb.ListRequest(phase=phase, limit=limit)).executions)
+
+    def watch(self, execution_id, after_seq=0, follow=True):
+        """The events after AFTER_SEQ, then (FOLLOW) live ones until the terminal event: a Watch."""
+        request = pb.WatchRequest(execution_id=execution_id, after_seq=after_seq, follow=follow)
+        return Watch(self._stub.Watch(request, metadata=self._metadata), self.endpoint, self._channel)
+
+    def cancel(self, execution_id):
+        """Ask for the execution to stop; returns it as it is now."""
+        return self._call("Cancel", pb.CancelRequest(execution_id=execution_id))
+
+    def status(self, timeout=10.0):
+        """The daemon's pb.DaemonStatus: version, pid, runners, queue, executions by phase."""
+        return self._call("Status", pb.StatusRequest(), timeout=timeout)
+
+    def close(self):
+        """Close the channel; watches still running on it end."""
+        self._channel.close()
