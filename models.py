@@ -1,8 +1,8 @@
 """Model providers: the Model seam, model-name resolution, default models and error messages.
 
     import models
-    provider, name = models.resolve("claude-sonnet-4-5")   # ("anthropic", "claude-sonnet-4-5")
-    model = models.make_model("anthropic/claude-sonnet-4-5")
+    provider, name = models.resolve("gpt-4.1")              # ("openai", "gpt-4.1")
+    model = models.make_model("openai/gpt-4.1", environ)   # environ: runner.Config.environ (keys, base URLs)
     reply = model.turn(system_text, tools, [{"role": "user", "text": "hi"}],
                        on_text=print, cancelled=threading.Event())
     reply.text, reply.tool_calls, reply.stop, reply.usage
@@ -20,6 +20,7 @@ import. This module also loads the project's secrets.py, once, for everyone
 """
 import importlib
 import importlib.util
+import json
 import os
 import re
 import sys
@@ -28,7 +29,16 @@ from collections import namedtuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FALLBACK_MODEL = "claude-sonnet-4-5"  # when the installed SDK lists no Sonnet
-PROVIDERS = ("anthropic",)  # the providers a model name may start with: "anthropic/claude-..."
+PROVIDERS = ("anthropic", "openai", "gemini", "ollama", "openai-compatible")  # "provider/model" prefixes
+DEFAULT_MODELS = {  # a provider's model when none is named ("openai" or "openai/"); None: see default_model
+    "anthropic": None,  # the newest Sonnet the installed anthropic SDK lists
+    "openai": "gpt-4.1",
+    "gemini": "gemini-2.5-flash",
+    "ollama": "qwen3:8b",
+    "openai-compatible": None,  # the server decides: name the model
+}
+BARE_PREFIXES = (("claude-", "anthropic"), ("gpt-", "openai"), ("chatgpt-", "openai"), ("o1", "openai"),
+                 ("o3", "openai"), ("o4", "openai"), ("gemini-", "gemini"))  # bare model name -> provider
 MAX_OUTPUT_TOKENS = 16000  # max_tokens per model request
 STREAM_RETRIES = 2  # extra attempts when the connection drops in the middle of a streamed reply
 TRANSPORT_MODULES = ("httpx", "httpx2", "httpcore", "httpcore2", "h11")  # the SDK's HTTP stack, across versions
@@ -84,11 +94,18 @@ def project_secrets():
 
 def model_key_vars():
     """Every provider key variable: hidden from the agent's shell, kept from the daemon, redacted."""
-    return tuple(var for p in project_secrets().PROVIDERS.values() for var in (p.env_var, *p.alt_env_vars))
+    found = (var for p in project_secrets().PROVIDERS.values() for var in (p.env_var, *p.alt_env_vars) if var)
+    return tuple(dict.fromkeys(found))
 
 
 def default_model(provider="anthropic"):
-    """The newest Sonnet in the installed SDK's model list, read from its source without importing it."""
+    """PROVIDER's default model: from DEFAULT_MODELS, or for Anthropic the newest Sonnet in the installed
+    SDK's model list, read from its source without importing it."""
+    if provider != "anthropic":
+        if DEFAULT_MODELS.get(provider):
+            return DEFAULT_MODELS[provider]
+        raise ModelError("model", f"{provider} has no default model: name one, as {provider}/MODEL "
+                                  "(the name the server lists)")
     found = importlib.util.find_spec("anthropic")
     try:
         with open(os.path.join(os.path.dirname(found.origin), "types", "model.py")) as f:
@@ -99,52 +116,130 @@ def default_model(provider="anthropic"):
     return (undated or names or [FALLBACK_MODEL])[0]
 
 
+def _bare_provider(name):
+    """The provider a bare model name belongs to, by its prefix; None when no prefix matches."""
+    for prefix, provider in BARE_PREFIXES:
+        if name.startswith(prefix) and (prefix.endswith("-") or re.match(r"o\d(-|$)", name)):
+            return provider
+    return None
+
+
 def resolve(name):
-    """(provider, model) for a model name: "anthropic/claude-x", a bare "claude-x", or "" for the default."""
+    """(provider, model) for a model name: "provider/model", a provider alone ("openai", "ollama/") for its
+    default model, a bare name known by its prefix ("claude-...", "gpt-...", "o3...", "gemini-..."), or ""
+    for the default (Anthropic's newest Sonnet)."""
     name = (name or "").strip()
     if not name:
         return "anthropic", default_model()
     provider, slash, model = name.partition("/")
-    if slash and provider in PROVIDERS and model:
-        return provider, model
-    if not slash and name.startswith("claude-"):
-        return "anthropic", name
+    if provider.lower() in PROVIDERS:
+        provider, model = provider.lower(), model.strip()
+        return provider, model or default_model(provider)
+    if not slash and _bare_provider(name):
+        return _bare_provider(name), name
     raise ModelError("model", f"the model name {name!r} is not one this runner knows: give provider/model "
-                              f"(providers: {', '.join(PROVIDERS)}), a bare Claude name such as {FALLBACK_MODEL}, "
-                              f"or nothing for the default")
+                              f"(providers: {', '.join(PROVIDERS)}; for example openai/gpt-4.1 or ollama/qwen3:8b), "
+                              "a bare name starting with claude-, gpt-, o1, o3, o4 or gemini-, or nothing for the "
+                              "default (the newest Claude Sonnet)")
 
 
-def make_model(name):
-    """The model object for NAME (see resolve); its SDK is imported on first use."""
-    _, model = resolve(name)  # every name resolves to anthropic for now
-    return AnthropicModel(model)
+def qualified(name):
+    """NAME resolved and written as provider/model: what an execution's record keeps."""
+    return "/".join(resolve(name))
 
 
-def preload(name=""):
+def make_model(name, environ=None):
+    """The model object for NAME (see resolve). ENVIRON (runner.Config.environ) holds the keys and base URLs;
+    the provider's SDK is imported here, once per process."""
+    provider, model = resolve(name)
+    environ = {} if environ is None else environ
+    base_url, key, key_var = endpoint(provider, environ)
+    client = shared_client(provider, base_url, key, key_var)
+    if provider == "anthropic":
+        return AnthropicModel(model, client)
+    return OpenAIChatModel(model, provider=provider, base_url=base_url, key_var=key_var, client=client)
+
+
+def preload(name="", environ=None):
     """Import NAME's provider SDK and make its client now: it takes seconds, better spent before the first turn.
-    A name that does not resolve loads nothing (make_model reports it)."""
+    A name that does not resolve, or lacks its key, loads nothing (make_model reports it)."""
     try:
-        resolve(name)
+        make_model(name, environ)
     except ModelError:
         return
-    _shared_anthropic()
 
 
-ANTHROPIC_SETTINGS = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_BASE_URL")  # what the SDK reads
-_shared = {}
+_shared = {}  # (provider, base URL, key) -> SDK client: executions share its connection pool
 _shared_lock = threading.Lock()
 
 
-def _shared_anthropic():
-    """One anthropic client per process and settings (thread-safe). The SDK reads ANTHROPIC_API_KEY,
-    ANTHROPIC_AUTH_TOKEN and ANTHROPIC_BASE_URL itself; a client is kept per their values, so that a
-    changed setting never reaches a stale server."""
-    settings = ("anthropic",) + tuple(os.environ.get(v) for v in ANTHROPIC_SETTINGS)
+def shared_client(provider, base_url, key, key_var=""):
+    """One SDK client per process and (provider, base URL, key), made on first use (thread-safe): executions
+    share its connection pool, and a changed setting never reaches a stale server. KEY_VAR says what the key
+    is (ANTHROPIC_AUTH_TOKEN: a bearer token)."""
+    settings = (provider, base_url, key_var, key)
     with _shared_lock:
         if settings not in _shared:
-            import anthropic
-            _shared[settings] = anthropic.Anthropic()
+            if provider == "anthropic":
+                import anthropic
+                token = key_var == "ANTHROPIC_AUTH_TOKEN"
+                _shared[settings] = anthropic.Anthropic(api_key=None if token else key, auth_token=key if token else None,
+                                                        base_url=base_url)
+            else:
+                openai = import_openai()
+                _shared[settings] = openai.OpenAI(api_key=key, base_url=base_url)
         return _shared[settings]
+
+
+def _shared_anthropic():
+    """The anthropic client with the SDK's own settings (an AnthropicModel made without one)."""
+    return shared_client("anthropic", None, None)
+
+
+GEMINI_BASE_URL = "https://generativelanguage.googleapis.com/v1beta/openai/"  # Google's OpenAI-compatible endpoint
+OLLAMA_HOST = "http://localhost:11434"  # where Ollama listens unless OLLAMA_HOST says otherwise
+OPENAI_BASE_URL = "https://api.openai.com/v1"
+KEYS = {"anthropic": ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN"), "openai": ("OPENAI_API_KEY",),
+        "gemini": ("GEMINI_API_KEY", "GOOGLE_API_KEY"), "ollama": (),
+        "openai-compatible": ("OPENAI_API_KEY",)}  # the variables a provider's key may come from, first wins
+KEYLESS = "not-needed"  # what an OpenAI-compatible server without auth gets (the SDK insists on a key)
+
+
+def _ollama_url(host):
+    """OLLAMA_HOST (host:port, or a URL) as the base URL of Ollama's OpenAI-compatible API."""
+    host = host.strip().rstrip("/")
+    if "://" not in host:
+        host = "http://" + host
+    return host if host.endswith("/v1") else host + "/v1"
+
+
+def endpoint(provider, environ):
+    """(base URL, key, the key's variable) for PROVIDER from ENVIRON; raises ModelError when a needed
+    setting is missing. A base URL of None means the SDK's default."""
+    var = next((v for v in KEYS[provider] if environ.get(v)), None)
+    key = environ[var] if var else None
+    if provider == "anthropic":
+        base = (environ.get("ANTHROPIC_BASE_URL") or "").rstrip("/") or None
+        if base and base.endswith("/v1"):  # the SDK adds /v1/messages itself
+            base = base[:-3]
+    elif provider == "openai":
+        base = environ.get("OPENAI_BASE_URL") or OPENAI_BASE_URL
+    elif provider == "gemini":
+        base = environ.get("GEMINI_BASE_URL") or GEMINI_BASE_URL
+    elif provider == "ollama":
+        base, key, var = _ollama_url(environ.get("OLLAMA_HOST") or OLLAMA_HOST), KEYLESS, "OLLAMA_HOST"
+    else:
+        base = environ.get("OPENAI_BASE_URL")
+        if not base:
+            raise ModelError("config", "openai-compatible needs OPENAI_BASE_URL, the server's address (for example "
+                                       "export OPENAI_BASE_URL=http://localhost:8000/v1)")
+        key, var = (key, var) if key else (KEYLESS, "OPENAI_API_KEY")
+    if key is None:
+        wanted = " or ".join(KEYS[provider])
+        raise ModelError("auth", f"{wanted} is not set where this runner runs, so it cannot use {provider}: "
+                                 f"export {KEYS[provider][0]}=... (background workers: `python runner.py stop`, then "
+                                 f"`python runner.py start --model {provider}/...` to be asked for it)")
+    return base, key, var
 
 
 def anthropic_error(exc):
@@ -154,6 +249,9 @@ def anthropic_error(exc):
         return "auth", "the model API rejected the key (401): fix ANTHROPIC_API_KEY (or ANTHROPIC_AUTH_TOKEN) and run again"
     if isinstance(exc, anthropic.PermissionDeniedError):
         return "permission", "the model API refused access (403): the key lacks permission for this model or organization"
+    if isinstance(exc, anthropic.NotFoundError):
+        return "not_found", (f"the model API answered 404 ({provider_message(exc)}): check the model name "
+                             "(STIGMER_MODEL or --model)")
     if isinstance(exc, anthropic.RateLimitError):
         return "rate_limit", "rate limited by the model API (429) after retries: wait a minute and run again"
     if isinstance(exc, anthropic.APIStatusError) and exc.status_code == 529:
@@ -273,3 +371,214 @@ class AnthropicModel:
                      stop=ANTHROPIC_STOPS.get(message.stop_reason, STOP_DONE),
                      usage=Usage(tokens("input_tokens"), tokens("output_tokens"), tokens("cache_read_input_tokens"),
                                  tokens("cache_creation_input_tokens")))
+
+
+# ---- OpenAI Chat Completions: OpenAI, Gemini, Ollama, vLLM and any compatible server ----
+
+OPENAI_EXTRA = "pip install -e '.[openai]'"  # what installs the openai SDK
+CONTEXT_WORDS = ("context length", "context window", "context_length", "maximum number of tokens", "too many tokens",
+                 "prompt is too long")  # how compatible servers say the conversation no longer fits
+CHAT_STOPS = {"tool_calls": STOP_TOOL_USE, "function_call": STOP_TOOL_USE, "length": STOP_MAX_TOKENS,
+              "content_filter": STOP_REFUSAL}  # finish_reason -> stop kind; "stop" and the rest: done
+
+
+def import_openai():
+    """The openai SDK, or a ModelError that says how to install it."""
+    try:
+        import openai
+    except ImportError:
+        raise ModelError("missing_sdk", f"this model needs the openai package: {OPENAI_EXTRA}") from None
+    return openai
+
+
+class OpenAIChatModel:
+    """A streaming Chat Completions API with tools (OpenAI, Gemini, Ollama, any compatible server)."""
+
+    def __init__(self, model, *, provider="openai", base_url=None, key_var="OPENAI_API_KEY", client=None):
+        self.provider, self.model, self.base_url, self.key_var = provider, model, base_url, key_var
+        self.client = client  # an openai.OpenAI(); make_model gives the process's shared one
+        self._stream = None  # the stream being read, for close()
+
+    def request(self, system_text, tools, messages):
+        """The request body: built the same way every turn, so the prefix stays byte-identical from request
+        to request and automatic prefix caching (OpenAI, Gemini) hits it."""
+        body = {"model": self.model, "messages": chat_messages(system_text, messages),
+                "tools": [{"type": "function", "function": {"name": t["name"], "description": t["description"],
+                                                            "parameters": t["input_schema"]}} for t in tools],
+                "stream": True, "stream_options": {"include_usage": True}}
+        # OpenAI's reasoning models take only max_completion_tokens; many compatible servers only max_tokens.
+        body["max_completion_tokens" if self.provider == "openai" else "max_tokens"] = MAX_OUTPUT_TOKENS
+        return body
+
+    def turn(self, system_text, tools, messages, on_text, cancelled, on_retry=None):
+        """One streamed reply; see AnthropicModel.turn (the same retries of a reply that breaks off)."""
+        openai = import_openai()
+        body = self.request(system_text, tools, messages)
+        for attempt in range(STREAM_RETRIES + 1):
+            try:
+                return self._request(body, on_text, cancelled)
+            except openai.APIError as exc:
+                if cancelled.is_set():
+                    raise Cancelled() from None
+                raise ModelError(*self.error(exc)) from None
+            except BrokenStream as broken:
+                if cancelled.is_set():
+                    raise Cancelled() from None
+                exc = broken.__cause__
+                if attempt == STREAM_RETRIES:
+                    raise ModelError("connection", f"the connection to the model API broke mid-reply {attempt + 1} "
+                                                   f"times ({type(exc).__name__})") from None
+                if on_retry:
+                    on_retry(f"the model's reply broke off ({type(exc).__name__}: {exc}); asking again")
+
+    def close(self):
+        """Abort the stream being read (cancel, from another thread)."""
+        stream = self._stream
+        if stream is not None:
+            try:
+                stream.close()
+            except Exception:  # closing from another thread may race the reader; the cancel flag is what counts
+                pass
+
+    def _request(self, body, on_text, cancelled):
+        """One streamed request; returns its Reply."""
+        openai = import_openai()
+        text, calls, finish, usage, refused = [], [], None, None, False
+        stream = self.client.chat.completions.create(**body)
+        self._stream = stream
+        try:
+            for chunk in _mid_reply(stream, openai):
+                if cancelled.is_set():
+                    break
+                if chunk.usage is not None:
+                    usage = chunk.usage
+                for choice in chunk.choices or ():
+                    delta = choice.delta
+                    if delta is not None:
+                        if delta.content:
+                            text.append(delta.content)
+                            on_text(delta.content)
+                        refused = refused or bool(getattr(delta, "refusal", None))
+                        for call in delta.tool_calls or ():
+                            _add_call_delta(calls, call)
+                    if choice.finish_reason:
+                        finish = choice.finish_reason
+        finally:
+            self._stream = None
+            stream.close()
+        if cancelled.is_set():
+            raise Cancelled()
+        tool_calls = [ToolUse(call["id"] or f"call_{n}", call["name"], parse_arguments("".join(call["arguments"])))
+                      for n, call in enumerate(calls)]
+        stop = STOP_REFUSAL if refused else CHAT_STOPS.get(finish, STOP_DONE)
+        if stop == STOP_DONE and tool_calls:
+            stop = STOP_TOOL_USE  # some servers (Ollama) end a tool-calling reply with "stop"
+        return Reply("".join(text), tool_calls, stop, chat_usage(usage))
+
+    def error(self, exc):
+        """(code, human message) for an openai SDK error, per class, naming this provider's settings."""
+        openai = import_openai()
+        detail = provider_message(exc)
+        if isinstance(exc, openai.AuthenticationError):
+            return "auth", f"the model API rejected the key (401): fix {self.key_var} and run again"
+        if isinstance(exc, openai.PermissionDeniedError):
+            return "permission", f"the model API refused access (403): {detail}"
+        if isinstance(exc, openai.NotFoundError):
+            hint = f"; for Ollama, `ollama pull {self.model}`" if self.provider == "ollama" else ""
+            return "not_found", (f"the model API answered 404 ({detail}): check the model name "
+                                 f"(STIGMER_MODEL or --model){hint}")
+        if isinstance(exc, openai.RateLimitError):
+            return "rate_limit", "rate limited by the model API (429) after retries: wait a minute and run again"
+        if isinstance(exc, openai.APITimeoutError):
+            return "timeout", "the model API timed out after retries"
+        if isinstance(exc, openai.APIConnectionError):
+            setting = {"ollama": "OLLAMA_HOST (is `ollama serve` running?)", "gemini": "GEMINI_BASE_URL"}.get(
+                self.provider, "OPENAI_BASE_URL")
+            return "connection", f"could not reach the model API ({self.base_url}): check your network or {setting}"
+        if isinstance(exc, openai.BadRequestError):
+            if getattr(exc, "code", None) == "context_length_exceeded" or any(w in detail.lower() for w in CONTEXT_WORDS):
+                return "context_window", "the conversation no longer fits the model's context window"
+            return "bad_request", f"the model API refused the request (400): {detail}"
+        if isinstance(exc, openai.APIStatusError):
+            return "api_error", f"the model API failed ({exc.status_code}): {detail}"
+        return "api_error", f"the model API failed: {detail}"
+
+
+class BrokenStream(Exception):
+    """The connection broke after the reply had begun (raised from the transport's error): ask again."""
+
+
+def _mid_reply(stream, openai):
+    """The stream's chunks; a connection that breaks while they arrive raises BrokenStream."""
+    try:
+        yield from stream
+    except openai.APIConnectionError as exc:  # the SDK's name for a transport error
+        raise BrokenStream() from exc
+    except Exception as exc:
+        if type(exc).__module__.split(".")[0] in TRANSPORT_MODULES:
+            raise BrokenStream() from exc
+        raise
+
+
+def _add_call_delta(calls, delta):
+    """Fold one streamed tool-call delta into CALLS (a list of {"id", "name", "arguments": [parts]}).
+    A delta names its call by index; servers that send no index start a call with an id."""
+    index = delta.index
+    if index is None:
+        index = len(calls) if delta.id or not calls else len(calls) - 1
+    while len(calls) <= index:
+        calls.append({"id": "", "name": "", "arguments": []})
+    call = calls[index]
+    if delta.id:
+        call["id"] = delta.id
+    if delta.function is not None:
+        if delta.function.name:
+            call["name"] += delta.function.name
+        if delta.function.arguments:
+            call["arguments"].append(delta.function.arguments)
+
+
+def chat_usage(usage):
+    """The turn's Usage from a Chat Completions usage (cached prompt tokens count as cache reads)."""
+    if usage is None:
+        return Usage(0, 0, 0, 0)
+    details = getattr(usage, "prompt_tokens_details", None)
+    cached = (getattr(details, "cached_tokens", 0) or 0) if details is not None else 0
+    return Usage((usage.prompt_tokens or 0) - cached, usage.completion_tokens or 0, cached, 0)
+
+
+def provider_message(exc):
+    """The provider's own error message from an SDK error, not the SDK's dump of the body."""
+    body = getattr(exc, "body", None)
+    inner = body.get("error", body) if isinstance(body, dict) else body
+    if isinstance(inner, dict) and inner.get("message"):
+        return str(inner["message"])
+    if isinstance(inner, str) and inner:
+        return inner
+    return getattr(exc, "message", None) or str(exc)
+
+
+def parse_arguments(raw):
+    """A tool call's JSON arguments as a dict, or the malformed-input marker the agent answers with an error."""
+    try:
+        value = json.loads(raw or "{}")
+    except ValueError as exc:
+        return {"__malformed__": str(exc)}
+    return value if isinstance(value, dict) else {"__malformed__": f"expected a JSON object, got {type(value).__name__}"}
+
+
+def chat_messages(system_text, messages):
+    """The system text and the neutral MESSAGES as Chat Completions messages."""
+    out = [{"role": "system", "content": system_text}]
+    for m in messages:
+        if m["role"] == "user":
+            out.append({"role": "user", "content": m["text"]})
+        elif m["role"] == "assistant":
+            message = {"role": "assistant", "content": m["text"] or None}
+            if m["tool_calls"]:
+                message["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                    "name": c.name, "arguments": json.dumps(c.input, ensure_ascii=False)}} for c in m["tool_calls"]]
+            out.append(message)
+        else:
+            out += [{"role": "tool", "tool_call_id": r["id"], "content": r["output"]} for r in m["results"]]
+    return out

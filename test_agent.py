@@ -1,6 +1,7 @@
-"""Tests of the agent loop in-process: `Agent` driving `models.AnthropicModel`, the real
-anthropic SDK against the fake Messages API, a real FilesystemSandbox, and the emitted
-events collected in a list. The providers issue runs these again per model class.
+"""Tests of the agent loop in-process: `Agent` driving each model adapter through its real SDK
+against a fake on loopback (`models.AnthropicModel` and the fake Messages API,
+`models.OpenAIChatModel` and the fake Chat Completions API), a real FilesystemSandbox, and
+the emitted events collected in a list. The same loop tests run once per adapter.
 
     python -m unittest test_agent -v
 """
@@ -15,12 +16,13 @@ import time
 import unittest
 
 import anthropic
+import openai
 
 import agent
 import models
 import stigmer_pb2 as pb
 from sandbox import FilesystemSandbox
-from testsupport import FAKE_KEY, HERE, FakeAnthropic, text_step, tool_step
+from testsupport import FAKE_KEY, HERE, OPENAI_KEY, FakeAnthropic, FakeOpenAI, text_step, tool_step
 
 
 def anthropic_model(test, url, key=FAKE_KEY, max_retries=2):
@@ -30,19 +32,55 @@ def anthropic_model(test, url, key=FAKE_KEY, max_retries=2):
     return models.AnthropicModel("claude-fake", client)
 
 
-class AgentLoopTest(unittest.TestCase):
-    def run_agent(self, script, key=FAKE_KEY, **kwargs):
+def openai_model(test, url, key=OPENAI_KEY, max_retries=2):
+    """An OpenAIChatModel whose client talks to the fake Chat Completions API at URL, closed when TEST ends."""
+    client = openai.OpenAI(api_key=key, base_url=url + "/v1", max_retries=max_retries)
+    test.addCleanup(client.close)
+    return models.OpenAIChatModel("gpt-fake", base_url=url + "/v1", client=client)
+
+
+class LoopTests:
+    """The agent-loop tests, run against each adapter: AgentLoopTest (AnthropicModel and the fake Messages
+    API) and OpenAIAgentLoopTest (OpenAIChatModel and the fake Chat Completions API). A subclass gives the
+    fake, the model factory, the keys, and how to read what a request carried."""
+
+    Fake = make_model = key = wrong_key = key_var = call_prefix = None  # set by each subclass
+    status_cases = {}  # status -> (error code, words in the reason, requests made with the SDK's retries)
+    marks_latest_turn = False  # True: the latest message carries a cache breakpoint (changes in the next request)
+
+    def run_agent(self, script, key=None, **kwargs):
         """Run SCRIPT through an Agent; returns (phase, reason, final_text, events, fake)."""
         workspace = tempfile.mkdtemp(prefix="stigmer-agent-")
         self.addCleanup(shutil.rmtree, workspace, True)
         self.workspace = workspace
         events = []
-        with FakeAnthropic(script) as fake:
-            the_agent = agent.Agent(anthropic_model(self, fake.url, key), FilesystemSandbox(workspace),
+        with self.Fake(script) as fake:
+            the_agent = agent.Agent(self.make_model(self, fake.url, key or self.key), FilesystemSandbox(workspace),
                                     lambda **p: events.append(p), **kwargs)
             self.agent = the_agent
             phase, reason, text = the_agent.run("do the task", workspace)
         return phase, reason, text, events, fake
+
+    # What a request body carried, read the same way for both APIs.
+
+    def sent_assistant(self, body):
+        """(text, [(id, name, input)]) of the request's last assistant message."""
+        message = [m for m in body["messages"] if m["role"] == "assistant"][-1]
+        text = "".join(b["text"] for b in message["content"] if b["type"] == "text")
+        return text, [(b["id"], b["name"], b["input"]) for b in message["content"] if b["type"] == "tool_use"]
+
+    def sent_results(self, body):
+        """[{"id", "content", "is_error"}] of the tool results at the end of the request."""
+        return [{"id": b["tool_use_id"], "content": b["content"], "is_error": b["is_error"]}
+                for b in body["messages"][-1]["content"] if b["type"] == "tool_result"]
+
+    def sent_last(self, body):
+        """(role, text) of the request's last message."""
+        message = body["messages"][-1]
+        return message["role"], message["content"][0]["text"]
+
+    def call_id(self, step, n):
+        return f"{self.call_prefix}_{step}_{n}"
 
     def kinds(self, events):
         return [next(iter(e)) for e in events]
@@ -57,8 +95,9 @@ class AgentLoopTest(unittest.TestCase):
         self.assertEqual("".join(e["text"].text for e in events if "text" in e), "all done here, nothing to change")
         self.assertGreater(self.kinds(events).count("text"), 1)  # streamed in pieces, as they arrive
         (usage,) = [e["usage"] for e in events if "usage" in e]
+        writes = 5 if self.marks_latest_turn else 0  # Chat Completions reports no cache writes
         self.assertEqual((usage.input_tokens, usage.output_tokens, usage.cache_read_tokens, usage.cache_write_tokens),
-                         (300, 40, 7, 5))
+                         (300, 40, 7, writes))
         self.assertEqual((len(fake.requests), self.agent.turns), (1, 1))
 
     def test_tool_use_runs_the_tools_and_sends_the_results(self):
@@ -70,35 +109,29 @@ class AgentLoopTest(unittest.TestCase):
         self.assertEqual(self.kinds(events).count("tool_call"), 1)
         (call,) = [e["tool_call"] for e in events if "tool_call" in e]
         self.assertEqual((call.id, call.name, json.loads(call.input_json)),
-                         ("toolu_0_0", "write_file", {"path": "out.txt", "content": "hello"}))
-        assistant, results = fake.requests[1]["messages"][-2:]
-        self.assertEqual(assistant["content"][0]["text"], "writing it")
-        self.assertEqual(assistant["content"][1]["input"], {"path": "out.txt", "content": "hello"})
-        self.assertEqual(results["content"][0]["tool_use_id"], "toolu_0_0")
-        self.assertFalse(results["content"][0]["is_error"])
+                         (self.call_id(0, 0), "write_file", {"path": "out.txt", "content": "hello"}))
+        said, calls = self.sent_assistant(fake.requests[1])
+        self.assertEqual(said, "writing it")
+        self.assertEqual(calls, [(self.call_id(0, 0), "write_file", {"path": "out.txt", "content": "hello"})])
+        (result,) = self.sent_results(fake.requests[1])
+        self.assertEqual(result["id"], self.call_id(0, 0))
+        self.assertIn(result["is_error"], (False, None))  # None: Chat Completions has no error flag
         (usage,) = [e["usage"] for e in events if "usage" in e][-1:]
         self.assertEqual((usage.input_tokens, usage.output_tokens), (200, 40))  # cumulative over both turns
-
-    def test_pause_turn_continues_with_the_assistant_turn(self):
-        phase, _, text, _, fake = self.run_agent([text_step("thinking…", stop="pause_turn"), text_step("done")])
-        self.assertEqual((phase, text), (pb.COMPLETED, "done"))
-        self.assertEqual(len(fake.requests), 2)
-        self.assertEqual(fake.requests[1]["messages"][-1]["role"], "assistant")
-        self.assertEqual(fake.requests[1]["messages"][-1]["content"][0]["text"], "thinking…")
 
     def test_max_tokens_asks_the_model_to_continue(self):
         phase, _, _, _, fake = self.run_agent([text_step("first half", stop="max_tokens"), text_step("second")])
         self.assertEqual(phase, pb.COMPLETED)
-        last = fake.requests[1]["messages"]
-        self.assertEqual(last[-2]["content"][0]["text"], "first half")
-        self.assertEqual(last[-1]["content"][0]["text"], agent.CONTINUE_NOTE)
+        self.assertEqual(self.sent_assistant(fake.requests[1]), ("first half", []))
+        self.assertEqual(self.sent_last(fake.requests[1]), ("user", agent.CONTINUE_NOTE))
 
     def test_max_tokens_inside_a_tool_call_runs_nothing_and_says_why(self):
         cut = tool_step(("write_file", {"path": "big.txt", "content": "x"}), stop="max_tokens")
         phase, _, _, events, fake = self.run_agent([cut, text_step("ok, smaller")])
         self.assertEqual(phase, pb.COMPLETED)
         self.assertNotIn("tool_result", self.kinds(events))
-        self.assertEqual(fake.requests[1]["messages"][-1]["content"][0]["text"], agent.TOOL_CUT_NOTE)
+        self.assertFalse(os.path.exists(os.path.join(self.workspace, "big.txt")))
+        self.assertEqual(self.sent_last(fake.requests[1]), ("user", agent.TOOL_CUT_NOTE))
 
     def test_turn_limit(self):
         script = [tool_step(("execute", {"command": f"echo turn {i}"})) for i in range(10)]
@@ -122,9 +155,11 @@ class AgentLoopTest(unittest.TestCase):
         self.assertTrue(result.is_error)
         self.assertEqual(result.exit_code, 2)
         self.assertIn("not a valid JSON object", result.output)
-        assistant, results = fake.requests[1]["messages"][-2:]
-        self.assertIn("__malformed__", assistant["content"][-1]["input"])
-        self.assertTrue(results["content"][0]["is_error"])
+        _, calls = self.sent_assistant(fake.requests[1])
+        self.assertIn("__malformed__", calls[-1][2])
+        (sent,) = self.sent_results(fake.requests[1])
+        self.assertIn(sent["is_error"], (True, None))
+        self.assertIn("not a valid JSON object", sent["content"])
 
     def test_refusal_runs_no_tools(self):
         step = tool_step(("execute", {"command": "touch should-not-exist"}), stop="refusal")
@@ -135,14 +170,12 @@ class AgentLoopTest(unittest.TestCase):
         self.assertFalse(os.path.exists(os.path.join(self.workspace, "should-not-exist")))
         self.assertEqual(len(fake.requests), 1)
 
-    def test_context_window_full_as_a_stop_reason(self):
-        phase, reason, _, events, fake = self.run_agent([text_step("so much", stop="model_context_window_exceeded")])
-        self.assertEqual(phase, pb.FAILED)
-        self.assertIn("context window", reason)
-        self.assertEqual(len(fake.requests), 1)
+    def context_full_error(self):
+        """The scripted error by which the fake says the conversation no longer fits."""
+        return (400, "prompt is too long: 250000 tokens > 200000 maximum")
 
-    def test_context_window_full_as_a_400(self):
-        step = text_step("never", errors=[(400, "prompt is too long: 250000 tokens > 200000 maximum")])
+    def test_context_window_full_as_an_error(self):
+        step = text_step("never", errors=[self.context_full_error()])
         phase, reason, _, events, fake = self.run_agent([step])
         self.assertEqual(phase, pb.FAILED)
         self.assertEqual(reason, "the conversation no longer fits the model's context window")
@@ -156,12 +189,20 @@ class AgentLoopTest(unittest.TestCase):
         self.assertEqual(self.errors(events), ["bad_request"])
 
     def test_401_is_a_clear_failure(self):
-        phase, reason, _, events, fake = self.run_agent([text_step("never")], key="sk-ant-wrong.key.0000000000")
+        phase, reason, _, events, fake = self.run_agent([text_step("never")], key=self.wrong_key)
         self.assertEqual(phase, pb.FAILED)
-        self.assertIn("ANTHROPIC_API_KEY", reason)
+        self.assertIn(self.key_var, reason)
         self.assertIn("401", reason)
         self.assertEqual(self.errors(events), ["auth"])
         self.assertEqual(fake.statuses, [(0, 401)])  # not retried
+
+    def test_404_says_to_check_the_model_name(self):
+        phase, reason, _, events, fake = self.run_agent([text_step("never", errors=[(404, "model: no-such-model")])])
+        self.assertEqual(phase, pb.FAILED)
+        self.assertIn("404", reason)
+        self.assertIn("check the model name (STIGMER_MODEL or --model)", reason)
+        self.assertEqual(self.errors(events), ["not_found"])
+        self.assertEqual(fake.statuses, [(0, 404)])  # not retried
 
     def test_429_once_is_retried_by_the_sdk(self):
         phase, _, text, events, fake = self.run_agent([text_step("hello after a retry", errors=[429])])
@@ -169,20 +210,25 @@ class AgentLoopTest(unittest.TestCase):
         self.assertEqual(fake.statuses, [(0, 429), (0, 200)])
         self.assertEqual(self.errors(events), [])
 
+    def test_429_after_the_sdk_retries_is_a_rate_limit_failure(self):
+        phase, reason, _, events, fake = self.run_agent([text_step("never", errors=[429] * 3)])
+        self.assertEqual(phase, pb.FAILED)
+        self.assertIn("rate limited", reason)
+        self.assertEqual(self.errors(events), ["rate_limit"])
+        self.assertEqual(fake.statuses, [(0, 429)] * 3)  # the SDK's own retries (max_retries=2), nothing more
+
     def test_api_errors_become_human_messages(self):
-        cases = {403: ("permission", "403"), 529: ("overloaded", "overloaded"), 500: ("api_error", "500")}
-        for status, (code, words) in cases.items():
+        for status, (code, words, tries) in self.status_cases.items():
             with self.subTest(status=status):
                 phase, reason, _, events, fake = self.run_agent([text_step("never", errors=[status] * 3)])
                 self.assertEqual(phase, pb.FAILED)
                 self.assertIn(words, reason)
                 self.assertEqual([e["error"].code for e in events if "error" in e], [code])
-                retried = 3 if status in (529, 500) else 1  # the SDK retries 5xx, not 403
-                self.assertEqual(len(fake.requests), retried)
+                self.assertEqual(len(fake.requests), tries)  # the SDK retries 5xx, not 403
 
     def test_connection_refused_is_a_connection_failure(self):
         events = []
-        the_agent = agent.Agent(anthropic_model(self, "http://127.0.0.1:9", max_retries=0),
+        the_agent = agent.Agent(self.make_model(self, "http://127.0.0.1:9", self.key, max_retries=0),
                                 FilesystemSandbox(tempfile.mkdtemp()), lambda **p: events.append(p))
         phase, reason, _ = the_agent.run("x", "/tmp")
         self.assertEqual(phase, pb.FAILED)
@@ -207,7 +253,7 @@ class AgentLoopTest(unittest.TestCase):
     def test_long_tool_output_is_capped_for_the_model(self):
         step = tool_step(("execute", {"command": "python3 -c \"print('a' * 60000 + 'END')\""}))
         phase, _, _, events, fake = self.run_agent([step, text_step("ok")])
-        sent = fake.requests[1]["messages"][-1]["content"][0]["content"]
+        (sent,) = [r["content"] for r in self.sent_results(fake.requests[1])]
         self.assertLess(len(sent), agent.TOOL_OUTPUT_CHARS + 200)
         self.assertIn("characters cut from the middle", sent)
         self.assertTrue(sent.rstrip().endswith("END"))
@@ -218,15 +264,26 @@ class AgentLoopTest(unittest.TestCase):
         step = tool_step(("write_file", {"path": "a.txt", "content": "A"}), ("ls", {}), ("read_file", {"path": "a.txt"}))
         phase, _, _, _, fake = self.run_agent([step, text_step("ok")])
         self.assertEqual(phase, pb.COMPLETED)
-        results = fake.requests[1]["messages"][-1]["content"]
-        self.assertEqual([r["tool_use_id"] for r in results], ["toolu_0_0", "toolu_0_1", "toolu_0_2"])
+        results = self.sent_results(fake.requests[1])
+        self.assertEqual([r["id"] for r in results], [self.call_id(0, n) for n in range(3)])
         self.assertIn("a.txt", results[1]["content"])
         self.assertEqual(results[2]["content"], "1\tA")
+
+    def test_the_prefix_is_byte_identical_from_turn_to_turn(self):
+        script = [tool_step(("ls", {}), text="looking"), tool_step(("execute", {"command": "echo hi"})), text_step("ok")]
+        phase, _, _, _, fake = self.run_agent(script)
+        self.assertEqual(phase, pb.COMPLETED)
+        for earlier, later in zip(fake.requests, fake.requests[1:]):
+            kept = earlier["messages"][:-1] if self.marks_latest_turn else earlier["messages"]
+            self.assertEqual(json.dumps(later["messages"][:len(kept)]), json.dumps(kept))  # order and bytes
+            self.assertGreater(len(later["messages"]), len(earlier["messages"]))
+            self.assertEqual(json.dumps(later["tools"]), json.dumps(earlier["tools"]))
+            self.assertEqual(later.get("system"), earlier.get("system"))
 
     def test_cancel_during_a_tool_kills_it_and_stops(self):
         step = tool_step(("execute", {"command": "sleep 60"}))
         done = {}
-        with FakeAnthropic([step, text_step("never")]) as fake:
+        with self.Fake([step, text_step("never")]) as fake:
             events = []
             started = threading.Event()
 
@@ -235,7 +292,8 @@ class AgentLoopTest(unittest.TestCase):
                 if "tool_call" in p:
                     started.set()
 
-            the_agent = agent.Agent(anthropic_model(self, fake.url), FilesystemSandbox(tempfile.mkdtemp()), emit)
+            the_agent = agent.Agent(self.make_model(self, fake.url, self.key), FilesystemSandbox(tempfile.mkdtemp()),
+                                    emit)
             thread = threading.Thread(target=lambda: done.update(r=the_agent.run("x", "/tmp")))
             thread.start()
             self.assertTrue(started.wait(30))
@@ -249,9 +307,9 @@ class AgentLoopTest(unittest.TestCase):
 
     def test_cancel_while_the_model_answers(self):
         done = {}
-        with FakeAnthropic([text_step("too late", delay=0.5)]) as fake:
+        with self.Fake([text_step("too late", delay=0.5)]) as fake:
             events = []
-            the_agent = agent.Agent(anthropic_model(self, fake.url), FilesystemSandbox(tempfile.mkdtemp()),
+            the_agent = agent.Agent(self.make_model(self, fake.url, self.key), FilesystemSandbox(tempfile.mkdtemp()),
                                     lambda **p: events.append(p))
             thread = threading.Thread(target=lambda: done.update(r=the_agent.run("x", "/tmp")))
             thread.start()
@@ -263,6 +321,74 @@ class AgentLoopTest(unittest.TestCase):
         self.assertFalse(thread.is_alive())
         self.assertEqual(done["r"], (pb.CANCELLED, "cancelled by the user", ""))
         self.assertEqual(self.kinds(events), [])  # no text, usage or error after the cancel
+
+
+class AgentLoopTest(LoopTests, unittest.TestCase):
+    """The loop through AnthropicModel; and what only the Messages API has (pause_turn, a context-full stop
+    reason, the tool_result error flag)."""
+
+    Fake, make_model, key, wrong_key = FakeAnthropic, staticmethod(anthropic_model), FAKE_KEY, "sk-ant-wrong.key.0000000000"
+    call_prefix = "toolu"  # the fake's tool-call ids: PREFIX_STEP_N
+    key_var = "ANTHROPIC_API_KEY"
+    status_cases = {403: ("permission", "403", 1), 529: ("overloaded", "overloaded", 3), 500: ("api_error", "500", 3)}
+    marks_latest_turn = True
+
+    def test_pause_turn_continues_with_the_assistant_turn(self):
+        phase, _, text, _, fake = self.run_agent([text_step("thinking…", stop="pause_turn"), text_step("done")])
+        self.assertEqual((phase, text), (pb.COMPLETED, "done"))
+        self.assertEqual(len(fake.requests), 2)
+        self.assertEqual(fake.requests[1]["messages"][-1]["role"], "assistant")
+        self.assertEqual(fake.requests[1]["messages"][-1]["content"][0]["text"], "thinking…")
+
+    def test_context_window_full_as_a_stop_reason(self):
+        phase, reason, _, events, fake = self.run_agent([text_step("so much", stop="model_context_window_exceeded")])
+        self.assertEqual(phase, pb.FAILED)
+        self.assertIn("context window", reason)
+        self.assertEqual(len(fake.requests), 1)
+
+    def test_failed_tools_are_flagged_to_the_model(self):
+        step = tool_step(("execute", {"command": "exit 3"}), ("ls", {}))
+        phase, _, _, _, fake = self.run_agent([step, text_step("ok")])
+        self.assertEqual(phase, pb.COMPLETED)
+        self.assertEqual([r["is_error"] for r in self.sent_results(fake.requests[1])], [True, False])
+
+
+class OpenAIAgentLoopTest(LoopTests, unittest.TestCase):
+    """Every loop test again, through OpenAIChatModel, the real openai SDK and the fake Chat Completions API."""
+
+    Fake, make_model, key, wrong_key = FakeOpenAI, staticmethod(openai_model), OPENAI_KEY, "sk-wrong.key.000000000"
+    call_prefix = "call"
+    key_var = "OPENAI_API_KEY"
+    status_cases = {403: ("permission", "403", 1), 500: ("api_error", "500", 3), 503: ("api_error", "503", 3)}
+
+    def context_full_error(self):
+        return "context"
+
+    def sent_assistant(self, body):
+        message = [m for m in body["messages"] if m["role"] == "assistant"][-1]
+        return message["content"] or "", [(c["id"], c["function"]["name"], json.loads(c["function"]["arguments"]))
+                                          for c in message.get("tool_calls") or ()]
+
+    def sent_results(self, body):
+        results = []
+        for message in reversed(body["messages"]):
+            if message["role"] != "tool":
+                break
+            results.insert(0, {"id": message["tool_call_id"], "content": message["content"], "is_error": None})
+        return results
+
+    def sent_last(self, body):
+        return body["messages"][-1]["role"], body["messages"][-1]["content"]
+
+    def test_the_request_asks_for_usage_and_caps_output(self):
+        phase, _, _, _, fake = self.run_agent([text_step("hi")])
+        (body,) = fake.requests
+        self.assertEqual(phase, pb.COMPLETED)
+        self.assertEqual(body["stream_options"], {"include_usage": True})
+        self.assertEqual(body["max_completion_tokens"], models.MAX_OUTPUT_TOKENS)
+        self.assertEqual(body["messages"][0]["role"], "system")
+        self.assertEqual([t["function"]["name"] for t in body["tools"]], [t["name"] for t in agent.TOOLS])
+        self.assertEqual(fake.paths, ["/v1/chat/completions"])
 
 
 class AgentPartsTest(unittest.TestCase):

@@ -20,6 +20,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 FAKE_KEY = "sk-ant-fake.not.a.real.key.0123456789"  # the only key the fake accepts (dots: no real key has them)
+OPENAI_KEY = "sk-openai-fake.not.a.real.key.0123456789"  # the only key FakeOpenAI accepts by default
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -296,7 +297,7 @@ class FakeOpenAI(FakeAnthropic):
     accepts requests without a key, as Ollama does. A step's "errors" may hold "context" for the
     context-length error."""
 
-    def __init__(self, script, key="sk-openai-fake.not.a.real.key.0123456789"):
+    def __init__(self, script, key=OPENAI_KEY):
         super().__init__(script, key=key)
         self.paths = []
         self._replies = 0
