@@ -148,7 +148,7 @@ class Daemon(pb_grpc.DaemonServicer):
             self._check_open(context)
             ex = pb.Execution(id=self._new_id(), spec=request.spec, phase=pb.PENDING,
                               created_at=time.time())
-            self._store(self._author(ex, phase=pb.PhaseChange(phase=pb.PENDING)), [ex])
+            self._store(self._author(ex, phase=pb.PhaseChange(phase=pb.PENDING, model=ex.spec.model)), [ex])
             self._pending[ex.id] = None
             self._dispatch()
             return self._active.get(ex.id, ex)

@@ -160,6 +160,15 @@ def make_model(name, environ=None):
     return OpenAIChatModel(model, provider=provider, base_url=base_url, key_var=key_var, client=client)
 
 
+def check_provider(provider, environ):
+    """Raise ModelError when this runner cannot use PROVIDER whatever the key: its SDK is not installed, or
+    openai-compatible has no OPENAI_BASE_URL. The CLI calls it before asking for a key."""
+    if provider != "anthropic" and importlib.util.find_spec("openai") is None:
+        raise ModelError("missing_sdk", f"{provider} needs the openai package: {OPENAI_EXTRA}")
+    if provider == "openai-compatible" and not environ.get("OPENAI_BASE_URL"):
+        endpoint(provider, environ)  # raises, saying what to set
+
+
 def preload(name="", environ=None):
     """Import NAME's provider SDK and make its client now: it takes seconds, better spent before the first turn.
     A name that does not resolve, or lacks its key, loads nothing (make_model reports it)."""

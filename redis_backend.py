@@ -189,7 +189,7 @@ class RedisLog:
         while True:
             execution_id = f"ex-{int(time.time()):08x}{os.urandom(3).hex()}"
             event = pb.Event(execution_id=execution_id, seq=1, time=time.time(),
-                             phase=pb.PhaseChange(phase=pb.PENDING))
+                             phase=pb.PhaseChange(phase=pb.PENDING, model=spec.model))
             if self.run("submit", execution_id, spec.SerializeToString(), event.SerializeToString(), token) != 0:
                 return self.get(execution_id)
 

@@ -1,7 +1,9 @@
-"""Stigmer local runner: a Claude agent works in your workspace; every step streams to a local daemon.
+"""Stigmer local runner: an agent (Claude, OpenAI, Gemini, Ollama...) works in your workspace; every step
+streams to a local daemon.
 
     python runner.py "make the failing test pass"         # run one task in the current directory
     python runner.py run "add a README" --workspace ~/proj --max-turns 20
+    python runner.py --model openai/gpt-4.1 "fix the lint errors"   # or gemini/..., ollama/qwen3:8b
     python runner.py start --workers 2                    # daemon and workers in the background
     python runner.py list                                 # past runs, newest first
     python runner.py logs ex-1a2b3c -f                    # replay a run, then follow it
@@ -10,8 +12,10 @@
 Configuration comes from the environment, read once here: MODE (local | cloud), ENV
 (development | staging | production: logging only), STIGMER_HOME (~/.stigmer),
 STIGMER_BACKEND_ENDPOINT (localhost:50051), SANDBOX_ROOT_DIR (the current directory),
-STIGMER_MODEL, ANTHROPIC_API_KEY (asked for with a masked prompt when missing), STIGMER_RUNNER_GRACE
-(15: seconds the daemon waits for a lost runner).
+STIGMER_MODEL (provider/model or a bare claude-/gpt-/gemini- name), the chosen provider's key
+(ANTHROPIC_API_KEY, OPENAI_API_KEY or GEMINI_API_KEY: asked for with a masked prompt when missing; Ollama
+needs none), base URLs (ANTHROPIC_BASE_URL, OPENAI_BASE_URL, GEMINI_BASE_URL, OLLAMA_HOST),
+STIGMER_RUNNER_GRACE (15: seconds the daemon waits for a lost runner).
 
 The agent's shell runs on this host as you, with your environment minus the model keys:
 it is not a security boundary. File tools are confined to the workspace.
@@ -99,6 +103,18 @@ def default_model():
     return models.default_model()
 
 
+def choose_model(cfg, name):
+    """NAME (--model), else STIGMER_MODEL, else the default, as provider/model; checks that this runner can use
+    its provider (SDK installed, base URL given). Raises CliError with what to do."""
+    import models
+    try:
+        model = models.qualified(name or cfg.model)
+        models.check_provider(model.split("/")[0], cfg.environ)
+    except models.ModelError as exc:
+        raise CliError(exc.message, 2) from None
+    return model
+
+
 # ---- the backend ----
 
 def connect(cfg, endpoint=None):
@@ -154,7 +170,8 @@ def worker_env(cfg, secrets, endpoint):
 
 def without_keys(environ):
     """ENVIRON minus every provider key: what the daemon gets."""
-    keys = {var for p in project_secrets().PROVIDERS.values() for var in (p.env_var, *p.alt_env_vars)}
+    import models
+    keys = set(models.model_key_vars())
     return {k: v for k, v in environ.items() if k not in keys}
 
 
@@ -169,11 +186,11 @@ def spawn(args, env, log_path, pipe_stdin=False):
                                 stdout=log, stderr=log, start_new_session=True)
 
 
-def gather_secrets(cfg, names):
-    """The model key plus NAMES, prompting on the terminal for what is missing."""
+def gather_secrets(cfg, names, model):
+    """The key MODEL's provider needs (none for Ollama) plus NAMES, prompting on the terminal for what is missing."""
     mod = project_secrets()
     try:
-        return mod.gather(("anthropic",), names, environ=cfg.environ,
+        return mod.gather((model.split("/")[0],), names, environ=cfg.environ,
                                       warn=lambda m: print(f"stigmer: warning: {m}", file=sys.stderr))
     except mod.PromptCancelled:
         raise CliError("cancelled at the key prompt", 130) from None
@@ -232,10 +249,11 @@ def cmd_run(cfg, args):
         names = mod.sandbox_secret_names(args.secret or (), cfg.environ)
     except mod.SecretError as exc:
         raise CliError(str(exc), 2) from None
+    model = choose_model(cfg, args.model)
     found = find_daemon(cfg)
     embedded = worker = None
     if found is None and args.detach:  # a detached run needs daemon and worker to outlive this command
-        cmd_start(cfg, argparse.Namespace(workers=1, secret=args.secret), out=sys.stderr)
+        cmd_start(cfg, argparse.Namespace(workers=1, secret=args.secret, model=model), out=sys.stderr)
         found = find_daemon(cfg)
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
@@ -245,13 +263,12 @@ def cmd_run(cfg, args):
         else:
             client, status = found
         if status is None or status.connected_runners == 0:
-            secrets = gather_secrets(cfg, names)
-            worker = spawn(["worker", "--capacity", "1", "--exit-with-stdin"],
+            secrets = gather_secrets(cfg, names, model)
+            worker = spawn(["worker", "--capacity", "1", "--exit-with-stdin", "--model", model],
                            worker_env(cfg, secrets, client.endpoint),
                            os.path.join(cfg.home, "logs", "run-worker.log"), pipe_stdin=True)
             del secrets
         renderer = terminal.make_renderer(args.json, cfg.environ.get("NO_COLOR"))
-        model = args.model or cfg.model or default_model()
         spec = pb.ExecutionSpec(prompt=prompt, workspace=workspace, model=model, max_turns=args.max_turns,
                                 secret_names=names, max_tokens_total=args.max_tokens_total or 0)
         queued = client.status().queue_depth
@@ -303,7 +320,8 @@ def cmd_run(cfg, args):
 def cmd_start(cfg, args, out=None):
     cfg.require_local()
     names = project_secrets().sandbox_secret_names(args.secret or (), cfg.environ)
-    secrets = gather_secrets(cfg, names)
+    model = choose_model(cfg, args.model)
+    secrets = gather_secrets(cfg, names, model)
     logs = os.path.join(cfg.home, "logs")
     found = find_daemon(cfg)
     if found is None:
@@ -330,7 +348,7 @@ def cmd_start(cfg, args, out=None):
         path = os.path.join(logs, f"worker-{n}.pid")
         if live_pid(path):
             continue
-        proc = spawn(["worker"], env, os.path.join(logs, f"worker-{n}.log"))
+        proc = spawn(["worker", "--model", model], env, os.path.join(logs, f"worker-{n}.log"))
         with open(path, "w") as f:
             f.write(str(proc.pid))
         started += 1
@@ -421,13 +439,13 @@ def cmd_worker(cfg, args):
     from daemon_client import VERSION
     level = {"development": logging.DEBUG, "staging": logging.INFO, "production": logging.WARNING}[cfg.env]
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    for noisy in ("httpx", "httpx2", "httpcore", "httpcore2", "anthropic", "grpc"):  # they log whole requests
+    for noisy in ("httpx", "httpx2", "httpcore", "httpcore2", "anthropic", "openai", "grpc"):  # they log whole requests
         logging.getLogger(noisy).setLevel(max(level, logging.INFO))
-    os.environ.update(gather_secrets(cfg, []))  # asks only for a missing key; it lives in memory and env only
-    model = cfg.model or default_model()
+    model = choose_model(cfg, args.model)
+    environ = {**cfg.environ, **gather_secrets(cfg, [], model)}  # asks only for a missing key; held in memory
     print(f"stigmer worker {VERSION} · mode {cfg.mode} · endpoint {cfg.endpoint} · sandbox root {cfg.sandbox_root} · "
           f"model {model} · capacity {args.capacity}", file=sys.stderr, flush=True)
-    return worker.serve(worker.Worker(capacity=args.capacity, mode=cfg.mode, model=model),
+    return worker.serve(worker.Worker(capacity=args.capacity, mode=cfg.mode, model=model, environ=environ),
                         daemon_client.DaemonLink(cfg.endpoint, cfg.home), exit_with_stdin=args.exit_with_stdin)
 
 
@@ -447,7 +465,8 @@ def parser():
                          epilog='example: python runner.py run "fix the failing test" --workspace ~/proj')
     run.add_argument("task", nargs="+", help="what the agent should do")
     run.add_argument("--workspace", help="directory the agent works in (default: SANDBOX_ROOT_DIR or .)")
-    run.add_argument("--model", help="model id (default: STIGMER_MODEL or the newest Sonnet)")
+    run.add_argument("--model", help="provider/model, e.g. openai/gpt-4.1, gemini/gemini-2.5-flash, ollama/qwen3:8b "
+                                     "(default: STIGMER_MODEL or the newest Claude Sonnet)")
     run.add_argument("--max-turns", type=int, default=50, help="most model turns (default 50)")
     run.add_argument("--max-tokens-total", type=int, help="stop after this many tokens in all")
     run.add_argument("--secret", action="append", metavar="NAME", help="pass env var NAME to the agent's shell, redacted")
@@ -458,6 +477,7 @@ def parser():
                            epilog="example: python runner.py start --workers 2")
     start.add_argument("--workers", type=int, default=1, help="how many workers (default 1)")
     start.add_argument("--secret", action="append", metavar="NAME", help="a secret the workers' shells may see")
+    start.add_argument("--model", help="the workers' default model, provider/model (its key is asked for)")
     sub.add_parser("stop", help="stop the background daemon and workers", epilog="example: python runner.py stop")
     status = sub.add_parser("status", help="report on the daemon and workers",
                             epilog="example: python runner.py status --json")
@@ -480,6 +500,7 @@ def parser():
     wrk = sub.add_parser("worker", help="run a worker in the foreground",
                          epilog="example: ANTHROPIC_API_KEY=... python runner.py worker --capacity 4")
     wrk.add_argument("--capacity", type=int, default=2, help="executions at once (default 2)")
+    wrk.add_argument("--model", help="default model, provider/model (default: STIGMER_MODEL)")
     wrk.add_argument("--exit-with-stdin", action="store_true", help=argparse.SUPPRESS)
     return p
 

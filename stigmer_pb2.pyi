@@ -79,16 +79,18 @@ class Execution(_message.Message):
     def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[ExecutionSpec, _Mapping]] = ..., phase: _Optional[_Union[Phase, str]] = ..., created_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., runner_id: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., final_text: _Optional[str] = ..., error: _Optional[str] = ..., last_seq: _Optional[int] = ..., turns: _Optional[int] = ...) -> None: ...
 
 class PhaseChange(_message.Message):
-    __slots__ = ("phase", "reason", "final_text", "turns")
+    __slots__ = ("phase", "reason", "final_text", "turns", "model")
     PHASE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     FINAL_TEXT_FIELD_NUMBER: _ClassVar[int]
     TURNS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     phase: Phase
     reason: str
     final_text: str
     turns: int
-    def __init__(self, phase: _Optional[_Union[Phase, str]] = ..., reason: _Optional[str] = ..., final_text: _Optional[str] = ..., turns: _Optional[int] = ...) -> None: ...
+    model: str
+    def __init__(self, phase: _Optional[_Union[Phase, str]] = ..., reason: _Optional[str] = ..., final_text: _Optional[str] = ..., turns: _Optional[int] = ..., model: _Optional[str] = ...) -> None: ...
 
 class TextDelta(_message.Message):
     __slots__ = ("text",)

@@ -114,7 +114,7 @@ class Renderer:
         self.out(f"\n{mark}{reason}\n", err=phase_name != "COMPLETED")
         self.out(self.paint("2", f"  {execution.turns} turns · {u.input_tokens:,} in / {u.output_tokens:,} out tokens · "
                                  f"cache {u.cache_read_tokens:,} read{hit}, {u.cache_write_tokens:,} written · "
-                                 f"{elapsed:.1f} s · {execution.id}") + "\n")
+                                 f"{elapsed:.1f} s · {execution.spec.model or 'default model'} · {execution.id}") + "\n")
 
 
 def make_renderer(json_lines, no_color):
@@ -158,13 +158,14 @@ def print_executions(executions, json_lines):
         print("no executions yet: run one with python runner.py \"your task\"")
         return
     now = time.time()
-    print(f"{'ID':<18} {'PHASE':<10} {'AGE':>6} {'TURNS':>5} {'TOKENS':>8}  PROMPT")
+    width = max([len(ex.spec.model) for ex in executions] + [5])
+    print(f"{'ID':<18} {'PHASE':<10} {'AGE':>6} {'TURNS':>5} {'TOKENS':>8}  {'MODEL':<{width}}  PROMPT")
     for ex in executions:
         age = now - ex.created_at
         age_s = f"{age:.0f}s" if age < 90 else f"{age / 60:.0f}m" if age < 5400 else f"{age / 3600:.0f}h"
         tokens = ex.usage.input_tokens + ex.usage.output_tokens
         print(f"{ex.id:<18} {pb.Phase.Name(ex.phase):<10} {age_s:>6} {ex.turns:>5} {tokens:>8}  "
-              f"{ex.spec.prompt.splitlines()[0][:60] if ex.spec.prompt else ''}")
+              f"{ex.spec.model or '-':<{width}}  {ex.spec.prompt.splitlines()[0][:60] if ex.spec.prompt else ''}")
 
 
 def print_status(st, processes, endpoint, json_lines):

@@ -81,8 +81,11 @@ class Outbox:
 class Worker:
     """The executions this runner runs and their outboxes; a link feeds it and drains it."""
 
-    def __init__(self, *, capacity=2, mode="local", model="", runner_id=None):
+    def __init__(self, *, capacity=2, mode="local", model="", runner_id=None, environ=None):
         self.capacity, self.mode, self.model = capacity, mode, model
+        # Keys and base URLs for the models (runner.Config.environ plus the gathered key); the process's own
+        # environment when none is given (tests).
+        self.environ = os.environ if environ is None else environ
         self.runner_id = runner_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.cond = threading.Condition()
         self.outboxes = {}  # execution id -> Outbox
@@ -236,7 +239,7 @@ class Worker:
         """Import the model SDK once (it is slow to import) and make its client."""
         with self._sdk_lock:
             if not self._sdk_ready.is_set():
-                models.preload(self.model)
+                models.preload(self.model, self.environ)
                 self._sdk_ready.set()
 
     def _run_execution(self, execution):
@@ -245,8 +248,8 @@ class Worker:
 
         spec = execution.spec
         key_vars = models.model_key_vars()
-        names = [n for n in (*key_vars, *spec.secret_names) if os.environ.get(n)]
-        redactor = models.project_secrets().Redactor({n: os.environ[n] for n in names})
+        values = {n: self.environ.get(n) or os.environ.get(n) for n in (*key_vars, *spec.secret_names)}
+        redactor = models.project_secrets().Redactor({n: v for n, v in values.items() if v})
         emit = lambda **payload: self.emit(execution.id, redactor, **payload)  # noqa: E731
         log.info("running %s in %s", execution.id, spec.workspace)
         phase, reason, final_text, turns = pb.FAILED, "", "", 0
@@ -263,7 +266,8 @@ class Worker:
                     raise Cancelled()
                 if not self._sdk_lock.locked():
                     self.preload()
-            the_agent = agent_mod.Agent(models.make_model(spec.model or self.model), FilesystemSandbox(spec.workspace),
+            model = models.make_model(spec.model or self.model, self.environ)
+            the_agent = agent_mod.Agent(model, FilesystemSandbox(spec.workspace),
                                         emit, max_turns=spec.max_turns, max_tokens_total=spec.max_tokens_total,
                                         redactor=redactor, shell_env=shell_env)
             with self.cond:

@@ -1,0 +1,239 @@
+"""End to end through the CLI with each OpenAI-compatible provider: `--model openai/...`,
+`gemini/...` and `ollama/...` run by a real daemon and worker, the real openai SDK against the
+fake Chat Completions API on loopback (testsupport.FakeOpenAI) with the base URLs pointed at
+it; the key asked for on a pty for OpenAI and never for Ollama; no key in events, files or the
+agent's shell.
+
+    python -m unittest test_providers -v
+"""
+import fcntl
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import termios
+import time
+import unittest
+
+from testsupport import FAKE_KEY, HERE, OPENAI_KEY, FakeOpenAI, free_port, run_cli, text_step, tool_step
+
+KEY_VARS = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_BASE_URL", "OPENAI_API_KEY", "OPENAI_BASE_URL",
+            "GEMINI_API_KEY", "GOOGLE_API_KEY", "GEMINI_BASE_URL", "OLLAMA_HOST", "STIGMER_SANDBOX_SECRETS", "MODE",
+            "ENV", "STIGMER_MODEL", "SANDBOX_ROOT_DIR", "NO_COLOR")
+GEMINI_KEY = "AIza-fake.not.a.real.gemini.key.0123"
+SHOW_KEYS = "echo keys=[$ANTHROPIC_API_KEY$OPENAI_API_KEY$GEMINI_API_KEY$GOOGLE_API_KEY]"  # the shell sees none
+
+
+class ProviderCase(unittest.TestCase):
+    """A temporary STIGMER_HOME and workspace, a free daemon port, and a fake Chat Completions API."""
+
+    script = [tool_step(("execute", {"command": SHOW_KEYS})), text_step("Looked at the environment.")]
+    fake_key = OPENAI_KEY
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="stigmer-providers-")
+        self.home = os.path.join(self.tmp, "home")
+        self.workspace = os.path.join(self.tmp, "ws")
+        os.makedirs(self.workspace)
+        self.fake = FakeOpenAI(self.script, key=self.fake_key).start()
+        self.env = {k: v for k, v in os.environ.items() if k not in KEY_VARS}
+        self.env.update(STIGMER_HOME=self.home, STIGMER_BACKEND_ENDPOINT=f"127.0.0.1:{free_port()}",
+                        SANDBOX_ROOT_DIR=self.workspace, HOME=os.path.join(self.tmp, "userhome"),
+                        ANTHROPIC_API_KEY=FAKE_KEY)  # a key of another provider: used nowhere, shown nowhere
+
+    def tearDown(self):
+        run_cli(["stop"], self.env, timeout=30)
+        self.fake.stop()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def cli(self, *args, env=None):
+        return subprocess.run([sys.executable, os.path.join(HERE, "runner.py"), *args], env=env or self.env,
+                              cwd=self.workspace, capture_output=True, text=True, timeout=90,
+                              stdin=subprocess.DEVNULL, start_new_session=True)  # no terminal to ask on
+
+    def run_task(self, *args, env=None):
+        """Run a task with --json; returns (CompletedProcess, events)."""
+        proc = self.cli("--json", *args, "look at the environment", env=env)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        return proc, [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+
+    def assertRanWith(self, events, model):
+        """The run completed with MODEL (provider/model) in its record, log, list and summary."""
+        phases = [e for e in events if e["kind"] == "phase"]
+        self.assertEqual([e["phase"] for e in phases], ["PENDING", "RUNNING", "COMPLETED"])
+        self.assertEqual(phases[0]["model"], model)
+        (result,) = [e for e in events if e["kind"] == "tool_result"]
+        self.assertIn("keys=[]", result["output"])  # no provider key in the agent's shell
+        self.assertEqual(self.fake.requests[0]["model"], model.split("/", 1)[1])
+        execution_id = events[0]["execution_id"]
+        logs = self.cli("logs", execution_id, "--json")
+        self.assertEqual([json.loads(line) for line in logs.stdout.splitlines()], events)
+        listed = [json.loads(line) for line in self.cli("list", "--json").stdout.splitlines()]
+        self.assertEqual([(e["id"], e["spec"]["model"]) for e in listed], [(execution_id, model)])
+        table = self.cli("list").stdout
+        self.assertIn("MODEL", table)
+        self.assertIn(model, table)
+
+    def assertNoKeyAnywhere(self, key, *texts):
+        """KEY is in none of TEXTS, the requests' bodies, nor any file under the home, workspace or user home."""
+        for text in texts:
+            self.assertNotIn(key, text)
+        self.assertNotIn(key, json.dumps(self.fake.requests))
+        for root in (self.home, self.workspace, os.path.join(self.tmp, "userhome")):
+            for folder, _, files in os.walk(root):
+                for name in files:
+                    with open(os.path.join(folder, name), "rb") as f:
+                        self.assertNotIn(key.encode(), f.read(), os.path.join(folder, name))
+
+
+class OpenAITest(ProviderCase):
+    def test_openai_model_flag(self):
+        env = dict(self.env, OPENAI_API_KEY=OPENAI_KEY, OPENAI_BASE_URL=self.fake.url + "/v1")
+        proc, events = self.run_task("--model", "openai/gpt-fake", env=env)
+        self.assertRanWith(events, "openai/gpt-fake")
+        self.assertEqual(set(self.fake.paths), {"/v1/chat/completions"})
+        self.assertNoKeyAnywhere(OPENAI_KEY, proc.stdout, proc.stderr)
+        self.assertNoKeyAnywhere(FAKE_KEY, proc.stdout, proc.stderr)
+
+    def test_bare_name_in_stigmer_model(self):
+        env = dict(self.env, OPENAI_API_KEY=OPENAI_KEY, OPENAI_BASE_URL=self.fake.url + "/v1", STIGMER_MODEL="gpt-fake")
+        _, events = self.run_task(env=env)
+        self.assertRanWith(events, "openai/gpt-fake")
+
+    def test_openai_compatible_server(self):
+        env = dict(self.env, OPENAI_API_KEY=OPENAI_KEY, OPENAI_BASE_URL=self.fake.url + "/v1")
+        _, events = self.run_task("--model", "openai-compatible/org/model-7b", env=env)
+        self.assertRanWith(events, "openai-compatible/org/model-7b")
+
+
+class GeminiTest(ProviderCase):
+    fake_key = GEMINI_KEY
+
+    def test_gemini_model_flag_on_the_openai_compatible_endpoint(self):
+        for var in ("GEMINI_API_KEY", "GOOGLE_API_KEY"):
+            with self.subTest(var=var):
+                self.fake.requests.clear()
+                self.fake.paths.clear()
+                env = dict(self.env, GEMINI_BASE_URL=self.fake.url + "/v1beta/openai/", **{var: GEMINI_KEY})
+                proc, events = self.run_task("--model", "gemini/gemini-fake", env=env)
+                self.assertEqual(set(self.fake.paths), {"/v1beta/openai/chat/completions"})
+                phases = [e for e in events if e["kind"] == "phase"]
+                self.assertEqual((phases[0]["model"], phases[-1]["phase"]), ("gemini/gemini-fake", "COMPLETED"))
+                (result,) = [e for e in events if e["kind"] == "tool_result"]
+                self.assertIn("keys=[]", result["output"])
+                self.assertNoKeyAnywhere(GEMINI_KEY, proc.stdout, proc.stderr)
+
+
+class OllamaTest(ProviderCase):
+    fake_key = None  # Ollama takes requests without a key
+
+    def test_ollama_needs_no_key_and_no_terminal(self):
+        env = {k: v for k, v in self.env.items() if k != "ANTHROPIC_API_KEY"}
+        env["OLLAMA_HOST"] = self.fake.url.removeprefix("http://")  # host:port, as Ollama users write it
+        proc, events = self.run_task("--model", "ollama/qwen-fake", env=env)
+        self.assertRanWith(events, "ollama/qwen-fake")
+        self.assertEqual(set(self.fake.paths), {"/v1/chat/completions"})
+        self.assertNotIn("API key", proc.stderr)
+
+
+def read_until(fd, needle, deadline):
+    """Bytes read from fd until needle shows up, EOF, or the deadline."""
+    data = b""
+    while needle is None or needle not in data:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            break
+        try:
+            piece = os.read(fd, 65536)
+        except OSError:  # EIO: the child closed the pty
+            break
+        if not piece:
+            break
+        data += piece
+    return data
+
+
+class PromptTest(ProviderCase):
+    """The CLI on a pty, as a person runs it: asked for the chosen provider's key, and only that one."""
+
+    def run_on_pty(self, args, env, answer_to=None, typed=b""):
+        """Run the CLI with a pty as its terminal; type TYPED once ANSWER_TO shows. Returns (code, screen)."""
+        main_fd, sub_fd = os.openpty()
+        try:
+            proc = subprocess.Popen([sys.executable, os.path.join(HERE, "runner.py"), *args], env=env,
+                                    cwd=self.workspace, stdin=sub_fd, stdout=sub_fd, stderr=sub_fd,
+                                    start_new_session=True,
+                                    preexec_fn=lambda: (signal.signal(signal.SIGINT, signal.SIG_DFL),
+                                                        fcntl.ioctl(0, termios.TIOCSCTTY, 0)))
+            os.close(sub_fd)
+            deadline = time.monotonic() + 90
+            screen = b""
+            if answer_to is not None:
+                screen = read_until(main_fd, answer_to, deadline)
+                self.assertIn(answer_to, screen)
+                os.write(main_fd, typed)
+            screen += read_until(main_fd, None, deadline)
+            return proc.wait(timeout=30), screen.decode("utf-8", "replace")
+        finally:
+            os.close(main_fd)
+
+    def test_openai_key_is_asked_for_masked(self):
+        env = {k: v for k, v in self.env.items() if k != "ANTHROPIC_API_KEY"}
+        env["OPENAI_BASE_URL"] = self.fake.url + "/v1"
+        code, screen = self.run_on_pty(["--model", "openai/gpt-fake", "look at the environment"], env,
+                                       answer_to=b"(OPENAI_API_KEY): ", typed=OPENAI_KEY.encode() + b"\r")
+        self.assertEqual(code, 0, screen)
+        self.assertIn("OpenAI API key (OPENAI_API_KEY): ", screen)
+        self.assertNotIn("(ANTHROPIC_API_KEY):", screen)  # the other provider's key is not asked for
+        self.assertIn("completed", screen)
+        self.assertIn("openai/gpt-fake", screen)  # the summary line names the model
+        self.assertIn("keys=[]", screen)
+        self.assertNoKeyAnywhere(OPENAI_KEY, screen)
+        (execution,) = [json.loads(line) for line in self.cli("list", "--json").stdout.splitlines()]
+        events = self.cli("logs", execution["id"], "--json").stdout
+        self.assertNoKeyAnywhere(OPENAI_KEY, events)
+        self.assertEqual(len(self.fake.requests), 2)  # the typed key reached the API
+
+    def test_ollama_asks_for_nothing(self):
+        self.fake.key = None
+        env = {k: v for k, v in self.env.items() if k != "ANTHROPIC_API_KEY"}
+        env["OLLAMA_HOST"] = self.fake.url
+        code, screen = self.run_on_pty(["--model", "ollama/qwen-fake", "look at the environment"], env)
+        self.assertEqual(code, 0, screen)
+        self.assertNotIn("API key", screen)
+        self.assertIn("ollama/qwen-fake", screen)
+
+
+class ModelErrorTest(ProviderCase):
+    def assertOneLine(self, proc, code, *needles):
+        self.assertEqual(proc.returncode, code, proc.stderr)
+        self.assertNotIn("Traceback", proc.stderr)
+        self.assertEqual(len(proc.stderr.strip().splitlines()), 1, proc.stderr)
+        for needle in needles:
+            self.assertIn(needle, proc.stderr)
+
+    def test_unknown_model_name_lists_the_forms(self):
+        self.assertOneLine(self.cli("--model", "llama3", "x"), 2, "'llama3'", "provider/model", "ollama")
+
+    def test_openai_compatible_needs_a_base_url(self):
+        self.assertOneLine(self.cli("--model", "openai-compatible/m", "x"), 2, "OPENAI_BASE_URL")
+
+    def test_missing_key_without_terminal_names_the_providers_variable(self):
+        self.assertOneLine(self.cli("--model", "gemini/gemini-fake", "x"), 2, "GEMINI_API_KEY")
+        self.assertOneLine(self.cli("--model", "gpt-4.1", "x"), 2, "OPENAI_API_KEY")
+
+    def test_a_wrong_model_name_says_to_check_it(self):
+        self.fake.script[:] = [text_step("never", errors=[(404, "The model `gpt-nope` does not exist")])]
+        env = dict(self.env, OPENAI_API_KEY=OPENAI_KEY, OPENAI_BASE_URL=self.fake.url + "/v1")
+        proc = self.cli("--json", "--model", "openai/gpt-nope", "x", env=env)
+        self.assertEqual(proc.returncode, 1, proc.stderr)
+        self.assertIn("check the model name (STIGMER_MODEL or --model)", proc.stderr)
+        self.assertIn("gpt-nope", proc.stderr)
+
+
+if __name__ == "__main__":
+    unittest.main()
