@@ -4,7 +4,7 @@
     python bench.py sandbox    # execute() overhead and memory while swallowing output
     python bench.py redact     # streaming Redactor against str.replace
     python bench.py events     # daemon event throughput against a bare gRPC stream
-    python bench.py loop       # the whole agent path per turn against a bare SDK loop
+    python bench.py loop       # the whole agent path per turn against a bare SDK loop (anthropic, openai)
     python bench.py cloud_appends   # RedisLink's fenced appends against bare XADD pipelines (needs redis-server)
     python bench.py --json     # one JSON object per benchmark
 
@@ -259,17 +259,19 @@ def bench_events():
 @bench
 def bench_loop(turns=50, list_runs=15):
     """A 50-turn scripted run through CLI, daemon, worker, fake model and sandbox, per turn, against
-    a bare loop (the SDK on the same fake server plus subprocess.run); and `runner.py list` start time."""
+    a bare loop (the SDK on the same fake server plus subprocess.run), for AnthropicModel and for
+    OpenAIChatModel (--model openai/...); and `runner.py list` start time."""
     import os
     import subprocess
     import tempfile
 
     import anthropic
+    import openai
 
     import agent
     import daemon
     import models
-    from testsupport import FAKE_KEY, FakeAnthropic, free_port, text_step, tool_step
+    from testsupport import FAKE_KEY, OPENAI_KEY, FakeAnthropic, FakeOpenAI, free_port, text_step, tool_step
 
     script = [tool_step(("execute", {"command": f"echo turn {i}"})) for i in range(turns - 1)] + [text_step("done")]
 
@@ -297,17 +299,54 @@ def bench_loop(turns=50, list_runs=15):
             messages.append({"role": "user", "content": results})
         bare = per_turn_ms(fake)
 
-    with tempfile.TemporaryDirectory() as tmp, FakeAnthropic(script) as fake:
+    runner_py = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runner.py")
+
+    def full_path(fake, tmp, **settings):
+        """The scripted run through `runner.py --json`, CLI to daemon to worker to model and sandbox."""
         env = dict(os.environ, STIGMER_HOME=os.path.join(tmp, "home"), SANDBOX_ROOT_DIR=tmp,
-                   STIGMER_BACKEND_ENDPOINT=f"127.0.0.1:{free_port()}", ANTHROPIC_API_KEY=FAKE_KEY,
-                   ANTHROPIC_BASE_URL=fake.url, STIGMER_MODEL="claude-fake")
-        runner_py = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runner.py")
+                   STIGMER_BACKEND_ENDPOINT=f"127.0.0.1:{free_port()}", **settings)
         start = time.perf_counter()
         done = subprocess.run([sys.executable, runner_py, "--json", "go"], env=env, capture_output=True, text=True)
         wall = time.perf_counter() - start
         if done.returncode != 0 or len(fake.times) != turns:
             raise RuntimeError(f"the scripted run failed ({done.returncode}): {done.stderr[-500:]}")
-        full = per_turn_ms(fake)
+        return per_turn_ms(fake), wall, env
+
+    # The same against OpenAIChatModel: a bare openai SDK loop, then the runner with --model openai/...
+    with FakeOpenAI(script) as fake:
+        client = openai.OpenAI(api_key=OPENAI_KEY, base_url=fake.url + "/v1")
+        tools = [{"type": "function", "function": {"name": t["name"], "description": t["description"],
+                                                   "parameters": t["input_schema"]}} for t in agent.TOOLS]
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": "go"}]
+        while True:
+            calls, finish = {}, None
+            for chunk in client.chat.completions.create(model="m", messages=messages, tools=tools, stream=True,
+                                                        max_completion_tokens=models.MAX_OUTPUT_TOKENS,
+                                                        stream_options={"include_usage": True}):
+                for choice in chunk.choices:
+                    for call in choice.delta.tool_calls or ():
+                        slot = calls.setdefault(call.index, {"id": "", "name": "", "arguments": ""})
+                        slot["id"] = call.id or slot["id"]
+                        slot["name"] += call.function.name or ""
+                        slot["arguments"] += call.function.arguments or ""
+                    finish = choice.finish_reason or finish
+            if finish != "tool_calls":
+                break
+            messages.append({"role": "assistant", "content": None, "tool_calls": [
+                {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+                for c in calls.values()]})
+            for c in calls.values():
+                done = subprocess.run(json.loads(c["arguments"])["command"], shell=True, capture_output=True, text=True)
+                messages.append({"role": "tool", "tool_call_id": c["id"], "content": done.stdout})
+        bare_openai = per_turn_ms(fake)
+        client.close()
+    with tempfile.TemporaryDirectory() as tmp, FakeOpenAI(script) as fake:
+        full_openai, _, _ = full_path(fake, tmp, OPENAI_API_KEY=OPENAI_KEY, OPENAI_BASE_URL=fake.url + "/v1",
+                                      STIGMER_MODEL="openai/gpt-fake")
+
+    with tempfile.TemporaryDirectory() as tmp, FakeAnthropic(script) as fake:
+        full, wall, env = full_path(fake, tmp, ANTHROPIC_API_KEY=FAKE_KEY, ANTHROPIC_BASE_URL=fake.url,
+                                    STIGMER_MODEL="claude-fake")
 
         served = daemon.serve(env["STIGMER_HOME"], env["STIGMER_BACKEND_ENDPOINT"])
         try:
@@ -322,6 +361,9 @@ def bench_loop(turns=50, list_runs=15):
             served.stop()
     return {"turns": turns, "bare_loop_ms_per_turn": round(bare, 2), "full_path_ms_per_turn": round(full, 2),
             "ratio": verdict(full / bare, "<=", 1.5, 2),
+            "openai_bare_loop_ms_per_turn": round(bare_openai, 2),
+            "openai_full_path_ms_per_turn": round(full_openai, 2),
+            "openai_ratio": verdict(full_openai / bare_openai, "<=", 1.5, 2),
             "full_run_wall_s (incl. process start and SDK import)": round(wall, 2),
             "list_start_s": verdict(statistics.median(starts), "<", 0.3, 3) + f" (bare python start {python_alone:.3f})"}
 

@@ -10,6 +10,7 @@ import fcntl
 import json
 import os
 import select
+import shlex
 import shutil
 import signal
 import subprocess
@@ -19,7 +20,7 @@ import termios
 import time
 import unittest
 
-from testsupport import FAKE_KEY, HERE, OPENAI_KEY, FakeOpenAI, free_port, run_cli, text_step, tool_step
+from testsupport import FAKE_KEY, HERE, OPENAI_KEY, FakeAnthropic, FakeOpenAI, free_port, run_cli, text_step, tool_step
 
 KEY_VARS = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_BASE_URL", "OPENAI_API_KEY", "OPENAI_BASE_URL",
             "GEMINI_API_KEY", "GOOGLE_API_KEY", "GEMINI_BASE_URL", "OLLAMA_HOST", "STIGMER_SANDBOX_SECRETS", "MODE",
@@ -206,6 +207,43 @@ class PromptTest(ProviderCase):
         self.assertEqual(code, 0, screen)
         self.assertNotIn("API key", screen)
         self.assertIn("ollama/qwen-fake", screen)
+
+
+class ReadmeCommandsTest(ProviderCase):
+    """The README's provider commands, as written, with every provider's API pointed at a fake."""
+
+    script = [text_step("A small project.")]
+    fake_key = None  # one fake for every OpenAI-compatible provider: any key (or none) will do
+
+    def readme_commands(self):
+        with open(os.path.join(HERE, "README.md")) as f:
+            section = f.read().split("## Models and providers", 1)[1].split("\n## ", 1)[0]
+        block = section.split("```sh\n", 1)[1].split("```", 1)[0]
+        return [shlex.split(line.split("  #")[0]) for line in block.splitlines() if line.strip()]
+
+    def test_one_working_command_per_provider(self):
+        anthropic_fake = FakeAnthropic([text_step("A small project.")]).start()
+        self.addCleanup(anthropic_fake.stop)
+        commands = self.readme_commands()
+        models_run = []
+        for words in commands:
+            env = dict(self.env, OPENAI_API_KEY=OPENAI_KEY, GEMINI_API_KEY=GEMINI_KEY)
+            while "=" in words[0]:  # VAR=value before the command
+                name, _, value = words.pop(0).partition("=")
+                env[name] = value
+            env.update(ANTHROPIC_BASE_URL=anthropic_fake.url, OPENAI_BASE_URL=self.fake.url + "/v1",
+                       GEMINI_BASE_URL=self.fake.url + "/v1beta/openai/", OLLAMA_HOST=self.fake.url)
+            self.assertEqual(words[:2], ["python", "runner.py"])
+            model = words[words.index("--model") + 1]
+            with self.subTest(model=model):
+                proc = self.cli(*words[2:], env=env)
+                self.assertEqual(proc.returncode, 0, proc.stderr)
+                events = [json.loads(line) for line in proc.stdout.splitlines()]
+                self.assertEqual((events[0]["model"], events[-1]["phase"]), (model, "COMPLETED"))
+                models_run.append(model.split("/")[0])
+        self.assertEqual(models_run, ["anthropic", "openai", "gemini", "ollama", "openai-compatible"])
+        self.assertEqual(len(anthropic_fake.requests), 1)
+        self.assertEqual(sorted(self.fake.paths), ["/v1/chat/completions"] * 3 + ["/v1beta/openai/chat/completions"])
 
 
 class ModelErrorTest(ProviderCase):
