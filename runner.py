@@ -194,8 +194,20 @@ def gather_secrets(cfg, names, model):
                                       warn=lambda m: print(f"stigmer: warning: {m}", file=sys.stderr))
     except mod.PromptCancelled:
         raise CliError("cancelled at the key prompt", 130) from None
+    except mod.MissingSecret as exc:
+        raise CliError(str(exc) + other_provider_hint(cfg, model), 2) from None
     except mod.SecretError as exc:
         raise CliError(str(exc), 2) from None
+
+
+def other_provider_hint(cfg, model):
+    """When MODEL's key is missing but another provider's is set: how to use that provider instead."""
+    provider = model.split("/")[0]
+    for name, p in project_secrets().PROVIDERS.items():
+        var = next((v for v in (p.env_var, *p.alt_env_vars) if v and cfg.environ.get(v)), None)
+        if name != provider and p.required and var:
+            return f"; {var} is set: to use {name}, run with --model {name} (or STIGMER_MODEL={name})"
+    return ""
 
 
 def stop_process(proc, timeout=5.0):

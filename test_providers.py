@@ -264,6 +264,13 @@ class ModelErrorTest(ProviderCase):
         self.assertOneLine(self.cli("--model", "gemini/gemini-fake", "x"), 2, "GEMINI_API_KEY")
         self.assertOneLine(self.cli("--model", "gpt-4.1", "x"), 2, "OPENAI_API_KEY")
 
+    def test_only_another_providers_key_says_how_to_use_it(self):
+        env = {k: v for k, v in self.env.items() if k != "ANTHROPIC_API_KEY"}
+        env["GEMINI_API_KEY"] = GEMINI_KEY
+        proc = self.cli("x", env=env)  # the default model is Anthropic's
+        self.assertOneLine(proc, 2, "ANTHROPIC_API_KEY is not set", "GEMINI_API_KEY is set", "--model gemini")
+        self.assertNotIn(GEMINI_KEY, proc.stderr)
+
     def test_a_wrong_model_name_says_to_check_it(self):
         self.fake.script[:] = [text_step("never", errors=[(404, "The model `gpt-nope` does not exist")])]
         env = dict(self.env, OPENAI_API_KEY=OPENAI_KEY, OPENAI_BASE_URL=self.fake.url + "/v1")
