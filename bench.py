@@ -463,14 +463,15 @@ def bench_cloud_workers(executions=24, counts=(1, 2, 4)):
                     if time.monotonic() > deadline:
                         raise RuntimeError(f"{n} workers did not register")
                     time.sleep(0.05)
-                time.sleep(1.0)  # let each worker's model SDK import finish before the clock starts
+                def run(count, tag):
+                    ids = [client.submit(pb.ExecutionSpec(prompt=f"{tag} {i}", workspace=tmp)).id
+                           for i in range(count)]
+                    while any(client.log.get(i).phase not in redis_backend.TERMINAL for i in ids):
+                        time.sleep(0.02)
+                    return ids
+                run(2 * n, "warm-up")  # every worker has imported the model SDK and run once
                 t = time.perf_counter()
-                ids = [client.submit(pb.ExecutionSpec(prompt=f"bench {i}", workspace=tmp)).id for i in range(executions)]
-                while True:
-                    phases = [ex.phase for ex in client.log.list(0, executions)]
-                    if len(phases) == executions and all(p in redis_backend.TERMINAL for p in phases):
-                        break
-                    time.sleep(0.02)
+                ids = run(executions, "bench")
                 elapsed = time.perf_counter() - t
                 assert all(client.get(i).phase == pb.COMPLETED for i in ids)
             finally:
