@@ -332,7 +332,8 @@ def cmd_run(cfg, args):
         model = args.model or cfg.model or default_model()
         spec = pb.ExecutionSpec(prompt=prompt, workspace=workspace, model=model, max_turns=args.max_turns,
                                 secret_names=names, max_tokens_total=args.max_tokens_total or 0,
-                                repo=args.repo or "", ref=args.ref or "", keep_sandbox=args.keep_sandbox)
+                                repo=args.repo or "", ref=args.ref or "", keep_sandbox=args.keep_sandbox,
+                                sandbox=cfg.sandbox)
         queued = client.status().queue_depth
         if queued:
             print(f"stigmer: {queued} older execution(s) are queued and run first: see `python runner.py list "
@@ -551,7 +552,7 @@ def cmd_worker(cfg, args):
     print(f"stigmer worker {VERSION} · mode {cfg.mode} · endpoint {cfg.endpoint} · {where} · "
           f"model {model} · capacity {args.capacity}", file=sys.stderr, flush=True)
     return worker.serve(worker.Worker(capacity=args.capacity, mode=cfg.mode, model=model, runner_id=runner_id,
-                                      make_sandbox=make_sandbox, sweep=sweep),
+                                      make_sandbox=make_sandbox, sweep=sweep, sandbox=cfg.sandbox),
                         daemon_client.DaemonLink(cfg.endpoint, cfg.home), exit_with_stdin=args.exit_with_stdin)
 
 

@@ -52,6 +52,10 @@ class ConfigTest(unittest.TestCase):
         self.assertEqual(caught.exception.code, 2)
         self.assertIn("filesystem", str(caught.exception))
 
+    def test_the_daemon_gets_no_service_key(self):
+        self.assertEqual(runner.without_keys({"DAYTONA_API_KEY": "dtn_x", "ANTHROPIC_API_KEY": "k", "DAYTONA_TARGET": "eu"}),
+                         {"DAYTONA_TARGET": "eu"})
+
     def test_daytona_needs_its_key(self):
         runner.Config.load({}).require_sandbox()  # the host needs nothing
         for environ, why in (({"STIGMER_SANDBOX": "daytona"}, "STIGMER_SANDBOX=daytona runs commands"),

@@ -94,7 +94,8 @@ class WorkerLifecycleTest(unittest.TestCase):
         cfg = runner.Config.load({"STIGMER_SANDBOX": "daytona", "DAYTONA_API_KEY": key,
                                   "DAYTONA_API_URL": self.fake.api_url, "DAYTONA_TARGET": "local"})
         make_sandbox, sweep = runner.sandbox_factory(cfg, "r-test", self.terminal.__contains__)
-        w = worker.Worker(capacity=2, model="claude-fake", runner_id="r-test", make_sandbox=make_sandbox, sweep=sweep)
+        w = worker.Worker(capacity=2, model="claude-fake", runner_id="r-test", make_sandbox=make_sandbox, sweep=sweep,
+                          sandbox="daytona")
         self.addCleanup(w.stop, flush=0)
         return w
 
@@ -219,6 +220,18 @@ class WorkerLifecycleTest(unittest.TestCase):
         self.assertEqual(self.fake.deleted, self.fake.created)
 
 
+    def test_a_runner_of_the_other_kind_fails_the_execution_instead_of_running_it(self):
+        host = worker.Worker(capacity=1, model="claude-fake", runner_id="r-host")
+        self.addCleanup(host.stop, flush=0)
+        events = drain(host, self.assign("ex-here", w=host, sandbox="daytona"))
+        self.assertEqual(events[-1].phase.phase, pb.FAILED)
+        self.assertIn("asked for a daytona sandbox, but runner r-host makes filesystem ones", events[-1].phase.reason)
+        self.assertEqual((self.model.requests, os.listdir(self.tmp)), ([], []))
+        events = drain(self.w, self.assign("ex-there", sandbox="filesystem"))
+        self.assertIn("STIGMER_SANDBOX=filesystem", events[-1].phase.reason)
+        self.assertEqual(self.fake.created, [])
+
+
 @SKIP
 class CloneCredentialsTest(unittest.TestCase):
     def test_a_github_token_answers_https_prompts_without_being_on_the_command_line(self):
@@ -275,6 +288,11 @@ class CliTest(CliCase):
         self.assertIsInstance(patch["size"], int)  # a number in JSON, not proto3's int64 string
         self.assertNotIn(self.workspace, ran)
         self.assertEqual(os.listdir(self.workspace), [])  # the host workspace was not touched
+        self.assertNotIn(KEY, proc.stdout + proc.stderr)
+        for folder, _, files in os.walk(self.home):  # database, logs: no Daytona key anywhere
+            for name in files:
+                with open(os.path.join(folder, name), "rb") as f:
+                    self.assertNotIn(KEY.encode(), f.read(), name)
 
         logs = self.cli("logs", events[0]["execution_id"], "--patch")
         self.assertEqual(logs.returncode, 0, logs.stderr)

@@ -123,8 +123,10 @@ class Outbox:
 class Worker:
     """The executions this runner runs and their outboxes; a link feeds it and drains it."""
 
-    def __init__(self, *, capacity=2, mode="local", model="", runner_id=None, make_sandbox=host_sandbox, sweep=None):
+    def __init__(self, *, capacity=2, mode="local", model="", runner_id=None, make_sandbox=host_sandbox, sweep=None,
+                 sandbox="filesystem"):
         self.capacity, self.mode, self.model = capacity, mode, model
+        self.sandbox = sandbox  # what make_sandbox makes: "filesystem" or "daytona" (checked against spec.sandbox)
         self.runner_id = runner_id or new_runner_id()
         self.make_sandbox = make_sandbox  # (execution, env) -> a sandbox; raises SandboxError or SandboxUnavailable
         self.sweep = sweep  # () -> ids of leftover sandboxes it deleted, or None
@@ -309,6 +311,10 @@ class Worker:
                 if not self._sdk_lock.locked():
                     self.preload()
             model = models.make_model(spec.model or self.model)
+            if spec.sandbox and spec.sandbox != self.sandbox:
+                raise SandboxError(f"this execution asked for a {spec.sandbox} sandbox, but runner {self.runner_id} "
+                                   f"makes {self.sandbox} ones: start runners with STIGMER_SANDBOX={spec.sandbox} "
+                                   "(python runner.py stop, then start), or run it with the same STIGMER_SANDBOX")
             box = self._open_sandbox(execution, emit)
             the_agent = agent_mod.Agent(model, box, emit, max_turns=spec.max_turns,
                                         max_tokens_total=spec.max_tokens_total, redactor=redactor, shell_env=shell_env)
