@@ -5,13 +5,16 @@
     python runner.py start --workers 2                    # daemon and workers in the background
     python runner.py list                                 # past runs, newest first
     python runner.py logs ex-1a2b3c -f                    # replay a run, then follow it
+    python runner.py resume ex-1a2b3c "now add a test"    # continue a run's conversation
+    python runner.py -c "now add a test"                  # continue the latest run in this directory
     python runner.py stop
 
 Configuration comes from the environment, read once here: MODE (local | cloud), ENV
 (development | staging | production: logging only), STIGMER_HOME (~/.stigmer),
 STIGMER_BACKEND_ENDPOINT (localhost:50051), SANDBOX_ROOT_DIR (the current directory),
 STIGMER_MODEL, ANTHROPIC_API_KEY (asked for with a masked prompt when missing), STIGMER_RUNNER_GRACE
-(15: seconds the daemon waits for a lost runner).
+(15: seconds the daemon waits for a lost runner), STIGMER_CONTEXT_WINDOW (the model's context window in
+tokens, for clearing old tool results; default from the table in models.py).
 
 The agent's shell runs on this host as you, with your environment minus the model keys:
 it is not a security boundary. File tools are confined to the workspace.
@@ -31,7 +34,7 @@ ENVS = ("development", "staging", "production")
 EXIT_CODES = {"COMPLETED": 0, "FAILED": 1, "CANCELLED": 130}
 START_WAIT = 15.0  # seconds `start` waits for the daemon to answer
 RUNNER_GRACE = 15.0  # default seconds the daemon waits for a lost runner to come back (STIGMER_RUNNER_GRACE)
-COMMANDS = ("run", "start", "stop", "status", "list", "logs", "cancel", "daemon", "worker")
+COMMANDS = ("run", "resume", "start", "stop", "status", "list", "logs", "cancel", "daemon", "worker")
 
 
 def project_secrets():
@@ -57,7 +60,7 @@ class CliError(Exception):
         self.code = code
 
 
-class Config(namedtuple("Config", "mode env home endpoint sandbox_root model runner_grace environ")):
+class Config(namedtuple("Config", "mode env home endpoint sandbox_root model runner_grace environ context_window")):
     """The configuration, read from the environment once at the entry point."""
 
     @staticmethod
@@ -75,7 +78,8 @@ class Config(namedtuple("Config", "mode env home endpoint sandbox_root model run
                       endpoint=environ.get("STIGMER_BACKEND_ENDPOINT") or DEFAULT_ENDPOINT,
                       sandbox_root=os.path.abspath(environ.get("SANDBOX_ROOT_DIR") or os.getcwd()),
                       model=environ.get("STIGMER_MODEL", ""),
-                      runner_grace=seconds(environ, "STIGMER_RUNNER_GRACE", RUNNER_GRACE), environ=dict(environ))
+                      runner_grace=seconds(environ, "STIGMER_RUNNER_GRACE", RUNNER_GRACE), environ=dict(environ),
+                      context_window=tokens(environ, "STIGMER_CONTEXT_WINDOW"))
 
     def require_local(self):
         if self.mode == "cloud":
@@ -92,6 +96,16 @@ def seconds(environ, name, default):
     except ValueError:
         pass
     raise CliError(f"{name}={value!r} is not a number of seconds: use, for example, {name}={default:g}", 2)
+
+
+def tokens(environ, name):
+    """ENVIRON[NAME] as a positive number of tokens, 0 when unset; raises CliError when it is not one."""
+    value = environ.get(name, "").strip().replace("_", "")
+    if not value:
+        return 0
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    raise CliError(f"{name}={environ[name]!r} is not a number of tokens: use, for example, {name}=200000", 2)
 
 
 def default_model():
@@ -225,6 +239,7 @@ def cmd_run(cfg, args):
     prompt = " ".join(args.task).strip()
     if not prompt:
         raise CliError("give the task to run, e.g. python runner.py \"add a --verbose flag\"", 2)
+    resuming = args.command == "resume" or args.cont
     if args.max_turns < 1 or (args.max_tokens_total or 0) < 0:
         raise CliError("--max-turns must be at least 1 and --max-tokens-total positive", 2)
     mod = project_secrets()
@@ -244,6 +259,10 @@ def cmd_run(cfg, args):
             client, status = connect(cfg, embedded.endpoint), None
         else:
             client, status = found
+        parent = find_parent(client, args, workspace) if resuming else None
+        if parent is not None:  # the conversation goes on where it was, with the same secrets
+            workspace = parent.spec.workspace
+            names = list(dict.fromkeys([*parent.spec.secret_names, *names]))
         if status is None or status.connected_runners == 0:
             secrets = gather_secrets(cfg, names)
             worker = spawn(["worker", "--capacity", "1", "--exit-with-stdin"],
@@ -251,9 +270,10 @@ def cmd_run(cfg, args):
                            os.path.join(cfg.home, "logs", "run-worker.log"), pipe_stdin=True)
             del secrets
         renderer = terminal.make_renderer(args.json, cfg.environ.get("NO_COLOR"))
-        model = args.model or cfg.model or default_model()
+        model = args.model or (parent.spec.model if parent else "") or cfg.model or default_model()
         spec = pb.ExecutionSpec(prompt=prompt, workspace=workspace, model=model, max_turns=args.max_turns,
-                                secret_names=names, max_tokens_total=args.max_tokens_total or 0)
+                                secret_names=names, max_tokens_total=args.max_tokens_total or 0,
+                                parent_id=parent.id if parent else "")
         queued = client.status().queue_depth
         if queued:
             print(f"stigmer: {queued} older execution(s) are queued and run first: see `python runner.py list "
@@ -264,8 +284,9 @@ def cmd_run(cfg, args):
             return 0
         if not renderer.json_lines:
             where = f"embedded daemon on {client.endpoint}" if embedded else f"daemon at {client.endpoint}"
+            continues = f" · continues {parent.id}" if parent else ""
             renderer.out(renderer.paint("2", f"stigmer · {cfg.mode} · {where} · {workspace} · {model} · "
-                                             f"{execution.id}") + "\n", err=True)
+                                             f"{execution.id}{continues}") + "\n", err=True)
         started = time.monotonic()
 
         def cancel():
@@ -298,6 +319,23 @@ def cmd_run(cfg, args):
             embedded.stop()
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+
+
+def find_parent(client, args, workspace):
+    """The execution whose conversation this run continues: `resume ID`'s, or with -c the latest one whose
+    workspace is WORKSPACE. Raises CliError when there is none or it has not ended."""
+    from daemon_client import parent_problem
+    if args.command == "resume":
+        parent = client.get(args.id)
+    else:
+        parent = next((ex for ex in client.list(limit=1000) if ex.spec.workspace == workspace), None)
+        if parent is None:
+            raise CliError(f"no execution ran in {workspace} yet, so there is nothing to continue: "
+                           "run one with python runner.py \"your task\"", 2)
+    problem = parent_problem(parent.id, parent)
+    if problem:
+        raise CliError(problem)
+    return parent
 
 
 def cmd_start(cfg, args, out=None):
@@ -385,8 +423,11 @@ def cmd_logs(cfg, args):
     client, embedded = open_log(cfg)
     try:
         import terminal
-        client.get(args.id)  # an unknown id becomes a one-line error
+        execution = client.get(args.id)  # an unknown id becomes a one-line error
         renderer = terminal.make_renderer(args.json, cfg.environ.get("NO_COLOR"))
+        renderer.show_prompts = True
+        if args.history and execution.spec.parent_id:
+            terminal.show_ancestors(client, execution, renderer)
         terminal.follow(client, args.id, renderer, follow_live=args.follow and embedded is None,
                         reconnect=lambda: connect(cfg))
         renderer.newline()
@@ -427,8 +468,10 @@ def cmd_worker(cfg, args):
     model = cfg.model or default_model()
     print(f"stigmer worker {VERSION} · mode {cfg.mode} · endpoint {cfg.endpoint} · sandbox root {cfg.sandbox_root} · "
           f"model {model} · capacity {args.capacity}", file=sys.stderr, flush=True)
-    return worker.serve(worker.Worker(capacity=args.capacity, mode=cfg.mode, model=model),
-                        daemon_client.DaemonLink(cfg.endpoint, cfg.home), exit_with_stdin=args.exit_with_stdin)
+    link = daemon_client.DaemonLink(cfg.endpoint, cfg.home)
+    return worker.serve(worker.Worker(capacity=args.capacity, mode=cfg.mode, model=model, history=link.history,
+                                      context_window=cfg.context_window),
+                        link, exit_with_stdin=args.exit_with_stdin)
 
 
 DAEMON_EXAMPLES = """examples (python daemon.py takes the same arguments):
@@ -453,6 +496,20 @@ def parser():
     run.add_argument("--secret", action="append", metavar="NAME", help="pass env var NAME to the agent's shell, redacted")
     run.add_argument("--json", action="store_true", help="one JSON object per event per line")
     run.add_argument("--detach", action="store_true", help="submit to the background daemon and print the id")
+    run.add_argument("-c", "--continue", dest="cont", action="store_true",
+                     help="continue the conversation of the latest execution in this workspace")
+
+    resume = sub.add_parser("resume", help="continue an execution's conversation with a follow-up",
+                            epilog='example: python runner.py resume ex-1a2b3c "now add a test for it"')
+    resume.add_argument("id", help="the execution to continue (it must have ended)")
+    resume.add_argument("task", nargs="+", help="the follow-up")
+    resume.add_argument("--model", help="model id (default: the one the execution used); another provider's is fine")
+    resume.add_argument("--max-turns", type=int, default=50, help="most model turns (default 50)")
+    resume.add_argument("--max-tokens-total", type=int, help="stop after this many tokens in all")
+    resume.add_argument("--secret", action="append", metavar="NAME", help="pass env var NAME to the agent's shell, redacted")
+    resume.add_argument("--json", action="store_true", help="one JSON object per event per line")
+    resume.add_argument("--detach", action="store_true", help="submit to the background daemon and print the id")
+    resume.set_defaults(workspace=None, cont=False)
 
     start = sub.add_parser("start", help="run the daemon and workers in the background",
                            epilog="example: python runner.py start --workers 2")
@@ -470,6 +527,8 @@ def parser():
     logs.add_argument("id")
     logs.add_argument("-f", "--follow", action="store_true", help="keep following until it ends")
     logs.add_argument("--json", action="store_true")
+    logs.add_argument("--history", action="store_true",
+                      help="show the conversation it continues first (its parent's events, and theirs)")
     cancel = sub.add_parser("cancel", help="cancel an execution", epilog="example: python runner.py cancel ex-1a2b")
     cancel.add_argument("id")
     dmn = sub.add_parser("daemon", help="run the daemon in the foreground (also: python daemon.py)",
@@ -516,7 +575,7 @@ def run_cli(argv):
     if parsed.version:
         print(f"stigmer {VERSION}")
         return 0
-    handlers = {"run": cmd_run, "start": cmd_start, "stop": cmd_stop, "status": cmd_status, "list": cmd_list,
+    handlers = {"run": cmd_run, "resume": cmd_run, "start": cmd_start, "stop": cmd_stop, "status": cmd_status, "list": cmd_list,
                 "logs": cmd_logs, "cancel": cmd_cancel, "daemon": cmd_daemon, "worker": cmd_worker}
     try:
         cfg = Config.load(os.environ)

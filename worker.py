@@ -3,8 +3,9 @@
     python runner.py worker                  # foreground, against STIGMER_BACKEND_ENDPOINT
     python runner.py worker --capacity 4
 
-    w = Worker(capacity=2)                   # knows nothing of gRPC or Redis
-    serve(w, daemon_client.DaemonLink(endpoint, home))
+    link = daemon_client.DaemonLink(endpoint, home)
+    w = Worker(capacity=2, history=link.history)   # knows nothing of gRPC or Redis
+    serve(w, link)
 
 Every event an agent emits gets the next seq of its execution and stays in that
 execution's outbox until the log acknowledges it. While the log is away the agents
@@ -13,6 +14,10 @@ daemon's Connect stream, or Redis) calls the worker's public methods: `assigned`
 `cancel_requested`, `acked`, `refused`, `next_batch`, `rewind` (after a reconnect:
 everything not yet acknowledged goes again), `free_slots`. Text deltas that pile up
 while the link is backed up are coalesced into one event.
+
+An execution that continues another (spec.parent_id: `runner.py resume`) starts from the
+conversation in its ancestors' events, which the worker reads through `history(execution_id)
+-> (pb.Execution, [pb.Event])`, a function the link provides (DaemonLink.history, RedisLink.history).
 """
 import logging
 import os
@@ -34,10 +39,15 @@ BATCH_LINGER = 0.005  # seconds next_batch waits after a wake-up so that a burst
 MAX_BUFFERED_EVENTS = 20_000  # unacknowledged events held before agents pause
 MAX_PENDING_TEXT = 1_000_000  # characters of not-yet-sequenced text before text emitters pause too
 FLUSH_ON_STOP = 5.0  # seconds a stopping worker waits for its last events to be acknowledged
+MAX_CHAIN = 1000  # most ancestors a resumed conversation may have
 
 
 class Cancelled(Exception):
     """An execution was cancelled before its agent started."""
+
+
+class HistoryError(Exception):
+    """The conversation an execution continues could not be read from the log."""
 
 
 class Outbox:
@@ -81,8 +91,10 @@ class Outbox:
 class Worker:
     """The executions this runner runs and their outboxes; a link feeds it and drains it."""
 
-    def __init__(self, *, capacity=2, mode="local", model="", runner_id=None):
+    def __init__(self, *, capacity=2, mode="local", model="", runner_id=None, history=None, context_window=0):
         self.capacity, self.mode, self.model = capacity, mode, model
+        self.history = history  # execution id -> (pb.Execution, its events): the link's; None: no resuming
+        self.context_window = context_window  # tokens; 0: the model's, from models.context_window
         self.runner_id = runner_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.cond = threading.Condition()
         self.outboxes = {}  # execution id -> Outbox
@@ -258,25 +270,31 @@ class Worker:
             if not os.path.isdir(spec.workspace):
                 raise SandboxError(f"the workspace {spec.workspace} does not exist on this runner")
             shell_env = {name: None for name in key_vars if name not in spec.secret_names}
+            history = self.conversation(spec.parent_id) if spec.parent_id else []
             while not self._sdk_ready.wait(0.1):  # the SDK is still importing (serve() started that)
                 if execution.id in self.cancels or self.stopping.is_set():
                     raise Cancelled()
                 if not self._sdk_lock.locked():
                     self.preload()
-            the_agent = agent_mod.Agent(models.make_model(spec.model or self.model), FilesystemSandbox(spec.workspace),
+            model_name = spec.model or self.model
+            the_agent = agent_mod.Agent(models.make_model(model_name), FilesystemSandbox(spec.workspace),
                                         emit, max_turns=spec.max_turns, max_tokens_total=spec.max_tokens_total,
-                                        redactor=redactor, shell_env=shell_env)
+                                        redactor=redactor, shell_env=shell_env,
+                                        context_window=models.context_window(model_name, self.context_window))
             with self.cond:
                 self.agents[execution.id] = the_agent
                 if execution.id in self.cancels or execution.id not in self.outboxes:
                     the_agent.cancel()  # cancelled (or dropped) while it was being set up
-            phase, reason, final_text = the_agent.run(spec.prompt, spec.workspace)
+            phase, reason, final_text = the_agent.run(spec.prompt, spec.workspace, history)
             turns = the_agent.turns
         except Cancelled:
             phase, reason = pb.CANCELLED, "cancelled by the user"
         except SandboxError as exc:
             reason = str(exc)
             emit(error=pb.Error(code="workspace", message=reason))
+        except HistoryError as exc:
+            reason = redactor.redact(str(exc))
+            emit(error=pb.Error(code="history", message=reason))
         except models.ModelError as exc:  # a model name that does not resolve
             reason = exc.message
             emit(error=pb.Error(code=exc.code, message=reason))
@@ -293,6 +311,26 @@ class Worker:
                 emit(phase=pb.PhaseChange(phase=phase, reason=redactor.redact(reason), final_text=final_text,
                                           turns=turns))
             log.info("%s ended %s", execution.id, pb.Phase.Name(phase))
+
+    def conversation(self, execution_id):
+        """The events of EXECUTION_ID and of its ancestors, oldest first, read through the link."""
+        if self.history is None:
+            raise HistoryError(f"this runner cannot read the log, so it cannot continue {execution_id}")
+        chain, wanted = [], execution_id
+        while wanted:
+            if len(chain) >= MAX_CHAIN:
+                raise HistoryError(f"the conversation of {execution_id} has more than {MAX_CHAIN} executions")
+            try:
+                parent, events = self.history(wanted)
+            except Exception as exc:  # the link's error, whatever its transport: the message says what happened
+                raise HistoryError(f"could not read the log of {wanted}, whose conversation this run "
+                                   f"continues: {exc}") from None
+            if parent.phase not in TERMINAL_PHASES:
+                raise HistoryError(f"{wanted} has not ended ({pb.Phase.Name(parent.phase)}): a conversation "
+                                   "continues from an execution that has ended")
+            chain.append(events)
+            wanted = parent.spec.parent_id
+        return [event for events in reversed(chain) for event in events]
 
     def stop(self, flush=FLUSH_ON_STOP):
         """Cancel running agents, give their last events a moment to reach the log (while
