@@ -192,7 +192,7 @@ class Agent:
     def _say(self, messages, text, kind, system=""):
         """Add a user message to the conversation and to the log."""
         messages.append({"role": "user", "text": text})
-        self.emit(prompt=pb.Prompt(text=self._redact(text), kind=kind, system=self._redact(system)))
+        self.emit(prompt=pb.Prompt(text=self._redact(text), source=kind, system=self._redact(system)))
 
     def _check_limits(self):
         if self.cancelled.is_set():

@@ -125,14 +125,14 @@ class ToolResult(_message.Message):
     def __init__(self, id: _Optional[str] = ..., is_error: _Optional[bool] = ..., exit_code: _Optional[int] = ..., output: _Optional[str] = ..., truncated: _Optional[bool] = ..., duration_ms: _Optional[int] = ...) -> None: ...
 
 class Prompt(_message.Message):
-    __slots__ = ("text", "kind", "system")
+    __slots__ = ("text", "source", "system")
     TEXT_FIELD_NUMBER: _ClassVar[int]
-    KIND_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
     SYSTEM_FIELD_NUMBER: _ClassVar[int]
     text: str
-    kind: str
+    source: str
     system: str
-    def __init__(self, text: _Optional[str] = ..., kind: _Optional[str] = ..., system: _Optional[str] = ...) -> None: ...
+    def __init__(self, text: _Optional[str] = ..., source: _Optional[str] = ..., system: _Optional[str] = ...) -> None: ...
 
 class Turn(_message.Message):
     __slots__ = ("number", "stop", "text", "context_tokens")

@@ -99,7 +99,7 @@ class Renderer:
         elif kind == "error":
             self.newline()
             self.out(self.paint("31", f"✗ {ev.error.message}") + "\n", err=True)
-        elif kind == "prompt" and ev.prompt.kind == "task" and self.show_prompts:
+        elif kind == "prompt" and ev.prompt.source == "task" and self.show_prompts:
             self.newline()
             self.out(self.paint("1", "› " + "\n  ".join(ev.prompt.text.splitlines() or [""])) + "\n")
         elif kind == "context_cleared":

@@ -96,7 +96,7 @@ class ResumeAgentTest(unittest.TestCase):
             {"type": "text", "text": "now append two", "cache_control": {"type": "ephemeral"}}]})
         # the child's own first events: its task (with the system prompt kept), then the model's turn
         self.assertEqual(child_events[0].WhichOneof("payload"), "prompt")
-        self.assertEqual((child_events[0].prompt.kind, child_events[0].prompt.system),
+        self.assertEqual((child_events[0].prompt.source, child_events[0].prompt.system),
                          ("task", events[0].prompt.system))
 
     def test_a_chain_of_three_and_another_model(self):
@@ -232,7 +232,14 @@ class ContextTest(unittest.TestCase):
         self.assertEqual(models.context_window("claude-sonnet-4-5", override=50_000), 50_000)
 
 
-class ResumeCliTest(CliCase):
+class ResumeCase(CliCase):
+    def resume(self, *args):
+        """`runner.py resume ARGS --json`; returns (CompletedProcess, events)."""
+        proc = self.cli("resume", *args, "--json")
+        return proc, [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+
+
+class ResumeCliTest(ResumeCase):
     """`resume` and a chain of three, through the CLI, a real daemon and worker."""
 
     script = [
@@ -248,7 +255,7 @@ class ResumeCliTest(CliCase):
         proc, events = self.run_task("write notes")
         self.assertEqual(proc.returncode, 0, proc.stderr)
         parent = events[0]["execution_id"]
-        proc, events = self.run_task("resume", parent, "now append two")
+        proc, events = self.resume(parent, "now append two")
         self.assertEqual(proc.returncode, 0, proc.stderr)
         child = events[0]["execution_id"]
         self.assertNotEqual(child, parent)
@@ -261,7 +268,7 @@ class ResumeCliTest(CliCase):
         self.assertEqual(requests[3]["system"], requests[2]["system"])
         with open(os.path.join(self.workspace, "notes.txt")) as f:
             self.assertEqual(f.read(), "one\ntwo\n")
-        proc, events = self.run_task("resume", child, "how many executions?")
+        proc, events = self.resume(child, "how many executions?")
         self.assertEqual(proc.returncode, 0, proc.stderr)
         grandchild = events[0]["execution_id"]
         self.assertEqual(dumps(plain(requests[5]["messages"][:-2])), dumps(plain(requests[4]["messages"])))
@@ -291,7 +298,7 @@ class ResumeCliTest(CliCase):
         self.assertIn("no execution 'ex-nope'", proc.stderr)
 
 
-class ResumeCancelledCliTest(CliCase):
+class ResumeCancelledCliTest(ResumeCase):
     """A running execution cannot be resumed; once cancelled it can, its cut tool calls answered."""
 
     script = [
@@ -317,7 +324,7 @@ class ResumeCancelledCliTest(CliCase):
         while time.monotonic() < deadline and self.logs(parent)[-1].get("phase") != "CANCELLED":
             time.sleep(0.2)
         self.assertEqual(self.logs(parent)[-1]["phase"], "CANCELLED")
-        proc, events = self.run_task("resume", parent, "go on")
+        proc, events = self.resume(parent, "go on")
         self.assertEqual(proc.returncode, 0, proc.stderr)
         resumed = self.fake.requests[-1]
         results = resumed["messages"][2]["content"]
