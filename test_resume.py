@@ -365,6 +365,66 @@ class ContinueCliTest(CliCase):
         self.assertEqual(resumed["messages"][-1]["content"][0]["text"], "and then?")
 
 
+class RenderTest(unittest.TestCase):
+    """What a person sees: the task in logs, the clearing line, the summary, ancestors under headings."""
+
+    def render(self, renderer, events, summary=None):
+        import contextlib
+        import io
+
+        import terminal
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            for event in events:
+                renderer.event(event)
+            if summary is not None:
+                renderer.summary(summary, "COMPLETED", 1.0)
+        return out.getvalue()
+
+    def test_prompts_clearing_and_summary(self):
+        import terminal
+        events = [pb.Event(seq=1, prompt=pb.Prompt(text="fix it", source="task", system="S")),
+                  pb.Event(seq=2, prompt=pb.Prompt(text=agent.CONTINUE_NOTE, source="note")),
+                  pb.Event(seq=3, context_cleared=pb.ContextCleared(results=4, tokens_before=170_000,
+                                                                    tokens_after=99_000, window=200_000, ids=["a"])),
+                  pb.Event(seq=4, turn=pb.Turn(number=1, stop="done", text="ok"))]
+        shown = self.render(terminal.Renderer(False, False, False), events, pb.Execution(id="ex-1", turns=1))
+        self.assertNotIn("fix it", shown)  # `run`: the user just typed it
+        self.assertIn("⟲ cleared 4 old tool results to save context (170,000 → ~99,000 of 200,000 tokens)", shown)
+        self.assertIn("context: 4 old tool results cleared to stay inside the 200,000-token window", shown)
+        renderer = terminal.Renderer(False, False, False)
+        renderer.show_prompts = True
+        shown = self.render(renderer, events)
+        self.assertIn("› fix it", shown)
+        self.assertNotIn(agent.CONTINUE_NOTE, shown)  # the runner's notes are not the user's words
+
+    def test_ancestors_come_first_under_headings(self):
+        import contextlib
+        import io
+
+        import terminal
+        from test_terminal import ListClient
+
+        class Chain(ListClient):
+            def get(self, execution_id):
+                return {"ex-1": pb.Execution(id="ex-1", phase=pb.COMPLETED),
+                        "ex-2": pb.Execution(id="ex-2", phase=pb.FAILED, spec=pb.ExecutionSpec(parent_id="ex-1"))}[
+                    execution_id]
+
+            def watch(self, execution_id, after_seq=0, follow=True):
+                return iter([pb.Event(execution_id=execution_id, seq=1, prompt=pb.Prompt(
+                    text=f"task of {execution_id}", source="task"))])
+
+        out = io.StringIO()
+        renderer = terminal.Renderer(False, False, False)
+        renderer.show_prompts = True
+        with contextlib.redirect_stdout(out):
+            terminal.show_ancestors(Chain([]), pb.Execution(id="ex-3", spec=pb.ExecutionSpec(parent_id="ex-2")),
+                                    renderer)
+        self.assertEqual(out.getvalue().splitlines(), ["── ex-1 · completed ──", "› task of ex-1",
+                                                       "── ex-2 · failed ──", "› task of ex-2", "── ex-3 ──"])
+
+
 @requires_redis
 class ResumeRedisTest(unittest.TestCase):
     """The same rebuild over the Redis link: a real Worker reads the parent's events with RedisLink.history."""
