@@ -365,6 +365,36 @@ class ContinueCliTest(CliCase):
         self.assertEqual(resumed["messages"][-1]["content"][0]["text"], "and then?")
 
 
+class WorkerChainTest(unittest.TestCase):
+    """Worker.conversation walks the chain through the link's history(), oldest execution first."""
+
+    def test_chain_order_and_refusals(self):
+        import worker
+
+        def prompt(execution_id, text):
+            return pb.Event(execution_id=execution_id, seq=1, prompt=pb.Prompt(text=text, source="task"))
+
+        log = {"ex-1": (pb.Execution(id="ex-1", phase=pb.COMPLETED), [prompt("ex-1", "first")]),
+               "ex-2": (pb.Execution(id="ex-2", phase=pb.CANCELLED, spec=pb.ExecutionSpec(parent_id="ex-1")),
+                        [prompt("ex-2", "second")]),
+               "ex-old": (pb.Execution(id="ex-old", phase=pb.COMPLETED), [pb.Event(seq=1, text=pb.TextDelta(text="x"))]),
+               "ex-run": (pb.Execution(id="ex-run", phase=pb.RUNNING), [prompt("ex-run", "busy")])}
+
+        def history(execution_id):
+            if execution_id not in log:
+                raise LookupError(f"no execution {execution_id!r}")
+            return log[execution_id]
+
+        w = worker.Worker(history=history)
+        self.assertEqual([e.prompt.text for e in w.conversation("ex-2")], ["first", "second"])
+        for wanted, message in (("ex-old", "older stigmer"), ("ex-run", "has not ended (RUNNING)"),
+                                ("ex-gone", "could not read the log of ex-gone")):
+            with self.assertRaisesRegex(worker.HistoryError, message):
+                w.conversation(wanted)
+        with self.assertRaisesRegex(worker.HistoryError, "cannot read the log"):
+            worker.Worker().conversation("ex-1")
+
+
 class RenderTest(unittest.TestCase):
     """What a person sees: the task in logs, the clearing line, the summary, ancestors under headings."""
 

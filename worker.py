@@ -328,6 +328,9 @@ class Worker:
             if parent.phase not in TERMINAL_PHASES:
                 raise HistoryError(f"{wanted} has not ended ({pb.Phase.Name(parent.phase)}): a conversation "
                                    "continues from an execution that has ended")
+            if not any(e.WhichOneof("payload") == "prompt" for e in events):
+                raise HistoryError(f"{wanted} was recorded by an older stigmer, whose log does not hold the "
+                                   "conversation (no prompt and turn events): it cannot be resumed; start a new run")
             chain.append(events)
             wanted = parent.spec.parent_id
         return [event for events in reversed(chain) for event in events]
