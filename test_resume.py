@@ -387,7 +387,7 @@ class WorkerChainTest(unittest.TestCase):
 
         w = worker.Worker(history=history)
         self.assertEqual([e.prompt.text for e in w.conversation("ex-2")], ["first", "second"])
-        for wanted, message in (("ex-old", "older stigmer"), ("ex-run", "has not ended (RUNNING)"),
+        for wanted, message in (("ex-old", "older stigmer"), ("ex-run", r"has not ended \(RUNNING\)"),
                                 ("ex-gone", "could not read the log of ex-gone")):
             with self.assertRaisesRegex(worker.HistoryError, message):
                 w.conversation(wanted)
