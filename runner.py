@@ -5,16 +5,21 @@
     python runner.py start --workers 2                    # daemon and workers in the background
     python runner.py list                                 # past runs, newest first
     python runner.py logs ex-1a2b3c -f                    # replay a run, then follow it
+    STIGMER_SANDBOX=daytona python runner.py run "fix the test" --repo https://github.com/me/app
+    python runner.py logs ex-1a2b3c --patch > change.patch   # what it changed, for git apply
     python runner.py resume ex-1a2b3c "now add a test"    # continue a run's conversation
     python runner.py -c "now add a test"                  # continue the latest run in this directory
     python runner.py stop
 
-Configuration comes from the environment, read once here: MODE (local | cloud), ENV
-(development | staging | production: logging only), STIGMER_HOME (~/.stigmer),
+Configuration comes from the environment, read once here: STIGMER_MODE or MODE (local | cloud),
+ENV (development | staging | production: logging only), STIGMER_HOME (~/.stigmer),
 STIGMER_BACKEND_ENDPOINT (localhost:50051), SANDBOX_ROOT_DIR (the current directory),
 STIGMER_MODEL, ANTHROPIC_API_KEY (asked for with a masked prompt when missing), STIGMER_RUNNER_GRACE
-(15: seconds the daemon waits for a lost runner), STIGMER_CONTEXT_WINDOW (the model's context window in
-tokens, for clearing old tool results; default from the table in models.py).
+(15: seconds the daemon waits for a lost runner), STIGMER_SANDBOX (filesystem | daytona: where
+commands run; daytona needs DAYTONA_API_KEY, and takes DAYTONA_API_URL, DAYTONA_TARGET, DAYTONA_SNAPSHOT),
+STIGMER_CONTEXT_WINDOW (the model's context window in tokens, for clearing old tool results; default from
+the table in models.py). Cloud mode only: REDIS_URL, STIGMER_REDIS_PREFIX (stigmer:), STIGMER_LEASE_TTL (15),
+STIGMER_CLAIM_IDLE (10), STIGMER_RETENTION (604800 seconds).
 
 The agent's shell runs on this host as you, with your environment minus the model keys:
 it is not a security boundary. File tools are confined to the workspace.
@@ -30,11 +35,18 @@ from collections import namedtuple
 # grpc (with daemon_client), stigmer_pb2 and terminal are imported where they are used: `--help` starts at once.
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODES = ("local", "cloud")
+SANDBOXES = ("filesystem", "daytona")  # STIGMER_SANDBOX: the host, or one Daytona sandbox per execution
 ENVS = ("development", "staging", "production")
 EXIT_CODES = {"COMPLETED": 0, "FAILED": 1, "CANCELLED": 130}
 START_WAIT = 15.0  # seconds `start` waits for the daemon to answer
 RUNNER_GRACE = 15.0  # default seconds the daemon waits for a lost runner to come back (STIGMER_RUNNER_GRACE)
 COMMANDS = ("run", "resume", "start", "stop", "status", "list", "logs", "cancel", "daemon", "worker")
+SANDBOXES = ("filesystem", "daytona")
+REDIS_SETTINGS = (  # cloud mode: (variable, redis_backend setting, default seconds)
+    ("STIGMER_LEASE_TTL", "lease_ttl", 15.0),  # a dead worker's execution fails about this long after
+    ("STIGMER_CLAIM_IDLE", "claim_idle", 10.0),  # a queue entry read but never taken is reclaimed after
+    ("STIGMER_RETENTION", "retention", 7 * 24 * 3600.0),  # finished executions and their logs are kept
+)
 
 
 def project_secrets():
@@ -60,31 +72,86 @@ class CliError(Exception):
         self.code = code
 
 
-class Config(namedtuple("Config", "mode env home endpoint sandbox_root model runner_grace environ context_window")):
+class Daytona(namedtuple("Daytona", "api_key api_url target snapshot")):
+    """Daytona settings: DAYTONA_API_KEY, DAYTONA_API_URL, DAYTONA_TARGET, DAYTONA_SNAPSHOT (None when unset)."""
+
+    def __repr__(self):
+        return (f"Daytona(api_key={'***' if self.api_key else None}, api_url={self.api_url!r}, "
+                f"target={self.target!r}, snapshot={self.snapshot!r})")
+
+
+class Config(namedtuple("Config", "mode env home endpoint sandbox_root model runner_grace environ sandbox daytona "
+                                  "redis_url redis_prefix redis_settings context_window", defaults=("", "", {}, 0))):
     """The configuration, read from the environment once at the entry point."""
 
     @staticmethod
     def load(environ):
         """Read and check the environment once; raises CliError on a bad value."""
         from daemon_client import DEFAULT_ENDPOINT, DEFAULT_HOME
-        mode = environ.get("MODE", "local").strip().lower() or "local"
+        mode_var = "STIGMER_MODE" if environ.get("STIGMER_MODE", "").strip() else "MODE"
+        mode = environ.get(mode_var, "local").strip().lower() or "local"
         if mode not in MODES:
-            raise CliError(f"MODE={environ['MODE']!r} is not a mode: use MODE=local (the default) or MODE=cloud", 2)
+            raise CliError(f"{mode_var}={environ[mode_var]!r} is not a mode: "
+                           f"use {mode_var}=local (the default) or {mode_var}=cloud", 2)
         env = environ.get("ENV", "development").strip().lower() or "development"
         if env not in ENVS:
             raise CliError(f"ENV={environ['ENV']!r} is not one of {', '.join(ENVS)}", 2)
         home = os.path.abspath(os.path.expanduser(environ.get("STIGMER_HOME") or DEFAULT_HOME))
-        return Config(mode=mode, env=env, home=home,
+        sandbox = environ.get("STIGMER_SANDBOX", "").strip().lower() or ("daytona" if mode == "cloud" else "filesystem")
+        if sandbox not in SANDBOXES:
+            raise CliError(f"STIGMER_SANDBOX={environ['STIGMER_SANDBOX']!r} is not a sandbox: use filesystem "
+                           "(commands on this host) or daytona (one Daytona sandbox per execution)", 2)
+        daytona = Daytona(*(environ.get(f"DAYTONA_{name}", "").strip() or None
+                            for name in ("API_KEY", "API_URL", "TARGET", "SNAPSHOT")))
+        cfg = Config(mode=mode, env=env, home=home,
                       endpoint=environ.get("STIGMER_BACKEND_ENDPOINT") or DEFAULT_ENDPOINT,
                       sandbox_root=os.path.abspath(environ.get("SANDBOX_ROOT_DIR") or os.getcwd()),
                       model=environ.get("STIGMER_MODEL", ""),
                       runner_grace=seconds(environ, "STIGMER_RUNNER_GRACE", RUNNER_GRACE), environ=dict(environ),
-                      context_window=tokens(environ, "STIGMER_CONTEXT_WINDOW"))
+                      sandbox=sandbox, daytona=daytona, context_window=tokens(environ, "STIGMER_CONTEXT_WINDOW"))
+        return cfg._replace(**cloud_settings(environ)) if mode == "cloud" else cfg
 
-    def require_local(self):
-        if self.mode == "cloud":
-            raise CliError("MODE=cloud is not available yet (the Daytona and Redis runner is still being built): "
-                           "unset MODE or set MODE=local", 2)
+    def require_sandbox(self):
+        """Raise CliError unless the chosen sandbox can be used: Daytona needs its key and its SDK."""
+        if self.sandbox != "daytona":
+            return
+        why = "MODE=cloud runs commands in Daytona sandboxes" if self.mode == "cloud" and \
+            not self.environ.get("STIGMER_SANDBOX") else "STIGMER_SANDBOX=daytona runs commands in Daytona sandboxes"
+        if not self.daytona.api_key:
+            raise CliError(f"{why} and needs DAYTONA_API_KEY: export it (make one in the Daytona dashboard, under "
+                           "Keys), or set STIGMER_SANDBOX=filesystem to run commands on this host", 2)
+        import importlib.util
+        if importlib.util.find_spec("daytona") is None:
+            raise CliError(f"{why} and needs the daytona SDK: pip install -e '.[cloud]'", 2)
+
+    @property
+    def cloud(self):
+        return self.mode == "cloud"
+
+
+def cloud_settings(environ):
+    """Cloud mode's settings (only ever read in cloud mode); one CliError naming everything missing."""
+    import importlib.util
+    missing = []
+    url = environ.get("REDIS_URL", "").strip()
+    if not url:
+        missing.append("REDIS_URL (redis://[:PASSWORD@]HOST:PORT/DB, or rediss:// for TLS)")
+    elif not url.startswith(("redis://", "rediss://")):
+        raise CliError(f"REDIS_URL must start with redis:// or rediss://, not {url.split('://')[0]!r}:// "
+                       "(e.g. REDIS_URL=redis://:PASSWORD@redis.internal:6379/0)", 2)
+    sandbox = environ.get("STIGMER_SANDBOX", "").strip().lower() or "daytona"
+    if sandbox not in SANDBOXES:
+        raise CliError(f"STIGMER_SANDBOX={environ['STIGMER_SANDBOX']!r} is not a sandbox: use "
+                       "STIGMER_SANDBOX=daytona (the cloud default) or STIGMER_SANDBOX=filesystem", 2)
+    if importlib.util.find_spec("redis") is None:
+        missing.append("the redis package (pip install -e '.[cloud]')")
+    if missing:
+        raise CliError("MODE=cloud needs " + "; ".join(missing), 2)
+    prefix = environ.get("STIGMER_REDIS_PREFIX", "").strip() or "stigmer:"
+    settings = {name: seconds(environ, var, default) for var, name, default in REDIS_SETTINGS}
+    if settings["lease_ttl"] < 0.3:
+        raise CliError("STIGMER_LEASE_TTL must be at least 0.3 seconds (heartbeats go every third of it)", 2)
+    return dict(sandbox=sandbox, redis_url=url, redis_prefix=prefix, redis_settings=settings)
 
 
 def seconds(environ, name, default):
@@ -116,9 +183,23 @@ def default_model():
 # ---- the backend ----
 
 def connect(cfg, endpoint=None):
-    """A daemon Client for this STIGMER_HOME (raises BackendError)."""
+    """The mode's backend client (raises BackendError): a daemon Client for this STIGMER_HOME,
+    or in cloud mode a RedisClient for REDIS_URL. Both have the same calls and errors."""
+    if cfg.cloud:
+        from redis_backend import RedisClient
+        return RedisClient(cfg.redis_url, cfg.redis_prefix, **cfg.redis_settings)
     from daemon_client import Client
     return Client(cfg.home, endpoint or cfg.endpoint)
+
+
+def backend_status(cfg):
+    """Cloud mode: (client, status) from Redis; a Redis that does not answer is a one-line error."""
+    client = connect(cfg)
+    try:
+        return client, client.status()
+    except Exception:
+        client.close()
+        raise
 
 
 def find_daemon(cfg):
@@ -138,7 +219,9 @@ def find_daemon(cfg):
 
 def open_log(cfg):
     """(client, embedded): the running daemon, or a short-lived embedded one over the same STIGMER_HOME
-    so that past runs can be listed and replayed when no daemon is running."""
+    so that past runs can be listed and replayed when no daemon is running. Cloud mode: Redis."""
+    if cfg.cloud:
+        return connect(cfg), None
     found = find_daemon(cfg)
     if found is not None:
         return found[0], None
@@ -160,16 +243,61 @@ def serve_embedded(cfg, endpoint):
 # ---- processes: workers and background services ----
 
 def worker_env(cfg, secrets, endpoint):
-    """The environment of a worker: the user's, the secrets, and where the daemon is."""
+    """The environment of a worker: the user's, the secrets, and where the daemon is
+    (in cloud mode REDIS_URL and the rest are the user's environment already)."""
     env = project_secrets().child_env(secrets, base=cfg.environ)
     env.update(STIGMER_HOME=cfg.home, STIGMER_BACKEND_ENDPOINT=endpoint, MODE=cfg.mode, PYTHONUNBUFFERED="1")
     return env
 
 
 def without_keys(environ):
-    """ENVIRON minus every provider key: what the daemon gets."""
-    keys = {var for p in project_secrets().PROVIDERS.values() for var in (p.env_var, *p.alt_env_vars)}
+    """ENVIRON minus every provider key and service key (Daytona's): what the daemon gets."""
+    mod = project_secrets()
+    keys = {var for p in mod.PROVIDERS.values() for var in (p.env_var, *p.alt_env_vars)} | set(mod.SERVICE_KEY_VARS)
     return {k: v for k, v in environ.items() if k not in keys}
+
+
+def sandbox_factory(cfg, runner_id, is_terminal):
+    """(make_sandbox, sweep) for worker.Worker from STIGMER_SANDBOX: the host (sweep None), or one Daytona
+    sandbox per execution, labelled with RUNNER_ID; sweep deletes those whose executions IS_TERMINAL(id)
+    says have ended (an id the log does not know is not terminal: it may be another home's)."""
+    import worker
+    if cfg.sandbox != "daytona":
+        return worker.host_sandbox, None
+    import threading
+
+    import daytona_sandbox
+    d, clients, lock = cfg.daytona, [], threading.Lock()
+
+    def client():  # one SDK client for the worker, made on first use
+        with lock:
+            if not clients:
+                clients.append(daytona_sandbox.make_client(d.api_key, d.api_url, d.target))
+            return clients[0]
+
+    def make_sandbox(execution, env):
+        spec = execution.spec
+        return daytona_sandbox.create_for_execution(
+            execution.id, runner_id, api_key=d.api_key, api_url=d.api_url, target=d.target, snapshot=d.snapshot,
+            env=env, repo=spec.repo or None, ref=spec.ref or None, keep=spec.keep_sandbox, client=client())
+
+    return make_sandbox, lambda: daytona_sandbox.sweep(client(), is_terminal)
+
+
+def backend_is_terminal(cfg):
+    """is_terminal(execution_id) for the sweep, asking the daemon (or Redis); False when it cannot say."""
+    import daemon_client
+
+    def is_terminal(execution_id):
+        try:
+            client = connect(cfg)
+            try:
+                return client.get(execution_id).phase in daemon_client.TERMINAL_PHASES
+            finally:
+                client.close()
+        except daemon_client.BackendError:  # unknown here, or the daemon is away: leave it
+            return False
+    return is_terminal
 
 
 def spawn(args, env, log_path, pipe_stdin=False):
@@ -229,7 +357,6 @@ def live_pid(path):
 # ---- commands ----
 
 def cmd_run(cfg, args):
-    cfg.require_local()
     import stigmer_pb2 as pb
     import terminal
     from daemon_client import BackendError
@@ -242,16 +369,20 @@ def cmd_run(cfg, args):
     resuming = args.command == "resume" or args.cont
     if args.max_turns < 1 or (args.max_tokens_total or 0) < 0:
         raise CliError("--max-turns must be at least 1 and --max-tokens-total positive", 2)
+    check_repo_args(cfg, args)
+    cfg.require_sandbox()
     mod = project_secrets()
     try:
         names = mod.sandbox_secret_names(args.secret or (), cfg.environ)
     except mod.SecretError as exc:
         raise CliError(str(exc), 2) from None
-    found = find_daemon(cfg)
+    found = backend_status(cfg) if cfg.cloud else find_daemon(cfg)
     embedded = worker = None
-    if found is None and args.detach:  # a detached run needs daemon and worker to outlive this command
+    runner_id = ""  # cloud mode: a foreground run's execution is pinned to the worker it spawns
+    if args.detach and (found is None or found[1].connected_runners == 0):
+        # a detached run needs a backend and a worker that outlive this command
         cmd_start(cfg, argparse.Namespace(workers=1, secret=args.secret), out=sys.stderr)
-        found = find_daemon(cfg)
+        found = backend_status(cfg) if cfg.cloud else find_daemon(cfg)
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         if found is None:
@@ -263,7 +394,14 @@ def cmd_run(cfg, args):
         if parent is not None:  # the conversation goes on where it was, with the same secrets
             workspace = parent.spec.workspace
             names = list(dict.fromkeys([*parent.spec.secret_names, *names]))
-        if status is None or status.connected_runners == 0:
+        if cfg.cloud and not args.detach:  # its own worker, with this run's secrets, takes only this run
+            runner_id = f"run-{os.getpid()}-{os.urandom(3).hex()}"
+            secrets = gather_secrets(cfg, names)
+            worker = spawn(["worker", "--capacity", "1", "--exit-with-stdin", "--runner-id", runner_id, "--pinned"],
+                           worker_env(cfg, secrets, cfg.endpoint),
+                           os.path.join(cfg.home, "logs", "run-worker.log"), pipe_stdin=True)
+            del secrets
+        elif not cfg.cloud and (status is None or status.connected_runners == 0):
             secrets = gather_secrets(cfg, names)
             worker = spawn(["worker", "--capacity", "1", "--exit-with-stdin"],
                            worker_env(cfg, secrets, client.endpoint),
@@ -272,9 +410,11 @@ def cmd_run(cfg, args):
         renderer = terminal.make_renderer(args.json, cfg.environ.get("NO_COLOR"))
         model = args.model or (parent.spec.model if parent else "") or cfg.model or default_model()
         spec = pb.ExecutionSpec(prompt=prompt, workspace=workspace, model=model, max_turns=args.max_turns,
-                                secret_names=names, max_tokens_total=args.max_tokens_total or 0,
-                                parent_id=parent.id if parent else "")
-        queued = client.status().queue_depth
+                                secret_names=names, max_tokens_total=args.max_tokens_total or 0, runner_id=runner_id,
+                                repo=args.repo or (parent.spec.repo if parent else ""),
+                                ref=args.ref or (parent.spec.ref if parent else ""), keep_sandbox=args.keep_sandbox,
+                                sandbox=cfg.sandbox, parent_id=parent.id if parent else "")
+        queued = 0 if runner_id else client.status().queue_depth
         if queued:
             print(f"stigmer: {queued} older execution(s) are queued and run first: see `python runner.py list "
                   "--phase pending`, and `python runner.py cancel ID` to drop one", file=sys.stderr)
@@ -283,9 +423,12 @@ def cmd_run(cfg, args):
             print(json.dumps({"execution_id": execution.id}) if args.json else execution.id)
             return 0
         if not renderer.json_lines:
-            where = f"embedded daemon on {client.endpoint}" if embedded else f"daemon at {client.endpoint}"
+            where = (f"Redis at {client.endpoint}" if cfg.cloud else f"embedded daemon on {client.endpoint}"
+                     if embedded else f"daemon at {client.endpoint}")
+            space = workspace if cfg.sandbox == "filesystem" else "daytona sandbox" + (f" · {args.repo}" if args.repo
+                                                                                        else "")
             continues = f" · continues {parent.id}" if parent else ""
-            renderer.out(renderer.paint("2", f"stigmer · {cfg.mode} · {where} · {workspace} · {model} · "
+            renderer.out(renderer.paint("2", f"stigmer · {cfg.mode} · {where} · {space} · {model} · "
                                              f"{execution.id}{continues}") + "\n", err=True)
         started = time.monotonic()
 
@@ -308,6 +451,9 @@ def cmd_run(cfg, args):
         phase = phase or pb.Phase.Name(final.phase)
         if phase in EXIT_CODES:
             renderer.summary(final, phase, time.monotonic() - started)
+        if args.keep_sandbox and renderer.sandbox_id:
+            print(f"stigmer: sandbox {renderer.sandbox_id} kept running for inspection; delete it when you are done "
+                  "(Daytona also stops it once idle, then deletes it)", file=sys.stderr)
         return EXIT_CODES.get(phase, 130)
     finally:
         for sig in handlers:  # let the clean-up below finish
@@ -338,13 +484,28 @@ def find_parent(client, args, workspace):
     return parent
 
 
+def check_repo_args(cfg, args):
+    """--repo, --ref and --keep-sandbox need a Daytona sandbox; a repo URL never carries a password."""
+    from urllib.parse import urlsplit
+    if (args.repo or args.ref or args.keep_sandbox) and cfg.sandbox != "daytona":
+        raise CliError("--repo, --ref and --keep-sandbox need a Daytona sandbox: set STIGMER_SANDBOX=daytona "
+                       "(on this host the agent works in --workspace, which may already be a git checkout)", 2)
+    if args.ref and not args.repo:
+        raise CliError("--ref needs --repo: the repository whose branch, tag or commit to check out", 2)
+    if args.repo and urlsplit(args.repo).password:
+        raise CliError("--repo must not hold a password or token (it is stored in the log): pass the token as "
+                       "--secret GITHUB_TOKEN and give the plain https URL", 2)
+
+
 def cmd_start(cfg, args, out=None):
-    cfg.require_local()
+    cfg.require_sandbox()
     names = project_secrets().sandbox_secret_names(args.secret or (), cfg.environ)
     secrets = gather_secrets(cfg, names)
     logs = os.path.join(cfg.home, "logs")
-    found = find_daemon(cfg)
-    if found is None:
+    found = None if cfg.cloud else find_daemon(cfg)
+    if cfg.cloud:  # no daemon: the workers on this host serve the queue on Redis
+        backend_status(cfg)[0].close()  # a Redis that does not answer is an error now, not in the workers' logs
+    elif found is None:
         proc = spawn(["daemon"], without_keys(cfg.environ), os.path.join(logs, "daemon.log"))
         with open(os.path.join(logs, "daemon.pid"), "w") as f:
             f.write(str(proc.pid))
@@ -372,7 +533,8 @@ def cmd_start(cfg, args, out=None):
         with open(path, "w") as f:
             f.write(str(proc.pid))
         started += 1
-    print(f"{alive + started} worker(s) running ({started} started); logs in {logs}", file=out)
+    where = f" on Redis at {connect(cfg).endpoint}" if cfg.cloud else ""
+    print(f"{alive + started} worker(s) running{where} ({started} started); logs in {logs}", file=out)
     return 0
 
 
@@ -396,7 +558,7 @@ def cmd_stop(cfg, args):
 
 
 def cmd_status(cfg, args):
-    found = find_daemon(cfg)
+    found = backend_status(cfg) if cfg.cloud else find_daemon(cfg)
     procs = {os.path.basename(p)[:-4]: live_pid(p) for p in pid_files(cfg)}
     if found is None:
         raise CliError(f"no daemon answers at {cfg.endpoint}: start one with `python runner.py start`")
@@ -424,6 +586,8 @@ def cmd_logs(cfg, args):
     try:
         import terminal
         execution = client.get(args.id)  # an unknown id becomes a one-line error
+        if args.patch:
+            return print_patch(client, execution)
         renderer = terminal.make_renderer(args.json, cfg.environ.get("NO_COLOR"))
         renderer.show_prompts = True
         if args.history and execution.spec.parent_id:
@@ -437,6 +601,25 @@ def cmd_logs(cfg, args):
     finally:
         if embedded:
             embedded.stop()
+
+
+def print_patch(client, execution):
+    """`logs ID --patch`: the patch artifact's text on stdout, as it is (for `git apply`); notes on stderr."""
+    import stigmer_pb2 as pb
+    patch = None
+    for ev in client.watch(execution.id, follow=False):
+        if ev.WhichOneof("payload") == "artifact" and ev.artifact.type == "patch":
+            patch = ev.artifact
+    if patch is None:
+        if execution.phase in (pb.PENDING, pb.RUNNING):
+            raise CliError(f"{execution.id} is still {pb.Phase.Name(execution.phase).lower()}: its patch is recorded "
+                           f"when it ends (follow it with python runner.py logs {execution.id} -f)")
+        raise CliError(f"{execution.id} has no patch: only a Daytona sandbox whose workspace is a git checkout "
+                       "(run --repo URL) records one")
+    if patch.notes:
+        print(f"stigmer: {patch.notes}", file=sys.stderr)
+    sys.stdout.write(patch.text)
+    return 0
 
 
 def cmd_cancel(cfg, args):
@@ -454,7 +637,6 @@ def cmd_daemon(cfg, args):
 
 
 def cmd_worker(cfg, args):
-    cfg.require_local()
     import logging
 
     import daemon_client
@@ -466,11 +648,22 @@ def cmd_worker(cfg, args):
         logging.getLogger(noisy).setLevel(max(level, logging.INFO))
     os.environ.update(gather_secrets(cfg, []))  # asks only for a missing key; it lives in memory and env only
     model = cfg.model or default_model()
-    print(f"stigmer worker {VERSION} · mode {cfg.mode} · endpoint {cfg.endpoint} · sandbox root {cfg.sandbox_root} · "
+    cfg.require_sandbox()
+    runner_id = args.runner_id or worker.new_runner_id()
+    make_sandbox, sweep = sandbox_factory(cfg, runner_id, backend_is_terminal(cfg))
+    if cfg.cloud:
+        import redis_backend
+        import sandbox
+        sandbox.guard_commands()  # should this worker be killed, its commands die with it
+        link = redis_backend.RedisLink(cfg.redis_url, cfg.redis_prefix, **cfg.redis_settings)
+    else:
+        link = daemon_client.DaemonLink(cfg.endpoint, cfg.home)
+    where = f"sandbox root {cfg.sandbox_root}" if cfg.sandbox == "filesystem" else "sandbox daytona"
+    print(f"stigmer worker {VERSION} · mode {cfg.mode} · endpoint {link.endpoint} · {where} · "
           f"model {model} · capacity {args.capacity}", file=sys.stderr, flush=True)
-    link = daemon_client.DaemonLink(cfg.endpoint, cfg.home)
-    return worker.serve(worker.Worker(capacity=args.capacity, mode=cfg.mode, model=model, history=link.history,
-                                      context_window=cfg.context_window),
+    return worker.serve(worker.Worker(capacity=args.capacity, mode=cfg.mode, model=model, runner_id=runner_id,
+                                      pinned=args.pinned, make_sandbox=make_sandbox, sweep=sweep, sandbox=cfg.sandbox,
+                                      history=link.history, context_window=cfg.context_window),
                         link, exit_with_stdin=args.exit_with_stdin)
 
 
@@ -496,6 +689,11 @@ def parser():
     run.add_argument("--secret", action="append", metavar="NAME", help="pass env var NAME to the agent's shell, redacted")
     run.add_argument("--json", action="store_true", help="one JSON object per event per line")
     run.add_argument("--detach", action="store_true", help="submit to the background daemon and print the id")
+    run.add_argument("--repo", metavar="URL", help="clone this git repository into the sandbox's workspace first "
+                                                   "(STIGMER_SANDBOX=daytona; a --secret GITHUB_TOKEN authenticates it)")
+    run.add_argument("--ref", help="the branch, tag or commit of --repo to check out")
+    run.add_argument("--keep-sandbox", action="store_true",
+                     help="leave the Daytona sandbox running when the run ends, and print its id")
     run.add_argument("-c", "--continue", dest="cont", action="store_true",
                      help="continue the conversation of the latest execution in this workspace")
 
@@ -509,7 +707,7 @@ def parser():
     resume.add_argument("--secret", action="append", metavar="NAME", help="pass env var NAME to the agent's shell, redacted")
     resume.add_argument("--json", action="store_true", help="one JSON object per event per line")
     resume.add_argument("--detach", action="store_true", help="submit to the background daemon and print the id")
-    resume.set_defaults(workspace=None, cont=False)
+    resume.set_defaults(workspace=None, cont=False, repo=None, ref=None, keep_sandbox=False)
 
     start = sub.add_parser("start", help="run the daemon and workers in the background",
                            epilog="example: python runner.py start --workers 2")
@@ -529,6 +727,8 @@ def parser():
     logs.add_argument("--json", action="store_true")
     logs.add_argument("--history", action="store_true",
                       help="show the conversation it continues first (its parent's events, and theirs)")
+    logs.add_argument("--patch", action="store_true",
+                      help="print the change the agent made, for git apply: logs ID --patch > change.patch")
     cancel = sub.add_parser("cancel", help="cancel an execution", epilog="example: python runner.py cancel ex-1a2b")
     cancel.add_argument("id")
     dmn = sub.add_parser("daemon", help="run the daemon in the foreground (also: python daemon.py)",
@@ -540,6 +740,8 @@ def parser():
                          epilog="example: ANTHROPIC_API_KEY=... python runner.py worker --capacity 4")
     wrk.add_argument("--capacity", type=int, default=2, help="executions at once (default 2)")
     wrk.add_argument("--exit-with-stdin", action="store_true", help=argparse.SUPPRESS)
+    wrk.add_argument("--runner-id", help=argparse.SUPPRESS)  # a foreground run's own worker: its id ...
+    wrk.add_argument("--pinned", action="store_true", help=argparse.SUPPRESS)  # ... and it takes only that run's
     return p
 
 
