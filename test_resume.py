@@ -5,7 +5,9 @@ fake's request log (FakeAnthropic.requests).
 
     python -m unittest test_resume -v
 """
+import contextlib
 import copy
+import io
 import json
 import os
 import shutil
@@ -17,6 +19,7 @@ import unittest
 import agent
 import models
 import stigmer_pb2 as pb
+import terminal
 from sandbox import FilesystemSandbox
 from test_agent import anthropic_model
 from test_runner import CliCase
@@ -399,10 +402,6 @@ class RenderTest(unittest.TestCase):
     """What a person sees: the task in logs, the clearing line, the summary, ancestors under headings."""
 
     def render(self, renderer, events, summary=None):
-        import contextlib
-        import io
-
-        import terminal
         out = io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
             for event in events:
@@ -412,7 +411,6 @@ class RenderTest(unittest.TestCase):
         return out.getvalue()
 
     def test_prompts_clearing_and_summary(self):
-        import terminal
         events = [pb.Event(seq=1, prompt=pb.Prompt(text="fix it", source="task", system="S")),
                   pb.Event(seq=2, prompt=pb.Prompt(text=agent.CONTINUE_NOTE, source="note")),
                   pb.Event(seq=3, context_cleared=pb.ContextCleared(results=4, tokens_before=170_000,
@@ -429,10 +427,6 @@ class RenderTest(unittest.TestCase):
         self.assertNotIn(agent.CONTINUE_NOTE, shown)  # the runner's notes are not the user's words
 
     def test_ancestors_come_first_under_headings(self):
-        import contextlib
-        import io
-
-        import terminal
         from test_terminal import ListClient
 
         class Chain(ListClient):
