@@ -105,6 +105,18 @@ class OpenAITest(ProviderCase):
         _, events = self.run_task(env=env)
         self.assertRanWith(events, "openai/gpt-fake")
 
+    def test_a_resumed_run_keeps_its_provider_and_its_key(self):
+        self.fake.script.append(text_step("Nothing more."))
+        env = {k: v for k, v in self.env.items() if k != "ANTHROPIC_API_KEY"}  # only the OpenAI key is there
+        env.update(OPENAI_API_KEY=OPENAI_KEY, OPENAI_BASE_URL=self.fake.url + "/v1")
+        _, events = self.run_task("--model", "openai/gpt-fake", env=env)
+        proc = self.cli("resume", events[0]["execution_id"], "anything else?", "--json", env=env)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        resumed = [json.loads(line) for line in proc.stdout.splitlines()]
+        self.assertEqual(resumed[0]["model"], "openai/gpt-fake")
+        self.assertEqual(resumed[-1]["final_text"], "Nothing more.")
+        self.assertEqual([r["model"] for r in self.fake.requests], ["gpt-fake"] * 3)
+
     def test_openai_compatible_server(self):
         env = dict(self.env, OPENAI_API_KEY=OPENAI_KEY, OPENAI_BASE_URL=self.fake.url + "/v1")
         _, events = self.run_task("--model", "openai-compatible/org/model-7b", env=env)
