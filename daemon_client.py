@@ -189,21 +189,46 @@ def backend_error(exc, endpoint):
 
 
 class Watch:
-    """An execution's events from a Watch call, as an iterator; cancel() ends it from any thread."""
+    """An execution's events from a WatchBatches call, one Event at a time, as an iterator;
+    cancel() ends it from any thread. A daemon older than WatchBatches gets a per-event Watch."""
 
-    def __init__(self, call, endpoint, channel):
-        self._call, self._endpoint = call, endpoint
+    def __init__(self, stub, request, metadata, endpoint, channel):
+        self._stub, self._request, self._metadata, self._endpoint = stub, request, metadata, endpoint
         self._channel = channel  # held: a channel that is garbage-collected cancels its calls
+        self._call = stub.WatchBatches(request, metadata=metadata)
+        self._cancelled = False
 
     def __iter__(self):
+        after = self._request.after_seq
+        try:
+            for batch in self._call:
+                for event in batch.events:
+                    after = event.seq
+                    yield event
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.UNIMPLEMENTED or self._cancelled:
+                self._raise(exc)
+            yield from self._per_event(after)
+
+    def _per_event(self, after):
+        """The same watch through the per-event Watch, from AFTER on."""
+        request = pb.WatchRequest(execution_id=self._request.execution_id, after_seq=after,
+                                  follow=self._request.follow)
+        self._call = self._stub.Watch(request, metadata=self._metadata)
+        if self._cancelled:
+            self._call.cancel()
         try:
             yield from self._call
         except grpc.RpcError as exc:
-            if exc.code() != grpc.StatusCode.CANCELLED:  # CANCELLED: we (or the daemon) ended it
-                raise backend_error(exc, self._endpoint) from None
+            self._raise(exc)
+
+    def _raise(self, exc):
+        if exc.code() != grpc.StatusCode.CANCELLED:  # CANCELLED: we (or the daemon) ended it
+            raise backend_error(exc, self._endpoint) from None
 
     def cancel(self):
         """End the watch: the iteration stops quietly."""
+        self._cancelled = True
         self._call.cancel()
 
 
@@ -240,9 +265,10 @@ class Client:
         return list(self._call("List", pb.ListRequest(phase=phase, limit=limit)).executions)
 
     def watch(self, execution_id, after_seq=0, follow=True):
-        """The events after AFTER_SEQ, then (FOLLOW) live ones until the terminal event: a Watch."""
+        """The events after AFTER_SEQ, then (FOLLOW) live ones until the terminal event: a Watch,
+        which reads them in batches (WatchBatches) and yields them one by one."""
         request = pb.WatchRequest(execution_id=execution_id, after_seq=after_seq, follow=follow)
-        return Watch(self._stub.Watch(request, metadata=self._metadata), self.endpoint, self._channel)
+        return Watch(self._stub, request, self._metadata, self.endpoint, self._channel)
 
     def cancel(self, execution_id):
         """Ask for the execution to stop; returns it as it is now."""
