@@ -146,16 +146,14 @@ def bench_redact():
             "str_replace_ms": round(base * 1e3, 1), "redactor_ms": round(redact * 1e3, 1),
             "ratio": verdict(redact / base, "<=", 3.0, 2)}
 
-# ---- events (issue: daemon.py) ----
+# ---- events (issue: daemon.py; batched watchers: issue 15) ----
 EVENTS_WATCHER = """
 import json, sys, time
 sys.path.insert(0, sys.argv[1])
-import daemon_client, stigmer_pb2 as pb, stigmer_pb2_grpc as pb_grpc
-endpoint, token, execution_id, last = sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
-channel = daemon_client.client_channel(endpoint)
+import daemon_client
+home, endpoint, execution_id, last = sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
 arrivals = []  # (seq, perf_counter) of every 1000th event and the last text event
-for event in pb_grpc.DaemonStub(channel).Watch(pb.WatchRequest(execution_id=execution_id, follow=True),
-                                                metadata=daemon_client.auth_metadata(token), timeout=600):
+for event in daemon_client.Client(home, endpoint).watch(execution_id, follow=True):  # as `logs -f` reads
     if event.seq == 1:
         print("ready", flush=True)
     if event.seq % 1000 == 0 or event.seq == last:
@@ -165,11 +163,11 @@ print(json.dumps(arrivals), flush=True)
 
 
 @bench
-def bench_events():
-    """One runner streams TextDelta events through Connect into SQLite while one watcher (a
-    separate process, as the CLI is) follows; against a bare grpcio bidi stream, in this
-    process, sending the same events one message each with no storage. The same run without
-    the watcher shows what serving the watcher costs the writer."""
+def bench_events(total=200_000, many=10):
+    """One runner streams TextDelta events through Connect into SQLite: alone, with one watcher, and
+    with MANY watchers following at once (separate processes reading as the CLI does, in batches);
+    against a bare grpcio bidi stream, in this process, sending the same events one message each with
+    no storage. A watcher's lag is how far behind it is when the last event is stored."""
     import os
     import queue
     import subprocess
@@ -183,12 +181,12 @@ def bench_events():
     import stigmer_pb2 as pb
     import stigmer_pb2_grpc as pb_grpc
 
-    total, batch_size, bare_total = 200_000, 2000, 50_000  # events; per EventBatch; for the baseline
+    batch_size, bare_total = 2000, 50_000  # events per EventBatch; for the baseline
     body = "x" * 180  # about 200 bytes per serialized Event
     here = os.path.dirname(os.path.abspath(__file__))
 
-    def persist(with_watcher):
-        """Stream `total` events into a fresh daemon; (events/s, watcher events behind, ms behind)."""
+    def persist(watchers):
+        """Stream `total` events into a fresh daemon; (events/s, [(events behind, s behind) per watcher])."""
         with tempfile.TemporaryDirectory() as home:
             server = daemon.serve(home, "127.0.0.1:0", runner_grace=60)
             channel = daemon_client.client_channel(server.endpoint)
@@ -200,10 +198,10 @@ def bench_events():
                       for seq in range(3, last + 1)]
             batches = [pb.RunnerMessage(events=pb.EventBatch(events=events[i:i + batch_size]))
                        for i in range(0, total, batch_size)]
-            if with_watcher:
-                watcher = subprocess.Popen([sys.executable, "-c", EVENTS_WATCHER, here, server.endpoint,
-                                            server.token, ex.id, str(last)], stdout=subprocess.PIPE, text=True)
-                assert watcher.stdout.readline().strip() == "ready"
+            procs = [subprocess.Popen([sys.executable, "-c", EVENTS_WATCHER, here, home, server.endpoint, ex.id,
+                                       str(last)], stdout=subprocess.PIPE, text=True) for _ in range(watchers)]
+            for proc in procs:
+                assert proc.stdout.readline().strip() == "ready"
             outbox = queue.Queue()
             outbox.put(pb.RunnerMessage(hello=pb.Hello(runner_id="bench", capacity=1, mode="local")))
             responses = stub.Connect(iter(outbox.get, None), metadata=md, timeout=600)
@@ -217,15 +215,20 @@ def bench_events():
             stored = time.perf_counter()
             outbox.put(pb.RunnerMessage(events=pb.EventBatch(events=[pb.Event(
                 execution_id=ex.id, seq=last + 1, phase=pb.PhaseChange(phase=pb.COMPLETED))])))
-            arrivals = json.loads(watcher.communicate(timeout=600)[0]) if with_watcher else [(last, stored)]
+            lags = []
+            for proc in procs:
+                arrivals = json.loads(proc.communicate(timeout=600)[0])
+                seen_by_then = max((seq for seq, at in arrivals if at <= stored), default=0)
+                lags.append((last - seen_by_then, max(0.0, dict(arrivals)[last] - stored)))
             outbox.put(None)
             channel.close()
             server.stop(0)
-        seen_by_then = max((seq for seq, at in arrivals if at <= stored), default=0)
-        return total / (stored - start), last - seen_by_then, max(0.0, dict(arrivals)[last] - stored), events
+        return total / (stored - start), lags, events
 
-    alone, _, _, _ = persist(with_watcher=False)
-    watched, behind, behind_s, events = persist(with_watcher=True)
+    alone, _, _ = persist(0)
+    watched, [(behind, behind_s)], events = persist(1)
+    crowded, lags, _ = persist(many)
+    worst = max(s for _, s in lags)
 
     def bare_stream(request_iterator, context):
         yield pb.Ack(seq=sum(1 for _ in request_iterator))
@@ -250,7 +253,11 @@ def bench_events():
         "persisted_per_s": verdict(watched, ">=", 50_000, 0),
         "persisted_per_s_without_watcher": round(alone),
         "watcher_behind_when_last_stored_events": behind,
-        "watcher_behind_when_last_stored_ms": round(behind_s * 1000, 1),
+        "watcher_behind_when_last_stored_ms": verdict(behind_s * 1000, "<", 1000, 1),
+        f"persisted_per_s_with_{many}_watchers": round(crowded),
+        f"{many}_watchers_behind_when_last_stored_ms": verdict(worst * 1000, "<", 1000, 1)
+        + " worst; each: " + ", ".join(f"{s * 1000:.0f}" for _, s in lags),
+        f"{many}_watchers_behind_when_last_stored_events": ", ".join(str(n) for n, _ in lags),
         "bare_stream_per_s": round(bare_rate),
         "ratio_vs_bare": verdict(watched / bare_rate, ">=", 5, 2),
     }
