@@ -6,6 +6,7 @@
     python bench.py events     # daemon event throughput against a bare gRPC stream
     python bench.py loop       # the whole agent path per turn against a bare SDK loop
     python bench.py cloud_appends   # RedisLink's fenced appends against bare XADD pipelines (needs redis-server)
+    python bench.py start      # a one-turn task: cold, and warm after `start`, against the SDK's floor
     python bench.py --json     # one JSON object per benchmark
 
 The machine is shared and noisy, so every figure is relative to a baseline taken
@@ -428,6 +429,110 @@ def bench_cloud_appends(events=20_000, batch=500):
             "bare_xadd_pipeline_events_per_s": round(bare_rate), "redislink_events_per_s": round(ours_rate),
             "ratio": verdict(ours_rate / bare_rate, ">=", 0.5, 2),
             "watcher_lag_at_end_ms": round(max(lag, 0.0) * 1000, 1)}
+
+# ---- start (issue 15: cold start at the SDK's floor, warm runs after `start`) ----
+START_FLOOR = """
+import sys, anthropic
+client = anthropic.Anthropic(api_key=sys.argv[2], base_url=sys.argv[1])
+with client.messages.stream(model="claude-fake", max_tokens=1024, messages=[{"role": "user", "content": "go"}]) as s:
+    s.get_final_message()
+"""
+
+
+def import_profile(stderr, top=8):
+    """(total ms, [(ms, module)] of the TOP slowest top-level imports) from `-X importtime` output."""
+    entries = []
+    for line in stderr.splitlines():
+        if not line.startswith("import time:") or "cumulative" in line:
+            continue
+        _, cumulative, name = line.split("|", 2)
+        name = name.rstrip()
+        if not name.startswith("  ") and name.strip():  # top level: imported by the program itself
+            entries.append((int(cumulative) / 1000, name.strip()))
+    entries.sort(reverse=True)
+    return sum(ms for ms, _ in entries), entries[:top]
+
+
+@bench
+def bench_start(runs=7):
+    """Wall time of a one-turn task (`python runner.py --json go`) from a cold shell (no daemon: the CLI
+    starts an embedded daemon and a worker) and after `python runner.py start` (a warm worker), against
+    the floor: a bare script that imports the anthropic SDK and makes the same one streamed request to the
+    same fake. Interleaved, RUNS rounds. Then what the CLI and the worker import (-X importtime), and,
+    when a `claude` CLI is on PATH, Claude Code headless on the same fake."""
+    import os
+    import shutil
+    import subprocess
+    import tempfile
+
+    from testsupport import FAKE_KEY, FakeAnthropic, free_port, text_step
+
+    runner_py = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runner.py")
+    claude = shutil.which("claude")
+
+    def timed_run(args, env, cwd=None, check=True):
+        t0 = time.perf_counter()
+        done = subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=120)
+        took = time.perf_counter() - t0
+        if check and done.returncode != 0:
+            raise RuntimeError(f"{' '.join(args[:3])} failed ({done.returncode}): {done.stderr[-800:]}")
+        return took, done
+
+    with tempfile.TemporaryDirectory() as tmp, FakeAnthropic([text_step("done")]) as fake:
+        base = {k: v for k, v in os.environ.items() if not k.startswith(("STIGMER_", "ANTHROPIC_"))
+                and k not in ("MODE", "PYTHONPROFILEIMPORTTIME")}
+        base.update(ANTHROPIC_API_KEY=FAKE_KEY, ANTHROPIC_BASE_URL=fake.url, STIGMER_MODEL="claude-fake",
+                    SANDBOX_ROOT_DIR=tmp)
+
+        def fresh_env(name):
+            return dict(base, STIGMER_HOME=os.path.join(tmp, name), STIGMER_BACKEND_ENDPOINT=f"127.0.0.1:{free_port()}")
+
+        warm_env = fresh_env("warm")
+        timed_run([sys.executable, runner_py, "start"], warm_env)
+        floor, cold, warm, claude_times = [], [], [], []
+        try:
+            for _ in range(2):  # the started worker's first run, and page caches for everyone
+                timed_run([sys.executable, runner_py, "--json", "go"], warm_env)
+            timed_run([sys.executable, "-c", START_FLOOR, fake.url, FAKE_KEY], base)
+            for n in range(runs):
+                floor.append(timed_run([sys.executable, "-c", START_FLOOR, fake.url, FAKE_KEY], base)[0])
+                cold.append(timed_run([sys.executable, runner_py, "--json", "go"], fresh_env(f"cold{n}"))[0])
+                warm.append(timed_run([sys.executable, runner_py, "--json", "go"], warm_env)[0])
+                if claude:
+                    home = os.path.join(tmp, f"claude{n}")
+                    os.makedirs(home)
+                    env = dict(base, HOME=home, CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1")
+                    claude_times.append(timed_run([claude, "-p", "go", "--output-format", "stream-json", "--verbose",
+                                                   "--allowedTools", "Bash"], env, cwd=tmp)[0])
+            profiled = fresh_env("profiled")
+            profiled["PYTHONPROFILEIMPORTTIME"] = "1"  # the worker inherits it and writes to its log
+            _, done = timed_run([sys.executable, runner_py, "--json", "go"], profiled)
+            with open(os.path.join(profiled["STIGMER_HOME"], "logs", "run-worker.log"), errors="replace") as f:
+                worker_log = f.read()
+        finally:
+            timed_run([sys.executable, runner_py, "stop"], warm_env, check=False)
+
+    def spread(times):
+        return f"median {statistics.median(times):.3f} s (range {min(times):.3f}-{max(times):.3f})"
+
+    floor_s, cold_s, warm_s = (statistics.median(t) for t in (floor, cold, warm))
+    figures = {"runs_each": runs,
+               "floor (import anthropic + one streamed request)": spread(floor),
+               "cold run (no daemon)": spread(cold),
+               "cold_vs_floor": verdict(cold_s / floor_s, "<=", 1.15, 2),
+               "warm run (after start)": spread(warm),
+               "warm_run_s": verdict(warm_s, "<=", 0.25, 3)}
+    if claude_times:
+        figures["claude code headless"] = spread(claude_times)
+        figures["claude_code_vs_cold_run"] = round(statistics.median(claude_times) / cold_s, 2)
+    else:
+        figures["claude code headless"] = "skipped: no `claude` CLI on PATH (npm i -g @anthropic-ai/claude-code)"
+    for who, text in (("cli", done.stderr), ("worker", worker_log)):
+        total, top = import_profile(text)
+        figures[f"{who}_imports_ms (cumulative, top level)"] = round(total)
+        figures[f"{who}_top_imports"] = ", ".join(f"{name} {ms:.0f}" for ms, name in top)
+    return figures
+
 
 def _timed(fn):
     t0 = time.perf_counter()

@@ -69,6 +69,7 @@ def client_channel(endpoint):
 link_log = logging.getLogger("stigmer.link")
 HEARTBEAT_SECONDS = 5.0  # idle interval between heartbeats
 BACKOFF_CAP = 5.0  # seconds, the longest wait between reconnect attempts
+EAGER_SECONDS, EAGER_RETRY = 3.0, 0.05  # until a first connection: retry this long, this often, unlogged
 BATCH_WAIT = 0.25  # seconds the sender waits for events before it considers a heartbeat
 GAP = grpc.StatusCode.FAILED_PRECONDITION.value[0]  # a Reject with this code asks for a resend after ack_seq
 
@@ -84,6 +85,7 @@ class DaemonLink:
         """Connect, reconnecting with backoff and jitter, until worker.stopping is set."""
         delay = 0.1
         told = False  # the current outage has been logged
+        eager_until, ever = time.monotonic() + EAGER_SECONDS, False  # a run's worker may start before its daemon
         while not worker.stopping.is_set():
             try:
                 self._session(worker)
@@ -96,10 +98,13 @@ class DaemonLink:
             else:
                 reason = "the daemon closed the stream"
             if worker.connected:  # the session was up: a new outage
-                delay, told = 0.1, True
+                delay, told, ever = 0.1, True, True
                 link_log.warning("lost the daemon at %s (%s); agents keep running, events are buffered; reconnecting",
                             self.endpoint, reason)
-            elif not told:  # never connected yet
+            elif not ever and time.monotonic() < eager_until:  # the daemon may be starting
+                worker.stopping.wait(EAGER_RETRY)
+                continue
+            elif not told:
                 told = True
                 link_log.warning("cannot reach the daemon at %s (%s); retrying", self.endpoint, reason)
             worker.connected = False
@@ -116,10 +121,11 @@ class DaemonLink:
                                                        metadata=auth_metadata(token))
 
             def cancel_on_stop():  # lives as long as this session, not as long as the worker
-                while not session.wait(0.25):
-                    if worker.stopping.is_set():
-                        call.cancel()
-                        return
+                with worker.cond:  # notified when the worker stops and when this session ends
+                    while not (session.is_set() or worker.stopping.is_set()):
+                        worker.cond.wait(0.25)
+                if worker.stopping.is_set():
+                    call.cancel()  # at once: a stopping worker's process should not wait on its stream
 
             threading.Thread(target=cancel_on_stop, name="session-watch", daemon=True).start()
             for message in call:
@@ -129,6 +135,8 @@ class DaemonLink:
                 self._dispatch(worker, message)
         finally:
             session.set()
+            with worker.cond:
+                worker.cond.notify_all()
             channel.close()
 
     def _requests(self, worker, session):
