@@ -81,8 +81,9 @@ class Outbox:
 class Worker:
     """The executions this runner runs and their outboxes; a link feeds it and drains it."""
 
-    def __init__(self, *, capacity=2, mode="local", model="", runner_id=None):
+    def __init__(self, *, capacity=2, mode="local", model="", runner_id=None, pinned=False):
         self.capacity, self.mode, self.model = capacity, mode, model
+        self.pinned = pinned  # a private runner: the log gives it only executions pinned to runner_id
         self.runner_id = runner_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.cond = threading.Condition()
         self.outboxes = {}  # execution id -> Outbox
