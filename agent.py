@@ -142,10 +142,26 @@ def api_error_message(exc):
         text = str(exc)
         if "prompt is too long" in text or "context window" in text or "too many tokens" in text:
             return "context_window", "the conversation no longer fits the model's context window"
-        return "bad_request", f"the model API refused the request (400): {getattr(exc, 'message', text)}"
+        return "bad_request", f"the model API refused the request (400): {provider_message(exc)}"
+    if isinstance(exc, anthropic.NotFoundError):
+        return "not_found", (f"the model API answered 404 ({provider_message(exc)}): check the model name "
+                             "(STIGMER_MODEL or --model)")
     if isinstance(exc, anthropic.APIStatusError):
-        return "api_error", f"the model API failed ({exc.status_code}): {getattr(exc, 'message', exc)}"
+        return "api_error", f"the model API failed ({exc.status_code}): {provider_message(exc)}"
     return None
+
+
+def provider_message(exc):
+    """The provider's own words in an SDK status error (body.error.message), not the SDK's dump of the body."""
+    body = getattr(exc, "body", None)
+    error = body.get("error") if isinstance(body, dict) else None
+    message = error.get("message") if isinstance(error, dict) else body.get("message") if isinstance(body, dict) else None
+    if isinstance(message, str) and message.strip():
+        return message.strip()
+    if isinstance(body, str) and body.strip():
+        return body.strip()[:300]
+    response = getattr(exc, "response", None)
+    return getattr(response, "reason_phrase", "") or "no message"
 
 
 class Agent:
@@ -214,7 +230,8 @@ class Agent:
         if self.cancelled.is_set():
             raise cancel_stop()
         if self.turns >= self.max_turns:
-            raise Stop(pb.FAILED, f"reached the turn limit ({self.max_turns} turns); raise it with --max-turns", "max_turns")
+            raise Stop(pb.FAILED, f"reached the turn limit ({self.max_turns} turn{'s' if self.max_turns != 1 else ''}); "
+                                 "raise it with --max-turns", "max_turns")
         spent = self.usage.input_tokens + self.usage.output_tokens + self.usage.cache_read_tokens + self.usage.cache_write_tokens
         if self.max_tokens_total and spent >= self.max_tokens_total:
             raise Stop(pb.FAILED, f"reached the token limit ({spent} of {self.max_tokens_total} tokens)", "max_tokens_total")

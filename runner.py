@@ -32,7 +32,10 @@ EXIT_CODES = {"COMPLETED": 0, "FAILED": 1, "CANCELLED": 130}
 CANCEL_WAIT = 5.0  # seconds Ctrl-C waits for the execution to confirm it stopped
 RECONNECT_WAIT = 60.0  # seconds a follower waits for a daemon that went away
 START_WAIT = 15.0  # seconds `start` waits for the daemon to answer
+INHERIT_ENV_VAR = "STIGMER_INHERIT_ENV"  # 1: the agent's shell gets secret-looking variables too (--inherit-env)
+INHERIT_ALL = "*"  # in ExecutionSpec.secret_names: every variable may reach the agent's shell
 COMMANDS = ("run", "start", "stop", "status", "list", "logs", "cancel", "daemon", "worker")
+USER_COMMANDS = ("status", "list", "logs", "start", "stop", "cancel", "run", "daemon", "worker")  # typo order
 
 if __name__ == "__main__":
     sys.modules.setdefault("runner", sys.modules[__name__])  # worker.py imports us by name
@@ -58,28 +61,44 @@ class CliError(Exception):
         self.code = code
 
 
-class Config(namedtuple("Config", "mode env home endpoint sandbox_root model environ")):
+class Config(namedtuple("Config", "mode env home endpoint sandbox_root model inherit_env environ warnings")):
     """The configuration, read from the environment once at the entry point."""
 
     @staticmethod
     def load(environ):
-        """Read and check the environment once; raises CliError on a bad value."""
-        mode = environ.get("MODE", "local").strip().lower() or "local"
+        """Read and check the environment once; raises CliError on a bad MODE. An unknown ENV only warns
+        (it sets log verbosity, and ENV is a generic name another tool may have set)."""
+        mode_var, mode = setting(environ, "MODE", "local")
         if mode not in MODES:
-            raise CliError(f"MODE={environ['MODE']!r} is not a mode: use MODE=local (the default) or MODE=cloud", 2)
-        env = environ.get("ENV", "development").strip().lower() or "development"
+            raise CliError(f"{mode_var}={environ[mode_var]!r} is not a mode: use {mode_var}=local (the default) "
+                           f"or {mode_var}=cloud", 2)
+        env_var, env = setting(environ, "ENV", "development")
+        warnings = []
         if env not in ENVS:
-            raise CliError(f"ENV={environ['ENV']!r} is not one of {', '.join(ENVS)}", 2)
+            warnings.append(f"{env_var}={environ[env_var]!r} is not one of {', '.join(ENVS)}: logging as development "
+                            f"(set STIGMER_ENV to override an unrelated {env_var})")
+            env = "development"
         home = os.path.abspath(os.path.expanduser(environ.get("STIGMER_HOME") or "~/.stigmer"))
         return Config(mode=mode, env=env, home=home,
                       endpoint=environ.get("STIGMER_BACKEND_ENDPOINT") or "localhost:50051",
                       sandbox_root=os.path.abspath(environ.get("SANDBOX_ROOT_DIR") or os.getcwd()),
-                      model=environ.get("STIGMER_MODEL", ""), environ=dict(environ))
+                      model=environ.get("STIGMER_MODEL", ""),
+                      inherit_env=environ.get(INHERIT_ENV_VAR, "").strip().lower() in ("1", "true", "yes", "on"),
+                      environ=dict(environ), warnings=tuple(warnings))
 
     def require_local(self):
         if self.mode == "cloud":
             raise CliError("MODE=cloud is not available yet (the Daytona and Redis runner is still being built): "
-                           "unset MODE or set MODE=local", 2)
+                           "unset MODE and STIGMER_MODE, or set STIGMER_MODE=local", 2)
+
+
+def setting(environ, name, default):
+    """(variable, lowercased value) of STIGMER_NAME, else NAME, else DEFAULT: the prefixed name wins."""
+    for var in (f"STIGMER_{name}", name):
+        value = environ.get(var, "").strip().lower()
+        if value:
+            return var, value
+    return name, default
 
 
 def default_model():
@@ -161,7 +180,8 @@ def open_log(cfg):
 def worker_env(cfg, secrets, endpoint):
     """The environment of a worker: the user's, the secrets, and where the daemon is."""
     env = project_secrets().child_env(secrets, base=cfg.environ)
-    env.update(STIGMER_HOME=cfg.home, STIGMER_BACKEND_ENDPOINT=endpoint, MODE=cfg.mode, PYTHONUNBUFFERED="1")
+    env.update(STIGMER_HOME=cfg.home, STIGMER_BACKEND_ENDPOINT=endpoint, MODE=cfg.mode, STIGMER_MODE=cfg.mode,
+               STIGMER_ENV=cfg.env, PYTHONUNBUFFERED="1")
     return env
 
 
@@ -187,7 +207,8 @@ def gather_secrets(cfg, names):
     mod = project_secrets()
     try:
         return mod.gather(("anthropic",), names, environ=cfg.environ,
-                                      warn=lambda m: print(f"stigmer: warning: {m}", file=sys.stderr))
+                                      warn=lambda m: print(f"stigmer: warning: {m.removeprefix('warning: ')}",
+                                                          file=sys.stderr))
     except mod.PromptCancelled:
         raise CliError("cancelled at the key prompt", 130) from None
     except mod.SecretError as exc:
@@ -303,8 +324,12 @@ class Renderer:
             self.newline()
             self.out(self.paint("31", f"✗ {ev.error.message}") + "\n", err=True)
 
+    def json_line(self, obj):
+        print(json.dumps(obj, ensure_ascii=False), flush=True)
+
     def summary(self, execution, phase_name, elapsed):
         if self.json_lines:  # stdout stays pure JSON; a failure still gets one line on stderr
+            self.json_line(summary_dict(execution, phase_name, elapsed))
             if phase_name != "COMPLETED":
                 print(f"stigmer: {phase_name.lower()}: {execution.error or 'no reason given'} ({execution.id})",
                       file=sys.stderr)
@@ -317,9 +342,30 @@ class Renderer:
                 "CANCELLED": self.paint("33", "■ cancelled")}.get(phase_name, phase_name)
         reason = f": {execution.error}" if execution.error and phase_name != "COMPLETED" else ""
         self.out(f"\n{mark}{reason}\n", err=phase_name != "COMPLETED")
-        self.out(self.paint("2", f"  {execution.turns} turns · {u.input_tokens:,} in / {u.output_tokens:,} out tokens · "
+        self.out(self.paint("2", f"  {plural(execution.turns, 'turn')} · {u.input_tokens:,} in / {u.output_tokens:,} out tokens · "
                                  f"cache {u.cache_read_tokens:,} read{hit}, {u.cache_write_tokens:,} written · "
                                  f"{elapsed:.1f} s · {execution.id}") + "\n")
+
+
+def plural(n, word):
+    """`1 turn`, `2 turns`."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def run_dict(execution, mode, endpoint):
+    """The first object of `run --json`: what runs where."""
+    spec = execution.spec
+    return {"kind": "run", "execution_id": execution.id, "model": spec.model, "workspace": spec.workspace,
+            "mode": mode, "endpoint": endpoint, "prompt": spec.prompt}
+
+
+def summary_dict(execution, phase_name, elapsed):
+    """The last object of `run --json`: how it ended."""
+    u = execution.usage
+    return {"kind": "summary", "execution_id": execution.id, "phase": phase_name, "turns": execution.turns,
+            "usage": {"input_tokens": u.input_tokens, "output_tokens": u.output_tokens,
+                      "cache_read_tokens": u.cache_read_tokens, "cache_write_tokens": u.cache_write_tokens},
+            "duration_s": round(elapsed, 3), "final_text": execution.final_text, "error": execution.error}
 
 
 def event_dict(ev):
@@ -437,13 +483,42 @@ def reconnect_watch(reconnect, renderer, watch, interrupted=None):
 
 
 def make_renderer(args, cfg):
-    tty = sys.stdout.isatty()
-    json_lines = getattr(args, "json", False) or not tty
-    color = tty and not cfg.environ.get("NO_COLOR")
-    return Renderer(json_lines, color, spinner=not json_lines and sys.stderr.isatty())
+    """Text wherever stdout goes (JSON lines only with --json); colour and the spinner only on a terminal."""
+    json_lines = getattr(args, "json", False)
+    terminal = sys.stdout.isatty() and sys.stderr.isatty()
+    color = terminal and not cfg.environ.get("NO_COLOR")
+    return Renderer(json_lines, color, spinner=not json_lines and terminal)
 
 
 # ---- commands ----
+
+def read_prompt(task, stdin):
+    """The prompt: the TASK words; `-` or no task reads it from STDIN (when that is not a terminal);
+    a task with piped STDIN gets the piped text appended as context, as `llm` does."""
+    words = list(task)
+    from_stdin = words == ["-"] or (not words and not stdin.isatty())
+    piped = "" if from_stdin or stdin.isatty() or not readable_pipe(stdin) else stdin.read()
+    if from_stdin:
+        prompt = stdin.read().strip()
+    else:
+        prompt = " ".join(words).strip()
+        if prompt and piped.strip():
+            prompt = f"{prompt}\n\n{piped.rstrip()}"
+    if not prompt:
+        raise CliError("the prompt is empty: give the task, e.g. python runner.py \"add a --verbose flag\", "
+                       "or pipe it in: echo \"add a --verbose flag\" | python runner.py", 2)
+    return prompt
+
+
+def readable_pipe(stream):
+    """True when STREAM is a pipe or a file (something piped or redirected in), not /dev/null or a socket."""
+    import stat
+    try:
+        mode = os.fstat(stream.fileno()).st_mode
+    except (OSError, ValueError, AttributeError):
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISREG(mode)
+
 
 def cmd_run(cfg, args):
     cfg.require_local()
@@ -451,16 +526,17 @@ def cmd_run(cfg, args):
     workspace = os.path.abspath(os.path.expanduser(args.workspace)) if args.workspace else cfg.sandbox_root
     if not os.path.isdir(workspace):
         raise CliError(f"the workspace {workspace} does not exist (or is not a directory)", 2)
-    prompt = " ".join(args.task).strip()
-    if not prompt:
-        raise CliError("give the task to run, e.g. python runner.py \"add a --verbose flag\"", 2)
-    if args.max_turns < 1 or (args.max_tokens_total or 0) < 0:
-        raise CliError("--max-turns must be at least 1 and --max-tokens-total positive", 2)
+    prompt = read_prompt(args.task, sys.stdin)
+    if args.max_turns < 1:
+        raise CliError(f"--max-turns must be at least 1 (got {args.max_turns})", 2)
+    if (args.max_tokens_total or 0) < 0:
+        raise CliError(f"--max-tokens-total must be positive (got {args.max_tokens_total})", 2)
     mod = project_secrets()
     try:
         names = mod.sandbox_secret_names(args.secret or (), cfg.environ)
     except mod.SecretError as exc:
         raise CliError(str(exc), 2) from None
+    shell_names = names + [INHERIT_ALL] if args.inherit_env or cfg.inherit_env else names
     found = find_daemon(cfg)
     embedded = worker = None
     if found is None and args.detach:  # a detached run needs daemon and worker to outlive this command
@@ -486,7 +562,7 @@ def cmd_run(cfg, args):
         renderer = make_renderer(args, cfg)
         model = args.model or cfg.model or default_model()
         spec = client.pb.ExecutionSpec(prompt=prompt, workspace=workspace, model=model, max_turns=args.max_turns,
-                                       secret_names=names, max_tokens_total=args.max_tokens_total or 0)
+                                       secret_names=shell_names, max_tokens_total=args.max_tokens_total or 0)
         queued = client.call("Status", client.pb.StatusRequest()).queue_depth
         if queued:
             print(f"stigmer: {queued} older execution(s) are queued and run first: see `python runner.py list "
@@ -495,7 +571,9 @@ def cmd_run(cfg, args):
         if args.detach:
             print(json.dumps({"execution_id": execution.id}) if args.json else execution.id)
             return 0
-        if not renderer.json_lines:
+        if renderer.json_lines:
+            renderer.json_line(run_dict(execution, cfg.mode, client.endpoint))
+        else:
             where = f"embedded daemon on {client.endpoint}" if embedded else f"daemon at {client.endpoint}"
             renderer.out(renderer.paint("2", f"stigmer · {cfg.mode} · {where} · {workspace} · {model} · "
                                              f"{execution.id}") + "\n", err=True)
@@ -580,9 +658,23 @@ def cmd_start(cfg, args, out=None):
 
 
 def cmd_stop(cfg, args):
+    found = find_daemon(cfg)
+    running = running_executions(found[0]) if found else []
+    if running and not args.force:
+        listing = "\n".join(f"  {line}" for line in describe(running))
+        if not sys.stdin.isatty():
+            raise CliError(f"{plural(len(running), 'execution')} running; `stop` would cancel them:\n{listing}\n"
+                           "run `python runner.py stop --force` to cancel them and stop")
+        print(f"{plural(len(running), 'execution')} running; stopping cancels them:\n{listing}", file=sys.stderr)
+        if not confirm("cancel them and stop? [y/N] "):
+            raise CliError("nothing stopped", 1)
+    for ex, line in zip(running, describe(running)):  # cancel first, so the log says who stopped them
+        client = found[0]
+        client.call("Cancel", client.pb.CancelRequest(execution_id=ex.id))
+        print(f"cancelled {line}")
     files = pid_files(cfg)
     ordered = [p for p in files if "worker-" in p] + [p for p in files if "worker-" not in p]
-    stopped = 0
+    stopped = []
     for path in ordered:  # workers first, so they can report their last events to the daemon
         pid = live_pid(path)
         if pid:
@@ -592,10 +684,35 @@ def cmd_stop(cfg, args):
                 time.sleep(0.05)
             if live_pid(path):
                 os.kill(pid, signal.SIGKILL)
-            stopped += 1
+            stopped.append(os.path.basename(path)[:-4])
         os.unlink(path)
-    print(f"stopped {stopped} process(es)" if stopped else "nothing was running")
+    if stopped:
+        print(f"stopped {len(stopped)} process(es): {', '.join(stopped)}")
+    elif found:
+        print(f"the daemon at {found[0].endpoint} (pid {found[1].pid}) belongs to a foreground "
+              "`python runner.py` run and ends with it" + (" now that its run is cancelled" if running else ""))
+    else:
+        print("nothing was running")
     return 0
+
+
+def running_executions(client):
+    """The executions a daemon is running now."""
+    return list(client.call("List", client.pb.ListRequest(phase=client.pb.RUNNING, limit=1000)).executions)
+
+
+def describe(executions):
+    """`ex-… "first line of the prompt"` per execution."""
+    return [f"{ex.id}  {json.dumps((ex.spec.prompt.splitlines() or [''])[0][:60], ensure_ascii=False)}"
+            for ex in executions]
+
+
+def confirm(question):
+    """Ask QUESTION on the terminal; True for yes."""
+    try:
+        return input(question).strip().lower() in ("y", "yes")
+    except EOFError:
+        return False
 
 
 def cmd_status(cfg, args):
@@ -604,16 +721,22 @@ def cmd_status(cfg, args):
     if found is None:
         raise CliError(f"no daemon answers at {cfg.endpoint}: start one with `python runner.py start`")
     client, st = found
+    background = procs.get("daemon") == st.pid  # else it lives inside a foreground `python runner.py` run
+    running = running_executions(client)
     if args.json:
         from google.protobuf.json_format import MessageToDict
         status = MessageToDict(st, preserving_proto_field_name=True)
         status["executions_by_phase"] = {k: int(v) for k, v in status.get("executions_by_phase", {}).items()}
-        print(json.dumps({**status, "processes": procs}))
+        print(json.dumps({**status, "processes": procs, "started_by": "start" if background else "foreground run",
+                          "running": [{"id": ex.id, "prompt": ex.spec.prompt} for ex in running]}))
         return 0
     phases = ", ".join(f"{k.lower()} {v}" for k, v in sorted(st.executions_by_phase.items())) or "none"
-    print(f"daemon {st.version} pid {st.pid} at {client.endpoint}, up {st.uptime_seconds:.0f} s")
+    where = "" if background else " (inside a foreground `python runner.py` run; it ends with that run)"
+    print(f"daemon {st.version} pid {st.pid} at {client.endpoint}, up {st.uptime_seconds:.0f} s{where}")
     print(f"runners connected: {st.connected_runners} (free slots {st.free_capacity}); queue: {st.queue_depth}")
     print(f"executions: {phases}")
+    for line in describe(running):
+        print(f"  running {line}")
     for name, pid in procs.items():
         print(f"  {name}: {'pid ' + str(pid) if pid else 'not running'}")
     return 0
@@ -636,7 +759,8 @@ def list_executions(client, args):
             print(json.dumps(execution_dict(ex), ensure_ascii=False))
         return 0
     if not resp.executions:
-        print("no executions yet: run one with python runner.py \"your task\"")
+        print(f"no {args.phase} executions (see all with `python runner.py list`)" if args.phase
+              else "no executions yet: run one with python runner.py \"your task\"")
         return 0
     now = time.time()
     print(f"{'ID':<18} {'PHASE':<10} {'AGE':>6} {'TURNS':>5} {'TOKENS':>8}  PROMPT")
@@ -654,15 +778,26 @@ def cmd_logs(cfg, args):
     try:
         client.call("Get", client.pb.GetRequest(execution_id=args.id))  # NOT_FOUND becomes a one-line error
         renderer = make_renderer(args, cfg)
-        follow(client, args.id, renderer, follow_live=args.follow and embedded is None,
-               reconnect=lambda: Client(cfg))
+        try:
+            follow(client, args.id, renderer, follow_live=args.follow and embedded is None,
+                   reconnect=lambda: Client(cfg))
+        except KeyboardInterrupt:
+            stopped_watching(renderer, args.id)
+            return 130
         renderer.newline()
         return 0
-    except KeyboardInterrupt:
-        return 130
     finally:
         if embedded:
             embedded.stop()
+
+
+def stopped_watching(renderer, execution_id):
+    """Ctrl-C on a watcher: clear the spinner and say that the run itself goes on."""
+    renderer.clear_spinner()
+    renderer.newline()
+    print(f"stigmer: stopped watching; {execution_id} keeps running (follow it again with "
+          f"`python runner.py logs {execution_id} -f`, stop it with `python runner.py cancel {execution_id}`)",
+          file=sys.stderr, flush=True)
 
 
 def cmd_cancel(cfg, args):
@@ -704,23 +839,30 @@ def parser():
 
     run = sub.add_parser("run", help="run a task (the default command)",
                          epilog='example: python runner.py run "fix the failing test" --workspace ~/proj')
-    run.add_argument("task", nargs="+", help="what the agent should do")
+    run.add_argument("task", nargs="*", help="what the agent should do; `-` or none reads it from stdin "
+                                             "(piped stdin after a task is added as context)")
     run.add_argument("--workspace", help="directory the agent works in (default: SANDBOX_ROOT_DIR or .)")
     run.add_argument("--model", help="model id (default: STIGMER_MODEL or the newest Sonnet)")
     run.add_argument("--max-turns", type=int, default=50, help="most model turns (default 50)")
     run.add_argument("--max-tokens-total", type=int, help="stop after this many tokens in all")
     run.add_argument("--secret", action="append", metavar="NAME", help="pass env var NAME to the agent's shell, redacted")
-    run.add_argument("--json", action="store_true", help="one JSON object per event per line")
+    run.add_argument("--inherit-env", action="store_true",
+                     help=f"let variables that look secret (names with KEY, TOKEN, SECRET, PASSWORD, CREDENTIAL) "
+                          f"reach the agent's shell, still redacted (or {INHERIT_ENV_VAR}=1)")
+    run.add_argument("--json", action="store_true",
+                     help="JSON lines: a run object, one object per event, then a summary object")
     run.add_argument("--detach", action="store_true", help="submit to the background daemon and print the id")
 
     start = sub.add_parser("start", help="run the daemon and workers in the background",
                            epilog="example: python runner.py start --workers 2")
     start.add_argument("--workers", type=int, default=1, help="how many workers (default 1)")
     start.add_argument("--secret", action="append", metavar="NAME", help="a secret the workers' shells may see")
-    sub.add_parser("stop", help="stop the background daemon and workers", epilog="example: python runner.py stop")
+    stop = sub.add_parser("stop", help="stop the background daemon and workers (running executions are cancelled)",
+                          epilog="example: python runner.py stop --force")
+    stop.add_argument("--force", action="store_true", help="cancel running executions without asking")
     status = sub.add_parser("status", help="report on the daemon and workers",
                             epilog="example: python runner.py status --json")
-    status.add_argument("--json", action="store_true")
+    status.add_argument("--json", action="store_true", help="one JSON object")
     lst = sub.add_parser("list", help="list executions, newest first", epilog="example: python runner.py list --phase failed")
     lst.add_argument("--json", action="store_true", help="one JSON object per execution per line")
     lst.add_argument("--phase", choices=["pending", "running", "completed", "failed", "cancelled"])
@@ -728,7 +870,7 @@ def parser():
     logs = sub.add_parser("logs", help="replay an execution's events", epilog="example: python runner.py logs ex-1a2b -f")
     logs.add_argument("id")
     logs.add_argument("-f", "--follow", action="store_true", help="keep following until it ends")
-    logs.add_argument("--json", action="store_true")
+    logs.add_argument("--json", action="store_true", help="one JSON object per event per line")
     cancel = sub.add_parser("cancel", help="cancel an execution", epilog="example: python runner.py cancel ex-1a2b")
     cancel.add_argument("id")
     dmn = sub.add_parser("daemon", help="run the daemon in the foreground",
@@ -757,14 +899,16 @@ def main(argv=None):
 def run_cli(argv):
     """Parse ARGV and run the command; returns the exit code."""
     args = list(argv)
-    if args and args[0] not in COMMANDS and not args[0].startswith("-"):
-        args.insert(0, "run")
-    elif args and args[0].startswith("-") and args[0] not in ("-h", "--help", "--version") and "run" not in args[:1]:
+    implicit_run = bool(args) and args[0] not in COMMANDS and args[0] not in ("-h", "--help", "--version")
+    if implicit_run:
         args.insert(0, "run")
     p = parser()
     if not args:
-        p.print_help()
-        return 2
+        if not sys.stdin.isatty():  # `echo "task" | python runner.py`: the prompt comes from stdin
+            args = ["run"]
+        else:
+            p.print_help()
+            return 2
     try:
         parsed = p.parse_args(args)
     except SystemExit as exc:
@@ -772,7 +916,11 @@ def run_cli(argv):
     handlers = {"run": cmd_run, "start": cmd_start, "stop": cmd_stop, "status": cmd_status, "list": cmd_list,
                 "logs": cmd_logs, "cancel": cmd_cancel, "daemon": cmd_daemon, "worker": cmd_worker}
     try:
+        if implicit_run and "--" not in args:
+            refuse_near_miss(parsed.task)
         cfg = Config.load(os.environ)
+        for warning in cfg.warnings:
+            print(f"stigmer: warning: {warning}", file=sys.stderr)
         return handlers[parsed.command](cfg, parsed)
     except CliError as exc:
         print(f"stigmer: {exc}", file=sys.stderr)
@@ -782,6 +930,42 @@ def run_cli(argv):
         return 130
     except BrokenPipeError:
         return 1
+
+
+def refuse_near_miss(task):
+    """Raise a usage error when TASK is one word that looks like a mistyped command (`stauts`, `lst`):
+    running it would cost a model call. `run WORD` or `-- WORD` runs such a task on purpose."""
+    words = " ".join(task).split()
+    if len(words) != 1:
+        return
+    command = near_miss(words[0])
+    if command:
+        raise CliError(f"did you mean `{command}`? (`{words[0]}` is not a command; to run it as a task, use "
+                       f"`python runner.py run {words[0]}` or `python runner.py -- {words[0]}`)", 2)
+
+
+def near_miss(word):
+    """The command WORD is a prefix of or within edit distance 2 of, closest first; else None."""
+    word = word.lower()
+    if not word.isidentifier():
+        return None
+    scored = sorted((0 if command.startswith(word) else edit_distance(word, command), n, command)
+                    for n, command in enumerate(USER_COMMANDS))
+    distance, _, command = scored[0]
+    return command if distance <= 2 else None
+
+
+def edit_distance(a, b):
+    """Levenshtein distance, with a swap of two neighbours counted as one edit (`stauts`)."""
+    rows = [list(range(len(b) + 1))]
+    for i, ca in enumerate(a, 1):
+        row = [i]
+        for j, cb in enumerate(b, 1):
+            row.append(min(rows[-1][j] + 1, row[j - 1] + 1, rows[-1][j - 1] + (ca != cb)))
+            if i > 1 and j > 1 and ca == b[j - 2] and a[i - 2] == cb:
+                row[j] = min(row[j], rows[-2][j - 2] + 1)
+        rows.append(row)
+    return rows[-1][-1]
 
 
 if __name__ == "__main__":

@@ -39,6 +39,29 @@ FLUSH_ON_STOP = 5.0  # seconds a stopping worker waits for its last events to be
 MODEL_KEY_VARS = tuple(var for p in stigmer_secrets.PROVIDERS.values()
                        for var in (p.env_var, *p.alt_env_vars))  # hidden from the agent's shell
 
+SECRET_WORDS = ("KEY", "SECRET", "TOKEN", "PASSWORD", "CREDENTIAL")  # names holding one look secret
+INHERIT_ALL = "*"  # in ExecutionSpec.secret_names: secret-looking variables reach the shell too (--inherit-env)
+NOT_SECRET = ("STIGMER_SANDBOX_SECRETS",)  # settings whose names look secret but hold names, not values
+
+
+def looks_secret(name):
+    """True when a variable's NAME suggests it holds a secret (case-insensitive)."""
+    return name not in NOT_SECRET and any(word in name.upper() for word in SECRET_WORDS)
+
+
+def hidden_from_shell(environ, named, inherit=False):
+    """The shell_env overrides that keep the model keys and, unless INHERIT, every secret-looking variable
+    of ENVIRON out of the agent's shell; names in NAMED (--secret) pass."""
+    hidden = set(MODEL_KEY_VARS) | (set() if inherit else {n for n in environ if looks_secret(n)})
+    return {name: None for name in sorted(hidden) if name not in named}
+
+
+def redacted_names(environ, named):
+    """Every variable whose value is redacted from what the model and the log see: the model keys,
+    the --secret names and every secret-looking variable present, passed to the shell or not."""
+    names = [*MODEL_KEY_VARS, *named, *sorted(n for n in environ if looks_secret(n))]
+    return [n for n in dict.fromkeys(names) if environ.get(n)]
+
 
 class Cancelled(Exception):
     """An execution was cancelled before its agent started."""
@@ -259,6 +282,7 @@ class Worker:
         """Connect, reconnecting with backoff and jitter, until stop()."""
         delay = 0.1
         down_since = None
+        ever_connected = False
         while not self.stopping.is_set():
             try:
                 self._session()
@@ -271,11 +295,14 @@ class Worker:
             else:
                 reason = "the daemon closed the stream"
             if self.connected:
-                delay, down_since = 0.1, None
+                delay, down_since, ever_connected = 0.1, None, True
             if down_since is None:
                 down_since = time.monotonic()
-                log.warning("lost the daemon at %s (%s); agents keep running, events are buffered; reconnecting",
-                            self.endpoint, reason)
+                if ever_connected:
+                    log.warning("lost the daemon at %s (%s); agents keep running, events are buffered; "
+                                "reconnecting", self.endpoint, reason)
+                else:
+                    log.warning("cannot reach the daemon at %s (%s); retrying", self.endpoint, reason)
             self.connected = False
             self.stopping.wait(min(BACKOFF_CAP, delay) * random.uniform(0.5, 1.0))
             delay = min(BACKOFF_CAP, delay * 2)
@@ -305,19 +332,19 @@ class Worker:
         from sandbox import FilesystemSandbox, SandboxError
 
         spec = execution.spec
-        names = [n for n in (*MODEL_KEY_VARS, *spec.secret_names) if os.environ.get(n)]
-        redactor = stigmer_secrets.Redactor({n: os.environ[n] for n in names})
+        named = [n for n in spec.secret_names if n != INHERIT_ALL]
+        redactor = stigmer_secrets.Redactor({n: os.environ[n] for n in redacted_names(os.environ, named)})
         emit = lambda **payload: self.emit(execution.id, redactor, **payload)  # noqa: E731
         log.info("running %s in %s", execution.id, spec.workspace)
         phase, reason, final_text, turns = pb.FAILED, "", "", 0
         try:
-            for name in spec.secret_names:
+            for name in named:
                 if name not in os.environ:
                     emit(error=pb.Error(code="secret_missing", message=f"{name} was named with --secret but this "
                                         "worker's environment does not have it; the agent's shell runs without it"))
             if not os.path.isdir(spec.workspace):
                 raise SandboxError(f"the workspace {spec.workspace} does not exist on this runner")
-            shell_env = {name: None for name in MODEL_KEY_VARS if name not in spec.secret_names}
+            shell_env = hidden_from_shell(os.environ, named, inherit=INHERIT_ALL in spec.secret_names)
             while not self._client_ready.wait(0.1):  # the SDK is still importing (serve() started that)
                 if execution.id in self.cancels or self.stopping.is_set():
                     raise Cancelled()
