@@ -1,19 +1,21 @@
 """Stigmer local runner: a Claude agent works in your workspace; every step streams to a local daemon.
 
     python runner.py "make the failing test pass"         # run one task in the current directory
+    git diff | python runner.py "review this"             # piped stdin joins the task as context
     python runner.py run "add a README" --workspace ~/proj --max-turns 20
     python runner.py start --workers 2                    # daemon and workers in the background
     python runner.py list                                 # past runs, newest first
     python runner.py logs ex-1a2b3c -f                    # replay a run, then follow it
     python runner.py stop
 
-Configuration comes from the environment, read once here: MODE (local | cloud), ENV
-(development | staging | production: logging only), STIGMER_HOME (~/.stigmer),
-STIGMER_BACKEND_ENDPOINT (localhost:50051), SANDBOX_ROOT_DIR (the current directory),
-STIGMER_MODEL, ANTHROPIC_API_KEY (asked for with a masked prompt when missing).
+Configuration comes from the environment, read once here: STIGMER_MODE or MODE (local |
+cloud), STIGMER_ENV or ENV (development | staging | production: logging only),
+STIGMER_HOME (~/.stigmer), STIGMER_BACKEND_ENDPOINT (localhost:50051), SANDBOX_ROOT_DIR
+(the current directory), STIGMER_MODEL, ANTHROPIC_API_KEY (asked for when missing).
 
-The agent's shell runs on this host as you, with your environment minus the model keys:
-it is not a security boundary. File tools are confined to the workspace.
+The agent's shell runs on this host as you, with your environment minus the model keys and
+variables that look secret (unless named with --secret, or --inherit-env): it is not a
+security boundary. File tools are confined to the workspace.
 """
 import argparse
 import json
