@@ -4,14 +4,22 @@
     stub = stigmer_pb2_grpc.DaemonStub(channel)
     stub.Status(stigmer_pb2.StatusRequest(), metadata=auth_metadata(read_token(default_home())))
 
+    link = DaemonLink("localhost:50051", home)              # a worker's side of the Connect stream
+    link.run(worker.Worker(capacity=2))                     # until the worker stops
+
 Kept apart from daemon.py (the server) so that CLI commands such as `list` start without
 importing the server's SQLite store and thread pool. daemon.py re-exports all of it.
 """
+import logging
 import os
+import random
+import threading
+import time
 
 import grpc
 
 import stigmer_pb2 as pb
+import stigmer_pb2_grpc as pb_grpc
 
 VERSION = "0.1.0"  # the one version: pyproject, the daemon's Status and `--version` read it
 DEFAULT_ENDPOINT = "localhost:50051"
@@ -57,3 +65,101 @@ def auth_metadata(token):
 def client_channel(endpoint):
     """An insecure channel to the daemon with the daemon's message size limits."""
     return grpc.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
+
+
+# ---- DaemonLink: a worker's side of the Connect stream ----
+
+link_log = logging.getLogger("stigmer.link")
+HEARTBEAT_SECONDS = 5.0  # idle interval between heartbeats
+BACKOFF_CAP = 5.0  # seconds, the longest wait between reconnect attempts
+BATCH_WAIT = 0.25  # seconds the sender waits for events before it considers a heartbeat
+GAP = grpc.StatusCode.FAILED_PRECONDITION.value[0]  # a Reject with this code asks for a resend after ack_seq
+
+
+class DaemonLink:
+    """Connects a worker to the daemon: Hello with its in-flight executions, event batches,
+    heartbeats; reconnects with exponential backoff and jitter until the worker stops."""
+
+    def __init__(self, endpoint, home):
+        self.endpoint, self.home = endpoint, home
+
+    def run(self, worker):
+        """Connect, reconnecting with backoff and jitter, until worker.stopping is set."""
+        delay = 0.1
+        told = False  # the current outage has been logged
+        while not worker.stopping.is_set():
+            try:
+                self._session(worker)
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.CANCELLED and worker.stopping.is_set():
+                    break
+                reason = f"{exc.code().name}: {exc.details()}"
+            except DaemonError as exc:
+                reason = str(exc)
+            else:
+                reason = "the daemon closed the stream"
+            if worker.connected:  # the session was up: a new outage
+                delay, told = 0.1, True
+                link_log.warning("lost the daemon at %s (%s); agents keep running, events are buffered; reconnecting",
+                            self.endpoint, reason)
+            elif not told:  # never connected yet
+                told = True
+                link_log.warning("cannot reach the daemon at %s (%s); retrying", self.endpoint, reason)
+            worker.connected = False
+            worker.stopping.wait(min(BACKOFF_CAP, delay) * random.uniform(0.5, 1.0))
+            delay = min(BACKOFF_CAP, delay * 2)
+
+    def _session(self, worker):
+        """One Connect stream, until it breaks or the worker stops."""
+        token = read_token(self.home)
+        channel = client_channel(self.endpoint)
+        session = threading.Event()
+        try:
+            call = pb_grpc.DaemonStub(channel).Connect(self._requests(worker, session),
+                                                       metadata=auth_metadata(token))
+
+            def cancel_on_stop():  # lives as long as this session, not as long as the worker
+                while not session.wait(0.25):
+                    if worker.stopping.is_set():
+                        call.cancel()
+                        return
+
+            threading.Thread(target=cancel_on_stop, name="session-watch", daemon=True).start()
+            for message in call:
+                if not worker.connected:
+                    worker.connected = True
+                    link_log.info("connected to the daemon at %s as %s", self.endpoint, worker.runner_id)
+                self._dispatch(worker, message)
+        finally:
+            session.set()
+            channel.close()
+
+    def _requests(self, worker, session):
+        """The runner's side of Connect: Hello, then batches and heartbeats until the session ends."""
+        yield pb.RunnerMessage(hello=pb.Hello(runner_id=worker.runner_id, capacity=worker.capacity,
+                                              mode=worker.mode, in_flight=worker.rewind()))
+        last = time.monotonic()
+        while not session.is_set():
+            batch = worker.next_batch(BATCH_WAIT, session)
+            if session.is_set():  # a newer stream owns the outboxes now
+                return
+            if batch:
+                yield pb.RunnerMessage(events=pb.EventBatch(events=batch))
+                last = time.monotonic()
+            elif time.monotonic() - last > HEARTBEAT_SECONDS:
+                yield pb.RunnerMessage(heartbeat=pb.Heartbeat(free_slots=worker.free_slots()))
+                last = time.monotonic()
+
+    @staticmethod
+    def _dispatch(worker, message):
+        """Hand one DaemonMessage to the worker."""
+        kind = message.WhichOneof("msg")
+        if kind == "assign":
+            worker.assigned(message.assign.execution)
+        elif kind == "ack":
+            worker.acked(message.ack.execution_id, message.ack.seq)
+        elif kind == "reject":
+            reject = message.reject
+            worker.refused(reject.execution_id, reject.ack_seq, gap=reject.code == GAP, message=reject.message)
+        elif kind == "cancel":
+            worker.cancel_requested(message.cancel.execution_id)

@@ -828,8 +828,9 @@ def cmd_worker(cfg, args):
     model = cfg.model or default_model()
     print(f"stigmer worker {VERSION} · mode {cfg.mode} · endpoint {cfg.endpoint} · sandbox root {cfg.sandbox_root} · "
           f"model {model} · capacity {args.capacity}", file=sys.stderr, flush=True)
-    return worker.serve(cfg.endpoint, cfg.home, capacity=args.capacity, mode=cfg.mode, model=model,
-                        exit_with_stdin=args.exit_with_stdin)
+    import daemon_client
+    return worker.serve(worker.Worker(capacity=args.capacity, mode=cfg.mode, model=model),
+                        daemon_client.DaemonLink(cfg.endpoint, cfg.home), exit_with_stdin=args.exit_with_stdin)
 
 
 def parser():

@@ -1,4 +1,4 @@
-"""Tests of the worker's event outbox and its Connect stream against a real daemon.
+"""Tests of the worker through the methods a link calls, and of DaemonLink against a real daemon.
 
     python -m unittest test_worker -v
 """
@@ -13,21 +13,21 @@ from unittest import mock
 import grpc
 
 import daemon
+import daemon_client
+import models
 import stigmer_pb2 as pb
 import stigmer_pb2_grpc as pb_grpc
 import worker
-from runner import stigmer_secrets
+from testsupport import FAKE_KEY, FakeAnthropic, text_step, tool_step
 
-
-def ack(execution_id, seq):
-    return pb.DaemonMessage(ack=pb.Ack(execution_id=execution_id, seq=seq))
+stigmer_secrets = models.project_secrets()
 
 
 class OutboxTest(unittest.TestCase):
-    """The worker's buffering, without a daemon: events wait in outboxes until acknowledged."""
+    """The worker's buffering, with no link at all: events wait in outboxes until acknowledged."""
 
     def setUp(self):
-        self.w = worker.Worker("127.0.0.1:1", tempfile.gettempdir(), capacity=1)
+        self.w = worker.Worker(capacity=1)
         self.w.outboxes["ex-1"] = worker.Outbox("ex-1", last_seq=2)  # the daemon wrote PENDING and RUNNING
         self.redactor = stigmer_secrets.Redactor({"GITHUB_TOKEN": "ghp_supersecret_value"})
 
@@ -39,18 +39,18 @@ class OutboxTest(unittest.TestCase):
             self.emit(text=pb.TextDelta(text=piece))
         self.emit(tool_call=pb.ToolCall(id="t1", name="ls", input_json="{}"))
         self.emit(text=pb.TextDelta(text="after"))
-        batch = self.w._take_batch()
+        batch = self.w.next_batch(0)
         self.assertEqual([e.seq for e in batch], [3, 4, 5])
         self.assertEqual(batch[0].text.text, "Hello world")
         self.assertEqual(batch[1].WhichOneof("payload"), "tool_call")
         self.assertEqual(batch[2].text.text, "after")
-        self.assertEqual(self.w._take_batch(), [])  # sent once per stream
+        self.assertEqual(self.w.next_batch(0), [])  # sent once per stream
 
     def test_a_secret_split_across_deltas_is_redacted(self):
         for piece in ("token: ghp_super", "secret_val", "ue done"):
             self.emit(text=pb.TextDelta(text=piece))
         self.emit(usage=pb.Usage(input_tokens=1))
-        text = "".join(e.text.text for e in self.w._take_batch() if e.WhichOneof("payload") == "text")
+        text = "".join(e.text.text for e in self.w.next_batch(0) if e.WhichOneof("payload") == "text")
         self.assertEqual(text, "token: [REDACTED:GITHUB_TOKEN] done")
 
     def test_acks_free_events_and_the_agent_pauses_when_the_buffer_is_full(self):
@@ -62,7 +62,7 @@ class OutboxTest(unittest.TestCase):
             blocked.join(0.5)
             self.assertTrue(blocked.is_alive(), "emit should wait while 5 events are unacknowledged")
             self.assertEqual(len(self.w.outboxes["ex-1"].events), 5)  # nothing dropped, nothing added
-            self.w._handle(ack("ex-1", 4))  # seqs 3 and 4 stored
+            self.w.acked("ex-1", 4)  # seqs 3 and 4 stored
             blocked.join(5)
             self.assertFalse(blocked.is_alive())
         box = self.w.outboxes["ex-1"]
@@ -73,31 +73,29 @@ class OutboxTest(unittest.TestCase):
     def test_gap_reject_resends_after_the_daemons_seq(self):
         for n in range(4):
             self.emit(usage=pb.Usage(input_tokens=n))
-        self.assertEqual(len(self.w._take_batch()), 4)  # seqs 3..6 sent
-        self.w._handle(pb.DaemonMessage(reject=pb.Reject(
-            execution_id="ex-1", code=grpc.StatusCode.FAILED_PRECONDITION.value[0], ack_seq=4)))
-        self.assertEqual([e.seq for e in self.w._take_batch()], [5, 6])
+        self.assertEqual(len(self.w.next_batch(0)), 4)  # seqs 3..6 sent
+        self.w.refused("ex-1", ack_seq=4, gap=True)
+        self.assertEqual([e.seq for e in self.w.next_batch(0)], [5, 6])
 
     def test_permission_denied_drops_the_execution(self):
         self.emit(usage=pb.Usage(input_tokens=1))
-        self.w._handle(pb.DaemonMessage(reject=pb.Reject(
-            execution_id="ex-1", code=grpc.StatusCode.PERMISSION_DENIED.value[0], ack_seq=2)))
+        self.w.refused("ex-1", ack_seq=2, gap=False, message="not yours")
         self.assertNotIn("ex-1", self.w.outboxes)
         self.assertEqual(self.w.buffered, 0)
 
     def test_cancel_before_the_agent_exists_still_ends_cancelled(self):
-        self.w._handle(pb.DaemonMessage(cancel=pb.CancelExecution(execution_id="ex-1")))
+        self.w.cancel_requested("ex-1")
         self.assertIn("ex-1", self.w.outboxes)  # kept: its CANCELLED event must still reach the daemon
         spec = pb.ExecutionSpec(prompt="p", workspace=tempfile.gettempdir())
         self.w._run_execution(pb.Execution(id="ex-1", spec=spec, last_seq=2))  # the SDK is never ready here
-        (event,) = self.w._take_batch()
+        (event,) = self.w.next_batch(0)
         self.assertEqual((event.seq, event.phase.phase), (3, pb.CANCELLED))
 
     def test_a_cancel_after_the_end_keeps_the_unacknowledged_tail(self):
         self.emit(usage=pb.Usage(input_tokens=1))
         self.emit(phase=pb.PhaseChange(phase=pb.COMPLETED))
-        self.w._handle(pb.DaemonMessage(cancel=pb.CancelExecution(execution_id="ex-1")))
-        self.assertEqual([e.seq for e in self.w._take_batch()], [3, 4])  # COMPLETED still goes out
+        self.w.cancel_requested("ex-1")
+        self.assertEqual([e.seq for e in self.w.next_batch(0)], [3, 4])  # COMPLETED still goes out
 
     def test_an_emit_waiting_for_room_gives_up_when_the_execution_is_dropped(self):
         with mock.patch.object(worker, "MAX_BUFFERED_EVENTS", 1):
@@ -105,16 +103,13 @@ class OutboxTest(unittest.TestCase):
             waiting = threading.Thread(target=self.emit, kwargs={"usage": pb.Usage(input_tokens=2)})
             waiting.start()
             time.sleep(0.2)
-            with self.w.cond:
-                self.w._drop("ex-1")
-                self.w.cond.notify_all()
+            self.w.refused("ex-1", ack_seq=0, gap=False)  # the log drops it
             waiting.join(5)
         self.assertFalse(waiting.is_alive())
         self.assertEqual(self.w.buffered, 0)
 
     def test_emit_after_the_daemon_dropped_the_execution_is_ignored(self):
-        self.w._handle(pb.DaemonMessage(reject=pb.Reject(
-            execution_id="ex-1", code=grpc.StatusCode.PERMISSION_DENIED.value[0])))
+        self.w.refused("ex-1", ack_seq=0, gap=False)
         self.emit(usage=pb.Usage(input_tokens=1))  # no KeyError, nothing kept
         self.assertEqual(self.w.buffered, 0)
 
@@ -122,15 +117,157 @@ class OutboxTest(unittest.TestCase):
         big = "x" * (worker.BATCH_BYTES // 3)
         for _ in range(4):
             self.emit(tool_result=pb.ToolResult(id="t", output=big))
-        self.assertEqual([len(self.w._take_batch()) for _ in range(3)], [2, 2, 0])
+        self.assertEqual([len(self.w.next_batch(0)) for _ in range(3)], [2, 2, 0])
 
     def test_finished_execution_is_forgotten_once_acknowledged(self):
         self.emit(phase=pb.PhaseChange(phase=pb.COMPLETED))
-        self.w._take_batch()
-        self.w._handle(ack("ex-1", 2))
+        self.w.next_batch(0)
+        self.w.acked("ex-1", 2)
         self.assertIn("ex-1", self.w.outboxes)  # seq 3 not yet stored
-        self.w._handle(ack("ex-1", 3))
+        self.w.acked("ex-1", 3)
         self.assertNotIn("ex-1", self.w.outboxes)
+
+
+def drain(w, execution_id, ack=True, timeout=30):
+    """Take batches as a link would (acknowledging each when ACK) until EXECUTION_ID's terminal event."""
+    events, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        batch = w.next_batch(0.25)
+        events += batch
+        if ack and batch:
+            w.acked(execution_id, batch[-1].seq)
+        if any(e.HasField("phase") and e.phase.phase in (pb.COMPLETED, pb.FAILED, pb.CANCELLED) for e in batch):
+            return events
+    raise AssertionError(f"no terminal event for {execution_id} in {timeout} s: {events}")
+
+
+class WorkerTest(unittest.TestCase):
+    """A worker running real agents (against the fake Messages API), driven as a link drives it."""
+
+    def setUp(self):
+        self.workspace = tempfile.mkdtemp(prefix="stigmer-ws-")
+        self.addCleanup(shutil.rmtree, self.workspace, ignore_errors=True)
+        self.fake = FakeAnthropic([tool_step(("execute", {"command": "echo one"})),
+                                   tool_step(("execute", {"command": "echo two"})),
+                                   tool_step(("execute", {"command": "echo three"})),
+                                   text_step("all done")]).start()
+        self.addCleanup(self.fake.stop)
+        env = mock.patch.dict(os.environ, {"ANTHROPIC_API_KEY": FAKE_KEY, "ANTHROPIC_BASE_URL": self.fake.url})
+        env.start()
+        self.addCleanup(env.stop)
+        self.w = worker.Worker(capacity=1, model="claude-fake", runner_id="r-test")
+        self.addCleanup(self.w.stop, flush=0)
+
+    def assign(self, execution_id="ex-w"):
+        spec = pb.ExecutionSpec(prompt="count to three", workspace=self.workspace)
+        self.w.assigned(pb.Execution(id=execution_id, spec=spec, last_seq=2))  # the log wrote PENDING and RUNNING
+        return execution_id
+
+    def test_an_assignment_runs_and_its_events_are_forgotten_once_acknowledged(self):
+        ex = self.assign()
+        events = drain(self.w, ex)
+        self.assertEqual([e.seq for e in events], list(range(3, 3 + len(events))))
+        self.assertEqual([e.tool_call.name for e in events if e.HasField("tool_call")], ["execute"] * 3)
+        self.assertEqual(events[-1].phase.phase, pb.COMPLETED)
+        self.assertEqual(events[-1].phase.final_text, "all done")
+        self.assertNotIn(ex, self.w.outboxes)
+        self.assertEqual(self.w.buffered, 0)
+        self.assertEqual(self.w.rewind(), [])  # nothing in flight for the next Hello
+        self.assertEqual(self.w.free_slots(), 1)
+
+    def test_unsent_events_travel_in_one_batch_oldest_execution_first(self):
+        first, second = self.assign("ex-a"), self.assign("ex-b")
+        deadline = time.monotonic() + 30
+        while not all(self.w.outboxes[ex].finished for ex in (first, second)):  # nobody drains meanwhile
+            self.assertLess(time.monotonic(), deadline, "the agents did not finish")
+            time.sleep(0.05)
+        batch = self.w.next_batch(0)
+        ids = [e.execution_id for e in batch]
+        self.assertEqual(ids, sorted(ids))  # all of ex-a's events, then all of ex-b's
+        for ex in (first, second):
+            events = [e for e in batch if e.execution_id == ex]
+            self.assertEqual([e.seq for e in events], list(range(3, 3 + len(events))))
+            self.assertEqual(events[-1].phase.phase, pb.COMPLETED)
+        self.assertEqual(self.w.next_batch(0), [])  # each event is sent once per session
+
+    def test_a_reconnect_resends_everything_after_the_last_ack(self):
+        ex = self.assign()
+        sent = drain(self.w, ex, ack=False)  # the stream breaks before any ack comes back
+        last = sent[-1].seq
+        self.w.acked(ex, 5)
+        self.assertEqual(self.w.next_batch(0), [])  # sent once per session
+        (in_flight,) = self.w.rewind()  # a new session: Hello carries the in-flight execution
+        self.assertEqual((in_flight.execution_id, in_flight.last_seq), (ex, last))
+        again = self.w.next_batch(0)
+        self.assertEqual([e.seq for e in again], list(range(6, last + 1)))
+        self.assertEqual(list(again), [e for e in sent if e.seq > 5])  # the same events, not new ones
+        self.w.acked(ex, last)
+        self.assertNotIn(ex, self.w.outboxes)
+
+    def test_a_gap_refusal_resends_after_the_logs_seq_and_other_refusals_drop(self):
+        ex = self.assign()
+        sent = drain(self.w, ex, ack=False)
+        self.w.refused(ex, ack_seq=4, gap=True, message="expected seq 5")
+        self.assertEqual([e.seq for e in self.w.next_batch(0)], [e.seq for e in sent if e.seq > 4])
+        self.w.refused(ex, ack_seq=4, gap=False, message="not yours")
+        self.assertNotIn(ex, self.w.outboxes)
+        self.assertEqual((self.w.buffered, self.w.next_batch(0)), (0, []))
+
+    def test_a_full_buffer_pauses_the_agent_until_acks_free_room(self):
+        with mock.patch.object(worker, "MAX_BUFFERED_EVENTS", 3):
+            ex = self.assign()
+            batch = []
+            while len(batch) < 3:
+                batch += self.w.next_batch(5)
+            time.sleep(0.5)  # time enough for the agent's remaining turns, were it not paused
+            self.assertIn(ex, self.w.agents, "the agent should be paused, not finished")
+            self.assertEqual(len(self.w.outboxes[ex].events), 3)
+            self.assertLess(len(self.fake.requests), 4)  # it has not asked for its last turn
+            self.w.acked(ex, batch[-1].seq)
+            events = batch + drain(self.w, ex)
+        self.assertEqual([e.seq for e in events], list(range(3, 3 + len(events))))
+        self.assertEqual(events[-1].phase.phase, pb.COMPLETED)
+
+    def test_a_cancel_stops_a_running_agent(self):
+        self.fake.script[1]["delay"] = 1.0  # the second turn is slow: the cancel lands mid-run
+        ex = self.assign()
+        first = self.w.next_batch(5)
+        self.w.cancel_requested(ex)
+        events = first + drain(self.w, ex)
+        self.assertEqual(events[-1].phase.phase, pb.CANCELLED)
+
+
+class DispatchTest(unittest.TestCase):
+    """DaemonLink hands each DaemonMessage to the worker's public method."""
+
+    def setUp(self):
+        self.w = worker.Worker(capacity=1)
+        self.w.outboxes["ex-1"] = worker.Outbox("ex-1", last_seq=2)
+        for n in range(4):
+            self.w.emit("ex-1", stigmer_secrets.Redactor({}), usage=pb.Usage(input_tokens=n))
+        self.assertEqual(len(self.w.next_batch(0)), 4)  # seqs 3..6 sent
+
+    def dispatch(self, **message):
+        daemon_client.DaemonLink._dispatch(self.w, pb.DaemonMessage(**message))
+
+    def test_ack_and_gap_reject(self):
+        self.dispatch(ack=pb.Ack(execution_id="ex-1", seq=3))
+        self.assertEqual(self.w.outboxes["ex-1"].acked, 3)
+        self.dispatch(reject=pb.Reject(execution_id="ex-1", code=grpc.StatusCode.FAILED_PRECONDITION.value[0],
+                                       ack_seq=4))
+        self.assertEqual([e.seq for e in self.w.next_batch(0)], [5, 6])
+
+    def test_other_rejects_and_unknown_cancels_drop(self):
+        self.dispatch(reject=pb.Reject(execution_id="ex-1", code=grpc.StatusCode.PERMISSION_DENIED.value[0]))
+        self.assertNotIn("ex-1", self.w.outboxes)
+        self.dispatch(cancel=pb.CancelExecution(execution_id="ex-2"))  # never heard of: nothing to do
+        self.assertEqual((self.w.outboxes, self.w.buffered), ({}, 0))
+
+    def test_assign_starts_the_execution(self):
+        started = []
+        with mock.patch.object(self.w, "assigned", started.append):
+            self.dispatch(assign=pb.Assign(execution=pb.Execution(id="ex-3", last_seq=2)))
+        self.assertEqual([e.id for e in started], ["ex-3"])
 
 
 class StreamTest(unittest.TestCase):
@@ -161,10 +298,11 @@ class StreamTest(unittest.TestCase):
         self.fail("timed out")
 
     def test_reconnecting_to_a_dead_daemon_leaks_no_threads(self):
-        w = worker.Worker("127.0.0.1:1", self.home, capacity=1)  # nothing listens on port 1
+        w = worker.Worker(capacity=1)
+        link = daemon_client.DaemonLink("127.0.0.1:1", self.home)  # nothing listens on port 1
         before = threading.active_count()
-        with mock.patch.object(worker, "BACKOFF_CAP", 0.01):
-            thread = threading.Thread(target=w.run, daemon=True)
+        with mock.patch.object(daemon_client, "BACKOFF_CAP", 0.01), self.assertLogs("stigmer.link") as logs:
+            thread = threading.Thread(target=link.run, args=(w,), daemon=True)
             thread.start()
             time.sleep(1.5)  # dozens of attempts
             during = threading.active_count()
@@ -172,16 +310,22 @@ class StreamTest(unittest.TestCase):
             thread.join(5)
         self.assertFalse(thread.is_alive())
         self.assertLessEqual(during - before, 4)
+        # told once, and not as a loss: this worker never had the daemon
+        self.assertEqual(len(logs.output), 1)
+        self.assertIn("cannot reach the daemon at 127.0.0.1:1", logs.output[0])
+        self.assertNotIn("lost", logs.output[0])
 
     def test_events_emitted_while_the_daemon_is_down_arrive_exactly_once(self):
         stub, md = self.stub()
         ex = stub.Submit(pb.SubmitRequest(spec=pb.ExecutionSpec(prompt="p", workspace=self.workspace)), metadata=md)
-        w = worker.Worker(self.endpoint, self.home, capacity=1, runner_id="r-test")
+        w = worker.Worker(capacity=1, runner_id="r-test")
         redactor = stigmer_secrets.Redactor({})
         # take the assignment ourselves instead of running an agent: the outbox is what is under test
-        with mock.patch.object(w, "_start", lambda execution: w.outboxes.setdefault(
-                execution.id, worker.Outbox(execution.id, execution.last_seq))):
-            thread = threading.Thread(target=w.run, daemon=True)
+        with mock.patch.object(w, "assigned", lambda execution: w.outboxes.setdefault(
+                execution.id, worker.Outbox(execution.id, execution.last_seq))), \
+                self.assertLogs("stigmer.link") as logs:
+            thread = threading.Thread(target=daemon_client.DaemonLink(self.endpoint, self.home).run, args=(w,),
+                                      daemon=True)
             thread.start()
             self.addCleanup(w.stopping.set)
             self.wait(lambda: ex.id in w.outboxes)
@@ -196,6 +340,7 @@ class StreamTest(unittest.TestCase):
             self.assertEqual(len(w.outboxes[ex.id].events), 51)
             self.server = daemon.serve(self.home, f"127.0.0.1:{port}", runner_grace=30)  # new token
             self.wait(lambda: ex.id not in w.outboxes)  # all acknowledged, then forgotten
+        self.assertTrue(any("lost the daemon at" in line for line in logs.output), logs.output)
         stub, md = self.stub()
         events = list(stub.Watch(pb.WatchRequest(execution_id=ex.id), metadata=md, timeout=10))
         self.assertEqual([e.seq for e in events], list(range(1, 104)))

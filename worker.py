@@ -1,43 +1,38 @@
-"""The Agent Runner: takes executions from the daemon's Connect stream and runs them.
+"""The Agent Runner: runs the executions a link hands it and keeps their events until the log stores them.
 
     python runner.py worker                  # foreground, against STIGMER_BACKEND_ENDPOINT
     python runner.py worker --capacity 4
 
+    w = Worker(capacity=2)                   # knows nothing of gRPC or Redis
+    serve(w, daemon_client.DaemonLink(endpoint, home))
+
 Every event an agent emits gets the next seq of its execution and stays in that
-execution's outbox until the daemon acknowledges it. While the daemon is away the
-agents keep working; past MAX_BUFFERED_EVENTS they pause (nothing is dropped). The
-worker reconnects with exponential backoff and jitter, says Hello with its in-flight
-executions, and sends again everything not yet acknowledged. Text deltas that pile
-up while the stream is backed up are coalesced into one event.
+execution's outbox until the log acknowledges it. While the log is away the agents
+keep working; past MAX_BUFFERED_EVENTS they pause (nothing is dropped). A link (the
+daemon's Connect stream, or Redis) calls the worker's public methods: `assigned`,
+`cancel_requested`, `acked`, `refused`, `next_batch`, `rewind` (after a reconnect:
+everything not yet acknowledged goes again), `free_slots`. Text deltas that pile up
+while the link is backed up are coalesced into one event.
 """
 import logging
 import os
-import random
 import socket
 import sys
 import threading
 import time
 import uuid
 
-import grpc
-
-import daemon_client
+import models
 import stigmer_pb2 as pb
-import stigmer_pb2_grpc as pb_grpc
-from runner import stigmer_secrets
 
 log = logging.getLogger("stigmer.worker")
 
-BATCH_EVENTS = 500  # most events per EventBatch message
-BATCH_BYTES = 4 << 20  # most serialized bytes per EventBatch (the daemon takes up to 16 MiB)
-BATCH_LINGER = 0.005  # seconds the sender waits after a wake-up so that a burst travels as one batch
+BATCH_EVENTS = 500  # most events per batch
+BATCH_BYTES = 4 << 20  # most serialized bytes per batch (the daemon takes up to 16 MiB per message)
+BATCH_LINGER = 0.005  # seconds next_batch waits after a wake-up so that a burst travels as one batch
 MAX_BUFFERED_EVENTS = 20_000  # unacknowledged events held before agents pause
 MAX_PENDING_TEXT = 1_000_000  # characters of not-yet-sequenced text before text emitters pause too
-HEARTBEAT_SECONDS = 5.0  # idle interval between heartbeats
-BACKOFF_CAP = 5.0  # seconds, the longest wait between reconnect attempts
 FLUSH_ON_STOP = 5.0  # seconds a stopping worker waits for its last events to be acknowledged
-MODEL_KEY_VARS = tuple(var for p in stigmer_secrets.PROVIDERS.values()
-                       for var in (p.env_var, *p.alt_env_vars))  # hidden from the agent's shell
 
 SECRET_WORDS = ("KEY", "SECRET", "TOKEN", "PASSWORD", "CREDENTIAL")  # names holding one look secret
 INHERIT_ALL = "*"  # in ExecutionSpec.secret_names: secret-looking variables reach the shell too (--inherit-env)
@@ -49,17 +44,17 @@ def looks_secret(name):
     return name not in NOT_SECRET and any(word in name.upper() for word in SECRET_WORDS)
 
 
-def hidden_from_shell(environ, named, inherit=False):
-    """The shell_env overrides that keep the model keys and, unless INHERIT, every secret-looking variable
-    of ENVIRON out of the agent's shell; names in NAMED (--secret) pass."""
-    hidden = set(MODEL_KEY_VARS) | (set() if inherit else {n for n in environ if looks_secret(n)})
+def hidden_from_shell(environ, named, key_vars, inherit=False):
+    """The shell_env overrides that keep the model keys (KEY_VARS) and, unless INHERIT, every secret-looking
+    variable of ENVIRON out of the agent's shell; names in NAMED (--secret) pass."""
+    hidden = set(key_vars) | (set() if inherit else {n for n in environ if looks_secret(n)})
     return {name: None for name in sorted(hidden) if name not in named}
 
 
-def redacted_names(environ, named):
-    """Every variable whose value is redacted from what the model and the log see: the model keys,
-    the --secret names and every secret-looking variable present, passed to the shell or not."""
-    names = [*MODEL_KEY_VARS, *named, *sorted(n for n in environ if looks_secret(n))]
+def redacted_names(environ, named, key_vars):
+    """Every variable whose value is redacted from what the model and the log see: the model keys
+    (KEY_VARS), the --secret names and every secret-looking variable present, passed to the shell or not."""
+    names = [*key_vars, *named, *sorted(n for n in environ if looks_secret(n))]
     return [n for n in dict.fromkeys(names) if environ.get(n)]
 
 
@@ -106,19 +101,18 @@ class Outbox:
 
 
 class Worker:
-    """Holds the Connect stream and the executions it runs."""
+    """The executions this runner runs and their outboxes; a link feeds it and drains it."""
 
-    def __init__(self, endpoint, home, *, capacity=2, mode="local", model="", runner_id=None):
-        self.endpoint, self.home, self.capacity, self.mode = endpoint, home, capacity, mode
-        self.model = model
+    def __init__(self, *, capacity=2, mode="local", model="", runner_id=None):
+        self.capacity, self.mode, self.model = capacity, mode, model
         self.runner_id = runner_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.cond = threading.Condition()
         self.outboxes = {}  # execution id -> Outbox
         self.agents = {}  # execution id -> Agent, while it runs
         self.cancels = set()  # executions cancelled before their agent existed
         self.buffered = 0  # unacknowledged events over all outboxes
-        self.stopping = threading.Event()
-        self.connected = False
+        self.stopping = threading.Event()  # set by stop(): the link ends its session
+        self.connected = False  # set by the link: True while a session with the log is up
         self._client = None
         self._client_lock = threading.Lock()
         self._client_ready = threading.Event()
@@ -129,7 +123,7 @@ class Worker:
         """Queue one event payload for EXECUTION_ID; waits while the buffer is full."""
         with self.cond:
             box = self.outboxes.get(execution_id)
-            if box is None:  # the daemon refused or dropped this execution: nobody wants its events
+            if box is None:  # the log refused or dropped this execution: nobody wants its events
                 return
             if "text" in payload:
                 text = redactor.feed(payload["text"].text)
@@ -175,102 +169,74 @@ class Worker:
                 box.sent = event.seq
         return batch
 
-    # ---- the stream ----
+    # ---- what a link calls ----
 
-    def _requests(self, session):
-        """The runner's side of Connect: Hello, then batches and heartbeats until the session ends."""
+    def next_batch(self, timeout, session=None):
+        """Unsent events (oldest executions first), marked sent; waits up to TIMEOUT for some.
+        SESSION: an Event the link sets when its stream ends; once set, nothing is taken,
+        since the next session's rewind() owns the outboxes."""
+        with self.cond:
+            woke = False
+            if not self._unsent():
+                self.cond.wait(timeout)
+                woke = self._unsent()
+        if woke:  # let the rest of this burst (a turn's events) join the same batch
+            time.sleep(BATCH_LINGER)
+        with self.cond:
+            if session is not None and session.is_set():
+                return []
+            return self._take_batch()
+
+    def rewind(self):
+        """After a reconnect: everything not acknowledged is unsent again; returns the in-flight list for Hello."""
         with self.cond:
             for box in self.outboxes.values():
-                box.sent = box.acked  # send again everything not acknowledged
-            in_flight = [pb.InFlight(execution_id=b.execution_id, last_seq=b.next_seq - 1) for b in self.outboxes.values()]
-        yield pb.RunnerMessage(hello=pb.Hello(runner_id=self.runner_id, capacity=self.capacity, mode=self.mode,
-                                              in_flight=in_flight))
-        last = time.monotonic()
-        while not session.is_set():
-            with self.cond:
-                if not self._unsent():
-                    self.cond.wait(0.25)
-                    woke = self._unsent()
-                else:
-                    woke = False
-            if woke:  # let the rest of this burst (a turn's events) join the same batch
-                time.sleep(BATCH_LINGER)
-            with self.cond:
-                if session.is_set():  # a newer stream owns the outboxes now
-                    return
-                batch = self._take_batch()
-                free = self.capacity - len(self.agents)
-            if batch:
-                yield pb.RunnerMessage(events=pb.EventBatch(events=batch))
-                last = time.monotonic()
-            elif time.monotonic() - last > HEARTBEAT_SECONDS:
-                yield pb.RunnerMessage(heartbeat=pb.Heartbeat(free_slots=free))
-                last = time.monotonic()
+                box.sent = box.acked
+            return [pb.InFlight(execution_id=b.execution_id, last_seq=b.next_seq - 1) for b in self.outboxes.values()]
 
-    def _session(self):
-        """One Connect stream, until it breaks or the worker stops."""
-        token = daemon_client.read_token(self.home)
-        channel = daemon_client.client_channel(self.endpoint)
-        session = threading.Event()
-        try:
-            call = pb_grpc.DaemonStub(channel).Connect(self._requests(session), metadata=daemon_client.auth_metadata(token))
-            def cancel_on_stop():  # lives as long as this session, not as long as the worker
-                while not session.wait(0.25):
-                    if self.stopping.is_set():
-                        call.cancel()
-                        return
+    def free_slots(self):
+        """How many more executions this worker would take now."""
+        with self.cond:
+            return self.capacity - len(self.agents)
 
-            threading.Thread(target=cancel_on_stop, name="session-watch", daemon=True).start()
-            for message in call:
-                if not self.connected:
-                    self.connected = True
-                    log.info("connected to the daemon at %s as %s", self.endpoint, self.runner_id)
-                self._handle(message)
-        finally:
-            session.set()
-            with self.cond:
-                self.cond.notify_all()
-            channel.close()
+    def acked(self, execution_id, seq):
+        """The log stored EXECUTION_ID's events up to SEQ."""
+        with self.cond:
+            box = self.outboxes.get(execution_id)
+            if box:
+                self.buffered -= box.ack(seq)
+                if box.finished and not box.events and not box.pending_text:
+                    del self.outboxes[box.execution_id]
+            self.cond.notify_all()
 
-    def _handle(self, message):
-        kind = message.WhichOneof("msg")
-        if kind == "assign":
-            self._start(message.assign.execution)
-        elif kind == "ack":
-            with self.cond:
-                box = self.outboxes.get(message.ack.execution_id)
-                if box:
-                    self.buffered -= box.ack(message.ack.seq)
-                    if box.finished and not box.events and not box.pending_text:
-                        del self.outboxes[box.execution_id]
-                self.cond.notify_all()
-        elif kind == "reject":
-            reject = message.reject
-            with self.cond:
-                box = self.outboxes.get(reject.execution_id)
-                if box and reject.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]:
-                    self.buffered -= box.ack(reject.ack_seq)
-                    box.sent = box.acked  # resend from the daemon's last contiguous seq
-                elif box:
-                    log.warning("daemon refused events for %s: %s", reject.execution_id, reject.message)
-                    self._drop(reject.execution_id)
-                self.cond.notify_all()
-        elif kind == "cancel":
-            execution_id = message.cancel.execution_id
-            with self.cond:
-                agent = self.agents.get(execution_id)
-                box = self.outboxes.get(execution_id)
-                if agent is not None:
-                    log.info("cancelling %s", execution_id)
-                    agent.cancel()
-                elif box is not None and not box.finished:
-                    self.cancels.add(execution_id)  # its agent is still being set up: cancel it on arrival
-                elif box is None:
-                    self._drop(execution_id)
-                # else: it has finished and its last events are on their way; the daemon decides
+    def refused(self, execution_id, ack_seq, gap, message=""):
+        """The log refused events: after a GAP it resends after ACK_SEQ; otherwise the execution is dropped."""
+        with self.cond:
+            box = self.outboxes.get(execution_id)
+            if box and gap:
+                self.buffered -= box.ack(ack_seq)
+                box.sent = box.acked  # resend from the log's last contiguous seq
+            elif box:
+                log.warning("the log refused events for %s: %s", execution_id, message)
+                self._drop(execution_id)
+            self.cond.notify_all()
+
+    def cancel_requested(self, execution_id):
+        """Cancel EXECUTION_ID (or forget it, when this worker has nothing of it)."""
+        with self.cond:
+            agent = self.agents.get(execution_id)
+            box = self.outboxes.get(execution_id)
+            if agent is not None:
+                log.info("cancelling %s", execution_id)
+                agent.cancel()
+            elif box is not None and not box.finished:
+                self.cancels.add(execution_id)  # its agent is still being set up: cancel it on arrival
+            elif box is None:
+                self._drop(execution_id)
+            # else: it has finished and its last events are on their way; the log decides
 
     def _drop(self, execution_id):
-        """Forget an execution the daemon no longer wants (called with the lock held)."""
+        """Forget an execution the log no longer wants (called with the lock held)."""
         box = self.outboxes.pop(execution_id, None)
         if box:
             self.buffered -= len(box.events)
@@ -278,38 +244,10 @@ class Worker:
         if agent is not None:
             agent.cancel()
 
-    def run(self):
-        """Connect, reconnecting with backoff and jitter, until stop()."""
-        delay = 0.1
-        down_since = None
-        ever_connected = False
-        while not self.stopping.is_set():
-            try:
-                self._session()
-            except grpc.RpcError as exc:
-                if exc.code() == grpc.StatusCode.CANCELLED and self.stopping.is_set():
-                    break
-                reason = f"{exc.code().name}: {exc.details()}"
-            except daemon_client.DaemonError as exc:
-                reason = str(exc)
-            else:
-                reason = "the daemon closed the stream"
-            if self.connected:
-                delay, down_since, ever_connected = 0.1, None, True
-            if down_since is None:
-                down_since = time.monotonic()
-                if ever_connected:
-                    log.warning("lost the daemon at %s (%s); agents keep running, events are buffered; "
-                                "reconnecting", self.endpoint, reason)
-                else:
-                    log.warning("cannot reach the daemon at %s (%s); retrying", self.endpoint, reason)
-            self.connected = False
-            self.stopping.wait(min(BACKOFF_CAP, delay) * random.uniform(0.5, 1.0))
-            delay = min(BACKOFF_CAP, delay * 2)
-
     # ---- executions ----
 
-    def _start(self, execution):
+    def assigned(self, execution):
+        """Run EXECUTION; its seq continues after execution.last_seq."""
         with self.cond:
             if execution.id in self.outboxes or execution.id in self.agents:
                 return
@@ -332,8 +270,10 @@ class Worker:
         from sandbox import FilesystemSandbox, SandboxError
 
         spec = execution.spec
+        key_vars = models.model_key_vars()
         named = [n for n in spec.secret_names if n != INHERIT_ALL]
-        redactor = stigmer_secrets.Redactor({n: os.environ[n] for n in redacted_names(os.environ, named)})
+        redactor = models.project_secrets().Redactor({n: os.environ[n]
+                                                      for n in redacted_names(os.environ, named, key_vars)})
         emit = lambda **payload: self.emit(execution.id, redactor, **payload)  # noqa: E731
         log.info("running %s in %s", execution.id, spec.workspace)
         phase, reason, final_text, turns = pb.FAILED, "", "", 0
@@ -344,7 +284,7 @@ class Worker:
                                         "worker's environment does not have it; the agent's shell runs without it"))
             if not os.path.isdir(spec.workspace):
                 raise SandboxError(f"the workspace {spec.workspace} does not exist on this runner")
-            shell_env = hidden_from_shell(os.environ, named, inherit=INHERIT_ALL in spec.secret_names)
+            shell_env = hidden_from_shell(os.environ, named, key_vars, inherit=INHERIT_ALL in spec.secret_names)
             while not self._client_ready.wait(0.1):  # the SDK is still importing (serve() started that)
                 if execution.id in self.cancels or self.stopping.is_set():
                     raise Cancelled()
@@ -379,7 +319,8 @@ class Worker:
             log.info("%s ended %s", execution.id, pb.Phase.Name(phase))
 
     def stop(self, flush=FLUSH_ON_STOP):
-        """Cancel running agents, give their last events a moment to reach the daemon, then end."""
+        """Cancel running agents, give their last events a moment to reach the log (while
+        the link is connected), then set stopping so that the link ends."""
         with self.cond:
             agents = list(self.agents.values())
         for agent in agents:
@@ -393,13 +334,13 @@ class Worker:
             self.cond.notify_all()
 
 
-def serve(endpoint, home, *, capacity, mode, model, exit_with_stdin=False):
-    """Run a worker in the foreground until SIGTERM, SIGINT or (optionally) EOF on stdin; returns an exit code."""
+def serve(worker, link, *, exit_with_stdin=False):
+    """Run WORKER over LINK in the foreground until SIGTERM, SIGINT or (optionally) EOF on stdin;
+    returns an exit code. LINK is anything with run(worker) that returns once worker.stopping is set."""
     import signal
 
     from sandbox import kill_all
 
-    worker = Worker(endpoint, home, capacity=capacity, mode=mode, model=model)
     # The SDK takes seconds to import: load it while we connect, not when the first task arrives.
     threading.Thread(target=worker.client, name="import-anthropic", daemon=True).start()
     stop = threading.Event()
@@ -407,7 +348,7 @@ def serve(endpoint, home, *, capacity, mode, model, exit_with_stdin=False):
         signal.signal(sig, lambda *_: stop.set())
     if exit_with_stdin:  # the CLI that spawned us holds our stdin; EOF means it is gone
         threading.Thread(target=lambda: (sys.stdin.buffer.read(), stop.set()), daemon=True).start()
-    thread = threading.Thread(target=worker.run, name="connect", daemon=True)
+    thread = threading.Thread(target=link.run, args=(worker,), name="link", daemon=True)
     thread.start()
     try:
         while not stop.wait(0.5):
