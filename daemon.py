@@ -10,8 +10,8 @@ Usually started for you by `python runner.py start` or `python runner.py daemon`
 Threads: the gRPC server runs one pool thread per active RPC, so every open Watch and
 Connect stream holds one (a Connect stream also has a reader thread of its own). Writes
 to SQLite go through one connection under the daemon lock; each Watch reads the log
-through its own connection, so a stalled watcher only ever blocks its own thread. The schema and
-the row conversions live in store.py. Watch sends the log's stored bytes as they are (add_service).
+through its own connection, so a stalled watcher only ever blocks its own thread. The SQL (schema,
+migrations, queries, row conversions) lives in store.py. Watch sends the log's stored bytes as they are (add_service).
 """
 import argparse
 import errno
@@ -34,8 +34,8 @@ import grpc
 import stigmer_pb2 as pb
 import stigmer_pb2_grpc as pb_grpc
 import store
-from daemon_client import (CHANNEL_OPTIONS, DEFAULT_ENDPOINT, MAX_MESSAGE_BYTES, TOKEN_FILE, VERSION,  # noqa: F401
-                           DaemonError, auth_metadata, client_channel, default_home, read_token)
+from daemon_client import (DEFAULT_ENDPOINT, MAX_MESSAGE_BYTES, TERMINAL_PHASES, TOKEN_FILE, VERSION, default_home, DaemonError,
+                           read_token)
 
 RPC_THREADS = 128  # pool threads: one per active RPC (each open Watch or Connect holds one)
 MAX_CONCURRENT_RPCS = RPC_THREADS  # beyond this new RPCs fail fast with RESOURCE_EXHAUSTED instead of queuing behind streams
@@ -50,8 +50,7 @@ SERVER_OPTIONS = [
     ("grpc.so_reuseport", 0),  # otherwise a second daemon could bind the same port silently
 ]
 SERVICE = "stigmer.v1.Daemon"  # the full name of the gRPC service
-TERMINAL = (pb.COMPLETED, pb.FAILED, pb.CANCELLED)
-RUNNER_PHASES = TERMINAL + (pb.RUNNING,)  # a runner may report RUNNING (with turns) and the terminal phases
+RUNNER_PHASES = TERMINAL_PHASES + (pb.RUNNING,)  # a runner may report RUNNING (with turns) and the terminal phases
 Code = grpc.StatusCode
 
 def _copy(ex):
@@ -131,16 +130,13 @@ class Daemon(pb_grpc.DaemonServicer):
         self._timers = {}  # ("lost" | "cancel", execution id) -> threading.Timer
         self._stopping = False
         self._started = time.time()
-        rows = db.execute(f"SELECT {store.EXECUTION_COLUMNS} FROM executions WHERE phase IN (?, ?) "
-                          "ORDER BY created_at, id", (pb.PENDING, pb.RUNNING)).fetchall()
-        for ex in map(store.execution_from_row, rows):
+        for ex in store.active_executions(db):
             self._active[ex.id] = ex
             if ex.phase == pb.PENDING:
                 self._pending[ex.id] = None
             else:  # its runner has `runner_grace` from now to reconnect and claim it
                 self._schedule(("lost", ex.id), runner_grace, self._runner_lost)
-        for (execution_id,) in db.execute("SELECT id FROM executions WHERE phase = ? AND cancel_requested_at > 0",
-                                          (pb.RUNNING,)):
+        for execution_id in store.cancels_requested(db):
             self._schedule(("cancel", execution_id), cancel_grace, self._cancel_expired)  # sent again on Hello
 
     # ---- unary RPCs ----
@@ -167,12 +163,10 @@ class Daemon(pb_grpc.DaemonServicer):
         if request.limit < 0 or request.phase not in pb.Phase.values():
             context.abort(Code.INVALID_ARGUMENT, "limit must not be negative and phase must be a known Phase")
         limit = min(request.limit or LIST_DEFAULT, LIST_MAX)
-        where, args = ("WHERE phase = ?", (request.phase,)) if request.phase else ("", ())
         with self._lock:
             self._check_open(context)
-            rows = self._db.execute(f"SELECT {store.EXECUTION_COLUMNS} FROM executions {where} "
-                                    "ORDER BY created_at DESC, id DESC LIMIT ?", args + (limit,)).fetchall()
-        return pb.ListResponse(executions=map(store.execution_from_row, rows))
+            executions = store.list_executions(self._db, request.phase, limit)
+        return pb.ListResponse(executions=executions)
 
     def Cancel(self, request, context):
         with self._lock:
@@ -186,7 +180,7 @@ class Daemon(pb_grpc.DaemonServicer):
                 self._store(rows, [ex])
             elif ex.phase == pb.RUNNING and ("cancel", ex.id) not in self._timers:
                 # The runner confirms with a CANCELLED event; if it does not in time, we write it.
-                self._db.execute("UPDATE executions SET cancel_requested_at = ? WHERE id = ?", (time.time(), ex.id))
+                store.request_cancel(self._db, ex.id, time.time())
                 self._schedule(("cancel", ex.id), self._cancel_grace, self._cancel_expired)
                 if ex.id in self._owner:
                     self._owner[ex.id].send(_cancel_message(ex.id))
@@ -195,11 +189,11 @@ class Daemon(pb_grpc.DaemonServicer):
     def Status(self, request, context):
         with self._lock:
             self._check_open(context)
-            counts = self._db.execute("SELECT phase, COUNT(*) FROM executions GROUP BY phase").fetchall()
+            counts = store.count_by_phase(self._db)
             return pb.DaemonStatus(
                 version=VERSION, pid=os.getpid(), uptime_seconds=time.time() - self._started,
                 connected_runners=len(self._sessions), queue_depth=len(self._pending),
-                executions_by_phase={pb.Phase.Name(phase): n for phase, n in counts},
+                executions_by_phase={pb.Phase.Name(phase): n for phase, n in counts.items()},
                 free_capacity=sum(s.free_slots() for s in self._sessions.values()))
 
     # ---- Watch ----
@@ -215,17 +209,15 @@ class Daemon(pb_grpc.DaemonServicer):
     def _watch(self, execution_id, after, follow, context):
         """Yield stored events after `after` page by page; with follow, wait for more until the terminal one.
         A terminal phase event is always an execution's last, so only each page's last row is looked at."""
-        db = sqlite3.connect(self._db_path, check_same_thread=False)
-        db.execute("PRAGMA busy_timeout = 5000")
+        db = store.open_reader(self._db_path)
         try:
             finished = False
             while context.is_active():
-                rows = db.execute("SELECT payload, seq, kind FROM events WHERE execution_id = ? AND seq > ? "
-                                  "ORDER BY seq LIMIT ?", (execution_id, after, WATCH_PAGE)).fetchall()
+                rows = store.events_after(db, execution_id, after, WATCH_PAGE)
                 if rows:
                     yield from map(itemgetter(0), rows)
                     payload, after, kind = rows[-1]
-                    if kind == "phase" and pb.Event.FromString(payload).phase.phase in TERMINAL:
+                    if kind == "phase" and pb.Event.FromString(payload).phase.phase in TERMINAL_PHASES:
                         return
                     if len(rows) == WATCH_PAGE:
                         continue
@@ -375,12 +367,12 @@ class Daemon(pb_grpc.DaemonServicer):
             self._store(rows, changed)
             for reply in replies:
                 session.send(reply)
-            if any(ex.phase in TERMINAL for ex in changed):
+            if any(ex.phase in TERMINAL_PHASES for ex in changed):
                 self._dispatch()
 
     def _take_events(self, ex, events, rows, now):
         """Append the next contiguous events to rows and apply them to ex (a copy); the problem, if any."""
-        execution_id, last, ended = ex.id, ex.last_seq, ex.phase in TERMINAL  # locals: this is the hot loop
+        execution_id, last, ended = ex.id, ex.last_seq, ex.phase in TERMINAL_PHASES  # locals: this is the hot loop
         problem = None
         for event in events:
             seq = event.seq
@@ -401,14 +393,14 @@ class Daemon(pb_grpc.DaemonServicer):
             if kind == "usage":
                 ex.usage.CopyFrom(event.usage)
             elif kind == "phase":
-                if event.phase.phase in TERMINAL:
+                if event.phase.phase in TERMINAL_PHASES:
                     _finish(ex, event.phase)
                     ended = True
                 elif event.phase.turns:
                     ex.turns = event.phase.turns
             if not event.time:
                 event.time = now
-            rows.append((execution_id, seq, event.time, kind, event.SerializeToString()))
+            rows.append((execution_id, seq, event.time, kind, event.SerializeToString()))  # as store.event_row
             last = seq
         ex.last_seq = last
         return problem
@@ -419,18 +411,10 @@ class Daemon(pb_grpc.DaemonServicer):
         """Write event rows and execution rows in one transaction, then update memory and wake watchers."""
         if not rows and not executions:
             return
-        self._db.execute("BEGIN")
-        try:
-            self._db.executemany("INSERT INTO events (execution_id, seq, time, kind, payload) "
-                                 "VALUES (?, ?, ?, ?, ?)", rows)
-            self._db.executemany(store.UPSERT_EXECUTION, [store.execution_row(ex) for ex in executions])
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+        store.write(self._db, rows, executions)
         for ex in executions:
             cond = self._conds.get(ex.id)
-            if ex.phase not in TERMINAL:
+            if ex.phase not in TERMINAL_PHASES:
                 self._active[ex.id] = ex
             else:
                 self._active.pop(ex.id, None)
@@ -519,24 +503,21 @@ class Daemon(pb_grpc.DaemonServicer):
     def _find(self, execution_id, context):
         ex = self._active.get(execution_id)
         if ex is None:
-            row = self._db.execute(f"SELECT {store.EXECUTION_COLUMNS} FROM executions WHERE id = ?",
-                                   (execution_id,)).fetchone()
-            if row is None:
+            ex = store.get_execution(self._db, execution_id)
+            if ex is None:
                 context.abort(Code.NOT_FOUND, f"no execution {execution_id!r}: `python runner.py list` shows them")
-            ex = store.execution_from_row(row)
         return ex
 
     def _stored_last_seq(self, execution_id):
         if execution_id in self._active:
             return self._active[execution_id].last_seq
-        row = self._db.execute("SELECT last_seq FROM executions WHERE id = ?", (execution_id,)).fetchone()
-        return row[0] if row else 0
+        return store.last_seq(self._db, execution_id)
 
     def _new_id(self):
         """ex- + seconds in hex + random hex: short, unique, roughly in submit order."""
         while True:
             execution_id = f"ex-{int(time.time()):08x}{os.urandom(3).hex()}"
-            if not self._db.execute("SELECT 1 FROM executions WHERE id = ?", (execution_id,)).fetchone():
+            if not store.execution_exists(self._db, execution_id):
                 return execution_id
 
     # ---- shutdown ----

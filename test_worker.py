@@ -285,9 +285,9 @@ class StreamTest(unittest.TestCase):
         shutil.rmtree(self.workspace, ignore_errors=True)
 
     def stub(self):
-        channel = daemon.client_channel(self.endpoint)
+        channel = daemon_client.client_channel(self.endpoint)
         self.addCleanup(channel.close)
-        return pb_grpc.DaemonStub(channel), daemon.auth_metadata(daemon.read_token(self.home))
+        return pb_grpc.DaemonStub(channel), daemon_client.auth_metadata(daemon_client.read_token(self.home))
 
     def wait(self, predicate, timeout=20):
         deadline = time.monotonic() + timeout
