@@ -267,6 +267,7 @@ def bench_loop(turns=50, list_runs=15):
 
     import agent
     import daemon
+    import models
     from testsupport import FAKE_KEY, FakeAnthropic, free_port, text_step, tool_step
 
     script = [tool_step(("execute", {"command": f"echo turn {i}"})) for i in range(turns - 1)] + [text_step("done")]
@@ -281,7 +282,7 @@ def bench_loop(turns=50, list_runs=15):
         client = anthropic.Anthropic(api_key=FAKE_KEY, base_url=fake.url)
         messages = [{"role": "user", "content": "go"}]
         while True:
-            with client.messages.stream(model="m", max_tokens=agent.MAX_OUTPUT_TOKENS, messages=messages,
+            with client.messages.stream(model="m", max_tokens=models.MAX_OUTPUT_TOKENS, messages=messages,
                                         system=system, tools=agent.TOOLS) as stream:
                 message = stream.get_final_message()
             if message.stop_reason != "tool_use":
@@ -298,7 +299,7 @@ def bench_loop(turns=50, list_runs=15):
     with tempfile.TemporaryDirectory() as tmp, FakeAnthropic(script) as fake:
         env = dict(os.environ, STIGMER_HOME=os.path.join(tmp, "home"), SANDBOX_ROOT_DIR=tmp,
                    STIGMER_BACKEND_ENDPOINT=f"127.0.0.1:{free_port()}", ANTHROPIC_API_KEY=FAKE_KEY,
-                   ANTHROPIC_BASE_URL=fake.url, STIGMER_MODEL="m")
+                   ANTHROPIC_BASE_URL=fake.url, STIGMER_MODEL="claude-fake")
         runner_py = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runner.py")
         start = time.perf_counter()
         done = subprocess.run([sys.executable, runner_py, "--json", "go"], env=env, capture_output=True, text=True)
