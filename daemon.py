@@ -13,7 +13,6 @@ to SQLite go through one connection under the daemon lock; each Watch reads the 
 through its own connection, so a stalled watcher only ever blocks its own thread. The SQL (schema,
 migrations, queries, row conversions) lives in store.py. Watch sends the log's stored bytes as they are (add_service).
 """
-import argparse
 import errno
 import hmac
 import ipaddress
@@ -34,7 +33,7 @@ import grpc
 import stigmer_pb2 as pb
 import stigmer_pb2_grpc as pb_grpc
 import store
-from daemon_client import (DEFAULT_ENDPOINT, MAX_MESSAGE_BYTES, TERMINAL_PHASES, TOKEN_FILE, VERSION, default_home, DaemonError,
+from daemon_client import (DEFAULT_ENDPOINT, MAX_MESSAGE_BYTES, TERMINAL_PHASES, TOKEN_FILE, VERSION, DaemonError,
                            read_token)
 
 RPC_THREADS = 128  # pool threads: one per active RPC (each open Watch or Connect holds one)
@@ -696,33 +695,10 @@ def serve(home, endpoint=DEFAULT_ENDPOINT, *, allow_remote=False, runner_grace=1
                         else f"[{bind_host}]:{bound}", token, home)
 
 
-EXAMPLES = """examples:
-  python daemon.py                               # localhost:50051, state in ~/.stigmer
-  python daemon.py --endpoint 127.0.0.1:50052    # another port
-  STIGMER_HOME=/tmp/st python daemon.py          # state elsewhere
-  python daemon.py --endpoint 0.0.0.0:50051 --allow-remote   # reachable from other machines
-
-environment: STIGMER_HOME, STIGMER_BACKEND_ENDPOINT, STIGMER_RUNNER_GRACE (seconds a
-disconnected runner has to come back before its executions fail; default 15)"""
-
-
-def main(argv=None):
-    """Run the daemon in the foreground until SIGTERM or SIGINT."""
-    parser = argparse.ArgumentParser(prog="python daemon.py", epilog=EXAMPLES,
-                                     description="The Stigmer Daemon: execution queue and event log.",
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--endpoint", default=os.environ.get("STIGMER_BACKEND_ENDPOINT") or DEFAULT_ENDPOINT,
-                        help="HOST:PORT to listen on (default: $STIGMER_BACKEND_ENDPOINT or %(default)s)")
-    parser.add_argument("--allow-remote", action="store_true",
-                        help="allow a non-loopback HOST (other machines could reach the daemon)")
-    args = parser.parse_args(argv)
-    home = default_home()
+def run(home, endpoint, *, allow_remote=False, runner_grace=15.0):
+    """Run the daemon in the foreground until SIGTERM or SIGINT; returns the exit code."""
     try:
-        try:
-            runner_grace = float(os.environ.get("STIGMER_RUNNER_GRACE") or 15)
-        except ValueError:
-            raise DaemonError("STIGMER_RUNNER_GRACE must be a number of seconds, for example 15") from None
-        server = serve(home, args.endpoint, allow_remote=args.allow_remote, runner_grace=runner_grace)
+        server = serve(home, endpoint, allow_remote=allow_remote, runner_grace=runner_grace)
     except DaemonError as e:
         print(f"stigmer daemon: {e}", file=sys.stderr)
         return 1
@@ -735,6 +711,13 @@ def main(argv=None):
         pass
     server.stop()
     return 0
+
+
+def main(argv=None):
+    """`python daemon.py [--endpoint HOST:PORT] [--allow-remote]`: `python runner.py daemon`, configured
+    by runner.Config (imported here only: runner imports this module, not the other way round)."""
+    import runner
+    return runner.run_cli(["daemon", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -478,13 +478,6 @@ class CliErrorTest(CliCase):
 class ConfigTest(unittest.TestCase):
     """Config read from an environment."""
 
-    def test_config(self):
-        cfg = runner.Config.load({"STIGMER_HOME": "/tmp/h"})
-        self.assertEqual((cfg.mode, cfg.env, cfg.endpoint), ("local", "development", "localhost:50051"))
-        with self.assertRaises(runner.CliError):
-            runner.Config.load({"MODE": "remote"})
-        self.assertTrue(runner.default_model().startswith("claude-"))
-
 
 if __name__ == "__main__":
     unittest.main()

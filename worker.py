@@ -24,6 +24,7 @@ import uuid
 
 import models
 import stigmer_pb2 as pb
+from daemon_client import TERMINAL_PHASES
 
 log = logging.getLogger("stigmer.worker")
 
@@ -144,7 +145,7 @@ class Worker:
                         return  # dropped while we waited
                 box.append(**payload)
                 self.buffered += 1
-                if "phase" in payload and payload["phase"].phase in (pb.COMPLETED, pb.FAILED, pb.CANCELLED):
+                if "phase" in payload and payload["phase"].phase in TERMINAL_PHASES:
                     box.finished = True
             self.cond.notify_all()
 
