@@ -130,17 +130,21 @@ def preload(name=""):
     _shared_anthropic()
 
 
+ANTHROPIC_SETTINGS = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_BASE_URL")  # what the SDK reads
 _shared = {}
 _shared_lock = threading.Lock()
 
 
 def _shared_anthropic():
-    """One anthropic client per process (thread-safe), from the environment: ANTHROPIC_API_KEY, ANTHROPIC_BASE_URL."""
+    """One anthropic client per process and settings (thread-safe). The SDK reads ANTHROPIC_API_KEY,
+    ANTHROPIC_AUTH_TOKEN and ANTHROPIC_BASE_URL itself; a client is kept per their values, so that a
+    changed setting never reaches a stale server."""
+    settings = ("anthropic",) + tuple(os.environ.get(v) for v in ANTHROPIC_SETTINGS)
     with _shared_lock:
-        if "anthropic" not in _shared:
+        if settings not in _shared:
             import anthropic
-            _shared["anthropic"] = anthropic.Anthropic()
-        return _shared["anthropic"]
+            _shared[settings] = anthropic.Anthropic()
+        return _shared[settings]
 
 
 def anthropic_error(exc):

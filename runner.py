@@ -6,13 +6,18 @@
     python runner.py start --workers 2                    # daemon and workers in the background
     python runner.py list                                 # past runs, newest first
     python runner.py logs ex-1a2b3c -f                    # replay a run, then follow it
+    STIGMER_SANDBOX=daytona python runner.py run "fix the test" --repo https://github.com/me/app
+    python runner.py logs ex-1a2b3c --patch > change.patch   # what it changed, for git apply
     python runner.py stop
 
-Configuration comes from the environment, read once here: STIGMER_MODE or MODE (local |
-cloud), STIGMER_ENV or ENV (development | staging | production: logging only),
-STIGMER_HOME (~/.stigmer), STIGMER_BACKEND_ENDPOINT (localhost:50051), SANDBOX_ROOT_DIR
-(the current directory), STIGMER_MODEL, ANTHROPIC_API_KEY (asked for when missing),
-STIGMER_RUNNER_GRACE (15: seconds the daemon waits for a lost runner).
+Configuration comes from the environment, read once here: STIGMER_MODE or MODE (local | cloud),
+STIGMER_ENV or ENV (development | staging | production: logging only), STIGMER_HOME (~/.stigmer),
+STIGMER_BACKEND_ENDPOINT (localhost:50051), SANDBOX_ROOT_DIR (the current directory),
+STIGMER_MODEL, ANTHROPIC_API_KEY (asked for with a masked prompt when missing), STIGMER_RUNNER_GRACE
+(15: seconds the daemon waits for a lost runner), STIGMER_SANDBOX (filesystem | daytona: where
+commands run; daytona needs DAYTONA_API_KEY, and takes DAYTONA_API_URL, DAYTONA_TARGET, DAYTONA_SNAPSHOT).
+Cloud mode only: REDIS_URL, STIGMER_REDIS_PREFIX (stigmer:), STIGMER_LEASE_TTL (15), STIGMER_CLAIM_IDLE (10),
+STIGMER_RETENTION (604800 seconds).
 
 The agent's shell runs on this host as you, with your environment minus the model keys and
 variables that look secret (unless named with --secret, or --inherit-env): it is not a
@@ -29,6 +34,7 @@ from collections import namedtuple
 # grpc (with daemon_client), stigmer_pb2 and terminal are imported where they are used: `--help` starts at once.
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODES = ("local", "cloud")
+SANDBOXES = ("filesystem", "daytona")  # STIGMER_SANDBOX: the host, or one Daytona sandbox per execution
 ENVS = ("development", "staging", "production")
 EXIT_CODES = {"COMPLETED": 0, "FAILED": 1, "CANCELLED": 130}
 START_WAIT = 15.0  # seconds `start` waits for the daemon to answer
@@ -37,6 +43,12 @@ INHERIT_ENV_VAR = "STIGMER_INHERIT_ENV"  # 1: the agent's shell gets secret-look
 INHERIT_ALL = "*"  # in ExecutionSpec.secret_names: every variable may reach the agent's shell
 COMMANDS = ("run", "start", "stop", "status", "list", "logs", "cancel", "daemon", "worker")
 USER_COMMANDS = ("status", "list", "logs", "start", "stop", "cancel", "run", "daemon", "worker")  # typo order
+SANDBOXES = ("filesystem", "daytona")
+REDIS_SETTINGS = (  # cloud mode: (variable, redis_backend setting, default seconds)
+    ("STIGMER_LEASE_TTL", "lease_ttl", 15.0),  # a dead worker's execution fails about this long after
+    ("STIGMER_CLAIM_IDLE", "claim_idle", 10.0),  # a queue entry read but never taken is reclaimed after
+    ("STIGMER_RETENTION", "retention", 7 * 24 * 3600.0),  # finished executions and their logs are kept
+)
 
 
 def project_secrets():
@@ -62,8 +74,17 @@ class CliError(Exception):
         self.code = code
 
 
-class Config(namedtuple("Config", "mode env home endpoint sandbox_root model runner_grace inherit_env environ "
-                                  "warnings")):
+class Daytona(namedtuple("Daytona", "api_key api_url target snapshot")):
+    """Daytona settings: DAYTONA_API_KEY, DAYTONA_API_URL, DAYTONA_TARGET, DAYTONA_SNAPSHOT (None when unset)."""
+
+    def __repr__(self):
+        return (f"Daytona(api_key={'***' if self.api_key else None}, api_url={self.api_url!r}, "
+                f"target={self.target!r}, snapshot={self.snapshot!r})")
+
+
+class Config(namedtuple("Config", "mode env home endpoint sandbox_root model runner_grace environ sandbox daytona "
+                                  "redis_url redis_prefix redis_settings inherit_env warnings",
+                        defaults=("", "", {}, False, ()))):
     """The configuration, read from the environment once at the entry point."""
 
     @staticmethod
@@ -73,8 +94,8 @@ class Config(namedtuple("Config", "mode env home endpoint sandbox_root model run
         from daemon_client import DEFAULT_ENDPOINT, DEFAULT_HOME
         mode_var, mode = setting(environ, "MODE", "local")
         if mode not in MODES:
-            raise CliError(f"{mode_var}={environ[mode_var]!r} is not a mode: use {mode_var}=local (the default) "
-                           f"or {mode_var}=cloud", 2)
+            raise CliError(f"{mode_var}={environ[mode_var]!r} is not a mode: "
+                           f"use {mode_var}=local (the default) or {mode_var}=cloud", 2)
         env_var, env = setting(environ, "ENV", "development")
         warnings = []
         if env not in ENVS:
@@ -82,18 +103,38 @@ class Config(namedtuple("Config", "mode env home endpoint sandbox_root model run
                             f"(set STIGMER_ENV to override an unrelated {env_var})")
             env = "development"
         home = os.path.abspath(os.path.expanduser(environ.get("STIGMER_HOME") or DEFAULT_HOME))
-        return Config(mode=mode, env=env, home=home,
+        sandbox = environ.get("STIGMER_SANDBOX", "").strip().lower() or ("daytona" if mode == "cloud" else "filesystem")
+        if sandbox not in SANDBOXES:
+            raise CliError(f"STIGMER_SANDBOX={environ['STIGMER_SANDBOX']!r} is not a sandbox: use filesystem "
+                           "(commands on this host) or daytona (one Daytona sandbox per execution)", 2)
+        daytona = Daytona(*(environ.get(f"DAYTONA_{name}", "").strip() or None
+                            for name in ("API_KEY", "API_URL", "TARGET", "SNAPSHOT")))
+        cfg = Config(mode=mode, env=env, home=home,
                       endpoint=environ.get("STIGMER_BACKEND_ENDPOINT") or DEFAULT_ENDPOINT,
                       sandbox_root=os.path.abspath(environ.get("SANDBOX_ROOT_DIR") or os.getcwd()),
                       model=environ.get("STIGMER_MODEL", ""),
-                      runner_grace=seconds(environ, "STIGMER_RUNNER_GRACE", RUNNER_GRACE),
+                      runner_grace=seconds(environ, "STIGMER_RUNNER_GRACE", RUNNER_GRACE), environ=dict(environ),
+                      sandbox=sandbox, daytona=daytona,
                       inherit_env=environ.get(INHERIT_ENV_VAR, "").strip().lower() in ("1", "true", "yes", "on"),
-                      environ=dict(environ), warnings=tuple(warnings))
+                      warnings=tuple(warnings))
+        return cfg._replace(**cloud_settings(environ)) if mode == "cloud" else cfg
 
-    def require_local(self):
-        if self.mode == "cloud":
-            raise CliError("MODE=cloud is not available yet (the Daytona and Redis runner is still being built): "
-                           "unset MODE and STIGMER_MODE, or set STIGMER_MODE=local", 2)
+    def require_sandbox(self):
+        """Raise CliError unless the chosen sandbox can be used: Daytona needs its key and its SDK."""
+        if self.sandbox != "daytona":
+            return
+        why = "MODE=cloud runs commands in Daytona sandboxes" if self.mode == "cloud" and \
+            not self.environ.get("STIGMER_SANDBOX") else "STIGMER_SANDBOX=daytona runs commands in Daytona sandboxes"
+        if not self.daytona.api_key:
+            raise CliError(f"{why} and needs DAYTONA_API_KEY: export it (make one in the Daytona dashboard, under "
+                           "Keys), or set STIGMER_SANDBOX=filesystem to run commands on this host", 2)
+        import importlib.util
+        if importlib.util.find_spec("daytona") is None:
+            raise CliError(f"{why} and needs the daytona SDK: pip install -e '.[cloud]'", 2)
+
+    @property
+    def cloud(self):
+        return self.mode == "cloud"
 
 
 def setting(environ, name, default):
@@ -103,6 +144,31 @@ def setting(environ, name, default):
         if value:
             return var, value
     return name, default
+
+
+def cloud_settings(environ):
+    """Cloud mode's settings (only ever read in cloud mode); one CliError naming everything missing."""
+    import importlib.util
+    missing = []
+    url = environ.get("REDIS_URL", "").strip()
+    if not url:
+        missing.append("REDIS_URL (redis://[:PASSWORD@]HOST:PORT/DB, or rediss:// for TLS)")
+    elif not url.startswith(("redis://", "rediss://")):
+        raise CliError(f"REDIS_URL must start with redis:// or rediss://, not {url.split('://')[0]!r}:// "
+                       "(e.g. REDIS_URL=redis://:PASSWORD@redis.internal:6379/0)", 2)
+    sandbox = environ.get("STIGMER_SANDBOX", "").strip().lower() or "daytona"
+    if sandbox not in SANDBOXES:
+        raise CliError(f"STIGMER_SANDBOX={environ['STIGMER_SANDBOX']!r} is not a sandbox: use "
+                       "STIGMER_SANDBOX=daytona (the cloud default) or STIGMER_SANDBOX=filesystem", 2)
+    if importlib.util.find_spec("redis") is None:
+        missing.append("the redis package (pip install -e '.[cloud]')")
+    if missing:
+        raise CliError("MODE=cloud needs " + "; ".join(missing), 2)
+    prefix = environ.get("STIGMER_REDIS_PREFIX", "").strip() or "stigmer:"
+    settings = {name: seconds(environ, var, default) for var, name, default in REDIS_SETTINGS}
+    if settings["lease_ttl"] < 0.3:
+        raise CliError("STIGMER_LEASE_TTL must be at least 0.3 seconds (heartbeats go every third of it)", 2)
+    return dict(sandbox=sandbox, redis_url=url, redis_prefix=prefix, redis_settings=settings)
 
 
 def seconds(environ, name, default):
@@ -124,9 +190,23 @@ def default_model():
 # ---- the backend ----
 
 def connect(cfg, endpoint=None):
-    """A daemon Client for this STIGMER_HOME (raises BackendError)."""
+    """The mode's backend client (raises BackendError): a daemon Client for this STIGMER_HOME,
+    or in cloud mode a RedisClient for REDIS_URL. Both have the same calls and errors."""
+    if cfg.cloud:
+        from redis_backend import RedisClient
+        return RedisClient(cfg.redis_url, cfg.redis_prefix, **cfg.redis_settings)
     from daemon_client import Client
     return Client(cfg.home, endpoint or cfg.endpoint)
+
+
+def backend_status(cfg):
+    """Cloud mode: (client, status) from Redis; a Redis that does not answer is a one-line error."""
+    client = connect(cfg)
+    try:
+        return client, client.status()
+    except Exception:
+        client.close()
+        raise
 
 
 def find_daemon(cfg):
@@ -146,7 +226,9 @@ def find_daemon(cfg):
 
 def open_log(cfg):
     """(client, embedded): the running daemon, or a short-lived embedded one over the same STIGMER_HOME
-    so that past runs can be listed and replayed when no daemon is running."""
+    so that past runs can be listed and replayed when no daemon is running. Cloud mode: Redis."""
+    if cfg.cloud:
+        return connect(cfg), None
     found = find_daemon(cfg)
     if found is not None:
         return found[0], None
@@ -168,7 +250,8 @@ def serve_embedded(cfg, endpoint):
 # ---- processes: workers and background services ----
 
 def worker_env(cfg, secrets, endpoint):
-    """The environment of a worker: the user's, the secrets, and where the daemon is."""
+    """The environment of a worker: the user's, the secrets, and where the daemon is
+    (in cloud mode REDIS_URL and the rest are the user's environment already)."""
     env = project_secrets().child_env(secrets, base=cfg.environ)
     env.update(STIGMER_HOME=cfg.home, STIGMER_BACKEND_ENDPOINT=endpoint, MODE=cfg.mode, STIGMER_MODE=cfg.mode,
                STIGMER_ENV=cfg.env, PYTHONUNBUFFERED="1")
@@ -176,9 +259,53 @@ def worker_env(cfg, secrets, endpoint):
 
 
 def without_keys(environ):
-    """ENVIRON minus every provider key: what the daemon gets."""
-    keys = {var for p in project_secrets().PROVIDERS.values() for var in (p.env_var, *p.alt_env_vars)}
+    """ENVIRON minus every provider key and service key (Daytona's): what the daemon gets."""
+    mod = project_secrets()
+    keys = {var for p in mod.PROVIDERS.values() for var in (p.env_var, *p.alt_env_vars)} | set(mod.SERVICE_KEY_VARS)
     return {k: v for k, v in environ.items() if k not in keys}
+
+
+def sandbox_factory(cfg, runner_id, is_terminal):
+    """(make_sandbox, sweep) for worker.Worker from STIGMER_SANDBOX: the host (sweep None), or one Daytona
+    sandbox per execution, labelled with RUNNER_ID; sweep deletes those whose executions IS_TERMINAL(id)
+    says have ended (an id the log does not know is not terminal: it may be another home's)."""
+    import worker
+    if cfg.sandbox != "daytona":
+        return worker.host_sandbox, None
+    import threading
+
+    import daytona_sandbox
+    d, clients, lock = cfg.daytona, [], threading.Lock()
+
+    def client():  # one SDK client for the worker, made on first use
+        with lock:
+            if not clients:
+                clients.append(daytona_sandbox.make_client(d.api_key, d.api_url, d.target))
+            return clients[0]
+
+    def make_sandbox(execution, env):
+        spec = execution.spec
+        return daytona_sandbox.create_for_execution(
+            execution.id, runner_id, api_key=d.api_key, api_url=d.api_url, target=d.target, snapshot=d.snapshot,
+            env=env, repo=spec.repo or None, ref=spec.ref or None, keep=spec.keep_sandbox, client=client())
+
+    return make_sandbox, lambda: daytona_sandbox.sweep(client(), is_terminal)
+
+
+def backend_is_terminal(cfg):
+    """is_terminal(execution_id) for the sweep, asking the daemon (or Redis); False when it cannot say."""
+    import daemon_client
+
+    def is_terminal(execution_id):
+        try:
+            client = connect(cfg)
+            try:
+                return client.get(execution_id).phase in daemon_client.TERMINAL_PHASES
+            finally:
+                client.close()
+        except daemon_client.BackendError:  # unknown here, or the daemon is away: leave it
+            return False
+    return is_terminal
 
 
 def spawn(args, env, log_path, pipe_stdin=False):
@@ -267,7 +394,6 @@ def readable_pipe(stream):
 
 
 def cmd_run(cfg, args):
-    cfg.require_local()
     import stigmer_pb2 as pb
     import terminal
     from daemon_client import BackendError
@@ -279,17 +405,21 @@ def cmd_run(cfg, args):
         raise CliError(f"--max-turns must be at least 1 (got {args.max_turns})", 2)
     if (args.max_tokens_total or 0) < 0:
         raise CliError(f"--max-tokens-total must be positive (got {args.max_tokens_total})", 2)
+    check_repo_args(cfg, args)
+    cfg.require_sandbox()
     mod = project_secrets()
     try:
         names = mod.sandbox_secret_names(args.secret or (), cfg.environ)
     except mod.SecretError as exc:
         raise CliError(str(exc), 2) from None
     shell_names = names + [INHERIT_ALL] if args.inherit_env or cfg.inherit_env else names
-    found = find_daemon(cfg)
+    found = backend_status(cfg) if cfg.cloud else find_daemon(cfg)
     embedded = worker = None
-    if found is None and args.detach:  # a detached run needs daemon and worker to outlive this command
+    runner_id = ""  # cloud mode: a foreground run's execution is pinned to the worker it spawns
+    if args.detach and (found is None or found[1].connected_runners == 0):
+        # a detached run needs a backend and a worker that outlive this command
         cmd_start(cfg, argparse.Namespace(workers=1, secret=args.secret), out=sys.stderr)
-        found = find_daemon(cfg)
+        found = backend_status(cfg) if cfg.cloud else find_daemon(cfg)
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         if found is None:
@@ -297,7 +427,14 @@ def cmd_run(cfg, args):
             client, status = connect(cfg, embedded.endpoint), None
         else:
             client, status = found
-        if status is None or status.connected_runners == 0:
+        if cfg.cloud and not args.detach:  # its own worker, with this run's secrets, takes only this run
+            runner_id = f"run-{os.getpid()}-{os.urandom(3).hex()}"
+            secrets = gather_secrets(cfg, names)
+            worker = spawn(["worker", "--capacity", "1", "--exit-with-stdin", "--runner-id", runner_id, "--pinned"],
+                           worker_env(cfg, secrets, cfg.endpoint),
+                           os.path.join(cfg.home, "logs", "run-worker.log"), pipe_stdin=True)
+            del secrets
+        elif not cfg.cloud and (status is None or status.connected_runners == 0):
             secrets = gather_secrets(cfg, names)
             worker = spawn(["worker", "--capacity", "1", "--exit-with-stdin"],
                            worker_env(cfg, secrets, client.endpoint),
@@ -306,8 +443,10 @@ def cmd_run(cfg, args):
         renderer = terminal.make_renderer(args.json, cfg.environ.get("NO_COLOR"))
         model = args.model or cfg.model or default_model()
         spec = pb.ExecutionSpec(prompt=prompt, workspace=workspace, model=model, max_turns=args.max_turns,
-                                secret_names=shell_names, max_tokens_total=args.max_tokens_total or 0)
-        queued = client.status().queue_depth
+                                secret_names=shell_names, max_tokens_total=args.max_tokens_total or 0, runner_id=runner_id,
+                                repo=args.repo or "", ref=args.ref or "", keep_sandbox=args.keep_sandbox,
+                                sandbox=cfg.sandbox)
+        queued = 0 if runner_id else client.status().queue_depth
         if queued:
             print(f"stigmer: {queued} older execution(s) are queued and run first: see `python runner.py list "
                   "--phase pending`, and `python runner.py cancel ID` to drop one", file=sys.stderr)
@@ -318,8 +457,11 @@ def cmd_run(cfg, args):
         if renderer.json_lines:
             renderer.json_line(terminal.run_dict(execution, cfg.mode, client.endpoint))
         else:
-            where = f"embedded daemon on {client.endpoint}" if embedded else f"daemon at {client.endpoint}"
-            renderer.out(renderer.paint("2", f"stigmer · {cfg.mode} · {where} · {workspace} · {model} · "
+            where = (f"Redis at {client.endpoint}" if cfg.cloud else f"embedded daemon on {client.endpoint}"
+                     if embedded else f"daemon at {client.endpoint}")
+            space = workspace if cfg.sandbox == "filesystem" else "daytona sandbox" + (f" · {args.repo}" if args.repo
+                                                                                        else "")
+            renderer.out(renderer.paint("2", f"stigmer · {cfg.mode} · {where} · {space} · {model} · "
                                              f"{execution.id}") + "\n", err=True)
         started = time.monotonic()
 
@@ -342,6 +484,9 @@ def cmd_run(cfg, args):
         phase = phase or pb.Phase.Name(final.phase)
         if phase in EXIT_CODES:
             renderer.summary(final, phase, time.monotonic() - started)
+        if args.keep_sandbox and renderer.sandbox_id:
+            print(f"stigmer: sandbox {renderer.sandbox_id} kept running for inspection; delete it when you are done "
+                  "(Daytona also stops it once idle, then deletes it)", file=sys.stderr)
         return EXIT_CODES.get(phase, 130)
     finally:
         for sig in handlers:  # let the clean-up below finish
@@ -355,13 +500,28 @@ def cmd_run(cfg, args):
             signal.signal(sig, handler)
 
 
+def check_repo_args(cfg, args):
+    """--repo, --ref and --keep-sandbox need a Daytona sandbox; a repo URL never carries a password."""
+    from urllib.parse import urlsplit
+    if (args.repo or args.ref or args.keep_sandbox) and cfg.sandbox != "daytona":
+        raise CliError("--repo, --ref and --keep-sandbox need a Daytona sandbox: set STIGMER_SANDBOX=daytona "
+                       "(on this host the agent works in --workspace, which may already be a git checkout)", 2)
+    if args.ref and not args.repo:
+        raise CliError("--ref needs --repo: the repository whose branch, tag or commit to check out", 2)
+    if args.repo and urlsplit(args.repo).password:
+        raise CliError("--repo must not hold a password or token (it is stored in the log): pass the token as "
+                       "--secret GITHUB_TOKEN and give the plain https URL", 2)
+
+
 def cmd_start(cfg, args, out=None):
-    cfg.require_local()
+    cfg.require_sandbox()
     names = project_secrets().sandbox_secret_names(args.secret or (), cfg.environ)
     secrets = gather_secrets(cfg, names)
     logs = os.path.join(cfg.home, "logs")
-    found = find_daemon(cfg)
-    if found is None:
+    found = None if cfg.cloud else find_daemon(cfg)
+    if cfg.cloud:  # no daemon: the workers on this host serve the queue on Redis
+        backend_status(cfg)[0].close()  # a Redis that does not answer is an error now, not in the workers' logs
+    elif found is None:
         proc = spawn(["daemon"], without_keys(cfg.environ), os.path.join(logs, "daemon.log"))
         with open(os.path.join(logs, "daemon.pid"), "w") as f:
             f.write(str(proc.pid))
@@ -389,13 +549,14 @@ def cmd_start(cfg, args, out=None):
         with open(path, "w") as f:
             f.write(str(proc.pid))
         started += 1
-    print(f"{alive + started} worker(s) running ({started} started); logs in {logs}", file=out)
+    where = f" on Redis at {connect(cfg).endpoint}" if cfg.cloud else ""
+    print(f"{alive + started} worker(s) running{where} ({started} started); logs in {logs}", file=out)
     return 0
 
 
 def cmd_stop(cfg, args):
     from terminal import plural
-    found = find_daemon(cfg)
+    found = backend_status(cfg) if cfg.cloud else find_daemon(cfg)
     running = running_executions(found[0]) if found else []
     if running and not args.force:
         listing = "\n".join(f"  {line}" for line in describe(running))
@@ -424,7 +585,7 @@ def cmd_stop(cfg, args):
         os.unlink(path)
     if stopped:
         print(f"stopped {len(stopped)} process(es): {', '.join(stopped)}")
-    elif found:
+    elif found and found[1].pid:
         print(f"the daemon at {found[0].endpoint} (pid {found[1].pid}) belongs to a foreground "
               "`python runner.py` run and ends with it" + (" now that its run is cancelled" if running else ""))
     else:
@@ -433,7 +594,7 @@ def cmd_stop(cfg, args):
 
 
 def running_executions(client):
-    """The executions a daemon is running now."""
+    """The executions the backend is running now."""
     import stigmer_pb2 as pb
     return list(client.list(pb.RUNNING, 1000))
 
@@ -453,7 +614,7 @@ def confirm(question):
 
 
 def cmd_status(cfg, args):
-    found = find_daemon(cfg)
+    found = backend_status(cfg) if cfg.cloud else find_daemon(cfg)
     procs = {os.path.basename(p)[:-4]: live_pid(p) for p in pid_files(cfg)}
     if found is None:
         raise CliError(f"no daemon answers at {cfg.endpoint}: start one with `python runner.py start`")
@@ -481,7 +642,9 @@ def cmd_logs(cfg, args):
     client, embedded = open_log(cfg)
     try:
         import terminal
-        client.get(args.id)  # an unknown id becomes a one-line error
+        execution = client.get(args.id)  # an unknown id becomes a one-line error
+        if args.patch:
+            return print_patch(client, execution)
         renderer = terminal.make_renderer(args.json, cfg.environ.get("NO_COLOR"))
         try:
             terminal.follow(client, args.id, renderer, follow_live=args.follow and embedded is None,
@@ -494,6 +657,25 @@ def cmd_logs(cfg, args):
     finally:
         if embedded:
             embedded.stop()
+
+
+def print_patch(client, execution):
+    """`logs ID --patch`: the patch artifact's text on stdout, as it is (for `git apply`); notes on stderr."""
+    import stigmer_pb2 as pb
+    patch = None
+    for ev in client.watch(execution.id, follow=False):
+        if ev.WhichOneof("payload") == "artifact" and ev.artifact.type == "patch":
+            patch = ev.artifact
+    if patch is None:
+        if execution.phase in (pb.PENDING, pb.RUNNING):
+            raise CliError(f"{execution.id} is still {pb.Phase.Name(execution.phase).lower()}: its patch is recorded "
+                           f"when it ends (follow it with python runner.py logs {execution.id} -f)")
+        raise CliError(f"{execution.id} has no patch: only a Daytona sandbox whose workspace is a git checkout "
+                       "(run --repo URL) records one")
+    if patch.notes:
+        print(f"stigmer: {patch.notes}", file=sys.stderr)
+    sys.stdout.write(patch.text)
+    return 0
 
 
 def cmd_cancel(cfg, args):
@@ -511,7 +693,6 @@ def cmd_daemon(cfg, args):
 
 
 def cmd_worker(cfg, args):
-    cfg.require_local()
     import logging
 
     import daemon_client
@@ -523,10 +704,22 @@ def cmd_worker(cfg, args):
         logging.getLogger(noisy).setLevel(max(level, logging.INFO))
     os.environ.update(gather_secrets(cfg, []))  # asks only for a missing key; it lives in memory and env only
     model = cfg.model or default_model()
-    print(f"stigmer worker {VERSION} · mode {cfg.mode} · endpoint {cfg.endpoint} · sandbox root {cfg.sandbox_root} · "
+    cfg.require_sandbox()
+    runner_id = args.runner_id or worker.new_runner_id()
+    make_sandbox, sweep = sandbox_factory(cfg, runner_id, backend_is_terminal(cfg))
+    if cfg.cloud:
+        import redis_backend
+        import sandbox
+        sandbox.guard_commands()  # should this worker be killed, its commands die with it
+        link = redis_backend.RedisLink(cfg.redis_url, cfg.redis_prefix, **cfg.redis_settings)
+    else:
+        link = daemon_client.DaemonLink(cfg.endpoint, cfg.home)
+    where = f"sandbox root {cfg.sandbox_root}" if cfg.sandbox == "filesystem" else "sandbox daytona"
+    print(f"stigmer worker {VERSION} · mode {cfg.mode} · endpoint {link.endpoint} · {where} · "
           f"model {model} · capacity {args.capacity}", file=sys.stderr, flush=True)
-    return worker.serve(worker.Worker(capacity=args.capacity, mode=cfg.mode, model=model),
-                        daemon_client.DaemonLink(cfg.endpoint, cfg.home), exit_with_stdin=args.exit_with_stdin)
+    return worker.serve(worker.Worker(capacity=args.capacity, mode=cfg.mode, model=model, runner_id=runner_id,
+                                      pinned=args.pinned, make_sandbox=make_sandbox, sweep=sweep, sandbox=cfg.sandbox),
+                        link, exit_with_stdin=args.exit_with_stdin)
 
 
 DAEMON_EXAMPLES = """examples (python daemon.py takes the same arguments):
@@ -556,6 +749,11 @@ def parser():
     run.add_argument("--json", action="store_true",
                      help="JSON lines: a run object, one object per event, then a summary object")
     run.add_argument("--detach", action="store_true", help="submit to the background daemon and print the id")
+    run.add_argument("--repo", metavar="URL", help="clone this git repository into the sandbox's workspace first "
+                                                   "(STIGMER_SANDBOX=daytona; a --secret GITHUB_TOKEN authenticates it)")
+    run.add_argument("--ref", help="the branch, tag or commit of --repo to check out")
+    run.add_argument("--keep-sandbox", action="store_true",
+                     help="leave the Daytona sandbox running when the run ends, and print its id")
 
     start = sub.add_parser("start", help="run the daemon and workers in the background",
                            epilog="example: python runner.py start --workers 2")
@@ -575,6 +773,8 @@ def parser():
     logs.add_argument("id")
     logs.add_argument("-f", "--follow", action="store_true", help="keep following until it ends")
     logs.add_argument("--json", action="store_true", help="one JSON object per event per line")
+    logs.add_argument("--patch", action="store_true",
+                      help="print the change the agent made, for git apply: logs ID --patch > change.patch")
     cancel = sub.add_parser("cancel", help="cancel an execution", epilog="example: python runner.py cancel ex-1a2b")
     cancel.add_argument("id")
     dmn = sub.add_parser("daemon", help="run the daemon in the foreground (also: python daemon.py)",
@@ -586,6 +786,8 @@ def parser():
                          epilog="example: ANTHROPIC_API_KEY=... python runner.py worker --capacity 4")
     wrk.add_argument("--capacity", type=int, default=2, help="executions at once (default 2)")
     wrk.add_argument("--exit-with-stdin", action="store_true", help=argparse.SUPPRESS)
+    wrk.add_argument("--runner-id", help=argparse.SUPPRESS)  # a foreground run's own worker: its id ...
+    wrk.add_argument("--pinned", action="store_true", help=argparse.SUPPRESS)  # ... and it takes only that run's
     return p
 
 

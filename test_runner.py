@@ -17,7 +17,7 @@ import runner
 from testsupport import FAKE_KEY, HERE, FakeAnthropic, free_port, pid_alive, run_cli, text_step, tool_step
 
 KEY_VARS = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "OPENAI_API_KEY", "STIGMER_SANDBOX_SECRETS", "MODE", "ENV",
-            "STIGMER_MODEL", "SANDBOX_ROOT_DIR", "NO_COLOR")
+            "STIGMER_MODEL", "SANDBOX_ROOT_DIR", "NO_COLOR", "STIGMER_SANDBOX", "DAYTONA_API_KEY")
 
 
 class CliCase(unittest.TestCase):
@@ -456,7 +456,7 @@ class CliErrorTest(CliCase):
         self.assertOneLine(self.cli("cancel", "ex-does-not-exist"), 1, "ex-does-not-exist")
 
     def test_modes(self):
-        self.assertOneLine(self.cli("x", env=dict(self.env, MODE="cloud")), 2, "MODE=cloud is not available yet")
+        self.assertOneLine(self.cli("x", env=dict(self.env, MODE="cloud")), 2, "MODE=cloud needs REDIS_URL")
         self.assertOneLine(self.cli("list", env=dict(self.env, MODE="banana")), 2, "MODE='banana'")
 
     def test_local_mode_needs_no_cloud_settings(self):

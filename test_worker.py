@@ -216,9 +216,10 @@ class WorkerTest(unittest.TestCase):
     def test_a_full_buffer_pauses_the_agent_until_acks_free_room(self):
         with mock.patch.object(worker, "MAX_BUFFERED_EVENTS", 3):
             ex = self.assign()
-            batch = []
+            batch, deadline = [], time.monotonic() + 30
             while len(batch) < 3:
-                batch += self.w.next_batch(5)
+                self.assertLess(time.monotonic(), deadline, f"the agent sent only {batch}")
+                batch += self.w.next_batch(1)
             time.sleep(0.5)  # time enough for the agent's remaining turns, were it not paused
             self.assertIn(ex, self.w.agents, "the agent should be paused, not finished")
             self.assertEqual(len(self.w.outboxes[ex].events), 3)
