@@ -95,7 +95,7 @@ class CloudCase(unittest.TestCase):
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        run_cli(["stop"], self.env, timeout=30)
+        run_cli(["stop", "--force"], self.env, timeout=30)  # cancels what a test left running
         self.client.close()
         self.fake.stop()
         shutil.rmtree(self.tmp, ignore_errors=True)

@@ -37,7 +37,7 @@ class CliCase(unittest.TestCase):
                         SANDBOX_ROOT_DIR=self.workspace, HOME=os.path.join(self.tmp, "userhome"))
 
     def tearDown(self):
-        run_cli(["stop"], self.env, timeout=30)
+        run_cli(["stop", "--force"], self.env, timeout=30)  # cancels what a test left running
         self.fake.stop()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
