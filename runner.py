@@ -227,10 +227,11 @@ def backend_status(cfg):
 
 
 def find_daemon(cfg):
-    """(client, status) for a daemon that answers at the endpoint, or None."""
-    from daemon_client import BackendError
+    """(client, status) for a daemon that answers at the endpoint, or None (without a token file,
+    at once: grpc is not even imported)."""
     if not os.path.exists(os.path.join(cfg.home, "daemon.token")):
         return None
+    from daemon_client import BackendError
     client = None
     try:
         client = connect(cfg)
@@ -410,10 +411,16 @@ def readable_pipe(stream):
     return stat.S_ISFIFO(mode) or stat.S_ISREG(mode)
 
 
+def embedded_endpoint(endpoint):
+    """Where an embedded daemon asked to listen on ENDPOINT will be found (as daemon.serve binds it),
+    or None when that is known only once it listens (port 0)."""
+    host, _, port = endpoint.rpartition(":")
+    if not port.isdigit() or int(port) == 0:
+        return None
+    return f"127.0.0.1:{port}" if host == "localhost" else endpoint
+
+
 def cmd_run(cfg, args):
-    import stigmer_pb2 as pb
-    import terminal
-    from daemon_client import BackendError
     workspace = os.path.abspath(os.path.expanduser(args.workspace)) if args.workspace else cfg.sandbox_root
     if not os.path.isdir(workspace):
         raise CliError(f"the workspace {workspace} does not exist (or is not a directory)", 2)
@@ -439,6 +446,11 @@ def cmd_run(cfg, args):
         found = backend_status(cfg) if cfg.cloud else find_daemon(cfg)
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
+        # A cold start: the worker (importing its SDK, the slowest part) starts first, unless it needs
+        # the secret names of the run it resumes, which only the log knows.
+        endpoint = embedded_endpoint(cfg.endpoint) if found is None and not cfg.cloud and not resuming else None
+        if endpoint:
+            worker = spawn_run_worker(cfg, names, endpoint)
         if found is None:
             embedded = serve_embedded(cfg, cfg.endpoint)
             client, status = connect(cfg, embedded.endpoint), None
@@ -458,12 +470,11 @@ def cmd_run(cfg, args):
                            worker_env(cfg, secrets, cfg.endpoint),
                            os.path.join(cfg.home, "logs", "run-worker.log"), pipe_stdin=True)
             del secrets
-        elif not cfg.cloud and (status is None or status.connected_runners == 0):
-            secrets = gather_secrets(cfg, names)
-            worker = spawn(["worker", "--capacity", "1", "--exit-with-stdin"],
-                           worker_env(cfg, secrets, client.endpoint),
-                           os.path.join(cfg.home, "logs", "run-worker.log"), pipe_stdin=True)
-            del secrets
+        elif not cfg.cloud and worker is None and (status is None or status.connected_runners == 0):
+            worker = spawn_run_worker(cfg, names, client.endpoint)
+        import stigmer_pb2 as pb
+        import terminal
+        from daemon_client import BackendError
         renderer = terminal.make_renderer(args.json, cfg.environ.get("NO_COLOR"))
         model = args.model or (parent.spec.model if parent else "") or cfg.model or default_model()
         spec = pb.ExecutionSpec(prompt=prompt, workspace=workspace, model=model, max_turns=args.max_turns,
@@ -471,7 +482,7 @@ def cmd_run(cfg, args):
                                 repo=args.repo or (parent.spec.repo if parent else ""),
                                 ref=args.ref or (parent.spec.ref if parent else ""), keep_sandbox=args.keep_sandbox,
                                 sandbox=cfg.sandbox, parent_id=parent.id if parent else "")
-        queued = 0 if runner_id else client.status().queue_depth
+        queued = 0 if runner_id else (status or client.status()).queue_depth  # (an embedded daemon may hold old ones)
         if queued:
             print(f"stigmer: {queued} older execution(s) are queued and run first: see `python runner.py list "
                   "--phase pending`, and `python runner.py cancel ID` to drop one", file=sys.stderr)
@@ -524,6 +535,13 @@ def cmd_run(cfg, args):
             embedded.stop()
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+
+
+def spawn_run_worker(cfg, names, endpoint):
+    """This run's own worker (capacity 1), which stops when this command closes its stdin."""
+    secrets = gather_secrets(cfg, names)
+    return spawn(["worker", "--capacity", "1", "--exit-with-stdin"], worker_env(cfg, secrets, endpoint),
+                 os.path.join(cfg.home, "logs", "run-worker.log"), pipe_stdin=True)
 
 
 def find_parent(client, args, workspace):
@@ -740,7 +758,14 @@ def cmd_daemon(cfg, args):
 
 def cmd_worker(cfg, args):
     import logging
+    import threading
 
+    import models
+    cfg.require_sandbox()
+    os.environ.update(gather_secrets(cfg, []))  # asks only for a missing key; it lives in memory and env only
+    model = cfg.model or default_model()
+    # The SDK's import is the slowest part of a cold start: begin it before grpc's (worker.serve waits for it).
+    threading.Thread(target=models.preload, args=(model,), name="import-model-sdk", daemon=True).start()
     import daemon_client
     import worker
     from daemon_client import VERSION
@@ -748,9 +773,6 @@ def cmd_worker(cfg, args):
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     for noisy in ("httpx", "httpx2", "httpcore", "httpcore2", "anthropic", "grpc"):  # they log whole requests
         logging.getLogger(noisy).setLevel(max(level, logging.INFO))
-    os.environ.update(gather_secrets(cfg, []))  # asks only for a missing key; it lives in memory and env only
-    model = cfg.model or default_model()
-    cfg.require_sandbox()
     runner_id = args.runner_id or worker.new_runner_id()
     make_sandbox, sweep = sandbox_factory(cfg, runner_id, backend_is_terminal(cfg))
     if cfg.cloud:
