@@ -198,7 +198,8 @@ class Agent:
         if self.cancelled.is_set():
             raise cancel_stop()
         if self.turns >= self.max_turns:
-            raise Stop(pb.FAILED, f"reached the turn limit ({self.max_turns} turns); raise it with --max-turns", "max_turns")
+            raise Stop(pb.FAILED, f"reached the turn limit ({self.max_turns} turn{'s' if self.max_turns != 1 else ''}); "
+                                 "raise it with --max-turns", "max_turns")
         spent = self.usage.input_tokens + self.usage.output_tokens + self.usage.cache_read_tokens + self.usage.cache_write_tokens
         if self.max_tokens_total and spent >= self.max_tokens_total:
             raise Stop(pb.FAILED, f"reached the token limit ({spent} of {self.max_tokens_total} tokens)", "max_tokens_total")

@@ -741,7 +741,7 @@ def serve(home, endpoint=DEFAULT_ENDPOINT, *, allow_remote=False, runner_grace=1
     if problem and problem.errno == errno.EADDRINUSE:
         daemon.close()
         raise DaemonError(f"port {port} is already in use: is another daemon running? "
-                          f"(`python runner.py status`) or pick another with --endpoint")
+                          f"(`python runner.py status`) or pick another port, e.g. STIGMER_BACKEND_ENDPOINT=127.0.0.1:{port + 1}")
     try:
         bound = server.add_insecure_port(address)
     except RuntimeError:

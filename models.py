@@ -273,10 +273,26 @@ def anthropic_error(exc):
         text = str(exc)
         if "prompt is too long" in text or "context window" in text or "too many tokens" in text:
             return "context_window", "the conversation no longer fits the model's context window"
-        return "bad_request", f"the model API refused the request (400): {getattr(exc, 'message', text)}"
+        return "bad_request", f"the model API refused the request (400): {provider_message(exc)}"
+    if isinstance(exc, anthropic.NotFoundError):
+        return "not_found", (f"the model API answered 404 ({provider_message(exc)}): check the model name "
+                             "(STIGMER_MODEL or --model)")
     if isinstance(exc, anthropic.APIStatusError):
-        return "api_error", f"the model API failed ({exc.status_code}): {getattr(exc, 'message', exc)}"
+        return "api_error", f"the model API failed ({exc.status_code}): {provider_message(exc)}"
     return "api_error", f"the model API failed: {exc}"
+
+
+def provider_message(exc):
+    """The provider's own words in an SDK status error (body.error.message), not the SDK's dump of the body."""
+    body = getattr(exc, "body", None)
+    error = body.get("error") if isinstance(body, dict) else None
+    message = error.get("message") if isinstance(error, dict) else body.get("message") if isinstance(body, dict) else None
+    if isinstance(message, str) and message.strip():
+        return message.strip()
+    if isinstance(body, str) and body.strip():
+        return body.strip()[:300]
+    response = getattr(exc, "response", None)
+    return getattr(response, "reason_phrase", "") or "no message"
 
 
 ANTHROPIC_STOPS = {"tool_use": STOP_TOOL_USE, "max_tokens": STOP_MAX_TOKENS, "refusal": STOP_REFUSAL,

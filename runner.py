@@ -2,6 +2,7 @@
 streams to a local daemon.
 
     python runner.py "make the failing test pass"         # run one task in the current directory
+    git diff | python runner.py "review this"             # piped stdin joins the task as context
     python runner.py run "add a README" --workspace ~/proj --max-turns 20
     python runner.py --model openai/gpt-4.1 "fix the lint errors"   # or gemini/..., ollama/qwen3:8b
     python runner.py start --workers 2                    # daemon and workers in the background
@@ -14,7 +15,7 @@ streams to a local daemon.
     python runner.py stop
 
 Configuration comes from the environment, read once here: STIGMER_MODE or MODE (local | cloud),
-ENV (development | staging | production: logging only), STIGMER_HOME (~/.stigmer),
+STIGMER_ENV or ENV (development | staging | production: logging only), STIGMER_HOME (~/.stigmer),
 STIGMER_BACKEND_ENDPOINT (localhost:50051), SANDBOX_ROOT_DIR (the current directory),
 STIGMER_MODEL (provider/model or a bare claude-/gpt-/gemini- name), the chosen provider's key
 (ANTHROPIC_API_KEY, OPENAI_API_KEY or GEMINI_API_KEY: asked for with a masked prompt when missing; Ollama
@@ -25,8 +26,9 @@ STIGMER_CONTEXT_WINDOW (the model's context window in tokens, for clearing old t
 the table in models.py). Cloud mode only: REDIS_URL, STIGMER_REDIS_PREFIX (stigmer:), STIGMER_LEASE_TTL (15),
 STIGMER_CLAIM_IDLE (10), STIGMER_RETENTION (604800 seconds).
 
-The agent's shell runs on this host as you, with your environment minus the model keys:
-it is not a security boundary. File tools are confined to the workspace.
+The agent's shell runs on this host as you, with your environment minus the model keys and
+variables that look secret (unless named with --secret, or --inherit-env): it is not a
+security boundary. File tools are confined to the workspace.
 """
 import argparse
 import json
@@ -44,7 +46,11 @@ ENVS = ("development", "staging", "production")
 EXIT_CODES = {"COMPLETED": 0, "FAILED": 1, "CANCELLED": 130}
 START_WAIT = 15.0  # seconds `start` waits for the daemon to answer
 RUNNER_GRACE = 15.0  # default seconds the daemon waits for a lost runner to come back (STIGMER_RUNNER_GRACE)
+INHERIT_ENV_VAR = "STIGMER_INHERIT_ENV"  # 1: the agent's shell gets secret-looking variables too (--inherit-env)
+INHERIT_ALL = "*"  # in ExecutionSpec.secret_names: every variable may reach the agent's shell
 COMMANDS = ("run", "resume", "start", "stop", "status", "list", "logs", "cancel", "daemon", "worker")
+USER_COMMANDS = ("status", "list", "logs", "start", "stop", "cancel", "run", "resume", "daemon",
+                 "worker")  # the order a near miss is matched in
 SANDBOXES = ("filesystem", "daytona")
 REDIS_SETTINGS = (  # cloud mode: (variable, redis_backend setting, default seconds)
     ("STIGMER_LEASE_TTL", "lease_ttl", 15.0),  # a dead worker's execution fails about this long after
@@ -85,21 +91,25 @@ class Daytona(namedtuple("Daytona", "api_key api_url target snapshot")):
 
 
 class Config(namedtuple("Config", "mode env home endpoint sandbox_root model runner_grace environ sandbox daytona "
-                                  "redis_url redis_prefix redis_settings context_window", defaults=("", "", {}, 0))):
+                                  "redis_url redis_prefix redis_settings context_window inherit_env warnings",
+                        defaults=("", "", {}, 0, False, ()))):
     """The configuration, read from the environment once at the entry point."""
 
     @staticmethod
     def load(environ):
-        """Read and check the environment once; raises CliError on a bad value."""
+        """Read and check the environment once; raises CliError on a bad value. An unknown ENV only warns
+        (it sets log verbosity, and ENV is a generic name another tool may have set)."""
         from daemon_client import DEFAULT_ENDPOINT, DEFAULT_HOME
-        mode_var = "STIGMER_MODE" if environ.get("STIGMER_MODE", "").strip() else "MODE"
-        mode = environ.get(mode_var, "local").strip().lower() or "local"
+        mode_var, mode = setting(environ, "MODE", "local")
         if mode not in MODES:
             raise CliError(f"{mode_var}={environ[mode_var]!r} is not a mode: "
                            f"use {mode_var}=local (the default) or {mode_var}=cloud", 2)
-        env = environ.get("ENV", "development").strip().lower() or "development"
+        env_var, env = setting(environ, "ENV", "development")
+        warnings = []
         if env not in ENVS:
-            raise CliError(f"ENV={environ['ENV']!r} is not one of {', '.join(ENVS)}", 2)
+            warnings.append(f"{env_var}={environ[env_var]!r} is not one of {', '.join(ENVS)}: logging as development "
+                            f"(set STIGMER_ENV to override an unrelated {env_var})")
+            env = "development"
         home = os.path.abspath(os.path.expanduser(environ.get("STIGMER_HOME") or DEFAULT_HOME))
         sandbox = environ.get("STIGMER_SANDBOX", "").strip().lower() or ("daytona" if mode == "cloud" else "filesystem")
         if sandbox not in SANDBOXES:
@@ -112,7 +122,9 @@ class Config(namedtuple("Config", "mode env home endpoint sandbox_root model run
                       sandbox_root=os.path.abspath(environ.get("SANDBOX_ROOT_DIR") or os.getcwd()),
                       model=environ.get("STIGMER_MODEL", ""),
                       runner_grace=seconds(environ, "STIGMER_RUNNER_GRACE", RUNNER_GRACE), environ=dict(environ),
-                      sandbox=sandbox, daytona=daytona, context_window=tokens(environ, "STIGMER_CONTEXT_WINDOW"))
+                      sandbox=sandbox, daytona=daytona, context_window=tokens(environ, "STIGMER_CONTEXT_WINDOW"),
+                      inherit_env=environ.get(INHERIT_ENV_VAR, "").strip().lower() in ("1", "true", "yes", "on"),
+                      warnings=tuple(warnings))
         return cfg._replace(**cloud_settings(environ)) if mode == "cloud" else cfg
 
     def require_sandbox(self):
@@ -131,6 +143,15 @@ class Config(namedtuple("Config", "mode env home endpoint sandbox_root model run
     @property
     def cloud(self):
         return self.mode == "cloud"
+
+
+def setting(environ, name, default):
+    """(variable, lowercased value) of STIGMER_NAME, else NAME, else DEFAULT: the prefixed name wins."""
+    for var in (f"STIGMER_{name}", name):
+        value = environ.get(var, "").strip().lower()
+        if value:
+            return var, value
+    return name, default
 
 
 def cloud_settings(environ):
@@ -266,7 +287,8 @@ def worker_env(cfg, secrets, endpoint):
     """The environment of a worker: the user's, the secrets, and where the daemon is
     (in cloud mode REDIS_URL and the rest are the user's environment already)."""
     env = project_secrets().child_env(secrets, base=cfg.environ)
-    env.update(STIGMER_HOME=cfg.home, STIGMER_BACKEND_ENDPOINT=endpoint, MODE=cfg.mode, PYTHONUNBUFFERED="1")
+    env.update(STIGMER_HOME=cfg.home, STIGMER_BACKEND_ENDPOINT=endpoint, MODE=cfg.mode, STIGMER_MODE=cfg.mode,
+               STIGMER_ENV=cfg.env, PYTHONUNBUFFERED="1")
     return env
 
 
@@ -336,7 +358,7 @@ def gather_secrets(cfg, names, model):
     mod = project_secrets()
     try:
         return mod.gather((model.split("/")[0],), names, environ=cfg.environ,
-                                      warn=lambda m: print(f"stigmer: warning: {m}", file=sys.stderr))
+                          warn=lambda m: print(f"stigmer: warning: {m.removeprefix('warning: ')}", file=sys.stderr))
     except mod.PromptCancelled:
         raise CliError("cancelled at the key prompt", 130) from None
     except mod.MissingSecret as exc:
@@ -388,6 +410,34 @@ def live_pid(path):
 
 # ---- commands ----
 
+def read_prompt(task, stdin):
+    """The prompt: the TASK words; `-` or no task reads it from STDIN (when that is not a terminal);
+    a task with piped STDIN gets the piped text appended as context, as `llm` does."""
+    words = list(task)
+    from_stdin = words == ["-"] or (not words and not stdin.isatty())
+    piped = "" if from_stdin or stdin.isatty() or not readable_pipe(stdin) else stdin.read()
+    if from_stdin:
+        prompt = stdin.read().strip()
+    else:
+        prompt = " ".join(words).strip()
+        if prompt and piped.strip():
+            prompt = f"{prompt}\n\n{piped.rstrip()}"
+    if not prompt:
+        raise CliError("the prompt is empty: give the task, e.g. python runner.py \"add a --verbose flag\", "
+                       "or pipe it in: echo \"add a --verbose flag\" | python runner.py", 2)
+    return prompt
+
+
+def readable_pipe(stream):
+    """True when STREAM is a pipe or a file (something piped or redirected in), not /dev/null or a socket."""
+    import stat
+    try:
+        mode = os.fstat(stream.fileno()).st_mode
+    except (OSError, ValueError, AttributeError):
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISREG(mode)
+
+
 def embedded_endpoint(endpoint):
     """Where an embedded daemon asked to listen on ENDPOINT will be found (as daemon.serve binds it),
     or None when that is known only once it listens (port 0)."""
@@ -401,12 +451,12 @@ def cmd_run(cfg, args):
     workspace = os.path.abspath(os.path.expanduser(args.workspace)) if args.workspace else cfg.sandbox_root
     if not os.path.isdir(workspace):
         raise CliError(f"the workspace {workspace} does not exist (or is not a directory)", 2)
-    prompt = " ".join(args.task).strip()
-    if not prompt:
-        raise CliError("give the task to run, e.g. python runner.py \"add a --verbose flag\"", 2)
+    prompt = read_prompt(args.task, sys.stdin)
     resuming = args.command == "resume" or args.cont
-    if args.max_turns < 1 or (args.max_tokens_total or 0) < 0:
-        raise CliError("--max-turns must be at least 1 and --max-tokens-total positive", 2)
+    if args.max_turns < 1:
+        raise CliError(f"--max-turns must be at least 1 (got {args.max_turns})", 2)
+    if (args.max_tokens_total or 0) < 0:
+        raise CliError(f"--max-tokens-total must be positive (got {args.max_tokens_total})", 2)
     check_repo_args(cfg, args)
     cfg.require_sandbox()
     mod = project_secrets()
@@ -440,6 +490,9 @@ def cmd_run(cfg, args):
             names = list(dict.fromkeys([*parent.spec.secret_names, *names]))
             if not args.model:  # and the same model, whose provider's key is the one to gather
                 model = choose_model(cfg, parent.spec.model)
+        inherit = args.inherit_env or cfg.inherit_env or INHERIT_ALL in names
+        names = [n for n in names if n != INHERIT_ALL]
+        shell_names = names + [INHERIT_ALL] if inherit else names  # the spec's; `*` lets them all through
         if cfg.cloud and not args.detach:  # its own worker, with this run's secrets, takes only this run
             runner_id = f"run-{os.getpid()}-{os.urandom(3).hex()}"
             secrets = gather_secrets(cfg, names, model)
@@ -455,7 +508,7 @@ def cmd_run(cfg, args):
         from daemon_client import BackendError
         renderer = terminal.make_renderer(args.json, cfg.environ.get("NO_COLOR"))
         spec = pb.ExecutionSpec(prompt=prompt, workspace=workspace, model=model, max_turns=args.max_turns,
-                                secret_names=names, max_tokens_total=args.max_tokens_total or 0, runner_id=runner_id,
+                                secret_names=shell_names, max_tokens_total=args.max_tokens_total or 0, runner_id=runner_id,
                                 repo=args.repo or (parent.spec.repo if parent else ""),
                                 ref=args.ref or (parent.spec.ref if parent else ""), keep_sandbox=args.keep_sandbox,
                                 sandbox=cfg.sandbox, parent_id=parent.id if parent else "")
@@ -467,7 +520,9 @@ def cmd_run(cfg, args):
         if args.detach:
             print(json.dumps({"execution_id": execution.id}) if args.json else execution.id)
             return 0
-        if not renderer.json_lines:
+        if renderer.json_lines:
+            renderer.json_line(terminal.run_dict(execution, cfg.mode, client.endpoint))
+        else:
             where = (f"Redis at {client.endpoint}" if cfg.cloud else f"embedded daemon on {client.endpoint}"
                      if embedded else f"daemon at {client.endpoint}")
             space = workspace if cfg.sandbox == "filesystem" else "daytona sandbox" + (f" · {args.repo}" if args.repo
@@ -593,9 +648,23 @@ def cmd_start(cfg, args, out=None):
 
 
 def cmd_stop(cfg, args):
+    from terminal import plural
+    found = backend_status(cfg) if cfg.cloud else find_daemon(cfg)
+    running = running_executions(found[0]) if found else []
+    if running and not args.force:
+        listing = "\n".join(f"  {line}" for line in describe(running))
+        if not sys.stdin.isatty():
+            raise CliError(f"{plural(len(running), 'execution')} running; `stop` would cancel them:\n{listing}\n"
+                           "run `python runner.py stop --force` to cancel them and stop")
+        print(f"{plural(len(running), 'execution')} running; stopping cancels them:\n{listing}", file=sys.stderr)
+        if not confirm("cancel them and stop? [y/N] "):
+            raise CliError("nothing stopped", 1)
+    for ex, line in zip(running, describe(running)):  # cancel first, so the log says who stopped them
+        found[0].cancel(ex.id)
+        print(f"cancelled {line}")
     files = pid_files(cfg)
     ordered = [p for p in files if "worker-" in p] + [p for p in files if "worker-" not in p]
-    stopped = 0
+    stopped = []
     for path in ordered:  # workers first, so they can report their last events to the daemon
         pid = live_pid(path)
         if pid:
@@ -605,10 +674,36 @@ def cmd_stop(cfg, args):
                 time.sleep(0.05)
             if live_pid(path):
                 os.kill(pid, signal.SIGKILL)
-            stopped += 1
+            stopped.append(os.path.basename(path)[:-4])
         os.unlink(path)
-    print(f"stopped {stopped} process(es)" if stopped else "nothing was running")
+    if stopped:
+        print(f"stopped {len(stopped)} process(es): {', '.join(stopped)}")
+    elif found and found[1].pid:
+        print(f"the daemon at {found[0].endpoint} (pid {found[1].pid}) belongs to a foreground "
+              "`python runner.py` run and ends with it" + (" now that its run is cancelled" if running else ""))
+    else:
+        print("nothing was running")
     return 0
+
+
+def running_executions(client):
+    """The executions the backend is running now."""
+    import stigmer_pb2 as pb
+    return list(client.list(pb.RUNNING, 1000))
+
+
+def describe(executions):
+    """`ex-… "first line of the prompt"` per execution."""
+    return [f"{ex.id}  {json.dumps((ex.spec.prompt.splitlines() or [''])[0][:60], ensure_ascii=False)}"
+            for ex in executions]
+
+
+def confirm(question):
+    """Ask QUESTION on the terminal; True for yes."""
+    try:
+        return input(question).strip().lower() in ("y", "yes")
+    except EOFError:
+        return False
 
 
 def cmd_status(cfg, args):
@@ -618,7 +713,8 @@ def cmd_status(cfg, args):
         raise CliError(f"no daemon answers at {cfg.endpoint}: start one with `python runner.py start`")
     import terminal
     client, status = found
-    terminal.print_status(status, procs, client.endpoint, args.json)
+    terminal.print_status(status, procs, client.endpoint, args.json, running=running_executions(client),
+                          background=procs.get("daemon") == status.pid)
     return 0
 
 
@@ -628,7 +724,7 @@ def cmd_list(cfg, args):
     client, embedded = open_log(cfg)
     try:
         terminal.print_executions(client.list(pb.Phase.Value(args.phase.upper()) if args.phase else 0, args.limit),
-                                  args.json)
+                                  args.json, phase=args.phase)
         return 0
     finally:
         if embedded:
@@ -646,12 +742,14 @@ def cmd_logs(cfg, args):
         renderer.show_prompts = True
         if args.history and execution.spec.parent_id:
             terminal.show_ancestors(client, execution, renderer)
-        terminal.follow(client, args.id, renderer, follow_live=args.follow and embedded is None,
-                        reconnect=lambda: connect(cfg))
+        try:
+            terminal.follow(client, args.id, renderer, follow_live=args.follow and embedded is None,
+                            reconnect=lambda: connect(cfg))
+        except KeyboardInterrupt:
+            terminal.stopped_watching(renderer, args.id)
+            return 130
         renderer.newline()
         return 0
-    except KeyboardInterrupt:
-        return 130
     finally:
         if embedded:
             embedded.stop()
@@ -739,14 +837,19 @@ def parser():
 
     run = sub.add_parser("run", help="run a task (the default command)",
                          epilog='example: python runner.py run "fix the failing test" --workspace ~/proj')
-    run.add_argument("task", nargs="+", help="what the agent should do")
+    run.add_argument("task", nargs="*", help="what the agent should do; `-` or none reads it from stdin "
+                                             "(piped stdin after a task is added as context)")
     run.add_argument("--workspace", help="directory the agent works in (default: SANDBOX_ROOT_DIR or .)")
     run.add_argument("--model", help="provider/model, e.g. openai/gpt-4.1, gemini/gemini-2.5-flash, ollama/qwen3:8b "
                                      "(default: STIGMER_MODEL or the newest Claude Sonnet)")
     run.add_argument("--max-turns", type=int, default=50, help="most model turns (default 50)")
     run.add_argument("--max-tokens-total", type=int, help="stop after this many tokens in all")
     run.add_argument("--secret", action="append", metavar="NAME", help="pass env var NAME to the agent's shell, redacted")
-    run.add_argument("--json", action="store_true", help="one JSON object per event per line")
+    run.add_argument("--inherit-env", action="store_true",
+                     help=f"let variables that look secret (names with KEY, TOKEN, SECRET, PASSWORD, CREDENTIAL) "
+                          f"reach the agent's shell, still redacted (or {INHERIT_ENV_VAR}=1)")
+    run.add_argument("--json", action="store_true",
+                     help="JSON lines: a run object, one object per event, then a summary object")
     run.add_argument("--detach", action="store_true", help="submit to the background daemon and print the id")
     run.add_argument("--repo", metavar="URL", help="clone this git repository into the sandbox's workspace first "
                                                    "(STIGMER_SANDBOX=daytona; a --secret GITHUB_TOKEN authenticates it)")
@@ -759,12 +862,16 @@ def parser():
     resume = sub.add_parser("resume", help="continue an execution's conversation with a follow-up",
                             epilog='example: python runner.py resume ex-1a2b3c "now add a test for it"')
     resume.add_argument("id", help="the execution to continue (it must have ended)")
-    resume.add_argument("task", nargs="+", help="the follow-up")
+    resume.add_argument("task", nargs="*", help="the follow-up; `-` or none reads it from stdin")
     resume.add_argument("--model", help="model id (default: the one the execution used); another provider's is fine")
     resume.add_argument("--max-turns", type=int, default=50, help="most model turns (default 50)")
     resume.add_argument("--max-tokens-total", type=int, help="stop after this many tokens in all")
     resume.add_argument("--secret", action="append", metavar="NAME", help="pass env var NAME to the agent's shell, redacted")
-    resume.add_argument("--json", action="store_true", help="one JSON object per event per line")
+    resume.add_argument("--inherit-env", action="store_true",
+                     help=f"let variables that look secret (names with KEY, TOKEN, SECRET, PASSWORD, CREDENTIAL) "
+                          f"reach the agent's shell, still redacted (or {INHERIT_ENV_VAR}=1)")
+    resume.add_argument("--json", action="store_true",
+                        help="JSON lines: a run object, one object per event, then a summary object")
     resume.add_argument("--detach", action="store_true", help="submit to the background daemon and print the id")
     resume.set_defaults(workspace=None, cont=False, repo=None, ref=None, keep_sandbox=False)
 
@@ -773,10 +880,12 @@ def parser():
     start.add_argument("--workers", type=int, default=1, help="how many workers (default 1)")
     start.add_argument("--secret", action="append", metavar="NAME", help="a secret the workers' shells may see")
     start.add_argument("--model", help="the workers' default model, provider/model (its key is asked for)")
-    sub.add_parser("stop", help="stop the background daemon and workers", epilog="example: python runner.py stop")
+    stop = sub.add_parser("stop", help="stop the background daemon and workers (running executions are cancelled)",
+                          epilog="example: python runner.py stop --force")
+    stop.add_argument("--force", action="store_true", help="cancel running executions without asking")
     status = sub.add_parser("status", help="report on the daemon and workers",
                             epilog="example: python runner.py status --json")
-    status.add_argument("--json", action="store_true")
+    status.add_argument("--json", action="store_true", help="one JSON object")
     lst = sub.add_parser("list", help="list executions, newest first", epilog="example: python runner.py list --phase failed")
     lst.add_argument("--json", action="store_true", help="one JSON object per execution per line")
     lst.add_argument("--phase", choices=["pending", "running", "completed", "failed", "cancelled"])
@@ -784,7 +893,7 @@ def parser():
     logs = sub.add_parser("logs", help="replay an execution's events", epilog="example: python runner.py logs ex-1a2b -f")
     logs.add_argument("id")
     logs.add_argument("-f", "--follow", action="store_true", help="keep following until it ends")
-    logs.add_argument("--json", action="store_true")
+    logs.add_argument("--json", action="store_true", help="one JSON object per event per line")
     logs.add_argument("--history", action="store_true",
                       help="show the conversation it continues first (its parent's events, and theirs)")
     logs.add_argument("--patch", action="store_true",
@@ -822,14 +931,16 @@ def main(argv=None):
 def run_cli(argv):
     """Parse ARGV and run the command; returns the exit code."""
     args = list(argv)
-    if args and args[0] not in COMMANDS and not args[0].startswith("-"):
-        args.insert(0, "run")
-    elif args and args[0].startswith("-") and args[0] not in ("-h", "--help", "--version") and "run" not in args[:1]:
+    implicit_run = bool(args) and args[0] not in COMMANDS and args[0] not in ("-h", "--help", "--version")
+    if implicit_run:
         args.insert(0, "run")
     p = parser()
     if not args:
-        p.print_help()
-        return 2
+        if not sys.stdin.isatty():  # `echo "task" | python runner.py`: the prompt comes from stdin
+            args = ["run"]
+        else:
+            p.print_help()
+            return 2
     try:
         parsed = p.parse_args(args)
     except SystemExit as exc:
@@ -841,7 +952,11 @@ def run_cli(argv):
     handlers = {"run": cmd_run, "resume": cmd_run, "start": cmd_start, "stop": cmd_stop, "status": cmd_status, "list": cmd_list,
                 "logs": cmd_logs, "cancel": cmd_cancel, "daemon": cmd_daemon, "worker": cmd_worker}
     try:
+        if implicit_run and "--" not in args:
+            refuse_near_miss(parsed.task)
         cfg = Config.load(os.environ)
+        for warning in cfg.warnings:
+            print(f"stigmer: warning: {warning}", file=sys.stderr)
         return handlers[parsed.command](cfg, parsed)
     except CliError as exc:
         print(f"stigmer: {exc}", file=sys.stderr)
@@ -854,6 +969,42 @@ def run_cli(argv):
         return 130
     except BrokenPipeError:
         return 1
+
+
+def refuse_near_miss(task):
+    """Raise a usage error when TASK is one word that looks like a mistyped command (`stauts`, `lst`):
+    running it would cost a model call. `run WORD` or `-- WORD` runs such a task on purpose."""
+    words = " ".join(task).split()
+    if len(words) != 1:
+        return
+    command = near_miss(words[0])
+    if command:
+        raise CliError(f"did you mean `{command}`? (`{words[0]}` is not a command; to run it as a task, use "
+                       f"`python runner.py run {words[0]}` or `python runner.py -- {words[0]}`)", 2)
+
+
+def near_miss(word):
+    """The command WORD is a prefix of or within edit distance 2 of, closest first; else None."""
+    word = word.lower()
+    if not word.isidentifier():
+        return None
+    scored = sorted((0 if command.startswith(word) else edit_distance(word, command), n, command)
+                    for n, command in enumerate(USER_COMMANDS))
+    distance, _, command = scored[0]
+    return command if distance <= 2 else None
+
+
+def edit_distance(a, b):
+    """Levenshtein distance, with a swap of two neighbours counted as one edit (`stauts`)."""
+    rows = [list(range(len(b) + 1))]
+    for i, ca in enumerate(a, 1):
+        row = [i]
+        for j, cb in enumerate(b, 1):
+            row.append(min(rows[-1][j] + 1, row[j - 1] + 1, rows[-1][j - 1] + (ca != cb)))
+            if i > 1 and j > 1 and ca == b[j - 2] and a[i - 2] == cb:
+                row[j] = min(row[j], rows[-2][j - 2] + 1)
+        rows.append(row)
+    return rows[-1][-1]
 
 
 if __name__ == "__main__":

@@ -119,8 +119,12 @@ class Renderer:
             self.newline()
             self.out(self.paint("35", artifact_line(ev)) + "\n")
 
+    def json_line(self, obj):
+        print(json.dumps(obj, ensure_ascii=False), flush=True)
+
     def summary(self, execution, phase_name, elapsed):
         if self.json_lines:  # stdout stays pure JSON; a failure still gets one line on stderr
+            self.json_line(summary_dict(execution, phase_name, elapsed))
             if phase_name != "COMPLETED":
                 print(f"stigmer: {phase_name.lower()}: {execution.error or 'no reason given'} ({execution.id})",
                       file=sys.stderr)
@@ -133,7 +137,7 @@ class Renderer:
                 "CANCELLED": self.paint("33", "■ cancelled")}.get(phase_name, phase_name)
         reason = f": {execution.error}" if execution.error and phase_name != "COMPLETED" else ""
         self.out(f"\n{mark}{reason}\n", err=phase_name != "COMPLETED")
-        self.out(self.paint("2", f"  {execution.turns} turns · {u.input_tokens:,} in / {u.output_tokens:,} out tokens · "
+        self.out(self.paint("2", f"  {plural(execution.turns, 'turn')} · {u.input_tokens:,} in / {u.output_tokens:,} out tokens · "
                                  f"cache {u.cache_read_tokens:,} read{hit}, {u.cache_write_tokens:,} written · "
                                  f"{elapsed:.1f} s · {execution.spec.model or 'default model'} · {execution.id}") + "\n")
         if self.cleared:
@@ -163,10 +167,39 @@ def artifact_line(ev):
 
 
 def make_renderer(json_lines, no_color):
-    """JSON lines when asked or when stdout is not a terminal; colour and a spinner on a terminal."""
-    tty = sys.stdout.isatty()
-    json_lines = json_lines or not tty
-    return Renderer(json_lines, tty and not no_color, spinner=not json_lines and sys.stderr.isatty())
+    """Text wherever stdout goes (JSON lines only when asked); colour and the spinner only on a terminal."""
+    terminal = sys.stdout.isatty() and sys.stderr.isatty()
+    return Renderer(json_lines, terminal and not no_color, spinner=not json_lines and terminal)
+
+
+def stopped_watching(renderer, execution_id):
+    """Ctrl-C on a watcher: clear the spinner and say that the run itself goes on."""
+    renderer.clear_spinner()
+    renderer.newline()
+    print(f"stigmer: stopped watching; {execution_id} keeps running (follow it again with "
+          f"`python runner.py logs {execution_id} -f`, stop it with `python runner.py cancel {execution_id}`)",
+          file=sys.stderr, flush=True)
+
+
+def plural(n, word):
+    """`1 turn`, `2 turns`."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def run_dict(execution, mode, endpoint):
+    """The first object of `run --json`: what runs where."""
+    spec = execution.spec
+    return {"kind": "run", "execution_id": execution.id, "model": spec.model, "workspace": spec.workspace,
+            "mode": mode, "endpoint": endpoint, "prompt": spec.prompt}
+
+
+def summary_dict(execution, phase_name, elapsed):
+    """The last object of `run --json`: how it ended."""
+    u = execution.usage
+    return {"kind": "summary", "execution_id": execution.id, "phase": phase_name, "turns": execution.turns,
+            "usage": {"input_tokens": u.input_tokens, "output_tokens": u.output_tokens,
+                      "cache_read_tokens": u.cache_read_tokens, "cache_write_tokens": u.cache_write_tokens},
+            "duration_s": round(elapsed, 3), "final_text": execution.final_text, "error": execution.error}
 
 
 def event_dict(ev):
@@ -193,14 +226,15 @@ def execution_dict(ex):
     return json_ints(MessageToDict(ex, preserving_proto_field_name=True, always_print_fields_with_no_presence=True))
 
 
-def print_executions(executions, json_lines):
-    """`list`: one JSON object per execution per line, or a table newest first."""
+def print_executions(executions, json_lines, phase=None):
+    """`list`: one JSON object per execution per line, or a table newest first (PHASE: what was asked for)."""
     if json_lines:
         for ex in executions:
             print(json.dumps(execution_dict(ex), ensure_ascii=False))
         return
     if not executions:
-        print("no executions yet: run one with python runner.py \"your task\"")
+        print(f"no {phase} executions (see all with `python runner.py list`)" if phase
+              else "no executions yet: run one with python runner.py \"your task\"")
         return
     now = time.time()
     width = max([len(ex.spec.model) for ex in executions] + [5])
@@ -214,21 +248,26 @@ def print_executions(executions, json_lines):
               f"{ex.spec.prompt.splitlines()[0][:60] if ex.spec.prompt else ''}")
 
 
-def print_status(st, processes, endpoint, json_lines):
-    """`status`: the daemon's pb.DaemonStatus and our background PROCESSES (name -> pid or None)."""
+def print_status(st, processes, endpoint, json_lines, running=(), background=True):
+    """`status`: the daemon's pb.DaemonStatus, our background PROCESSES (name -> pid or None), the RUNNING
+    executions, and whether the daemon is a BACKGROUND one (`start`) or lives inside a foreground run."""
     if json_lines:
         from google.protobuf.json_format import MessageToDict
         status = MessageToDict(st, preserving_proto_field_name=True)
         status["executions_by_phase"] = {k: int(v) for k, v in status.get("executions_by_phase", {}).items()}
-        print(json.dumps({**status, "processes": processes}))
+        print(json.dumps({**status, "processes": processes, "started_by": "start" if background else "foreground run",
+                          "running": [{"id": ex.id, "prompt": ex.spec.prompt} for ex in running]}))
         return
     phases = ", ".join(f"{k.lower()} {v}" for k, v in sorted(st.executions_by_phase.items())) or "none"
     if st.pid:
-        print(f"daemon {st.version} pid {st.pid} at {endpoint}, up {st.uptime_seconds:.0f} s")
+        where = "" if background else " (inside a foreground `python runner.py` run; it ends with that run)"
+        print(f"daemon {st.version} pid {st.pid} at {endpoint}, up {st.uptime_seconds:.0f} s{where}")
     else:  # cloud mode: no daemon, Redis is the backend
         print(f"cloud mode {st.version}: Redis at {endpoint}, up {st.uptime_seconds:.0f} s")
     print(f"runners connected: {st.connected_runners} (free slots {st.free_capacity}); queue: {st.queue_depth}")
     print(f"executions: {phases}")
+    for ex in running:
+        print(f"  running {ex.id}  {json.dumps((ex.spec.prompt.splitlines() or [''])[0][:60], ensure_ascii=False)}")
     for name, pid in processes.items():
         print(f"  {name}: {'pid ' + str(pid) if pid else 'not running'}")
 

@@ -95,7 +95,7 @@ class CloudCase(unittest.TestCase):
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        run_cli(["stop"], self.env, timeout=30)
+        run_cli(["stop", "--force"], self.env, timeout=30)  # cancels what a test left running
         self.client.close()
         self.fake.stop()
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -293,6 +293,7 @@ class ForegroundCancelTest(CloudCase):
         out, err = proc.communicate(timeout=60)
         self.assertEqual(proc.returncode, 130, err)
         events = [json.loads(line) for line in out.splitlines()]
+        events = [e for e in events if "seq" in e]  # without the run and summary objects around the log
         self.assertEqual(events[-1]["phase"], "CANCELLED")
         self.assertEqual([e["seq"] for e in events], list(range(1, len(events) + 1)))
         wait_for(lambda: not any(pid_alive(p) for p in pids), 30, "the command to be killed")
@@ -347,7 +348,8 @@ class CliTest(CloudCase):
 
         # a foreground run: its own worker (its secrets) runs it, though two shared workers wait
         env = dict(self.env, GITHUB_TOKEN=self.GITHUB)
-        events = self.json_lines(self.cli("--json", "--secret", "GITHUB_TOKEN", "show the env", env=env))
+        events = [e for e in self.json_lines(self.cli("--json", "--secret", "GITHUB_TOKEN", "show the env", env=env))
+                  if "seq" in e]  # the log, without the run and summary objects
         execution_id = events[0]["execution_id"]
         self.assertEqual([e["seq"] for e in events], list(range(1, len(events) + 1)))
         self.assertEqual(events[-1]["phase"], "COMPLETED")
@@ -383,7 +385,7 @@ class CliTest(CloudCase):
         local.update(STIGMER_HOME=os.path.join(self.tmp, "local-home"), STIGMER_BACKEND_ENDPOINT="127.0.0.1:0")
         from testsupport import free_port
         local["STIGMER_BACKEND_ENDPOINT"] = f"127.0.0.1:{free_port()}"
-        local_events = self.json_lines(self.cli("--json", "show the env", env=local))
+        local_events = [e for e in self.json_lines(self.cli("--json", "show the env", env=local)) if "seq" in e]
         shape = lambda evs: sorted({(e["kind"], tuple(sorted(e))) for e in evs})  # noqa: E731
         self.assertEqual(shape(local_events), shape(events))
         local_rows = self.json_lines(self.cli("list", "--json", env=local))

@@ -314,7 +314,7 @@ class CliTest(CliCase):
         self.assertEqual(proc.returncode, 0, proc.stderr)
         (kept,) = self.daytona.created
         self.assertIn(f"stigmer: sandbox {kept} kept running", proc.stderr)
-        self.assertIn(f'"name": "{kept}"', proc.stdout)  # in the artifact events (--json: stdout is no tty)
+        self.assertIn(f"▣ sandbox {kept}", proc.stdout)  # the artifact events' lines (text, even when piped)
         self.assertEqual((self.daytona.deleted, list(self.daytona.sandboxes)), ([], [kept]))
         execution_id = json.loads(self.cli("list", "--json").stdout.splitlines()[0])["id"]
         nopatch = self.cli("logs", execution_id, "--patch")  # an empty workspace is not a git checkout

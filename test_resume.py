@@ -237,9 +237,11 @@ class ContextTest(unittest.TestCase):
 
 class ResumeCase(CliCase):
     def resume(self, *args):
-        """`runner.py resume ARGS --json`; returns (CompletedProcess, events)."""
+        """`runner.py resume ARGS --json`; returns (CompletedProcess, events): the log's events, without the
+        run and summary objects around them."""
         proc = self.cli("resume", *args, "--json")
-        return proc, [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+        lines = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+        return proc, [obj for obj in lines if "seq" in obj]
 
 
 class ResumeCliTest(ResumeCase):

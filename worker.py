@@ -53,6 +53,29 @@ PATCH_MAX_BYTES = 512_000  # most bytes of a patch artifact: whole files are lef
 SWEEP_EVERY = 600.0  # seconds between sweeps of leftover sandboxes
 MAX_CHAIN = 1000  # most ancestors a resumed conversation may have
 
+SECRET_WORDS = ("KEY", "SECRET", "TOKEN", "PASSWORD", "CREDENTIAL")  # names holding one look secret
+INHERIT_ALL = "*"  # in ExecutionSpec.secret_names: secret-looking variables reach the shell too (--inherit-env)
+NOT_SECRET = ("STIGMER_SANDBOX_SECRETS",)  # settings whose names look secret but hold names, not values
+
+
+def looks_secret(name):
+    """True when a variable's NAME suggests it holds a secret (case-insensitive)."""
+    return name not in NOT_SECRET and any(word in name.upper() for word in SECRET_WORDS)
+
+
+def hidden_from_shell(environ, named, key_vars, inherit=False):
+    """The shell_env overrides that keep the model keys (KEY_VARS) and, unless INHERIT, every secret-looking
+    variable of ENVIRON out of the agent's shell; names in NAMED (--secret) pass."""
+    hidden = set(key_vars) | (set() if inherit else {n for n in environ if looks_secret(n)})
+    return {name: None for name in sorted(hidden) if name not in named}
+
+
+def redacted_names(environ, named, key_vars):
+    """Every variable whose value is redacted from what the model and the log see: the model keys
+    (KEY_VARS), the --secret names and every secret-looking variable present, passed to the shell or not."""
+    names = [*key_vars, *named, *sorted(n for n in environ if looks_secret(n))]
+    return [n for n in dict.fromkeys(names) if environ.get(n)]
+
 
 class Cancelled(Exception):
     """An execution was cancelled before its agent started."""
@@ -310,17 +333,18 @@ class Worker:
         spec = execution.spec
         mod = models.project_secrets()
         key_vars = (*models.model_key_vars(), *mod.SERVICE_KEY_VARS)
-        values = {n: self.environ.get(n) or os.environ.get(n) for n in (*key_vars, *spec.secret_names)}
-        redactor = mod.Redactor({n: v for n, v in values.items() if v})
+        named = [n for n in spec.secret_names if n != INHERIT_ALL]
+        environ = {**os.environ, **self.environ}  # the worker's Config.environ wins over the process's
+        redactor = mod.Redactor({n: environ[n] for n in redacted_names(environ, named, key_vars)})
         emit = lambda **payload: self.emit(execution.id, redactor, **payload)  # noqa: E731
         log.info("running %s in %s", execution.id, spec.repo or spec.workspace)
         phase, reason, final_text, turns, box, service_down = pb.FAILED, "", "", 0, None, False
         try:
-            for name in spec.secret_names:
+            for name in named:
                 if name not in os.environ:
                     emit(error=pb.Error(code="secret_missing", message=f"{name} was named with --secret but this "
                                         "worker's environment does not have it; the agent's shell runs without it"))
-            shell_env = {name: None for name in key_vars if name not in spec.secret_names}
+            shell_env = hidden_from_shell(os.environ, named, key_vars, inherit=INHERIT_ALL in spec.secret_names)
             history = self.conversation(spec.parent_id) if spec.parent_id else []
             while not self._sdk_ready.wait(0.1):  # the SDK is still importing (serve() started that)
                 if execution.id in self.cancels or self.stopping.is_set():

@@ -1,0 +1,435 @@
+"""The CLI as Claude Code and Codex users expect it (issue 10), each case through `python runner.py`
+as a subprocess: typo refusals, stdin prompts, text when piped and JSON with --json, the agent's
+environment, STIGMER_MODE / STIGMER_ENV, `stop` and `status` telling the truth, and the fixed messages.
+
+    python -m unittest test_cli -v
+"""
+import fcntl
+import json
+import os
+import pty
+import signal
+import socket
+import subprocess
+import sys
+import termios
+import threading
+import unittest
+
+import runner
+from test_runner import CliCase, read, wait_for
+from testsupport import HERE, run_cli, text_step, tool_step
+
+RUNNER = os.path.join(HERE, "runner.py")
+
+
+def first_prompt(fake):
+    """The text of the first user message the fake model received."""
+    return fake.requests[0]["messages"][0]["content"][0]["text"]
+
+
+class Pty:
+    """A child on a pseudo-terminal (its controlling terminal too); collects what it writes."""
+
+    def __init__(self, args, env, cwd):
+        self.main_fd, sub_fd = pty.openpty()
+
+        def controlling_terminal():
+            os.setsid()
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+        self.proc = subprocess.Popen([sys.executable, RUNNER, *args], env=env, cwd=cwd, stdin=sub_fd, stdout=sub_fd,
+                                     stderr=sub_fd, preexec_fn=controlling_terminal)
+        os.close(sub_fd)
+        self.chunks = []
+        self.lock = threading.Lock()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self):
+        while True:
+            try:
+                data = os.read(self.main_fd, 65536)
+            except OSError:  # EIO: every writer has closed the terminal
+                return
+            if not data:
+                return
+            with self.lock:
+                self.chunks.append(data)
+
+    @property
+    def screen(self):
+        with self.lock:
+            return b"".join(self.chunks).decode("utf-8", "replace")
+
+    def type(self, text):
+        os.write(self.main_fd, text.encode())
+
+    def wait(self, timeout=90):
+        code = self.proc.wait(timeout=timeout)
+        self.reader.join(timeout=10)
+        os.close(self.main_fd)
+        return code
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+
+
+class TypoTest(CliCase):
+    script = [text_step("ran it on purpose")]
+
+    def test_near_miss_of_a_command_is_refused_before_any_key_prompt_or_model_call(self):
+        no_key = {k: v for k, v in self.env.items() if k != "ANTHROPIC_API_KEY"}
+        for args, command in ((["stauts"], "status"), (["lst", "--json"], "list"), (["--json", "lst"], "list"),
+                              (["stat"], "status"), (["cancle"], "cancel"), (["--json", "list"], "list")):
+            proc = self.cli(*args, env=no_key)
+            self.assertEqual(proc.returncode, 2, (args, proc.stderr))
+            self.assertIn(f"did you mean `{command}`?", proc.stderr)
+            self.assertNotIn("ANTHROPIC_API_KEY", proc.stderr)  # refused before the key was looked for
+            self.assertEqual(len(proc.stderr.strip().splitlines()), 1, proc.stderr)
+        self.assertEqual(self.fake.requests, [])
+        self.assertFalse(os.path.exists(os.path.join(self.home, "stigmer.db")))  # nothing was submitted
+
+    def test_run_word_or_double_dash_runs_it_on_purpose(self):
+        for args in (["run", "stauts"], ["--", "stauts"]):
+            proc = self.cli(*args)
+            self.assertEqual(proc.returncode, 0, (args, proc.stderr))
+            self.assertIn("ran it on purpose", proc.stdout)
+        self.assertEqual([body["messages"][0]["content"][0]["text"] for body in self.fake.requests],
+                         ["stauts", "stauts"])
+
+    def test_ordinary_one_word_tasks_still_run(self):
+        proc = self.cli("refactor")
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertEqual(first_prompt(self.fake), "refactor")
+
+    def test_near_miss(self):
+        self.assertEqual(runner.near_miss("stauts"), "status")
+        self.assertEqual(runner.near_miss("lst"), "list")
+        self.assertEqual(runner.near_miss("st"), "status")  # a prefix
+        self.assertIsNone(runner.near_miss("refactor"))
+        self.assertIsNone(runner.near_miss("-"))
+
+
+class StdinPromptTest(CliCase):
+    script = [text_step("read it")]
+
+    def test_prompt_from_piped_stdin(self):
+        proc = self.cli(input="summarise the project\n")
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertEqual(first_prompt(self.fake), "summarise the project")
+
+    def test_dash_reads_stdin(self):
+        proc = run_cli(["-", "--max-turns", "3"], self.env, cwd=self.workspace, input="fix the test\n", timeout=90)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertEqual(first_prompt(self.fake), "fix the test")
+
+    def test_task_with_piped_stdin_gets_it_as_context(self):
+        proc = self.cli("explain this log", input="ERROR: disk full\n")
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertEqual(first_prompt(self.fake), "explain this log\n\nERROR: disk full")
+
+    def test_empty_prompt_is_a_usage_error(self):
+        for args, stdin in (([], "  \n"), (["-"], ""), ([""], None)):
+            proc = self.cli(*args, input=stdin) if stdin is not None else self.cli(*args)
+            self.assertEqual(proc.returncode, 2, (args, proc.stderr))
+            self.assertIn("the prompt is empty", proc.stderr)
+        self.assertEqual(self.fake.requests, [])
+
+    def cli(self, *args, env=None, timeout=90, input=None):
+        return run_cli(list(args), env or self.env, timeout=timeout, cwd=self.workspace, input=input)
+
+
+class OutputTest(CliCase):
+    script = [tool_step(("execute", {"command": "echo hello"}), text="Checking."), text_step("All done.")]
+
+    def test_text_when_piped(self):
+        proc = self.cli("say hello")
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertNotIn('"kind"', proc.stdout)
+        for text in ("Checking.", "execute", "echo hello", "All done.", "completed", "2 turns"):
+            self.assertIn(text, proc.stdout + proc.stderr)
+        self.assertNotIn("\033[", proc.stdout + proc.stderr)  # no colour and no spinner in a file or pipe
+        self.assertNotIn("working…", proc.stderr)
+        execution_id = proc.stderr.split("· ")[-1].strip()
+        self.assertTrue(execution_id.startswith("ex-"), proc.stderr)
+        logs = self.cli("logs", execution_id)
+        self.assertEqual(logs.returncode, 0, logs.stderr)
+        self.assertIn("All done.", logs.stdout)
+        self.assertNotIn('"kind"', logs.stdout)
+        listed = self.cli("list")
+        self.assertIn(execution_id, listed.stdout)
+        self.assertNotIn("{", listed.stdout)
+
+    def test_json_starts_with_the_run_and_ends_with_a_summary(self):
+        proc = self.cli("--json", "say hello")
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        lines = [json.loads(line) for line in proc.stdout.splitlines()]
+        run, summary, events = lines[0], lines[-1], lines[1:-1]
+        self.assertEqual(run["kind"], "run")
+        self.assertEqual((run["model"], run["workspace"], run["mode"]), ("claude-fake", self.workspace, "local"))
+        self.assertEqual(run["execution_id"], events[0]["execution_id"])
+        self.assertEqual(summary["kind"], "summary")
+        self.assertEqual((summary["phase"], summary["turns"], summary["final_text"], summary["error"]),
+                         ("COMPLETED", 2, "All done.", ""))
+        self.assertEqual(summary["usage"]["output_tokens"], 40)
+        self.assertGreater(summary["duration_s"], 0)
+        self.assertTrue(all("seq" in e for e in events))
+        self.assertEqual(events, self.logs(run["execution_id"]))  # between them: exactly the log
+
+    def test_listing_commands_have_json(self):
+        self.assertEqual(self.cli("say hello").returncode, 0)
+        rows = [json.loads(line) for line in self.cli("list", "--json").stdout.splitlines()]
+        self.assertEqual(rows[0]["phase"], "COMPLETED")
+        events = [json.loads(line) for line in self.cli("logs", rows[0]["id"], "--json").stdout.splitlines()]
+        self.assertEqual(events[-1]["phase"], "COMPLETED")
+        self.assertEqual(self.cli("start").returncode, 0)
+        text = self.cli("status")
+        self.assertIn("runners connected", text.stdout)
+        status = json.loads(self.cli("status", "--json").stdout)
+        self.assertEqual(status["started_by"], "start")
+
+
+class EnvironmentTest(CliCase):
+    GITHUB = "ghp_fakeTokenForTheFilterTest42"
+    PASSWORD = "hunter2-but-longer"
+    script = [tool_step(("execute", {"command": "echo gh=[$GITHUB_TOKEN] pw=[$db_password] home=[$PLAIN_SETTING]; "
+                                                "cat leaked.txt"})),
+              text_step("done")]
+
+    def run_env(self, *args, env=None):
+        with open(os.path.join(self.workspace, "leaked.txt"), "w") as f:
+            f.write(f"from a file: {self.GITHUB} {self.PASSWORD}\n")
+        env = dict(env or self.env, GITHUB_TOKEN=self.GITHUB, db_password=self.PASSWORD, PLAIN_SETTING="visible")
+        proc, events = self.run_task(*args, "print the env", env=env)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        (result,) = [e for e in events if e["kind"] == "tool_result"]
+        seen = self.tool_results(1)[0]["content"]
+        for secret in (self.GITHUB, self.PASSWORD):
+            self.assertNotIn(secret, proc.stdout + proc.stderr)
+            self.assertNotIn(secret, json.dumps(self.fake.requests))
+        return result["output"], seen
+
+    def test_secret_looking_variables_stay_out_of_the_shell_and_are_redacted(self):
+        output, seen = self.run_env()
+        self.assertIn("gh=[] pw=[] home=[visible]", output)
+        self.assertIn("from a file: [REDACTED:GITHUB_TOKEN] [REDACTED:db_password]", output)  # passed in or not
+        self.assertIn("gh=[] pw=[]", seen)
+        self.assertIn("[REDACTED:GITHUB_TOKEN]", seen)
+
+    def test_secret_passes_only_the_named_variable(self):
+        output, _ = self.run_env("--secret", "GITHUB_TOKEN")
+        self.assertIn("gh=[[REDACTED:GITHUB_TOKEN]] pw=[] ", output)
+
+    def test_inherit_env_lets_them_through_still_redacted(self):
+        output, _ = self.run_env("--inherit-env")
+        self.assertIn("gh=[[REDACTED:GITHUB_TOKEN]] pw=[[REDACTED:db_password]] ", output)
+
+    def test_inherit_env_variable(self):
+        output, _ = self.run_env(env=dict(self.env, STIGMER_INHERIT_ENV="1"))
+        self.assertIn("gh=[[REDACTED:GITHUB_TOKEN]] pw=[[REDACTED:db_password]] ", output)
+
+
+class ConfigNamesTest(CliCase):
+    def test_unknown_env_is_a_one_line_warning(self):
+        proc = self.cli("run", "hi", env=dict(self.env, ENV="prod"))
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        warnings = [line for line in proc.stderr.splitlines() if "warning" in line]
+        self.assertEqual(len(warnings), 1, proc.stderr)
+        self.assertIn("ENV='prod' is not one of development, staging, production: logging as development",
+                      warnings[0])
+
+    def test_stigmer_env_and_mode_win(self):
+        env = dict(self.env, ENV="prod", STIGMER_ENV="production", MODE="banana", STIGMER_MODE="local")
+        proc = self.cli("run", "hi", env=env)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertNotIn("warning", proc.stderr)
+        cfg = runner.Config.load({"ENV": "prod", "STIGMER_ENV": "staging", "MODE": "cloud", "STIGMER_MODE": "local"})
+        self.assertEqual((cfg.env, cfg.mode, cfg.warnings), ("staging", "local", ()))
+
+    def test_unknown_mode_stays_an_error(self):
+        for env, name in ((dict(self.env, MODE="banana"), "MODE='banana'"),
+                          (dict(self.env, STIGMER_MODE="banana", MODE="local"), "STIGMER_MODE='banana'")):
+            proc = self.cli("list", env=env)
+            self.assertEqual(proc.returncode, 2, proc.stderr)
+            self.assertIn(name, proc.stderr)
+
+
+class StopTest(CliCase):
+    script = [tool_step(("execute", {"command": "sleep 60"})), text_step("never")]
+
+    def test_stop_refuses_without_force_while_a_run_is_live(self):
+        self.assertEqual(self.cli("start").returncode, 0)
+        daemon_pid = int(read(os.path.join(self.home, "logs", "daemon.pid")))
+        submitted = self.cli("run", "--detach", "sleep for a minute")
+        execution_id = submitted.stdout.strip()
+        wait_for(lambda: self.fake.requests)  # it is running
+        refused = self.cli("stop")
+        self.assertEqual(refused.returncode, 1, refused.stderr)
+        self.assertIn(execution_id, refused.stderr)
+        self.assertIn('"sleep for a minute"', refused.stderr)
+        self.assertIn("stop --force", refused.stderr)
+        self.assertTrue(os.path.exists(f"/proc/{daemon_pid}"))
+        forced = self.cli("stop", "--force")
+        self.assertEqual(forced.returncode, 0, forced.stderr)
+        self.assertIn(f"cancelled {execution_id}", forced.stdout)
+        self.assertIn("stopped 2 process(es)", forced.stdout)
+        self.assertEqual(self.logs(execution_id)[-1]["phase"], "CANCELLED")
+
+    def test_stop_asks_on_a_terminal(self):
+        self.assertEqual(self.cli("start").returncode, 0)
+        execution_id = self.cli("run", "--detach", "sleep for a minute").stdout.strip()
+        wait_for(lambda: self.fake.requests)
+        term = Pty(["stop"], self.env, self.workspace)
+        try:
+            wait_for(lambda: "[y/N]" in term.screen)
+            term.type("n\n")
+            code = term.wait()
+        finally:
+            term.kill()
+        self.assertEqual(code, 1, term.screen)
+        self.assertIn(execution_id, term.screen)
+        self.assertIn("nothing stopped", term.screen)
+        self.assertEqual(json.loads(self.cli("status", "--json").stdout)["running"][0]["id"], execution_id)
+
+    def test_status_and_stop_see_a_foreground_runs_daemon(self):
+        run = subprocess.Popen([sys.executable, RUNNER, "sleep in the foreground"], env=self.env, cwd=self.workspace,
+                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.addCleanup(lambda: run.poll() is None and run.kill())
+        wait_for(lambda: self.fake.requests)
+        status = self.cli("status")
+        self.assertEqual(status.returncode, 0, status.stderr)
+        self.assertIn(f"pid {run.pid}", status.stdout)
+        self.assertIn("inside a foreground", status.stdout)
+        self.assertIn("sleep in the foreground", status.stdout)
+        self.assertEqual(self.cli("stop").returncode, 1)  # a script needs --force
+        forced = self.cli("stop", "--force")
+        self.assertEqual(forced.returncode, 0, forced.stderr)
+        self.assertIn("cancelled ex-", forced.stdout)
+        self.assertIn("foreground", forced.stdout)
+        self.assertNotIn("nothing was running", forced.stdout)
+        out, err = run.communicate(timeout=60)
+        self.assertEqual(run.returncode, 130, err)
+
+
+class MessagesTest(CliCase):
+    def test_port_in_use_names_the_variable_not_a_missing_flag(self):
+        host, port = self.env["STIGMER_BACKEND_ENDPOINT"].split(":")
+        with socket.socket() as s:
+            s.bind((host, int(port)))
+            s.listen()
+            proc = self.cli("hello there")
+        self.assertEqual(proc.returncode, 1, proc.stderr)
+        self.assertIn("already in use", proc.stderr)
+        self.assertIn("STIGMER_BACKEND_ENDPOINT=", proc.stderr)
+        self.assertNotIn("--endpoint", proc.stderr)
+
+    def test_odd_key_warning_says_warning_once(self):
+        env = {k: v for k, v in self.env.items() if k != "ANTHROPIC_API_KEY"}
+        term = Pty(["hello there"], env, self.workspace)
+        try:
+            wait_for(lambda: "(ANTHROPIC_API_KEY)" in term.screen)
+            term.type("not-an-anthropic-looking-key\n")
+            term.wait()
+        finally:
+            term.kill()
+        self.assertIn("warning: ANTHROPIC_API_KEY does not start with 'sk-ant-'", term.screen)
+        self.assertNotIn("warning: warning", term.screen)
+        self.assertNotIn("not-an-anthropic-looking-key", term.screen)
+
+    def test_list_phase_with_no_match(self):
+        self.assertEqual(self.cli("hello there").returncode, 0)
+        proc = self.cli("list", "--phase", "failed")
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertIn("no failed executions", proc.stdout)
+        self.assertNotIn("no executions yet", proc.stdout)
+
+    def test_bad_limits_blame_one_flag(self):
+        proc = self.cli("run", "x", "--max-turns", "0")
+        self.assertEqual(proc.returncode, 2)
+        self.assertIn("--max-turns must be at least 1", proc.stderr)
+        self.assertNotIn("--max-tokens-total", proc.stderr)
+        proc = self.cli("run", "x", "--max-tokens-total", "-5")
+        self.assertEqual(proc.returncode, 2)
+        self.assertIn("--max-tokens-total", proc.stderr)
+        self.assertNotIn("--max-turns", proc.stderr)
+
+    def test_one_turn(self):
+        proc = self.cli("hello there")
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertIn("1 turn ·", proc.stdout)
+        self.assertNotIn("1 turns", proc.stdout)
+
+    def test_worker_that_never_connected_does_not_say_lost(self):
+        os.makedirs(self.home)
+        with open(os.path.join(self.home, "daemon.token"), "w") as f:
+            f.write("no-daemon-behind-this")
+        log_path = os.path.join(self.tmp, "worker.log")
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen([sys.executable, RUNNER, "worker"], env=self.env, stdin=subprocess.DEVNULL,
+                                    stdout=log, stderr=log)
+        try:
+            wait_for(lambda: "the daemon at" in read(log_path))
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=30)
+        self.assertIn("cannot reach the daemon at", read(log_path))
+        self.assertNotIn("lost the daemon", read(log_path))
+
+
+class TurnLimitOfOneTest(CliCase):
+    script = [tool_step(("execute", {"command": "true"})), text_step("never")]
+
+    def test_limit_of_one_turn(self):
+        proc, events = self.run_task("keep going", "--max-turns", "1")
+        self.assertEqual(proc.returncode, 1)
+        self.assertIn("reached the turn limit (1 turn)", events[-1]["reason"])
+
+
+class ApiMessagesTest(CliCase):
+    script = [text_step("never", errors=[(500, "the upstream model server crashed")] * 3)]
+
+    def test_500_shows_the_providers_message(self):
+        proc, events = self.run_task("say hello")
+        self.assertEqual(proc.returncode, 1)
+        self.assertIn("the model API failed (500): the upstream model server crashed", events[-1]["reason"])
+        self.assertNotIn("{'type'", proc.stderr + json.dumps(events))
+
+
+class NotFoundTest(CliCase):
+    script = [text_step("never", errors=[(404, "model: claude-nope")])]
+
+    def test_404_suggests_checking_the_model_name(self):
+        proc, events = self.run_task("say hello", "--model", "claude-nope")
+        self.assertEqual(proc.returncode, 1)
+        self.assertIn("model: claude-nope", events[-1]["reason"])
+        self.assertIn("check the model name (STIGMER_MODEL or --model)", events[-1]["reason"])
+        self.assertIn("check the model name", proc.stderr)
+
+
+class WatcherInterruptTest(CliCase):
+    script = [tool_step(("execute", {"command": "sleep 60"})), text_step("never")]
+
+    def test_ctrl_c_on_a_watcher_clears_the_spinner_and_says_the_run_goes_on(self):
+        self.assertEqual(self.cli("start").returncode, 0)
+        execution_id = self.cli("run", "--detach", "sleep for a minute").stdout.strip()
+        wait_for(lambda: self.fake.requests)
+        term = Pty(["logs", execution_id, "-f"], self.env, self.workspace)
+        try:
+            wait_for(lambda: "working…" in term.screen)
+            term.proc.send_signal(signal.SIGINT)
+            code = term.wait()
+        finally:
+            term.kill()
+        screen = term.screen
+        self.assertEqual(code, 130, screen)
+        after = screen[screen.rindex("working…"):]
+        self.assertIn("\r\033[K", after)  # the spinner line was wiped before the message
+        self.assertIn(f"{execution_id} keeps running", after)
+        self.assertIn(f"logs {execution_id} -f", after)
+        self.assertEqual(json.loads(self.cli("status", "--json").stdout)["running"][0]["id"], execution_id)
+
+
+if __name__ == "__main__":
+    unittest.main()
