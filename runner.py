@@ -31,7 +31,10 @@ ENVS = ("development", "staging", "production")
 EXIT_CODES = {"COMPLETED": 0, "FAILED": 1, "CANCELLED": 130}
 CANCEL_WAIT = 5.0  # seconds Ctrl-C waits for the execution to confirm it stopped
 RECONNECT_WAIT = 60.0  # seconds a follower waits for a daemon that went away
-START_WAIT = 15.0  # seconds `start` waits for the daemon to answer
+START_WAIT = 30.0  # seconds `start` (or a run) waits for the daemon it started to answer
+RUN_IDLE_EXIT = 60.0  # seconds a daemon started by a foreground run lingers with nothing to do, then exits
+DAEMON_LOCK = "daemon.lock"  # in STIGMER_HOME: flocked by its one daemon (daemon.LOCK_FILE)
+START_LOCK = "start.lock"  # in STIGMER_HOME: flocked by the one command starting a daemon
 COMMANDS = ("run", "start", "stop", "status", "list", "logs", "cancel", "daemon", "worker")
 
 if __name__ == "__main__":
@@ -128,16 +131,114 @@ def rpc_message(exc, endpoint):
     return exc.details() or code.name
 
 
+def daemon_owner(cfg):
+    """The pid of the daemon holding STIGMER_HOME's lock (0: starting, pid not written yet), or None."""
+    import home
+    return home.lock_holder(os.path.join(cfg.home, DAEMON_LOCK))
+
+
 def find_daemon(cfg):
-    """A Client for a daemon that answers at the endpoint, or None."""
-    if not os.path.exists(os.path.join(cfg.home, "daemon.token")):
+    """(Client, DaemonStatus) of the daemon that answers at the endpoint, or None when none does.
+    A missing, empty, unreadable or foreign token with no daemon behind it is None too (starting a
+    daemon replaces it); with this home's daemon running behind it, a CliError names the fix."""
+    import daemon_client
+    import grpc
+    try:
+        daemon_client.read_token(cfg.home)
+    except daemon_client.DaemonError as exc:
+        owner = daemon_owner(cfg)
+        if owner:  # a daemon runs for this home, and we cannot authenticate to it
+            path = os.path.join(cfg.home, "daemon.token")
+            what = "is missing" if not os.path.lexists(path) else "is unreadable" if "unreadable" in str(exc) \
+                else "is empty"
+            raise CliError(f"the daemon token {path} {what}, but the daemon of STIGMER_HOME {cfg.home} (pid {owner}) "
+                           "is running: run `python runner.py stop`, and the next command starts a fresh one") from None
         return None
     client = Client(cfg)
     try:
-        return client, client.call("Status", client.pb.StatusRequest(), timeout=2.0)
-    except CliError:
+        return client, client.stub.Status(client.pb.StatusRequest(), metadata=client.metadata, timeout=2.0)
+    except grpc.RpcError as exc:
         client.channel.close()
+        owner = daemon_owner(cfg) if exc.code() == grpc.StatusCode.UNAUTHENTICATED else None
+        if owner:
+            raise CliError(f"the daemon of STIGMER_HOME {cfg.home} (pid {owner}) refused the token in "
+                           f"{os.path.join(cfg.home, 'daemon.token')}, which another process overwrote: "
+                           "run `python runner.py stop`, and the next command starts a fresh one") from None
         return None
+
+
+def ensure_daemon(cfg, idle_exit=0.0, out=None):
+    """(Client, DaemonStatus) of STIGMER_HOME's daemon, starting one in the background when none runs.
+    One command starts it (START_LOCK) and the daemon itself makes sure it is the only one (DAEMON_LOCK);
+    IDLE_EXIT > 0: the daemon exits after that many seconds with nothing to do."""
+    import home
+    found = find_daemon(cfg)
+    if found is not None:
+        return found
+    home.private_home(cfg.home)
+    try:
+        with home.held(os.path.join(cfg.home, START_LOCK), START_WAIT):
+            return start_daemon(cfg, idle_exit, out)
+    except home.LockTimeout:
+        raise CliError(f"another command has been starting the daemon for {START_WAIT:.0f} s: see "
+                       f"{os.path.join(cfg.home, 'logs', 'daemon.log')}") from None
+
+
+def start_daemon(cfg, idle_exit, out):
+    """Start the daemon (the caller holds START_LOCK) and wait until it answers."""
+    import home
+    found = find_daemon(cfg)
+    if found is not None:
+        return found
+    log_path = os.path.join(cfg.home, "logs", "daemon.log")
+    deadline, pid, spawned = time.monotonic() + START_WAIT, None, 0
+    while True:
+        if (pid is None or not home.pid_alive(pid)) and daemon_owner(cfg) is None:
+            if spawned == 3:  # it exits at once: the log says why
+                break
+            pid = spawn_daemon(cfg, idle_exit)
+            spawned += 1
+        time.sleep(0.1)
+        found = find_daemon(cfg)
+        if found is not None:
+            if out is not None:
+                print(f"daemon started (pid {found[1].pid}) at {cfg.endpoint}", file=out)
+            return found
+        if time.monotonic() > deadline:
+            break
+    try:
+        with open(log_path, errors="replace") as f:
+            tail = f.read().strip().splitlines()[-1:]
+    except OSError:
+        tail = []
+    raise CliError(f"the daemon did not start: {tail[0] if tail else 'no output'} (log: {log_path})")
+
+
+def spawn_daemon(cfg, idle_exit):
+    """Start `runner.py daemon` detached from us (not our child: it may outlive this command),
+    recorded in logs/daemon.pid, which it keeps locked while it lives; returns its pid."""
+    import subprocess
+
+    import home
+    logs = os.path.join(cfg.home, "logs")
+    os.makedirs(logs, mode=0o700, exist_ok=True)
+    pid_fd = home.lock(os.path.join(logs, "daemon.pid"), timeout=2.0)
+    log_fd = home.private_open(os.path.join(logs, "daemon.log"), os.O_WRONLY | os.O_APPEND)
+    try:
+        args = [sys.executable, os.path.join(HERE, "runner.py"), "daemon"]
+        args += ["--idle-exit", f"{idle_exit:g}"] if idle_exit else []
+        # sh starts it in the background and exits: the daemon is re-parented, and keeps pid_fd's lock
+        sh = subprocess.Popen(["/bin/sh", "-c", '"$@" >&2 & echo $!', "sh", *args], env=without_keys(cfg.environ),
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log_fd,
+                              pass_fds=(pid_fd,), start_new_session=True)
+        pid = int(sh.stdout.readline())
+        sh.stdout.close()
+        sh.wait()
+        home.write_record(pid_fd, pid)
+        return pid
+    finally:
+        os.close(pid_fd)
+        os.close(log_fd)
 
 
 def open_log(cfg):
@@ -146,14 +247,25 @@ def open_log(cfg):
     found = find_daemon(cfg)
     if found is not None:
         return found[0], None
+    if daemon_owner(cfg) is not None:
+        raise CliError(f"the daemon of STIGMER_HOME {cfg.home} does not answer at {cfg.endpoint}: "
+                       "see `python runner.py status`")
     if not os.path.exists(os.path.join(cfg.home, "stigmer.db")):
         raise CliError(f"no executions yet in {cfg.home}: run one with python runner.py \"your task\"")
     import daemon
-    try:
-        embedded = daemon.serve(cfg.home, "127.0.0.1:0")
-    except daemon.DaemonError as exc:
-        raise CliError(str(exc)) from None
-    return Client(cfg, endpoint=embedded.endpoint), embedded
+    deadline = time.monotonic() + START_WAIT
+    while True:
+        try:
+            embedded = daemon.serve(cfg.home, "127.0.0.1:0")
+            return Client(cfg, endpoint=embedded.endpoint), embedded
+        except daemon.DaemonRunning as exc:  # another command's short-lived one, or a daemon starting
+            found = find_daemon(cfg)
+            if found is not None:
+                return found[0], None
+            if time.monotonic() > deadline:
+                raise CliError(str(exc)) from None
+        except daemon.DaemonError as exc:
+            raise CliError(str(exc)) from None
 
 
 # ---- processes: workers and background services ----
@@ -171,15 +283,28 @@ def without_keys(environ):
     return {k: v for k, v in environ.items() if k not in keys}
 
 
-def spawn(args, env, log_path, pipe_stdin=False):
-    """Start `python runner.py ARGS` in its own session, output appended to LOG_PATH
-    (stdin a pipe we hold when PIPE_STDIN, else /dev/null)."""
+def spawn(args, env, log_path, pipe_stdin=False, pid_path=None):
+    """Start `python runner.py ARGS` in its own session, output appended to LOG_PATH (0600)
+    (stdin a pipe we hold when PIPE_STDIN, else /dev/null). PID_PATH: a pid file the child
+    keeps locked while it lives (see home.live_pid)."""
     import subprocess
+
+    import home
     os.makedirs(os.path.dirname(log_path), mode=0o700, exist_ok=True)
-    with open(log_path, "ab") as log:
-        return subprocess.Popen([sys.executable, os.path.join(HERE, "runner.py"), *args], env=env,
+    log = home.private_open(log_path, os.O_WRONLY | os.O_APPEND)
+    pid_fd = home.lock(pid_path, timeout=2.0) if pid_path else None
+    try:
+        proc = subprocess.Popen([sys.executable, os.path.join(HERE, "runner.py"), *args], env=env,
                                 stdin=subprocess.PIPE if pipe_stdin else subprocess.DEVNULL,
-                                stdout=log, stderr=log, start_new_session=True)
+                                stdout=log, stderr=log, start_new_session=True,
+                                pass_fds=(pid_fd,) if pid_fd is not None else ())
+        if pid_fd is not None:
+            home.write_record(pid_fd, proc.pid)
+        return proc
+    finally:
+        os.close(log)
+        if pid_fd is not None:
+            os.close(pid_fd)
 
 
 def gather_secrets(cfg, names):
@@ -211,18 +336,10 @@ def pid_files(cfg):
     return sorted(os.path.join(logs, n) for n in os.listdir(logs) if n.endswith(".pid")) if os.path.isdir(logs) else []
 
 
-def live_pid(path):
-    """The pid in a pid file if that process is still one of ours, else None."""
-    try:
-        with open(path) as f:
-            pid = int(f.read().strip())
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmdline = f.read()
-        with open(f"/proc/{pid}/stat") as f:
-            zombie = f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, ValueError):
-        return None
-    return pid if b"runner.py" in cmdline and not zombie else None
+def live_pid(path, wait=1.0):
+    """The pid in a pid file while its process runs (it holds the file's lock; no /proc), else None."""
+    import home
+    return home.live_pid(path, wait)
 
 
 # ---- rendering ----
@@ -401,6 +518,9 @@ def follow(client, execution_id, renderer, after_seq=0, follow_live=True, interr
                 client, call = reconnect_watch(reconnect, renderer, lambda c: watch(c, last_seq), interrupted)
                 continue
             raise CliError(rpc_message(item, client.endpoint))
+        if item.seq == 0:  # a notice from the daemon, not in the log (disk full)
+            notice(item, renderer)
+            continue
         last_seq = item.seq
         renderer.event(item)
         if item.WhichOneof("payload") == "phase":
@@ -410,6 +530,16 @@ def follow(client, execution_id, renderer, after_seq=0, follow_live=True, interr
                 phase = name
                 renderer.clear_spinner()
                 return phase
+
+
+def notice(ev, renderer):
+    """Show a seq-0 notice on stderr; a terminal one (the run ended, its end not stored) ends the CLI."""
+    kind = ev.WhichOneof("payload")
+    if kind == "phase" and ev.phase.phase in (3, 4, 5):  # COMPLETED, FAILED, CANCELLED
+        raise CliError(f"{ev.phase.reason} ({ev.execution_id})")
+    if kind == "error":
+        renderer.newline()
+        renderer.out(f"stigmer: {ev.error.message}\n", err=True)
 
 
 def reconnect_watch(reconnect, renderer, watch, interrupted=None):
@@ -447,7 +577,6 @@ def make_renderer(args, cfg):
 
 def cmd_run(cfg, args):
     cfg.require_local()
-    import daemon
     workspace = os.path.abspath(os.path.expanduser(args.workspace)) if args.workspace else cfg.sandbox_root
     if not os.path.isdir(workspace):
         raise CliError(f"the workspace {workspace} does not exist (or is not a directory)", 2)
@@ -461,37 +590,34 @@ def cmd_run(cfg, args):
         names = mod.sandbox_secret_names(args.secret or (), cfg.environ)
     except mod.SecretError as exc:
         raise CliError(str(exc), 2) from None
-    found = find_daemon(cfg)
     embedded = worker = None
-    if found is None and args.detach:  # a detached run needs daemon and worker to outlive this command
-        cmd_start(cfg, argparse.Namespace(workers=1, secret=args.secret), out=sys.stderr)
+    runner_id = ""  # a foreground run's execution is pinned to the worker it spawns
+    if args.detach:  # a detached run needs daemon and worker to outlive this command
         found = find_daemon(cfg)
+        if found is None:
+            cmd_start(cfg, argparse.Namespace(workers=1, secret=args.secret), out=sys.stderr)
+    else:
+        secrets = gather_secrets(cfg, names)
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
-        if found is None:
-            try:
-                embedded = daemon.serve(cfg.home, cfg.endpoint)
-            except daemon.DaemonError as exc:
-                raise CliError(str(exc)) from None
-            client = Client(cfg, endpoint=embedded.endpoint)
-            status = None
-        else:
-            client, status = found
-        if status is None or status.connected_runners == 0:
-            secrets = gather_secrets(cfg, names)
-            worker = spawn(["worker", "--capacity", "1", "--exit-with-stdin"],
+        # A foreground run shares STIGMER_HOME's daemon, starting one (idling out later) when none runs.
+        client, status = ensure_daemon(cfg, idle_exit=RUN_IDLE_EXIT)
+        if not args.detach:
+            runner_id = f"run-{os.getpid()}-{os.urandom(3).hex()}"
+            worker = spawn(["worker", "--capacity", "1", "--exit-with-stdin", "--runner-id", runner_id, "--pinned"],
                            worker_env(cfg, secrets, client.endpoint),
                            os.path.join(cfg.home, "logs", "run-worker.log"), pipe_stdin=True)
             del secrets
         renderer = make_renderer(args, cfg)
         model = args.model or cfg.model or default_model()
         spec = client.pb.ExecutionSpec(prompt=prompt, workspace=workspace, model=model, max_turns=args.max_turns,
-                                       secret_names=names, max_tokens_total=args.max_tokens_total or 0)
-        queued = client.call("Status", client.pb.StatusRequest()).queue_depth
+                                       secret_names=names, max_tokens_total=args.max_tokens_total or 0,
+                                       runner_id=runner_id)
+        queued = args.detach and client.call("Status", client.pb.StatusRequest()).queue_depth
         if queued:
             print(f"stigmer: {queued} older execution(s) are queued and run first: see `python runner.py list "
                   "--phase pending`, and `python runner.py cancel ID` to drop one", file=sys.stderr)
-        execution = client.call("Submit", client.pb.SubmitRequest(spec=spec))
+        execution = client.call("Submit", client.pb.SubmitRequest(spec=spec), timeout=30.0)
         if args.detach:
             print(json.dumps({"execution_id": execution.id}) if args.json else execution.id)
             return 0
@@ -546,20 +672,8 @@ def cmd_start(cfg, args, out=None):
     names = project_secrets().sandbox_secret_names(args.secret or (), cfg.environ)
     secrets = gather_secrets(cfg, names)
     logs = os.path.join(cfg.home, "logs")
-    found = find_daemon(cfg)
-    if found is None:
-        proc = spawn(["daemon"], without_keys(cfg.environ), os.path.join(logs, "daemon.log"))
-        with open(os.path.join(logs, "daemon.pid"), "w") as f:
-            f.write(str(proc.pid))
-        deadline = time.monotonic() + START_WAIT
-        while found is None:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                tail = open(os.path.join(logs, "daemon.log"), errors="replace").read().strip().splitlines()[-1:]
-                raise CliError(f"the daemon did not start: {tail[0] if tail else 'no output'} "
-                               f"(log: {os.path.join(logs, 'daemon.log')})")
-            time.sleep(0.1)
-            found = find_daemon(cfg)
-        print(f"daemon started (pid {proc.pid}) at {cfg.endpoint}", file=out)
+    if find_daemon(cfg) is None:
+        ensure_daemon(cfg, out=out or sys.stdout)
     else:
         print(f"daemon already running at {cfg.endpoint}", file=out)
     alive = sum(1 for p in pid_files(cfg) if os.path.basename(p).startswith("worker-") and live_pid(p))
@@ -571,9 +685,7 @@ def cmd_start(cfg, args, out=None):
         path = os.path.join(logs, f"worker-{n}.pid")
         if live_pid(path):
             continue
-        proc = spawn(["worker"], env, os.path.join(logs, f"worker-{n}.log"))
-        with open(path, "w") as f:
-            f.write(str(proc.pid))
+        spawn(["worker"], env, os.path.join(logs, f"worker-{n}.log"), pid_path=path)
         started += 1
     print(f"{alive + started} worker(s) running ({started} started); logs in {logs}", file=out)
     return 0
@@ -586,21 +698,33 @@ def cmd_stop(cfg, args):
     for path in ordered:  # workers first, so they can report their last events to the daemon
         pid = live_pid(path)
         if pid:
-            os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + 10
-            while live_pid(path) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if live_pid(path):
-                os.kill(pid, signal.SIGKILL)
+            stop_pid(pid, lambda: live_pid(path, wait=0))
             stopped += 1
         os.unlink(path)
+    owner = daemon_owner(cfg)
+    if owner and owner != os.getpid():  # a daemon with no pid file of ours (one inside another command)
+        stop_pid(owner, lambda: daemon_owner(cfg))
+        stopped += 1
     print(f"stopped {stopped} process(es)" if stopped else "nothing was running")
     return 0
 
 
+def stop_pid(pid, alive):
+    """SIGTERM PID, then SIGKILL it if alive() still says so 10 s later."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if alive():
+            os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def cmd_status(cfg, args):
     found = find_daemon(cfg)
-    procs = {os.path.basename(p)[:-4]: live_pid(p) for p in pid_files(cfg)}
+    procs = {os.path.basename(p)[:-4]: live_pid(p, wait=0.2) for p in pid_files(cfg)}
     if found is None:
         raise CliError(f"no daemon answers at {cfg.endpoint}: start one with `python runner.py start`")
     client, st = found
@@ -675,7 +799,8 @@ def cmd_cancel(cfg, args):
 
 def cmd_daemon(cfg, args):
     import daemon
-    return daemon.main(["--endpoint", cfg.endpoint] + (["--allow-remote"] if args.allow_remote else []))
+    return daemon.main(["--endpoint", cfg.endpoint] + (["--allow-remote"] if args.allow_remote else []) +
+                       (["--idle-exit", str(args.idle_exit)] if args.idle_exit else []))
 
 
 def cmd_worker(cfg, args):
@@ -692,7 +817,8 @@ def cmd_worker(cfg, args):
     print(f"stigmer worker {VERSION} · mode {cfg.mode} · endpoint {cfg.endpoint} · sandbox root {cfg.sandbox_root} · "
           f"model {model} · capacity {args.capacity}", file=sys.stderr, flush=True)
     import daemon_client
-    return worker.serve(worker.Worker(capacity=args.capacity, mode=cfg.mode, model=model),
+    return worker.serve(worker.Worker(capacity=args.capacity, mode=cfg.mode, model=model,
+                                      runner_id=args.runner_id or None, pinned=args.pinned),
                         daemon_client.DaemonLink(cfg.endpoint, cfg.home), exit_with_stdin=args.exit_with_stdin)
 
 
@@ -735,10 +861,13 @@ def parser():
     dmn = sub.add_parser("daemon", help="run the daemon in the foreground",
                          epilog="example: STIGMER_BACKEND_ENDPOINT=localhost:50052 python runner.py daemon")
     dmn.add_argument("--allow-remote", action="store_true", help="allow a non-loopback STIGMER_BACKEND_ENDPOINT")
+    dmn.add_argument("--idle-exit", type=float, default=0, help=argparse.SUPPRESS)  # a foreground run's daemon
     wrk = sub.add_parser("worker", help="run a worker in the foreground",
                          epilog="example: ANTHROPIC_API_KEY=... python runner.py worker --capacity 4")
     wrk.add_argument("--capacity", type=int, default=2, help="executions at once (default 2)")
     wrk.add_argument("--exit-with-stdin", action="store_true", help=argparse.SUPPRESS)
+    wrk.add_argument("--runner-id", help=argparse.SUPPRESS)  # a foreground run's own worker: its id ...
+    wrk.add_argument("--pinned", action="store_true", help=argparse.SUPPRESS)  # ... and it takes only that run's
     return p
 
 

@@ -56,7 +56,7 @@ SKIP_DIRS = {".git"}    # glob and grep never descend into these (hidden files a
 # Override the host's values (an agent must never get `less`); the sandbox's env and a call's env win.
 NON_INTERACTIVE = {"GIT_TERMINAL_PROMPT": "0", "PAGER": "cat", "GIT_PAGER": "cat"}
 RUN_MARKER = "STIGMER_SANDBOX_RUN"  # set to a fresh id for each command; finds what left its group
-EXECUTION_MARKER = "STIGMER_EXECUTION"  # a worker sets it to the execution id: kill_marked finds a dead worker's commands
+EXECUTION_MARKER = "STIGMER_EXECUTION"  # the execution id, set by the worker: kill_marked finds its commands
 PROC_ROOT = "/proc"     # Linux's process table; elsewhere the sweeps find nothing and degrade quietly
 SWEEP_ROUNDS = 3        # /proc scans for processes that left the group (they may fork meanwhile)
 
