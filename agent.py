@@ -1,14 +1,16 @@
-"""The Claude tool-use loop: ask the model, run the tools, send the results, repeat.
+"""The tool-use loop: ask the model, run the tools, send the results, repeat.
 
 The worker (worker.py) runs one `Agent` per execution:
 
-    agent = Agent(client, FilesystemSandbox(workspace), emit, model="claude-sonnet-4-5")
-    phase, reason, final_text = agent.run("fix the failing test")
+    agent = Agent(models.make_model("claude-sonnet-4-5"), FilesystemSandbox(workspace), emit)
+    phase, reason, final_text = agent.run("fix the failing test", workspace)
 
-`emit(**payload)` receives each event payload (text, tool_call, tool_result, usage,
-error) as a stigmer_pb2 message, already redacted. Stop conditions (turn and token
-limits, refusal, cancel, a fatal API error) are exceptions carrying the final reason.
-Tool failures are data: they go back to the model as `is_error` results.
+The loop is provider-neutral: it keeps the conversation as models.py's neutral messages
+and gets one `models.Reply` per turn. `emit(**payload)` receives each event payload
+(text, tool_call, tool_result, usage, error) as a stigmer_pb2 message, already redacted.
+Stop conditions (turn and token limits, refusal, cancel, a fatal API error) are
+exceptions carrying the final reason. Tool failures are data: they go back to the model
+as `is_error` results.
 """
 import json
 import platform
@@ -16,16 +18,13 @@ import threading
 import time
 from datetime import date
 
-import anthropic
-
+import models
 import stigmer_pb2 as pb
 from sandbox import SandboxError
 
 DEFAULT_MAX_TURNS = 50  # model turns per execution unless the spec says otherwise
-MAX_OUTPUT_TOKENS = 16000  # max_tokens per model request
 TOOL_OUTPUT_CHARS = 30_000  # tool output sent to the model: head plus tail beyond this
 READ_DEFAULT_LINES = 2000  # read_file's default limit
-STREAM_RETRIES = 2  # extra attempts when the connection drops in the middle of a streamed reply
 CONTINUE_NOTE = "Your previous reply was cut off by the output token limit. Continue exactly where you stopped."
 TOOL_CUT_NOTE = ("Your previous reply was cut off by the output token limit in the middle of a tool call, so the "
                  "tool was not run. Make the call again, smaller: for example write a large file in several parts.")
@@ -124,37 +123,12 @@ def cap_output(text, limit=TOOL_OUTPUT_CHARS):
     return f"{text[:head]}\n… {cut} characters cut from the middle of this output …\n{text[-tail:]}", True
 
 
-def api_error_message(exc):
-    """A human message for an anthropic SDK error, per class, or None if not an API error."""
-    if isinstance(exc, anthropic.AuthenticationError):
-        return "auth", "the model API rejected the key (401): fix ANTHROPIC_API_KEY (or ANTHROPIC_AUTH_TOKEN) and run again"
-    if isinstance(exc, anthropic.PermissionDeniedError):
-        return "permission", "the model API refused access (403): the key lacks permission for this model or organization"
-    if isinstance(exc, anthropic.RateLimitError):
-        return "rate_limit", "rate limited by the model API (429) after retries: wait a minute and run again"
-    if isinstance(exc, anthropic.APIStatusError) and exc.status_code == 529:
-        return "overloaded", "the model API is overloaded (529) after retries: try again shortly"
-    if isinstance(exc, anthropic.APITimeoutError):
-        return "timeout", "the model API timed out after retries"
-    if isinstance(exc, anthropic.APIConnectionError):
-        return "connection", f"could not reach the model API ({exc.request.url if exc.request else 'ANTHROPIC_BASE_URL'}): check your network or ANTHROPIC_BASE_URL"
-    if isinstance(exc, anthropic.BadRequestError):
-        text = str(exc)
-        if "prompt is too long" in text or "context window" in text or "too many tokens" in text:
-            return "context_window", "the conversation no longer fits the model's context window"
-        return "bad_request", f"the model API refused the request (400): {getattr(exc, 'message', text)}"
-    if isinstance(exc, anthropic.APIStatusError):
-        return "api_error", f"the model API failed ({exc.status_code}): {getattr(exc, 'message', exc)}"
-    return None
-
-
 class Agent:
     """One execution's conversation with the model and its tools."""
 
-    def __init__(self, client, sandbox, emit, *, model, max_turns=DEFAULT_MAX_TURNS, max_tokens_total=0,
+    def __init__(self, model, sandbox, emit, *, max_turns=DEFAULT_MAX_TURNS, max_tokens_total=0,
                  redactor=None, shell_env=None):
-        self.client, self.sandbox, self.emit = client, sandbox, emit
-        self.model = model
+        self.model, self.sandbox, self.emit = model, sandbox, emit  # model: e.g. models.AnthropicModel
         self.max_turns = max_turns or DEFAULT_MAX_TURNS
         self.max_tokens_total = max_tokens_total
         self.redactor = redactor
@@ -162,51 +136,36 @@ class Agent:
         self.cancelled = threading.Event()
         self.turns = 0
         self.usage = pb.Usage()
-        self._stream = None
 
     def cancel(self):
         """Stop the model stream and the running tool; run() then raises Stop(CANCELLED)."""
         self.cancelled.set()
-        stream = self._stream
-        if stream is not None:
-            try:
-                stream.close()
-            except Exception:  # closing from another thread may race the reader; the flag is what counts
-                pass
+        self.model.close()
 
     def _redact(self, text):
         return self.redactor.redact(text) if self.redactor else text
 
     def run(self, prompt, workspace):
         """Run to the end; returns (phase, reason, final_text)."""
-        system = [{"type": "text", "text": SYSTEM_PROMPT.format(workspace=workspace, os=platform.platform(),
-                                                                date=date.today().isoformat()),
-                   "cache_control": {"type": "ephemeral"}}]
-        tools = [dict(t) for t in TOOLS]
-        tools[-1]["cache_control"] = {"type": "ephemeral"}
-        messages = [{"role": "user", "content": [{"type": "text", "text": prompt}]}]
+        system = SYSTEM_PROMPT.format(workspace=workspace, os=platform.platform(), date=date.today().isoformat())
+        messages = [{"role": "user", "text": prompt}]
         try:
             while True:
-                message = self._turn(system, tools, messages)
-                text = "".join(b.text for b in message.content if b.type == "text")
-                if message.stop_reason == "tool_use":
-                    messages.append({"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in message.content]})
-                    messages.append({"role": "user", "content": self._run_tools(message.content)})
-                elif message.stop_reason == "pause_turn":
-                    messages.append({"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in message.content]})
-                elif message.stop_reason == "max_tokens":
-                    kept = [b.model_dump(exclude_none=True) for b in message.content if b.type == "text" and b.text]
-                    cut_tool = any(b.type == "tool_use" for b in message.content)
-                    messages.append({"role": "assistant", "content": kept or [
-                        {"type": "text", "text": "(reply cut off by the output token limit)"}]})
-                    messages.append({"role": "user", "content": [
-                        {"type": "text", "text": TOOL_CUT_NOTE if cut_tool else CONTINUE_NOTE}]})
-                elif message.stop_reason == "refusal":
+                reply = self._turn(system, messages)
+                if reply.stop in (models.STOP_TOOL_USE, models.STOP_PAUSE):
+                    messages.append({"role": "assistant", "text": reply.text, "tool_calls": reply.tool_calls})
+                    if reply.stop == models.STOP_TOOL_USE:
+                        messages.append({"role": "tool_results", "results": self._run_tools(reply.tool_calls)})
+                elif reply.stop == models.STOP_MAX_TOKENS:  # cut off; a cut tool call is dropped, not run
+                    messages.append({"role": "assistant", "tool_calls": [],
+                                     "text": reply.text or "(reply cut off by the output token limit)"})
+                    messages.append({"role": "user", "text": TOOL_CUT_NOTE if reply.tool_calls else CONTINUE_NOTE})
+                elif reply.stop == models.STOP_REFUSAL:
                     raise Stop(pb.FAILED, "the model refused this task; its tools were not run", "refusal")
-                elif message.stop_reason == "model_context_window_exceeded":
+                elif reply.stop == models.STOP_CONTEXT:
                     raise Stop(pb.FAILED, "the conversation no longer fits the model's context window", "context_window")
-                else:  # end_turn, stop_sequence
-                    return pb.COMPLETED, "", self._redact(text)
+                else:  # done
+                    return pb.COMPLETED, "", self._redact(reply.text)
         except Stop as stop:
             return stop.phase, stop.reason, ""
 
@@ -219,104 +178,52 @@ class Agent:
         if self.max_tokens_total and spent >= self.max_tokens_total:
             raise Stop(pb.FAILED, f"reached the token limit ({spent} of {self.max_tokens_total} tokens)", "max_tokens_total")
 
-    def _request_messages(self, messages):
-        """MESSAGES with a cache breakpoint on the last block of the latest turn only."""
-        out = messages[:-1]
-        last = dict(messages[-1])
-        content = [dict(b) for b in last["content"]]
-        content[-1]["cache_control"] = {"type": "ephemeral"}
-        last["content"] = content
-        return out + [last]
-
-    def _turn(self, system, tools, messages):
-        """One model turn; returns the final message. A reply whose stream breaks mid-way is asked for again."""
+    def _turn(self, system, messages):
+        """One model turn, streamed to emit; returns the Reply. A failed turn becomes a Stop."""
         self._check_limits()
         self.turns += 1
-        for attempt in range(STREAM_RETRIES + 1):
-            try:
-                return self._request(system, tools, messages)
-            except Stop:
-                raise
-            except Exception as exc:
-                if self.cancelled.is_set():
-                    raise cancel_stop() from None
-                if type(exc).__module__.split(".")[0] not in TRANSPORT_MODULES:
-                    raise
-                if attempt == STREAM_RETRIES:
-                    text = f"the connection to the model API broke mid-reply {attempt + 1} times ({type(exc).__name__})"
-                    self.emit(error=pb.Error(code="connection", message=text))
-                    raise Stop(pb.FAILED, text, "connection") from None
-                self.emit(error=pb.Error(code="stream_retry", message=f"the model's reply broke off "
-                                         f"({type(exc).__name__}: {exc}); asking again"))
-
-    def _request(self, system, tools, messages):
-        """One streamed model request."""
         try:
-            with self.client.messages.stream(model=self.model, max_tokens=MAX_OUTPUT_TOKENS, system=system,
-                                             tools=tools, messages=self._request_messages(messages)) as stream:
-                self._stream = stream
-                try:
-                    for event in stream:
-                        if self.cancelled.is_set():
-                            break
-                        if event.type == "text" and event.text:
-                            self.emit(text=pb.TextDelta(text=event.text))
-                except ValueError as exc:  # the model sent tool input that is not JSON
-                    return self._malformed_turn(stream, exc)
-                if self.cancelled.is_set():
-                    raise cancel_stop()
-                message = stream.get_final_message()
-        except anthropic.APIError as exc:
-            if self.cancelled.is_set():
-                raise cancel_stop() from None
-            code, text = api_error_message(exc)
-            self.emit(error=pb.Error(code=code, message=text))
-            raise Stop(pb.FAILED, text, code) from None
-        finally:
-            self._stream = None
-        self._add_usage(message.usage)
-        return message
+            reply = self.model.turn(system, TOOLS, messages, on_text=self._stream_text, cancelled=self.cancelled,
+                                    on_retry=self._stream_retry)
+        except models.Cancelled:
+            raise cancel_stop() from None
+        except models.ModelError as exc:
+            self.emit(error=pb.Error(code=exc.code, message=exc.message))
+            raise Stop(pb.FAILED, exc.message, exc.code) from None
+        self._add_usage(reply.usage)
+        return reply
 
-    def _malformed_turn(self, stream, exc):
-        """Turn a stream that broke on unparseable tool JSON into a message whose tools report the error."""
-        snapshot = stream.current_message_snapshot
-        for block in snapshot.content:
-            if block.type == "tool_use":
-                block.input = {"__malformed__": str(exc).split(". JSON:")[0]}
-        snapshot.stop_reason = "tool_use"
-        self._add_usage(snapshot.usage)
-        return snapshot
+    def _stream_text(self, text):
+        self.emit(text=pb.TextDelta(text=text))
+
+    def _stream_retry(self, message):
+        self.emit(error=pb.Error(code="stream_retry", message=message))
 
     def _add_usage(self, usage):
-        if usage is None:
-            return
-        self.usage.input_tokens += usage.input_tokens or 0
-        self.usage.output_tokens += usage.output_tokens or 0
-        self.usage.cache_read_tokens += getattr(usage, "cache_read_input_tokens", 0) or 0
-        self.usage.cache_write_tokens += getattr(usage, "cache_creation_input_tokens", 0) or 0
+        self.usage.input_tokens += usage.input
+        self.usage.output_tokens += usage.output
+        self.usage.cache_read_tokens += usage.cache_read
+        self.usage.cache_write_tokens += usage.cache_write
         self.emit(usage=pb.Usage(input_tokens=self.usage.input_tokens, output_tokens=self.usage.output_tokens,
                                  cache_read_tokens=self.usage.cache_read_tokens,
                                  cache_write_tokens=self.usage.cache_write_tokens))
 
-    def _run_tools(self, blocks):
-        """Run every tool_use block of a turn; returns all tool_result blocks for one user message."""
+    def _run_tools(self, calls):
+        """Run every tool call of a turn (models.ToolUse); returns all their results for one message."""
         results = []
-        for block in blocks:
-            if block.type != "tool_use":
-                continue
-            self.emit(tool_call=pb.ToolCall(id=block.id, name=block.name,
-                                            input_json=self._redact(json.dumps(block.input, ensure_ascii=False))))
+        for call in calls:
+            self.emit(tool_call=pb.ToolCall(id=call.id, name=call.name,
+                                            input_json=self._redact(json.dumps(call.input, ensure_ascii=False))))
             if self.cancelled.is_set():
                 output, is_error, exit_code, truncated, duration = "not run: the execution was cancelled", True, 130, False, 0.0
             else:
                 start = time.monotonic()
-                output, is_error, exit_code, truncated = self._call_tool(block.name, block.input)
+                output, is_error, exit_code, truncated = self._call_tool(call.name, call.input)
                 duration = time.monotonic() - start
             output, cut = cap_output(self._redact(output))
-            self.emit(tool_result=pb.ToolResult(id=block.id, is_error=is_error, exit_code=exit_code, output=output,
+            self.emit(tool_result=pb.ToolResult(id=call.id, is_error=is_error, exit_code=exit_code, output=output,
                                                 truncated=truncated or cut, duration_ms=int(duration * 1000)))
-            results.append({"type": "tool_result", "tool_use_id": block.id, "is_error": is_error,
-                            "content": output or "(no output)"})
+            results.append({"id": call.id, "output": output or "(no output)", "is_error": is_error})
         if self.cancelled.is_set():
             raise cancel_stop()
         return results
@@ -373,7 +280,6 @@ class Agent:
         return "\n".join(f"{p}:{n}:{line}" for p, n, line in hits) or "(no matches)", False, 0, False
 
 
-TRANSPORT_MODULES = ("httpx", "httpx2", "httpcore", "httpcore2", "h11")  # the SDK's HTTP stack, across versions
 TOOL_FUNCS = {"execute": Agent._execute, "read_file": Agent._read, "write_file": Agent._write,
               "edit_file": Agent._edit, "ls": Agent._ls, "glob": Agent._glob, "grep": Agent._grep}
 _JSON_TYPES = {"string": str, "integer": int, "number": (int, float), "boolean": bool, "object": dict}

@@ -149,12 +149,12 @@ def bench_redact():
 EVENTS_WATCHER = """
 import json, sys, time
 sys.path.insert(0, sys.argv[1])
-import daemon, stigmer_pb2 as pb, stigmer_pb2_grpc as pb_grpc
+import daemon_client, stigmer_pb2 as pb, stigmer_pb2_grpc as pb_grpc
 endpoint, token, execution_id, last = sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
-channel = daemon.client_channel(endpoint)
+channel = daemon_client.client_channel(endpoint)
 arrivals = []  # (seq, perf_counter) of every 1000th event and the last text event
 for event in pb_grpc.DaemonStub(channel).Watch(pb.WatchRequest(execution_id=execution_id, follow=True),
-                                                metadata=daemon.auth_metadata(token), timeout=600):
+                                                metadata=daemon_client.auth_metadata(token), timeout=600):
     if event.seq == 1:
         print("ready", flush=True)
     if event.seq % 1000 == 0 or event.seq == last:
@@ -178,6 +178,7 @@ def bench_events():
     import grpc
 
     import daemon
+    import daemon_client
     import stigmer_pb2 as pb
     import stigmer_pb2_grpc as pb_grpc
 
@@ -189,8 +190,8 @@ def bench_events():
         """Stream `total` events into a fresh daemon; (events/s, watcher events behind, ms behind)."""
         with tempfile.TemporaryDirectory() as home:
             server = daemon.serve(home, "127.0.0.1:0", runner_grace=60)
-            channel = daemon.client_channel(server.endpoint)
-            stub, md = pb_grpc.DaemonStub(channel), daemon.auth_metadata(server.token)
+            channel = daemon_client.client_channel(server.endpoint)
+            stub, md = pb_grpc.DaemonStub(channel), daemon_client.auth_metadata(server.token)
             ex = stub.Submit(pb.SubmitRequest(spec=pb.ExecutionSpec(prompt="bench", workspace=home)),
                              metadata=md, timeout=30)
             last = total + 2  # seq 1 and 2 are the daemon's PENDING and RUNNING
@@ -234,7 +235,7 @@ def bench_events():
             bare_stream, request_deserializer=pb.Event.FromString, response_serializer=pb.Ack.SerializeToString)})])
     port = bare.add_insecure_port("127.0.0.1:0")
     bare.start()
-    with daemon.client_channel(f"127.0.0.1:{port}") as bare_channel:
+    with daemon_client.client_channel(f"127.0.0.1:{port}") as bare_channel:
         call = bare_channel.stream_stream("/bench.Bare/Stream", request_serializer=pb.Event.SerializeToString,
                                           response_deserializer=pb.Ack.FromString)
         bare_start = time.perf_counter()
@@ -266,6 +267,7 @@ def bench_loop(turns=50, list_runs=15):
 
     import agent
     import daemon
+    import models
     from testsupport import FAKE_KEY, FakeAnthropic, free_port, text_step, tool_step
 
     script = [tool_step(("execute", {"command": f"echo turn {i}"})) for i in range(turns - 1)] + [text_step("done")]
@@ -280,7 +282,7 @@ def bench_loop(turns=50, list_runs=15):
         client = anthropic.Anthropic(api_key=FAKE_KEY, base_url=fake.url)
         messages = [{"role": "user", "content": "go"}]
         while True:
-            with client.messages.stream(model="m", max_tokens=agent.MAX_OUTPUT_TOKENS, messages=messages,
+            with client.messages.stream(model="m", max_tokens=models.MAX_OUTPUT_TOKENS, messages=messages,
                                         system=system, tools=agent.TOOLS) as stream:
                 message = stream.get_final_message()
             if message.stop_reason != "tool_use":
@@ -297,7 +299,7 @@ def bench_loop(turns=50, list_runs=15):
     with tempfile.TemporaryDirectory() as tmp, FakeAnthropic(script) as fake:
         env = dict(os.environ, STIGMER_HOME=os.path.join(tmp, "home"), SANDBOX_ROOT_DIR=tmp,
                    STIGMER_BACKEND_ENDPOINT=f"127.0.0.1:{free_port()}", ANTHROPIC_API_KEY=FAKE_KEY,
-                   ANTHROPIC_BASE_URL=fake.url, STIGMER_MODEL="m")
+                   ANTHROPIC_BASE_URL=fake.url, STIGMER_MODEL="claude-fake")
         runner_py = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runner.py")
         start = time.perf_counter()
         done = subprocess.run([sys.executable, runner_py, "--json", "go"], env=env, capture_output=True, text=True)

@@ -10,10 +10,9 @@ Usually started for you by `python runner.py start` or `python runner.py daemon`
 Threads: the gRPC server runs one pool thread per active RPC, so every open Watch and
 Connect stream holds one (a Connect stream also has a reader thread of its own). Writes
 to SQLite go through one connection under the daemon lock; each Watch reads the log
-through its own connection, so a stalled watcher only ever blocks its own thread. The schema and
-the row conversions live in store.py. Watch sends the log's stored bytes as they are (add_service).
+through its own connection, so a stalled watcher only ever blocks its own thread. The SQL (schema,
+migrations, queries, row conversions) lives in store.py. Watch sends the log's stored bytes as they are (add_service).
 """
-import argparse
 import errno
 import hmac
 import ipaddress
@@ -36,8 +35,8 @@ import sandbox
 import stigmer_pb2 as pb
 import stigmer_pb2_grpc as pb_grpc
 import store
-from daemon_client import (CHANNEL_OPTIONS, DEFAULT_ENDPOINT, MAX_MESSAGE_BYTES, TOKEN_FILE, VERSION,  # noqa: F401
-                           DaemonError, auth_metadata, client_channel, default_home, read_token)
+from daemon_client import (DEFAULT_ENDPOINT, MAX_MESSAGE_BYTES, TERMINAL_PHASES, TOKEN_FILE, VERSION, DaemonError,
+                           read_token)
 
 RPC_THREADS = 128  # pool threads: one per active RPC (each open Watch or Connect holds one)
 MAX_CONCURRENT_RPCS = RPC_THREADS  # beyond this new RPCs fail fast with RESOURCE_EXHAUSTED instead of queuing behind streams
@@ -56,8 +55,7 @@ SERVER_OPTIONS = [
     ("grpc.so_reuseport", 0),  # otherwise a second daemon could bind the same port silently
 ]
 SERVICE = "stigmer.v1.Daemon"  # the full name of the gRPC service
-TERMINAL = (pb.COMPLETED, pb.FAILED, pb.CANCELLED)
-RUNNER_PHASES = TERMINAL + (pb.RUNNING,)  # a runner may report RUNNING (with turns) and the terminal phases
+RUNNER_PHASES = TERMINAL_PHASES + (pb.RUNNING,)  # a runner may report RUNNING (with turns) and the terminal phases
 Code = grpc.StatusCode
 
 def _copy(ex):
@@ -162,16 +160,13 @@ class Daemon(pb_grpc.DaemonServicer):
         self._timers = {}  # ("lost" | "cancel", execution id) -> threading.Timer
         self._stopping = False
         self._started = time.time()
-        rows = db.execute(f"SELECT {store.EXECUTION_COLUMNS} FROM executions WHERE phase IN (?, ?) "
-                          "ORDER BY created_at, id", (pb.PENDING, pb.RUNNING)).fetchall()
-        for ex in map(store.execution_from_row, rows):
+        for ex in store.active_executions(db):
             self._active[ex.id] = ex
             if ex.phase == pb.PENDING:
                 self._pending[ex.id] = None
             else:  # its runner has `runner_grace` from now to reconnect and claim it
                 self._schedule(("lost", ex.id), runner_grace, self._runner_lost)
-        for (execution_id,) in db.execute("SELECT id FROM executions WHERE phase = ? AND cancel_requested_at > 0",
-                                          (pb.RUNNING,)):
+        for execution_id in store.cancels_requested(db):
             self._schedule(("cancel", execution_id), cancel_grace, self._cancel_expired)  # sent again on Hello
 
     # ---- unary RPCs ----
@@ -201,12 +196,10 @@ class Daemon(pb_grpc.DaemonServicer):
         if request.limit < 0 or request.phase not in pb.Phase.values():
             context.abort(Code.INVALID_ARGUMENT, "limit must not be negative and phase must be a known Phase")
         limit = min(request.limit or LIST_DEFAULT, LIST_MAX)
-        where, args = ("WHERE phase = ?", (request.phase,)) if request.phase else ("", ())
         with self._lock:
             self._check_open(context)
-            rows = self._db.execute(f"SELECT {store.EXECUTION_COLUMNS} FROM executions {where} "
-                                    "ORDER BY created_at DESC, id DESC LIMIT ?", args + (limit,)).fetchall()
-        return pb.ListResponse(executions=map(store.execution_from_row, rows))
+            executions = store.list_executions(self._db, request.phase, limit)
+        return pb.ListResponse(executions=executions)
 
     def Cancel(self, request, context):
         with self._lock:
@@ -224,8 +217,7 @@ class Daemon(pb_grpc.DaemonServicer):
             elif ex.phase == pb.RUNNING and ("cancel", ex.id) not in self._timers:
                 # The runner confirms with a CANCELLED event; if it does not in time, we write it.
                 try:
-                    self._db.execute("UPDATE executions SET cancel_requested_at = ? WHERE id = ?",
-                                     (time.time(), ex.id))
+                    store.request_cancel(self._db, ex.id, time.time())
                 except sqlite3.Error as e:  # a full disk: the cancel still goes out, unrecorded
                     if not _is_full(e):
                         raise
@@ -238,11 +230,11 @@ class Daemon(pb_grpc.DaemonServicer):
     def Status(self, request, context):
         with self._lock:
             self._check_open(context)
-            counts = self._db.execute("SELECT phase, COUNT(*) FROM executions GROUP BY phase").fetchall()
+            counts = store.count_by_phase(self._db)
             return pb.DaemonStatus(
                 version=VERSION, pid=os.getpid(), uptime_seconds=time.time() - self._started,
                 connected_runners=len(self._sessions), queue_depth=len(self._pending),
-                executions_by_phase={pb.Phase.Name(phase): n for phase, n in counts},
+                executions_by_phase={pb.Phase.Name(phase): n for phase, n in counts.items()},
                 free_capacity=sum(s.free_slots() for s in self._sessions.values()))
 
     # ---- Watch ----
@@ -266,8 +258,7 @@ class Daemon(pb_grpc.DaemonServicer):
     def _watch(self, execution_id, after, follow, context):
         """Yield stored events after `after` page by page; with follow, wait for more until the terminal one.
         A terminal phase event is always an execution's last, so only each page's last row is looked at."""
-        db = sqlite3.connect(self._db_path, check_same_thread=False)
-        db.execute("PRAGMA busy_timeout = 5000")
+        db = store.open_reader(self._db_path)
         seen = 0  # notices (seq 0, not in the log) already sent
         try:
             finished = False
@@ -278,14 +269,13 @@ class Daemon(pb_grpc.DaemonServicer):
                     for notice in notices:
                         seen += 1
                         yield notice
-                        if pb.Event.FromString(notice).phase.phase in TERMINAL:
+                        if pb.Event.FromString(notice).phase.phase in TERMINAL_PHASES:
                             return  # the run ended, but its last events wait for disk space
-                rows = db.execute("SELECT payload, seq, kind FROM events WHERE execution_id = ? AND seq > ? "
-                                  "ORDER BY seq LIMIT ?", (execution_id, after, WATCH_PAGE)).fetchall()
+                rows = store.events_after(db, execution_id, after, WATCH_PAGE)
                 if rows:
                     yield from map(itemgetter(0), rows)
                     payload, after, kind = rows[-1]
-                    if kind == "phase" and pb.Event.FromString(payload).phase.phase in TERMINAL:
+                    if kind == "phase" and pb.Event.FromString(payload).phase.phase in TERMINAL_PHASES:
                         return
                     if len(rows) == WATCH_PAGE:
                         continue
@@ -438,7 +428,7 @@ class Daemon(pb_grpc.DaemonServicer):
                 replies, changed = self._refuse_full(session, groups, str(e)), []
             for reply in replies:
                 session.send(reply)
-            if any(ex.phase in TERMINAL for ex in changed):
+            if any(ex.phase in TERMINAL_PHASES for ex in changed):
                 self._dispatch()
 
     def _refuse_full(self, session, groups, message):
@@ -451,7 +441,7 @@ class Daemon(pb_grpc.DaemonServicer):
             replies.append(_reject(execution_id, Code.RESOURCE_EXHAUSTED, message,
                                    self._active[execution_id].last_seq))
             self._notice(execution_id, "error", error=pb.Error(code="disk_full", message=message))
-            ended = [e.phase for e in events if e.WhichOneof("payload") == "phase" and e.phase.phase in TERMINAL]
+            ended = [e.phase for e in events if e.WhichOneof("payload") == "phase" and e.phase.phase in TERMINAL_PHASES]
             if ended:
                 self._notice(execution_id, "phase", phase=pb.PhaseChange(
                     phase=pb.FAILED, turns=ended[-1].turns,
@@ -484,7 +474,7 @@ class Daemon(pb_grpc.DaemonServicer):
 
     def _take_events(self, ex, events, rows, now):
         """Append the next contiguous events to rows and apply them to ex (a copy); the problem, if any."""
-        execution_id, last, ended = ex.id, ex.last_seq, ex.phase in TERMINAL  # locals: this is the hot loop
+        execution_id, last, ended = ex.id, ex.last_seq, ex.phase in TERMINAL_PHASES  # locals: this is the hot loop
         problem = None
         for event in events:
             seq = event.seq
@@ -505,14 +495,14 @@ class Daemon(pb_grpc.DaemonServicer):
             if kind == "usage":
                 ex.usage.CopyFrom(event.usage)
             elif kind == "phase":
-                if event.phase.phase in TERMINAL:
+                if event.phase.phase in TERMINAL_PHASES:
                     _finish(ex, event.phase)
                     ended = True
                 elif event.phase.turns:
                     ex.turns = event.phase.turns
             if not event.time:
                 event.time = now
-            rows.append((execution_id, seq, event.time, kind, event.SerializeToString()))
+            rows.append((execution_id, seq, event.time, kind, event.SerializeToString()))  # as store.event_row
             last = seq
         ex.last_seq = last
         return problem
@@ -524,16 +514,7 @@ class Daemon(pb_grpc.DaemonServicer):
         if not rows and not executions:
             return
         try:
-            self._db.execute("BEGIN")
-            try:
-                self._db.executemany("INSERT INTO events (execution_id, seq, time, kind, payload) "
-                                     "VALUES (?, ?, ?, ?, ?)", rows)
-                self._db.executemany(store.UPSERT_EXECUTION, [store.execution_row(ex) for ex in executions])
-                self._db.execute("COMMIT")
-            except BaseException:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-                raise
+            store.write(self._db, rows, executions)
         except sqlite3.Error as e:
             if not _is_full(e):
                 raise
@@ -546,7 +527,7 @@ class Daemon(pb_grpc.DaemonServicer):
             self._noticed.pop(ex.id, None)  # a later outage is news again
         for ex in executions:
             cond = self._conds.get(ex.id)
-            if ex.phase not in TERMINAL:
+            if ex.phase not in TERMINAL_PHASES:
                 self._active[ex.id] = ex
             else:
                 self._active.pop(ex.id, None)
@@ -655,24 +636,21 @@ class Daemon(pb_grpc.DaemonServicer):
     def _find(self, execution_id, context):
         ex = self._active.get(execution_id)
         if ex is None:
-            row = self._db.execute(f"SELECT {store.EXECUTION_COLUMNS} FROM executions WHERE id = ?",
-                                   (execution_id,)).fetchone()
-            if row is None:
+            ex = store.get_execution(self._db, execution_id)
+            if ex is None:
                 context.abort(Code.NOT_FOUND, f"no execution {execution_id!r}: `python runner.py list` shows them")
-            ex = store.execution_from_row(row)
         return ex
 
     def _stored_last_seq(self, execution_id):
         if execution_id in self._active:
             return self._active[execution_id].last_seq
-        row = self._db.execute("SELECT last_seq FROM executions WHERE id = ?", (execution_id,)).fetchone()
-        return row[0] if row else 0
+        return store.last_seq(self._db, execution_id)
 
     def _new_id(self):
         """ex- + seconds in hex + random hex: short, unique, roughly in submit order."""
         while True:
             execution_id = f"ex-{int(time.time()):08x}{os.urandom(3).hex()}"
-            if not self._db.execute("SELECT 1 FROM executions WHERE id = ?", (execution_id,)).fetchone():
+            if not store.execution_exists(self._db, execution_id):
                 return execution_id
 
     # ---- shutdown ----
@@ -910,35 +888,11 @@ def _serve_locked(home, host, port, bind_host, address, runner_grace, cancel_gra
     return DaemonServer(server, daemon, bound, endpoint, token, home, lock_fd)
 
 
-EXAMPLES = """examples:
-  python daemon.py                               # localhost:50051, state in ~/.stigmer
-  python daemon.py --endpoint 127.0.0.1:50052    # another port
-  STIGMER_HOME=/tmp/st python daemon.py          # state elsewhere
-  python daemon.py --endpoint 0.0.0.0:50051 --allow-remote   # reachable from other machines
-
-environment: STIGMER_HOME, STIGMER_BACKEND_ENDPOINT, STIGMER_RUNNER_GRACE (seconds a
-disconnected runner has to come back before its executions fail; default 15)"""
-
-
-def main(argv=None):
-    """Run the daemon in the foreground until SIGTERM or SIGINT."""
-    parser = argparse.ArgumentParser(prog="python daemon.py", epilog=EXAMPLES,
-                                     description="The Stigmer Daemon: execution queue and event log.",
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--endpoint", default=os.environ.get("STIGMER_BACKEND_ENDPOINT") or DEFAULT_ENDPOINT,
-                        help="HOST:PORT to listen on (default: $STIGMER_BACKEND_ENDPOINT or %(default)s)")
-    parser.add_argument("--allow-remote", action="store_true",
-                        help="allow a non-loopback HOST (other machines could reach the daemon)")
-    parser.add_argument("--idle-exit", type=float, default=0, metavar="SECONDS",
-                        help="exit after SECONDS with no execution, runner, watcher or call (default 0: never)")
-    args = parser.parse_args(argv)
-    home = default_home()
+def run(home, endpoint, *, allow_remote=False, runner_grace=15.0, idle_exit=0.0):
+    """Run the daemon in the foreground until SIGTERM or SIGINT (or, with IDLE_EXIT > 0, until it has
+    been idle that many seconds); returns the exit code."""
     try:
-        try:
-            runner_grace = float(os.environ.get("STIGMER_RUNNER_GRACE") or 15)
-        except ValueError:
-            raise DaemonError("STIGMER_RUNNER_GRACE must be a number of seconds, for example 15") from None
-        server = serve(home, args.endpoint, allow_remote=args.allow_remote, runner_grace=runner_grace)
+        server = serve(home, endpoint, allow_remote=allow_remote, runner_grace=runner_grace)
     except DaemonError as e:
         print(f"stigmer daemon: {e}", file=sys.stderr)
         return 1
@@ -947,12 +901,19 @@ def main(argv=None):
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
     print(f"stigmer daemon listening on {server.endpoint} (home {home})", flush=True)
-    if args.idle_exit > 0:
-        server.stop_when_idle(args.idle_exit)
+    if idle_exit > 0:
+        server.stop_when_idle(idle_exit)
     while not stop.wait(0.5) and not server._stopped.is_set():
         pass
     server.stop()
     return 0
+
+
+def main(argv=None):
+    """`python daemon.py [--endpoint HOST:PORT] [--allow-remote]`: `python runner.py daemon`, configured
+    by runner.Config (imported here only: runner imports this module, not the other way round)."""
+    import runner
+    return runner.run_cli(["daemon", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

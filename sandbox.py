@@ -833,11 +833,6 @@ def _atomic_write(full, data):
         raise
 
 
-def _first_line_ending(text):
-    i = text.find("\n")
-    return "\r\n" if i > 0 and text[i - 1] == "\r" else "\n"
-
-
 def _to_crlf(s):
     return s.replace("\r\n", "\n").replace("\n", "\r\n")
 

@@ -1,5 +1,15 @@
-"""The Stigmer Daemon's SQLite store: the schema and its migrations, and the conversions
-between rows and protobuf messages. The daemon (daemon.py) owns the transactions and the locking."""
+"""The Stigmer Daemon's SQLite store: the schema and its migrations, every SQL statement the
+daemon runs, as named functions taking the connection, and the conversions between rows and
+protobuf messages. The daemon (daemon.py) owns the locking and decides what goes in one
+transaction (one call to `write`).
+
+    db = open_db("/tmp/st/stigmer.db")            # creates or migrates; SchemaError if newer
+    write(db, [event_row(event)], [execution])    # events and executions, one transaction
+    list_executions(db, phase=pb.RUNNING, limit=20)
+    events_after(open_reader(path), execution_id, after=0, limit=1000)   # a watcher's own connection
+
+    python -m unittest test_store -v
+"""
 import sqlite3
 
 import stigmer_pb2 as pb
@@ -36,14 +46,16 @@ EXECUTION_COLUMNS = ("id, created_at, phase, spec, started_at, finished_at, runn
 UPSERT_EXECUTION = (f"INSERT INTO executions ({EXECUTION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                     "ON CONFLICT(id) DO UPDATE SET " +
                     ", ".join(f"{c} = excluded.{c}" for c in EXECUTION_COLUMNS.split(", ")[1:]))
-
-
+# A stored (execution_id, seq) is never replaced: storing it again is a no-op.
+INSERT_EVENT = ("INSERT INTO events (execution_id, seq, time, kind, payload) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (execution_id, seq) DO NOTHING")
+BUSY_TIMEOUT_MS = 5000  # how long a statement waits for another connection's lock
 
 
 def open_db(path):
     """Open (creating or migrating) the SQLite store for writing."""
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    db.execute("PRAGMA busy_timeout = 5000")
+    db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     db.execute("PRAGMA journal_mode = WAL")
     db.execute("PRAGMA synchronous = NORMAL")
     db.execute("PRAGMA cache_size = -32768")  # 32 MiB of page cache for the writer
@@ -57,6 +69,87 @@ def open_db(path):
         db.executescript(f"BEGIN; {MIGRATIONS[number]}; PRAGMA user_version = {number + 1}; COMMIT;")
     return db
 
+
+def open_reader(path):
+    """A connection of its own for one watcher, so that a stalled watcher blocks only itself."""
+    db = sqlite3.connect(path, check_same_thread=False)
+    db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    return db
+
+
+# ---- writing (the daemon holds its lock) ----
+
+def write(db, event_rows, executions):
+    """Insert event rows (see event_row) and insert or update executions, in one transaction."""
+    db.execute("BEGIN")
+    try:
+        db.executemany(INSERT_EVENT, event_rows)
+        db.executemany(UPSERT_EXECUTION, [execution_row(ex) for ex in executions])
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:  # a COMMIT that failed (disk full) leaves it open
+            db.execute("ROLLBACK")
+        raise
+
+
+def request_cancel(db, execution_id, when):
+    """Record that a cancel was asked for at `when`, so that a restarted daemon still delivers it."""
+    db.execute("UPDATE executions SET cancel_requested_at = ? WHERE id = ?", (when, execution_id))
+
+
+# ---- reading ----
+
+def get_execution(db, execution_id):
+    """The execution with this id, or None."""
+    row = db.execute(f"SELECT {EXECUTION_COLUMNS} FROM executions WHERE id = ?", (execution_id,)).fetchone()
+    return execution_from_row(row) if row else None
+
+
+def execution_exists(db, execution_id):
+    """Whether an execution with this id was ever stored."""
+    return db.execute("SELECT 1 FROM executions WHERE id = ?", (execution_id,)).fetchone() is not None
+
+
+def last_seq(db, execution_id):
+    """The seq of the execution's last stored event; 0 for an unknown execution."""
+    row = db.execute("SELECT last_seq FROM executions WHERE id = ?", (execution_id,)).fetchone()
+    return row[0] if row else 0
+
+
+def list_executions(db, phase=0, limit=50):
+    """Executions newest first, at most `limit`; only those in `phase` unless it is 0."""
+    where, args = ("WHERE phase = ?", (phase,)) if phase else ("", ())
+    rows = db.execute(f"SELECT {EXECUTION_COLUMNS} FROM executions {where} "
+                      "ORDER BY created_at DESC, id DESC LIMIT ?", args + (limit,)).fetchall()
+    return [execution_from_row(row) for row in rows]
+
+
+def active_executions(db):
+    """The PENDING and RUNNING executions, oldest first: what a starting daemon takes over."""
+    rows = db.execute(f"SELECT {EXECUTION_COLUMNS} FROM executions WHERE phase IN (?, ?) "
+                      "ORDER BY created_at, id", (pb.PENDING, pb.RUNNING)).fetchall()
+    return [execution_from_row(row) for row in rows]
+
+
+def cancels_requested(db):
+    """Ids of the RUNNING executions with a cancel asked for and not yet confirmed."""
+    return [execution_id for (execution_id,) in db.execute(
+        "SELECT id FROM executions WHERE phase = ? AND cancel_requested_at > 0", (pb.RUNNING,))]
+
+
+def count_by_phase(db):
+    """{phase: number of executions} for each phase that has any."""
+    return dict(db.execute("SELECT phase, COUNT(*) FROM executions GROUP BY phase"))
+
+
+def events_after(db, execution_id, after, limit):
+    """Up to `limit` stored events with seq > after, in seq order, as (payload, seq, kind) rows:
+    payload is the serialized Event, sent to watchers as it is."""
+    return db.execute("SELECT payload, seq, kind FROM events WHERE execution_id = ? AND seq > ? "
+                      "ORDER BY seq LIMIT ?", (execution_id, after, limit)).fetchall()
+
+
+# ---- rows and messages ----
 
 def execution_row(ex):
     return (ex.id, ex.created_at, ex.phase, ex.spec.SerializeToString(), ex.started_at,
@@ -74,5 +167,6 @@ def execution_from_row(row):
 
 
 def event_row(event):
+    """The events row of an Event (the daemon's batch path builds the same tuple inline)."""
     return (event.execution_id, event.seq, event.time, event.WhichOneof("payload"),
             event.SerializeToString())

@@ -1,37 +1,83 @@
-"""Tests of the agent loop in-process: the real anthropic SDK against the fake Messages API,
-a real FilesystemSandbox, and the emitted events collected in a list.
+"""Tests of the agent loop in-process: `Agent` driving `models.AnthropicModel`, the real
+anthropic SDK against the fake Messages API, a real FilesystemSandbox, and the emitted
+events collected in a list. The providers issue runs these again per model class.
 
     python -m unittest test_agent -v
 """
+import json
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
+import time
 import unittest
 
 import anthropic
 
 import agent
+import models
 import stigmer_pb2 as pb
 from sandbox import FilesystemSandbox
-from testsupport import FAKE_KEY, FakeAnthropic, text_step, tool_step
+from testsupport import FAKE_KEY, HERE, FakeAnthropic, text_step, tool_step
+
+
+def anthropic_model(test, url, key=FAKE_KEY, max_retries=2):
+    """An AnthropicModel whose client talks to the fake at URL, closed when TEST ends."""
+    client = anthropic.Anthropic(api_key=key, base_url=url, max_retries=max_retries)
+    test.addCleanup(client.close)
+    return models.AnthropicModel("claude-fake", client)
 
 
 class AgentLoopTest(unittest.TestCase):
-    def run_agent(self, script, **kwargs):
+    def run_agent(self, script, key=FAKE_KEY, **kwargs):
         """Run SCRIPT through an Agent; returns (phase, reason, final_text, events, fake)."""
         workspace = tempfile.mkdtemp(prefix="stigmer-agent-")
         self.addCleanup(shutil.rmtree, workspace, True)
+        self.workspace = workspace
         events = []
         with FakeAnthropic(script) as fake:
-            client = anthropic.Anthropic(api_key=FAKE_KEY, base_url=fake.url, max_retries=2)
-            the_agent = agent.Agent(client, FilesystemSandbox(workspace), lambda **p: events.append(p),
-                                    model="claude-fake", **kwargs)
+            the_agent = agent.Agent(anthropic_model(self, fake.url, key), FilesystemSandbox(workspace),
+                                    lambda **p: events.append(p), **kwargs)
             self.agent = the_agent
             phase, reason, text = the_agent.run("do the task", workspace)
         return phase, reason, text, events, fake
 
     def kinds(self, events):
         return [next(iter(e)) for e in events]
+
+    def errors(self, events):
+        return [e["error"].code for e in events if "error" in e]
+
+    def test_a_text_reply_completes_the_run(self):
+        phase, reason, text, events, fake = self.run_agent([text_step("all done here, nothing to change", usage={
+            "input": 300, "output": 40, "cache_read": 7, "cache_write": 5})])
+        self.assertEqual((phase, reason, text), (pb.COMPLETED, "", "all done here, nothing to change"))
+        self.assertEqual("".join(e["text"].text for e in events if "text" in e), "all done here, nothing to change")
+        self.assertGreater(self.kinds(events).count("text"), 1)  # streamed in pieces, as they arrive
+        (usage,) = [e["usage"] for e in events if "usage" in e]
+        self.assertEqual((usage.input_tokens, usage.output_tokens, usage.cache_read_tokens, usage.cache_write_tokens),
+                         (300, 40, 7, 5))
+        self.assertEqual((len(fake.requests), self.agent.turns), (1, 1))
+
+    def test_tool_use_runs_the_tools_and_sends_the_results(self):
+        step = tool_step(("write_file", {"path": "out.txt", "content": "hello"}), text="writing it")
+        phase, _, text, events, fake = self.run_agent([step, text_step("wrote it")])
+        self.assertEqual((phase, text), (pb.COMPLETED, "wrote it"))
+        with open(os.path.join(self.workspace, "out.txt")) as f:
+            self.assertEqual(f.read(), "hello")
+        self.assertEqual(self.kinds(events).count("tool_call"), 1)
+        (call,) = [e["tool_call"] for e in events if "tool_call" in e]
+        self.assertEqual((call.id, call.name, json.loads(call.input_json)),
+                         ("toolu_0_0", "write_file", {"path": "out.txt", "content": "hello"}))
+        assistant, results = fake.requests[1]["messages"][-2:]
+        self.assertEqual(assistant["content"][0]["text"], "writing it")
+        self.assertEqual(assistant["content"][1]["input"], {"path": "out.txt", "content": "hello"})
+        self.assertEqual(results["content"][0]["tool_use_id"], "toolu_0_0")
+        self.assertFalse(results["content"][0]["is_error"])
+        (usage,) = [e["usage"] for e in events if "usage" in e][-1:]
+        self.assertEqual((usage.input_tokens, usage.output_tokens), (200, 40))  # cumulative over both turns
 
     def test_pause_turn_continues_with_the_assistant_turn(self):
         phase, _, text, _, fake = self.run_agent([text_step("thinking…", stop="pause_turn"), text_step("done")])
@@ -54,6 +100,75 @@ class AgentLoopTest(unittest.TestCase):
         self.assertNotIn("tool_result", self.kinds(events))
         self.assertEqual(fake.requests[1]["messages"][-1]["content"][0]["text"], agent.TOOL_CUT_NOTE)
 
+    def test_turn_limit(self):
+        script = [tool_step(("execute", {"command": f"echo turn {i}"})) for i in range(10)]
+        phase, reason, _, _, fake = self.run_agent(script, max_turns=3)
+        self.assertEqual(phase, pb.FAILED)
+        self.assertIn("turn limit (3 turns)", reason)
+        self.assertEqual(len(fake.requests), 3)
+
+    def test_token_limit(self):
+        script = [tool_step(("execute", {"command": f"echo turn {i}"})) for i in range(10)]
+        phase, reason, _, _, fake = self.run_agent(script, max_tokens_total=250)
+        self.assertEqual(phase, pb.FAILED)
+        self.assertIn("token limit (360 of 250 tokens)", reason)  # 120 tokens a turn: over 250 after the third
+        self.assertEqual(len(fake.requests), 3)
+
+    def test_malformed_tool_input_goes_back_to_the_model_as_an_error(self):
+        step = tool_step(("execute", '{"command": }'))
+        phase, _, _, events, fake = self.run_agent([step, text_step("sorry, again")])
+        self.assertEqual(phase, pb.COMPLETED)
+        (result,) = [e["tool_result"] for e in events if "tool_result" in e]
+        self.assertTrue(result.is_error)
+        self.assertEqual(result.exit_code, 2)
+        self.assertIn("not a valid JSON object", result.output)
+        assistant, results = fake.requests[1]["messages"][-2:]
+        self.assertIn("__malformed__", assistant["content"][-1]["input"])
+        self.assertTrue(results["content"][0]["is_error"])
+
+    def test_refusal_runs_no_tools(self):
+        step = tool_step(("execute", {"command": "touch should-not-exist"}), stop="refusal")
+        phase, reason, _, events, fake = self.run_agent([step])
+        self.assertEqual(phase, pb.FAILED)
+        self.assertIn("refused", reason)
+        self.assertNotIn("tool_call", self.kinds(events))
+        self.assertFalse(os.path.exists(os.path.join(self.workspace, "should-not-exist")))
+        self.assertEqual(len(fake.requests), 1)
+
+    def test_context_window_full_as_a_stop_reason(self):
+        phase, reason, _, events, fake = self.run_agent([text_step("so much", stop="model_context_window_exceeded")])
+        self.assertEqual(phase, pb.FAILED)
+        self.assertIn("context window", reason)
+        self.assertEqual(len(fake.requests), 1)
+
+    def test_context_window_full_as_a_400(self):
+        step = text_step("never", errors=[(400, "prompt is too long: 250000 tokens > 200000 maximum")])
+        phase, reason, _, events, fake = self.run_agent([step])
+        self.assertEqual(phase, pb.FAILED)
+        self.assertEqual(reason, "the conversation no longer fits the model's context window")
+        self.assertEqual(self.errors(events), ["context_window"])
+        self.assertEqual(len(fake.requests), 1)
+
+    def test_other_400s_say_what_the_api_said(self):
+        phase, reason, _, events, _ = self.run_agent([text_step("never", errors=[(400, "tools.0: bad schema")])])
+        self.assertEqual(phase, pb.FAILED)
+        self.assertIn("tools.0: bad schema", reason)
+        self.assertEqual(self.errors(events), ["bad_request"])
+
+    def test_401_is_a_clear_failure(self):
+        phase, reason, _, events, fake = self.run_agent([text_step("never")], key="sk-ant-wrong.key.0000000000")
+        self.assertEqual(phase, pb.FAILED)
+        self.assertIn("ANTHROPIC_API_KEY", reason)
+        self.assertIn("401", reason)
+        self.assertEqual(self.errors(events), ["auth"])
+        self.assertEqual(fake.statuses, [(0, 401)])  # not retried
+
+    def test_429_once_is_retried_by_the_sdk(self):
+        phase, _, text, events, fake = self.run_agent([text_step("hello after a retry", errors=[429])])
+        self.assertEqual((phase, text), (pb.COMPLETED, "hello after a retry"))
+        self.assertEqual(fake.statuses, [(0, 429), (0, 200)])
+        self.assertEqual(self.errors(events), [])
+
     def test_api_errors_become_human_messages(self):
         cases = {403: ("permission", "403"), 529: ("overloaded", "overloaded"), 500: ("api_error", "500")}
         for status, (code, words) in cases.items():
@@ -66,25 +181,28 @@ class AgentLoopTest(unittest.TestCase):
                 self.assertEqual(len(fake.requests), retried)
 
     def test_connection_refused_is_a_connection_failure(self):
-        client = anthropic.Anthropic(api_key=FAKE_KEY, base_url="http://127.0.0.1:9", max_retries=0)
         events = []
-        the_agent = agent.Agent(client, FilesystemSandbox(tempfile.mkdtemp()), lambda **p: events.append(p),
-                                model="m")
+        the_agent = agent.Agent(anthropic_model(self, "http://127.0.0.1:9", max_retries=0),
+                                FilesystemSandbox(tempfile.mkdtemp()), lambda **p: events.append(p))
         phase, reason, _ = the_agent.run("x", "/tmp")
         self.assertEqual(phase, pb.FAILED)
         self.assertIn("could not reach the model API", reason)
+        self.assertEqual(self.errors(events), ["connection"])
 
     def test_a_stream_that_breaks_mid_reply_is_asked_again(self):
         phase, _, text, events, fake = self.run_agent([text_step("a complete answer at last", drop=1)])
         self.assertEqual((phase, text), (pb.COMPLETED, "a complete answer at last"))
         self.assertEqual(len(fake.requests), 2)
         self.assertEqual([e["error"].code for e in events if "error" in e], ["stream_retry"])
+        (retry,) = [e["error"].message for e in events if "error" in e]
+        self.assertIn("broke off", retry)
 
     def test_a_stream_that_keeps_breaking_fails_clearly(self):
-        phase, reason, _, _, fake = self.run_agent([text_step("never whole", drop=5)])
+        phase, reason, _, events, fake = self.run_agent([text_step("never whole", drop=5)])
         self.assertEqual(phase, pb.FAILED)
         self.assertIn("connection to the model API broke", reason)
-        self.assertEqual(len(fake.requests), agent.STREAM_RETRIES + 1)
+        self.assertEqual(len(fake.requests), models.STREAM_RETRIES + 1)
+        self.assertEqual(self.errors(events), ["stream_retry"] * models.STREAM_RETRIES + ["connection"])
 
     def test_long_tool_output_is_capped_for_the_model(self):
         step = tool_step(("execute", {"command": "python3 -c \"print('a' * 60000 + 'END')\""}))
@@ -109,7 +227,6 @@ class AgentLoopTest(unittest.TestCase):
         step = tool_step(("execute", {"command": "sleep 60"}))
         done = {}
         with FakeAnthropic([step, text_step("never")]) as fake:
-            client = anthropic.Anthropic(api_key=FAKE_KEY, base_url=fake.url)
             events = []
             started = threading.Event()
 
@@ -118,7 +235,7 @@ class AgentLoopTest(unittest.TestCase):
                 if "tool_call" in p:
                     started.set()
 
-            the_agent = agent.Agent(client, FilesystemSandbox(tempfile.mkdtemp()), emit, model="m")
+            the_agent = agent.Agent(anthropic_model(self, fake.url), FilesystemSandbox(tempfile.mkdtemp()), emit)
             thread = threading.Thread(target=lambda: done.update(r=the_agent.run("x", "/tmp")))
             thread.start()
             self.assertTrue(started.wait(30))
@@ -130,6 +247,54 @@ class AgentLoopTest(unittest.TestCase):
         self.assertEqual(result.exit_code, 130)
         self.assertEqual(len(fake.requests), 1)  # nothing sent to the model after the cancel
 
+    def test_cancel_while_the_model_answers(self):
+        done = {}
+        with FakeAnthropic([text_step("too late", delay=0.5)]) as fake:
+            events = []
+            the_agent = agent.Agent(anthropic_model(self, fake.url), FilesystemSandbox(tempfile.mkdtemp()),
+                                    lambda **p: events.append(p))
+            thread = threading.Thread(target=lambda: done.update(r=the_agent.run("x", "/tmp")))
+            thread.start()
+            deadline = time.monotonic() + 30
+            while not fake.requests and time.monotonic() < deadline:
+                time.sleep(0.01)
+            the_agent.cancel()
+            thread.join(30)
+        self.assertFalse(thread.is_alive())
+        self.assertEqual(done["r"], (pb.CANCELLED, "cancelled by the user", ""))
+        self.assertEqual(self.kinds(events), [])  # no text, usage or error after the cancel
+
+
+class AgentPartsTest(unittest.TestCase):
+    """The small pure pieces of the loop."""
+
+    def test_cap_output_keeps_head_and_tail(self):
+        text = "A" * 40_000 + "Z" * 40_000
+        capped, cut = agent.cap_output(text)
+        self.assertTrue(cut)
+        self.assertLess(len(capped), agent.TOOL_OUTPUT_CHARS + 100)
+        self.assertTrue(capped.startswith("A") and capped.endswith("Z"))
+        self.assertIn("50000 characters cut", capped)
+        self.assertEqual(agent.cap_output("short"), ("short", False))
+
+    def test_check_args(self):
+        schema = next(t["input_schema"] for t in agent.TOOLS if t["name"] == "read_file")
+        self.assertIsNone(agent.check_args({"path": "a", "offset": 3}, schema))
+        self.assertIn("missing required field: path", agent.check_args({}, schema))
+        self.assertIn("offset must be an integer", agent.check_args({"path": "a", "offset": "3"}, schema))
+        self.assertIn("offset must be an integer", agent.check_args({"path": "a", "offset": True}, schema))
+        self.assertIn("unknown field: bogus", agent.check_args({"path": "a", "bogus": 1}, schema))
+
+    def test_every_tool_has_an_implementation_and_schema(self):
+        self.assertEqual([t["name"] for t in agent.TOOLS], list(agent.TOOL_FUNCS))
+        for tool in agent.TOOLS:
+            self.assertGreater(len(tool["description"]), 40)
+            self.assertEqual(tool["input_schema"]["type"], "object")
+
+    def test_the_loop_imports_no_provider_sdk(self):
+        code = "import sys, agent, models; print(sorted(m for m in ('anthropic', 'openai') if m in sys.modules))"
+        out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, check=True)
+        self.assertEqual(out.stdout.strip(), "[]")
 
 if __name__ == "__main__":
     unittest.main()

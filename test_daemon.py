@@ -16,6 +16,7 @@ import unittest
 import grpc
 
 import daemon
+import daemon_client
 import stigmer_pb2 as pb
 import stigmer_pb2_grpc as pb_grpc
 
@@ -94,10 +95,10 @@ class DaemonCase(unittest.TestCase):
     def start(self):
         self.server = daemon.serve(self.home, "127.0.0.1:0", runner_grace=GRACE)
         self.addCleanup(self.server.stop, 0)
-        self.channel = daemon.client_channel(self.server.endpoint)
+        self.channel = daemon_client.client_channel(self.server.endpoint)
         self.addCleanup(self.channel.close)
         self.stub = pb_grpc.DaemonStub(self.channel)
-        self.metadata = daemon.auth_metadata(daemon.read_token(self.home))
+        self.metadata = daemon_client.auth_metadata(daemon_client.read_token(self.home))
 
     def rpc(self, name, request, metadata=None):
         return getattr(self.stub, name)(request, metadata=self.metadata if metadata is None else metadata,
@@ -138,11 +139,11 @@ class AuthAndInputTest(DaemonCase):
     def test_token_file_is_private(self):
         path = os.path.join(self.home, "daemon.token")
         self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
-        self.assertEqual(daemon.read_token(self.home), self.server.token)
+        self.assertEqual(daemon_client.read_token(self.home), self.server.token)
 
     def test_every_kind_of_rpc_needs_the_token(self):
         ex = self.submit()
-        for metadata in ((), daemon.auth_metadata("wrong"), (("authorization", self.server.token),)):
+        for metadata in ((), daemon_client.auth_metadata("wrong"), (("authorization", self.server.token),)):
             with self.subTest(metadata=metadata):
                 details = self.assert_status(grpc.StatusCode.UNAUTHENTICATED, self.rpc, "Status",
                                              pb.StatusRequest(), metadata)
@@ -183,7 +184,7 @@ class AuthAndInputTest(DaemonCase):
             huge = pb.SubmitRequest(spec=pb.ExecutionSpec(prompt="x" * (17 * 1024 * 1024), workspace=self.workspace))
             self.assert_status(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                lambda: stub.Submit(huge, timeout=TIMEOUT, metadata=self.metadata))
-        self.assertEqual(self.rpc("Status", pb.StatusRequest()).version, daemon.VERSION)
+        self.assertEqual(self.rpc("Status", pb.StatusRequest()).version, daemon_client.VERSION)
         self.assertEqual(self.get(self.submit().id).phase, pb.PENDING)
 
     def test_connect_must_open_with_hello(self):
@@ -503,11 +504,11 @@ class CommandLineTest(unittest.TestCase):
         self.assertIn("stigmer daemon listening on 127.0.0.1:", line)
         endpoint = line.split()[4]
         self.assertEqual(os.stat(os.path.join(home, "daemon.token")).st_mode & 0o777, 0o600)
-        with daemon.client_channel(endpoint) as channel:
+        with daemon_client.client_channel(endpoint) as channel:
             status = pb_grpc.DaemonStub(channel).Status(
-                pb.StatusRequest(), metadata=daemon.auth_metadata(daemon.read_token(home)),
+                pb.StatusRequest(), metadata=daemon_client.auth_metadata(daemon_client.read_token(home)),
                 timeout=TIMEOUT, wait_for_ready=True)
-        self.assertEqual((status.version, status.pid), (daemon.VERSION, process.pid))
+        self.assertEqual((status.version, status.pid), (daemon_client.VERSION, process.pid))
         process.send_signal(signal.SIGTERM)
         self.assertEqual(process.wait(TIMEOUT), 0, process.stderr.read())
         self.assertFalse(os.path.exists(os.path.join(home, "daemon.token")))
@@ -529,12 +530,12 @@ class CommandLineTest(unittest.TestCase):
         self.assertEqual(process.returncode, 1)
         self.assertIn("--allow-remote", err)
         self.assertNotIn("Traceback", err)
-        with self.assertRaises(daemon.DaemonError):
+        with self.assertRaises(daemon_client.DaemonError):
             daemon.serve(tempfile.mkdtemp(), "192.0.2.1:0")
 
     def test_read_token_without_a_daemon_says_what_to_do(self):
-        with self.assertRaises(daemon.DaemonError) as caught:
-            daemon.read_token(tempfile.mkdtemp())
+        with self.assertRaises(daemon_client.DaemonError) as caught:
+            daemon_client.read_token(tempfile.mkdtemp())
         self.assertIn("python runner.py start", str(caught.exception))
 
 

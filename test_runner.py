@@ -13,7 +13,6 @@ import tempfile
 import time
 import unittest
 
-import agent
 import runner
 from testsupport import FAKE_KEY, HERE, FakeAnthropic, free_port, pid_alive, run_cli, text_step, tool_step
 
@@ -475,38 +474,8 @@ class CliErrorTest(CliCase):
         self.assertEqual(self.cli("run", "--max-turns", "many", "x").returncode, 2)
 
 
-class AgentPartsTest(unittest.TestCase):
-    """The small pure pieces of the loop."""
-
-    def test_cap_output_keeps_head_and_tail(self):
-        text = "A" * 40_000 + "Z" * 40_000
-        capped, cut = agent.cap_output(text)
-        self.assertTrue(cut)
-        self.assertLess(len(capped), agent.TOOL_OUTPUT_CHARS + 100)
-        self.assertTrue(capped.startswith("A") and capped.endswith("Z"))
-        self.assertIn("50000 characters cut", capped)
-        self.assertEqual(agent.cap_output("short"), ("short", False))
-
-    def test_check_args(self):
-        schema = next(t["input_schema"] for t in agent.TOOLS if t["name"] == "read_file")
-        self.assertIsNone(agent.check_args({"path": "a", "offset": 3}, schema))
-        self.assertIn("missing required field: path", agent.check_args({}, schema))
-        self.assertIn("offset must be an integer", agent.check_args({"path": "a", "offset": "3"}, schema))
-        self.assertIn("offset must be an integer", agent.check_args({"path": "a", "offset": True}, schema))
-        self.assertIn("unknown field: bogus", agent.check_args({"path": "a", "bogus": 1}, schema))
-
-    def test_every_tool_has_an_implementation_and_schema(self):
-        self.assertEqual([t["name"] for t in agent.TOOLS], list(agent.TOOL_FUNCS))
-        for tool in agent.TOOLS:
-            self.assertGreater(len(tool["description"]), 40)
-            self.assertEqual(tool["input_schema"]["type"], "object")
-
-    def test_config(self):
-        cfg = runner.Config.load({"STIGMER_HOME": "/tmp/h"})
-        self.assertEqual((cfg.mode, cfg.env, cfg.endpoint), ("local", "development", "localhost:50051"))
-        with self.assertRaises(runner.CliError):
-            runner.Config.load({"MODE": "remote"})
-        self.assertTrue(runner.default_model().startswith("claude-"))
+class ConfigTest(unittest.TestCase):
+    """Config read from an environment."""
 
 
 if __name__ == "__main__":

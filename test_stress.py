@@ -16,6 +16,7 @@ import time
 import unittest
 
 import daemon
+import daemon_client
 import home
 import stigmer_pb2 as pb
 import stigmer_pb2_grpc as pb_grpc
@@ -104,10 +105,10 @@ class PinningTest(unittest.TestCase):
         home_dir, workspace = tempfile.mkdtemp(), tempfile.mkdtemp()
         server = daemon.serve(home_dir, "127.0.0.1:0", runner_grace=0.5)
         self.addCleanup(server.stop, 0)
-        channel = daemon.client_channel(server.endpoint)
+        channel = daemon_client.client_channel(server.endpoint)
         self.addCleanup(channel.close)
         stub = pb_grpc.DaemonStub(channel)
-        metadata = daemon.auth_metadata(daemon.read_token(home_dir))
+        metadata = daemon_client.auth_metadata(daemon_client.read_token(home_dir))
         private = FakeRunner(stub, metadata, hello=False)
         private.send(hello=pb.Hello(runner_id="run-1", capacity=1, mode="local", pinned=True))
         self.addCleanup(private.drop)
@@ -426,10 +427,10 @@ class IdleDaemonTest(unittest.TestCase):
         home_dir = tempfile.mkdtemp()
         server = daemon.serve(home_dir, "127.0.0.1:0")
         self.addCleanup(server.stop, 0)
-        channel = daemon.client_channel(server.endpoint)
+        channel = daemon_client.client_channel(server.endpoint)
         self.addCleanup(channel.close)
         stub = pb_grpc.DaemonStub(channel)
-        metadata = daemon.auth_metadata(daemon.read_token(home_dir))
+        metadata = daemon_client.auth_metadata(daemon_client.read_token(home_dir))
         ex = stub.Submit(pb.SubmitRequest(spec=pb.ExecutionSpec(prompt="p", workspace=home_dir)),
                          metadata=metadata, timeout=20)
         server.stop_when_idle(0.5)

@@ -216,9 +216,10 @@ class WorkerTest(unittest.TestCase):
     def test_a_full_buffer_pauses_the_agent_until_acks_free_room(self):
         with mock.patch.object(worker, "MAX_BUFFERED_EVENTS", 3):
             ex = self.assign()
-            batch = []
+            batch, deadline = [], time.monotonic() + 30
             while len(batch) < 3:
-                batch += self.w.next_batch(5)
+                self.assertLess(time.monotonic(), deadline, f"the agent sent only {batch}")
+                batch += self.w.next_batch(1)
             time.sleep(0.5)  # time enough for the agent's remaining turns, were it not paused
             self.assertIn(ex, self.w.agents, "the agent should be paused, not finished")
             self.assertEqual(len(self.w.outboxes[ex].events), 3)
@@ -285,9 +286,9 @@ class StreamTest(unittest.TestCase):
         shutil.rmtree(self.workspace, ignore_errors=True)
 
     def stub(self):
-        channel = daemon.client_channel(self.endpoint)
+        channel = daemon_client.client_channel(self.endpoint)
         self.addCleanup(channel.close)
-        return pb_grpc.DaemonStub(channel), daemon.auth_metadata(daemon.read_token(self.home))
+        return pb_grpc.DaemonStub(channel), daemon_client.auth_metadata(daemon_client.read_token(self.home))
 
     def wait(self, predicate, timeout=20):
         deadline = time.monotonic() + timeout

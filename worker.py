@@ -24,6 +24,7 @@ import uuid
 
 import models
 import stigmer_pb2 as pb
+from daemon_client import TERMINAL_PHASES
 
 log = logging.getLogger("stigmer.worker")
 
@@ -102,9 +103,8 @@ class Worker:
         self.buffered = 0  # unacknowledged events over all outboxes
         self.stopping = threading.Event()  # set by stop(): the link ends its session
         self.connected = False  # set by the link: True while a session with the log is up
-        self._client = None
-        self._client_lock = threading.Lock()
-        self._client_ready = threading.Event()
+        self._sdk_lock = threading.Lock()
+        self._sdk_ready = threading.Event()
 
     # ---- events from the agents ----
 
@@ -134,7 +134,7 @@ class Worker:
                         return  # dropped while we waited
                 box.append(**payload)
                 self.buffered += 1
-                if "phase" in payload and payload["phase"].phase in (pb.COMPLETED, pb.FAILED, pb.CANCELLED):
+                if "phase" in payload and payload["phase"].phase in TERMINAL_PHASES:
                     box.finished = True
             self.cond.notify_all()
 
@@ -277,15 +277,12 @@ class Worker:
         thread = threading.Thread(target=self._run_execution, args=(execution,), name=execution.id, daemon=True)
         thread.start()
 
-    def client(self):
-        """The anthropic client, made once (imported lazily: it is slow to import)."""
-        with self._client_lock:
-            if self._client is None:
-                import agent  # noqa: F401  (imports anthropic too)
-                import anthropic
-                self._client = anthropic.Anthropic()
-                self._client_ready.set()
-            return self._client
+    def preload(self):
+        """Import the model SDK once (it is slow to import) and make its client."""
+        with self._sdk_lock:
+            if not self._sdk_ready.is_set():
+                models.preload(self.model)
+                self._sdk_ready.set()
 
     def _run_execution(self, execution):
         import agent as agent_mod
@@ -306,16 +303,16 @@ class Worker:
             if not os.path.isdir(spec.workspace):
                 raise SandboxError(f"the workspace {spec.workspace} does not exist on this runner")
             shell_env = {name: None for name in key_vars if name not in spec.secret_names}
-            while not self._client_ready.wait(0.1):  # the SDK is still importing (serve() started that)
+            while not self._sdk_ready.wait(0.1):  # the SDK is still importing (serve() started that)
                 if execution.id in self.cancels or self.stopping.is_set():
                     raise Cancelled()
-                if not self._client_lock.locked():
-                    self.client()
+                if not self._sdk_lock.locked():
+                    self.preload()
             # The marker lets the daemon find (kill_marked) the commands of a worker killed with SIGKILL.
             sandbox = FilesystemSandbox(spec.workspace, env={EXECUTION_MARKER: execution.id})
-            the_agent = agent_mod.Agent(self.client(), sandbox, emit,
-                                        model=spec.model or self.model, max_turns=spec.max_turns,
-                                        max_tokens_total=spec.max_tokens_total, redactor=redactor, shell_env=shell_env)
+            the_agent = agent_mod.Agent(models.make_model(spec.model or self.model), sandbox,
+                                        emit, max_turns=spec.max_turns, max_tokens_total=spec.max_tokens_total,
+                                        redactor=redactor, shell_env=shell_env)
             with self.cond:
                 self.agents[execution.id] = the_agent
                 if execution.id in self.cancels or execution.id not in self.outboxes:
@@ -327,6 +324,9 @@ class Worker:
         except SandboxError as exc:
             reason = str(exc)
             emit(error=pb.Error(code="workspace", message=reason))
+        except models.ModelError as exc:  # a model name that does not resolve
+            reason = exc.message
+            emit(error=pb.Error(code=exc.code, message=reason))
         except Exception as exc:  # a bug in the runner: report it on the execution, keep serving others
             log.exception("execution %s crashed", execution.id)
             reason = f"internal runner error: {type(exc).__name__}: {exc}"
@@ -369,7 +369,7 @@ def serve(worker, link, *, exit_with_stdin=False):
     from sandbox import kill_all
 
     # The SDK takes seconds to import: load it while we connect, not when the first task arrives.
-    threading.Thread(target=worker.client, name="import-anthropic", daemon=True).start()
+    threading.Thread(target=worker.preload, name="import-model-sdk", daemon=True).start()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -1,0 +1,302 @@
+"""Showing an execution's events: live text, tool calls and a summary for people, JSON lines for
+scripts, and following a log (over any client whose watch() yields pb.Event) through a lost daemon.
+
+    renderer = make_renderer(json_lines=False, no_color=False)
+    phase = follow(client, "ex-1a2b3c", renderer, reconnect=lambda: Client(home, endpoint))
+
+Used by runner.py's `run` and `logs`; `--json` prints event_dict(event) per line.
+"""
+import json
+import queue
+import signal
+import sys
+import threading
+import time
+
+import stigmer_pb2 as pb
+from daemon_client import TERMINAL_NAMES, TERMINAL_PHASES, BackendError, BackendUnavailable
+
+CANCEL_WAIT = 5.0  # seconds Ctrl-C waits for the execution to confirm it stopped
+RECONNECT_WAIT = 60.0  # seconds a follower waits for a daemon that went away
+INT64_FIELDS = {"input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "duration_ms",
+                "last_seq", "seq", "max_tokens_total"}  # proto3 JSON writes these as strings
+
+
+class Renderer:
+    """Shows events: JSON lines for scripts, or live text, tool calls and a summary on a terminal."""
+
+    def __init__(self, json_lines, color, spinner):
+        self.json_lines, self.spinner_on = json_lines, spinner
+        self.color = color
+        self.mid_line = False
+        self.last_output = time.monotonic()
+        self.spinning = False
+        self.frame = 0
+        self.calls = {}  # tool_use id -> (name, input)
+
+    def paint(self, code, text):
+        return f"\033[{code}m{text}\033[0m" if self.color else text
+
+    def out(self, text, err=False):
+        self.clear_spinner()
+        stream = sys.stderr if err else sys.stdout
+        stream.write(text)
+        stream.flush()
+        self.last_output = time.monotonic()
+
+    def newline(self):
+        if self.mid_line:
+            self.out("\n")
+            self.mid_line = False
+
+    def tick(self, running):
+        """Called while waiting: shows a spinner after a quiet moment."""
+        if not (self.spinner_on and running) or time.monotonic() - self.last_output < 0.4:
+            return
+        frames = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
+        self.frame += 1
+        sys.stderr.write(f"\r{self.paint('2', frames[self.frame % len(frames)] + ' working…')}")
+        sys.stderr.flush()
+        self.spinning = True
+
+    def clear_spinner(self):
+        if self.spinning:
+            sys.stderr.write("\r\033[K" if self.color else "\r" + " " * 12 + "\r")
+            sys.stderr.flush()
+            self.spinning = False
+
+    def event(self, ev):
+        if self.json_lines:
+            print(json.dumps(event_dict(ev), ensure_ascii=False), flush=True)
+            return
+        kind = ev.WhichOneof("payload")
+        if kind == "text":
+            self.out(ev.text.text)
+            self.mid_line = not ev.text.text.endswith("\n")
+        elif kind == "tool_call":
+            self.newline()
+            try:
+                args = json.loads(ev.tool_call.input_json)
+            except ValueError:
+                args = {}
+            self.calls[ev.tool_call.id] = ev.tool_call.name
+            shown = args.get("command") or args.get("path") or args.get("pattern") if isinstance(args, dict) else None
+            shown = shown or ev.tool_call.input_json
+            self.out(f"{self.paint('36', '⏺ ' + ev.tool_call.name)} {shown[:200]}\n")
+        elif kind == "tool_result":
+            r = ev.tool_result
+            lines = r.output.splitlines()
+            status = f"exit {r.exit_code}" if self.calls.get(r.id) == "execute" else ("error" if r.is_error else "ok")
+            head = f"  ⎿ {status} · {r.duration_ms / 1000:.1f} s" + (" · truncated" if r.truncated else "")
+            self.out(self.paint("31" if r.is_error else "2", head) + "\n")
+            for line in lines[:4]:
+                self.out(self.paint("2", f"    {line[:160]}") + "\n")
+            if len(lines) > 4:
+                more = len(lines) - 4
+                self.out(self.paint("2", f"    … {more} more line{'s' if more > 1 else ''}") + "\n")
+        elif kind == "error":
+            self.newline()
+            self.out(self.paint("31", f"✗ {ev.error.message}") + "\n", err=True)
+
+    def summary(self, execution, phase_name, elapsed):
+        if self.json_lines:  # stdout stays pure JSON; a failure still gets one line on stderr
+            if phase_name != "COMPLETED":
+                print(f"stigmer: {phase_name.lower()}: {execution.error or 'no reason given'} ({execution.id})",
+                      file=sys.stderr)
+            return
+        self.newline()
+        u = execution.usage
+        prompt_tokens = u.input_tokens + u.cache_read_tokens + u.cache_write_tokens
+        hit = f" ({100 * u.cache_read_tokens // prompt_tokens}% of input)" if prompt_tokens else ""
+        mark = {"COMPLETED": self.paint("32", "✓ completed"), "FAILED": self.paint("31", "✗ failed"),
+                "CANCELLED": self.paint("33", "■ cancelled")}.get(phase_name, phase_name)
+        reason = f": {execution.error}" if execution.error and phase_name != "COMPLETED" else ""
+        self.out(f"\n{mark}{reason}\n", err=phase_name != "COMPLETED")
+        self.out(self.paint("2", f"  {execution.turns} turns · {u.input_tokens:,} in / {u.output_tokens:,} out tokens · "
+                                 f"cache {u.cache_read_tokens:,} read{hit}, {u.cache_write_tokens:,} written · "
+                                 f"{elapsed:.1f} s · {execution.id}") + "\n")
+
+
+def make_renderer(json_lines, no_color):
+    """JSON lines when asked or when stdout is not a terminal; colour and a spinner on a terminal."""
+    tty = sys.stdout.isatty()
+    json_lines = json_lines or not tty
+    return Renderer(json_lines, tty and not no_color, spinner=not json_lines and sys.stderr.isatty())
+
+
+def event_dict(ev):
+    """An Event as a flat JSON-ready dict: execution_id, seq, time, kind, and the payload's fields."""
+    from google.protobuf.json_format import MessageToDict
+    kind = ev.WhichOneof("payload")
+    body = MessageToDict(getattr(ev, kind), preserving_proto_field_name=True,
+                         always_print_fields_with_no_presence=True) if kind else {}
+    return {"execution_id": ev.execution_id, "seq": ev.seq, "time": ev.time, "kind": kind, **json_ints(body)}
+
+
+def json_ints(value):
+    """VALUE (from MessageToDict) with our int64 fields as numbers, as a JSON reader expects."""
+    if isinstance(value, dict):
+        return {k: int(v) if k in INT64_FIELDS and isinstance(v, str) else json_ints(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_ints(v) for v in value]
+    return value
+
+
+def execution_dict(ex):
+    """An Execution as a JSON-ready dict, int64 fields as numbers."""
+    from google.protobuf.json_format import MessageToDict
+    return json_ints(MessageToDict(ex, preserving_proto_field_name=True, always_print_fields_with_no_presence=True))
+
+
+def print_executions(executions, json_lines):
+    """`list`: one JSON object per execution per line, or a table newest first."""
+    if json_lines:
+        for ex in executions:
+            print(json.dumps(execution_dict(ex), ensure_ascii=False))
+        return
+    if not executions:
+        print("no executions yet: run one with python runner.py \"your task\"")
+        return
+    now = time.time()
+    print(f"{'ID':<18} {'PHASE':<10} {'AGE':>6} {'TURNS':>5} {'TOKENS':>8}  PROMPT")
+    for ex in executions:
+        age = now - ex.created_at
+        age_s = f"{age:.0f}s" if age < 90 else f"{age / 60:.0f}m" if age < 5400 else f"{age / 3600:.0f}h"
+        tokens = ex.usage.input_tokens + ex.usage.output_tokens
+        print(f"{ex.id:<18} {pb.Phase.Name(ex.phase):<10} {age_s:>6} {ex.turns:>5} {tokens:>8}  "
+              f"{ex.spec.prompt.splitlines()[0][:60] if ex.spec.prompt else ''}")
+
+
+def print_status(st, processes, endpoint, json_lines):
+    """`status`: the daemon's pb.DaemonStatus and our background PROCESSES (name -> pid or None)."""
+    if json_lines:
+        from google.protobuf.json_format import MessageToDict
+        status = MessageToDict(st, preserving_proto_field_name=True)
+        status["executions_by_phase"] = {k: int(v) for k, v in status.get("executions_by_phase", {}).items()}
+        print(json.dumps({**status, "processes": processes}))
+        return
+    phases = ", ".join(f"{k.lower()} {v}" for k, v in sorted(st.executions_by_phase.items())) or "none"
+    print(f"daemon {st.version} pid {st.pid} at {endpoint}, up {st.uptime_seconds:.0f} s")
+    print(f"runners connected: {st.connected_runners} (free slots {st.free_capacity}); queue: {st.queue_depth}")
+    print(f"executions: {phases}")
+    for name, pid in processes.items():
+        print(f"  {name}: {'pid ' + str(pid) if pid else 'not running'}")
+
+
+def cancel_on_signals(cancel):
+    """From now on Ctrl-C, `kill` and a closed terminal run CANCEL on a thread (at once, even if rendering
+    is stuck) and set the returned Event; a second one raises KeyboardInterrupt. The caller restores them."""
+    interrupted = threading.Event()
+
+    def on_signal(signum, frame):
+        if interrupted.is_set():
+            raise KeyboardInterrupt  # the second Ctrl-C: quit at once
+        interrupted.set()
+        threading.Thread(target=cancel, daemon=True).start()
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+    return interrupted
+
+
+def follow(client, execution_id, renderer, after_seq=0, follow_live=True, interrupted=None, reconnect=None):
+    """Render the execution's events until its terminal phase (or the end of the replay).
+    Returns the terminal phase name, or None. The watch is read on a thread so Ctrl-C stays responsive;
+    once INTERRUPTED is set, it waits up to CANCEL_WAIT seconds for the terminal event. If the backend
+    goes away and RECONNECT (returning a new client) is given, it waits for the backend and resumes
+    after the last event shown."""
+    events = queue.Queue()
+
+    def watch(client, after):
+        stream = client.watch(execution_id, after_seq=after, follow=follow_live)
+
+        def pump():
+            try:
+                for ev in stream:
+                    events.put(ev)
+                events.put(None)
+            except Exception as exc:  # raised again below, on the caller's thread
+                events.put(exc)
+
+        threading.Thread(target=pump, daemon=True).start()
+        return stream
+
+    stream = watch(client, after_seq)
+    last_seq, running, deadline = after_seq, True, None
+    while True:
+        if interrupted is not None and interrupted.is_set() and deadline is None:
+            renderer.newline()
+            renderer.out("stigmer: cancelling… (Ctrl-C again to quit at once)\n", err=True)
+            deadline = time.monotonic() + CANCEL_WAIT
+        try:
+            item = events.get(timeout=0.1)
+        except queue.Empty:
+            renderer.tick(running)
+            if deadline and time.monotonic() > deadline:
+                stop(stream)
+                return None
+            continue
+        except KeyboardInterrupt:
+            stop(stream)
+            raise
+        if item is None:
+            return None
+        if isinstance(item, Exception):
+            if isinstance(item, BackendUnavailable) and reconnect is not None and follow_live:
+                client, stream = reconnect_watch(reconnect, renderer, lambda c: watch(c, last_seq), interrupted)
+                continue
+            raise item
+        if item.seq == 0:  # a notice from the daemon, not in the log (disk full)
+            notice(item, renderer)
+            continue
+        last_seq = item.seq
+        renderer.event(item)
+        if item.WhichOneof("payload") == "phase":
+            name = pb.Phase.Name(item.phase.phase)
+            running = name in ("PENDING", "RUNNING")
+            if name in TERMINAL_NAMES:
+                renderer.clear_spinner()
+                return name
+
+
+def notice(ev, renderer):
+    """Show a seq-0 notice on stderr; a terminal one (the run ended, but its end is not stored) is
+    raised as a BackendError: the reason, and exit 1."""
+    kind = ev.WhichOneof("payload")
+    if kind == "phase" and ev.phase.phase in TERMINAL_PHASES:
+        raise BackendError(f"{ev.phase.reason} ({ev.execution_id})")
+    if kind == "error":
+        renderer.newline()
+        renderer.out(f"stigmer: {ev.error.message}\n", err=True)
+
+
+def stop(stream):
+    """End a watch early, if it can be ended (a plain iterator needs nothing)."""
+    cancel = getattr(stream, "cancel", None)
+    if cancel is not None:
+        cancel()
+
+
+def reconnect_watch(reconnect, renderer, watch, interrupted=None):
+    """Wait up to RECONNECT_WAIT seconds for the backend to answer again; returns (client, stream)."""
+    renderer.newline()
+    renderer.out(f"stigmer: lost the daemon; waiting up to {RECONNECT_WAIT:.0f} s for it to come back…\n", err=True)
+    deadline = time.monotonic() + RECONNECT_WAIT
+    while time.monotonic() < deadline:
+        if interrupted is not None and interrupted.is_set():
+            renderer.out("stigmer: interrupted while the daemon was away, so the cancel may not have reached it: "
+                         "run `python runner.py cancel ID` once it is back\n", err=True)
+            raise KeyboardInterrupt
+        time.sleep(0.5)
+        client = None
+        try:
+            client = reconnect()
+            client.status(timeout=2.0)
+        except BackendError:
+            if client is not None:
+                client.close()
+            continue
+        renderer.out("stigmer: reconnected; resuming the log\n", err=True)
+        return client, watch(client)
+    raise BackendUnavailable("the daemon did not come back: see `python runner.py status`, then "
+                             "`python runner.py logs ID -f` to resume")
