@@ -5,6 +5,7 @@
     python bench.py redact     # streaming Redactor against str.replace
     python bench.py events     # daemon event throughput against a bare gRPC stream
     python bench.py loop       # the whole agent path per turn against a bare SDK loop
+    python bench.py cloud_appends   # RedisLink's fenced appends against bare XADD pipelines (needs redis-server)
     python bench.py --json     # one JSON object per benchmark
 
 The machine is shared and noisy, so every figure is relative to a baseline taken
@@ -324,6 +325,102 @@ def bench_loop(turns=50, list_runs=15):
             "full_run_wall_s (incl. process start and SDK import)": round(wall, 2),
             "list_start_s": verdict(statistics.median(starts), "<", 0.3, 3) + f" (bare python start {python_alone:.3f})"}
 
+
+
+# ---- cloud mode (issue 12: redis_backend.py) ----
+CLOUD_WATCHER = """
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+import redis_backend
+url, prefix, execution_id, last = sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
+client = redis_backend.RedisClient(url, prefix)
+arrivals = []
+for event in client.watch(execution_id):
+    if event.seq == 1:
+        print("ready", flush=True)
+    if event.seq % 1000 == 0 or event.seq == last:
+        arrivals.append((event.seq, time.perf_counter()))
+print(json.dumps(arrivals), flush=True)
+"""
+
+
+@bench
+def bench_cloud_appends(events=20_000, batch=500):
+    """Text events appended through RedisLink.send (the fenced Lua append, one script call per
+    batch, the record updated) while a watcher process follows with XREAD; against a bare
+    redis-py pipeline of XADDs of the same serialized events, batch for batch, interleaved."""
+    import os
+    import subprocess
+
+    import redis_backend
+    import stigmer_pb2 as pb
+    from testsupport_redis import REDIS_SERVER, RedisServer
+
+    if not REDIS_SERVER:
+        return {"skipped": "redis-server is not installed (apt-get install redis-server)"}
+
+    class Stub:  # the Worker methods send() calls
+        runner_id, capacity, mode = "bench", 1, "cloud"
+        acked_to = 0
+
+        def assigned(self, execution):
+            self.execution = execution
+
+        def acked(self, execution_id, seq):
+            self.acked_to = seq
+
+        def refused(self, execution_id, ack_seq, gap, message=""):
+            raise RuntimeError(f"refused at {ack_seq}: {message}")
+
+    server = RedisServer().start()
+    try:
+        prefix = "bench:"
+        client = redis_backend.RedisClient(server.url, prefix)
+        link = redis_backend.RedisLink(server.url, prefix, lease_ttl=600)
+        ex = client.submit(pb.ExecutionSpec(prompt="bench", workspace="/tmp"))
+        client.log.ensure_group()
+        [(_, [(entry_id, fields)])] = client.log.r.xreadgroup(redis_backend.GROUP, "bench",
+                                                               {client.log.queue: ">"}, count=1)
+        worker = Stub()
+        link.take(worker, entry_id.decode(), fields)
+        first = worker.execution.last_seq + 1
+        last = first + events  # the terminal event
+        here = os.path.dirname(os.path.abspath(__file__))
+        watcher = subprocess.Popen([sys.executable, "-c", CLOUD_WATCHER, here, server.url, prefix, ex.id, str(last)],
+                                   stdout=subprocess.PIPE, text=True)
+        assert watcher.stdout.readline().strip() == "ready"
+        payload = "x" * 40  # a typical streamed text delta
+        ours = [pb.Event(execution_id=ex.id, seq=s, time=time.time(), text=pb.TextDelta(text=payload))
+                for s in range(first, last)]
+        bare_rows = [e.SerializeToString() for e in ours]
+        bare_key = prefix + "bare"
+        bare_time = ours_time = 0.0
+        r = client.log.r
+        for i in range(0, events, batch):
+            t = time.perf_counter()
+            pipe = r.pipeline(transaction=False)
+            for n, row in enumerate(bare_rows[i:i + batch], start=i + 1):
+                pipe.xadd(bare_key, {"e": row}, id=f"0-{n}")
+            pipe.execute()
+            bare_time += time.perf_counter() - t
+            t = time.perf_counter()
+            link.send(worker, ours[i:i + batch])
+            ours_time += time.perf_counter() - t
+        link.send(worker, [pb.Event(execution_id=ex.id, seq=last, time=time.time(),
+                                    phase=pb.PhaseChange(phase=pb.COMPLETED, final_text="done"))])
+        sent_at = time.perf_counter()
+        arrivals = json.loads(watcher.stdout.readline())
+        watcher.wait(30)
+        assert worker.acked_to == last and client.get(ex.id).phase == pb.COMPLETED
+        lag = arrivals[-1][1] - sent_at
+        client.close()
+    finally:
+        server.stop()
+    bare_rate, ours_rate = events / bare_time, events / ours_time
+    return {"events": events, "batch": batch,
+            "bare_xadd_pipeline_events_per_s": round(bare_rate), "redislink_events_per_s": round(ours_rate),
+            "ratio": verdict(ours_rate / bare_rate, ">=", 0.5, 2),
+            "watcher_lag_at_end_ms": round(max(lag, 0.0) * 1000, 1)}
 
 def _timed(fn):
     t0 = time.perf_counter()

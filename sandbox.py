@@ -286,24 +286,12 @@ class FilesystemSandbox:
 
     def read(self, path, offset=0, limit=None) -> str:
         """Lines [offset, offset+limit) of a text file, line endings kept."""
-        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-            raise SandboxError(f"offset must be a non-negative integer, not {offset!r}")
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
-            raise SandboxError(f"limit must be a non-negative integer or None, not {limit!r}")
-        text = self._read_text(path, "replace")
-        lines = text.split("\n")
-        lines = [line + "\n" for line in lines[:-1]] + ([lines[-1]] if lines[-1] else [])
-        end = None if limit is None else offset + limit
-        return "".join(lines[offset:end])
+        _check_read_args(offset, limit)
+        return _slice_lines(self._read_text(path, "replace"), offset, limit)
 
     def write(self, path, content) -> None:
         """Write UTF-8 text atomically, creating parent directories and keeping permissions."""
-        if not isinstance(content, str):
-            raise SandboxError(f"content must be a string, not {type(content).__name__}")
-        if isinstance(path, str) and (path.endswith(("/", os.sep))
-                                      or os.path.basename(path) in (".", "..")):
-            raise SandboxError(f"{path} names a directory (it ends with '/' or a dot entry): "
-                               "give the path of a file, such as dir/notes.md")
+        _check_write_args(path, content)
         full = self._resolve(path)
         if os.path.isdir(full):
             raise SandboxError(f"{path} is a directory")
@@ -318,29 +306,14 @@ class FilesystemSandbox:
         In a file with CRLF line endings (anywhere in it), an old written with LF endings that
         does not occur as given is matched with CRLF endings, and new is written with them.
         """
-        if not isinstance(old, str) or not isinstance(new, str):
-            raise SandboxError("old and new must be strings")
-        if not old:
-            raise SandboxError("old must not be empty: to create or overwrite a file use write")
-        if old == new:
-            raise SandboxError("old and new are the same, so there is nothing to change")
+        _check_edit_args(old, new)
         text = self._read_text(path, "surrogateescape")  # undecodable bytes survive the round trip
-        if "\n" in old and "\r\n" not in old and "\r\n" in text and old not in text:
-            crlf_old = _to_crlf(old)
-            if crlf_old in text:
-                old, new = crlf_old, _to_crlf(new)
-        count = text.count(old)
-        if count == 0:
-            raise SandboxError(f"old text not found in {path}{_near_miss_hint(text, old)}")
-        if count > 1 and not replace_all:
-            raise SandboxError(f"old text occurs {count} times in {path}: include more surrounding "
-                               "lines to make it unique, or pass replace_all=True")
-        text = text.replace(old, new) if replace_all else text.replace(old, new, 1)
+        text, count = _replace(text, path, old, new, replace_all)
         try:
             _atomic_write(self._resolve(path), text.encode("utf-8", errors="surrogateescape"))
         except OSError as e:
             raise _os_error(e, path, "write") from None
-        return count if replace_all else 1
+        return count
 
     def glob(self, pattern, path=".") -> list:
         """Paths under path matching pattern ('**' spans directories), relative to the root, sorted.
@@ -348,10 +321,7 @@ class FilesystemSandbox:
         Hidden files match; .git directories and symlinked directories are not entered;
         symlinks that resolve outside the root are left out.
         """
-        if not isinstance(pattern, str) or not pattern:
-            raise SandboxError("pattern must be a non-empty string such as '**/*.py'")
-        if pattern.startswith("/") or ".." in pattern.split("/"):
-            raise SandboxError(f"pattern {pattern!r} must be relative: pass the directory as path")
+        _check_glob_args(pattern)
         base = self._resolve(path)
         if not os.path.isdir(base):
             raise SandboxError(f"{path} is not a directory")
@@ -371,12 +341,7 @@ class FilesystemSandbox:
         path is an error, except a binary one, which has no hits. At most max_count results; a
         search running past SEARCH_TIMEOUT seconds returns what it found in the files it finished.
         """
-        if not isinstance(pattern, str) or not pattern:
-            raise SandboxError("pattern must be a non-empty string")
-        if "\n" in pattern or "\0" in pattern:
-            raise SandboxError("pattern must be on one line (grep matches within a line)")
-        if isinstance(max_count, bool) or not isinstance(max_count, int) or max_count < 1:
-            raise SandboxError(f"max_count must be a positive integer, not {max_count!r}")
+        _check_grep_args(pattern, max_count)
         base = self._resolve(path)
         if not os.path.exists(base):
             raise SandboxError(f"{path} does not exist")
@@ -386,8 +351,7 @@ class FilesystemSandbox:
             fd, st = _open_regular(base, path)  # refuses a FIFO before anything could block on it
             os.close(fd)
             if st.st_size > MAX_GREP_BYTES:
-                raise SandboxError(f"{path} is {_size(st.st_size)}, over grep's "
-                                   f"{_size(MAX_GREP_BYTES)} limit: use execute with grep or rg")
+                raise _too_big_to_grep(path, st.st_size)
         rg = shutil.which("rg") if USE_RG else None
         if rg and os.path.isdir(base):
             hits = self._grep_rg(rg, pattern, base, glob, keep, max_count, deadline)
@@ -500,19 +464,12 @@ class FilesystemSandbox:
         fd, st = _open_regular(full, path)
         with open(fd, "rb") as f:
             if st.st_size > MAX_READ_BYTES:
-                raise SandboxError(f"{path} is {_size(st.st_size)}, over the {_size(MAX_READ_BYTES)} "
-                                   "limit: use execute with head, tail, sed -n or grep")
+                raise _too_big_to_read(path, st.st_size)
             try:
                 data = f.read(MAX_READ_BYTES + 1)
             except OSError as e:
                 raise _os_error(e, path, "read") from None
-        if len(data) > MAX_READ_BYTES:
-            raise SandboxError(f"{path} grew past the {_size(MAX_READ_BYTES)} limit while being "
-                               "read: use execute with head, tail, sed -n or grep")
-        if b"\0" in data[:BINARY_SNIFF]:
-            raise SandboxError(f"{path} looks binary ({_size(len(data))}): "
-                               "inspect it with execute, e.g. `file` or `xxd | head`")
-        return data.decode("utf-8", errors=errors)
+        return _decode_text(path, data, errors)
 
 
 # ---- helpers ----
@@ -785,6 +742,94 @@ def _rg_bytes(field):
         except ValueError:
             return None
     return None
+
+
+# ---- argument checks and text rules shared with other sandboxes (daytona_sandbox.py) ----
+
+def _check_read_args(offset, limit):
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise SandboxError(f"offset must be a non-negative integer, not {offset!r}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise SandboxError(f"limit must be a non-negative integer or None, not {limit!r}")
+
+
+def _slice_lines(text, offset, limit):
+    """Lines [offset, offset+limit) of text, line endings kept; only \n splits lines."""
+    lines = text.split("\n")
+    lines = [line + "\n" for line in lines[:-1]] + ([lines[-1]] if lines[-1] else [])
+    end = None if limit is None else offset + limit
+    return "".join(lines[offset:end])
+
+
+def _too_big_to_read(path, size):
+    return SandboxError(f"{path} is {_size(size)}, over the {_size(MAX_READ_BYTES)} "
+                        "limit: use execute with head, tail, sed -n or grep")
+
+
+def _too_big_to_grep(path, size):
+    return SandboxError(f"{path} is {_size(size)}, over grep's "
+                        f"{_size(MAX_GREP_BYTES)} limit: use execute with grep or rg")
+
+
+def _decode_text(path, data, errors):
+    """The text of a file's bytes, or SandboxError if it is too big or looks binary."""
+    if len(data) > MAX_READ_BYTES:
+        raise SandboxError(f"{path} grew past the {_size(MAX_READ_BYTES)} limit while being "
+                           "read: use execute with head, tail, sed -n or grep")
+    if b"\0" in data[:BINARY_SNIFF]:
+        raise SandboxError(f"{path} looks binary ({_size(len(data))}): "
+                           "inspect it with execute, e.g. `file` or `xxd | head`")
+    return data.decode("utf-8", errors=errors)
+
+
+def _check_write_args(path, content):
+    if not isinstance(content, str):
+        raise SandboxError(f"content must be a string, not {type(content).__name__}")
+    if isinstance(path, str) and (path.endswith(("/", os.sep))
+                                  or os.path.basename(path) in (".", "..")):
+        raise SandboxError(f"{path} names a directory (it ends with '/' or a dot entry): "
+                           "give the path of a file, such as dir/notes.md")
+
+
+def _check_edit_args(old, new):
+    if not isinstance(old, str) or not isinstance(new, str):
+        raise SandboxError("old and new must be strings")
+    if not old:
+        raise SandboxError("old must not be empty: to create or overwrite a file use write")
+    if old == new:
+        raise SandboxError("old and new are the same, so there is nothing to change")
+
+
+def _replace(text, path, old, new, replace_all):
+    """(new text, replacements) for edit(); CRLF files keep CRLF (see FilesystemSandbox.edit)."""
+    if "\n" in old and "\r\n" not in old and "\r\n" in text and old not in text:
+        crlf_old = _to_crlf(old)
+        if crlf_old in text:
+            old, new = crlf_old, _to_crlf(new)
+    count = text.count(old)
+    if count == 0:
+        raise SandboxError(f"old text not found in {path}{_near_miss_hint(text, old)}")
+    if count > 1 and not replace_all:
+        raise SandboxError(f"old text occurs {count} times in {path}: include more surrounding "
+                           "lines to make it unique, or pass replace_all=True")
+    text = text.replace(old, new) if replace_all else text.replace(old, new, 1)
+    return text, count if replace_all else 1
+
+
+def _check_glob_args(pattern):
+    if not isinstance(pattern, str) or not pattern:
+        raise SandboxError("pattern must be a non-empty string such as '**/*.py'")
+    if pattern.startswith("/") or ".." in pattern.split("/"):
+        raise SandboxError(f"pattern {pattern!r} must be relative: pass the directory as path")
+
+
+def _check_grep_args(pattern, max_count):
+    if not isinstance(pattern, str) or not pattern:
+        raise SandboxError("pattern must be a non-empty string")
+    if "\n" in pattern or "\0" in pattern:
+        raise SandboxError("pattern must be on one line (grep matches within a line)")
+    if isinstance(max_count, bool) or not isinstance(max_count, int) or max_count < 1:
+        raise SandboxError(f"max_count must be a positive integer, not {max_count!r}")
 
 
 def _check_timeout(timeout):
