@@ -812,7 +812,9 @@ def lock_home(home):
     """Take HOME's daemon lock (at most one daemon per STIGMER_HOME); returns its fd or raises DaemonRunning."""
     path = os.path.join(home, LOCK_FILE)
     try:
-        return stigmer_home.lock(path, LOCK_WAIT)
+        fd = stigmer_home.lock(path, LOCK_WAIT)
+        stigmer_home.write_record(fd, os.getpid())  # its endpoint follows once it serves: "starting" till then
+        return fd
     except stigmer_home.LockTimeout:
         pid = stigmer_home.lock_holder(path) or 0
         raise DaemonRunning(f"a daemon already runs for STIGMER_HOME {home}" + (f" (pid {pid})" if pid else "") +

@@ -96,9 +96,8 @@ def write_record(fd, *fields):
     os.pwrite(fd, "".join(f"{f}\n" for f in fields).encode(), 0)
 
 
-def lock_holder(path):
-    """The first field (a pid) of PATH while some process holds its flock: 0 when held but the
-    pid is not written yet; None when nobody holds it (or there is no such file)."""
+def lock_record(path):
+    """The fields (lines) of PATH while some process holds its flock, else None."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
@@ -106,12 +105,21 @@ def lock_holder(path):
     try:
         if try_lock(fd, shared=True):
             return None  # our shared lock goes with the close below
-        try:
-            return int(os.pread(fd, 64, 0).split()[0])
-        except (ValueError, IndexError):
-            return 0
+        return os.pread(fd, 4096, 0).decode(errors="replace").split()
     finally:
         os.close(fd)
+
+
+def lock_holder(path):
+    """The first field (a pid) of PATH while some process holds its flock: 0 when held but the
+    pid is not written yet; None when nobody holds it (or there is no such file)."""
+    record = lock_record(path)
+    if record is None:
+        return None
+    try:
+        return int(record[0])
+    except (ValueError, IndexError):
+        return 0
 
 
 def pid_alive(pid):

@@ -116,6 +116,13 @@ def daemon_owner(cfg):
     return home.lock_holder(os.path.join(cfg.home, DAEMON_LOCK))
 
 
+def daemon_serving(cfg):
+    """The pid of STIGMER_HOME's daemon once it serves (its token written), else None (none, or starting)."""
+    import home
+    record = home.lock_record(os.path.join(cfg.home, DAEMON_LOCK))
+    return int(record[0]) if record and len(record) >= 2 and record[0].isdigit() else None
+
+
 def find_daemon(cfg):
     """(client, status) of the daemon that answers at the endpoint, or None when none does.
     A missing, empty, unreadable or foreign token with no daemon behind it is None too (starting a
@@ -124,8 +131,8 @@ def find_daemon(cfg):
     try:
         read_token(cfg.home)
     except DaemonError as exc:
-        owner = daemon_owner(cfg)
-        if owner:  # a daemon runs for this home, and we cannot authenticate to it
+        owner = daemon_serving(cfg)
+        if owner:  # a daemon serves this home, and we cannot authenticate to it
             path = os.path.join(cfg.home, "daemon.token")
             what = "is missing" if not os.path.lexists(path) else "is unreadable" if "unreadable" in str(exc) \
                 else "is empty"
