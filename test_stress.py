@@ -401,7 +401,7 @@ class WithoutProcTest(CliCase):
         status = self.no_proc("status", "--json")
         self.assertEqual(status.returncode, 0, status.stderr)
         processes = json.loads(status.stdout)["processes"]
-        self.assertEqual(sorted(processes.values()), sorted(pids))
+        self.assertEqual(sorted(map(str, processes.values())), sorted(map(str, pids)))
         again = self.no_proc("start", "--workers", "2")
         self.assertIn("0 started", again.stdout)
         stopped = self.no_proc("stop")
