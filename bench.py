@@ -5,6 +5,8 @@
     python bench.py redact     # streaming Redactor against str.replace
     python bench.py events     # daemon event throughput against a bare gRPC stream
     python bench.py loop       # the whole agent path per turn against a bare SDK loop
+    python bench.py cloud           # both cloud benchmarks below (needs redis-server)
+    python bench.py cloud_workers   # executions per minute through 1, 2 and 4 worker processes on one Redis
     python bench.py cloud_appends   # RedisLink's fenced appends against bare XADD pipelines (needs redis-server)
     python bench.py --json     # one JSON object per benchmark
 
@@ -422,6 +424,75 @@ def bench_cloud_appends(events=20_000, batch=500):
             "ratio": verdict(ours_rate / bare_rate, ">=", 0.5, 2),
             "watcher_lag_at_end_ms": round(max(lag, 0.0) * 1000, 1)}
 
+@bench
+def bench_cloud_workers(executions=24, counts=(1, 2, 4)):
+    """Executions per minute through 1, 2 and 4 `runner.py worker` processes (cloud mode, capacity 1
+    each) on one Redis against the fake model: two turns and one shell command per execution. Workers
+    are started and registered before the clock starts; the clock stops when the last one ends."""
+    import os
+    import shutil
+    import subprocess
+    import tempfile
+
+    import redis_backend
+    import stigmer_pb2 as pb
+    from testsupport import FAKE_KEY, FakeAnthropic, text_step, tool_step
+    from testsupport_redis import REDIS_SERVER, RedisServer
+
+    if not REDIS_SERVER:
+        return {"skipped": "redis-server is not installed (apt-get install redis-server)"}
+    here = os.path.dirname(os.path.abspath(__file__))
+    server = RedisServer().start()
+    fake = FakeAnthropic([tool_step(("execute", {"command": "echo hi"})), text_step("done")]).start()
+    tmp = tempfile.mkdtemp(prefix="stigmer-bench-")
+    rates = {}
+    try:
+        for n in counts:
+            prefix = f"bench{n}:"
+            env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC", "STIGMER", "REDIS"))}
+            env.update(MODE="cloud", REDIS_URL=server.url, STIGMER_REDIS_PREFIX=prefix, STIGMER_SANDBOX="filesystem",
+                       STIGMER_HOME=os.path.join(tmp, "home"), ANTHROPIC_BASE_URL=fake.url, ANTHROPIC_API_KEY=FAKE_KEY,
+                       STIGMER_MODEL="claude-fake", ENV="production")
+            client = redis_backend.RedisClient(server.url, prefix)
+            workers = [subprocess.Popen([sys.executable, os.path.join(here, "runner.py"), "worker", "--capacity", "1"],
+                                        env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL) for _ in range(n)]
+            try:
+                deadline = time.monotonic() + 120
+                while client.status().connected_runners < n:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"{n} workers did not register")
+                    time.sleep(0.05)
+                def run(count, tag):
+                    ids = [client.submit(pb.ExecutionSpec(prompt=f"{tag} {i}", workspace=tmp)).id
+                           for i in range(count)]
+                    while any(client.log.get(i).phase not in redis_backend.TERMINAL for i in ids):
+                        time.sleep(0.02)
+                    return ids
+                run(2 * n, "warm-up")  # every worker has imported the model SDK and run once
+                t = time.perf_counter()
+                ids = run(executions, "bench")
+                elapsed = time.perf_counter() - t
+                assert all(client.get(i).phase == pb.COMPLETED for i in ids)
+            finally:
+                for w in workers:
+                    w.terminate()
+                for w in workers:
+                    w.wait(30)
+                client.close()
+            rates[n] = executions / elapsed * 60
+    finally:
+        fake.stop()
+        server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"executions_per_run": executions, "cores": os.cpu_count(),
+            **{f"workers_{n}_executions_per_min": round(rates[n]) for n in counts},
+            "scaling_4_over_1": round(rates[counts[-1]] / rates[counts[0]], 2)}
+
+
+GROUPS = {"cloud": ["cloud_workers", "cloud_appends"]}  # a name that runs several benchmarks
+
+
 def _timed(fn):
     t0 = time.perf_counter()
     fn()
@@ -431,7 +502,7 @@ def _timed(fn):
 def main(argv=None):
     args = list(sys.argv[1:] if argv is None else argv)
     as_json = "--json" in args
-    names = [a for a in args if a != "--json"] or list(BENCHES)
+    names = [b for a in args if a != "--json" for b in GROUPS.get(a, [a])] or list(BENCHES)
     unknown = [n for n in names if n not in BENCHES]
     if unknown or "-h" in args or "--help" in args:
         if unknown:

@@ -8,6 +8,7 @@
 Key layout, all under one prefix (default "stigmer:"):
 
     queue              stream   one entry {id} per submitted execution, read by group "runners"
+    queue:RUNNER       stream   the same, for executions pinned to one runner (a foreground run's own worker)
     dead               stream   entries delivered more than MAX_DELIVERIES times and never taken, with why
     ex:ID              hash     the execution record: Execution's fields + epoch, owner_seq, cancel_at, entry
     events:ID          stream   the log: entry id 0-SEQ, one field e = the serialized Event
@@ -41,19 +42,7 @@ import urllib.parse
 import stigmer_pb2 as pb
 from redis_scripts import APPEND_LUA, COMMON_LUA, SCRIPTS
 
-try:
-    from daemon_client import BackendError, BackendUnavailable
-except ImportError:  # until issue 8's daemon_client lands; afterwards only the import above remains
-    class BackendError(Exception):
-        """A problem the person at the CLI must see; the message is one line."""
-
-    class BackendUnavailable(BackendError):
-        """The backend cannot be reached right now; a follower may try again."""
-
-try:
-    from daemon_client import VERSION
-except ImportError:
-    VERSION = "0.1.0"
+from daemon_client import VERSION, BackendError, BackendUnavailable
 
 log = logging.getLogger("stigmer.redis")
 
@@ -121,6 +110,11 @@ def execution_from_hash(fields):
         error=_text(f["error"]), last_seq=int(f["last_seq"]), turns=int(f["turns"]))
 
 
+def _pinned(worker):
+    """True for a private runner (a foreground run's own worker): it takes only executions pinned to it."""
+    return bool(getattr(worker, "pinned", False))
+
+
 def _event_args(event):
     """The 7 script arguments for one event: seq, bytes, kind, then what the record needs from it."""
     kind = event.WhichOneof("payload") or ""
@@ -154,21 +148,29 @@ class RedisLog:
         self.workers = prefix + "workers"
         self.scripts = {name: self.r.register_script(COMMON_LUA + body) for name, body in SCRIPTS.items()}
 
-    def keys(self, execution_id):
-        """The 14 KEYS every script takes."""
+    def keys(self, execution_id, queue=None):
+        """The 14 KEYS every script takes (QUEUE: the execution's queue stream, the shared one by default)."""
         p = self.prefix
         return [p + "ex:" + execution_id, p + "lease:" + execution_id, p + "events:" + execution_id,
-                self.queue, self.dead, self.leases, self.cancels, self.epoch,
+                queue or self.queue, self.dead, self.leases, self.cancels, self.epoch,
                 self.index[0], *(self.index[phase] for phase in PHASES)]
 
-    def run(self, name, execution_id, *args, client=None):
+    def run(self, name, execution_id, *args, client=None, queue=None):
         """Run script NAME for EXECUTION_ID (ARGV: id, now, retention ms, *ARGS)."""
         argv = [execution_id, repr(time.time()), int(self.retention * 1000), *args]
-        return self.scripts[name](keys=self.keys(execution_id), args=argv, client=client)
+        return self.scripts[name](keys=self.keys(execution_id, queue), args=argv, client=client)
 
-    def ensure_group(self):
+    def queue_for(self, runner_id):
+        """The queue stream of executions pinned to RUNNER_ID; the shared queue for ""."""
+        return self.prefix + "queue:" + runner_id if runner_id else self.queue
+
+    def queue_of(self, execution_id):
+        """The queue stream EXECUTION_ID was submitted to."""
+        return _text(self.r.hget(self.prefix + "ex:" + execution_id, "queue") or self.queue)
+
+    def ensure_group(self, queue=None):
         try:
-            self.r.xgroup_create(self.queue, GROUP, id="0", mkstream=True)
+            self.r.xgroup_create(queue or self.queue, GROUP, id="0", mkstream=True)
         except redis.ResponseError as e:
             if "BUSYGROUP" not in str(e):
                 raise
@@ -184,21 +186,23 @@ class RedisLog:
         return int(self.r.hget(self.prefix + "ex:" + execution_id, "last_seq") or 0)
 
     def submit(self, spec):
-        """Queue a new execution; returns it (PENDING, last_seq 1)."""
+        """Queue a new execution (on its runner's own queue when spec.runner_id pins it); returns it
+        (PENDING, last_seq 1)."""
         token = os.urandom(8).hex()
         while True:
             execution_id = f"ex-{int(time.time()):08x}{os.urandom(3).hex()}"
             event = pb.Event(execution_id=execution_id, seq=1, time=time.time(),
                              phase=pb.PhaseChange(phase=pb.PENDING))
-            if self.run("submit", execution_id, spec.SerializeToString(), event.SerializeToString(), token) != 0:
+            if self.run("submit", execution_id, spec.SerializeToString(), event.SerializeToString(), token,
+                        queue=self.queue_for(spec.runner_id)) != 0:
                 return self.get(execution_id)
 
-    def _author(self, name, execution_id, build, args):
+    def _author(self, name, execution_id, build, args, queue=None):
         """Run script NAME with ARGS(last_seq, events), events built by BUILD(last_seq); again while the log moves."""
         for _ in range(20):
             last = self.last_seq(execution_id)
             events = [e.SerializeToString() for e in build(last)]
-            reply = self.run(name, execution_id, *args(last, events))
+            reply = self.run(name, execution_id, *args(last, events), queue=queue)
             status = reply if isinstance(reply, bytes) else reply[0] if isinstance(reply, list) else reply
             if status != b"retry":
                 return reply
@@ -211,13 +215,15 @@ class RedisLog:
         def build(last):
             return [pb.Event(execution_id=execution_id, seq=last + 1, time=time.time(),
                              phase=pb.PhaseChange(phase=pb.CANCELLED, reason=reason))]
-        return _text(self._author("cancel", execution_id, build, lambda last, ev: (last, ev[0], GROUP, reason)))
+        return _text(self._author("cancel", execution_id, build, lambda last, ev: (last, ev[0], GROUP, reason),
+                                  queue=self.queue_of(execution_id)))
 
     def end(self, execution_id, mode, *, entry="", deliveries=0):
         """End EXECUTION_ID from outside (mode lost, cancel or dead) if the mode's condition holds."""
         now = time.time()
-        fields = self.r.hmget(self.prefix + "ex:" + execution_id, "runner_id", "lease_ms", "turns")
+        fields = self.r.hmget(self.prefix + "ex:" + execution_id, "runner_id", "lease_ms", "turns", "queue")
         runner, lease_ms, turns = _text(fields[0] or b"?"), int(fields[1] or 0), int(fields[2] or 0)
+        queue = _text(fields[3] or self.queue)
         if mode == "lost":
             phase, reason, code = pb.FAILED, "runner lost", "runner_lost"
             message = (f"runner {runner} lost: its lease expired without a heartbeat "
@@ -240,7 +246,7 @@ class RedisLog:
             return events
         mode_arg = {"lost": "", "cancel": repr(now - self.cancel_grace), "dead": GROUP}[mode]
         reply = self._author("end", execution_id, build,
-                             lambda last, ev: (mode, last, phase, reason, mode_arg, entry, len(ev), *ev))
+                             lambda last, ev: (mode, last, phase, reason, mode_arg, entry, len(ev), *ev), queue=queue)
         ended = reply[0] == b"ended"
         if ended:
             log.warning("%s: %s", execution_id, message or reason)
@@ -455,7 +461,8 @@ class RedisLink:
         self._next_reclaim = 0.0  # monotonic time of the next XAUTOCLAIM (poller thread)
 
     def run(self, worker):
-        """Serve WORKER, reconnecting with backoff and jitter, until worker.stopping is set."""
+        """Serve WORKER, reconnecting with backoff and jitter, until worker.stopping is set.
+        A pinned worker (worker.pinned) reads only its own queue, queue:RUNNER_ID."""
         delay, told = 0.1, False
         while not worker.stopping.is_set():
             try:
@@ -478,11 +485,24 @@ class RedisLink:
         with contextlib.suppress(*_down_errors()):
             self.log.r.zrem(self.log.workers, worker.runner_id)
             self.log.r.delete(self.log.prefix + "worker:" + worker.runner_id)
+            if _pinned(worker):
+                self._close_own_queue(worker)
+
+    def _close_own_queue(self, worker):
+        """A pinned worker stops: what is still waiting on its own queue can never run; cancel it, drop the queue."""
+        queue = self.log.queue_for(worker.runner_id)
+        for _, fields in self.log.r.xrange(queue, "-", "+", count=PAGE):
+            execution_id = _text(fields.get(b"id", b""))
+            if execution_id and self.log.cancel(execution_id) == "cancelled":
+                log.warning("cancelled %s: its own runner stopped before taking it", execution_id)
+        self.log.r.delete(queue)
 
     def _session(self, worker):
         """One stretch with Redis up: a poller and a keeper thread, the sender here."""
         self.log.r.ping()
         self.log.ensure_group()
+        if _pinned(worker):
+            self.log.ensure_group(self.log.queue_for(worker.runner_id))
         worker.rewind()  # everything not acknowledged goes again
         self._keep_leases(worker)
         worker.connected = True
@@ -521,25 +541,27 @@ class RedisLink:
             return min(worker.free_slots(), worker.capacity - len(self.held))
 
     def _poll(self, worker, down):
-        """Take one execution when there is room: a reclaimed entry first, else a new one."""
+        """Take one execution when there is room: a reclaimed entry first, else a new one
+        (a pinned worker: only from its own queue, which nobody else reads)."""
         if self._free(worker) <= 0:
             down.wait(0.1)
             return
-        if time.monotonic() >= self._next_reclaim:
+        queue = self.log.queue_for(worker.runner_id) if _pinned(worker) else self.log.queue
+        if queue == self.log.queue and time.monotonic() >= self._next_reclaim:
             self._next_reclaim = time.monotonic() + min(self.log.claim_idle / 2, POLL_BLOCK * 5)
             if self.reclaim(worker):
                 self._next_reclaim = 0.0  # there may be more
                 return
         try:
-            reply = self.log.r.xreadgroup(GROUP, worker.runner_id, {self.log.queue: ">"}, count=1,
+            reply = self.log.r.xreadgroup(GROUP, worker.runner_id, {queue: ">"}, count=1,
                                           block=int(POLL_BLOCK * 1000))
         except redis.ResponseError as e:
             if "NOGROUP" not in str(e):
                 raise
-            self.log.ensure_group()
+            self.log.ensure_group(queue)
             return
         for entry_id, fields in (reply[0][1] if reply else []):
-            self.take(worker, _text(entry_id), fields)
+            self.take(worker, _text(entry_id), fields, queue)
 
     def reclaim(self, worker):
         """Claim one entry read by another consumer and left untaken for claim_idle; True if one was found."""
@@ -560,14 +582,16 @@ class RedisLink:
                 self.take(worker, entry_id, fields)
         return bool(claimed)
 
-    def take(self, worker, entry_id, fields):
-        """Lease the execution of a queue entry and hand it to the worker, unless it is not PENDING."""
+    def take(self, worker, entry_id, fields, queue=None):
+        """Lease the execution of a queue entry (on QUEUE, the shared one by default) and hand it
+        to the worker, unless it is not PENDING."""
         log_ = self.log
+        queue = queue or log_.queue
         execution_id = _text(fields.get(b"id", b""))
         if not execution_id:
             log.warning("dropping queue entry %s: it names no execution", entry_id)
-            log_.r.xack(log_.queue, GROUP, entry_id)
-            log_.r.xdel(log_.queue, entry_id)
+            log_.r.xack(queue, GROUP, entry_id)
+            log_.r.xdel(queue, entry_id)
             return
         ttl_ms = int(log_.lease_ttl * 1000)
 
@@ -575,7 +599,7 @@ class RedisLink:
             return [pb.Event(execution_id=execution_id, seq=last + 1, time=time.time(),
                              phase=pb.PhaseChange(phase=pb.RUNNING))]
         reply = log_._author("take", execution_id, build, lambda last, ev: (
-            GROUP, entry_id, worker.runner_id, ttl_ms, last, ev[0], int(time.time() * 1000) + ttl_ms))
+            GROUP, entry_id, worker.runner_id, ttl_ms, last, ev[0], int(time.time() * 1000) + ttl_ms), queue=queue)
         if reply[0] != b"taken":
             log.info("skipped %s (%s)", execution_id, _text(reply[0]))
             return

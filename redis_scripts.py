@@ -49,6 +49,7 @@ end
 """
 
 # ARGV 4 spec bytes, 5 the PENDING event (seq 1), 6 a submit token (a retried submit finds its own record).
+# KEYS[4] is the execution's queue (queue:RUNNER when pinned), kept in the record's 'queue' field.
 # -> the queue entry id; 0 when the id is taken by another submit.
 SUBMIT_LUA = """
 if redis.call('EXISTS', EX) == 1 then
@@ -58,7 +59,8 @@ end
 local entry = redis.call('XADD', QUEUE, '*', 'id', ID)
 redis.call('HSET', EX, 'id', ID, 'spec', ARGV[4], 'phase', 1, 'created_at', NOW, 'started_at', 0,
            'finished_at', 0, 'runner_id', '', 'usage', '', 'final_text', '', 'error', '', 'last_seq', 0,
-           'turns', 0, 'epoch', 0, 'owner_seq', 0, 'cancel_at', 0, 'entry', entry, 'token', ARGV[6])
+           'turns', 0, 'epoch', 0, 'owner_seq', 0, 'cancel_at', 0, 'entry', entry, 'token', ARGV[6],
+           'queue', QUEUE)
 store(1, ARGV[5])
 redis.call('ZADD', KEYS[9], NOW, ID)
 redis.call('ZADD', KEYS[10], NOW, ID)

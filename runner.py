@@ -7,11 +7,13 @@
     python runner.py logs ex-1a2b3c -f                    # replay a run, then follow it
     python runner.py stop
 
-Configuration comes from the environment, read once here: MODE (local | cloud), ENV
-(development | staging | production: logging only), STIGMER_HOME (~/.stigmer),
+Configuration comes from the environment, read once here: STIGMER_MODE or MODE (local | cloud),
+ENV (development | staging | production: logging only), STIGMER_HOME (~/.stigmer),
 STIGMER_BACKEND_ENDPOINT (localhost:50051), SANDBOX_ROOT_DIR (the current directory),
 STIGMER_MODEL, ANTHROPIC_API_KEY (asked for with a masked prompt when missing), STIGMER_RUNNER_GRACE
-(15: seconds the daemon waits for a lost runner).
+(15: seconds the daemon waits for a lost runner). Cloud mode only: REDIS_URL, STIGMER_REDIS_PREFIX
+(stigmer:), STIGMER_SANDBOX (daytona | filesystem), STIGMER_LEASE_TTL (15), STIGMER_CLAIM_IDLE (10),
+STIGMER_RETENTION (604800 seconds).
 
 The agent's shell runs on this host as you, with your environment minus the model keys:
 it is not a security boundary. File tools are confined to the workspace.
@@ -35,6 +37,12 @@ DAEMON_LOCK = "daemon.lock"  # in STIGMER_HOME: flocked by its one daemon (daemo
 START_LOCK = "start.lock"  # in STIGMER_HOME: flocked by the one command starting a daemon
 RUNNER_GRACE = 15.0  # default seconds the daemon waits for a lost runner to come back (STIGMER_RUNNER_GRACE)
 COMMANDS = ("run", "start", "stop", "status", "list", "logs", "cancel", "daemon", "worker")
+SANDBOXES = ("filesystem", "daytona")
+REDIS_SETTINGS = (  # cloud mode: (variable, redis_backend setting, default seconds)
+    ("STIGMER_LEASE_TTL", "lease_ttl", 15.0),  # a dead worker's execution fails about this long after
+    ("STIGMER_CLAIM_IDLE", "claim_idle", 10.0),  # a queue entry read but never taken is reclaimed after
+    ("STIGMER_RETENTION", "retention", 7 * 24 * 3600.0),  # finished executions and their logs are kept
+)
 
 
 def project_secrets():
@@ -60,30 +68,62 @@ class CliError(Exception):
         self.code = code
 
 
-class Config(namedtuple("Config", "mode env home endpoint sandbox_root model runner_grace environ")):
+class Config(namedtuple("Config", "mode env home endpoint sandbox_root model runner_grace environ "
+                                  "sandbox redis_url redis_prefix redis_settings",
+                        defaults=("filesystem", "", "", {}))):
     """The configuration, read from the environment once at the entry point."""
 
     @staticmethod
     def load(environ):
         """Read and check the environment once; raises CliError on a bad value."""
         from daemon_client import DEFAULT_ENDPOINT, DEFAULT_HOME
-        mode = environ.get("MODE", "local").strip().lower() or "local"
+        mode_var = "STIGMER_MODE" if environ.get("STIGMER_MODE", "").strip() else "MODE"
+        mode = environ.get(mode_var, "local").strip().lower() or "local"
         if mode not in MODES:
-            raise CliError(f"MODE={environ['MODE']!r} is not a mode: use MODE=local (the default) or MODE=cloud", 2)
+            raise CliError(f"{mode_var}={environ[mode_var]!r} is not a mode: "
+                           f"use {mode_var}=local (the default) or {mode_var}=cloud", 2)
         env = environ.get("ENV", "development").strip().lower() or "development"
         if env not in ENVS:
             raise CliError(f"ENV={environ['ENV']!r} is not one of {', '.join(ENVS)}", 2)
         home = os.path.abspath(os.path.expanduser(environ.get("STIGMER_HOME") or DEFAULT_HOME))
-        return Config(mode=mode, env=env, home=home,
-                      endpoint=environ.get("STIGMER_BACKEND_ENDPOINT") or DEFAULT_ENDPOINT,
-                      sandbox_root=os.path.abspath(environ.get("SANDBOX_ROOT_DIR") or os.getcwd()),
-                      model=environ.get("STIGMER_MODEL", ""),
-                      runner_grace=seconds(environ, "STIGMER_RUNNER_GRACE", RUNNER_GRACE), environ=dict(environ))
+        cfg = Config(mode=mode, env=env, home=home,
+                     endpoint=environ.get("STIGMER_BACKEND_ENDPOINT") or DEFAULT_ENDPOINT,
+                     sandbox_root=os.path.abspath(environ.get("SANDBOX_ROOT_DIR") or os.getcwd()),
+                     model=environ.get("STIGMER_MODEL", ""),
+                     runner_grace=seconds(environ, "STIGMER_RUNNER_GRACE", RUNNER_GRACE), environ=dict(environ))
+        return cfg._replace(**cloud_settings(environ)) if mode == "cloud" else cfg
 
-    def require_local(self):
-        if self.mode == "cloud":
-            raise CliError("MODE=cloud is not available yet (the Daytona and Redis runner is still being built): "
-                           "unset MODE or set MODE=local", 2)
+    @property
+    def cloud(self):
+        return self.mode == "cloud"
+
+
+def cloud_settings(environ):
+    """Cloud mode's settings (only ever read in cloud mode); one CliError naming everything missing."""
+    import importlib.util
+    missing = []
+    url = environ.get("REDIS_URL", "").strip()
+    if not url:
+        missing.append("REDIS_URL (redis://[:PASSWORD@]HOST:PORT/DB, or rediss:// for TLS)")
+    elif not url.startswith(("redis://", "rediss://")):
+        raise CliError(f"REDIS_URL must start with redis:// or rediss://, not {url.split('://')[0]!r}:// "
+                       "(e.g. REDIS_URL=redis://:PASSWORD@redis.internal:6379/0)", 2)
+    sandbox = environ.get("STIGMER_SANDBOX", "").strip().lower() or "daytona"
+    if sandbox not in SANDBOXES:
+        raise CliError(f"STIGMER_SANDBOX={environ['STIGMER_SANDBOX']!r} is not a sandbox: use "
+                       "STIGMER_SANDBOX=daytona (the cloud default) or STIGMER_SANDBOX=filesystem", 2)
+    if sandbox == "daytona":
+        missing.append("STIGMER_SANDBOX=filesystem (the Daytona sandbox, the cloud default, is not wired in yet; "
+                       "filesystem runs commands on the worker hosts)")
+    if importlib.util.find_spec("redis") is None:
+        missing.append("the redis package (pip install -e '.[cloud]')")
+    if missing:
+        raise CliError("MODE=cloud needs " + "; ".join(missing), 2)
+    prefix = environ.get("STIGMER_REDIS_PREFIX", "").strip() or "stigmer:"
+    settings = {name: seconds(environ, var, default) for var, name, default in REDIS_SETTINGS}
+    if settings["lease_ttl"] < 0.3:
+        raise CliError("STIGMER_LEASE_TTL must be at least 0.3 seconds (heartbeats go every third of it)", 2)
+    return dict(sandbox=sandbox, redis_url=url, redis_prefix=prefix, redis_settings=settings)
 
 
 def seconds(environ, name, default):
@@ -105,7 +145,11 @@ def default_model():
 # ---- the backend ----
 
 def connect(cfg, endpoint=None):
-    """A daemon Client for this STIGMER_HOME (raises BackendError)."""
+    """The mode's backend client (raises BackendError): a daemon Client for this STIGMER_HOME,
+    or in cloud mode a RedisClient for REDIS_URL. Both have the same calls and errors."""
+    if cfg.cloud:
+        from redis_backend import RedisClient
+        return RedisClient(cfg.redis_url, cfg.redis_prefix, **cfg.redis_settings)
     from daemon_client import Client
     return Client(cfg.home, endpoint or cfg.endpoint)
 
@@ -121,6 +165,16 @@ def daemon_serving(cfg):
     import home
     record = home.lock_record(os.path.join(cfg.home, DAEMON_LOCK))
     return int(record[0]) if record and len(record) >= 2 and record[0].isdigit() else None
+
+
+def backend_status(cfg):
+    """Cloud mode: (client, status) from Redis; a Redis that does not answer is a one-line error."""
+    client = connect(cfg)
+    try:
+        return client, client.status()
+    except Exception:
+        client.close()
+        raise
 
 
 def find_daemon(cfg):
@@ -230,7 +284,9 @@ def spawn_daemon(cfg, idle_exit):
 
 def open_log(cfg):
     """(client, embedded): the running daemon, or a short-lived embedded one over the same STIGMER_HOME
-    so that past runs can be listed and replayed when no daemon is running."""
+    so that past runs can be listed and replayed when no daemon is running. Cloud mode: Redis."""
+    if cfg.cloud:
+        return connect(cfg), None
     found = find_daemon(cfg)
     if found is not None:
         return found[0], None
@@ -265,7 +321,8 @@ def serve_embedded(cfg, endpoint):
 # ---- processes: workers and background services ----
 
 def worker_env(cfg, secrets, endpoint):
-    """The environment of a worker: the user's, the secrets, and where the daemon is."""
+    """The environment of a worker: the user's, the secrets, and where the daemon is
+    (in cloud mode REDIS_URL and the rest are the user's environment already)."""
     env = project_secrets().child_env(secrets, base=cfg.environ)
     env.update(STIGMER_HOME=cfg.home, STIGMER_BACKEND_ENDPOINT=endpoint, MODE=cfg.mode, PYTHONUNBUFFERED="1")
     return env
@@ -339,7 +396,6 @@ def live_pid(path, wait=1.0):
 # ---- commands ----
 
 def cmd_run(cfg, args):
-    cfg.require_local()
     import stigmer_pb2 as pb
     import terminal
     from daemon_client import BackendError
@@ -356,29 +412,31 @@ def cmd_run(cfg, args):
         names = mod.sandbox_secret_names(args.secret or (), cfg.environ)
     except mod.SecretError as exc:
         raise CliError(str(exc), 2) from None
+    found = backend_status(cfg) if cfg.cloud else find_daemon(cfg)
     embedded = worker = None
-    runner_id = ""  # a foreground run's execution is pinned to the worker it spawns
-    if args.detach:  # a detached run needs daemon and worker to outlive this command
-        if find_daemon(cfg) is None:
-            cmd_start(cfg, argparse.Namespace(workers=1, secret=args.secret), out=sys.stderr)
-    else:
-        secrets = gather_secrets(cfg, names)
+    runner_id = ""  # a foreground run's execution is pinned to the worker it spawns (both modes)
+    if args.detach and (found is None or found[1].connected_runners == 0):
+        # a detached run needs a backend and a worker that outlive this command
+        cmd_start(cfg, argparse.Namespace(workers=1, secret=args.secret), out=sys.stderr)
+        found = backend_status(cfg) if cfg.cloud else find_daemon(cfg)
+    secrets = None if args.detach else gather_secrets(cfg, names)
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
-        # A foreground run shares STIGMER_HOME's daemon, starting one (idling out later) when none runs.
-        client, status = ensure_daemon(cfg, idle_exit=RUN_IDLE_EXIT)
-        if not args.detach:
+        if cfg.cloud:
+            client, status = found
+        else:  # a foreground run shares STIGMER_HOME's daemon, starting one (idling out later) when none runs
+            client, status = found or ensure_daemon(cfg, idle_exit=RUN_IDLE_EXIT)
+        if not args.detach:  # its own worker, with this run's secrets, takes only this run
             runner_id = f"run-{os.getpid()}-{os.urandom(3).hex()}"
             worker = spawn(["worker", "--capacity", "1", "--exit-with-stdin", "--runner-id", runner_id, "--pinned"],
-                           worker_env(cfg, secrets, client.endpoint),
+                           worker_env(cfg, secrets, cfg.endpoint if cfg.cloud else client.endpoint),
                            os.path.join(cfg.home, "logs", "run-worker.log"), pipe_stdin=True)
             del secrets
         renderer = terminal.make_renderer(args.json, cfg.environ.get("NO_COLOR"))
         model = args.model or cfg.model or default_model()
         spec = pb.ExecutionSpec(prompt=prompt, workspace=workspace, model=model, max_turns=args.max_turns,
-                                secret_names=names, max_tokens_total=args.max_tokens_total or 0,
-                                runner_id=runner_id)
-        queued = args.detach and client.status().queue_depth  # a pinned run waits for nobody
+                                secret_names=names, max_tokens_total=args.max_tokens_total or 0, runner_id=runner_id)
+        queued = 0 if runner_id else client.status().queue_depth
         if queued:
             print(f"stigmer: {queued} older execution(s) are queued and run first: see `python runner.py list "
                   "--phase pending`, and `python runner.py cancel ID` to drop one", file=sys.stderr)
@@ -387,7 +445,8 @@ def cmd_run(cfg, args):
             print(json.dumps({"execution_id": execution.id}) if args.json else execution.id)
             return 0
         if not renderer.json_lines:
-            where = f"embedded daemon on {client.endpoint}" if embedded else f"daemon at {client.endpoint}"
+            where = (f"Redis at {client.endpoint}" if cfg.cloud else f"embedded daemon on {client.endpoint}"
+                     if embedded else f"daemon at {client.endpoint}")
             renderer.out(renderer.paint("2", f"stigmer · {cfg.mode} · {where} · {workspace} · {model} · "
                                              f"{execution.id}") + "\n", err=True)
         started = time.monotonic()
@@ -425,11 +484,13 @@ def cmd_run(cfg, args):
 
 
 def cmd_start(cfg, args, out=None):
-    cfg.require_local()
     names = project_secrets().sandbox_secret_names(args.secret or (), cfg.environ)
     secrets = gather_secrets(cfg, names)
     logs = os.path.join(cfg.home, "logs")
-    if find_daemon(cfg) is None:
+    found = None if cfg.cloud else find_daemon(cfg)
+    if cfg.cloud:  # no daemon: the workers on this host serve the queue on Redis
+        backend_status(cfg)[0].close()  # a Redis that does not answer is an error now, not in the workers' logs
+    elif found is None:
         ensure_daemon(cfg, out=out or sys.stdout)
     else:
         print(f"daemon already running at {cfg.endpoint}", file=out)
@@ -444,7 +505,8 @@ def cmd_start(cfg, args, out=None):
             continue
         spawn(["worker"], env, os.path.join(logs, f"worker-{n}.log"), pid_path=path)
         started += 1
-    print(f"{alive + started} worker(s) running ({started} started); logs in {logs}", file=out)
+    where = f" on Redis at {connect(cfg).endpoint}" if cfg.cloud else ""
+    print(f"{alive + started} worker(s) running{where} ({started} started); logs in {logs}", file=out)
     return 0
 
 
@@ -480,7 +542,7 @@ def stop_pid(pid, alive):
 
 
 def cmd_status(cfg, args):
-    found = find_daemon(cfg)
+    found = backend_status(cfg) if cfg.cloud else find_daemon(cfg)
     procs = {os.path.basename(p)[:-4]: live_pid(p, wait=0.2) for p in pid_files(cfg)}
     if found is None:
         raise CliError(f"no daemon answers at {cfg.endpoint}: start one with `python runner.py start`")
@@ -535,7 +597,6 @@ def cmd_daemon(cfg, args):
 
 
 def cmd_worker(cfg, args):
-    cfg.require_local()
     import logging
 
     import daemon_client
@@ -547,11 +608,18 @@ def cmd_worker(cfg, args):
         logging.getLogger(noisy).setLevel(max(level, logging.INFO))
     os.environ.update(gather_secrets(cfg, []))  # asks only for a missing key; it lives in memory and env only
     model = cfg.model or default_model()
-    print(f"stigmer worker {VERSION} · mode {cfg.mode} · endpoint {cfg.endpoint} · sandbox root {cfg.sandbox_root} · "
+    if cfg.cloud:
+        import redis_backend
+        import sandbox
+        sandbox.guard_commands()  # should this worker be killed, its commands die with it
+        link = redis_backend.RedisLink(cfg.redis_url, cfg.redis_prefix, **cfg.redis_settings)
+    else:
+        link = daemon_client.DaemonLink(cfg.endpoint, cfg.home)
+    print(f"stigmer worker {VERSION} · mode {cfg.mode} · endpoint {link.endpoint} · sandbox root {cfg.sandbox_root} · "
           f"model {model} · capacity {args.capacity}", file=sys.stderr, flush=True)
     return worker.serve(worker.Worker(capacity=args.capacity, mode=cfg.mode, model=model,
                                       runner_id=args.runner_id or None, pinned=args.pinned),
-                        daemon_client.DaemonLink(cfg.endpoint, cfg.home), exit_with_stdin=args.exit_with_stdin)
+                        link, exit_with_stdin=args.exit_with_stdin)
 
 
 DAEMON_EXAMPLES = """examples (python daemon.py takes the same arguments):

@@ -15,6 +15,7 @@
     except SandboxError as e:
         print(e)                             # "../../etc/passwd is outside the workspace ..."
     kill_all()                               # at shutdown: SIGKILL every command still running
+    guard_commands()                         # and even if this process is killed with SIGKILL
 
 The shell is NOT confined: execute() is plain host execution in the workspace
 directory. Only the file tools (ls, read, write, edit, glob, grep) are confined to the
@@ -38,6 +39,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import sys
 import threading
 import time
 
@@ -62,6 +64,36 @@ SWEEP_ROUNDS = 3        # /proc scans for processes that left the group (they ma
 
 _LIVE = set()           # process-group ids of commands running now, in any sandbox
 _LIVE_LOCK = threading.Lock()
+_GUARD = None           # the guardian's stdin (a pipe), once guard_commands() has started it
+
+# The guardian: a child that outlives a SIGKILLed parent. It learns "+PGID MARKER" when a command
+# starts and "-PGID" when it ends; at EOF (its parent is gone, however it died) it SIGKILLs what is left.
+_GUARD_CODE = r"""
+import os, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+live = {}
+for line in sys.stdin.buffer:
+    sign, _, rest = line.strip().partition(b" ")
+    if sign[:1] == b"+":
+        live[int(sign[1:])] = rest
+    elif sign[:1] == b"-":
+        live.pop(int(sign[1:]), None)
+for pgid in live:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except OSError:
+        pass
+needles = [b"\0%s=%s\0" % (os.fsencode(sys.argv[1]), m) for m in live.values() if m]
+if needles:
+    for name in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        try:
+            with open(f"/proc/{name}/environ", "rb") as f:
+                env = b"\0" + f.read()
+            if any(n in env for n in needles):
+                os.kill(int(name), signal.SIGKILL)
+        except (OSError, ValueError):
+            pass
+"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +160,29 @@ def kill_marked(value, name=EXECUTION_MARKER) -> int:
         if not hits:
             break
     return found
+
+
+def guard_commands():
+    """Start the guardian once: should this process die, even by SIGKILL, it kills every command
+    still running (their process groups, and what left them carrying RUN_MARKER)."""
+    global _GUARD
+    with _LIVE_LOCK:
+        if _GUARD is None:
+            proc = subprocess.Popen([sys.executable, "-c", _GUARD_CODE, RUN_MARKER], stdin=subprocess.PIPE,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True)
+            _GUARD = proc.stdin
+            for pgid in _LIVE:
+                _tell_guard(b"+%d" % pgid)
+        return _GUARD
+
+
+def _tell_guard(line):
+    """One line to the guardian, if there is one (called with _LIVE_LOCK held; a line is one atomic write)."""
+    if _GUARD is not None:
+        try:
+            os.write(_GUARD.fileno(), line + b"\n")
+        except OSError:
+            pass  # the guardian is gone; kill_all still runs at a normal exit
 
 
 def _signal_group(pgid, sig):
@@ -215,6 +270,7 @@ class FilesystemSandbox:
         pid = proc.pid  # start_new_session: also the id of the command's process group
         with _LIVE_LOCK:
             _LIVE.add(pid)
+            _tell_guard(b"+%d %s" % (pid, marker.encode()))
         out, err = _Capture(self.max_output_bytes), _Capture(self.max_output_bytes)
         sweeper = _Sweeper(pid, marker, start)
         try:
@@ -226,6 +282,7 @@ class FilesystemSandbox:
             with _LIVE_LOCK:
                 _signal_group(pid, signal.SIGKILL)
                 _LIVE.discard(pid)
+                _tell_guard(b"-%d" % pid)
             try:
                 sweeper.sweep()  # what left the group (setsid, job control) and still runs
             finally:

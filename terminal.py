@@ -176,7 +176,10 @@ def print_status(st, processes, endpoint, json_lines):
         print(json.dumps({**status, "processes": processes}))
         return
     phases = ", ".join(f"{k.lower()} {v}" for k, v in sorted(st.executions_by_phase.items())) or "none"
-    print(f"daemon {st.version} pid {st.pid} at {endpoint}, up {st.uptime_seconds:.0f} s")
+    if st.pid:
+        print(f"daemon {st.version} pid {st.pid} at {endpoint}, up {st.uptime_seconds:.0f} s")
+    else:  # cloud mode: no daemon, Redis is the backend
+        print(f"cloud mode {st.version}: Redis at {endpoint}, up {st.uptime_seconds:.0f} s")
     print(f"runners connected: {st.connected_runners} (free slots {st.free_capacity}); queue: {st.queue_depth}")
     print(f"executions: {phases}")
     for name, pid in processes.items():

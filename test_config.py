@@ -5,6 +5,7 @@
 import os
 import subprocess
 import sys
+import tempfile
 import unittest
 
 import runner
@@ -35,6 +36,63 @@ class ConfigTest(unittest.TestCase):
             self.assertEqual(caught.exception.code, 2)
             self.assertIn("STIGMER_RUNNER_GRACE", str(caught.exception))
         self.assertEqual(runner.Config.load({"STIGMER_RUNNER_GRACE": "0"}).runner_grace, 0.0)
+
+
+class CloudConfigTest(unittest.TestCase):
+    CLOUD = {"MODE": "cloud", "REDIS_URL": "redis://:pw@redis.internal:6380/2", "STIGMER_SANDBOX": "filesystem"}
+
+    def error(self, environ):
+        with self.assertRaises(runner.CliError) as caught:
+            runner.Config.load(environ)
+        self.assertEqual(caught.exception.code, 2)
+        self.assertEqual(len(str(caught.exception).splitlines()), 1)
+        return str(caught.exception)
+
+    def test_one_error_lists_every_missing_setting(self):
+        message = self.error({"MODE": "cloud"})
+        self.assertIn("REDIS_URL", message)
+        self.assertIn("STIGMER_SANDBOX=filesystem", message)  # daytona, the cloud default, is not wired in yet
+        self.assertNotIn("REDIS_URL", self.error({"MODE": "cloud", "REDIS_URL": "redis://h:1/0"}))
+
+    def test_cloud_settings(self):
+        cfg = runner.Config.load(self.CLOUD)
+        self.assertEqual((cfg.mode, cfg.sandbox, cfg.redis_url, cfg.redis_prefix),
+                         ("cloud", "filesystem", self.CLOUD["REDIS_URL"], "stigmer:"))
+        self.assertEqual(cfg.redis_settings, {"lease_ttl": 15.0, "claim_idle": 10.0, "retention": 604800.0})
+        cfg = runner.Config.load(dict(self.CLOUD, STIGMER_REDIS_PREFIX="team-a:", STIGMER_LEASE_TTL="2",
+                                      STIGMER_CLAIM_IDLE="0.5", STIGMER_RETENTION="3600",
+                                      REDIS_URL="rediss://redis.example:6379/0"))
+        self.assertEqual((cfg.redis_prefix, cfg.redis_url), ("team-a:", "rediss://redis.example:6379/0"))
+        self.assertEqual(cfg.redis_settings, {"lease_ttl": 2.0, "claim_idle": 0.5, "retention": 3600.0})
+
+    def test_bad_cloud_values(self):
+        self.assertIn("redis://", self.error(dict(self.CLOUD, REDIS_URL="http://redis:6379")))
+        self.assertIn("STIGMER_SANDBOX='docker'", self.error(dict(self.CLOUD, STIGMER_SANDBOX="docker")))
+        self.assertIn("STIGMER_LEASE_TTL", self.error(dict(self.CLOUD, STIGMER_LEASE_TTL="soon")))
+        self.assertIn("STIGMER_LEASE_TTL", self.error(dict(self.CLOUD, STIGMER_LEASE_TTL="0.1")))
+
+    def test_stigmer_mode_wins_over_mode(self):
+        self.assertEqual(runner.Config.load(dict(self.CLOUD, MODE="local", STIGMER_MODE="cloud")).mode, "cloud")
+        self.assertEqual(runner.Config.load(dict(self.CLOUD, STIGMER_MODE="local")).mode, "local")
+        self.assertIn("STIGMER_MODE='moon'", self.error({"STIGMER_MODE": "moon"}))
+
+    def test_local_mode_reads_none_of_it(self):
+        cfg = runner.Config.load({"REDIS_URL": "nonsense", "STIGMER_SANDBOX": "banana", "STIGMER_LEASE_TTL": "x",
+                                  "STIGMER_REDIS_PREFIX": "p:"})
+        self.assertEqual((cfg.mode, cfg.redis_url, cfg.redis_prefix, cfg.redis_settings), ("local", "", "", {}))
+
+    def test_local_mode_never_imports_redis_and_cloud_mode_names_the_extra(self):
+        code = ("import sys, os, runner; os.environ.pop('MODE', None); os.environ.pop('STIGMER_MODE', None)\n"
+                "os.environ['STIGMER_HOME'] = sys.argv[1]; runner.run_cli(['list'])\n"
+                "print(sorted(m for m in ('redis', 'redis_backend') if m in sys.modules))\n"
+                "sys.modules['redis'] = None\n"
+                "os.environ.update(MODE='cloud', REDIS_URL='redis://127.0.0.1:1/0', STIGMER_SANDBOX='filesystem')\n"
+                "print(runner.run_cli(['list']))\n")
+        with tempfile.TemporaryDirectory() as home:
+            done = subprocess.run([sys.executable, "-c", code, home], cwd=HERE, capture_output=True, text=True,
+                                  timeout=60)
+        self.assertEqual(done.stdout.splitlines(), ["[]", "2"], done.stderr)
+        self.assertIn("pip install -e '.[cloud]'", done.stderr)
 
 
 class StartTest(unittest.TestCase):

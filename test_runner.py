@@ -454,7 +454,7 @@ class CliErrorTest(CliCase):
         self.assertOneLine(self.cli("cancel", "ex-does-not-exist"), 1, "ex-does-not-exist")
 
     def test_modes(self):
-        self.assertOneLine(self.cli("x", env=dict(self.env, MODE="cloud")), 2, "MODE=cloud is not available yet")
+        self.assertOneLine(self.cli("x", env=dict(self.env, MODE="cloud")), 2, "MODE=cloud needs REDIS_URL")
         self.assertOneLine(self.cli("list", env=dict(self.env, MODE="banana")), 2, "MODE='banana'")
         self.assertOneLine(self.cli("list", env=dict(self.env, ENV="prod")), 2, "ENV='prod'")
 
