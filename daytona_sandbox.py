@@ -35,11 +35,13 @@ import time
 import uuid
 
 import sandbox
-from sandbox import ExecutionResult, SandboxError, _Capture
+from sandbox import ExecutionResult, SandboxError, SandboxUnavailable, _Capture
 
 LABEL = "stigmer"                  # every sandbox we create carries LABEL=1 ...
 LABEL_EXECUTION = "stigmer.execution"  # ... the execution it runs ...
 LABEL_RUNNER = "stigmer.runner"    # ... and the runner (worker) that created it
+LABEL_KEEP = "stigmer.keep"        # "1": kept for inspection (--keep-sandbox); sweep leaves it alone
+CLONE_TOKEN_VARS = ("GITHUB_TOKEN", "GH_TOKEN")  # the first one in env authenticates an https clone
 AUTO_STOP_MINUTES = 60             # backstop for a worker that dies: Daytona stops an idle sandbox,
 AUTO_DELETE_MINUTES = 0            # and deletes it as soon as it is stopped (ephemeral)
 CREATE_TIMEOUT = 120.0             # seconds Daytona may take to start a sandbox
@@ -59,13 +61,9 @@ diff's bytes; truncated says files were left out to fit max_bytes (omitted_files
 binary_files were changed but are named only, not included."""
 
 
-class DaytonaUnavailable(Exception):
+class DaytonaUnavailable(SandboxUnavailable):
     """Daytona cannot serve this execution; code is auth, quota, rate_limit, unreachable,
     timeout, clone or error, and the message is one line for a person."""
-
-    def __init__(self, code, message):
-        super().__init__(message)
-        self.code = code
 
 
 def _sdk():
@@ -145,17 +143,20 @@ def _retry_after(e):
 
 def create_for_execution(execution_id, runner_id, *, api_key, api_url, target, snapshot=None,
                          env=None, repo=None, ref=None, timeout=120.0, max_output_bytes=1_000_000,
-                         client=None):
+                         client=None, keep=False):
     """A started sandbox for one execution, its workspace empty or a clone of repo at ref.
 
-    env: variables for every command (e.g. a GITHUB_TOKEN the clone uses); timeout: the default
-    for execute(). box.created_in is the seconds creation took. Raises DaytonaUnavailable.
+    env: variables for every command (a GITHUB_TOKEN or GH_TOKEN there authenticates an https
+    clone, and later fetches, through a credential helper that names the variable, never its
+    value); timeout: the default for execute(); keep: labelled to be left alone by sweep().
+    box.created_in is the seconds creation took. Raises DaytonaUnavailable.
     """
     daytona = _sdk()
     client = client or make_client(api_key, api_url, target)
     params = daytona.CreateSandboxFromSnapshotParams(
         snapshot=snapshot or None, env_vars=dict(env or {}),
-        labels={LABEL: "1", LABEL_EXECUTION: str(execution_id), LABEL_RUNNER: str(runner_id)},
+        labels={LABEL: "1", LABEL_EXECUTION: str(execution_id), LABEL_RUNNER: str(runner_id),
+                **({LABEL_KEEP: "1"} if keep else {})},
         auto_stop_interval=AUTO_STOP_MINUTES, auto_delete_interval=AUTO_DELETE_MINUTES,
         ephemeral=True)
     start = time.monotonic()
@@ -170,7 +171,7 @@ def create_for_execution(execution_id, runner_id, *, api_key, api_url, target, s
                                               f"sandbox: {_last_line(err or out)}")
         box.root = out.strip().splitlines()[-1]
         if repo:
-            script = f"git clone --quiet -- {shlex.quote(repo)} ."
+            script = f"git clone --quiet{_clone_credentials(repo, env)} -- {shlex.quote(repo)} ."
             if ref:
                 script += f" && git checkout --quiet {shlex.quote(ref)} --"
             code, out, err = box._run(f"cd -- {shlex.quote(box.root)} && {script}",
@@ -186,16 +187,29 @@ def create_for_execution(execution_id, runner_id, *, api_key, api_url, target, s
     return box
 
 
+def _clone_credentials(repo, env):
+    """git clone options that answer an https clone's password prompt with $GITHUB_TOKEN (or
+    $GH_TOKEN) when env has it; the value stays in the environment, out of the command line."""
+    name = next((n for n in CLONE_TOKEN_VARS if (env or {}).get(n)), None)
+    if name is None or not repo.startswith("https://"):
+        return ""
+    helper = (f'!f() {{ test "$1" = get || return 0; echo username=x-access-token; '
+              f'echo "password=${name}"; }}; f')
+    return " -c " + shlex.quote(f"credential.helper={helper}")
+
+
 def sweep(client, is_terminal):
-    """Delete our sandboxes (by label) whose executions is_terminal(execution_id) says are over;
-    returns the ids deleted. Run it at worker start and now and then."""
+    """Delete our sandboxes (by label) whose executions is_terminal(execution_id) says are over,
+    except those kept with --keep-sandbox; returns the ids deleted. Run it at worker start and
+    now and then."""
     daytona = _sdk()
     found = _with_backoff(lambda: list(client.list(daytona.ListSandboxesQuery(labels={LABEL: "1"}))),
                           TOOL_ATTEMPTS, (502, 503, 504), "list sandboxes")
     deleted = []
     for made in found:
-        execution_id = (made.labels or {}).get(LABEL_EXECUTION)
-        if execution_id and is_terminal(execution_id):
+        labels = made.labels or {}
+        execution_id = labels.get(LABEL_EXECUTION)
+        if execution_id and labels.get(LABEL_KEEP) != "1" and is_terminal(execution_id):
             DaytonaSandbox(made, "/").delete()
             deleted.append(made.id)
     return deleted

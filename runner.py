@@ -5,14 +5,17 @@
     python runner.py start --workers 2                    # daemon and workers in the background
     python runner.py list                                 # past runs, newest first
     python runner.py logs ex-1a2b3c -f                    # replay a run, then follow it
+    STIGMER_SANDBOX=daytona python runner.py run "fix the test" --repo https://github.com/me/app
+    python runner.py logs ex-1a2b3c --patch > change.patch   # what it changed, for git apply
     python runner.py stop
 
 Configuration comes from the environment, read once here: STIGMER_MODE or MODE (local | cloud),
 ENV (development | staging | production: logging only), STIGMER_HOME (~/.stigmer),
 STIGMER_BACKEND_ENDPOINT (localhost:50051), SANDBOX_ROOT_DIR (the current directory),
 STIGMER_MODEL, ANTHROPIC_API_KEY (asked for with a masked prompt when missing), STIGMER_RUNNER_GRACE
-(15: seconds the daemon waits for a lost runner). Cloud mode only: REDIS_URL, STIGMER_REDIS_PREFIX
-(stigmer:), STIGMER_SANDBOX (daytona | filesystem), STIGMER_LEASE_TTL (15), STIGMER_CLAIM_IDLE (10),
+(15: seconds the daemon waits for a lost runner), STIGMER_SANDBOX (filesystem | daytona: where
+commands run; daytona needs DAYTONA_API_KEY, and takes DAYTONA_API_URL, DAYTONA_TARGET, DAYTONA_SNAPSHOT).
+Cloud mode only: REDIS_URL, STIGMER_REDIS_PREFIX (stigmer:), STIGMER_LEASE_TTL (15), STIGMER_CLAIM_IDLE (10),
 STIGMER_RETENTION (604800 seconds).
 
 The agent's shell runs on this host as you, with your environment minus the model keys:
@@ -29,6 +32,7 @@ from collections import namedtuple
 # grpc (with daemon_client), stigmer_pb2 and terminal are imported where they are used: `--help` starts at once.
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODES = ("local", "cloud")
+SANDBOXES = ("filesystem", "daytona")  # STIGMER_SANDBOX: the host, or one Daytona sandbox per execution
 ENVS = ("development", "staging", "production")
 EXIT_CODES = {"COMPLETED": 0, "FAILED": 1, "CANCELLED": 130}
 START_WAIT = 30.0  # seconds `start` (or a run) waits for the daemon it started to answer
@@ -68,9 +72,16 @@ class CliError(Exception):
         self.code = code
 
 
-class Config(namedtuple("Config", "mode env home endpoint sandbox_root model runner_grace environ "
-                                  "sandbox redis_url redis_prefix redis_settings",
-                        defaults=("filesystem", "", "", {}))):
+class Daytona(namedtuple("Daytona", "api_key api_url target snapshot")):
+    """Daytona settings: DAYTONA_API_KEY, DAYTONA_API_URL, DAYTONA_TARGET, DAYTONA_SNAPSHOT (None when unset)."""
+
+    def __repr__(self):
+        return (f"Daytona(api_key={'***' if self.api_key else None}, api_url={self.api_url!r}, "
+                f"target={self.target!r}, snapshot={self.snapshot!r})")
+
+
+class Config(namedtuple("Config", "mode env home endpoint sandbox_root model runner_grace environ sandbox daytona "
+                                  "redis_url redis_prefix redis_settings", defaults=("", "", {}))):
     """The configuration, read from the environment once at the entry point."""
 
     @staticmethod
@@ -86,12 +97,32 @@ class Config(namedtuple("Config", "mode env home endpoint sandbox_root model run
         if env not in ENVS:
             raise CliError(f"ENV={environ['ENV']!r} is not one of {', '.join(ENVS)}", 2)
         home = os.path.abspath(os.path.expanduser(environ.get("STIGMER_HOME") or DEFAULT_HOME))
+        sandbox = environ.get("STIGMER_SANDBOX", "").strip().lower() or ("daytona" if mode == "cloud" else "filesystem")
+        if sandbox not in SANDBOXES:
+            raise CliError(f"STIGMER_SANDBOX={environ['STIGMER_SANDBOX']!r} is not a sandbox: use filesystem "
+                           "(commands on this host) or daytona (one Daytona sandbox per execution)", 2)
+        daytona = Daytona(*(environ.get(f"DAYTONA_{name}", "").strip() or None
+                            for name in ("API_KEY", "API_URL", "TARGET", "SNAPSHOT")))
         cfg = Config(mode=mode, env=env, home=home,
-                     endpoint=environ.get("STIGMER_BACKEND_ENDPOINT") or DEFAULT_ENDPOINT,
-                     sandbox_root=os.path.abspath(environ.get("SANDBOX_ROOT_DIR") or os.getcwd()),
-                     model=environ.get("STIGMER_MODEL", ""),
-                     runner_grace=seconds(environ, "STIGMER_RUNNER_GRACE", RUNNER_GRACE), environ=dict(environ))
+                      endpoint=environ.get("STIGMER_BACKEND_ENDPOINT") or DEFAULT_ENDPOINT,
+                      sandbox_root=os.path.abspath(environ.get("SANDBOX_ROOT_DIR") or os.getcwd()),
+                      model=environ.get("STIGMER_MODEL", ""),
+                      runner_grace=seconds(environ, "STIGMER_RUNNER_GRACE", RUNNER_GRACE), environ=dict(environ),
+                      sandbox=sandbox, daytona=daytona)
         return cfg._replace(**cloud_settings(environ)) if mode == "cloud" else cfg
+
+    def require_sandbox(self):
+        """Raise CliError unless the chosen sandbox can be used: Daytona needs its key and its SDK."""
+        if self.sandbox != "daytona":
+            return
+        why = "MODE=cloud runs commands in Daytona sandboxes" if self.mode == "cloud" and \
+            not self.environ.get("STIGMER_SANDBOX") else "STIGMER_SANDBOX=daytona runs commands in Daytona sandboxes"
+        if not self.daytona.api_key:
+            raise CliError(f"{why} and needs DAYTONA_API_KEY: export it (make one in the Daytona dashboard, under "
+                           "Keys), or set STIGMER_SANDBOX=filesystem to run commands on this host", 2)
+        import importlib.util
+        if importlib.util.find_spec("daytona") is None:
+            raise CliError(f"{why} and needs the daytona SDK: pip install -e '.[cloud]'", 2)
 
     @property
     def cloud(self):
@@ -112,9 +143,6 @@ def cloud_settings(environ):
     if sandbox not in SANDBOXES:
         raise CliError(f"STIGMER_SANDBOX={environ['STIGMER_SANDBOX']!r} is not a sandbox: use "
                        "STIGMER_SANDBOX=daytona (the cloud default) or STIGMER_SANDBOX=filesystem", 2)
-    if sandbox == "daytona":
-        missing.append("STIGMER_SANDBOX=filesystem (the Daytona sandbox, the cloud default, is not wired in yet; "
-                       "filesystem runs commands on the worker hosts)")
     if importlib.util.find_spec("redis") is None:
         missing.append("the redis package (pip install -e '.[cloud]')")
     if missing:
@@ -329,9 +357,53 @@ def worker_env(cfg, secrets, endpoint):
 
 
 def without_keys(environ):
-    """ENVIRON minus every provider key: what the daemon gets."""
-    keys = {var for p in project_secrets().PROVIDERS.values() for var in (p.env_var, *p.alt_env_vars)}
+    """ENVIRON minus every provider key and service key (Daytona's): what the daemon gets."""
+    mod = project_secrets()
+    keys = {var for p in mod.PROVIDERS.values() for var in (p.env_var, *p.alt_env_vars)} | set(mod.SERVICE_KEY_VARS)
     return {k: v for k, v in environ.items() if k not in keys}
+
+
+def sandbox_factory(cfg, runner_id, is_terminal):
+    """(make_sandbox, sweep) for worker.Worker from STIGMER_SANDBOX: the host (sweep None), or one Daytona
+    sandbox per execution, labelled with RUNNER_ID; sweep deletes those whose executions IS_TERMINAL(id)
+    says have ended (an id the log does not know is not terminal: it may be another home's)."""
+    import worker
+    if cfg.sandbox != "daytona":
+        return worker.host_sandbox, None
+    import threading
+
+    import daytona_sandbox
+    d, clients, lock = cfg.daytona, [], threading.Lock()
+
+    def client():  # one SDK client for the worker, made on first use
+        with lock:
+            if not clients:
+                clients.append(daytona_sandbox.make_client(d.api_key, d.api_url, d.target))
+            return clients[0]
+
+    def make_sandbox(execution, env):
+        spec = execution.spec
+        return daytona_sandbox.create_for_execution(
+            execution.id, runner_id, api_key=d.api_key, api_url=d.api_url, target=d.target, snapshot=d.snapshot,
+            env=env, repo=spec.repo or None, ref=spec.ref or None, keep=spec.keep_sandbox, client=client())
+
+    return make_sandbox, lambda: daytona_sandbox.sweep(client(), is_terminal)
+
+
+def backend_is_terminal(cfg):
+    """is_terminal(execution_id) for the sweep, asking the daemon (or Redis); False when it cannot say."""
+    import daemon_client
+
+    def is_terminal(execution_id):
+        try:
+            client = connect(cfg)
+            try:
+                return client.get(execution_id).phase in daemon_client.TERMINAL_PHASES
+            finally:
+                client.close()
+        except daemon_client.BackendError:  # unknown here, or the daemon is away: leave it
+            return False
+    return is_terminal
 
 
 def spawn(args, env, log_path, pipe_stdin=False, pid_path=None):
@@ -407,6 +479,8 @@ def cmd_run(cfg, args):
         raise CliError("give the task to run, e.g. python runner.py \"add a --verbose flag\"", 2)
     if args.max_turns < 1 or (args.max_tokens_total or 0) < 0:
         raise CliError("--max-turns must be at least 1 and --max-tokens-total positive", 2)
+    check_repo_args(cfg, args)
+    cfg.require_sandbox()
     mod = project_secrets()
     try:
         names = mod.sandbox_secret_names(args.secret or (), cfg.environ)
@@ -435,7 +509,9 @@ def cmd_run(cfg, args):
         renderer = terminal.make_renderer(args.json, cfg.environ.get("NO_COLOR"))
         model = args.model or cfg.model or default_model()
         spec = pb.ExecutionSpec(prompt=prompt, workspace=workspace, model=model, max_turns=args.max_turns,
-                                secret_names=names, max_tokens_total=args.max_tokens_total or 0, runner_id=runner_id)
+                                secret_names=names, max_tokens_total=args.max_tokens_total or 0, runner_id=runner_id,
+                                repo=args.repo or "", ref=args.ref or "", keep_sandbox=args.keep_sandbox,
+                                sandbox=cfg.sandbox)
         queued = 0 if runner_id else client.status().queue_depth
         if queued:
             print(f"stigmer: {queued} older execution(s) are queued and run first: see `python runner.py list "
@@ -447,7 +523,9 @@ def cmd_run(cfg, args):
         if not renderer.json_lines:
             where = (f"Redis at {client.endpoint}" if cfg.cloud else f"embedded daemon on {client.endpoint}"
                      if embedded else f"daemon at {client.endpoint}")
-            renderer.out(renderer.paint("2", f"stigmer · {cfg.mode} · {where} · {workspace} · {model} · "
+            space = workspace if cfg.sandbox == "filesystem" else "daytona sandbox" + (f" · {args.repo}" if args.repo
+                                                                                        else "")
+            renderer.out(renderer.paint("2", f"stigmer · {cfg.mode} · {where} · {space} · {model} · "
                                              f"{execution.id}") + "\n", err=True)
         started = time.monotonic()
 
@@ -470,6 +548,9 @@ def cmd_run(cfg, args):
         phase = phase or pb.Phase.Name(final.phase)
         if phase in EXIT_CODES:
             renderer.summary(final, phase, time.monotonic() - started)
+        if args.keep_sandbox and renderer.sandbox_id:
+            print(f"stigmer: sandbox {renderer.sandbox_id} kept running for inspection; delete it when you are done "
+                  "(Daytona also stops it once idle, then deletes it)", file=sys.stderr)
         return EXIT_CODES.get(phase, 130)
     finally:
         for sig in handlers:  # let the clean-up below finish
@@ -483,7 +564,21 @@ def cmd_run(cfg, args):
             signal.signal(sig, handler)
 
 
+def check_repo_args(cfg, args):
+    """--repo, --ref and --keep-sandbox need a Daytona sandbox; a repo URL never carries a password."""
+    from urllib.parse import urlsplit
+    if (args.repo or args.ref or args.keep_sandbox) and cfg.sandbox != "daytona":
+        raise CliError("--repo, --ref and --keep-sandbox need a Daytona sandbox: set STIGMER_SANDBOX=daytona "
+                       "(on this host the agent works in --workspace, which may already be a git checkout)", 2)
+    if args.ref and not args.repo:
+        raise CliError("--ref needs --repo: the repository whose branch, tag or commit to check out", 2)
+    if args.repo and urlsplit(args.repo).password:
+        raise CliError("--repo must not hold a password or token (it is stored in the log): pass the token as "
+                       "--secret GITHUB_TOKEN and give the plain https URL", 2)
+
+
 def cmd_start(cfg, args, out=None):
+    cfg.require_sandbox()
     names = project_secrets().sandbox_secret_names(args.secret or (), cfg.environ)
     secrets = gather_secrets(cfg, names)
     logs = os.path.join(cfg.home, "logs")
@@ -569,7 +664,9 @@ def cmd_logs(cfg, args):
     client, embedded = open_log(cfg)
     try:
         import terminal
-        client.get(args.id)  # an unknown id becomes a one-line error
+        execution = client.get(args.id)  # an unknown id becomes a one-line error
+        if args.patch:
+            return print_patch(client, execution)
         renderer = terminal.make_renderer(args.json, cfg.environ.get("NO_COLOR"))
         terminal.follow(client, args.id, renderer, follow_live=args.follow and embedded is None,
                         reconnect=lambda: connect(cfg))
@@ -580,6 +677,25 @@ def cmd_logs(cfg, args):
     finally:
         if embedded:
             embedded.stop()
+
+
+def print_patch(client, execution):
+    """`logs ID --patch`: the patch artifact's text on stdout, as it is (for `git apply`); notes on stderr."""
+    import stigmer_pb2 as pb
+    patch = None
+    for ev in client.watch(execution.id, follow=False):
+        if ev.WhichOneof("payload") == "artifact" and ev.artifact.type == "patch":
+            patch = ev.artifact
+    if patch is None:
+        if execution.phase in (pb.PENDING, pb.RUNNING):
+            raise CliError(f"{execution.id} is still {pb.Phase.Name(execution.phase).lower()}: its patch is recorded "
+                           f"when it ends (follow it with python runner.py logs {execution.id} -f)")
+        raise CliError(f"{execution.id} has no patch: only a Daytona sandbox whose workspace is a git checkout "
+                       "(run --repo URL) records one")
+    if patch.notes:
+        print(f"stigmer: {patch.notes}", file=sys.stderr)
+    sys.stdout.write(patch.text)
+    return 0
 
 
 def cmd_cancel(cfg, args):
@@ -608,6 +724,9 @@ def cmd_worker(cfg, args):
         logging.getLogger(noisy).setLevel(max(level, logging.INFO))
     os.environ.update(gather_secrets(cfg, []))  # asks only for a missing key; it lives in memory and env only
     model = cfg.model or default_model()
+    cfg.require_sandbox()
+    runner_id = args.runner_id or worker.new_runner_id()
+    make_sandbox, sweep = sandbox_factory(cfg, runner_id, backend_is_terminal(cfg))
     if cfg.cloud:
         import redis_backend
         import sandbox
@@ -615,10 +734,11 @@ def cmd_worker(cfg, args):
         link = redis_backend.RedisLink(cfg.redis_url, cfg.redis_prefix, **cfg.redis_settings)
     else:
         link = daemon_client.DaemonLink(cfg.endpoint, cfg.home)
-    print(f"stigmer worker {VERSION} · mode {cfg.mode} · endpoint {link.endpoint} · sandbox root {cfg.sandbox_root} · "
+    where = f"sandbox root {cfg.sandbox_root}" if cfg.sandbox == "filesystem" else "sandbox daytona"
+    print(f"stigmer worker {VERSION} · mode {cfg.mode} · endpoint {link.endpoint} · {where} · "
           f"model {model} · capacity {args.capacity}", file=sys.stderr, flush=True)
-    return worker.serve(worker.Worker(capacity=args.capacity, mode=cfg.mode, model=model,
-                                      runner_id=args.runner_id or None, pinned=args.pinned),
+    return worker.serve(worker.Worker(capacity=args.capacity, mode=cfg.mode, model=model, runner_id=runner_id,
+                                      pinned=args.pinned, make_sandbox=make_sandbox, sweep=sweep, sandbox=cfg.sandbox),
                         link, exit_with_stdin=args.exit_with_stdin)
 
 
@@ -644,6 +764,11 @@ def parser():
     run.add_argument("--secret", action="append", metavar="NAME", help="pass env var NAME to the agent's shell, redacted")
     run.add_argument("--json", action="store_true", help="one JSON object per event per line")
     run.add_argument("--detach", action="store_true", help="submit to the background daemon and print the id")
+    run.add_argument("--repo", metavar="URL", help="clone this git repository into the sandbox's workspace first "
+                                                   "(STIGMER_SANDBOX=daytona; a --secret GITHUB_TOKEN authenticates it)")
+    run.add_argument("--ref", help="the branch, tag or commit of --repo to check out")
+    run.add_argument("--keep-sandbox", action="store_true",
+                     help="leave the Daytona sandbox running when the run ends, and print its id")
 
     start = sub.add_parser("start", help="run the daemon and workers in the background",
                            epilog="example: python runner.py start --workers 2")
@@ -661,6 +786,8 @@ def parser():
     logs.add_argument("id")
     logs.add_argument("-f", "--follow", action="store_true", help="keep following until it ends")
     logs.add_argument("--json", action="store_true")
+    logs.add_argument("--patch", action="store_true",
+                      help="print the change the agent made, for git apply: logs ID --patch > change.patch")
     cancel = sub.add_parser("cancel", help="cancel an execution", epilog="example: python runner.py cancel ex-1a2b")
     cancel.add_argument("id")
     dmn = sub.add_parser("daemon", help="run the daemon in the foreground (also: python daemon.py)",

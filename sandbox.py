@@ -119,6 +119,15 @@ class SandboxError(Exception):
     """A refused or invalid request; the message says what to do instead."""
 
 
+class SandboxUnavailable(Exception):
+    """The service behind a remote sandbox cannot serve the execution (code: auth, quota,
+    rate_limit, unreachable, timeout, clone or error); the execution fails with this message."""
+
+    def __init__(self, code, message):
+        super().__init__(message)
+        self.code = code
+
+
 def kill_all() -> int:
     """SIGKILL every process group started by any sandbox that is still running."""
     with _LIVE_LOCK:  # held while signalling, so no group is reaped (and its id reused) meanwhile

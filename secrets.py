@@ -62,12 +62,14 @@ from dataclasses import dataclass  # noqa: E402
 
 __all__ = list(_std.__all__) + [
     "DEFAULT_ENTROPY", "PROVIDERS", "Provider", "Secrets", "Redactor", "SecretError", "MissingSecret",
-    "PromptCancelled", "gather", "sandbox_secret_names", "child_env", "main",
+    "PromptCancelled", "gather", "sandbox_secret_names", "child_env", "main", "SERVICE_KEY_VARS",
 ]
 
 MIN_REDACT_LEN = 8  # shorter values are not redacted: they would match ordinary text
 MAX_ATTEMPTS = 3  # empty answers at the prompt before giving up
 SANDBOX_SECRETS_VAR = "STIGMER_SANDBOX_SECRETS"  # NAME,NAME: like repeating --secret NAME
+SERVICE_KEY_VARS = ("DAYTONA_API_KEY",)  # the runner's own service keys: like model keys, redacted,
+#                                          kept from the daemon and out of the agent's shell
 PREFILTER_MAX = 16  # up to this many values, a str.find per value skips the regex on clean chunks
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")

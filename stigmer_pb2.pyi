@@ -23,7 +23,7 @@ FAILED: Phase
 CANCELLED: Phase
 
 class ExecutionSpec(_message.Message):
-    __slots__ = ("prompt", "workspace", "model", "max_turns", "secret_names", "max_tokens_total", "runner_id")
+    __slots__ = ("prompt", "workspace", "model", "max_turns", "secret_names", "max_tokens_total", "runner_id", "repo", "ref", "keep_sandbox", "sandbox")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     WORKSPACE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -31,6 +31,10 @@ class ExecutionSpec(_message.Message):
     SECRET_NAMES_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     RUNNER_ID_FIELD_NUMBER: _ClassVar[int]
+    REPO_FIELD_NUMBER: _ClassVar[int]
+    REF_FIELD_NUMBER: _ClassVar[int]
+    KEEP_SANDBOX_FIELD_NUMBER: _ClassVar[int]
+    SANDBOX_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     workspace: str
     model: str
@@ -38,7 +42,11 @@ class ExecutionSpec(_message.Message):
     secret_names: _containers.RepeatedScalarFieldContainer[str]
     max_tokens_total: int
     runner_id: str
-    def __init__(self, prompt: _Optional[str] = ..., workspace: _Optional[str] = ..., model: _Optional[str] = ..., max_turns: _Optional[int] = ..., secret_names: _Optional[_Iterable[str]] = ..., max_tokens_total: _Optional[int] = ..., runner_id: _Optional[str] = ...) -> None: ...
+    repo: str
+    ref: str
+    keep_sandbox: bool
+    sandbox: str
+    def __init__(self, prompt: _Optional[str] = ..., workspace: _Optional[str] = ..., model: _Optional[str] = ..., max_turns: _Optional[int] = ..., secret_names: _Optional[_Iterable[str]] = ..., max_tokens_total: _Optional[int] = ..., runner_id: _Optional[str] = ..., repo: _Optional[str] = ..., ref: _Optional[str] = ..., keep_sandbox: _Optional[bool] = ..., sandbox: _Optional[str] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens")
@@ -132,8 +140,26 @@ class Error(_message.Message):
     message: str
     def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
+class Artifact(_message.Message):
+    __slots__ = ("type", "name", "text", "size", "truncated", "notes", "created_in")
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    NOTES_FIELD_NUMBER: _ClassVar[int]
+    CREATED_IN_FIELD_NUMBER: _ClassVar[int]
+    type: str
+    name: str
+    text: str
+    size: int
+    truncated: bool
+    notes: str
+    created_in: float
+    def __init__(self, type: _Optional[str] = ..., name: _Optional[str] = ..., text: _Optional[str] = ..., size: _Optional[int] = ..., truncated: _Optional[bool] = ..., notes: _Optional[str] = ..., created_in: _Optional[float] = ...) -> None: ...
+
 class Event(_message.Message):
-    __slots__ = ("execution_id", "seq", "time", "phase", "text", "tool_call", "tool_result", "usage", "error")
+    __slots__ = ("execution_id", "seq", "time", "phase", "text", "tool_call", "tool_result", "usage", "error", "artifact")
     EXECUTION_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
@@ -143,6 +169,7 @@ class Event(_message.Message):
     TOOL_RESULT_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    ARTIFACT_FIELD_NUMBER: _ClassVar[int]
     execution_id: str
     seq: int
     time: float
@@ -152,7 +179,8 @@ class Event(_message.Message):
     tool_result: ToolResult
     usage: Usage
     error: Error
-    def __init__(self, execution_id: _Optional[str] = ..., seq: _Optional[int] = ..., time: _Optional[float] = ..., phase: _Optional[_Union[PhaseChange, _Mapping]] = ..., text: _Optional[_Union[TextDelta, _Mapping]] = ..., tool_call: _Optional[_Union[ToolCall, _Mapping]] = ..., tool_result: _Optional[_Union[ToolResult, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+    artifact: Artifact
+    def __init__(self, execution_id: _Optional[str] = ..., seq: _Optional[int] = ..., time: _Optional[float] = ..., phase: _Optional[_Union[PhaseChange, _Mapping]] = ..., text: _Optional[_Union[TextDelta, _Mapping]] = ..., tool_call: _Optional[_Union[ToolCall, _Mapping]] = ..., tool_result: _Optional[_Union[ToolResult, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., artifact: _Optional[_Union[Artifact, _Mapping]] = ...) -> None: ...
 
 class SubmitRequest(_message.Message):
     __slots__ = ("spec",)

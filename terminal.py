@@ -19,7 +19,7 @@ from daemon_client import TERMINAL_NAMES, TERMINAL_PHASES, BackendError, Backend
 CANCEL_WAIT = 5.0  # seconds Ctrl-C waits for the execution to confirm it stopped
 RECONNECT_WAIT = 60.0  # seconds a follower waits for a daemon that went away
 INT64_FIELDS = {"input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "duration_ms",
-                "last_seq", "seq", "max_tokens_total"}  # proto3 JSON writes these as strings
+                "last_seq", "seq", "max_tokens_total", "size"}  # proto3 JSON writes these as strings
 
 
 class Renderer:
@@ -33,6 +33,7 @@ class Renderer:
         self.spinning = False
         self.frame = 0
         self.calls = {}  # tool_use id -> (name, input)
+        self.sandbox_id = ""  # the execution's remote sandbox, from its artifact event
 
     def paint(self, code, text):
         return f"\033[{code}m{text}\033[0m" if self.color else text
@@ -66,10 +67,12 @@ class Renderer:
             self.spinning = False
 
     def event(self, ev):
+        kind = ev.WhichOneof("payload")
+        if kind == "artifact" and ev.artifact.type == "sandbox":
+            self.sandbox_id = ev.artifact.name
         if self.json_lines:
             print(json.dumps(event_dict(ev), ensure_ascii=False), flush=True)
             return
-        kind = ev.WhichOneof("payload")
         if kind == "text":
             self.out(ev.text.text)
             self.mid_line = not ev.text.text.endswith("\n")
@@ -97,6 +100,9 @@ class Renderer:
         elif kind == "error":
             self.newline()
             self.out(self.paint("31", f"✗ {ev.error.message}") + "\n", err=True)
+        elif kind == "artifact":
+            self.newline()
+            self.out(self.paint("35", artifact_line(ev)) + "\n")
 
     def summary(self, execution, phase_name, elapsed):
         if self.json_lines:  # stdout stays pure JSON; a failure still gets one line on stderr
@@ -115,6 +121,19 @@ class Renderer:
         self.out(self.paint("2", f"  {execution.turns} turns · {u.input_tokens:,} in / {u.output_tokens:,} out tokens · "
                                  f"cache {u.cache_read_tokens:,} read{hit}, {u.cache_write_tokens:,} written · "
                                  f"{elapsed:.1f} s · {execution.id}") + "\n")
+
+
+def artifact_line(ev):
+    """One line for an artifact event in the live view (the whole of it is in --json)."""
+    a = ev.artifact
+    if a.type == "patch":
+        files = a.text.count("\ndiff --git ") + a.text.startswith("diff --git ")
+        what = f"{files} file{'s' if files != 1 else ''} changed, {a.size:,} bytes" if a.text else "no changes"
+        extra = f" · {a.notes}" if a.notes and a.text else ""
+        return f"⎘ patch: {what}{extra} · python runner.py logs {ev.execution_id} --patch > {a.name or 'change.patch'}"
+    if a.type == "sandbox":
+        return f"▣ sandbox {a.name}" + (f" · {a.notes}" if a.notes else "")
+    return f"⎘ {a.type} {a.name}" + (f" · {a.notes}" if a.notes else "")
 
 
 def make_renderer(json_lines, no_color):

@@ -37,6 +37,36 @@ class ConfigTest(unittest.TestCase):
             self.assertIn("STIGMER_RUNNER_GRACE", str(caught.exception))
         self.assertEqual(runner.Config.load({"STIGMER_RUNNER_GRACE": "0"}).runner_grace, 0.0)
 
+    def test_the_sandbox_follows_the_mode_unless_chosen(self):
+        self.assertEqual(runner.Config.load({}).sandbox, "filesystem")
+        self.assertEqual(runner.Config.load({"MODE": "cloud"}).sandbox, "daytona")
+        self.assertEqual(runner.Config.load({"MODE": "cloud", "STIGMER_SANDBOX": "filesystem"}).sandbox, "filesystem")
+        cfg = runner.Config.load({"STIGMER_SANDBOX": " Daytona ", "DAYTONA_API_KEY": "dtn_x.not.real.123",
+                                  "DAYTONA_API_URL": "http://127.0.0.1:9/api", "DAYTONA_TARGET": "eu",
+                                  "DAYTONA_SNAPSHOT": ""})
+        self.assertEqual(cfg.sandbox, "daytona")
+        self.assertEqual(cfg.daytona, ("dtn_x.not.real.123", "http://127.0.0.1:9/api", "eu", None))
+        self.assertNotIn("dtn_x.not.real.123", repr(cfg.daytona))
+        cfg.require_sandbox()  # a key and the SDK: fine
+        with self.assertRaises(runner.CliError) as caught:
+            runner.Config.load({"STIGMER_SANDBOX": "docker"})
+        self.assertEqual(caught.exception.code, 2)
+        self.assertIn("filesystem", str(caught.exception))
+
+    def test_the_daemon_gets_no_service_key(self):
+        self.assertEqual(runner.without_keys({"DAYTONA_API_KEY": "dtn_x", "ANTHROPIC_API_KEY": "k", "DAYTONA_TARGET": "eu"}),
+                         {"DAYTONA_TARGET": "eu"})
+
+    def test_daytona_needs_its_key(self):
+        runner.Config.load({}).require_sandbox()  # the host needs nothing
+        for environ, why in (({"STIGMER_SANDBOX": "daytona"}, "STIGMER_SANDBOX=daytona runs commands"),
+                             ({"MODE": "cloud"}, "MODE=cloud runs commands")):
+            with self.assertRaises(runner.CliError) as caught:
+                runner.Config.load(environ).require_sandbox()
+            self.assertEqual(caught.exception.code, 2)
+            self.assertIn(why, str(caught.exception))
+            self.assertIn("needs DAYTONA_API_KEY", str(caught.exception))
+
 
 class CloudConfigTest(unittest.TestCase):
     CLOUD = {"MODE": "cloud", "REDIS_URL": "redis://:pw@redis.internal:6380/2", "STIGMER_SANDBOX": "filesystem"}

@@ -17,7 +17,7 @@ import runner
 from testsupport import FAKE_KEY, HERE, FakeAnthropic, free_port, pid_alive, run_cli, text_step, tool_step
 
 KEY_VARS = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "OPENAI_API_KEY", "STIGMER_SANDBOX_SECRETS", "MODE", "ENV",
-            "STIGMER_MODEL", "SANDBOX_ROOT_DIR", "NO_COLOR")
+            "STIGMER_MODEL", "SANDBOX_ROOT_DIR", "NO_COLOR", "STIGMER_SANDBOX", "DAYTONA_API_KEY")
 
 
 class CliCase(unittest.TestCase):

@@ -127,5 +127,39 @@ class JsonTest(unittest.TestCase):
                          {"seq": 3, "items": [{"duration_ms": 9}], "text": "4"})
 
 
+class ArtifactTest(unittest.TestCase):
+    """Artifact events: one line in the live view, everything in --json."""
+
+    PATCH = "diff --git a/a.py b/a.py\n--- a/a.py\n+++ b/a.py\n@@ -1 +1 @@\n-x\n+y\n" \
+            "diff --git a/b.py b/b.py\nnew file mode 100644\n"
+
+    def event(self, seq, **fields):
+        return pb.Event(execution_id="ex-1", seq=seq, time=1.5, artifact=pb.Artifact(**fields))
+
+    def render(self, json_lines, *events):
+        out = io.StringIO()
+        renderer = terminal.Renderer(json_lines, False, False)
+        with contextlib.redirect_stdout(out):
+            for ev in events:
+                renderer.event(ev)
+        return renderer, out.getvalue()
+
+    def test_live_view_and_json(self):
+        patch = self.event(4, type="patch", name="change.patch", text=self.PATCH, size=5_000_000, truncated=True,
+                           notes="capped at 512000 bytes of 5000000; left out: big.csv")
+        sandbox = self.event(3, type="sandbox", name="sb-42", created_in=1.25, notes="created in 1.2 s")
+        renderer, screen = self.render(False, sandbox, patch, self.event(5, type="patch", name="change.patch"))
+        self.assertEqual(renderer.sandbox_id, "sb-42")
+        self.assertEqual(screen.splitlines(), [
+            "▣ sandbox sb-42 · created in 1.2 s",
+            "⎘ patch: 2 files changed, 5,000,000 bytes · capped at 512000 bytes of 5000000; left out: big.csv · "
+            "python runner.py logs ex-1 --patch > change.patch",
+            "⎘ patch: no changes · python runner.py logs ex-1 --patch > change.patch"])
+        renderer, out = self.render(True, patch)
+        (line,) = [json.loads(text) for text in out.splitlines()]
+        self.assertEqual((line["kind"], line["type"], line["text"], line["size"], line["truncated"]),
+                         ("artifact", "patch", self.PATCH, 5_000_000, True))  # size a number, not a string
+
+
 if __name__ == "__main__":
     unittest.main()

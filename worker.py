@@ -3,8 +3,9 @@
     python runner.py worker                  # foreground, against STIGMER_BACKEND_ENDPOINT
     python runner.py worker --capacity 4
 
-    w = Worker(capacity=2)                   # knows nothing of gRPC or Redis
+    w = Worker(capacity=2)                   # knows nothing of gRPC, Redis or Daytona
     serve(w, daemon_client.DaemonLink(endpoint, home))
+    w = Worker(make_sandbox=make, sweep=sweep)  # sandboxes elsewhere: see runner.sandbox_factory
 
 Every event an agent emits gets the next seq of its execution and stays in that
 execution's outbox until the log acknowledges it. While the log is away the agents
@@ -13,6 +14,14 @@ daemon's Connect stream, or Redis) calls the worker's public methods: `assigned`
 `cancel_requested`, `acked`, `refused`, `next_batch`, `rewind` (after a reconnect:
 everything not yet acknowledged goes again), `free_slots`. Text deltas that pile up
 while the link is backed up are coalesced into one event.
+
+Where the agent's tools run is the make_sandbox(execution, env) the worker was given
+(env: the values of the execution's --secret names). The default is the host, in
+spec.workspace. A remote sandbox (one with an `id`, such as a DaytonaSandbox) is made when
+the execution starts (a "sandbox" artifact event says which, and how long it took), and
+when it ends, however it ends, its workspace's git diff becomes a "patch" artifact event and
+the sandbox is deleted (unless spec.keep_sandbox). sweep(), when given, deletes leftover
+sandboxes of executions that have ended: serve() runs it at start and every SWEEP_EVERY s.
 """
 import logging
 import os
@@ -36,10 +45,44 @@ MAX_PENDING_TEXT = 1_000_000  # characters of not-yet-sequenced text before text
 FLUSH_ON_STOP = 5.0  # seconds a stopping worker waits for its last events to be acknowledged
 FULL_BACKOFF = (0.5, 5.0)  # seconds before resending events the log refused for a full disk: first, longest
 LOG_FULL_PATIENCE = 60.0  # seconds of a full log before the worker ends the execution FAILED (events still kept)
+CLEANUP_ON_STOP = 8.0  # seconds a stopping worker then waits for executions to delete their sandboxes
+PATCH_MAX_BYTES = 512_000  # most bytes of a patch artifact: whole files are left out to fit, and named
+SWEEP_EVERY = 600.0  # seconds between sweeps of leftover sandboxes
 
 
 class Cancelled(Exception):
     """An execution was cancelled before its agent started."""
+
+
+def new_runner_id():
+    """A runner id unique to this process: host, pid and a random tail."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def host_sandbox(execution, env):
+    """The local default: the agent works in spec.workspace on this host, whose environment
+    already holds env."""
+    from sandbox import EXECUTION_MARKER, FilesystemSandbox, SandboxError
+    if not os.path.isdir(execution.spec.workspace):
+        raise SandboxError(f"the workspace {execution.spec.workspace} does not exist on this runner")
+    # The marker lets the daemon find (kill_marked) the commands of a worker killed with SIGKILL.
+    return FilesystemSandbox(execution.spec.workspace, env={EXECUTION_MARKER: execution.id})
+
+
+def patch_artifact(patch, redactor):
+    """The artifact event payload of a sandbox's Patch, its text redacted."""
+    text = redactor.redact(patch.text)
+    notes = []
+    if not patch.text:
+        notes.append("no changes")
+    if patch.binary_files:
+        notes.append(f"binary files changed, not included: {', '.join(patch.binary_files)}")
+    if patch.truncated:
+        notes.append(f"capped at {PATCH_MAX_BYTES} bytes of {patch.size}; left out: {', '.join(patch.omitted_files)}")
+    if text != patch.text:
+        notes.append("secret values in it were replaced with [REDACTED:NAME]: those lines will not apply as they were")
+    return pb.Artifact(type="patch", name="change.patch", text=text, size=patch.size, truncated=patch.truncated,
+                       notes=redactor.redact("; ".join(notes)))
 
 
 class Outbox:
@@ -90,12 +133,17 @@ class Outbox:
 class Worker:
     """The executions this runner runs and their outboxes; a link feeds it and drains it."""
 
-    def __init__(self, *, capacity=2, mode="local", model="", runner_id=None, pinned=False):
+    def __init__(self, *, capacity=2, mode="local", model="", runner_id=None, pinned=False, make_sandbox=host_sandbox,
+                 sweep=None, sandbox="filesystem"):
         self.capacity, self.mode, self.model = capacity, mode, model
         self.pinned = pinned  # a private runner: the log gives it only executions pinned to runner_id
         self.log_full_patience = LOG_FULL_PATIENCE
         self.abandoned = {}  # execution id -> why this worker ends it FAILED (the log stayed full)
-        self.runner_id = runner_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.sandbox = sandbox  # what make_sandbox makes: "filesystem" or "daytona" (checked against spec.sandbox)
+        self.runner_id = runner_id or new_runner_id()
+        self.make_sandbox = make_sandbox  # (execution, env) -> a sandbox; raises SandboxError or SandboxUnavailable
+        self.sweep = sweep  # () -> ids of leftover sandboxes it deleted, or None
+        self.active = set()  # executions whose thread runs: setting up, running or cleaning up
         self.cond = threading.Condition()
         self.outboxes = {}  # execution id -> Outbox
         self.agents = {}  # execution id -> Agent, while it runs
@@ -274,6 +322,7 @@ class Worker:
             if execution.id in self.outboxes or execution.id in self.agents:
                 return
             self.outboxes[execution.id] = Outbox(execution.id, execution.last_seq)
+            self.active.add(execution.id)
         thread = threading.Thread(target=self._run_execution, args=(execution,), name=execution.id, daemon=True)
         thread.start()
 
@@ -286,44 +335,49 @@ class Worker:
 
     def _run_execution(self, execution):
         import agent as agent_mod
-        from sandbox import EXECUTION_MARKER, FilesystemSandbox, SandboxError
+        from sandbox import SandboxError, SandboxUnavailable
 
         spec = execution.spec
-        key_vars = models.model_key_vars()
+        mod = models.project_secrets()
+        key_vars = (*models.model_key_vars(), *mod.SERVICE_KEY_VARS)
         names = [n for n in (*key_vars, *spec.secret_names) if os.environ.get(n)]
-        redactor = models.project_secrets().Redactor({n: os.environ[n] for n in names})
+        redactor = mod.Redactor({n: os.environ[n] for n in names})
         emit = lambda **payload: self.emit(execution.id, redactor, **payload)  # noqa: E731
-        log.info("running %s in %s", execution.id, spec.workspace)
-        phase, reason, final_text, turns = pb.FAILED, "", "", 0
+        log.info("running %s in %s", execution.id, spec.repo or spec.workspace)
+        phase, reason, final_text, turns, box, service_down = pb.FAILED, "", "", 0, None, False
         try:
             for name in spec.secret_names:
                 if name not in os.environ:
                     emit(error=pb.Error(code="secret_missing", message=f"{name} was named with --secret but this "
                                         "worker's environment does not have it; the agent's shell runs without it"))
-            if not os.path.isdir(spec.workspace):
-                raise SandboxError(f"the workspace {spec.workspace} does not exist on this runner")
             shell_env = {name: None for name in key_vars if name not in spec.secret_names}
             while not self._sdk_ready.wait(0.1):  # the SDK is still importing (serve() started that)
                 if execution.id in self.cancels or self.stopping.is_set():
                     raise Cancelled()
                 if not self._sdk_lock.locked():
                     self.preload()
-            # The marker lets the daemon find (kill_marked) the commands of a worker killed with SIGKILL.
-            sandbox = FilesystemSandbox(spec.workspace, env={EXECUTION_MARKER: execution.id})
-            the_agent = agent_mod.Agent(models.make_model(spec.model or self.model), sandbox,
-                                        emit, max_turns=spec.max_turns, max_tokens_total=spec.max_tokens_total,
-                                        redactor=redactor, shell_env=shell_env)
+            model = models.make_model(spec.model or self.model)
+            if spec.sandbox and spec.sandbox != self.sandbox:
+                raise SandboxError(f"this execution asked for a {spec.sandbox} sandbox, but runner {self.runner_id} "
+                                   f"makes {self.sandbox} ones: start runners with STIGMER_SANDBOX={spec.sandbox} "
+                                   "(python runner.py stop, then start), or run it with the same STIGMER_SANDBOX")
+            box = self._open_sandbox(execution, emit)
+            the_agent = agent_mod.Agent(model, box, emit, max_turns=spec.max_turns,
+                                        max_tokens_total=spec.max_tokens_total, redactor=redactor, shell_env=shell_env)
             with self.cond:
                 self.agents[execution.id] = the_agent
                 if execution.id in self.cancels or execution.id not in self.outboxes:
                     the_agent.cancel()  # cancelled (or dropped) while it was being set up
-            phase, reason, final_text = the_agent.run(spec.prompt, spec.workspace)
+            phase, reason, final_text = the_agent.run(spec.prompt, box.root)
             turns = the_agent.turns
         except Cancelled:
             phase, reason = pb.CANCELLED, "cancelled by the user"
         except SandboxError as exc:
             reason = str(exc)
             emit(error=pb.Error(code="workspace", message=reason))
+        except SandboxUnavailable as exc:  # the sandbox service: auth, quota, rate limit, unreachable, clone
+            reason, service_down = str(exc), True
+            emit(error=pb.Error(code=f"sandbox_{exc.code}", message=redactor.redact(reason)))
         except models.ModelError as exc:  # a model name that does not resolve
             reason = exc.message
             emit(error=pb.Error(code=exc.code, message=reason))
@@ -332,6 +386,8 @@ class Worker:
             reason = f"internal runner error: {type(exc).__name__}: {exc}"
             emit(error=pb.Error(code="internal", message=redactor.redact(reason)))
         finally:
+            if box is not None:
+                self._close_sandbox(execution, box, emit, redactor, take_patch=not service_down)
             with self.cond:
                 self.agents.pop(execution.id, None)
                 self.cancels.discard(execution.id)
@@ -343,22 +399,83 @@ class Worker:
             if alive:
                 emit(phase=pb.PhaseChange(phase=phase, reason=redactor.redact(reason), final_text=final_text,
                                           turns=turns))
+            with self.cond:
+                self.active.discard(execution.id)
+                self.cond.notify_all()
             log.info("%s ended %s", execution.id, pb.Phase.Name(phase))
 
+    def _open_sandbox(self, execution, emit):
+        """The execution's sandbox, from make_sandbox; a remote one is named in a "sandbox" artifact event.
+        Raises Cancelled when the execution was cancelled (or the worker stopped) meanwhile."""
+        env = {n: os.environ[n] for n in execution.spec.secret_names if n in os.environ}
+        box = self.make_sandbox(execution, env)
+        if getattr(box, "id", None):  # it lives elsewhere: say which, and how long it took to make
+            where = f"a clone of {execution.spec.repo}" + (f" at {execution.spec.ref}" if execution.spec.ref else "") \
+                if execution.spec.repo else "an empty workspace"
+            emit(artifact=pb.Artifact(type="sandbox", name=box.id, created_in=box.created_in,
+                                      notes=f"created in {box.created_in:.1f} s with {where} at {box.root}"))
+        if execution.id in self.cancels or self.stopping.is_set():
+            self._close_sandbox(execution, box, emit, None, take_patch=False)
+            raise Cancelled()
+        return box
+
+    def _close_sandbox(self, execution, box, emit, redactor, take_patch=True):
+        """At the end of an execution, however it ended: a remote sandbox's workspace patch becomes a "patch"
+        artifact event, then the sandbox is deleted (kept, and said so, with spec.keep_sandbox)."""
+        from sandbox import SandboxError, SandboxUnavailable
+        if not getattr(box, "id", None):
+            return  # the host: its workspace holds the change itself
+        if take_patch and redactor is not None:
+            try:
+                patch = box.patch(PATCH_MAX_BYTES)
+                if patch is not None:  # None: the workspace is not a git checkout
+                    emit(artifact=patch_artifact(patch, redactor))
+            except (SandboxError, SandboxUnavailable) as exc:
+                emit(error=pb.Error(code="patch", message=redactor.redact(f"could not take the workspace's patch: "
+                                                                          f"{exc}")))
+        if execution.spec.keep_sandbox:
+            emit(artifact=pb.Artifact(type="sandbox", name=box.id, notes="kept running for inspection "
+                                      "(--keep-sandbox): delete it when you are done"))
+            return
+        try:
+            box.delete()
+        except SandboxUnavailable as exc:  # auto-delete and the next sweep are the backstops
+            log.warning("could not delete sandbox %s of %s: %s", box.id, execution.id, exc)
+
+    def sweep_sandboxes(self):
+        """Delete leftover sandboxes of executions that have ended, now and every SWEEP_EVERY seconds,
+        until the worker stops (run on a thread by serve())."""
+        from sandbox import SandboxUnavailable
+        while self.sweep is not None:
+            try:
+                deleted = self.sweep()
+                if deleted:
+                    log.info("deleted %d leftover sandbox(es) of ended executions: %s", len(deleted),
+                             ", ".join(deleted))
+            except SandboxUnavailable as exc:
+                log.warning("could not sweep leftover sandboxes: %s", exc)
+            if self.stopping.wait(SWEEP_EVERY):
+                return
+
     def stop(self, flush=FLUSH_ON_STOP):
-        """Cancel running agents, give their last events a moment to reach the log (while
-        the link is connected), then set stopping so that the link ends."""
+        """Cancel running agents (and those still being set up), give their last events a moment to reach
+        the log (while the link is connected), set stopping so that the link ends, then give executions
+        up to CLEANUP_ON_STOP seconds to end and delete their sandboxes."""
         with self.cond:
             agents = list(self.agents.values())
+            self.cancels.update(self.active.difference(self.agents))
         for agent in agents:
             agent.cancel()
         deadline = time.monotonic() + flush
         with self.cond:
-            while (self.agents or self.buffered) and self.connected and time.monotonic() < deadline:
+            while (self.active or self.buffered) and self.connected and time.monotonic() < deadline:
                 self.cond.wait(0.1)
         self.stopping.set()
+        deadline = time.monotonic() + CLEANUP_ON_STOP
         with self.cond:
             self.cond.notify_all()
+            while self.active and time.monotonic() < deadline:
+                self.cond.wait(0.1)
 
 
 def serve(worker, link, *, exit_with_stdin=False):
@@ -370,6 +487,8 @@ def serve(worker, link, *, exit_with_stdin=False):
 
     # The SDK takes seconds to import: load it while we connect, not when the first task arrives.
     threading.Thread(target=worker.preload, name="import-model-sdk", daemon=True).start()
+    if worker.sweep is not None:
+        threading.Thread(target=worker.sweep_sandboxes, name="sweep-sandboxes", daemon=True).start()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
