@@ -143,6 +143,9 @@ def cloud_settings(environ):
     if sandbox not in SANDBOXES:
         raise CliError(f"STIGMER_SANDBOX={environ['STIGMER_SANDBOX']!r} is not a sandbox: use "
                        "STIGMER_SANDBOX=daytona (the cloud default) or STIGMER_SANDBOX=filesystem", 2)
+    if sandbox == "daytona" and not environ.get("DAYTONA_API_KEY", "").strip():
+        missing.append("DAYTONA_API_KEY (MODE=cloud runs commands in Daytona sandboxes; "
+                       "or set STIGMER_SANDBOX=filesystem to run them on the worker hosts)")
     if importlib.util.find_spec("redis") is None:
         missing.append("the redis package (pip install -e '.[cloud]')")
     if missing:

@@ -39,8 +39,9 @@ class ConfigTest(unittest.TestCase):
 
     def test_the_sandbox_follows_the_mode_unless_chosen(self):
         self.assertEqual(runner.Config.load({}).sandbox, "filesystem")
-        self.assertEqual(runner.Config.load({"MODE": "cloud"}).sandbox, "daytona")
-        self.assertEqual(runner.Config.load({"MODE": "cloud", "STIGMER_SANDBOX": "filesystem"}).sandbox, "filesystem")
+        cloud = {"MODE": "cloud", "REDIS_URL": "redis://127.0.0.1:9/0"}
+        self.assertEqual(runner.Config.load(dict(cloud, DAYTONA_API_KEY="dtn_x.not.real")).sandbox, "daytona")
+        self.assertEqual(runner.Config.load(dict(cloud, STIGMER_SANDBOX="filesystem")).sandbox, "filesystem")
         cfg = runner.Config.load({"STIGMER_SANDBOX": " Daytona ", "DAYTONA_API_KEY": "dtn_x.not.real.123",
                                   "DAYTONA_API_URL": "http://127.0.0.1:9/api", "DAYTONA_TARGET": "eu",
                                   "DAYTONA_SNAPSHOT": ""})
@@ -60,7 +61,7 @@ class ConfigTest(unittest.TestCase):
     def test_daytona_needs_its_key(self):
         runner.Config.load({}).require_sandbox()  # the host needs nothing
         for environ, why in (({"STIGMER_SANDBOX": "daytona"}, "STIGMER_SANDBOX=daytona runs commands"),
-                             ({"MODE": "cloud"}, "MODE=cloud runs commands")):
+                             ({"MODE": "cloud", "REDIS_URL": "redis://127.0.0.1:9/0"}, "MODE=cloud runs commands")):
             with self.assertRaises(runner.CliError) as caught:
                 runner.Config.load(environ).require_sandbox()
             self.assertEqual(caught.exception.code, 2)
@@ -81,7 +82,8 @@ class CloudConfigTest(unittest.TestCase):
     def test_one_error_lists_every_missing_setting(self):
         message = self.error({"MODE": "cloud"})
         self.assertIn("REDIS_URL", message)
-        self.assertIn("STIGMER_SANDBOX=filesystem", message)  # daytona, the cloud default, is not wired in yet
+        self.assertIn("DAYTONA_API_KEY", message)  # daytona, the cloud default, needs its key
+        self.assertIn("STIGMER_SANDBOX=filesystem", message)  # ... or the way around it
         self.assertNotIn("REDIS_URL", self.error({"MODE": "cloud", "REDIS_URL": "redis://h:1/0"}))
 
     def test_cloud_settings(self):
@@ -107,7 +109,7 @@ class CloudConfigTest(unittest.TestCase):
         self.assertIn("STIGMER_MODE='moon'", self.error({"STIGMER_MODE": "moon"}))
 
     def test_local_mode_reads_none_of_it(self):
-        cfg = runner.Config.load({"REDIS_URL": "nonsense", "STIGMER_SANDBOX": "banana", "STIGMER_LEASE_TTL": "x",
+        cfg = runner.Config.load({"REDIS_URL": "nonsense", "STIGMER_LEASE_TTL": "x",
                                   "STIGMER_REDIS_PREFIX": "p:"})
         self.assertEqual((cfg.mode, cfg.redis_url, cfg.redis_prefix, cfg.redis_settings), ("local", "", "", {}))
 
