@@ -416,21 +416,36 @@ def spawn(args, env, log_path, pipe_stdin=False, pid_path=None):
     import subprocess
 
     import home
-    os.makedirs(os.path.dirname(log_path), mode=0o700, exist_ok=True)
-    log = home.private_open(log_path, os.O_WRONLY | os.O_APPEND)
-    pid_fd = home.lock(pid_path, timeout=2.0) if pid_path else None
+    try:
+        os.makedirs(os.path.dirname(log_path), mode=0o700, exist_ok=True)
+        log = home.private_open(log_path, os.O_WRONLY | os.O_APPEND)
+        pid_fd = home.lock(pid_path, timeout=2.0) if pid_path else None
+    except OSError as exc:
+        raise CliError(home_problem(log_path, exc)) from None
     try:
         proc = subprocess.Popen([sys.executable, os.path.join(HERE, "runner.py"), *args], env=env,
                                 stdin=subprocess.PIPE if pipe_stdin else subprocess.DEVNULL,
                                 stdout=log, stderr=log, start_new_session=True,
                                 pass_fds=(pid_fd,) if pid_fd is not None else ())
         if pid_fd is not None:
-            home.write_record(pid_fd, proc.pid)
+            try:
+                home.write_record(pid_fd, proc.pid)
+            except OSError as exc:
+                stop_process(proc)
+                raise CliError(home_problem(pid_path, exc)) from None
         return proc
     finally:
         os.close(log)
         if pid_fd is not None:
             os.close(pid_fd)
+
+
+def home_problem(path, exc):
+    """One line on a file in STIGMER_HOME that could not be written."""
+    import errno
+    if exc.errno == errno.ENOSPC:
+        return f"disk full: cannot write {path} in STIGMER_HOME; free some space there"
+    return f"cannot write {path}: {exc.strerror or exc}"
 
 
 def gather_secrets(cfg, names):

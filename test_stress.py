@@ -271,6 +271,12 @@ class DiskFullTest(CliCase):
 
 
     def test_submit_on_a_full_disk_is_one_line(self):
+        worker_log = open(os.path.join(self.tmp, "worker.err"), "w")  # a shared worker: detach only submits
+        self.addCleanup(worker_log.close)
+        shared = subprocess.Popen([sys.executable, os.path.join(HERE, "runner.py"), "worker"], env=self.env,
+                                  stdout=worker_log, stderr=worker_log, stdin=subprocess.DEVNULL)
+        self.addCleanup(lambda: shared.poll() is None and shared.kill())
+        wait_for(lambda: json.loads(self.cli("status", "--json").stdout).get("connected_runners") == 1, timeout=60)
         fd = os.open(self.ballast, os.O_WRONLY | os.O_APPEND)  # not even the 200 KB left
         try:
             while os.write(fd, b"\0" * 4096):
