@@ -4,13 +4,20 @@ The worker (worker.py) runs one `Agent` per execution:
 
     agent = Agent(models.make_model("claude-sonnet-4-5"), FilesystemSandbox(workspace), emit)
     phase, reason, final_text = agent.run("fix the failing test", workspace)
+    agent.run("now add a test", workspace, history=parent_events)   # continue a conversation
 
 The loop is provider-neutral: it keeps the conversation as models.py's neutral messages
 and gets one `models.Reply` per turn. `emit(**payload)` receives each event payload
-(text, tool_call, tool_result, usage, error) as a stigmer_pb2 message, already redacted.
-Stop conditions (turn and token limits, refusal, cancel, a fatal API error) are
-exceptions carrying the final reason. Tool failures are data: they go back to the model
-as `is_error` results.
+(prompt, text, turn, tool_call, tool_result, usage, context_cleared, error) as a
+stigmer_pb2 message, already redacted. Those events are the conversation: `rebuild(events)`
+turns them back into the messages the next request would send, so that a run can be
+resumed from its log, byte for byte (the prompt cache still hits).
+
+Near the model's context window (the previous request's input tokens past CLEAR_AT of it)
+the oldest tool results are replaced by a short note until the estimate is under CLEAR_TO;
+the most recent KEEP_RESULTS stay whole. Stop conditions (turn and token limits, refusal,
+cancel, a fatal API error) are exceptions carrying the final reason. Tool failures are
+data: they go back to the model as `is_error` results.
 """
 import json
 import platform
@@ -28,6 +35,13 @@ READ_DEFAULT_LINES = 2000  # read_file's default limit
 CONTINUE_NOTE = "Your previous reply was cut off by the output token limit. Continue exactly where you stopped."
 TOOL_CUT_NOTE = ("Your previous reply was cut off by the output token limit in the middle of a tool call, so the "
                  "tool was not run. Make the call again, smaller: for example write a large file in several parts.")
+CUT_TEXT = "(reply cut off by the output token limit)"  # the assistant text of a cut-off reply that had none
+NOT_RUN = "not run: the execution was cancelled"  # the result of a tool call that never ran
+NO_OUTPUT = "(no output)"  # what the model gets for an empty tool output
+CLEAR_AT = 0.80  # share of the context window the previous request may fill before old tool results are cleared
+CLEAR_TO = 0.50  # ... clearing goes on until the estimate is under this share
+KEEP_RESULTS = 3  # the most recent tool results are never cleared
+CHARS_PER_TOKEN = 4  # for estimating what clearing a result saves
 
 TOOLS = [
     {"name": "execute",
@@ -127,8 +141,10 @@ class Agent:
     """One execution's conversation with the model and its tools."""
 
     def __init__(self, model, sandbox, emit, *, max_turns=DEFAULT_MAX_TURNS, max_tokens_total=0,
-                 redactor=None, shell_env=None):
+                 redactor=None, shell_env=None, context_window=0):
         self.model, self.sandbox, self.emit = model, sandbox, emit  # model: e.g. models.AnthropicModel
+        self.context_window = context_window or models.context_window(getattr(model, "model", ""))
+        self.context_tokens = 0  # the previous request's input tokens (input + cache read + cache write)
         self.max_turns = max_turns or DEFAULT_MAX_TURNS
         self.max_tokens_total = max_tokens_total
         self.redactor = redactor
@@ -145,10 +161,13 @@ class Agent:
     def _redact(self, text):
         return self.redactor.redact(text) if self.redactor else text
 
-    def run(self, prompt, workspace):
-        """Run to the end; returns (phase, reason, final_text)."""
-        system = SYSTEM_PROMPT.format(workspace=workspace, os=platform.platform(), date=date.today().isoformat())
-        messages = [{"role": "user", "text": prompt}]
+    def run(self, prompt, workspace, history=()):
+        """Run to the end; returns (phase, reason, final_text). HISTORY: the events of the conversation this
+        run continues (its parent's, and theirs, oldest first); PROMPT is then the next user message."""
+        system, messages, self.context_tokens = rebuild(history)
+        system = system or SYSTEM_PROMPT.format(workspace=workspace, os=platform.platform(),
+                                                date=date.today().isoformat())
+        self._say(messages, prompt, "task", system)
         try:
             while True:
                 reply = self._turn(system, messages)
@@ -157,17 +176,23 @@ class Agent:
                     if reply.stop == models.STOP_TOOL_USE:
                         messages.append({"role": "tool_results", "results": self._run_tools(reply.tool_calls)})
                 elif reply.stop == models.STOP_MAX_TOKENS:  # cut off; a cut tool call is dropped, not run
-                    messages.append({"role": "assistant", "tool_calls": [],
-                                     "text": reply.text or "(reply cut off by the output token limit)"})
-                    messages.append({"role": "user", "text": TOOL_CUT_NOTE if reply.tool_calls else CONTINUE_NOTE})
+                    messages.append({"role": "assistant", "tool_calls": [], "text": reply.text or CUT_TEXT})
+                    self._say(messages, TOOL_CUT_NOTE if reply.tool_calls else CONTINUE_NOTE, "note")
                 elif reply.stop == models.STOP_REFUSAL:
                     raise Stop(pb.FAILED, "the model refused this task; its tools were not run", "refusal")
                 elif reply.stop == models.STOP_CONTEXT:
+                    if self._fit(messages, force=True):
+                        continue  # asked again with old tool results cleared
                     raise Stop(pb.FAILED, "the conversation no longer fits the model's context window", "context_window")
                 else:  # done
                     return pb.COMPLETED, "", self._redact(reply.text)
         except Stop as stop:
             return stop.phase, stop.reason, ""
+
+    def _say(self, messages, text, kind, system=""):
+        """Add a user message to the conversation and to the log."""
+        messages.append({"role": "user", "text": text})
+        self.emit(prompt=pb.Prompt(text=self._redact(text), source=kind, system=self._redact(system)))
 
     def _check_limits(self):
         if self.cancelled.is_set():
@@ -181,17 +206,53 @@ class Agent:
     def _turn(self, system, messages):
         """One model turn, streamed to emit; returns the Reply. A failed turn becomes a Stop."""
         self._check_limits()
+        self._fit(messages)
         self.turns += 1
-        try:
-            reply = self.model.turn(system, TOOLS, messages, on_text=self._stream_text, cancelled=self.cancelled,
-                                    on_retry=self._stream_retry)
-        except models.Cancelled:
-            raise cancel_stop() from None
-        except models.ModelError as exc:
-            self.emit(error=pb.Error(code=exc.code, message=exc.message))
-            raise Stop(pb.FAILED, exc.message, exc.code) from None
+        while True:
+            try:
+                reply = self.model.turn(system, TOOLS, messages, on_text=self._stream_text, cancelled=self.cancelled,
+                                        on_retry=self._stream_retry)
+                break
+            except models.Cancelled:
+                raise cancel_stop() from None
+            except models.ModelError as exc:
+                if exc.code == "context_window" and self._fit(messages, force=True):
+                    continue  # asked again with old tool results cleared
+                self.emit(error=pb.Error(code=exc.code, message=exc.message))
+                raise Stop(pb.FAILED, exc.message, exc.code) from None
         self._add_usage(reply.usage)
+        u = reply.usage
+        self.context_tokens = u.input + u.cache_read + u.cache_write
+        self.emit(turn=pb.Turn(number=self.turns, stop=reply.stop, text=self._redact(reply.text),
+                               context_tokens=self.context_tokens))
         return reply
+
+    def _fit(self, messages, force=False):
+        """Before a request: when the previous one filled CLEAR_AT of the context window (FORCE: the model
+        said the conversation no longer fits), replace the content of the oldest tool results by a note,
+        keeping the last KEEP_RESULTS, until the estimate is under CLEAR_TO. True when it cleared any."""
+        window = self.context_window
+        before = max(self.context_tokens, window) if force else self.context_tokens
+        if not window or before < window * CLEAR_AT:
+            return False
+        calls = {c.id: c for m in messages if m["role"] == "assistant" for c in m["tool_calls"]}
+        results = [r for m in messages if m["role"] == "tool_results" for r in m["results"]]
+        estimate, cleared = before, []
+        for result in results[:max(0, len(results) - KEEP_RESULTS)]:
+            if estimate < window * CLEAR_TO:
+                break
+            note = cleared_note(calls.get(result["id"]), self._redact)
+            saved = (len(result["output"]) - len(note)) // CHARS_PER_TOKEN
+            if saved > 0:  # else already cleared, or too short to matter
+                result["output"] = note
+                estimate -= saved
+                cleared.append(result["id"])
+        if not cleared:
+            return False
+        self.context_tokens = estimate
+        self.emit(context_cleared=pb.ContextCleared(results=len(cleared), tokens_before=before, tokens_after=estimate,
+                                                    ids=cleared, window=window))
+        return True
 
     def _stream_text(self, text):
         self.emit(text=pb.TextDelta(text=text))
@@ -215,7 +276,7 @@ class Agent:
             self.emit(tool_call=pb.ToolCall(id=call.id, name=call.name,
                                             input_json=self._redact(json.dumps(call.input, ensure_ascii=False))))
             if self.cancelled.is_set():
-                output, is_error, exit_code, truncated, duration = "not run: the execution was cancelled", True, 130, False, 0.0
+                output, is_error, exit_code, truncated, duration = NOT_RUN, True, 130, False, 0.0
             else:
                 start = time.monotonic()
                 output, is_error, exit_code, truncated = self._call_tool(call.name, call.input)
@@ -223,7 +284,7 @@ class Agent:
             output, cut = cap_output(self._redact(output))
             self.emit(tool_result=pb.ToolResult(id=call.id, is_error=is_error, exit_code=exit_code, output=output,
                                                 truncated=truncated or cut, duration_ms=int(duration * 1000)))
-            results.append({"id": call.id, "output": output or "(no output)", "is_error": is_error})
+            results.append({"id": call.id, "output": output or NO_OUTPUT, "is_error": is_error})
         if self.cancelled.is_set():
             raise cancel_stop()
         return results
@@ -283,6 +344,73 @@ class Agent:
 TOOL_FUNCS = {"execute": Agent._execute, "read_file": Agent._read, "write_file": Agent._write,
               "edit_file": Agent._edit, "ls": Agent._ls, "glob": Agent._glob, "grep": Agent._grep}
 _JSON_TYPES = {"string": str, "integer": int, "number": (int, float), "boolean": bool, "object": dict}
+
+
+def cleared_note(call, redact=lambda text: text):
+    """What a cleared tool result says instead of its output (CALL: the models.ToolUse, or None)."""
+    args = call.input if call is not None and isinstance(call.input, dict) else {}
+    if call is None:
+        what = "this tool call"
+    elif call.name == "execute" and isinstance(args.get("command"), str):
+        what = args["command"]
+    else:
+        what = " ".join([call.name, *(str(args[k]) for k in ("path", "pattern") if k in args)])
+    what = redact(what if len(what) <= 200 else what[:200] + "…").replace("`", "'")
+    return f"output of `{what}` cleared to save context; run it again if you need it"
+
+
+def rebuild(events):
+    """The conversation recorded by EVENTS (pb.Event of one execution and its ancestors, oldest first) as
+    (system_text, neutral messages, the last request's context tokens): what the next request would send,
+    before its new user message. A tool call with no result (the run was cancelled or lost) gets a "not
+    run" result; a turn that never ended (no turn event) is left out; cleared results stay cleared."""
+    system, messages, tokens = "", [], 0
+    open_turn, results, cleared, calls = None, {}, set(), {}
+
+    def close_turn():  # the results of the open tool turn, in the order of its calls
+        nonlocal open_turn
+        if open_turn is not None and open_turn["tool_calls"]:
+            messages.append({"role": "tool_results", "results": [
+                results.get(c.id) or {"id": c.id, "output": NOT_RUN, "is_error": True} for c in open_turn["tool_calls"]]})
+        open_turn = None
+
+    for event in events:
+        kind = event.WhichOneof("payload")
+        if kind == "prompt":
+            close_turn()
+            system = system or event.prompt.system
+            messages.append({"role": "user", "text": event.prompt.text})
+        elif kind == "turn":
+            close_turn()
+            turn = event.turn
+            tokens = turn.context_tokens
+            if turn.stop in (models.STOP_TOOL_USE, models.STOP_PAUSE, models.STOP_DONE, models.STOP_MAX_TOKENS):
+                text = turn.text or (CUT_TEXT if turn.stop == models.STOP_MAX_TOKENS else "")
+                if turn.stop == models.STOP_DONE and not text:
+                    continue  # an empty final answer is no message
+                messages.append({"role": "assistant", "text": text, "tool_calls": []})
+                if turn.stop == models.STOP_TOOL_USE:
+                    open_turn = messages[-1]
+        elif kind == "tool_call" and open_turn is not None:
+            call = event.tool_call
+            try:
+                args = json.loads(call.input_json)
+            except ValueError:
+                args = {"__malformed__": "the logged input is not JSON"}
+            calls[call.id] = models.ToolUse(call.id, call.name, args)
+            open_turn["tool_calls"].append(calls[call.id])
+        elif kind == "tool_result":
+            r = event.tool_result
+            results[r.id] = {"id": r.id, "output": r.output or NO_OUTPUT, "is_error": r.is_error}
+        elif kind == "context_cleared":
+            cleared.update(event.context_cleared.ids)
+            tokens = event.context_cleared.tokens_after
+    close_turn()
+    for message in messages:
+        for result in message.get("results", ()):
+            if result["id"] in cleared:
+                result["output"] = cleared_note(calls.get(result["id"]))
+    return system, messages, tokens
 
 
 def check_args(args, schema):

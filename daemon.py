@@ -36,7 +36,7 @@ import stigmer_pb2 as pb
 import stigmer_pb2_grpc as pb_grpc
 import store
 from daemon_client import (DEFAULT_ENDPOINT, MAX_MESSAGE_BYTES, TERMINAL_PHASES, TOKEN_FILE, VERSION, DaemonError,
-                           read_token)
+                           parent_problem, read_token)
 
 RPC_THREADS = 128  # pool threads: one per active RPC (each open Watch or Connect holds one)
 MAX_CONCURRENT_RPCS = RPC_THREADS  # beyond this new RPCs fail fast with RESOURCE_EXHAUSTED instead of queuing behind streams
@@ -177,6 +177,11 @@ class Daemon(pb_grpc.DaemonServicer):
             context.abort(Code.INVALID_ARGUMENT, problem)
         with self._lock:
             self._check_open(context)
+            if request.spec.parent_id:  # resume: the conversation continues from an execution that has ended
+                parent_id = request.spec.parent_id
+                problem = parent_problem(parent_id, self._active.get(parent_id) or store.get_execution(self._db, parent_id))
+                if problem:
+                    context.abort(Code.FAILED_PRECONDITION, problem)
             ex = pb.Execution(id=self._new_id(), spec=request.spec, phase=pb.PENDING,
                               created_at=time.time())
             try:

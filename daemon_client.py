@@ -7,7 +7,7 @@ and the CLI's `Client` (submit, get, list, watch, cancel, status), which returns
         print(event.seq, event.WhichOneof("payload"))
 
     link = DaemonLink("localhost:50051", home)              # a worker's side of the Connect stream
-    link.run(worker.Worker(capacity=2))                     # until the worker stops
+    link.run(worker.Worker(capacity=2, history=link.history))   # until the worker stops
 
 Kept apart from daemon.py (the server) so that CLI commands such as `list` start without
 importing the server's SQLite store and thread pool.
@@ -66,6 +66,17 @@ def client_channel(endpoint):
     return grpc.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
 
 
+def parent_problem(parent_id, parent):
+    """Why an execution cannot continue PARENT (the Execution with id PARENT_ID, or None), or None."""
+    if parent is None:
+        return f"no execution {parent_id!r} to continue: `python runner.py list` shows them"
+    if parent.phase not in TERMINAL_PHASES:
+        return (f"{parent_id} is still {pb.Phase.Name(parent.phase).lower()}: wait for it to end "
+                f"(`python runner.py logs {parent_id} -f`) or cancel it (`python runner.py cancel {parent_id}`), "
+                "then resume it")
+    return None
+
+
 # ---- DaemonLink: a worker's side of the Connect stream ----
 
 link_log = logging.getLogger("stigmer.link")
@@ -108,6 +119,14 @@ class DaemonLink:
             worker.connected = False
             worker.stopping.wait(min(BACKOFF_CAP, delay) * random.uniform(0.5, 1.0))
             delay = min(BACKOFF_CAP, delay * 2)
+
+    def history(self, execution_id):
+        """(pb.Execution, its stored events) from the daemon: the conversation a resumed execution continues."""
+        client = Client(self.home, self.endpoint)
+        try:
+            return client.get(execution_id), list(client.watch(execution_id, follow=False))
+        finally:
+            client.close()
 
     def _session(self, worker):
         """One Connect stream, until it breaks or the worker stops."""

@@ -273,3 +273,25 @@ class AnthropicModel:
                      stop=ANTHROPIC_STOPS.get(message.stop_reason, STOP_DONE),
                      usage=Usage(tokens("input_tokens"), tokens("output_tokens"), tokens("cache_read_input_tokens"),
                                  tokens("cache_creation_input_tokens")))
+
+
+# ---- context windows (how many input tokens a model takes; the agent clears old tool results near it) ----
+
+CONTEXT_WINDOWS = (  # (model-name prefix, tokens): the first prefix that matches wins
+    ("claude-", 200_000),
+    ("gpt-4.1", 1_047_576),
+    ("gpt-4o", 128_000),
+    ("gpt-5", 400_000),
+    ("o1", 200_000), ("o3", 200_000), ("o4", 200_000),
+    ("gemini-", 1_048_576),
+)
+DEFAULT_CONTEXT_WINDOW = 128_000  # a model the table does not know (a local server's, say): set STIGMER_CONTEXT_WINDOW
+
+
+def context_window(name, override=0):
+    """The context window of model NAME ("provider/model" or bare), in tokens; OVERRIDE (from
+    STIGMER_CONTEXT_WINDOW) wins when set."""
+    if override:
+        return int(override)
+    model = (name or "").strip().rpartition("/")[2].lower()
+    return next((tokens for prefix, tokens in CONTEXT_WINDOWS if model.startswith(prefix)), DEFAULT_CONTEXT_WINDOW)

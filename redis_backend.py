@@ -40,6 +40,7 @@ import time
 import urllib.parse
 
 import stigmer_pb2 as pb
+from daemon_client import parent_problem
 from redis_scripts import APPEND_LUA, COMMON_LUA, SCRIPTS
 
 from daemon_client import VERSION, BackendError, BackendUnavailable
@@ -181,6 +182,16 @@ class RedisLog:
         """The Execution, or None."""
         fields = self.r.hgetall(self.prefix + "ex:" + execution_id)
         return execution_from_hash(fields) if fields else None
+
+    def events(self, execution_id):
+        """Every stored event of the execution, in seq order."""
+        key, after, events = self.prefix + "events:" + execution_id, 0, []
+        while True:
+            entries = self.r.xrange(key, f"(0-{after}", "+", count=PAGE)
+            events += [pb.Event.FromString(fields[b"e"]) for _, fields in entries]
+            if len(entries) < PAGE:
+                return events
+            after = events[-1].seq
 
     def last_seq(self, execution_id):
         return int(self.r.hget(self.prefix + "ex:" + execution_id, "last_seq") or 0)
@@ -380,6 +391,10 @@ class RedisClient:
         if spec.max_turns < 0 or spec.max_tokens_total < 0:
             raise BackendError("spec.max_turns and spec.max_tokens_total must not be negative")
         with self.reachable():
+            if spec.parent_id:
+                problem = parent_problem(spec.parent_id, self.log.get(spec.parent_id))
+                if problem:
+                    raise BackendError(problem)
             return self.log.submit(spec)
 
     def get(self, execution_id):
@@ -459,6 +474,13 @@ class RedisLink:
         self._lock = threading.Lock()
         self._next_beat = 0.0  # monotonic time of the next heartbeat (keeper thread)
         self._next_reclaim = 0.0  # monotonic time of the next XAUTOCLAIM (poller thread)
+
+    def history(self, execution_id):
+        """(pb.Execution, its stored events): the conversation a resumed execution continues."""
+        ex = self.log.get(execution_id)
+        if ex is None:
+            raise BackendError(f"no execution {execution_id!r} in Redis (expired after the retention period?)")
+        return ex, self.log.events(execution_id)
 
     def run(self, worker):
         """Serve WORKER, reconnecting with backoff and jitter, until worker.stopping is set.

@@ -7,6 +7,8 @@
     python runner.py logs ex-1a2b3c -f                    # replay a run, then follow it
     STIGMER_SANDBOX=daytona python runner.py run "fix the test" --repo https://github.com/me/app
     python runner.py logs ex-1a2b3c --patch > change.patch   # what it changed, for git apply
+    python runner.py resume ex-1a2b3c "now add a test"    # continue a run's conversation
+    python runner.py -c "now add a test"                  # continue the latest run in this directory
     python runner.py stop
 
 Configuration comes from the environment, read once here: STIGMER_MODE or MODE (local | cloud),
@@ -14,9 +16,10 @@ ENV (development | staging | production: logging only), STIGMER_HOME (~/.stigmer
 STIGMER_BACKEND_ENDPOINT (localhost:50051), SANDBOX_ROOT_DIR (the current directory),
 STIGMER_MODEL, ANTHROPIC_API_KEY (asked for with a masked prompt when missing), STIGMER_RUNNER_GRACE
 (15: seconds the daemon waits for a lost runner), STIGMER_SANDBOX (filesystem | daytona: where
-commands run; daytona needs DAYTONA_API_KEY, and takes DAYTONA_API_URL, DAYTONA_TARGET, DAYTONA_SNAPSHOT).
-Cloud mode only: REDIS_URL, STIGMER_REDIS_PREFIX (stigmer:), STIGMER_LEASE_TTL (15), STIGMER_CLAIM_IDLE (10),
-STIGMER_RETENTION (604800 seconds).
+commands run; daytona needs DAYTONA_API_KEY, and takes DAYTONA_API_URL, DAYTONA_TARGET, DAYTONA_SNAPSHOT),
+STIGMER_CONTEXT_WINDOW (the model's context window in tokens, for clearing old tool results; default from
+the table in models.py). Cloud mode only: REDIS_URL, STIGMER_REDIS_PREFIX (stigmer:), STIGMER_LEASE_TTL (15),
+STIGMER_CLAIM_IDLE (10), STIGMER_RETENTION (604800 seconds).
 
 The agent's shell runs on this host as you, with your environment minus the model keys:
 it is not a security boundary. File tools are confined to the workspace.
@@ -40,7 +43,7 @@ RUN_IDLE_EXIT = 60.0  # seconds a daemon started by a foreground run lingers wit
 DAEMON_LOCK = "daemon.lock"  # in STIGMER_HOME: flocked by its one daemon (daemon.LOCK_FILE)
 START_LOCK = "start.lock"  # in STIGMER_HOME: flocked by the one command starting a daemon
 RUNNER_GRACE = 15.0  # default seconds the daemon waits for a lost runner to come back (STIGMER_RUNNER_GRACE)
-COMMANDS = ("run", "start", "stop", "status", "list", "logs", "cancel", "daemon", "worker")
+COMMANDS = ("run", "resume", "start", "stop", "status", "list", "logs", "cancel", "daemon", "worker")
 SANDBOXES = ("filesystem", "daytona")
 REDIS_SETTINGS = (  # cloud mode: (variable, redis_backend setting, default seconds)
     ("STIGMER_LEASE_TTL", "lease_ttl", 15.0),  # a dead worker's execution fails about this long after
@@ -81,7 +84,7 @@ class Daytona(namedtuple("Daytona", "api_key api_url target snapshot")):
 
 
 class Config(namedtuple("Config", "mode env home endpoint sandbox_root model runner_grace environ sandbox daytona "
-                                  "redis_url redis_prefix redis_settings", defaults=("", "", {}))):
+                                  "redis_url redis_prefix redis_settings context_window", defaults=("", "", {}, 0))):
     """The configuration, read from the environment once at the entry point."""
 
     @staticmethod
@@ -108,7 +111,7 @@ class Config(namedtuple("Config", "mode env home endpoint sandbox_root model run
                       sandbox_root=os.path.abspath(environ.get("SANDBOX_ROOT_DIR") or os.getcwd()),
                       model=environ.get("STIGMER_MODEL", ""),
                       runner_grace=seconds(environ, "STIGMER_RUNNER_GRACE", RUNNER_GRACE), environ=dict(environ),
-                      sandbox=sandbox, daytona=daytona)
+                      sandbox=sandbox, daytona=daytona, context_window=tokens(environ, "STIGMER_CONTEXT_WINDOW"))
         return cfg._replace(**cloud_settings(environ)) if mode == "cloud" else cfg
 
     def require_sandbox(self):
@@ -166,6 +169,16 @@ def seconds(environ, name, default):
     except ValueError:
         pass
     raise CliError(f"{name}={value!r} is not a number of seconds: use, for example, {name}={default:g}", 2)
+
+
+def tokens(environ, name):
+    """ENVIRON[NAME] as a positive number of tokens, 0 when unset; raises CliError when it is not one."""
+    value = environ.get(name, "").strip().replace("_", "")
+    if not value:
+        return 0
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    raise CliError(f"{name}={environ[name]!r} is not a number of tokens: use, for example, {name}=200000", 2)
 
 
 def default_model():
@@ -495,6 +508,7 @@ def cmd_run(cfg, args):
     prompt = " ".join(args.task).strip()
     if not prompt:
         raise CliError("give the task to run, e.g. python runner.py \"add a --verbose flag\"", 2)
+    resuming = args.command == "resume" or args.cont
     if args.max_turns < 1 or (args.max_tokens_total or 0) < 0:
         raise CliError("--max-turns must be at least 1 and --max-tokens-total positive", 2)
     check_repo_args(cfg, args)
@@ -511,25 +525,30 @@ def cmd_run(cfg, args):
         # a detached run needs a backend and a worker that outlive this command
         cmd_start(cfg, argparse.Namespace(workers=1, secret=args.secret), out=sys.stderr)
         found = backend_status(cfg) if cfg.cloud else find_daemon(cfg)
-    secrets = None if args.detach else gather_secrets(cfg, names)
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         if cfg.cloud:
             client, status = found
         else:  # a foreground run shares STIGMER_HOME's daemon, starting one (idling out later) when none runs
             client, status = found or ensure_daemon(cfg, idle_exit=RUN_IDLE_EXIT)
+        parent = find_parent(client, args, workspace) if resuming else None
+        if parent is not None:  # the conversation goes on where it was, with the same secrets
+            workspace = parent.spec.workspace
+            names = list(dict.fromkeys([*parent.spec.secret_names, *names]))
         if not args.detach:  # its own worker, with this run's secrets, takes only this run
+            secrets = gather_secrets(cfg, names)
             runner_id = f"run-{os.getpid()}-{os.urandom(3).hex()}"
             worker = spawn(["worker", "--capacity", "1", "--exit-with-stdin", "--runner-id", runner_id, "--pinned"],
                            worker_env(cfg, secrets, cfg.endpoint if cfg.cloud else client.endpoint),
                            os.path.join(cfg.home, "logs", "run-worker.log"), pipe_stdin=True)
             del secrets
         renderer = terminal.make_renderer(args.json, cfg.environ.get("NO_COLOR"))
-        model = args.model or cfg.model or default_model()
+        model = args.model or (parent.spec.model if parent else "") or cfg.model or default_model()
         spec = pb.ExecutionSpec(prompt=prompt, workspace=workspace, model=model, max_turns=args.max_turns,
                                 secret_names=names, max_tokens_total=args.max_tokens_total or 0, runner_id=runner_id,
-                                repo=args.repo or "", ref=args.ref or "", keep_sandbox=args.keep_sandbox,
-                                sandbox=cfg.sandbox)
+                                repo=args.repo or (parent.spec.repo if parent else ""),
+                                ref=args.ref or (parent.spec.ref if parent else ""), keep_sandbox=args.keep_sandbox,
+                                sandbox=cfg.sandbox, parent_id=parent.id if parent else "")
         queued = 0 if runner_id else client.status().queue_depth
         if queued:
             print(f"stigmer: {queued} older execution(s) are queued and run first: see `python runner.py list "
@@ -543,8 +562,9 @@ def cmd_run(cfg, args):
                      if embedded else f"daemon at {client.endpoint}")
             space = workspace if cfg.sandbox == "filesystem" else "daytona sandbox" + (f" · {args.repo}" if args.repo
                                                                                         else "")
+            continues = f" · continues {parent.id}" if parent else ""
             renderer.out(renderer.paint("2", f"stigmer · {cfg.mode} · {where} · {space} · {model} · "
-                                             f"{execution.id}") + "\n", err=True)
+                                             f"{execution.id}{continues}") + "\n", err=True)
         started = time.monotonic()
 
         def cancel():
@@ -580,6 +600,23 @@ def cmd_run(cfg, args):
             embedded.stop()
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+
+
+def find_parent(client, args, workspace):
+    """The execution whose conversation this run continues: `resume ID`'s, or with -c the latest one whose
+    workspace is WORKSPACE. Raises CliError when there is none or it has not ended."""
+    from daemon_client import parent_problem
+    if args.command == "resume":
+        parent = client.get(args.id)
+    else:
+        parent = next((ex for ex in client.list(limit=1000) if ex.spec.workspace == workspace), None)
+        if parent is None:
+            raise CliError(f"no execution ran in {workspace} yet, so there is nothing to continue: "
+                           "run one with python runner.py \"your task\"", 2)
+    problem = parent_problem(parent.id, parent)
+    if problem:
+        raise CliError(problem)
+    return parent
 
 
 def check_repo_args(cfg, args):
@@ -686,6 +723,9 @@ def cmd_logs(cfg, args):
         if args.patch:
             return print_patch(client, execution)
         renderer = terminal.make_renderer(args.json, cfg.environ.get("NO_COLOR"))
+        renderer.show_prompts = True
+        if args.history and execution.spec.parent_id:
+            terminal.show_ancestors(client, execution, renderer)
         terminal.follow(client, args.id, renderer, follow_live=args.follow and embedded is None,
                         reconnect=lambda: connect(cfg))
         renderer.newline()
@@ -756,7 +796,8 @@ def cmd_worker(cfg, args):
     print(f"stigmer worker {VERSION} · mode {cfg.mode} · endpoint {link.endpoint} · {where} · "
           f"model {model} · capacity {args.capacity}", file=sys.stderr, flush=True)
     return worker.serve(worker.Worker(capacity=args.capacity, mode=cfg.mode, model=model, runner_id=runner_id,
-                                      pinned=args.pinned, make_sandbox=make_sandbox, sweep=sweep, sandbox=cfg.sandbox),
+                                      pinned=args.pinned, make_sandbox=make_sandbox, sweep=sweep, sandbox=cfg.sandbox,
+                                      history=link.history, context_window=cfg.context_window),
                         link, exit_with_stdin=args.exit_with_stdin)
 
 
@@ -787,6 +828,20 @@ def parser():
     run.add_argument("--ref", help="the branch, tag or commit of --repo to check out")
     run.add_argument("--keep-sandbox", action="store_true",
                      help="leave the Daytona sandbox running when the run ends, and print its id")
+    run.add_argument("-c", "--continue", dest="cont", action="store_true",
+                     help="continue the conversation of the latest execution in this workspace")
+
+    resume = sub.add_parser("resume", help="continue an execution's conversation with a follow-up",
+                            epilog='example: python runner.py resume ex-1a2b3c "now add a test for it"')
+    resume.add_argument("id", help="the execution to continue (it must have ended)")
+    resume.add_argument("task", nargs="+", help="the follow-up")
+    resume.add_argument("--model", help="model id (default: the one the execution used); another provider's is fine")
+    resume.add_argument("--max-turns", type=int, default=50, help="most model turns (default 50)")
+    resume.add_argument("--max-tokens-total", type=int, help="stop after this many tokens in all")
+    resume.add_argument("--secret", action="append", metavar="NAME", help="pass env var NAME to the agent's shell, redacted")
+    resume.add_argument("--json", action="store_true", help="one JSON object per event per line")
+    resume.add_argument("--detach", action="store_true", help="submit to the background daemon and print the id")
+    resume.set_defaults(workspace=None, cont=False, repo=None, ref=None, keep_sandbox=False)
 
     start = sub.add_parser("start", help="run the daemon and workers in the background",
                            epilog="example: python runner.py start --workers 2")
@@ -804,6 +859,8 @@ def parser():
     logs.add_argument("id")
     logs.add_argument("-f", "--follow", action="store_true", help="keep following until it ends")
     logs.add_argument("--json", action="store_true")
+    logs.add_argument("--history", action="store_true",
+                      help="show the conversation it continues first (its parent's events, and theirs)")
     logs.add_argument("--patch", action="store_true",
                       help="print the change the agent made, for git apply: logs ID --patch > change.patch")
     cancel = sub.add_parser("cancel", help="cancel an execution", epilog="example: python runner.py cancel ex-1a2b")
@@ -855,7 +912,7 @@ def run_cli(argv):
     if parsed.version:
         print(f"stigmer {VERSION}")
         return 0
-    handlers = {"run": cmd_run, "start": cmd_start, "stop": cmd_stop, "status": cmd_status, "list": cmd_list,
+    handlers = {"run": cmd_run, "resume": cmd_run, "start": cmd_start, "stop": cmd_stop, "status": cmd_status, "list": cmd_list,
                 "logs": cmd_logs, "cancel": cmd_cancel, "daemon": cmd_daemon, "worker": cmd_worker}
     try:
         cfg = Config.load(os.environ)

@@ -33,6 +33,8 @@ class Renderer:
         self.spinning = False
         self.frame = 0
         self.calls = {}  # tool_use id -> (name, input)
+        self.show_prompts = False  # show the task of each execution (logs), not only the model's side (run)
+        self.cleared = []  # the ContextCleared events seen, for the summary
         self.sandbox_id = ""  # the execution's remote sandbox, from its artifact event
 
     def paint(self, code, text):
@@ -100,6 +102,13 @@ class Renderer:
         elif kind == "error":
             self.newline()
             self.out(self.paint("31", f"✗ {ev.error.message}") + "\n", err=True)
+        elif kind == "prompt" and ev.prompt.source == "task" and self.show_prompts:
+            self.newline()
+            self.out(self.paint("1", "› " + "\n  ".join(ev.prompt.text.splitlines() or [""])) + "\n")
+        elif kind == "context_cleared":
+            self.cleared.append(ev.context_cleared)
+            self.newline()
+            self.out(self.paint("2", cleared_line(ev.context_cleared)) + "\n")
         elif kind == "artifact":
             self.newline()
             self.out(self.paint("35", artifact_line(ev)) + "\n")
@@ -121,6 +130,17 @@ class Renderer:
         self.out(self.paint("2", f"  {execution.turns} turns · {u.input_tokens:,} in / {u.output_tokens:,} out tokens · "
                                  f"cache {u.cache_read_tokens:,} read{hit}, {u.cache_write_tokens:,} written · "
                                  f"{elapsed:.1f} s · {execution.id}") + "\n")
+        if self.cleared:
+            results = sum(c.results for c in self.cleared)
+            times = f" in {len(self.cleared)} steps" if len(self.cleared) > 1 else ""
+            self.out(self.paint("2", f"  context: {results} old tool result{'s' if results > 1 else ''} cleared{times} "
+                                     f"to stay inside the {self.cleared[-1].window:,}-token window") + "\n")
+
+
+def cleared_line(cleared):
+    """One line about a ContextCleared event."""
+    return (f"⟲ cleared {cleared.results} old tool result{'s' if cleared.results > 1 else ''} to save context "
+            f"({cleared.tokens_before:,} → ~{cleared.tokens_after:,} of {cleared.window:,} tokens)")
 
 
 def artifact_line(ev):
@@ -177,12 +197,13 @@ def print_executions(executions, json_lines):
         print("no executions yet: run one with python runner.py \"your task\"")
         return
     now = time.time()
-    print(f"{'ID':<18} {'PHASE':<10} {'AGE':>6} {'TURNS':>5} {'TOKENS':>8}  PROMPT")
+    print(f"{'ID':<18} {'PHASE':<10} {'AGE':>6} {'TURNS':>5} {'TOKENS':>8}  {'CONTINUES':<18} PROMPT")
     for ex in executions:
         age = now - ex.created_at
         age_s = f"{age:.0f}s" if age < 90 else f"{age / 60:.0f}m" if age < 5400 else f"{age / 3600:.0f}h"
         tokens = ex.usage.input_tokens + ex.usage.output_tokens
         print(f"{ex.id:<18} {pb.Phase.Name(ex.phase):<10} {age_s:>6} {ex.turns:>5} {tokens:>8}  "
+              f"{ex.spec.parent_id or '-':<18} "
               f"{ex.spec.prompt.splitlines()[0][:60] if ex.spec.prompt else ''}")
 
 
@@ -203,6 +224,24 @@ def print_status(st, processes, endpoint, json_lines):
     print(f"executions: {phases}")
     for name, pid in processes.items():
         print(f"  {name}: {'pid ' + str(pid) if pid else 'not running'}")
+
+
+def show_ancestors(client, execution, renderer):
+    """Replay the conversation EXECUTION continues: its parent's events (and theirs), oldest first,
+    each execution under a heading (JSON lines: the events only, each names its execution)."""
+    chain, parent_id = [], execution.spec.parent_id
+    while parent_id and len(chain) < 1000:
+        parent = client.get(parent_id)
+        chain.append(parent)
+        parent_id = parent.spec.parent_id
+    for parent in reversed(chain):
+        if not renderer.json_lines:
+            renderer.newline()
+            renderer.out(renderer.paint("2", f"── {parent.id} · {pb.Phase.Name(parent.phase).lower()} ──") + "\n")
+        follow(client, parent.id, renderer, follow_live=False)
+    if not renderer.json_lines:
+        renderer.newline()
+        renderer.out(renderer.paint("2", f"── {execution.id} ──") + "\n")
 
 
 def cancel_on_signals(cancel):

@@ -262,7 +262,7 @@ class AgentLoopTest(unittest.TestCase):
             thread.join(30)
         self.assertFalse(thread.is_alive())
         self.assertEqual(done["r"], (pb.CANCELLED, "cancelled by the user", ""))
-        self.assertEqual(self.kinds(events), [])  # no text, usage or error after the cancel
+        self.assertEqual(self.kinds(events), ["prompt"])  # the task; no text, usage or error after the cancel
 
 
 class AgentPartsTest(unittest.TestCase):

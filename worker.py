@@ -3,8 +3,9 @@
     python runner.py worker                  # foreground, against STIGMER_BACKEND_ENDPOINT
     python runner.py worker --capacity 4
 
-    w = Worker(capacity=2)                   # knows nothing of gRPC, Redis or Daytona
-    serve(w, daemon_client.DaemonLink(endpoint, home))
+    link = daemon_client.DaemonLink(endpoint, home)
+    w = Worker(capacity=2, history=link.history)   # knows nothing of gRPC, Redis or Daytona
+    serve(w, link)
     w = Worker(make_sandbox=make, sweep=sweep)  # sandboxes elsewhere: see runner.sandbox_factory
 
 Every event an agent emits gets the next seq of its execution and stays in that
@@ -22,6 +23,10 @@ the execution starts (a "sandbox" artifact event says which, and how long it too
 when it ends, however it ends, its workspace's git diff becomes a "patch" artifact event and
 the sandbox is deleted (unless spec.keep_sandbox). sweep(), when given, deletes leftover
 sandboxes of executions that have ended: serve() runs it at start and every SWEEP_EVERY s.
+
+An execution that continues another (spec.parent_id: `runner.py resume`) starts from the
+conversation in its ancestors' events, which the worker reads through `history(execution_id)
+-> (pb.Execution, [pb.Event])`, a function the link provides (DaemonLink.history, RedisLink.history).
 """
 import logging
 import os
@@ -48,10 +53,15 @@ LOG_FULL_PATIENCE = 60.0  # seconds of a full log before the worker ends the exe
 CLEANUP_ON_STOP = 8.0  # seconds a stopping worker then waits for executions to delete their sandboxes
 PATCH_MAX_BYTES = 512_000  # most bytes of a patch artifact: whole files are left out to fit, and named
 SWEEP_EVERY = 600.0  # seconds between sweeps of leftover sandboxes
+MAX_CHAIN = 1000  # most ancestors a resumed conversation may have
 
 
 class Cancelled(Exception):
     """An execution was cancelled before its agent started."""
+
+
+class HistoryError(Exception):
+    """The conversation an execution continues could not be read from the log."""
 
 
 def new_runner_id():
@@ -134,7 +144,7 @@ class Worker:
     """The executions this runner runs and their outboxes; a link feeds it and drains it."""
 
     def __init__(self, *, capacity=2, mode="local", model="", runner_id=None, pinned=False, make_sandbox=host_sandbox,
-                 sweep=None, sandbox="filesystem"):
+                 sweep=None, sandbox="filesystem", history=None, context_window=0):
         self.capacity, self.mode, self.model = capacity, mode, model
         self.pinned = pinned  # a private runner: the log gives it only executions pinned to runner_id
         self.log_full_patience = LOG_FULL_PATIENCE
@@ -144,6 +154,8 @@ class Worker:
         self.make_sandbox = make_sandbox  # (execution, env) -> a sandbox; raises SandboxError or SandboxUnavailable
         self.sweep = sweep  # () -> ids of leftover sandboxes it deleted, or None
         self.active = set()  # executions whose thread runs: setting up, running or cleaning up
+        self.history = history  # execution id -> (pb.Execution, its events): the link's; None: no resuming
+        self.context_window = context_window  # tokens; 0: the model's, from models.context_window
         self.cond = threading.Condition()
         self.outboxes = {}  # execution id -> Outbox
         self.agents = {}  # execution id -> Agent, while it runs
@@ -351,30 +363,36 @@ class Worker:
                     emit(error=pb.Error(code="secret_missing", message=f"{name} was named with --secret but this "
                                         "worker's environment does not have it; the agent's shell runs without it"))
             shell_env = {name: None for name in key_vars if name not in spec.secret_names}
+            history = self.conversation(spec.parent_id) if spec.parent_id else []
             while not self._sdk_ready.wait(0.1):  # the SDK is still importing (serve() started that)
                 if execution.id in self.cancels or self.stopping.is_set():
                     raise Cancelled()
                 if not self._sdk_lock.locked():
                     self.preload()
-            model = models.make_model(spec.model or self.model)
+            model_name = spec.model or self.model
+            model = models.make_model(model_name)
             if spec.sandbox and spec.sandbox != self.sandbox:
                 raise SandboxError(f"this execution asked for a {spec.sandbox} sandbox, but runner {self.runner_id} "
                                    f"makes {self.sandbox} ones: start runners with STIGMER_SANDBOX={spec.sandbox} "
                                    "(python runner.py stop, then start), or run it with the same STIGMER_SANDBOX")
             box = self._open_sandbox(execution, emit)
             the_agent = agent_mod.Agent(model, box, emit, max_turns=spec.max_turns,
-                                        max_tokens_total=spec.max_tokens_total, redactor=redactor, shell_env=shell_env)
+                                        max_tokens_total=spec.max_tokens_total, redactor=redactor, shell_env=shell_env,
+                                        context_window=models.context_window(model_name, self.context_window))
             with self.cond:
                 self.agents[execution.id] = the_agent
                 if execution.id in self.cancels or execution.id not in self.outboxes:
                     the_agent.cancel()  # cancelled (or dropped) while it was being set up
-            phase, reason, final_text = the_agent.run(spec.prompt, box.root)
+            phase, reason, final_text = the_agent.run(spec.prompt, box.root, history)
             turns = the_agent.turns
         except Cancelled:
             phase, reason = pb.CANCELLED, "cancelled by the user"
         except SandboxError as exc:
             reason = str(exc)
             emit(error=pb.Error(code="workspace", message=reason))
+        except HistoryError as exc:
+            reason = redactor.redact(str(exc))
+            emit(error=pb.Error(code="history", message=reason))
         except SandboxUnavailable as exc:  # the sandbox service: auth, quota, rate limit, unreachable, clone
             reason, service_down = str(exc), True
             emit(error=pb.Error(code=f"sandbox_{exc.code}", message=redactor.redact(reason)))
@@ -403,6 +421,29 @@ class Worker:
                 self.active.discard(execution.id)
                 self.cond.notify_all()
             log.info("%s ended %s", execution.id, pb.Phase.Name(phase))
+
+    def conversation(self, execution_id):
+        """The events of EXECUTION_ID and of its ancestors, oldest first, read through the link."""
+        if self.history is None:
+            raise HistoryError(f"this runner cannot read the log, so it cannot continue {execution_id}")
+        chain, wanted = [], execution_id
+        while wanted:
+            if len(chain) >= MAX_CHAIN:
+                raise HistoryError(f"the conversation of {execution_id} has more than {MAX_CHAIN} executions")
+            try:
+                parent, events = self.history(wanted)
+            except Exception as exc:  # the link's error, whatever its transport: the message says what happened
+                raise HistoryError(f"could not read the log of {wanted}, whose conversation this run "
+                                   f"continues: {exc}") from None
+            if parent.phase not in TERMINAL_PHASES:
+                raise HistoryError(f"{wanted} has not ended ({pb.Phase.Name(parent.phase)}): a conversation "
+                                   "continues from an execution that has ended")
+            if not any(e.WhichOneof("payload") == "prompt" for e in events):
+                raise HistoryError(f"{wanted} was recorded by an older stigmer, whose log does not hold the "
+                                   "conversation (no prompt and turn events): it cannot be resumed; start a new run")
+            chain.append(events)
+            wanted = parent.spec.parent_id
+        return [event for events in reversed(chain) for event in events]
 
     def _open_sandbox(self, execution, emit):
         """The execution's sandbox, from make_sandbox; a remote one is named in a "sandbox" artifact event.
