@@ -8,6 +8,7 @@
     python bench.py cloud           # both cloud benchmarks below (needs redis-server)
     python bench.py cloud_workers   # executions per minute through 1, 2 and 4 worker processes on one Redis
     python bench.py cloud_appends   # RedisLink's fenced appends against bare XADD pipelines (needs redis-server)
+    python bench.py start      # a one-turn task: cold, and warm after `start`, against the SDK's floor
     python bench.py --json     # one JSON object per benchmark
 
 The machine is shared and noisy, so every figure is relative to a baseline taken
@@ -148,16 +149,14 @@ def bench_redact():
             "str_replace_ms": round(base * 1e3, 1), "redactor_ms": round(redact * 1e3, 1),
             "ratio": verdict(redact / base, "<=", 3.0, 2)}
 
-# ---- events (issue: daemon.py) ----
+# ---- events (issue: daemon.py; batched watchers: issue 15) ----
 EVENTS_WATCHER = """
 import json, sys, time
 sys.path.insert(0, sys.argv[1])
-import daemon_client, stigmer_pb2 as pb, stigmer_pb2_grpc as pb_grpc
-endpoint, token, execution_id, last = sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
-channel = daemon_client.client_channel(endpoint)
+import daemon_client
+home, endpoint, execution_id, last = sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
 arrivals = []  # (seq, perf_counter) of every 1000th event and the last text event
-for event in pb_grpc.DaemonStub(channel).Watch(pb.WatchRequest(execution_id=execution_id, follow=True),
-                                                metadata=daemon_client.auth_metadata(token), timeout=600):
+for event in daemon_client.Client(home, endpoint).watch(execution_id, follow=True):  # as `logs -f` reads
     if event.seq == 1:
         print("ready", flush=True)
     if event.seq % 1000 == 0 or event.seq == last:
@@ -167,11 +166,11 @@ print(json.dumps(arrivals), flush=True)
 
 
 @bench
-def bench_events():
-    """One runner streams TextDelta events through Connect into SQLite while one watcher (a
-    separate process, as the CLI is) follows; against a bare grpcio bidi stream, in this
-    process, sending the same events one message each with no storage. The same run without
-    the watcher shows what serving the watcher costs the writer."""
+def bench_events(total=200_000, many=10):
+    """One runner streams TextDelta events through Connect into SQLite: alone, with one watcher, and
+    with MANY watchers following at once (separate processes reading as the CLI does, in batches);
+    against a bare grpcio bidi stream, in this process, sending the same events one message each with
+    no storage. A watcher's lag is how far behind it is when the last event is stored."""
     import os
     import queue
     import subprocess
@@ -185,12 +184,12 @@ def bench_events():
     import stigmer_pb2 as pb
     import stigmer_pb2_grpc as pb_grpc
 
-    total, batch_size, bare_total = 200_000, 2000, 50_000  # events; per EventBatch; for the baseline
+    batch_size, bare_total = 2000, 50_000  # events per EventBatch; for the baseline
     body = "x" * 180  # about 200 bytes per serialized Event
     here = os.path.dirname(os.path.abspath(__file__))
 
-    def persist(with_watcher):
-        """Stream `total` events into a fresh daemon; (events/s, watcher events behind, ms behind)."""
+    def persist(watchers):
+        """Stream `total` events into a fresh daemon; (events/s, [(events behind, s behind) per watcher])."""
         with tempfile.TemporaryDirectory() as home:
             server = daemon.serve(home, "127.0.0.1:0", runner_grace=60)
             channel = daemon_client.client_channel(server.endpoint)
@@ -202,10 +201,10 @@ def bench_events():
                       for seq in range(3, last + 1)]
             batches = [pb.RunnerMessage(events=pb.EventBatch(events=events[i:i + batch_size]))
                        for i in range(0, total, batch_size)]
-            if with_watcher:
-                watcher = subprocess.Popen([sys.executable, "-c", EVENTS_WATCHER, here, server.endpoint,
-                                            server.token, ex.id, str(last)], stdout=subprocess.PIPE, text=True)
-                assert watcher.stdout.readline().strip() == "ready"
+            procs = [subprocess.Popen([sys.executable, "-c", EVENTS_WATCHER, here, home, server.endpoint, ex.id,
+                                       str(last)], stdout=subprocess.PIPE, text=True) for _ in range(watchers)]
+            for proc in procs:
+                assert proc.stdout.readline().strip() == "ready"
             outbox = queue.Queue()
             outbox.put(pb.RunnerMessage(hello=pb.Hello(runner_id="bench", capacity=1, mode="local")))
             responses = stub.Connect(iter(outbox.get, None), metadata=md, timeout=600)
@@ -219,15 +218,20 @@ def bench_events():
             stored = time.perf_counter()
             outbox.put(pb.RunnerMessage(events=pb.EventBatch(events=[pb.Event(
                 execution_id=ex.id, seq=last + 1, phase=pb.PhaseChange(phase=pb.COMPLETED))])))
-            arrivals = json.loads(watcher.communicate(timeout=600)[0]) if with_watcher else [(last, stored)]
+            lags = []
+            for proc in procs:
+                arrivals = json.loads(proc.communicate(timeout=600)[0])
+                seen_by_then = max((seq for seq, at in arrivals if at <= stored), default=0)
+                lags.append((last - seen_by_then, max(0.0, dict(arrivals)[last] - stored)))
             outbox.put(None)
             channel.close()
             server.stop(0)
-        seen_by_then = max((seq for seq, at in arrivals if at <= stored), default=0)
-        return total / (stored - start), last - seen_by_then, max(0.0, dict(arrivals)[last] - stored), events
+        return total / (stored - start), lags, events
 
-    alone, _, _, _ = persist(with_watcher=False)
-    watched, behind, behind_s, events = persist(with_watcher=True)
+    alone, _, _ = persist(0)
+    watched, [(behind, behind_s)], events = persist(1)
+    crowded, lags, _ = persist(many)
+    worst = max(s for _, s in lags)
 
     def bare_stream(request_iterator, context):
         yield pb.Ack(seq=sum(1 for _ in request_iterator))
@@ -252,7 +256,11 @@ def bench_events():
         "persisted_per_s": verdict(watched, ">=", 50_000, 0),
         "persisted_per_s_without_watcher": round(alone),
         "watcher_behind_when_last_stored_events": behind,
-        "watcher_behind_when_last_stored_ms": round(behind_s * 1000, 1),
+        "watcher_behind_when_last_stored_ms": verdict(behind_s * 1000, "<", 1000, 1),
+        f"persisted_per_s_with_{many}_watchers": round(crowded),
+        f"{many}_watchers_behind_when_last_stored_ms": verdict(worst * 1000, "<", 1000, 1)
+        + " worst; each: " + ", ".join(f"{s * 1000:.0f}" for _, s in lags),
+        f"{many}_watchers_behind_when_last_stored_events": ", ".join(str(n) for n, _ in lags),
         "bare_stream_per_s": round(bare_rate),
         "ratio_vs_bare": verdict(watched / bare_rate, ">=", 5, 2),
     }
@@ -423,6 +431,125 @@ def bench_cloud_appends(events=20_000, batch=500):
             "bare_xadd_pipeline_events_per_s": round(bare_rate), "redislink_events_per_s": round(ours_rate),
             "ratio": verdict(ours_rate / bare_rate, ">=", 0.5, 2),
             "watcher_lag_at_end_ms": round(max(lag, 0.0) * 1000, 1)}
+
+# ---- start (issue 15: cold start at the SDK's floor, warm runs after `start`) ----
+START_FLOOR = """
+import sys, anthropic
+client = anthropic.Anthropic(api_key=sys.argv[2], base_url=sys.argv[1])
+with client.messages.stream(model="claude-fake", max_tokens=1024, messages=[{"role": "user", "content": "go"}]) as s:
+    s.get_final_message()
+"""
+
+
+def import_profile(stderr, top=8):
+    """(total ms, [(ms, module)] of the TOP slowest top-level imports) from `-X importtime` output."""
+    entries = []
+    for line in stderr.splitlines():
+        if not line.startswith("import time:") or "cumulative" in line:
+            continue
+        _, cumulative, name = line.split("|", 2)
+        name = name.rstrip()
+        if not name.startswith("  ") and name.strip():  # top level: imported by the program itself
+            entries.append((int(cumulative) / 1000, name.strip()))
+    entries.sort(reverse=True)
+    return sum(ms for ms, _ in entries), entries[:top]
+
+
+@bench
+def bench_start(runs=7):
+    """Wall time of a one-turn task (`python runner.py --json go`) from a cold shell (no daemon: the CLI
+    starts an embedded daemon and a worker) and after `python runner.py start` (a warm worker), against
+    the floor: a bare script that imports the anthropic SDK and makes the same one streamed request to the
+    same fake. Interleaved, RUNS rounds. Then what the CLI and the worker import (-X importtime), and,
+    when a `claude` CLI is on PATH, Claude Code headless on the same fake."""
+    import os
+    import shutil
+    import subprocess
+    import tempfile
+
+    from testsupport import FAKE_KEY, FakeAnthropic, free_port, text_step
+
+    runner_py = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runner.py")
+    claude = shutil.which("claude")
+
+    def timed_run(args, env, cwd=None, check=True):
+        t0 = time.perf_counter()
+        done = subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=120)
+        took = time.perf_counter() - t0
+        if check and done.returncode != 0:
+            raise RuntimeError(f"{' '.join(args[:3])} failed ({done.returncode}): {done.stderr[-800:]}")
+        return took, done
+
+    with tempfile.TemporaryDirectory() as tmp, FakeAnthropic([text_step("done")]) as fake:
+        base = {k: v for k, v in os.environ.items() if not k.startswith(("STIGMER_", "ANTHROPIC_"))
+                and k not in ("MODE", "PYTHONPROFILEIMPORTTIME")}
+        base.update(ANTHROPIC_API_KEY=FAKE_KEY, ANTHROPIC_BASE_URL=fake.url, STIGMER_MODEL="claude-fake",
+                    SANDBOX_ROOT_DIR=tmp)
+
+        def fresh_env(name):
+            return dict(base, STIGMER_HOME=os.path.join(tmp, name), STIGMER_BACKEND_ENDPOINT=f"127.0.0.1:{free_port()}")
+
+        warm_env = fresh_env("warm")
+        timed_run([sys.executable, runner_py, "start"], warm_env)
+        floor, cold, warm, claude_times, grpc_start = [], [], [], [], []
+        to_request = {"floor": [], "cold": []}  # seconds from the start to the fake's receiving the request
+
+        def until_request(kind, args, env):
+            before = len(fake.times)
+            took, _ = timed_run(args, env)
+            to_request[kind].append(fake.times[before] - (time.perf_counter() - took))
+            return took
+
+        try:
+            for _ in range(2):  # the started worker's first run, and page caches for everyone
+                timed_run([sys.executable, runner_py, "--json", "go"], warm_env)
+            timed_run([sys.executable, "-c", START_FLOOR, fake.url, FAKE_KEY], base)
+            for n in range(runs):
+                floor.append(until_request("floor", [sys.executable, "-c", START_FLOOR, fake.url, FAKE_KEY], base))
+                cold.append(until_request("cold", [sys.executable, runner_py, "--json", "go"], fresh_env(f"cold{n}")))
+                warm.append(timed_run([sys.executable, runner_py, "--json", "go"], warm_env)[0])
+                grpc_start.append(timed_run([sys.executable, "-c", "import grpc, stigmer_pb2"], base,
+                                            cwd=os.path.dirname(runner_py))[0])
+                if claude:
+                    home = os.path.join(tmp, f"claude{n}")
+                    os.makedirs(home)
+                    env = dict(base, HOME=home, CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1")
+                    claude_times.append(timed_run([claude, "-p", "go", "--output-format", "stream-json", "--verbose",
+                                                   "--allowedTools", "Bash"], env, cwd=tmp)[0])
+            profiled = fresh_env("profiled")
+            profiled["PYTHONPROFILEIMPORTTIME"] = "1"  # the worker inherits it and writes to its log
+            _, done = timed_run([sys.executable, runner_py, "--json", "go"], profiled)
+            with open(os.path.join(profiled["STIGMER_HOME"], "logs", "run-worker.log"), errors="replace") as f:
+                worker_log = f.read()
+        finally:
+            timed_run([sys.executable, runner_py, "stop"], warm_env, check=False)
+
+    def spread(times):
+        return f"median {statistics.median(times):.3f} s (range {min(times):.3f}-{max(times):.3f})"
+
+    floor_s, cold_s, warm_s = (statistics.median(t) for t in (floor, cold, warm))
+    figures = {"runs_each": runs,
+               "floor (import anthropic + one streamed request)": spread(floor),
+               "cold run (no daemon)": spread(cold),
+               "cold_vs_floor": verdict(cold_s / floor_s, "<=", 1.15, 2),
+               "context: until the request, floor": spread(to_request["floor"]),
+               "context: until the request, cold run": spread(to_request["cold"]),
+               "context: the floor's interpreter tear-down, which the runner skips (os._exit)":
+                   f"{statistics.median(floor) - statistics.median(to_request['floor']):.3f} s after its request",
+               "warm run (after start)": spread(warm),
+               "warm_run_s": verdict(warm_s, "<=", 0.25, 3),
+               "context: python -c 'import grpc, stigmer_pb2' (the CLI's own floor)": spread(grpc_start)}
+    if claude_times:
+        figures["claude code headless"] = spread(claude_times)
+        figures["claude_code_vs_cold_run"] = round(statistics.median(claude_times) / cold_s, 2)
+    else:
+        figures["claude code headless"] = "skipped: no `claude` CLI on PATH (npm i -g @anthropic-ai/claude-code)"
+    for who, text in (("cli", done.stderr), ("worker", worker_log)):
+        total, top = import_profile(text)
+        figures[f"{who}_imports_ms (cumulative, top level)"] = round(total)
+        figures[f"{who}_top_imports"] = ", ".join(f"{name} {ms:.0f}" for ms, name in top)
+    return figures
+
 
 @bench
 def bench_cloud_workers(executions=24, counts=(1, 2, 4)):

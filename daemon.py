@@ -11,7 +11,8 @@ Threads: the gRPC server runs one pool thread per active RPC, so every open Watc
 Connect stream holds one (a Connect stream also has a reader thread of its own). Writes
 to SQLite go through one connection under the daemon lock; each Watch reads the log
 through its own connection, so a stalled watcher only ever blocks its own thread. The SQL (schema,
-migrations, queries, row conversions) lives in store.py. Watch sends the log's stored bytes as they are (add_service).
+migrations, queries, row conversions) lives in store.py. Watch sends the log's stored bytes as they are,
+and WatchBatches EventBatches spliced together from them (batch_bytes, add_service).
 """
 import errno
 import hmac
@@ -26,6 +27,7 @@ import threading
 import time
 import traceback
 from concurrent import futures
+from itertools import chain
 from operator import itemgetter
 
 import grpc
@@ -42,6 +44,9 @@ RPC_THREADS = 128  # pool threads: one per active RPC (each open Watch or Connec
 MAX_CONCURRENT_RPCS = RPC_THREADS  # beyond this new RPCs fail fast with RESOURCE_EXHAUSTED instead of queuing behind streams
 LIST_DEFAULT, LIST_MAX = 50, 1000  # List's page size when the request says 0, and its cap
 WATCH_PAGE = 1000  # events read from SQLite per query by a watcher
+WATCH_BATCH_EVENTS = 500  # most events per WatchBatches message
+WATCH_BATCH_BYTES = 1 << 20  # most event bytes per WatchBatches message (one bigger event travels alone)
+EVENT_TAG = b"\x0a"  # EventBatch field 1, length-delimited: (1 << 3) | 2
 DB_FILE = "stigmer.db"  # inside $STIGMER_HOME
 AUTH_MESSAGE = "missing or wrong daemon token; clients read it from $STIGMER_HOME/daemon.token"
 LOCK_FILE = "daemon.lock"  # inside $STIGMER_HOME: flocked by the one daemon of that home; holds its pid and endpoint
@@ -57,6 +62,11 @@ SERVER_OPTIONS = [
 SERVICE = "stigmer.v1.Daemon"  # the full name of the gRPC service
 RUNNER_PHASES = TERMINAL_PHASES + (pb.RUNNING,)  # a runner may report RUNNING (with turns) and the terminal phases
 Code = grpc.StatusCode
+
+def _payloads(rows):
+    """The stored event bytes of (payload, seq, kind) rows."""
+    return map(itemgetter(0), rows)
+
 
 def _copy(ex):
     new = pb.Execution()
@@ -247,13 +257,24 @@ class Daemon(pb_grpc.DaemonServicer):
     def Watch(self, request, context):
         """Yields each event as the bytes stored in the log, which are a serialized Event: the
         service registers Watch with no response serializer (see add_service)."""
+        self._check_watch(request, context)
+        pages = self._watch(request.execution_id, request.after_seq, request.follow, context)
+        return chain.from_iterable(map(_payloads, pages))
+
+    def WatchBatches(self, request, context):
+        """Yields serialized EventBatches built from the stored bytes (see batch_bytes): everything the
+        log holds past the last batch sent, split at WATCH_BATCH_EVENTS events or WATCH_BATCH_BYTES."""
+        self._check_watch(request, context)
+        pages = self._watch(request.execution_id, request.after_seq, request.follow, context)
+        return chain.from_iterable(batch_bytes(_payloads(rows)) for rows in pages)
+
+    def _check_watch(self, request, context):
         with self._lock:
             self._check_open(context)
             self._find(request.execution_id, context)
             self._watchers += 1
         if not context.add_callback(self._unwatch):
             self._unwatch()
-        return self._watch(request.execution_id, request.after_seq, request.follow, context)
 
     def _unwatch(self):
         with self._lock:
@@ -261,8 +282,10 @@ class Daemon(pb_grpc.DaemonServicer):
             self._last_call = time.monotonic()
 
     def _watch(self, execution_id, after, follow, context):
-        """Yield stored events after `after` page by page; with follow, wait for more until the terminal one.
-        A terminal phase event is always an execution's last, so only each page's last row is looked at."""
+        """Yield the stored events after `after` as pages of (payload, seq, kind) rows; with follow, wait
+        for more until the terminal one. A page is whatever the log holds (up to WATCH_PAGE), so an idle
+        log's next event goes out alone, at once. A terminal phase event is always an execution's last,
+        so only each page's last row is looked at."""
         db = store.open_reader(self._db_path)
         seen = 0  # notices (seq 0, not in the log) already sent
         try:
@@ -273,12 +296,12 @@ class Daemon(pb_grpc.DaemonServicer):
                         notices = self._notices.get(execution_id, [])[seen:]
                     for notice in notices:
                         seen += 1
-                        yield notice
+                        yield [(notice, 0, "notice")]  # a page of its own: Watch and WatchBatches send it as is
                         if pb.Event.FromString(notice).phase.phase in TERMINAL_PHASES:
                             return  # the run ended, but its last events wait for disk space
                 rows = store.events_after(db, execution_id, after, WATCH_PAGE)
                 if rows:
-                    yield from map(itemgetter(0), rows)
+                    yield rows
                     payload, after, kind = rows[-1]
                     if kind == "phase" and pb.Event.FromString(payload).phase.phase in TERMINAL_PHASES:
                         return
@@ -711,9 +734,39 @@ class TokenAuth(grpc.ServerInterceptor):
             response_serializer=handler.response_serializer)
 
 
+def _varint(n, _cache={}):
+    """N in protobuf's base-128 varint encoding (lengths repeat, so they are cached)."""
+    encoded = _cache.get(n)
+    if encoded is None:
+        out = bytearray()
+        while n > 0x7F:
+            out.append(n & 0x7F | 0x80)
+            n >>= 7
+        out.append(n)
+        encoded = _cache[n] = bytes(out)
+    return encoded
+
+
+def batch_bytes(payloads):
+    """Serialized EventBatches holding the serialized Events PAYLOADS, in order, split at WATCH_BATCH_EVENTS
+    events or WATCH_BATCH_BYTES bytes. Each event is written as field 1 (`repeated Event events = 1`,
+    wire type 2: tag byte 0x0A, the length as a varint, the bytes), which is exactly how protobuf encodes
+    the message, so the stored bytes are sent without being parsed."""
+    parts, count, size = [], 0, 0
+    for payload in payloads:
+        if count and (count == WATCH_BATCH_EVENTS or size + len(payload) > WATCH_BATCH_BYTES):
+            yield b"".join(parts)
+            parts, count, size = [], 0, 0
+        parts += (EVENT_TAG, _varint(len(payload)), payload)
+        count += 1
+        size += len(payload)
+    if count:
+        yield b"".join(parts)
+
+
 def add_service(daemon, server):
-    """Register the Daemon service as generated, except that Watch sends what its handler yields
-    as it is: the log's stored bytes, already serialized Events, so none is parsed and re-serialized."""
+    """Register the Daemon service as generated, except that Watch and WatchBatches send what their handlers
+    yield as it is: the log's stored bytes (Events, or EventBatches made of them), never re-serialized."""
     handlers = {}
 
     class Capture:  # stands in for the server to collect the generated handlers
@@ -726,6 +779,8 @@ def add_service(daemon, server):
     pb_grpc.add_DaemonServicer_to_server(daemon, Capture())
     handlers["Watch"] = grpc.unary_stream_rpc_method_handler(
         daemon.Watch, request_deserializer=pb.WatchRequest.FromString, response_serializer=None)  # None: as is
+    handlers["WatchBatches"] = grpc.unary_stream_rpc_method_handler(
+        daemon.WatchBatches, request_deserializer=pb.WatchRequest.FromString, response_serializer=None)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     server.add_registered_method_handlers(SERVICE, handlers)
 

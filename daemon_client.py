@@ -82,6 +82,7 @@ def parent_problem(parent_id, parent):
 link_log = logging.getLogger("stigmer.link")
 HEARTBEAT_SECONDS = 5.0  # idle interval between heartbeats
 BACKOFF_CAP = 5.0  # seconds, the longest wait between reconnect attempts
+EAGER_SECONDS, EAGER_RETRY = 3.0, 0.05  # until a first connection: retry this long, this often, unlogged
 BATCH_WAIT = 0.25  # seconds the sender waits for events before it considers a heartbeat
 GAP = grpc.StatusCode.FAILED_PRECONDITION.value[0]  # a Reject with this code asks for a resend after ack_seq
 FULL = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]  # a Reject with this code: disk full, keep the events, resend later
@@ -98,6 +99,7 @@ class DaemonLink:
         """Connect, reconnecting with backoff and jitter, until worker.stopping is set."""
         delay = 0.1
         told = False  # the current outage has been logged
+        eager_until, ever = time.monotonic() + EAGER_SECONDS, False  # a run's worker may start before its daemon
         while not worker.stopping.is_set():
             try:
                 self._session(worker)
@@ -110,10 +112,13 @@ class DaemonLink:
             else:
                 reason = "the daemon closed the stream"
             if worker.connected:  # the session was up: a new outage
-                delay, told = 0.1, True
+                delay, told, ever = 0.1, True, True
                 link_log.warning("lost the daemon at %s (%s); agents keep running, events are buffered; reconnecting",
                             self.endpoint, reason)
-            elif not told:  # never connected yet
+            elif not ever and time.monotonic() < eager_until:  # the daemon may be starting
+                worker.stopping.wait(EAGER_RETRY)
+                continue
+            elif not told:
                 told = True
                 link_log.warning("cannot reach the daemon at %s (%s); retrying", self.endpoint, reason)
             worker.connected = False
@@ -138,10 +143,11 @@ class DaemonLink:
                                                        metadata=auth_metadata(token))
 
             def cancel_on_stop():  # lives as long as this session, not as long as the worker
-                while not session.wait(0.25):
-                    if worker.stopping.is_set():
-                        call.cancel()
-                        return
+                with worker.cond:  # notified when the worker stops and when this session ends
+                    while not (session.is_set() or worker.stopping.is_set()):
+                        worker.cond.wait(0.25)
+                if worker.stopping.is_set():
+                    call.cancel()  # at once: a stopping worker's process should not wait on its stream
 
             threading.Thread(target=cancel_on_stop, name="session-watch", daemon=True).start()
             for message in call:
@@ -151,6 +157,8 @@ class DaemonLink:
                 self._dispatch(worker, message)
         finally:
             session.set()
+            with worker.cond:
+                worker.cond.notify_all()
             channel.close()
 
     def _requests(self, worker, session):
@@ -215,21 +223,46 @@ def backend_error(exc, endpoint):
 
 
 class Watch:
-    """An execution's events from a Watch call, as an iterator; cancel() ends it from any thread."""
+    """An execution's events from a WatchBatches call, one Event at a time, as an iterator;
+    cancel() ends it from any thread. A daemon older than WatchBatches gets a per-event Watch."""
 
-    def __init__(self, call, endpoint, channel):
-        self._call, self._endpoint = call, endpoint
+    def __init__(self, stub, request, metadata, endpoint, channel):
+        self._stub, self._request, self._metadata, self._endpoint = stub, request, metadata, endpoint
         self._channel = channel  # held: a channel that is garbage-collected cancels its calls
+        self._call = stub.WatchBatches(request, metadata=metadata)
+        self._cancelled = False
 
     def __iter__(self):
+        after = self._request.after_seq
+        try:
+            for batch in self._call:
+                for event in batch.events:
+                    after = event.seq or after  # 0: a notice, not in the log
+                    yield event
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.UNIMPLEMENTED or self._cancelled:
+                self._raise(exc)
+            yield from self._per_event(after)
+
+    def _per_event(self, after):
+        """The same watch through the per-event Watch, from AFTER on."""
+        request = pb.WatchRequest(execution_id=self._request.execution_id, after_seq=after,
+                                  follow=self._request.follow)
+        self._call = self._stub.Watch(request, metadata=self._metadata)
+        if self._cancelled:
+            self._call.cancel()
         try:
             yield from self._call
         except grpc.RpcError as exc:
-            if exc.code() != grpc.StatusCode.CANCELLED:  # CANCELLED: we (or the daemon) ended it
-                raise backend_error(exc, self._endpoint) from None
+            self._raise(exc)
+
+    def _raise(self, exc):
+        if exc.code() != grpc.StatusCode.CANCELLED:  # CANCELLED: we (or the daemon) ended it
+            raise backend_error(exc, self._endpoint) from None
 
     def cancel(self):
         """End the watch: the iteration stops quietly."""
+        self._cancelled = True
         self._call.cancel()
 
 
@@ -266,9 +299,10 @@ class Client:
         return list(self._call("List", pb.ListRequest(phase=phase, limit=limit)).executions)
 
     def watch(self, execution_id, after_seq=0, follow=True):
-        """The events after AFTER_SEQ, then (FOLLOW) live ones until the terminal event: a Watch."""
+        """The events after AFTER_SEQ, then (FOLLOW) live ones until the terminal event: a Watch,
+        which reads them in batches (WatchBatches) and yields them one by one."""
         request = pb.WatchRequest(execution_id=execution_id, after_seq=after_seq, follow=follow)
-        return Watch(self._stub.Watch(request, metadata=self._metadata), self.endpoint, self._channel)
+        return Watch(self._stub, request, self._metadata, self.endpoint, self._channel)
 
     def cancel(self, execution_id):
         """Ask for the execution to stop; returns it as it is now."""

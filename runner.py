@@ -222,21 +222,18 @@ def backend_status(cfg):
 
 
 def find_daemon(cfg):
-    """(client, status) of the daemon that answers at the endpoint, or None when none does.
-    A missing, empty, unreadable or foreign token with no daemon behind it is None too (starting a
-    daemon replaces it); with this home's daemon running behind it, a CliError names the fix."""
+    """(client, status) of the daemon that answers at the endpoint, or None when none does (without a
+    token file, at once: grpc is not even imported). A missing, empty, unreadable or foreign token with
+    no daemon behind it is None too (starting a daemon replaces it); with this home's daemon running
+    behind it, a CliError names the fix."""
+    path = os.path.join(cfg.home, "daemon.token")
+    if not os.path.lexists(path):
+        return broken_token(cfg, path, "is missing")
     from daemon_client import BackendError, BackendUnavailable, DaemonError, read_token
     try:
         read_token(cfg.home)
     except DaemonError as exc:
-        owner = daemon_serving(cfg)
-        if owner:  # a daemon serves this home, and we cannot authenticate to it
-            path = os.path.join(cfg.home, "daemon.token")
-            what = "is missing" if not os.path.lexists(path) else "is unreadable" if "unreadable" in str(exc) \
-                else "is empty"
-            raise CliError(f"the daemon token {path} {what}, but the daemon of STIGMER_HOME {cfg.home} (pid {owner}) "
-                           "is running: run `python runner.py stop`, and the next command starts a fresh one") from None
-        return None
+        return broken_token(cfg, path, "is unreadable" if "unreadable" in str(exc) else "is empty")
     client = None
     try:
         client = connect(cfg)
@@ -250,6 +247,15 @@ def find_daemon(cfg):
                            f"{os.path.join(cfg.home, 'daemon.token')}, which another process overwrote: "
                            "run `python runner.py stop`, and the next command starts a fresh one") from None
         return None
+
+
+def broken_token(cfg, path, what):
+    """None when no daemon serves STIGMER_HOME (starting one replaces the token); else a CliError naming the fix."""
+    owner = daemon_serving(cfg)
+    if owner:  # a daemon serves this home, and we cannot authenticate to it
+        raise CliError(f"the daemon token {path} {what}, but the daemon of STIGMER_HOME {cfg.home} (pid {owner}) "
+                       "is running: run `python runner.py stop`, and the next command starts a fresh one")
+    return None
 
 
 def ensure_daemon(cfg, idle_exit=0.0, out=None):
@@ -498,10 +504,16 @@ def live_pid(path, wait=1.0):
 
 # ---- commands ----
 
+def embedded_endpoint(endpoint):
+    """Where an embedded daemon asked to listen on ENDPOINT will be found (as daemon.serve binds it),
+    or None when that is known only once it listens (port 0)."""
+    host, _, port = endpoint.rpartition(":")
+    if not port.isdigit() or int(port) == 0:
+        return None
+    return f"127.0.0.1:{port}" if host == "localhost" else endpoint
+
+
 def cmd_run(cfg, args):
-    import stigmer_pb2 as pb
-    import terminal
-    from daemon_client import BackendError
     workspace = os.path.abspath(os.path.expanduser(args.workspace)) if args.workspace else cfg.sandbox_root
     if not os.path.isdir(workspace):
         raise CliError(f"the workspace {workspace} does not exist (or is not a directory)", 2)
@@ -527,6 +539,14 @@ def cmd_run(cfg, args):
         found = backend_status(cfg) if cfg.cloud else find_daemon(cfg)
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
+        if not args.detach:  # its own worker, with this run's secrets, takes only this run
+            runner_id = f"run-{os.getpid()}-{os.urandom(3).hex()}"
+        # A cold start: the worker (importing its SDK, the slowest part) starts first, unless it needs
+        # the secret names of the run it resumes, which only the log knows.
+        endpoint = embedded_endpoint(cfg.endpoint) if runner_id and found is None and not cfg.cloud \
+            and not resuming else None
+        if endpoint:
+            worker = spawn_run_worker(cfg, names, endpoint, runner_id)
         if cfg.cloud:
             client, status = found
         else:  # a foreground run shares STIGMER_HOME's daemon, starting one (idling out later) when none runs
@@ -535,13 +555,11 @@ def cmd_run(cfg, args):
         if parent is not None:  # the conversation goes on where it was, with the same secrets
             workspace = parent.spec.workspace
             names = list(dict.fromkeys([*parent.spec.secret_names, *names]))
-        if not args.detach:  # its own worker, with this run's secrets, takes only this run
-            secrets = gather_secrets(cfg, names)
-            runner_id = f"run-{os.getpid()}-{os.urandom(3).hex()}"
-            worker = spawn(["worker", "--capacity", "1", "--exit-with-stdin", "--runner-id", runner_id, "--pinned"],
-                           worker_env(cfg, secrets, cfg.endpoint if cfg.cloud else client.endpoint),
-                           os.path.join(cfg.home, "logs", "run-worker.log"), pipe_stdin=True)
-            del secrets
+        if runner_id and worker is None:  # its own worker, with this run's secrets, takes only this run
+            worker = spawn_run_worker(cfg, names, cfg.endpoint if cfg.cloud else client.endpoint, runner_id)
+        import stigmer_pb2 as pb
+        import terminal
+        from daemon_client import BackendError
         renderer = terminal.make_renderer(args.json, cfg.environ.get("NO_COLOR"))
         model = args.model or (parent.spec.model if parent else "") or cfg.model or default_model()
         spec = pb.ExecutionSpec(prompt=prompt, workspace=workspace, model=model, max_turns=args.max_turns,
@@ -549,7 +567,7 @@ def cmd_run(cfg, args):
                                 repo=args.repo or (parent.spec.repo if parent else ""),
                                 ref=args.ref or (parent.spec.ref if parent else ""), keep_sandbox=args.keep_sandbox,
                                 sandbox=cfg.sandbox, parent_id=parent.id if parent else "")
-        queued = 0 if runner_id else client.status().queue_depth
+        queued = 0 if runner_id else (status or client.status()).queue_depth  # (an embedded daemon may hold old ones)
         if queued:
             print(f"stigmer: {queued} older execution(s) are queued and run first: see `python runner.py list "
                   "--phase pending`, and `python runner.py cancel ID` to drop one", file=sys.stderr)
@@ -600,6 +618,14 @@ def cmd_run(cfg, args):
             embedded.stop()
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+
+
+def spawn_run_worker(cfg, names, endpoint, runner_id):
+    """This run's own worker (capacity 1), which takes only executions pinned to RUNNER_ID and stops
+    when this command closes its stdin."""
+    secrets = gather_secrets(cfg, names)
+    return spawn(["worker", "--capacity", "1", "--exit-with-stdin", "--runner-id", runner_id, "--pinned"],
+                 worker_env(cfg, secrets, endpoint), os.path.join(cfg.home, "logs", "run-worker.log"), pipe_stdin=True)
 
 
 def find_parent(client, args, workspace):
@@ -772,7 +798,14 @@ def cmd_daemon(cfg, args):
 
 def cmd_worker(cfg, args):
     import logging
+    import threading
 
+    import models
+    cfg.require_sandbox()
+    os.environ.update(gather_secrets(cfg, []))  # asks only for a missing key; it lives in memory and env only
+    model = cfg.model or default_model()
+    # The SDK's import is the slowest part of a cold start: begin it before grpc's (worker.serve waits for it).
+    threading.Thread(target=models.preload, args=(model,), name="import-model-sdk", daemon=True).start()
     import daemon_client
     import worker
     from daemon_client import VERSION
@@ -780,9 +813,6 @@ def cmd_worker(cfg, args):
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     for noisy in ("httpx", "httpx2", "httpcore", "httpcore2", "anthropic", "grpc"):  # they log whole requests
         logging.getLogger(noisy).setLevel(max(level, logging.INFO))
-    os.environ.update(gather_secrets(cfg, []))  # asks only for a missing key; it lives in memory and env only
-    model = cfg.model or default_model()
-    cfg.require_sandbox()
     runner_id = args.runner_id or worker.new_runner_id()
     make_sandbox, sweep = sandbox_factory(cfg, runner_id, backend_is_terminal(cfg))
     if cfg.cloud:

@@ -18,8 +18,14 @@ from daemon_client import TERMINAL_NAMES, TERMINAL_PHASES, BackendError, Backend
 
 CANCEL_WAIT = 5.0  # seconds Ctrl-C waits for the execution to confirm it stopped
 RECONNECT_WAIT = 60.0  # seconds a follower waits for a daemon that went away
-INT64_FIELDS = {"input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "duration_ms",
-                "last_seq", "seq", "max_tokens_total", "size"}  # proto3 JSON writes these as strings
+def _int64_fields():
+    """Every 64-bit integer field of the contract, which proto3 JSON writes as a string."""
+    from google.protobuf.descriptor import FieldDescriptor
+    wide = (FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT64)
+    return {f.name for m in pb.DESCRIPTOR.message_types_by_name.values() for f in m.fields if f.type in wide}
+
+
+INT64_FIELDS = _int64_fields()  # read from stigmer.proto's descriptors, so a new field is never missed
 
 
 class Renderer:

@@ -487,6 +487,116 @@ class WatchTest(DaemonCase):
         self.assertEqual([e.seq for e in stalled], list(range(1, last + 2)))
 
 
+class WatchBatchesTest(DaemonCase):
+    """WatchBatches: the same log as Watch (tested above, unchanged), grouped into EventBatches."""
+    run_execution, stream = WatchTest.run_execution, WatchTest.stream
+
+    def batches(self, execution_id, after_seq=0, follow=False):
+        return self.stub.WatchBatches(pb.WatchRequest(execution_id=execution_id, after_seq=after_seq, follow=follow),
+                                      metadata=self.metadata, timeout=60, wait_for_ready=True)
+
+    def test_batch_bytes_are_the_protobuf_encoding_of_an_event_batch(self):
+        sizes = (0, 1, 100, 127, 128, 300, 16_383, 16_384, 200_000)  # lengths of one, two and three varint bytes
+        events = [text("ex-1", seq, "z" * size) for seq, size in enumerate(sizes, start=1)]
+        payloads = [e.SerializeToString() for e in events]
+        (whole,) = daemon.batch_bytes(payloads)
+        self.assertEqual(pb.EventBatch.FromString(whole), pb.EventBatch(events=events))
+        self.assertEqual(whole, pb.EventBatch(events=events).SerializeToString())
+        self.assertEqual(list(daemon.batch_bytes([])), [])
+
+    def test_batches_split_at_the_event_and_byte_limits(self):
+        many = [text("ex-1", seq).SerializeToString() for seq in range(1, 2 * daemon.WATCH_BATCH_EVENTS + 2)]
+        counts = [len(pb.EventBatch.FromString(b).events) for b in daemon.batch_bytes(many)]
+        self.assertEqual(counts, [daemon.WATCH_BATCH_EVENTS, daemon.WATCH_BATCH_EVENTS, 1])
+        third = daemon.WATCH_BATCH_BYTES // 3
+        big = [text("ex-1", seq, "b" * third).SerializeToString() for seq in range(1, 6)]
+        split = [pb.EventBatch.FromString(b).events for b in daemon.batch_bytes(big)]
+        self.assertEqual([[e.seq for e in batch] for batch in split], [[1, 2], [3, 4], [5]])
+        huge = text("ex-1", 1, "h" * (daemon.WATCH_BATCH_BYTES + 10)).SerializeToString()
+        self.assertEqual([pb.EventBatch.FromString(b).events[0].seq for b in daemon.batch_bytes([huge, many[1]])],
+                         [1, 2])  # bigger than the limit: it travels alone
+
+    def test_replay_then_follow_in_batches(self):
+        execution_id, runner = self.run_execution()
+        for start in range(3, 2003, 500):  # 2000 stored before anyone watches
+            runner.batch(*[text(execution_id, seq, f"e{seq}") for seq in range(start, start + 500)])
+        runner.expect_ack(execution_id, 502)
+        runner.expect_ack(execution_id, 1002)
+        runner.expect_ack(execution_id, 1502)
+        runner.expect_ack(execution_id, 2002)
+        received = queue.Queue()
+        watch = self.batches(execution_id, follow=True)
+        threading.Thread(target=lambda: [received.put(b) for b in watch] + [received.put("end")],
+                         daemon=True).start()
+        replayed = []
+        while len(replayed) < 2002:
+            batch = received.get(timeout=TIMEOUT)
+            self.assertLessEqual(len(batch.events), daemon.WATCH_BATCH_EVENTS)
+            replayed += batch.events
+        self.assertEqual([e.seq for e in replayed], list(range(1, 2003)))
+        self.stream(runner, execution_id, 2003, 3000, batch=300)
+        followed = []
+        while (batch := received.get(timeout=TIMEOUT)) != "end":
+            followed += batch.events
+        self.assertEqual([e.seq for e in followed], list(range(2003, 3002)))
+        self.assertEqual(followed[-1].phase.phase, pb.COMPLETED)
+        everything = [e.SerializeToString() for e in self.log(execution_id)]  # the per-event Watch
+        self.assertEqual([e.SerializeToString() for e in replayed + followed], everything)
+        from_middle = [e.seq for b in self.batches(execution_id, after_seq=1234) for e in b.events]
+        self.assertEqual(from_middle, list(range(1235, 3002)))
+        self.assertEqual(list(self.batches(execution_id, after_seq=3001, follow=True)), [])
+
+    def test_a_live_follower_gets_each_event_before_the_next_is_appended(self):
+        execution_id, runner = self.run_execution()
+        received = queue.Queue()
+        watch = self.batches(execution_id, follow=True)
+        threading.Thread(target=lambda: [received.put(b) for b in watch] + [received.put("end")],
+                         daemon=True).start()
+        self.assertEqual([e.seq for e in received.get(timeout=TIMEOUT).events], [1, 2])  # PENDING, RUNNING
+        for seq in range(3, 53):  # append one, read one: each arrives alone and in order, nothing waits for more
+            runner.batch(text(execution_id, seq, f"live {seq}"))
+            batch = received.get(timeout=TIMEOUT)
+            self.assertEqual([(e.seq, e.text.text) for e in batch.events], [(seq, f"live {seq}")])
+        runner.batch(phase(execution_id, 53, pb.COMPLETED))
+        self.assertEqual(received.get(timeout=TIMEOUT).events[0].phase.phase, pb.COMPLETED)
+        self.assertEqual(received.get(timeout=TIMEOUT), "end")
+
+    def test_a_stalled_batched_watcher_blocks_nobody_and_misses_nothing(self):
+        execution_id, runner = self.run_execution()
+        stalled = self.batches(execution_id, follow=True)  # opened, never read until the end
+        stalled_events = self.watch(execution_id, follow=True)  # a per-event one, stalled too
+        others = [None] * 4
+
+        def follow(i):
+            if i % 2:
+                others[i] = [e.seq for e in self.watch(execution_id, follow=True)]
+            else:
+                others[i] = [e.seq for b in self.batches(execution_id, follow=True) for e in b.events]
+
+        threads = [threading.Thread(target=follow, args=(i,)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        last = 10_002
+        for start in range(3, last + 1, 500):
+            end = min(start + 499, last)
+            runner.batch(*[text(execution_id, seq, "y" * 100) for seq in range(start, end + 1)])
+            runner.expect_ack(execution_id, end)  # the runner is never held up
+        runner.batch(phase(execution_id, last + 1, pb.COMPLETED))
+        runner.expect_ack(execution_id, last + 1)
+        for thread in threads:
+            thread.join(TIMEOUT * 3)
+        for seqs in others:
+            self.assertEqual(seqs, list(range(1, last + 2)))
+        self.assertEqual([e.seq for b in stalled for e in b.events], list(range(1, last + 2)))
+        self.assertEqual([e.seq for e in stalled_events], list(range(1, last + 2)))
+
+    def test_batched_watch_needs_the_token_and_a_known_execution(self):
+        ex = self.submit()
+        watch = self.stub.WatchBatches(pb.WatchRequest(execution_id=ex.id), timeout=TIMEOUT)
+        self.assert_status(grpc.StatusCode.UNAUTHENTICATED, list, watch)
+        self.assert_status(grpc.StatusCode.NOT_FOUND, list, self.batches("ex-nope"))
+
+
 class CommandLineTest(unittest.TestCase):
     def run_daemon(self, *args, home=None):
         env = dict(os.environ, STIGMER_HOME=home or tempfile.mkdtemp(prefix="stigmer-home-"))

@@ -7,6 +7,7 @@ import os
 import shutil
 import tempfile
 import unittest
+from unittest import mock
 
 import daemon
 import stigmer_pb2 as pb
@@ -66,6 +67,60 @@ class ClientTest(unittest.TestCase):
         stream.cancel()  # it was waiting for more: still pending
         self.assertEqual(list(events), [])
         self.assertEqual(list(self.client.watch(ex.id, follow=False))[0].seq, 1)  # replay only, then the end
+
+    def stream_events(self, ex, count):
+        """Assign EX to a runner on a Connect stream and store COUNT text events and COMPLETED."""
+        import queue
+        import daemon_client
+        import stigmer_pb2_grpc as pb_grpc
+        outbox = queue.Queue()
+        outbox.put(pb.RunnerMessage(hello=pb.Hello(runner_id="r", capacity=1, mode="local")))
+        channel = daemon_client.client_channel(self.server.endpoint)
+        self.addCleanup(channel.close)
+        md = daemon_client.auth_metadata(self.server.token)
+        replies = pb_grpc.DaemonStub(channel).Connect(iter(outbox.get, None), metadata=md, timeout=60)
+        self.addCleanup(outbox.put, None)
+        self.assertEqual(next(replies).assign.execution.id, ex.id)
+        last = count + 2
+        outbox.put(pb.RunnerMessage(events=pb.EventBatch(events=[
+            pb.Event(execution_id=ex.id, seq=seq, text=pb.TextDelta(text=str(seq))) for seq in range(3, last + 1)]
+            + [pb.Event(execution_id=ex.id, seq=last + 1, phase=pb.PhaseChange(phase=pb.COMPLETED))])))
+        for reply in replies:
+            if reply.ack.seq == last + 1:
+                return last + 1
+
+    def restart(self, **patches):
+        """A new daemon over the same home whose Daemon methods are replaced by PATCHES (the handlers are
+        bound when the server starts), and a client of it."""
+        self.server.stop(0)
+        with mock.patch.multiple(daemon.Daemon, **patches):
+            self.server = daemon.serve(self.home, "127.0.0.1:0", runner_grace=0.5)
+        self.addCleanup(self.server.stop, 0)
+        self.client = Client(self.home, self.server.endpoint)
+        self.addCleanup(self.client.close)
+
+    def test_watch_reads_batches_and_yields_single_events(self):
+        def per_event(self, request, context):
+            context.abort(daemon.Code.INTERNAL, "the per-event Watch was called")
+
+        self.restart(Watch=per_event)
+        ex = self.submit()
+        last = self.stream_events(ex, 1200)
+        events = list(self.client.watch(ex.id))
+        self.assertTrue(all(isinstance(ev, pb.Event) for ev in events))
+        self.assertEqual([ev.seq for ev in events], list(range(1, last + 1)))
+        self.assertEqual(events[5].text.text, "6")
+        self.assertEqual([ev.seq for ev in self.client.watch(ex.id, after_seq=1000)], list(range(1001, last + 1)))
+
+    def test_a_daemon_without_batches_is_watched_event_by_event(self):
+        def unimplemented(self, request, context):
+            context.abort(daemon.Code.UNIMPLEMENTED, "Method not implemented!")  # what an older daemon says
+
+        self.restart(WatchBatches=unimplemented)
+        ex = self.submit()
+        last = self.stream_events(ex, 700)
+        self.assertEqual([ev.seq for ev in self.client.watch(ex.id)], list(range(1, last + 1)))
+        self.assertEqual([ev.seq for ev in self.client.watch(ex.id, after_seq=650)], list(range(651, last + 1)))
 
     def test_unknown_ids_are_backend_errors_not_unavailable(self):
         for call in (self.client.get, self.client.cancel, lambda i: list(self.client.watch(i))):

@@ -302,7 +302,8 @@ class StreamTest(unittest.TestCase):
         w = worker.Worker(capacity=1)
         link = daemon_client.DaemonLink("127.0.0.1:1", self.home)  # nothing listens on port 1
         before = threading.active_count()
-        with mock.patch.object(daemon_client, "BACKOFF_CAP", 0.01), self.assertLogs("stigmer.link") as logs:
+        with mock.patch.object(daemon_client, "BACKOFF_CAP", 0.01), mock.patch.object(daemon_client, "EAGER_SECONDS", 0), \
+                self.assertLogs("stigmer.link") as logs:
             thread = threading.Thread(target=link.run, args=(w,), daemon=True)
             thread.start()
             time.sleep(1.5)  # dozens of attempts
@@ -315,6 +316,22 @@ class StreamTest(unittest.TestCase):
         self.assertEqual(len(logs.output), 1)
         self.assertIn("cannot reach the daemon at 127.0.0.1:1", logs.output[0])
         self.assertNotIn("lost", logs.output[0])
+
+    def test_a_worker_started_before_its_daemon_connects_without_a_warning(self):
+        self.server.stop(0)  # a run's worker is spawned before the run's daemon listens
+        w = worker.Worker(capacity=1)
+        with self.assertNoLogs("stigmer.link", level="WARNING"), \
+                mock.patch.object(daemon_client, "EAGER_SECONDS", 600), mock.patch.object(daemon_client, "BACKOFF_CAP", 600):
+            thread = threading.Thread(target=daemon_client.DaemonLink(self.endpoint, self.home).run, args=(w,),
+                                      daemon=True)
+            thread.start()
+            time.sleep(0.3)  # a few failed attempts: no token, then nothing listening
+            self.server = daemon.serve(self.home, self.endpoint, runner_grace=5)
+            stub, md = self.stub()  # retried every EAGER_RETRY, not after a growing backoff:
+            self.wait(lambda: stub.Status(pb.StatusRequest(), metadata=md, timeout=5).connected_runners == 1)
+            w.stopping.set()
+            thread.join(5)
+        self.server.stop(0)
 
     def test_events_emitted_while_the_daemon_is_down_arrive_exactly_once(self):
         stub, md = self.stub()

@@ -10,6 +10,7 @@ messages already in it), so the SDK's retries and a worker's reconnects replay t
 same step. Like the real API it checks the key and that every `tool_use` of the last
 assistant turn is answered by a `tool_result` in the next user message, else 400.
 """
+import itertools
 import json
 import os
 import socket
@@ -21,6 +22,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 FAKE_KEY = "sk-ant-fake.not.a.real.key.0123456789"  # the only key the fake accepts (dots: no real key has them)
 HERE = os.path.dirname(os.path.abspath(__file__))
+MESSAGE_IDS = itertools.count(1)  # every reply gets a unique message id, as from the real API (Claude Code needs it)
 
 
 def text_step(text, stop="end_turn", **extra):
@@ -48,7 +50,7 @@ def render_stream(step, index, model="claude-fake"):
     """The SSE body of one scripted turn."""
     usage = step.get("usage", {})
     out = [_sse("message_start", {"type": "message_start", "message": {
-        "id": f"msg_{index}", "type": "message", "role": "assistant", "model": model,
+        "id": f"msg_{index}_{next(MESSAGE_IDS)}", "type": "message", "role": "assistant", "model": model,
         "content": [], "stop_reason": None, "stop_sequence": None,
         "usage": {"input_tokens": usage.get("input", 100), "output_tokens": 1,
                   "cache_read_input_tokens": usage.get("cache_read", 0),
