@@ -32,6 +32,8 @@ from operator import itemgetter
 
 import grpc
 
+import home as stigmer_home
+import sandbox
 import stigmer_pb2 as pb
 import stigmer_pb2_grpc as pb_grpc
 import store
@@ -47,6 +49,10 @@ WATCH_BATCH_BYTES = 1 << 20  # most event bytes per WatchBatches message (one bi
 EVENT_TAG = b"\x0a"  # EventBatch field 1, length-delimited: (1 << 3) | 2
 DB_FILE = "stigmer.db"  # inside $STIGMER_HOME
 AUTH_MESSAGE = "missing or wrong daemon token; clients read it from $STIGMER_HOME/daemon.token"
+LOCK_FILE = "daemon.lock"  # inside $STIGMER_HOME: flocked by the one daemon of that home; holds its pid and endpoint
+LOCK_WAIT = 3.0  # seconds serve() waits for the home's lock (a prober may hold it for a moment)
+FULL_RETRY = 2.0  # seconds between retries of a daemon write (runner lost, cancel expired) that found the disk full
+IDLE_CHECK = 0.5  # seconds between idle checks of a daemon started with idle_exit
 
 SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -111,6 +117,7 @@ class Session:
 
     def __init__(self, hello):
         self.runner_id, self.capacity, self.mode = hello.runner_id, hello.capacity, hello.mode
+        self.pinned = hello.pinned  # a private runner: takes only executions pinned to it
         self.executions = set()  # ids of the RUNNING executions it holds
         self.outbox = queue.Queue()  # DaemonMessages, then None to end the stream
         self.last_seen = time.monotonic()
@@ -124,11 +131,35 @@ class Session:
         self.outbox.put(message)
 
 
+class LogFull(Exception):
+    """A write to the log failed because the disk is full; the message names STIGMER_HOME."""
+
+
+def _is_full(error):
+    """True when a sqlite3 error means the disk (or the database's quota) is full."""
+    return (getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+            or "disk is full" in str(error) or "No space left" in str(error))
+
+
+def _say(message):
+    """One line on the daemon's stderr (its log), which may itself sit on the full disk."""
+    try:
+        print(f"stigmer daemon: {message}", file=sys.stderr, flush=True)
+    except OSError:
+        pass
+
+
 class Daemon(pb_grpc.DaemonServicer):
     """The service. All state sits behind self._lock; watchers wait on per-execution conditions."""
 
-    def __init__(self, db, db_path, runner_grace, cancel_grace):
+    def __init__(self, db, db_path, runner_grace, cancel_grace, home=""):
         self._db, self._db_path = db, db_path
+        self._home = home or os.path.dirname(db_path)
+        self._full = False  # the last write failed with a full disk (logged once per outage)
+        self._notices = {}  # execution id -> serialized seq-0 Events for its followers (disk full)
+        self._noticed = {}  # execution id -> notice kinds sent in the current outage
+        self._watchers = 0  # open Watch streams
+        self._last_call = time.monotonic()  # the latest RPC, for the idle check
         self._runner_grace, self._cancel_grace = runner_grace, cancel_grace
         self._lock = threading.Lock()
         self._active = {}  # id -> Execution, for PENDING and RUNNING; replaced, never mutated
@@ -163,7 +194,10 @@ class Daemon(pb_grpc.DaemonServicer):
                     context.abort(Code.FAILED_PRECONDITION, problem)
             ex = pb.Execution(id=self._new_id(), spec=request.spec, phase=pb.PENDING,
                               created_at=time.time())
-            self._store(self._author(ex, phase=pb.PhaseChange(phase=pb.PENDING, model=ex.spec.model)), [ex])
+            try:
+                self._store(self._author(ex, phase=pb.PhaseChange(phase=pb.PENDING, model=ex.spec.model)), [ex])
+            except LogFull as e:
+                context.abort(Code.RESOURCE_EXHAUSTED, f"{e}; nothing was submitted")
             self._pending[ex.id] = None
             self._dispatch()
             return self._active.get(ex.id, ex)
@@ -191,10 +225,18 @@ class Daemon(pb_grpc.DaemonServicer):
                 change = pb.PhaseChange(phase=pb.CANCELLED, reason="cancelled before it started")
                 rows = self._author(ex, phase=change)
                 _finish(ex, change)
-                self._store(rows, [ex])
+                try:
+                    self._store(rows, [ex])
+                except LogFull as e:
+                    context.abort(Code.RESOURCE_EXHAUSTED, str(e))
             elif ex.phase == pb.RUNNING and ("cancel", ex.id) not in self._timers:
                 # The runner confirms with a CANCELLED event; if it does not in time, we write it.
-                store.request_cancel(self._db, ex.id, time.time())
+                try:
+                    store.request_cancel(self._db, ex.id, time.time())
+                except sqlite3.Error as e:  # a full disk: the cancel still goes out, unrecorded
+                    if not _is_full(e):
+                        raise
+                    self._log_full()
                 self._schedule(("cancel", ex.id), self._cancel_grace, self._cancel_expired)
                 if ex.id in self._owner:
                     self._owner[ex.id].send(_cancel_message(ex.id))
@@ -230,6 +272,14 @@ class Daemon(pb_grpc.DaemonServicer):
         with self._lock:
             self._check_open(context)
             self._find(request.execution_id, context)
+            self._watchers += 1
+        if not context.add_callback(self._unwatch):
+            self._unwatch()
+
+    def _unwatch(self):
+        with self._lock:
+            self._watchers -= 1
+            self._last_call = time.monotonic()
 
     def _watch(self, execution_id, after, follow, context):
         """Yield the stored events after `after` as pages of (payload, seq, kind) rows; with follow, wait
@@ -237,9 +287,18 @@ class Daemon(pb_grpc.DaemonServicer):
         log's next event goes out alone, at once. A terminal phase event is always an execution's last,
         so only each page's last row is looked at."""
         db = store.open_reader(self._db_path)
+        seen = 0  # notices (seq 0, not in the log) already sent
         try:
             finished = False
             while context.is_active():
+                if follow:
+                    with self._lock:
+                        notices = self._notices.get(execution_id, [])[seen:]
+                    for notice in notices:
+                        seen += 1
+                        yield [(notice, 0, "notice")]  # a page of its own: Watch and WatchBatches send it as is
+                        if pb.Event.FromString(notice).phase.phase in TERMINAL_PHASES:
+                            return  # the run ended, but its last events wait for disk space
                 rows = store.events_after(db, execution_id, after, WATCH_PAGE)
                 if rows:
                     yield rows
@@ -250,7 +309,7 @@ class Daemon(pb_grpc.DaemonServicer):
                         continue
                 if not follow or finished:
                     return
-                finished = self._wait_for_events(execution_id, after, context)
+                finished = self._wait_for_events(execution_id, after, context, seen)
                 if finished is None:
                     if self._stopping and context.is_active():  # not a clean end: the log goes on
                         context.abort(Code.UNAVAILABLE, "the daemon is shutting down; watch again after "
@@ -259,15 +318,15 @@ class Daemon(pb_grpc.DaemonServicer):
         finally:
             db.close()
 
-    def _wait_for_events(self, execution_id, after, context):
-        """Block until the execution has events past `after` (False) or has finished (True);
-        None when the watch should end (client gone, daemon stopping)."""
+    def _wait_for_events(self, execution_id, after, context, seen=0):
+        """Block until the execution has events past `after` or notices past `seen` (False) or
+        has finished (True); None when the watch should end (client gone, daemon stopping)."""
         while context.is_active():  # checked outside our lock: grpc takes its own locks
             with self._lock:
                 if self._stopping:
                     return None
                 ex = self._active.get(execution_id)
-                if ex is None or ex.last_seq > after:
+                if ex is None or ex.last_seq > after or len(self._notices.get(execution_id, ())) > seen:
                     return ex is None
                 cond = self._conds.setdefault(execution_id, threading.Condition(self._lock))
                 cond.wait(1.0)  # the timeout only serves to notice a departed client
@@ -391,11 +450,55 @@ class Daemon(pb_grpc.DaemonServicer):
                 replies.append(_ack(execution_id, ex.last_seq))
                 if problem:
                     replies.append(_reject(execution_id, *problem, ex.last_seq))
-            self._store(rows, changed)
+            try:
+                self._store(rows, changed)
+            except LogFull as e:
+                replies, changed = self._refuse_full(session, groups, str(e)), []
             for reply in replies:
                 session.send(reply)
             if any(ex.phase in TERMINAL_PHASES for ex in changed):
                 self._dispatch()
+
+    def _refuse_full(self, session, groups, message):
+        """Nothing of a batch was stored (disk full): Reject it all as RESOURCE_EXHAUSTED (the runner
+        keeps the events and resends them later) and tell each execution's followers, once per outage."""
+        replies = []
+        for execution_id, events in groups.items():
+            if self._owner.get(execution_id) is not session:
+                continue
+            replies.append(_reject(execution_id, Code.RESOURCE_EXHAUSTED, message,
+                                   self._active[execution_id].last_seq))
+            self._notice(execution_id, "error", error=pb.Error(code="disk_full", message=message))
+            ended = [e.phase for e in events if e.WhichOneof("payload") == "phase" and e.phase.phase in TERMINAL_PHASES]
+            if ended:
+                self._notice(execution_id, "phase", phase=pb.PhaseChange(
+                    phase=pb.FAILED, turns=ended[-1].turns,
+                    reason=f"{message}; the run has ended ({pb.Phase.Name(ended[-1].phase)}) but its last "
+                           "events are not stored yet"))
+        return replies
+
+    def _notice(self, execution_id, kind, **payload):
+        """Send EXECUTION_ID's followers a seq-0 Event that is not in the log, once per kind per outage."""
+        sent = self._noticed.setdefault(execution_id, set())
+        if kind in sent:
+            return
+        sent.add(kind)
+        event = pb.Event(execution_id=execution_id, seq=0, time=time.time(), **payload)
+        self._notices.setdefault(execution_id, []).append(event.SerializeToString())
+        cond = self._conds.get(execution_id)
+        if cond:
+            cond.notify_all()
+
+    def _log_full(self):
+        """Log the first failed write of an outage (one line), and remember the outage."""
+        if not self._full:
+            self._full = True
+            _say(f"disk full in STIGMER_HOME ({self._home}): writes to the log fail until space is freed; "
+                 "reads go on, runners keep their events")
+
+    def _full_message(self):
+        return (f"disk full: the daemon cannot write to STIGMER_HOME ({self._home}); free some space there "
+                "(runners keep their events and resend them)")
 
     def _take_events(self, ex, events, rows, now):
         """Append the next contiguous events to rows and apply them to ex (a copy); the problem, if any."""
@@ -438,7 +541,18 @@ class Daemon(pb_grpc.DaemonServicer):
         """Write event rows and execution rows in one transaction, then update memory and wake watchers."""
         if not rows and not executions:
             return
-        store.write(self._db, rows, executions)
+        try:
+            store.write(self._db, rows, executions)
+        except sqlite3.Error as e:
+            if not _is_full(e):
+                raise
+            self._log_full()
+            raise LogFull(self._full_message()) from None
+        if self._full:
+            self._full = False
+            _say(f"space is back in STIGMER_HOME ({self._home}): writes to the log go on")
+        for ex in executions:
+            self._noticed.pop(ex.id, None)  # a later outage is news again
         for ex in executions:
             cond = self._conds.get(ex.id)
             if ex.phase not in TERMINAL_PHASES:
@@ -447,6 +561,7 @@ class Daemon(pb_grpc.DaemonServicer):
                 self._active.pop(ex.id, None)
                 self._pending.pop(ex.id, None)
                 self._conds.pop(ex.id, None)
+                self._notices.pop(ex.id, None)
                 session = self._owner.pop(ex.id, None)
                 if session:
                     session.executions.discard(ex.id)
@@ -463,13 +578,21 @@ class Daemon(pb_grpc.DaemonServicer):
     def _dispatch(self):
         """Assign PENDING executions, oldest first, to the runners with the most free slots."""
         for execution_id in list(self._pending):
-            session = max(self._sessions.values(), key=Session.free_slots, default=None)
+            pin = self._active[execution_id].spec.runner_id
+            if pin:  # only its own runner may take it
+                session = self._sessions.get(pin)
+            else:  # the shared runner with the most free slots; private runners take only their own
+                session = max((s for s in self._sessions.values() if not s.pinned), key=Session.free_slots,
+                              default=None)
             if session is None or session.free_slots() == 0:
-                return
+                continue
             ex = _copy(self._active[execution_id])
             ex.phase, ex.runner_id = pb.RUNNING, session.runner_id
             ex.started_at = ex.started_at or time.time()
-            self._store(self._author(ex, phase=pb.PhaseChange(phase=pb.RUNNING)), [ex])
+            try:
+                self._store(self._author(ex, phase=pb.PhaseChange(phase=pb.RUNNING)), [ex])
+            except LogFull:
+                return  # it stays PENDING; the next dispatch tries again
             del self._pending[execution_id]
             self._owner[execution_id] = session
             session.executions.add(execution_id)
@@ -480,11 +603,18 @@ class Daemon(pb_grpc.DaemonServicer):
         ex = self._active.get(execution_id)
         if ex is None or ex.phase != pb.RUNNING or execution_id in self._owner:
             return
+        killed = sandbox.kill_marked(execution_id)  # commands a SIGKILLed worker left behind (Linux)
+        if killed:
+            _say(f"{execution_id}: killed {killed} process(es) its lost runner left running")
         ex = _copy(ex)
         message = (f"runner {ex.runner_id or '?'} lost: it did not reconnect with this execution "
                    f"within {self._runner_grace:g}s")
-        change = pb.PhaseChange(phase=pb.FAILED, reason="runner lost", turns=ex.turns)
-        rows = self._author(ex, error=pb.Error(code="runner_lost", message=message))
+        code, reason = "runner_lost", "runner lost"
+        if self._noticed.get(execution_id):  # its events were refused for a full disk, then it left
+            code, reason = "disk_full", f"{self._full_message()}; {message}, and its last events were lost"
+            message = reason
+        change = pb.PhaseChange(phase=pb.FAILED, reason=reason, turns=ex.turns)
+        rows = self._author(ex, error=pb.Error(code=code, message=message))
         rows += self._author(ex, phase=change)
         _finish(ex, change)
         self._store(rows, [ex])
@@ -514,7 +644,10 @@ class Daemon(pb_grpc.DaemonServicer):
             if self._stopping or self._timers.get(key) is not threading.current_thread():
                 return  # cancelled or replaced after it started
             del self._timers[key]
-            action(key[1])
+            try:
+                action(key[1])
+            except LogFull:  # try again once there may be space
+                self._schedule(key, FULL_RETRY, action)
 
     def _cancel_timer(self, key):
         timer = self._timers.pop(key, None)
@@ -524,6 +657,7 @@ class Daemon(pb_grpc.DaemonServicer):
     # ---- lookups (the caller holds self._lock) ----
 
     def _check_open(self, context):
+        self._last_call = time.monotonic()
         if self._stopping:
             context.abort(Code.UNAVAILABLE, "the daemon is shutting down")
 
@@ -548,6 +682,15 @@ class Daemon(pb_grpc.DaemonServicer):
                 return execution_id
 
     # ---- shutdown ----
+
+    def idle(self):
+        """True when nothing is queued or running, no runner is connected, nobody watches,
+        and no RPC came in during the last check (the caller times how long this lasts)."""
+        with self._lock:
+            return not (self._active or self._sessions or self._watchers) and not self._stopping
+
+    def last_call(self):
+        return self._last_call
 
     def begin_stop(self):
         """Refuse new work, end runner streams and wake watchers so the server can drain."""
@@ -647,11 +790,25 @@ def add_service(daemon, server):
 class DaemonServer:
     """A started daemon: .port, .endpoint ("127.0.0.1:PORT"), .token, .home."""
 
-    def __init__(self, server, daemon, port, endpoint, token, home):
+    def __init__(self, server, daemon, port, endpoint, token, home, lock_fd=None):
         self._server, self._daemon = server, daemon
         self.port, self.endpoint, self.token, self.home = port, endpoint, token, home
+        self._lock_fd = lock_fd  # HOME/daemon.lock, flocked while this daemon runs
         self._stop_lock = threading.Lock()
         self._stopped = threading.Event()
+
+    def stop_when_idle(self, idle_exit):
+        """Stop once the daemon has been idle (see Daemon.idle) for IDLE_EXIT seconds, on a thread."""
+        def watch():
+            while not self._stopped.wait(IDLE_CHECK):
+                if not self._daemon.idle():
+                    continue
+                quiet = time.monotonic() - self._daemon.last_call()
+                if quiet >= idle_exit:
+                    _say(f"idle for {quiet:.0f} s with no execution, runner or watcher: stopping")
+                    self.stop()
+                    return
+        threading.Thread(target=watch, name="stigmer-idle", daemon=True).start()
 
     def stop(self, grace=1.0):
         """Stop accepting RPCs, end the streams, flush and close the database, remove the token."""
@@ -667,6 +824,8 @@ class DaemonServer:
                     os.remove(path)
             except DaemonError:
                 pass  # already gone
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)  # the next daemon of this home may start
             self._stopped.set()
 
     def wait(self):
@@ -701,6 +860,27 @@ def _bind_problem(host, port):
     return None
 
 
+class DaemonRunning(DaemonError):
+    """Another daemon already holds this STIGMER_HOME's lock; .pid is its pid (0 if not yet known)."""
+
+    def __init__(self, message, pid):
+        super().__init__(message)
+        self.pid = pid
+
+
+def lock_home(home):
+    """Take HOME's daemon lock (at most one daemon per STIGMER_HOME); returns its fd or raises DaemonRunning."""
+    path = os.path.join(home, LOCK_FILE)
+    try:
+        fd = stigmer_home.lock(path, LOCK_WAIT)
+        stigmer_home.write_record(fd, os.getpid())  # its endpoint follows once it serves: "starting" till then
+        return fd
+    except stigmer_home.LockTimeout:
+        pid = stigmer_home.lock_holder(path) or 0
+        raise DaemonRunning(f"a daemon already runs for STIGMER_HOME {home}" + (f" (pid {pid})" if pid else "") +
+                            ": use it (`python runner.py status`) or stop it (`python runner.py stop`)", pid) from None
+
+
 def _write_token(home, token):
     """Write HOME/daemon.token with mode 0600, atomically."""
     path = os.path.join(home, TOKEN_FILE)
@@ -714,6 +894,7 @@ def _write_token(home, token):
 
 def serve(home, endpoint=DEFAULT_ENDPOINT, *, allow_remote=False, runner_grace=15.0, cancel_grace=None):
     """Start a daemon keeping its state in HOME and listening on ENDPOINT (port 0: any free port).
+    Raises DaemonRunning when another daemon holds HOME's lock.
 
     cancel_grace: how long a runner has to confirm a cancel (default: runner_grace)."""
     host, port = _parse_endpoint(endpoint)
@@ -725,14 +906,27 @@ def serve(home, endpoint=DEFAULT_ENDPOINT, *, allow_remote=False, runner_grace=1
               "anyone there with the token can run commands as you", file=sys.stderr)
     bind_host = "127.0.0.1" if host == "localhost" else host
     address = f"[{bind_host}]:{port}" if ":" in bind_host else f"{bind_host}:{port}"
-    os.makedirs(home, mode=0o700, exist_ok=True)
+    stigmer_home.private_home(home, warn=_say)
+    lock_fd = lock_home(home)
+    try:
+        return _serve_locked(home, host, port, bind_host, address, runner_grace, cancel_grace, lock_fd)
+    except BaseException:
+        os.close(lock_fd)
+        raise
+
+
+def _serve_locked(home, host, port, bind_host, address, runner_grace, cancel_grace, lock_fd):
+    """serve(), once HOME's lock is ours."""
     db_path = os.path.join(home, DB_FILE)
     try:
+        stigmer_home.private_file(db_path)  # 0600 before SQLite makes it; the WAL and SHM copy its mode
         db = store.open_db(db_path)
+    except OSError as e:
+        raise DaemonError(f"cannot create the database {db_path}: {e}") from None
     except sqlite3.Error as e:
         raise DaemonError(f"cannot open the database {db_path}: {e}") from None
     token = os.urandom(32).hex()
-    daemon = Daemon(db, db_path, runner_grace, runner_grace if cancel_grace is None else cancel_grace)
+    daemon = Daemon(db, db_path, runner_grace, runner_grace if cancel_grace is None else cancel_grace, home)
     server = grpc.server(futures.ThreadPoolExecutor(RPC_THREADS, thread_name_prefix="stigmer-rpc"),
                          interceptors=[TokenAuth(token)], options=SERVER_OPTIONS,
                          maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS)
@@ -751,12 +945,14 @@ def serve(home, endpoint=DEFAULT_ENDPOINT, *, allow_remote=False, runner_grace=1
         raise DaemonError(f"cannot listen on {address}: {_bind_problem(bind_host, port) or 'gRPC refused it'}")
     _write_token(home, token)
     server.start()
-    return DaemonServer(server, daemon, bound, f"{bind_host}:{bound}" if ":" not in bind_host
-                        else f"[{bind_host}]:{bound}", token, home)
+    endpoint = f"{bind_host}:{bound}" if ":" not in bind_host else f"[{bind_host}]:{bound}"
+    stigmer_home.write_record(lock_fd, os.getpid(), endpoint)
+    return DaemonServer(server, daemon, bound, endpoint, token, home, lock_fd)
 
 
-def run(home, endpoint, *, allow_remote=False, runner_grace=15.0):
-    """Run the daemon in the foreground until SIGTERM or SIGINT; returns the exit code."""
+def run(home, endpoint, *, allow_remote=False, runner_grace=15.0, idle_exit=0.0):
+    """Run the daemon in the foreground until SIGTERM or SIGINT (or, with IDLE_EXIT > 0, until it has
+    been idle that many seconds); returns the exit code."""
     try:
         server = serve(home, endpoint, allow_remote=allow_remote, runner_grace=runner_grace)
     except DaemonError as e:
@@ -767,7 +963,9 @@ def run(home, endpoint, *, allow_remote=False, runner_grace=15.0):
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
     print(f"stigmer daemon listening on {server.endpoint} (home {home})", flush=True)
-    while not stop.wait(0.5):
+    if idle_exit > 0:
+        server.stop_when_idle(idle_exit)
+    while not stop.wait(0.5) and not server._stopped.is_set():
         pass
     server.stop()
     return 0

@@ -48,6 +48,8 @@ def read_token(home):
             token = f.read().strip()
     except FileNotFoundError:
         token = ""
+    except (OSError, UnicodeDecodeError) as e:  # unreadable: a directory, no permission, not text
+        raise DaemonError(f"the daemon token {path} is unreadable ({getattr(e, 'strerror', None) or e})") from None
     if not token:
         raise DaemonError(f"no daemon token at {path}: is the daemon running? "
                           "start it with `python runner.py start`")
@@ -83,6 +85,7 @@ BACKOFF_CAP = 5.0  # seconds, the longest wait between reconnect attempts
 EAGER_SECONDS, EAGER_RETRY = 3.0, 0.05  # until a first connection: retry this long, this often, unlogged
 BATCH_WAIT = 0.25  # seconds the sender waits for events before it considers a heartbeat
 GAP = grpc.StatusCode.FAILED_PRECONDITION.value[0]  # a Reject with this code asks for a resend after ack_seq
+FULL = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]  # a Reject with this code: disk full, keep the events, resend later
 
 
 class DaemonLink:
@@ -161,7 +164,8 @@ class DaemonLink:
     def _requests(self, worker, session):
         """The runner's side of Connect: Hello, then batches and heartbeats until the session ends."""
         yield pb.RunnerMessage(hello=pb.Hello(runner_id=worker.runner_id, capacity=worker.capacity,
-                                              mode=worker.mode, in_flight=worker.rewind()))
+                                              mode=worker.mode, in_flight=worker.rewind(),
+                                              pinned=getattr(worker, "pinned", False)))
         last = time.monotonic()
         while not session.is_set():
             batch = worker.next_batch(BATCH_WAIT, session)
@@ -184,6 +188,9 @@ class DaemonLink:
             worker.acked(message.ack.execution_id, message.ack.seq)
         elif kind == "reject":
             reject = message.reject
+            if reject.code == FULL:
+                worker.log_full(reject.execution_id, reject.ack_seq, reject.message)
+                return
             worker.refused(reject.execution_id, reject.ack_seq, gap=reject.code == GAP, message=reject.message)
         elif kind == "cancel":
             worker.cancel_requested(message.cancel.execution_id)
@@ -230,7 +237,7 @@ class Watch:
         try:
             for batch in self._call:
                 for event in batch.events:
-                    after = event.seq
+                    after = event.seq or after  # 0: a notice, not in the log
                     yield event
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.UNIMPLEMENTED or self._cancelled:

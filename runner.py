@@ -44,7 +44,10 @@ MODES = ("local", "cloud")
 SANDBOXES = ("filesystem", "daytona")  # STIGMER_SANDBOX: the host, or one Daytona sandbox per execution
 ENVS = ("development", "staging", "production")
 EXIT_CODES = {"COMPLETED": 0, "FAILED": 1, "CANCELLED": 130}
-START_WAIT = 15.0  # seconds `start` waits for the daemon to answer
+START_WAIT = 30.0  # seconds `start` (or a run) waits for the daemon it started to answer
+RUN_IDLE_EXIT = 60.0  # seconds a daemon started by a foreground run lingers with nothing to do, then exits
+DAEMON_LOCK = "daemon.lock"  # in STIGMER_HOME: flocked by its one daemon (daemon.LOCK_FILE)
+START_LOCK = "start.lock"  # in STIGMER_HOME: flocked by the one command starting a daemon
 RUNNER_GRACE = 15.0  # default seconds the daemon waits for a lost runner to come back (STIGMER_RUNNER_GRACE)
 INHERIT_ENV_VAR = "STIGMER_INHERIT_ENV"  # 1: the agent's shell gets secret-looking variables too (--inherit-env)
 INHERIT_ALL = "*"  # in ExecutionSpec.secret_names: every variable may reach the agent's shell
@@ -232,6 +235,19 @@ def connect(cfg, endpoint=None):
     return Client(cfg.home, endpoint or cfg.endpoint)
 
 
+def daemon_owner(cfg):
+    """The pid of the daemon holding STIGMER_HOME's lock (0: starting, pid not written yet), or None."""
+    import home
+    return home.lock_holder(os.path.join(cfg.home, DAEMON_LOCK))
+
+
+def daemon_serving(cfg):
+    """The pid of STIGMER_HOME's daemon once it serves (its token written), else None (none, or starting)."""
+    import home
+    record = home.lock_record(os.path.join(cfg.home, DAEMON_LOCK))
+    return int(record[0]) if record and len(record) >= 2 and record[0].isdigit() else None
+
+
 def backend_status(cfg):
     """Cloud mode: (client, status) from Redis; a Redis that does not answer is a one-line error."""
     client = connect(cfg)
@@ -243,19 +259,114 @@ def backend_status(cfg):
 
 
 def find_daemon(cfg):
-    """(client, status) for a daemon that answers at the endpoint, or None (without a token file,
-    at once: grpc is not even imported)."""
-    if not os.path.exists(os.path.join(cfg.home, "daemon.token")):
-        return None
-    from daemon_client import BackendError
+    """(client, status) of the daemon that answers at the endpoint, or None when none does (without a
+    token file, at once: grpc is not even imported). A missing, empty, unreadable or foreign token with
+    no daemon behind it is None too (starting a daemon replaces it); with this home's daemon running
+    behind it, a CliError names the fix."""
+    path = os.path.join(cfg.home, "daemon.token")
+    if not os.path.lexists(path):
+        return broken_token(cfg, path, "is missing")
+    from daemon_client import BackendError, BackendUnavailable, DaemonError, read_token
+    try:
+        read_token(cfg.home)
+    except DaemonError as exc:
+        return broken_token(cfg, path, "is unreadable" if "unreadable" in str(exc) else "is empty")
     client = None
     try:
         client = connect(cfg)
         return client, client.status(timeout=2.0)
-    except BackendError:
+    except BackendError as exc:
         if client is not None:
             client.close()
+        owner = None if isinstance(exc, BackendUnavailable) else daemon_owner(cfg)
+        if owner:  # our home's daemon answers, but not to this token
+            raise CliError(f"the daemon of STIGMER_HOME {cfg.home} (pid {owner}) refused the token in "
+                           f"{os.path.join(cfg.home, 'daemon.token')}, which another process overwrote: "
+                           "run `python runner.py stop`, and the next command starts a fresh one") from None
         return None
+
+
+def broken_token(cfg, path, what):
+    """None when no daemon serves STIGMER_HOME (starting one replaces the token); else a CliError naming the fix."""
+    owner = daemon_serving(cfg)
+    if owner:  # a daemon serves this home, and we cannot authenticate to it
+        raise CliError(f"the daemon token {path} {what}, but the daemon of STIGMER_HOME {cfg.home} (pid {owner}) "
+                       "is running: run `python runner.py stop`, and the next command starts a fresh one")
+    return None
+
+
+def ensure_daemon(cfg, idle_exit=0.0, out=None):
+    """(Client, DaemonStatus) of STIGMER_HOME's daemon, starting one in the background when none runs.
+    One command starts it (START_LOCK) and the daemon itself makes sure it is the only one (DAEMON_LOCK);
+    IDLE_EXIT > 0: the daemon exits after that many seconds with nothing to do."""
+    import home
+    found = find_daemon(cfg)
+    if found is not None:
+        return found
+    home.private_home(cfg.home)
+    try:
+        with home.held(os.path.join(cfg.home, START_LOCK), START_WAIT):
+            return start_daemon(cfg, idle_exit, out)
+    except home.LockTimeout:
+        raise CliError(f"another command has been starting the daemon for {START_WAIT:.0f} s: see "
+                       f"{os.path.join(cfg.home, 'logs', 'daemon.log')}") from None
+
+
+def start_daemon(cfg, idle_exit, out):
+    """Start the daemon (the caller holds START_LOCK) and wait until it answers."""
+    import home
+    found = find_daemon(cfg)
+    if found is not None:
+        return found
+    log_path = os.path.join(cfg.home, "logs", "daemon.log")
+    deadline, pid, spawned = time.monotonic() + START_WAIT, None, 0
+    while True:
+        if (pid is None or not home.pid_alive(pid)) and daemon_owner(cfg) is None:
+            if spawned == 3:  # it exits at once: the log says why
+                break
+            pid = spawn_daemon(cfg, idle_exit)
+            spawned += 1
+        time.sleep(0.1)
+        found = find_daemon(cfg)
+        if found is not None:
+            if out is not None:
+                print(f"daemon started (pid {found[1].pid}) at {cfg.endpoint}", file=out)
+            return found
+        if time.monotonic() > deadline:
+            break
+    try:
+        with open(log_path, errors="replace") as f:
+            tail = f.read().strip().splitlines()[-1:]
+    except OSError:
+        tail = []
+    raise CliError(f"the daemon did not start: {tail[0] if tail else 'no output'} (log: {log_path})")
+
+
+def spawn_daemon(cfg, idle_exit):
+    """Start `runner.py daemon` detached from us (not our child: it may outlive this command),
+    recorded in logs/daemon.pid, which it keeps locked while it lives; returns its pid."""
+    import subprocess
+
+    import home
+    logs = os.path.join(cfg.home, "logs")
+    os.makedirs(logs, mode=0o700, exist_ok=True)
+    pid_fd = home.lock(os.path.join(logs, "daemon.pid"), timeout=2.0)
+    log_fd = home.private_open(os.path.join(logs, "daemon.log"), os.O_WRONLY | os.O_APPEND)
+    try:
+        args = [sys.executable, os.path.join(HERE, "runner.py"), "daemon"]
+        args += ["--idle-exit", f"{idle_exit:g}"] if idle_exit else []
+        # sh starts it in the background and exits: the daemon is re-parented, and keeps pid_fd's lock
+        sh = subprocess.Popen(["/bin/sh", "-c", '"$@" >&2 & echo $!', "sh", *args], env=without_keys(cfg.environ),
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log_fd,
+                              pass_fds=(pid_fd,), start_new_session=True)
+        pid = int(sh.stdout.readline())
+        sh.stdout.close()
+        sh.wait()
+        home.write_record(pid_fd, pid)
+        return pid
+    finally:
+        os.close(pid_fd)
+        os.close(log_fd)
 
 
 def open_log(cfg):
@@ -266,19 +377,32 @@ def open_log(cfg):
     found = find_daemon(cfg)
     if found is not None:
         return found[0], None
+    if daemon_owner(cfg) is not None:
+        raise CliError(f"the daemon of STIGMER_HOME {cfg.home} does not answer at {cfg.endpoint}: "
+                       "see `python runner.py status`")
     if not os.path.exists(os.path.join(cfg.home, "stigmer.db")):
         raise CliError(f"no executions yet in {cfg.home}: run one with python runner.py \"your task\"")
     embedded = serve_embedded(cfg, "127.0.0.1:0")
+    if embedded is None:  # a daemon came up meanwhile
+        return find_daemon(cfg)[0], None
     return connect(cfg, embedded.endpoint), embedded
 
 
 def serve_embedded(cfg, endpoint):
-    """A daemon inside this process, for this command only."""
+    """A daemon inside this process, for this command only; None when STIGMER_HOME's daemon came up
+    meanwhile. Waits while another command's short-lived one holds the home's lock."""
     import daemon
-    try:
-        return daemon.serve(cfg.home, endpoint, runner_grace=cfg.runner_grace)
-    except daemon.DaemonError as exc:
-        raise CliError(str(exc)) from None
+    deadline = time.monotonic() + START_WAIT
+    while True:
+        try:
+            return daemon.serve(cfg.home, endpoint, runner_grace=cfg.runner_grace)
+        except daemon.DaemonRunning as exc:
+            if find_daemon(cfg) is not None:
+                return None
+            if time.monotonic() > deadline:
+                raise CliError(str(exc)) from None
+        except daemon.DaemonError as exc:
+            raise CliError(str(exc)) from None
 
 
 # ---- processes: workers and background services ----
@@ -342,15 +466,43 @@ def backend_is_terminal(cfg):
     return is_terminal
 
 
-def spawn(args, env, log_path, pipe_stdin=False):
-    """Start `python runner.py ARGS` in its own session, output appended to LOG_PATH
-    (stdin a pipe we hold when PIPE_STDIN, else /dev/null)."""
+def spawn(args, env, log_path, pipe_stdin=False, pid_path=None):
+    """Start `python runner.py ARGS` in its own session, output appended to LOG_PATH (0600)
+    (stdin a pipe we hold when PIPE_STDIN, else /dev/null). PID_PATH: a pid file the child
+    keeps locked while it lives (see home.live_pid)."""
     import subprocess
-    os.makedirs(os.path.dirname(log_path), mode=0o700, exist_ok=True)
-    with open(log_path, "ab") as log:
-        return subprocess.Popen([sys.executable, os.path.join(HERE, "runner.py"), *args], env=env,
+
+    import home
+    try:
+        os.makedirs(os.path.dirname(log_path), mode=0o700, exist_ok=True)
+        log = home.private_open(log_path, os.O_WRONLY | os.O_APPEND)
+        pid_fd = home.lock(pid_path, timeout=2.0) if pid_path else None
+    except OSError as exc:
+        raise CliError(home_problem(log_path, exc)) from None
+    try:
+        proc = subprocess.Popen([sys.executable, os.path.join(HERE, "runner.py"), *args], env=env,
                                 stdin=subprocess.PIPE if pipe_stdin else subprocess.DEVNULL,
-                                stdout=log, stderr=log, start_new_session=True)
+                                stdout=log, stderr=log, start_new_session=True,
+                                pass_fds=(pid_fd,) if pid_fd is not None else ())
+        if pid_fd is not None:
+            try:
+                home.write_record(pid_fd, proc.pid)
+            except OSError as exc:
+                stop_process(proc)
+                raise CliError(home_problem(pid_path, exc)) from None
+        return proc
+    finally:
+        os.close(log)
+        if pid_fd is not None:
+            os.close(pid_fd)
+
+
+def home_problem(path, exc):
+    """One line on a file in STIGMER_HOME that could not be written."""
+    import errno
+    if exc.errno == errno.ENOSPC:
+        return f"disk full: cannot write {path} in STIGMER_HOME; free some space there"
+    return f"cannot write {path}: {exc.strerror or exc}"
 
 
 def gather_secrets(cfg, names, model):
@@ -394,18 +546,10 @@ def pid_files(cfg):
     return sorted(os.path.join(logs, n) for n in os.listdir(logs) if n.endswith(".pid")) if os.path.isdir(logs) else []
 
 
-def live_pid(path):
-    """The pid in a pid file if that process is still one of ours, else None."""
-    try:
-        with open(path) as f:
-            pid = int(f.read().strip())
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmdline = f.read()
-        with open(f"/proc/{pid}/stat") as f:
-            zombie = f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, ValueError):
-        return None
-    return pid if b"runner.py" in cmdline and not zombie else None
+def live_pid(path, wait=1.0):
+    """The pid in a pid file while its process runs (it holds the file's lock; no /proc), else None."""
+    import home
+    return home.live_pid(path, wait)
 
 
 # ---- commands ----
@@ -467,23 +611,25 @@ def cmd_run(cfg, args):
     model = choose_model(cfg, args.model)
     found = backend_status(cfg) if cfg.cloud else find_daemon(cfg)
     embedded = worker = None
-    runner_id = ""  # cloud mode: a foreground run's execution is pinned to the worker it spawns
+    runner_id = ""  # a foreground run's execution is pinned to the worker it spawns (both modes)
     if args.detach and (found is None or found[1].connected_runners == 0):
         # a detached run needs a backend and a worker that outlive this command
         cmd_start(cfg, argparse.Namespace(workers=1, secret=args.secret, model=model), out=sys.stderr)
         found = backend_status(cfg) if cfg.cloud else find_daemon(cfg)
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
+        if not args.detach:  # its own worker, with this run's secrets, takes only this run
+            runner_id = f"run-{os.getpid()}-{os.urandom(3).hex()}"
         # A cold start: the worker (importing its SDK, the slowest part) starts first, unless it needs
         # the secret names of the run it resumes, which only the log knows.
-        endpoint = embedded_endpoint(cfg.endpoint) if found is None and not cfg.cloud and not resuming else None
+        endpoint = embedded_endpoint(cfg.endpoint) if runner_id and found is None and not cfg.cloud \
+            and not resuming else None
         if endpoint:
-            worker = spawn_run_worker(cfg, names, endpoint, model)
-        if found is None:
-            embedded = serve_embedded(cfg, cfg.endpoint)
-            client, status = connect(cfg, embedded.endpoint), None
-        else:
+            worker = spawn_run_worker(cfg, names, endpoint, runner_id, model)
+        if cfg.cloud:
             client, status = found
+        else:  # a foreground run shares STIGMER_HOME's daemon, starting one (idling out later) when none runs
+            client, status = found or ensure_daemon(cfg, idle_exit=RUN_IDLE_EXIT)
         parent = find_parent(client, args, workspace) if resuming else None
         if parent is not None:  # the conversation goes on where it was, with the same secrets
             workspace = parent.spec.workspace
@@ -493,16 +639,8 @@ def cmd_run(cfg, args):
         inherit = args.inherit_env or cfg.inherit_env or INHERIT_ALL in names
         names = [n for n in names if n != INHERIT_ALL]
         shell_names = names + [INHERIT_ALL] if inherit else names  # the spec's; `*` lets them all through
-        if cfg.cloud and not args.detach:  # its own worker, with this run's secrets, takes only this run
-            runner_id = f"run-{os.getpid()}-{os.urandom(3).hex()}"
-            secrets = gather_secrets(cfg, names, model)
-            worker = spawn(["worker", "--capacity", "1", "--exit-with-stdin", "--runner-id", runner_id, "--pinned",
-                            "--model", model],
-                           worker_env(cfg, secrets, cfg.endpoint),
-                           os.path.join(cfg.home, "logs", "run-worker.log"), pipe_stdin=True)
-            del secrets
-        elif not cfg.cloud and worker is None and (status is None or status.connected_runners == 0):
-            worker = spawn_run_worker(cfg, names, client.endpoint, model)
+        if runner_id and worker is None:  # its own worker, with this run's secrets, takes only this run
+            worker = spawn_run_worker(cfg, names, cfg.endpoint if cfg.cloud else client.endpoint, runner_id, model)
         import stigmer_pb2 as pb
         import terminal
         from daemon_client import BackendError
@@ -567,12 +705,13 @@ def cmd_run(cfg, args):
             signal.signal(sig, handler)
 
 
-def spawn_run_worker(cfg, names, endpoint, model):
-    """This run's own worker (capacity 1) for MODEL (provider/model; its provider's key is gathered), which
-    stops when this command closes its stdin."""
+def spawn_run_worker(cfg, names, endpoint, runner_id, model):
+    """This run's own worker (capacity 1) for MODEL (provider/model; its provider's key is gathered),
+    which takes only executions pinned to RUNNER_ID and stops when this command closes its stdin."""
     secrets = gather_secrets(cfg, names, model)
-    return spawn(["worker", "--capacity", "1", "--exit-with-stdin", "--model", model], worker_env(cfg, secrets, endpoint),
-                 os.path.join(cfg.home, "logs", "run-worker.log"), pipe_stdin=True)
+    return spawn(["worker", "--capacity", "1", "--exit-with-stdin", "--runner-id", runner_id, "--pinned",
+                  "--model", model], worker_env(cfg, secrets, endpoint), os.path.join(cfg.home, "logs", "run-worker.log"),
+                 pipe_stdin=True)
 
 
 def find_parent(client, args, workspace):
@@ -615,18 +754,7 @@ def cmd_start(cfg, args, out=None):
     if cfg.cloud:  # no daemon: the workers on this host serve the queue on Redis
         backend_status(cfg)[0].close()  # a Redis that does not answer is an error now, not in the workers' logs
     elif found is None:
-        proc = spawn(["daemon"], without_keys(cfg.environ), os.path.join(logs, "daemon.log"))
-        with open(os.path.join(logs, "daemon.pid"), "w") as f:
-            f.write(str(proc.pid))
-        deadline = time.monotonic() + START_WAIT
-        while found is None:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                tail = open(os.path.join(logs, "daemon.log"), errors="replace").read().strip().splitlines()[-1:]
-                raise CliError(f"the daemon did not start: {tail[0] if tail else 'no output'} "
-                               f"(log: {os.path.join(logs, 'daemon.log')})")
-            time.sleep(0.1)
-            found = find_daemon(cfg)
-        print(f"daemon started (pid {proc.pid}) at {cfg.endpoint}", file=out)
+        ensure_daemon(cfg, out=out or sys.stdout)
     else:
         print(f"daemon already running at {cfg.endpoint}", file=out)
     alive = sum(1 for p in pid_files(cfg) if os.path.basename(p).startswith("worker-") and live_pid(p))
@@ -638,9 +766,7 @@ def cmd_start(cfg, args, out=None):
         path = os.path.join(logs, f"worker-{n}.pid")
         if live_pid(path):
             continue
-        proc = spawn(["worker", "--model", model], env, os.path.join(logs, f"worker-{n}.log"))
-        with open(path, "w") as f:
-            f.write(str(proc.pid))
+        spawn(["worker", "--model", model], env, os.path.join(logs, f"worker-{n}.log"), pid_path=path)
         started += 1
     where = f" on Redis at {connect(cfg).endpoint}" if cfg.cloud else ""
     print(f"{alive + started} worker(s) running{where} ({started} started); logs in {logs}", file=out)
@@ -668,22 +794,31 @@ def cmd_stop(cfg, args):
     for path in ordered:  # workers first, so they can report their last events to the daemon
         pid = live_pid(path)
         if pid:
-            os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + 10
-            while live_pid(path) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if live_pid(path):
-                os.kill(pid, signal.SIGKILL)
+            stop_pid(pid, lambda: live_pid(path, wait=0))
             stopped.append(os.path.basename(path)[:-4])
         os.unlink(path)
+    owner = daemon_owner(cfg)
+    if owner and owner != os.getpid():  # a daemon with no pid file of ours: one a foreground run started
+        stop_pid(owner, lambda: daemon_owner(cfg))
+        stopped.append(f"the daemon a foreground run started (pid {owner})")
     if stopped:
         print(f"stopped {len(stopped)} process(es): {', '.join(stopped)}")
-    elif found and found[1].pid:
-        print(f"the daemon at {found[0].endpoint} (pid {found[1].pid}) belongs to a foreground "
-              "`python runner.py` run and ends with it" + (" now that its run is cancelled" if running else ""))
     else:
         print("nothing was running")
     return 0
+
+
+def stop_pid(pid, alive):
+    """SIGTERM PID, then SIGKILL it if alive() still says so 10 s later."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if alive():
+            os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def running_executions(client):
@@ -708,7 +843,7 @@ def confirm(question):
 
 def cmd_status(cfg, args):
     found = backend_status(cfg) if cfg.cloud else find_daemon(cfg)
-    procs = {os.path.basename(p)[:-4]: live_pid(p) for p in pid_files(cfg)}
+    procs = {os.path.basename(p)[:-4]: live_pid(p, wait=0.2) for p in pid_files(cfg)}
     if found is None:
         raise CliError(f"no daemon answers at {cfg.endpoint}: start one with `python runner.py start`")
     import terminal
@@ -785,7 +920,7 @@ def cmd_cancel(cfg, args):
 def cmd_daemon(cfg, args):
     import daemon
     return daemon.run(cfg.home, args.endpoint or cfg.endpoint, allow_remote=args.allow_remote,
-                      runner_grace=cfg.runner_grace)
+                      runner_grace=cfg.runner_grace, idle_exit=args.idle_exit)
 
 
 def cmd_worker(cfg, args):
@@ -905,6 +1040,7 @@ def parser():
     dmn.add_argument("--endpoint", metavar="HOST:PORT",
                      help="where to listen (default: STIGMER_BACKEND_ENDPOINT or localhost:50051)")
     dmn.add_argument("--allow-remote", action="store_true", help="allow a non-loopback endpoint")
+    dmn.add_argument("--idle-exit", type=float, default=0, help=argparse.SUPPRESS)  # a foreground run's daemon
     wrk = sub.add_parser("worker", help="run a worker in the foreground",
                          epilog="example: ANTHROPIC_API_KEY=... python runner.py worker --capacity 4")
     wrk.add_argument("--capacity", type=int, default=2, help="executions at once (default 2)")

@@ -58,6 +58,8 @@ SKIP_DIRS = {".git"}    # glob and grep never descend into these (hidden files a
 # Override the host's values (an agent must never get `less`); the sandbox's env and a call's env win.
 NON_INTERACTIVE = {"GIT_TERMINAL_PROMPT": "0", "PAGER": "cat", "GIT_PAGER": "cat"}
 RUN_MARKER = "STIGMER_SANDBOX_RUN"  # set to a fresh id for each command; finds what left its group
+EXECUTION_MARKER = "STIGMER_EXECUTION"  # the execution id, set by the worker: kill_marked finds its commands
+PROC_ROOT = "/proc"     # Linux's process table; elsewhere the sweeps find nothing and degrade quietly
 SWEEP_ROUNDS = 3        # /proc scans for processes that left the group (they may fork meanwhile)
 
 _LIVE = set()           # process-group ids of commands running now, in any sandbox
@@ -132,6 +134,41 @@ def kill_all() -> int:
         for pgid in _LIVE:
             _signal_group(pgid, signal.SIGKILL)
         return len(_LIVE)
+
+
+def kill_marked(value, name=EXECUTION_MARKER) -> int:
+    """SIGKILL every process of this user whose environment has NAME=VALUE, and its process
+    group; returns how many were found. Finds what a worker killed with SIGKILL left behind
+    (its commands carry EXECUTION_MARKER=<execution id>). Linux only: without /proc it finds nothing."""
+    needle = b"\0" + os.fsencode(name) + b"=" + os.fsencode(value) + b"\0"
+    found = 0
+    for _ in range(SWEEP_ROUNDS):  # a process may fork while we look
+        try:
+            pids = [int(n) for n in os.listdir(PROC_ROOT) if n.isdigit()]
+        except OSError:
+            return found
+        hits = 0
+        for pid in pids:
+            if pid == os.getpid():
+                continue
+            try:
+                with open(f"{PROC_ROOT}/{pid}/environ", "rb") as f:
+                    if needle not in b"\0" + f.read():
+                        continue
+                group = os.getpgid(pid)
+            except OSError:
+                continue  # gone, or another user's
+            hits += 1
+            own = group == os.getpgrp()  # never our own group, whatever a command's environment says
+            for kill, target in (((os.kill, pid),) if own else ((os.killpg, group), (os.kill, pid))):
+                try:
+                    kill(target, signal.SIGKILL)
+                except OSError:
+                    pass
+        found += hits
+        if not hits:
+            break
+    return found
 
 
 def guard_commands():
@@ -580,7 +617,7 @@ def _last_pid():
         with _NS_LAST_PID_LOCK:
             if _NS_LAST_PID is None:
                 try:
-                    _NS_LAST_PID = os.open("/proc/sys/kernel/ns_last_pid", os.O_RDONLY | os.O_CLOEXEC)
+                    _NS_LAST_PID = os.open(f"{PROC_ROOT}/sys/kernel/ns_last_pid", os.O_RDONLY | os.O_CLOEXEC)
                 except OSError:
                     _NS_LAST_PID = -1
     if _NS_LAST_PID < 0:
@@ -620,7 +657,7 @@ class _Sweeper:
         if last == first and time.monotonic() - self.start < 1.0:
             return []  # no process was created since the shell: nothing can have escaped
         try:
-            names = os.listdir("/proc")
+            names = os.listdir(PROC_ROOT)
         except OSError:
             return []
         pids = (int(n) for n in names if n.isdigit())
@@ -659,10 +696,10 @@ class _Sweeper:
 
     def _ours(self, pid):
         try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
+            with open(f"{PROC_ROOT}/{pid}/environ", "rb") as f:
                 if b"\0" + self.needle not in b"\0" + f.read():
                     return False
-            with open(f"/proc/{pid}/stat", "rb") as f:
+            with open(f"{PROC_ROOT}/{pid}/stat", "rb") as f:
                 fields = f.read().rpartition(b")")[2].split()
         except OSError:
             return False  # gone, or another user's

@@ -308,16 +308,18 @@ class InFlight(_message.Message):
     def __init__(self, execution_id: _Optional[str] = ..., last_seq: _Optional[int] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("runner_id", "capacity", "mode", "in_flight")
+    __slots__ = ("runner_id", "capacity", "mode", "in_flight", "pinned")
     RUNNER_ID_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
     runner_id: str
     capacity: int
     mode: str
     in_flight: _containers.RepeatedCompositeFieldContainer[InFlight]
-    def __init__(self, runner_id: _Optional[str] = ..., capacity: _Optional[int] = ..., mode: _Optional[str] = ..., in_flight: _Optional[_Iterable[_Union[InFlight, _Mapping]]] = ...) -> None: ...
+    pinned: bool
+    def __init__(self, runner_id: _Optional[str] = ..., capacity: _Optional[int] = ..., mode: _Optional[str] = ..., in_flight: _Optional[_Iterable[_Union[InFlight, _Mapping]]] = ..., pinned: _Optional[bool] = ...) -> None: ...
 
 class EventBatch(_message.Message):
     __slots__ = ("events",)

@@ -85,10 +85,11 @@ def write(db, event_rows, executions):
     try:
         db.executemany(INSERT_EVENT, event_rows)
         db.executemany(UPSERT_EXECUTION, [execution_row(ex) for ex in executions])
+        db.execute("COMMIT")
     except BaseException:
-        db.execute("ROLLBACK")
+        if db.in_transaction:  # a COMMIT that failed (disk full) leaves it open
+            db.execute("ROLLBACK")
         raise
-    db.execute("COMMIT")
 
 
 def request_cancel(db, execution_id, when):

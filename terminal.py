@@ -14,7 +14,7 @@ import threading
 import time
 
 import stigmer_pb2 as pb
-from daemon_client import TERMINAL_NAMES, BackendError, BackendUnavailable
+from daemon_client import TERMINAL_NAMES, TERMINAL_PHASES, BackendError, BackendUnavailable
 
 CANCEL_WAIT = 5.0  # seconds Ctrl-C waits for the execution to confirm it stopped
 RECONNECT_WAIT = 60.0  # seconds a follower waits for a daemon that went away
@@ -353,6 +353,9 @@ def follow(client, execution_id, renderer, after_seq=0, follow_live=True, interr
                 client, stream = reconnect_watch(reconnect, renderer, lambda c: watch(c, last_seq), interrupted)
                 continue
             raise item
+        if item.seq == 0:  # a notice from the daemon, not in the log (disk full)
+            notice(item, renderer)
+            continue
         last_seq = item.seq
         renderer.event(item)
         if item.WhichOneof("payload") == "phase":
@@ -361,6 +364,17 @@ def follow(client, execution_id, renderer, after_seq=0, follow_live=True, interr
             if name in TERMINAL_NAMES:
                 renderer.clear_spinner()
                 return name
+
+
+def notice(ev, renderer):
+    """Show a seq-0 notice on stderr; a terminal one (the run ended, but its end is not stored) is
+    raised as a BackendError: the reason, and exit 1."""
+    kind = ev.WhichOneof("payload")
+    if kind == "phase" and ev.phase.phase in TERMINAL_PHASES:
+        raise BackendError(f"{ev.phase.reason} ({ev.execution_id})")
+    if kind == "error":
+        renderer.newline()
+        renderer.out(f"stigmer: {ev.error.message}\n", err=True)
 
 
 def stop(stream):

@@ -48,6 +48,8 @@ BATCH_LINGER = 0.005  # seconds next_batch waits after a wake-up so that a burst
 MAX_BUFFERED_EVENTS = 20_000  # unacknowledged events held before agents pause
 MAX_PENDING_TEXT = 1_000_000  # characters of not-yet-sequenced text before text emitters pause too
 FLUSH_ON_STOP = 5.0  # seconds a stopping worker waits for its last events to be acknowledged
+FULL_BACKOFF = (0.5, 5.0)  # seconds before resending events the log refused for a full disk: first, longest
+LOG_FULL_PATIENCE = 60.0  # seconds of a full log before the worker ends the execution FAILED (events still kept)
 CLEANUP_ON_STOP = 8.0  # seconds a stopping worker then waits for executions to delete their sandboxes
 PATCH_MAX_BYTES = 512_000  # most bytes of a patch artifact: whole files are left out to fit, and named
 SWEEP_EVERY = 600.0  # seconds between sweeps of leftover sandboxes
@@ -93,10 +95,11 @@ def new_runner_id():
 def host_sandbox(execution, env):
     """The local default: the agent works in spec.workspace on this host, whose environment
     already holds env."""
-    from sandbox import FilesystemSandbox, SandboxError
+    from sandbox import EXECUTION_MARKER, FilesystemSandbox, SandboxError
     if not os.path.isdir(execution.spec.workspace):
         raise SandboxError(f"the workspace {execution.spec.workspace} does not exist on this runner")
-    return FilesystemSandbox(execution.spec.workspace)
+    # The marker lets the daemon find (kill_marked) the commands of a worker killed with SIGKILL.
+    return FilesystemSandbox(execution.spec.workspace, env={EXECUTION_MARKER: execution.id})
 
 
 def patch_artifact(patch, redactor):
@@ -127,6 +130,13 @@ class Outbox:
         self.pending_text = []  # text deltas not yet sequenced (coalesced when the stream lags)
         self.pending_chars = 0
         self.finished = False  # the terminal phase event has been emitted
+        self.full_since = None  # time.monotonic() of the first refusal for a full disk in this outage
+        self.hold_until = 0.0  # time.monotonic() before which nothing is sent (backing off a full disk)
+        self.backoff = FULL_BACKOFF[0]
+
+    def held(self, now):
+        """True while sending is paused for a full disk."""
+        return self.hold_until > now
 
     def sequence_text(self):
         """Turn pending text into one event; returns how many events were added."""
@@ -163,6 +173,8 @@ class Worker:
         # environment when none is given (tests).
         self.environ = os.environ if environ is None else environ
         self.pinned = pinned  # a private runner: the log gives it only executions pinned to runner_id
+        self.log_full_patience = LOG_FULL_PATIENCE
+        self.abandoned = {}  # execution id -> why this worker ends it FAILED (the log stayed full)
         self.sandbox = sandbox  # what make_sandbox makes: "filesystem" or "daytona" (checked against spec.sandbox)
         self.runner_id = runner_id or new_runner_id()
         self.make_sandbox = make_sandbox  # (execution, env) -> a sandbox; raises SandboxError or SandboxUnavailable
@@ -214,13 +226,17 @@ class Worker:
 
     def _unsent(self):
         """True when some event or text is waiting to be sent (called with the lock held)."""
-        return any(b.pending_text or (b.events and b.events[-1].seq > b.sent) for b in self.outboxes.values())
+        now = time.monotonic()
+        return any((b.pending_text or (b.events and b.events[-1].seq > b.sent)) and not b.held(now)
+                   for b in self.outboxes.values())
 
     def _take_batch(self):
         """Unsent events, oldest executions first, at most BATCH_EVENTS and about BATCH_BYTES
         (called with the lock held)."""
-        batch, size = [], 0
+        batch, size, now = [], 0, time.monotonic()
         for box in list(self.outboxes.values()):
+            if box.held(now):
+                continue
             self.buffered += box.sequence_text()
             for event in box.events:
                 if event.seq <= box.sent:
@@ -268,6 +284,9 @@ class Worker:
             box = self.outboxes.get(execution_id)
             if box:
                 self.buffered -= box.ack(seq)
+                if box.full_since is not None:
+                    log.warning("the log stores %s's events again", execution_id)
+                    box.full_since, box.hold_until, box.backoff = None, 0.0, FULL_BACKOFF[0]
                 if box.finished and not box.events and not box.pending_text:
                     del self.outboxes[box.execution_id]
             self.cond.notify_all()
@@ -282,6 +301,32 @@ class Worker:
             elif box:
                 log.warning("the log refused events for %s: %s", execution_id, message)
                 self._drop(execution_id)
+            self.cond.notify_all()
+
+    def log_full(self, execution_id, ack_seq, message=""):
+        """The log could not store events (disk full): keep them all, resend after a growing pause,
+        and after log_full_patience end the execution FAILED (those events wait in the outbox too)."""
+        with self.cond:
+            box = self.outboxes.get(execution_id)
+            if box is None:
+                return
+            self.buffered -= box.ack(ack_seq)
+            box.sent = box.acked  # everything after the log's last stored seq goes again
+            now = time.monotonic()
+            if box.full_since is None:
+                box.full_since = now
+                log.warning("the log cannot store %s's events (%s); keeping them and retrying", execution_id, message)
+            box.hold_until = now + box.backoff
+            box.backoff = min(FULL_BACKOFF[1], box.backoff * 2)
+            agent = self.agents.get(execution_id)
+            if now - box.full_since >= self.log_full_patience and execution_id not in self.abandoned \
+                    and not box.finished:
+                self.abandoned[execution_id] = message or "the log is full"
+                log.warning("ending %s: the log stayed full for %.0f s", execution_id, now - box.full_since)
+                if agent is not None:
+                    agent.cancel()
+                else:
+                    self.cancels.add(execution_id)
             self.cond.notify_all()
 
     def cancel_requested(self, execution_id):
@@ -392,6 +437,10 @@ class Worker:
                 self.agents.pop(execution.id, None)
                 self.cancels.discard(execution.id)
                 alive = execution.id in self.outboxes
+                abandoned = self.abandoned.pop(execution.id, None)
+            if abandoned and alive:  # ended because the log stayed full, not by the user
+                phase, reason = pb.FAILED, abandoned
+                emit(error=pb.Error(code="disk_full", message=redactor.redact(abandoned)))
             if alive:
                 emit(phase=pb.PhaseChange(phase=phase, reason=redactor.redact(reason), final_text=final_text,
                                           turns=turns))
