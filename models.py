@@ -274,9 +274,6 @@ def anthropic_error(exc):
         if "prompt is too long" in text or "context window" in text or "too many tokens" in text:
             return "context_window", "the conversation no longer fits the model's context window"
         return "bad_request", f"the model API refused the request (400): {provider_message(exc)}"
-    if isinstance(exc, anthropic.NotFoundError):
-        return "not_found", (f"the model API answered 404 ({provider_message(exc)}): check the model name "
-                             "(STIGMER_MODEL or --model)")
     if isinstance(exc, anthropic.APIStatusError):
         return "api_error", f"the model API failed ({exc.status_code}): {provider_message(exc)}"
     return "api_error", f"the model API failed: {exc}"
@@ -570,17 +567,6 @@ def chat_usage(usage):
     details = getattr(usage, "prompt_tokens_details", None)
     cached = (getattr(details, "cached_tokens", 0) or 0) if details is not None else 0
     return Usage((usage.prompt_tokens or 0) - cached, usage.completion_tokens or 0, cached, 0)
-
-
-def provider_message(exc):
-    """The provider's own error message from an SDK error, not the SDK's dump of the body."""
-    body = getattr(exc, "body", None)
-    inner = body.get("error", body) if isinstance(body, dict) else body
-    if isinstance(inner, dict) and inner.get("message"):
-        return str(inner["message"])
-    if isinstance(inner, str) and inner:
-        return inner
-    return getattr(exc, "message", None) or str(exc)
 
 
 def parse_arguments(raw):
