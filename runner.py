@@ -788,6 +788,7 @@ def cmd_stop(cfg, args):
     for ex, line in zip(running, describe(running)):  # cancel first, so the log says who stopped them
         found[0].cancel(ex.id)
         print(f"cancelled {line}")
+    wait_until_ended(found[0], running)  # their runners record the end before the daemon goes
     files = pid_files(cfg)
     ordered = [p for p in files if "worker-" in p] + [p for p in files if "worker-" not in p]
     stopped = []
@@ -819,6 +820,21 @@ def stop_pid(pid, alive):
             os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def wait_until_ended(client, executions, timeout=10.0):
+    """Wait up to TIMEOUT seconds for EXECUTIONS to reach a terminal phase, so that their runners
+    (and any foreground run following them) see the end before the daemon stops."""
+    from daemon_client import TERMINAL_PHASES, BackendError
+    deadline = time.monotonic() + timeout
+    waiting = [ex.id for ex in executions]
+    while waiting and time.monotonic() < deadline:
+        try:
+            waiting = [i for i in waiting if client.get(i).phase not in TERMINAL_PHASES]
+        except BackendError:
+            return
+        if waiting:
+            time.sleep(0.1)
 
 
 def running_executions(client):
