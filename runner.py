@@ -775,8 +775,13 @@ def cmd_start(cfg, args, out=None):
 
 def cmd_stop(cfg, args):
     from terminal import plural
-    found = backend_status(cfg) if cfg.cloud else find_daemon(cfg)
-    running = running_executions(found[0]) if found else []
+    from daemon_client import BackendError
+    try:
+        found = backend_status(cfg) if cfg.cloud else find_daemon(cfg)
+        running = running_executions(found[0]) if found else []
+    except (CliError, BackendError) as exc:  # a broken token or a sick daemon: stop is the fix, so go on
+        print(f"stigmer: cannot list what is running ({exc}); stopping the processes", file=sys.stderr)
+        found, running = None, []
     if running and not args.force:
         listing = "\n".join(f"  {line}" for line in describe(running))
         if not sys.stdin.isatty():
@@ -788,7 +793,8 @@ def cmd_stop(cfg, args):
     for ex, line in zip(running, describe(running)):  # cancel first, so the log says who stopped them
         found[0].cancel(ex.id)
         print(f"cancelled {line}")
-    wait_until_ended(found[0], running)  # their runners record the end before the daemon goes
+    if running:  # their runners record the end before the daemon goes
+        wait_until_ended(found[0], running)
     files = pid_files(cfg)
     ordered = [p for p in files if "worker-" in p] + [p for p in files if "worker-" not in p]
     stopped = []

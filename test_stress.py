@@ -76,7 +76,9 @@ class ManyTerminalsTest(CliCase):
                 self.assertEqual(proc.returncode, 0, err)
                 self.assertNotIn("Address already in use", err)
                 self.assertNotIn("Traceback", err)
-                events = json_lines(out)
+                lines = json_lines(out)  # a run object, the events, a summary object
+                self.assertEqual((lines[0]["kind"], lines[-1]["kind"]), ("run", "summary"))
+                events = lines[1:-1]
                 self.assertEqual(events[-1]["phase"], "COMPLETED")
                 self.assertEqual(events[-1]["final_text"], f"result {name}")
                 self.assertEqual(events, self.logs(events[0]["execution_id"]))
@@ -235,7 +237,7 @@ class DiskFullTest(CliCase):
         self.assertEqual(proc.returncode, 0, err)
         self.assertNotIn("Traceback", err)
         self.assertEqual(err.count("disk full"), 1, err)
-        events = json_lines(out)
+        events = [e for e in json_lines(out) if "seq" in e]  # the events, without the run and summary objects
         self.assertEqual(events[-1]["final_text"], "chatty done")
         self.assertContiguous(events)
         self.assertEqual(events, self.logs(events[0]["execution_id"]))
