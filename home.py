@@ -38,6 +38,19 @@ def private_home(home, warn=None):
         (warn or (lambda m: print(f"stigmer: warning: {m}", file=sys.stderr)))(message)
 
 
+def private_dirs(path):
+    """os.makedirs PATH with every directory it creates 0700 (makedirs gives the missing parents the
+    umask's default mode, which would leave a new STIGMER_HOME readable by others)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        private_dirs(parent)
+    try:
+        os.mkdir(path, 0o700)
+        os.chmod(path, 0o700)  # mkdir's mode is filtered by the umask
+    except FileExistsError:
+        pass
+
+
 def private_open(path, flags, mode=0o600):
     """os.open PATH creating it 0600 (the umask aside); an existing file keeps its mode."""
     fd = os.open(path, flags | os.O_CREAT | os.O_CLOEXEC, mode)

@@ -349,7 +349,7 @@ def spawn_daemon(cfg, idle_exit):
 
     import home
     logs = os.path.join(cfg.home, "logs")
-    os.makedirs(logs, mode=0o700, exist_ok=True)
+    home.private_dirs(logs)
     pid_fd = home.lock(os.path.join(logs, "daemon.pid"), timeout=2.0)
     log_fd = home.private_open(os.path.join(logs, "daemon.log"), os.O_WRONLY | os.O_APPEND)
     try:
@@ -474,7 +474,7 @@ def spawn(args, env, log_path, pipe_stdin=False, pid_path=None):
 
     import home
     try:
-        os.makedirs(os.path.dirname(log_path), mode=0o700, exist_ok=True)
+        home.private_dirs(os.path.dirname(log_path))
         log = home.private_open(log_path, os.O_WRONLY | os.O_APPEND)
         pid_fd = home.lock(pid_path, timeout=2.0) if pid_path else None
     except OSError as exc:

@@ -196,7 +196,8 @@ def run_dict(execution, mode, endpoint):
 def summary_dict(execution, phase_name, elapsed):
     """The last object of `run --json`: how it ended."""
     u = execution.usage
-    return {"kind": "summary", "execution_id": execution.id, "phase": phase_name, "turns": execution.turns,
+    return {"kind": "summary", "execution_id": execution.id, "model": execution.spec.model, "phase": phase_name,
+            "turns": execution.turns,
             "usage": {"input_tokens": u.input_tokens, "output_tokens": u.output_tokens,
                       "cache_read_tokens": u.cache_read_tokens, "cache_write_tokens": u.cache_write_tokens},
             "duration_s": round(elapsed, 3), "final_text": execution.final_text, "error": execution.error}

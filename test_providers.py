@@ -57,16 +57,20 @@ class ProviderCase(unittest.TestCase):
                               stdin=subprocess.DEVNULL, start_new_session=True)  # no terminal to ask on
 
     def run_task(self, *args, env=None):
-        """Run a task with --json; returns (CompletedProcess, events)."""
+        """Run a task with --json; returns (CompletedProcess, events): the log's events, without the run
+        object that opens the output and the summary object that closes it (kept in self.run_objects)."""
         proc = self.cli("--json", *args, "look at the environment", env=env)
         self.assertEqual(proc.returncode, 0, proc.stderr)
-        return proc, [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+        lines = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+        self.run_objects = [obj for obj in lines if "seq" not in obj]
+        return proc, [obj for obj in lines if "seq" in obj]
 
     def assertRanWith(self, events, model):
         """The run completed with MODEL (provider/model) in its record, log, list and summary."""
         phases = [e for e in events if e["kind"] == "phase"]
         self.assertEqual([e["phase"] for e in phases], ["PENDING", "RUNNING", "COMPLETED"])
         self.assertEqual(phases[0]["model"], model)
+        self.assertEqual([(o["kind"], o["model"]) for o in self.run_objects], [("run", model), ("summary", model)])
         (result,) = [e for e in events if e["kind"] == "tool_result"]
         self.assertIn("keys=[]", result["output"])  # no provider key in the agent's shell
         self.assertEqual(self.fake.requests[0]["model"], model.split("/", 1)[1])
@@ -112,7 +116,7 @@ class OpenAITest(ProviderCase):
         _, events = self.run_task("--model", "openai/gpt-fake", env=env)
         proc = self.cli("resume", events[0]["execution_id"], "anything else?", "--json", env=env)
         self.assertEqual(proc.returncode, 0, proc.stderr)
-        resumed = [json.loads(line) for line in proc.stdout.splitlines()]
+        resumed = [obj for obj in map(json.loads, proc.stdout.splitlines()) if "seq" in obj]
         self.assertEqual(resumed[0]["model"], "openai/gpt-fake")
         self.assertEqual(resumed[-1]["final_text"], "Nothing more.")
         self.assertEqual([r["model"] for r in self.fake.requests], ["gpt-fake"] * 3)
@@ -248,10 +252,12 @@ class ReadmeCommandsTest(ProviderCase):
             self.assertEqual(words[:2], ["python", "runner.py"])
             model = words[words.index("--model") + 1]
             with self.subTest(model=model):
-                proc = self.cli(*words[2:], env=env)
+                proc = self.cli(*words[2:], env=env)  # as written: text on a pipe
                 self.assertEqual(proc.returncode, 0, proc.stderr)
-                events = [json.loads(line) for line in proc.stdout.splitlines()]
-                self.assertEqual((events[0]["model"], events[-1]["phase"]), (model, "COMPLETED"))
+                self.assertIn("A small project.", proc.stdout)
+                self.assertIn(model, proc.stderr)  # the header and summary lines name it
+                newest = json.loads(self.cli("list", "--json", "--limit", "1", env=env).stdout.splitlines()[0])
+                self.assertEqual((newest["spec"]["model"], newest["phase"]), (model, "COMPLETED"))
                 models_run.append(model.split("/")[0])
         self.assertEqual(models_run, ["anthropic", "openai", "gemini", "ollama", "openai-compatible"])
         self.assertEqual(len(anthropic_fake.requests), 1)
