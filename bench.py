@@ -179,8 +179,8 @@ def bench_events(total=200_000, many=10):
 
     import grpc
 
-    import daemon
     import daemon_client
+    import daemon_server
     import stigmer_pb2 as pb
     import stigmer_pb2_grpc as pb_grpc
 
@@ -191,7 +191,7 @@ def bench_events(total=200_000, many=10):
     def persist(watchers):
         """Stream `total` events into a fresh daemon; (events/s, [(events behind, s behind) per watcher])."""
         with tempfile.TemporaryDirectory() as home:
-            server = daemon.serve(home, "127.0.0.1:0", runner_grace=60)
+            server = daemon_server.serve(home, "127.0.0.1:0", runner_grace=60)
             channel = daemon_client.client_channel(server.endpoint)
             stub, md = pb_grpc.DaemonStub(channel), daemon_client.auth_metadata(server.token)
             ex = stub.Submit(pb.SubmitRequest(spec=pb.ExecutionSpec(prompt="bench", workspace=home)),
@@ -236,7 +236,7 @@ def bench_events(total=200_000, many=10):
     def bare_stream(request_iterator, context):
         yield pb.Ack(seq=sum(1 for _ in request_iterator))
 
-    bare = grpc.server(futures.ThreadPoolExecutor(4), options=daemon.SERVER_OPTIONS)
+    bare = grpc.server(futures.ThreadPoolExecutor(4), options=daemon_server.SERVER_OPTIONS)
     bare.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("bench.Bare", {
         "Stream": grpc.stream_stream_rpc_method_handler(
             bare_stream, request_deserializer=pb.Event.FromString, response_serializer=pb.Ack.SerializeToString)})])
@@ -279,7 +279,7 @@ def bench_loop(turns=50, list_runs=15):
     import openai
 
     import agent
-    import daemon
+    import daemon_server
     import models
     from testsupport import FAKE_KEY, OPENAI_KEY, FakeAnthropic, FakeOpenAI, free_port, text_step, tool_step
 
@@ -358,7 +358,7 @@ def bench_loop(turns=50, list_runs=15):
         full, wall, env = full_path(fake, tmp, ANTHROPIC_API_KEY=FAKE_KEY, ANTHROPIC_BASE_URL=fake.url,
                                     STIGMER_MODEL="claude-fake")
 
-        served = daemon.serve(env["STIGMER_HOME"], env["STIGMER_BACKEND_ENDPOINT"])
+        served = daemon_server.serve(env["STIGMER_HOME"], env["STIGMER_BACKEND_ENDPOINT"])
         try:
             starts = []
             for _ in range(list_runs):

@@ -12,54 +12,35 @@ Connect stream holds one (a Connect stream also has a reader thread of its own).
 to SQLite go through one connection under the daemon lock; each Watch reads the log
 through its own connection, so a stalled watcher only ever blocks its own thread. The SQL (schema,
 migrations, queries, row conversions) lives in store.py. Watch sends the log's stored bytes as they are,
-and WatchBatches EventBatches spliced together from them (batch_bytes, add_service).
+and WatchBatches EventBatches spliced together from them (batch_bytes; daemon_server.add_service registers
+both without re-serializing). Listening, the token and the home's lock are in daemon_server.py.
 """
-import errno
-import hmac
-import ipaddress
 import os
 import queue
-import signal
-import socket
 import sqlite3
 import sys
 import threading
 import time
 import traceback
-from concurrent import futures
 from itertools import chain
 from operator import itemgetter
 
 import grpc
 
-import home as stigmer_home
 import sandbox
 import stigmer_pb2 as pb
 import stigmer_pb2_grpc as pb_grpc
 import store
-from daemon_client import (DEFAULT_ENDPOINT, MAX_MESSAGE_BYTES, TERMINAL_PHASES, TOKEN_FILE, VERSION, DaemonError,
-                           parent_problem, read_token)
+from daemon_client import TERMINAL_PHASES, VERSION, parent_problem
 
-RPC_THREADS = 128  # pool threads: one per active RPC (each open Watch or Connect holds one)
-MAX_CONCURRENT_RPCS = RPC_THREADS  # beyond this new RPCs fail fast with RESOURCE_EXHAUSTED instead of queuing behind streams
 LIST_DEFAULT, LIST_MAX = 50, 1000  # List's page size when the request says 0, and its cap
 WATCH_PAGE = 1000  # events read from SQLite per query by a watcher
 WATCH_BATCH_EVENTS = 500  # most events per WatchBatches message
 WATCH_BATCH_BYTES = 1 << 20  # most event bytes per WatchBatches message (one bigger event travels alone)
 EVENT_TAG = b"\x0a"  # EventBatch field 1, length-delimited: (1 << 3) | 2
 DB_FILE = "stigmer.db"  # inside $STIGMER_HOME
-AUTH_MESSAGE = "missing or wrong daemon token; clients read it from $STIGMER_HOME/daemon.token"
-LOCK_FILE = "daemon.lock"  # inside $STIGMER_HOME: flocked by the one daemon of that home; holds its pid and endpoint
-LOCK_WAIT = 3.0  # seconds serve() waits for the home's lock (a prober may hold it for a moment)
 FULL_RETRY = 2.0  # seconds between retries of a daemon write (runner lost, cancel expired) that found the disk full
-IDLE_CHECK = 0.5  # seconds between idle checks of a daemon started with idle_exit
 
-SERVER_OPTIONS = [
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.so_reuseport", 0),  # otherwise a second daemon could bind the same port silently
-]
-SERVICE = "stigmer.v1.Daemon"  # the full name of the gRPC service
 RUNNER_PHASES = TERMINAL_PHASES + (pb.RUNNING,)  # a runner may report RUNNING (with turns) and the terminal phases
 Code = grpc.StatusCode
 
@@ -141,7 +122,7 @@ def _is_full(error):
             or "disk is full" in str(error) or "No space left" in str(error))
 
 
-def _say(message):
+def say(message):
     """One line on the daemon's stderr (its log), which may itself sit on the full disk."""
     try:
         print(f"stigmer daemon: {message}", file=sys.stderr, flush=True)
@@ -493,7 +474,7 @@ class Daemon(pb_grpc.DaemonServicer):
         """Log the first failed write of an outage (one line), and remember the outage."""
         if not self._full:
             self._full = True
-            _say(f"disk full in STIGMER_HOME ({self._home}): writes to the log fail until space is freed; "
+            say(f"disk full in STIGMER_HOME ({self._home}): writes to the log fail until space is freed; "
                  "reads go on, runners keep their events")
 
     def _full_message(self):
@@ -550,7 +531,7 @@ class Daemon(pb_grpc.DaemonServicer):
             raise LogFull(self._full_message()) from None
         if self._full:
             self._full = False
-            _say(f"space is back in STIGMER_HOME ({self._home}): writes to the log go on")
+            say(f"space is back in STIGMER_HOME ({self._home}): writes to the log go on")
         for ex in executions:
             self._noticed.pop(ex.id, None)  # a later outage is news again
         for ex in executions:
@@ -605,7 +586,7 @@ class Daemon(pb_grpc.DaemonServicer):
             return
         killed = sandbox.kill_marked(execution_id)  # commands a SIGKILLed worker left behind (Linux)
         if killed:
-            _say(f"{execution_id}: killed {killed} process(es) its lost runner left running")
+            say(f"{execution_id}: killed {killed} process(es) its lost runner left running")
         ex = _copy(ex)
         message = (f"runner {ex.runner_id or '?'} lost: it did not reconnect with this execution "
                    f"within {self._runner_grace:g}s")
@@ -710,30 +691,6 @@ class Daemon(pb_grpc.DaemonServicer):
             self._db.close()
 
 
-class TokenAuth(grpc.ServerInterceptor):
-    """Refuses every RPC whose metadata lacks `authorization: Bearer <daemon token>`."""
-
-    def __init__(self, token):
-        self._expected = f"Bearer {token}".encode()
-
-    def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
-        supplied = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
-        if handler is None or hmac.compare_digest(str(supplied).encode(), self._expected):
-            return handler
-
-        def refuse(request, context):
-            context.abort(Code.UNAUTHENTICATED, AUTH_MESSAGE)
-
-        make = {(False, False): grpc.unary_unary_rpc_method_handler,
-                (False, True): grpc.unary_stream_rpc_method_handler,
-                (True, False): grpc.stream_unary_rpc_method_handler,
-                (True, True): grpc.stream_stream_rpc_method_handler}
-        return make[handler.request_streaming, handler.response_streaming](
-            refuse, request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer)
-
-
 def _varint(n, _cache={}):
     """N in protobuf's base-128 varint encoding (lengths repeat, so they are cached)."""
     encoded = _cache.get(n)
@@ -762,213 +719,6 @@ def batch_bytes(payloads):
         size += len(payload)
     if count:
         yield b"".join(parts)
-
-
-def add_service(daemon, server):
-    """Register the Daemon service as generated, except that Watch and WatchBatches send what their handlers
-    yield as it is: the log's stored bytes (Events, or EventBatches made of them), never re-serialized."""
-    handlers = {}
-
-    class Capture:  # stands in for the server to collect the generated handlers
-        def add_generic_rpc_handlers(self, generic_handlers):
-            pass
-
-        def add_registered_method_handlers(self, service, method_handlers):
-            handlers.update(method_handlers)
-
-    pb_grpc.add_DaemonServicer_to_server(daemon, Capture())
-    handlers["Watch"] = grpc.unary_stream_rpc_method_handler(
-        daemon.Watch, request_deserializer=pb.WatchRequest.FromString, response_serializer=None)  # None: as is
-    handlers["WatchBatches"] = grpc.unary_stream_rpc_method_handler(
-        daemon.WatchBatches, request_deserializer=pb.WatchRequest.FromString, response_serializer=None)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-    server.add_registered_method_handlers(SERVICE, handlers)
-
-
-# ---- starting and stopping ----
-
-class DaemonServer:
-    """A started daemon: .port, .endpoint ("127.0.0.1:PORT"), .token, .home."""
-
-    def __init__(self, server, daemon, port, endpoint, token, home, lock_fd=None):
-        self._server, self._daemon = server, daemon
-        self.port, self.endpoint, self.token, self.home = port, endpoint, token, home
-        self._lock_fd = lock_fd  # HOME/daemon.lock, flocked while this daemon runs
-        self._stop_lock = threading.Lock()
-        self._stopped = threading.Event()
-
-    def stop_when_idle(self, idle_exit):
-        """Stop once the daemon has been idle (see Daemon.idle) for IDLE_EXIT seconds, on a thread."""
-        def watch():
-            while not self._stopped.wait(IDLE_CHECK):
-                if not self._daemon.idle():
-                    continue
-                quiet = time.monotonic() - self._daemon.last_call()
-                if quiet >= idle_exit:
-                    _say(f"idle for {quiet:.0f} s with no execution, runner or watcher: stopping")
-                    self.stop()
-                    return
-        threading.Thread(target=watch, name="stigmer-idle", daemon=True).start()
-
-    def stop(self, grace=1.0):
-        """Stop accepting RPCs, end the streams, flush and close the database, remove the token."""
-        with self._stop_lock:
-            if self._stopped.is_set():
-                return
-            self._daemon.begin_stop()
-            self._server.stop(grace).wait()
-            self._daemon.close()
-            path = os.path.join(self.home, TOKEN_FILE)
-            try:
-                if read_token(self.home) == self.token:  # not a newer daemon's
-                    os.remove(path)
-            except DaemonError:
-                pass  # already gone
-            if self._lock_fd is not None:
-                os.close(self._lock_fd)  # the next daemon of this home may start
-            self._stopped.set()
-
-    def wait(self):
-        """Block until stop() has finished."""
-        self._stopped.wait()
-
-
-def _parse_endpoint(endpoint):
-    host, _, port = endpoint.rpartition(":")
-    host = host.strip("[]")
-    if not host or not port.isdigit() or int(port) > 65535:
-        raise DaemonError(f"bad endpoint {endpoint!r}: expected HOST:PORT, for example {DEFAULT_ENDPOINT}")
-    return host, int(port)
-
-
-def _is_loopback(host):
-    try:
-        return host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _bind_problem(host, port):
-    """Why a plain socket cannot bind host:port, to explain a failed add_insecure_port."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    try:
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpc does
-            probe.bind((host, port))
-    except OSError as e:
-        return e
-    return None
-
-
-class DaemonRunning(DaemonError):
-    """Another daemon already holds this STIGMER_HOME's lock; .pid is its pid (0 if not yet known)."""
-
-    def __init__(self, message, pid):
-        super().__init__(message)
-        self.pid = pid
-
-
-def lock_home(home):
-    """Take HOME's daemon lock (at most one daemon per STIGMER_HOME); returns its fd or raises DaemonRunning."""
-    path = os.path.join(home, LOCK_FILE)
-    try:
-        fd = stigmer_home.lock(path, LOCK_WAIT)
-        stigmer_home.write_record(fd, os.getpid())  # its endpoint follows once it serves: "starting" till then
-        return fd
-    except stigmer_home.LockTimeout:
-        pid = stigmer_home.lock_holder(path) or 0
-        raise DaemonRunning(f"a daemon already runs for STIGMER_HOME {home}" + (f" (pid {pid})" if pid else "") +
-                            ": use it (`python runner.py status`) or stop it (`python runner.py stop`)", pid) from None
-
-
-def _write_token(home, token):
-    """Write HOME/daemon.token with mode 0600, atomically."""
-    path = os.path.join(home, TOKEN_FILE)
-    temporary = f"{path}.{os.getpid()}.tmp"
-    fd = os.open(temporary, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        os.fchmod(fd, 0o600)  # in case a stale temporary file had other bits
-        f.write(token + "\n")
-    os.replace(temporary, path)
-
-
-def serve(home, endpoint=DEFAULT_ENDPOINT, *, allow_remote=False, runner_grace=15.0, cancel_grace=None):
-    """Start a daemon keeping its state in HOME and listening on ENDPOINT (port 0: any free port).
-    Raises DaemonRunning when another daemon holds HOME's lock.
-
-    cancel_grace: how long a runner has to confirm a cancel (default: runner_grace)."""
-    host, port = _parse_endpoint(endpoint)
-    if not _is_loopback(host):
-        if not allow_remote:
-            raise DaemonError(f"refusing to listen on {endpoint}: {host} is not a loopback address; "
-                              "pass --allow-remote if other machines should reach this daemon")
-        print(f"warning: the daemon listens on {endpoint}, reachable from other machines; "
-              "anyone there with the token can run commands as you", file=sys.stderr)
-    bind_host = "127.0.0.1" if host == "localhost" else host
-    address = f"[{bind_host}]:{port}" if ":" in bind_host else f"{bind_host}:{port}"
-    stigmer_home.private_home(home, warn=_say)
-    lock_fd = lock_home(home)
-    try:
-        return _serve_locked(home, host, port, bind_host, address, runner_grace, cancel_grace, lock_fd)
-    except BaseException:
-        os.close(lock_fd)
-        raise
-
-
-def _serve_locked(home, host, port, bind_host, address, runner_grace, cancel_grace, lock_fd):
-    """serve(), once HOME's lock is ours."""
-    db_path = os.path.join(home, DB_FILE)
-    try:
-        stigmer_home.private_file(db_path)  # 0600 before SQLite makes it; the WAL and SHM copy its mode
-        db = store.open_db(db_path)
-    except OSError as e:
-        raise DaemonError(f"cannot create the database {db_path}: {e}") from None
-    except sqlite3.Error as e:
-        raise DaemonError(f"cannot open the database {db_path}: {e}") from None
-    token = os.urandom(32).hex()
-    daemon = Daemon(db, db_path, runner_grace, runner_grace if cancel_grace is None else cancel_grace, home)
-    server = grpc.server(futures.ThreadPoolExecutor(RPC_THREADS, thread_name_prefix="stigmer-rpc"),
-                         interceptors=[TokenAuth(token)], options=SERVER_OPTIONS,
-                         maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS)
-    add_service(daemon, server)
-    problem = port and _bind_problem(bind_host, port)  # checked first: grpc would also log a warning
-    if problem and problem.errno == errno.EADDRINUSE:
-        daemon.close()
-        raise DaemonError(f"port {port} is already in use: is another daemon running? "
-                          f"(`python runner.py status`) or pick another port, e.g. STIGMER_BACKEND_ENDPOINT=127.0.0.1:{port + 1}")
-    try:
-        bound = server.add_insecure_port(address)
-    except RuntimeError:
-        bound = 0
-    if not bound:
-        daemon.close()
-        raise DaemonError(f"cannot listen on {address}: {_bind_problem(bind_host, port) or 'gRPC refused it'}")
-    _write_token(home, token)
-    server.start()
-    endpoint = f"{bind_host}:{bound}" if ":" not in bind_host else f"[{bind_host}]:{bound}"
-    stigmer_home.write_record(lock_fd, os.getpid(), endpoint)
-    return DaemonServer(server, daemon, bound, endpoint, token, home, lock_fd)
-
-
-def run(home, endpoint, *, allow_remote=False, runner_grace=15.0, idle_exit=0.0):
-    """Run the daemon in the foreground until SIGTERM or SIGINT (or, with IDLE_EXIT > 0, until it has
-    been idle that many seconds); returns the exit code."""
-    try:
-        server = serve(home, endpoint, allow_remote=allow_remote, runner_grace=runner_grace)
-    except DaemonError as e:
-        print(f"stigmer daemon: {e}", file=sys.stderr)
-        return 1
-    stop = threading.Event()
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
-    print(f"stigmer daemon listening on {server.endpoint} (home {home})", flush=True)
-    if idle_exit > 0:
-        server.stop_when_idle(idle_exit)
-    while not stop.wait(0.5) and not server._stopped.is_set():
-        pass
-    server.stop()
-    return 0
 
 
 def main(argv=None):

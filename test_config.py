@@ -8,6 +8,8 @@ import sys
 import tempfile
 import unittest
 
+import models
+import processes
 import runner
 from testsupport import HERE
 
@@ -18,7 +20,7 @@ class ConfigTest(unittest.TestCase):
         self.assertEqual((cfg.mode, cfg.env, cfg.endpoint), ("local", "development", "localhost:50051"))
         with self.assertRaises(runner.CliError):
             runner.Config.load({"MODE": "remote"})
-        self.assertTrue(runner.default_model().startswith("claude-"))
+        self.assertTrue(models.default_model().startswith("claude-"))
 
     def test_defaults_and_overrides(self):
         cfg = runner.Config.load({})
@@ -55,7 +57,7 @@ class ConfigTest(unittest.TestCase):
         self.assertIn("filesystem", str(caught.exception))
 
     def test_the_daemon_gets_no_service_key(self):
-        self.assertEqual(runner.without_keys({"DAYTONA_API_KEY": "dtn_x", "ANTHROPIC_API_KEY": "k", "DAYTONA_TARGET": "eu"}),
+        self.assertEqual(processes.without_keys({"DAYTONA_API_KEY": "dtn_x", "ANTHROPIC_API_KEY": "k", "DAYTONA_TARGET": "eu"}),
                          {"DAYTONA_TARGET": "eu"})
 
     def test_daytona_needs_its_key(self):

@@ -16,6 +16,8 @@ import unittest
 import grpc
 
 import daemon
+
+import daemon_server
 import daemon_client
 import stigmer_pb2 as pb
 import stigmer_pb2_grpc as pb_grpc
@@ -93,7 +95,7 @@ class DaemonCase(unittest.TestCase):
         self.addCleanup(lambda: [r.drop() for r in self.runners])
 
     def start(self):
-        self.server = daemon.serve(self.home, "127.0.0.1:0", runner_grace=GRACE)
+        self.server = daemon_server.serve(self.home, "127.0.0.1:0", runner_grace=GRACE)
         self.addCleanup(self.server.stop, 0)
         self.channel = daemon_client.client_channel(self.server.endpoint)
         self.addCleanup(self.channel.close)
@@ -625,7 +627,7 @@ class CommandLineTest(unittest.TestCase):
 
     def test_port_in_use_is_a_one_line_error(self):
         home = tempfile.mkdtemp(prefix="stigmer-home-")
-        server = daemon.serve(home, "127.0.0.1:0")
+        server = daemon_server.serve(home, "127.0.0.1:0")
         self.addCleanup(server.stop, 0)
         process = self.run_daemon("--endpoint", f"127.0.0.1:{server.port}")
         out, err = process.communicate(timeout=TIMEOUT)
@@ -641,7 +643,7 @@ class CommandLineTest(unittest.TestCase):
         self.assertIn("--allow-remote", err)
         self.assertNotIn("Traceback", err)
         with self.assertRaises(daemon_client.DaemonError):
-            daemon.serve(tempfile.mkdtemp(), "192.0.2.1:0")
+            daemon_server.serve(tempfile.mkdtemp(), "192.0.2.1:0")
 
     def test_read_token_without_a_daemon_says_what_to_do(self):
         with self.assertRaises(daemon_client.DaemonError) as caught:

@@ -10,6 +10,8 @@ import unittest
 from unittest import mock
 
 import daemon
+
+import daemon_server
 import stigmer_pb2 as pb
 from daemon_client import TOKEN_FILE, BackendError, BackendUnavailable, Client
 from testsupport import free_port
@@ -21,7 +23,7 @@ class ClientTest(unittest.TestCase):
         self.addCleanup(shutil.rmtree, self.home, True)
         self.workspace = tempfile.mkdtemp(prefix="stigmer-ws-")
         self.addCleanup(shutil.rmtree, self.workspace, True)
-        self.server = daemon.serve(self.home, "127.0.0.1:0", runner_grace=0.5)
+        self.server = daemon_server.serve(self.home, "127.0.0.1:0", runner_grace=0.5)
         self.addCleanup(self.server.stop, 0)
         self.client = Client(self.home, self.server.endpoint)
         self.addCleanup(self.client.close)
@@ -94,7 +96,7 @@ class ClientTest(unittest.TestCase):
         bound when the server starts), and a client of it."""
         self.server.stop(0)
         with mock.patch.multiple(daemon.Daemon, **patches):
-            self.server = daemon.serve(self.home, "127.0.0.1:0", runner_grace=0.5)
+            self.server = daemon_server.serve(self.home, "127.0.0.1:0", runner_grace=0.5)
         self.addCleanup(self.server.stop, 0)
         self.client = Client(self.home, self.server.endpoint)
         self.addCleanup(self.client.close)

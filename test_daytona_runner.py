@@ -23,6 +23,7 @@ except ImportError:
     daytona = None
 
 import daytona_sandbox
+import processes
 import runner
 import stigmer_pb2 as pb
 import worker
@@ -93,7 +94,7 @@ class WorkerLifecycleTest(unittest.TestCase):
     def make_worker(self, key):
         cfg = runner.Config.load({"STIGMER_SANDBOX": "daytona", "DAYTONA_API_KEY": key,
                                   "DAYTONA_API_URL": self.fake.api_url, "DAYTONA_TARGET": "local"})
-        make_sandbox, sweep = runner.sandbox_factory(cfg, "r-test", self.terminal.__contains__)
+        make_sandbox, sweep = processes.sandbox_factory(cfg, "r-test", self.terminal.__contains__)
         w = worker.Worker(capacity=2, model="claude-fake", runner_id="r-test", make_sandbox=make_sandbox, sweep=sweep,
                           sandbox="daytona")
         self.addCleanup(w.stop, flush=0)

@@ -15,8 +15,8 @@ import tempfile
 import time
 import unittest
 
-import daemon
 import daemon_client
+import daemon_server
 import home
 import stigmer_pb2 as pb
 import stigmer_pb2_grpc as pb_grpc
@@ -105,7 +105,7 @@ class PinningTest(unittest.TestCase):
     def test_pinned_and_private_runners(self):
         from test_daemon import FakeRunner
         home_dir, workspace = tempfile.mkdtemp(), tempfile.mkdtemp()
-        server = daemon.serve(home_dir, "127.0.0.1:0", runner_grace=0.5)
+        server = daemon_server.serve(home_dir, "127.0.0.1:0", runner_grace=0.5)
         self.addCleanup(server.stop, 0)
         channel = daemon_client.client_channel(server.endpoint)
         self.addCleanup(channel.close)
@@ -433,7 +433,7 @@ class WithoutProcTest(CliCase):
 class IdleDaemonTest(unittest.TestCase):
     def test_a_run_started_daemon_idles_out_but_not_while_watched(self):
         home_dir = tempfile.mkdtemp()
-        server = daemon.serve(home_dir, "127.0.0.1:0")
+        server = daemon_server.serve(home_dir, "127.0.0.1:0")
         self.addCleanup(server.stop, 0)
         channel = daemon_client.client_channel(server.endpoint)
         self.addCleanup(channel.close)
@@ -449,16 +449,16 @@ class IdleDaemonTest(unittest.TestCase):
         stub.Cancel(pb.CancelRequest(execution_id=ex.id), metadata=metadata, timeout=20)
         self.assertEqual(next(watch).phase.phase, pb.CANCELLED)
         self.assertTrue(server._stopped.wait(30), "the idle daemon did not stop")
-        self.assertIsNone(home.lock_holder(os.path.join(home_dir, daemon.LOCK_FILE)))
+        self.assertIsNone(home.lock_holder(os.path.join(home_dir, daemon_server.LOCK_FILE)))
 
     def test_one_daemon_per_home(self):
         home_dir = tempfile.mkdtemp()
-        server = daemon.serve(home_dir, "127.0.0.1:0")
+        server = daemon_server.serve(home_dir, "127.0.0.1:0")
         self.addCleanup(server.stop, 0)
-        with self.assertRaises(daemon.DaemonRunning) as caught:
-            daemon.serve(home_dir, "127.0.0.1:0")
+        with self.assertRaises(daemon_server.DaemonRunning) as caught:
+            daemon_server.serve(home_dir, "127.0.0.1:0")
         self.assertIn(str(os.getpid()), str(caught.exception))
-        self.assertEqual(home.lock_holder(os.path.join(home_dir, daemon.LOCK_FILE)), os.getpid())
+        self.assertEqual(home.lock_holder(os.path.join(home_dir, daemon_server.LOCK_FILE)), os.getpid())
 
 
 class LogFullWorkerTest(unittest.TestCase):

@@ -12,8 +12,8 @@ from unittest import mock
 
 import grpc
 
-import daemon
 import daemon_client
+import daemon_server
 import models
 import stigmer_pb2 as pb
 import stigmer_pb2_grpc as pb_grpc
@@ -277,7 +277,7 @@ class StreamTest(unittest.TestCase):
     def setUp(self):
         self.home = tempfile.mkdtemp(prefix="stigmer-worker-")
         self.workspace = tempfile.mkdtemp(prefix="stigmer-ws-")
-        self.server = daemon.serve(self.home, "127.0.0.1:0", runner_grace=30)
+        self.server = daemon_server.serve(self.home, "127.0.0.1:0", runner_grace=30)
         self.endpoint = self.server.endpoint
 
     def tearDown(self):
@@ -326,7 +326,7 @@ class StreamTest(unittest.TestCase):
                                       daemon=True)
             thread.start()
             time.sleep(0.3)  # a few failed attempts: no token, then nothing listening
-            self.server = daemon.serve(self.home, self.endpoint, runner_grace=5)
+            self.server = daemon_server.serve(self.home, self.endpoint, runner_grace=5)
             stub, md = self.stub()  # retried every EAGER_RETRY, not after a growing backoff:
             self.wait(lambda: stub.Status(pb.StatusRequest(), metadata=md, timeout=5).connected_runners == 1)
             w.stopping.set()
@@ -356,7 +356,7 @@ class StreamTest(unittest.TestCase):
                 w.emit(ex.id, redactor, usage=pb.Usage(input_tokens=n))
             w.emit(ex.id, redactor, phase=pb.PhaseChange(phase=pb.COMPLETED, final_text="ok"))
             self.assertEqual(len(w.outboxes[ex.id].events), 51)
-            self.server = daemon.serve(self.home, f"127.0.0.1:{port}", runner_grace=30)  # new token
+            self.server = daemon_server.serve(self.home, f"127.0.0.1:{port}", runner_grace=30)  # new token
             self.wait(lambda: ex.id not in w.outboxes)  # all acknowledged, then forgotten
         self.assertTrue(any("lost the daemon at" in line for line in logs.output), logs.output)
         stub, md = self.stub()

@@ -1,0 +1,428 @@
+"""The CLI's commands: `run` (and `resume`), `start`, `stop`, `status`, `list`, `logs`, `cancel`,
+`daemon` and `worker`, each `cmd_NAME(cfg, args)` returning the exit code or raising CliError.
+
+    runner.main(["run", "add a README", "--workspace", "/tmp/proj"])   # parses, then calls cmd_run
+
+They reach the backend through the mode's client only (processes.connect: the daemon, or Redis).
+"""
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+
+from processes import (CliError, backend_is_terminal, backend_status, connect, daemon_owner, embedded_endpoint,
+                       ensure_daemon, find_daemon, gather_secrets, live_pid, open_log, pid_files, project_secrets,
+                       sandbox_factory, spawn, spawn_run_worker, stop_pid, stop_process, worker_env)
+
+EXIT_CODES = {"COMPLETED": 0, "FAILED": 1, "CANCELLED": 130}
+RUN_IDLE_EXIT = 60.0  # seconds a daemon started by a foreground run lingers with nothing to do, then exits
+INHERIT_ALL = "*"  # in ExecutionSpec.secret_names: every variable may reach the agent's shell
+
+
+def choose_model(cfg, name):
+    """NAME (--model), else STIGMER_MODEL, else the default, as provider/model; checks that this runner can use
+    its provider (SDK installed, base URL given). Raises CliError with what to do."""
+    import models
+    try:
+        model = models.qualified(name or cfg.model)
+        models.check_provider(model.split("/")[0], cfg.environ)
+    except models.ModelError as exc:
+        raise CliError(exc.message, 2) from None
+    return model
+
+
+def read_prompt(task, stdin):
+    """The prompt: the TASK words; `-` or no task reads it from STDIN (when that is not a terminal);
+    a task with piped STDIN gets the piped text appended as context, as `llm` does."""
+    words = list(task)
+    from_stdin = words == ["-"] or (not words and not stdin.isatty())
+    piped = "" if from_stdin or stdin.isatty() or not readable_pipe(stdin) else stdin.read()
+    if from_stdin:
+        prompt = stdin.read().strip()
+    else:
+        prompt = " ".join(words).strip()
+        if prompt and piped.strip():
+            prompt = f"{prompt}\n\n{piped.rstrip()}"
+    if not prompt:
+        raise CliError("the prompt is empty: give the task, e.g. python runner.py \"add a --verbose flag\", "
+                       "or pipe it in: echo \"add a --verbose flag\" | python runner.py", 2)
+    return prompt
+
+
+def readable_pipe(stream):
+    """True when STREAM is a pipe or a file (something piped or redirected in), not /dev/null or a socket."""
+    import stat
+    try:
+        mode = os.fstat(stream.fileno()).st_mode
+    except (OSError, ValueError, AttributeError):
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISREG(mode)
+
+
+def cmd_run(cfg, args):
+    workspace = os.path.abspath(os.path.expanduser(args.workspace)) if args.workspace else cfg.sandbox_root
+    if not os.path.isdir(workspace):
+        raise CliError(f"the workspace {workspace} does not exist (or is not a directory)", 2)
+    prompt = read_prompt(args.task, sys.stdin)
+    resuming = args.command == "resume" or args.cont
+    if args.max_turns < 1:
+        raise CliError(f"--max-turns must be at least 1 (got {args.max_turns})", 2)
+    if (args.max_tokens_total or 0) < 0:
+        raise CliError(f"--max-tokens-total must be positive (got {args.max_tokens_total})", 2)
+    check_repo_args(cfg, args)
+    cfg.require_sandbox()
+    mod = project_secrets()
+    try:
+        names = mod.sandbox_secret_names(args.secret or (), cfg.environ)
+    except mod.SecretError as exc:
+        raise CliError(str(exc), 2) from None
+    model = choose_model(cfg, args.model)
+    found = backend_status(cfg) if cfg.cloud else find_daemon(cfg)
+    embedded = worker = None
+    runner_id = ""  # a foreground run's execution is pinned to the worker it spawns (both modes)
+    if args.detach and (found is None or found[1].connected_runners == 0):
+        # a detached run needs a backend and a worker that outlive this command
+        cmd_start(cfg, argparse.Namespace(workers=1, secret=args.secret, model=model), out=sys.stderr)
+        found = backend_status(cfg) if cfg.cloud else find_daemon(cfg)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        if not args.detach:  # its own worker, with this run's secrets, takes only this run
+            runner_id = f"run-{os.getpid()}-{os.urandom(3).hex()}"
+        # A cold start: the worker (importing its SDK, the slowest part) starts first, unless it needs
+        # the secret names of the run it resumes, which only the log knows.
+        endpoint = embedded_endpoint(cfg.endpoint) if runner_id and found is None and not cfg.cloud \
+            and not resuming else None
+        if endpoint:
+            worker = spawn_run_worker(cfg, names, endpoint, runner_id, model)
+        if cfg.cloud:
+            client, status = found
+        else:  # a foreground run shares STIGMER_HOME's daemon, starting one (idling out later) when none runs
+            client, status = found or ensure_daemon(cfg, idle_exit=RUN_IDLE_EXIT)
+        parent = find_parent(client, args, workspace) if resuming else None
+        if parent is not None:  # the conversation goes on where it was, with the same secrets
+            workspace = parent.spec.workspace
+            names = list(dict.fromkeys([*parent.spec.secret_names, *names]))
+            if not args.model:  # and the same model, whose provider's key is the one to gather
+                model = choose_model(cfg, parent.spec.model)
+        inherit = args.inherit_env or cfg.inherit_env or INHERIT_ALL in names
+        names = [n for n in names if n != INHERIT_ALL]
+        shell_names = names + [INHERIT_ALL] if inherit else names  # the spec's; `*` lets them all through
+        if runner_id and worker is None:  # its own worker, with this run's secrets, takes only this run
+            worker = spawn_run_worker(cfg, names, cfg.endpoint if cfg.cloud else client.endpoint, runner_id, model)
+        import stigmer_pb2 as pb
+        import terminal
+        from daemon_client import BackendError
+        renderer = terminal.make_renderer(args.json, cfg.environ.get("NO_COLOR"))
+        spec = pb.ExecutionSpec(prompt=prompt, workspace=workspace, model=model, max_turns=args.max_turns,
+                                secret_names=shell_names, max_tokens_total=args.max_tokens_total or 0, runner_id=runner_id,
+                                repo=args.repo or (parent.spec.repo if parent else ""),
+                                ref=args.ref or (parent.spec.ref if parent else ""), keep_sandbox=args.keep_sandbox,
+                                sandbox=cfg.sandbox, parent_id=parent.id if parent else "")
+        queued = 0 if runner_id else (status or client.status()).queue_depth  # (an embedded daemon may hold old ones)
+        if queued:
+            print(f"stigmer: {queued} older execution(s) are queued and run first: see `python runner.py list "
+                  "--phase pending`, and `python runner.py cancel ID` to drop one", file=sys.stderr)
+        execution = client.submit(spec)
+        if args.detach:
+            print(json.dumps({"execution_id": execution.id}) if args.json else execution.id)
+            return 0
+        if renderer.json_lines:
+            renderer.json_line(terminal.run_dict(execution, cfg.mode, client.endpoint))
+        else:
+            where = (f"Redis at {client.endpoint}" if cfg.cloud else f"embedded daemon on {client.endpoint}"
+                     if embedded else f"daemon at {client.endpoint}")
+            space = workspace if cfg.sandbox == "filesystem" else "daytona sandbox" + (f" · {args.repo}" if args.repo
+                                                                                        else "")
+            continues = f" · continues {parent.id}" if parent else ""
+            renderer.out(renderer.paint("2", f"stigmer · {cfg.mode} · {where} · {space} · {model} · "
+                                             f"{execution.id}{continues}") + "\n", err=True)
+        started = time.monotonic()
+
+        def cancel():
+            try:
+                live = client if embedded else connect(cfg)  # the daemon may have restarted with a new token
+                live.cancel(execution.id)
+            except BackendError as exc:
+                print(f"stigmer: could not cancel {execution.id}: {exc}", file=sys.stderr)
+
+        interrupted = terminal.cancel_on_signals(cancel)  # the handlers saved above are restored below
+        try:
+            phase = terminal.follow(client, execution.id, renderer, interrupted=interrupted,
+                                    reconnect=None if embedded else lambda: connect(cfg))
+        except KeyboardInterrupt:
+            return 130
+        if not embedded:
+            client = connect(cfg)  # the daemon may have restarted (with a new token) while we watched
+        final = client.get(execution.id)
+        phase = phase or pb.Phase.Name(final.phase)
+        if phase in EXIT_CODES:
+            renderer.summary(final, phase, time.monotonic() - started)
+        if args.keep_sandbox and renderer.sandbox_id:
+            print(f"stigmer: sandbox {renderer.sandbox_id} kept running for inspection; delete it when you are done "
+                  "(Daytona also stops it once idle, then deletes it)", file=sys.stderr)
+        return EXIT_CODES.get(phase, 130)
+    finally:
+        for sig in handlers:  # let the clean-up below finish
+            signal.signal(sig, signal.SIG_IGN)
+        if worker is not None:
+            worker.stdin.close()  # EOF tells the worker to stop and kill its commands
+            stop_process(worker, timeout=10)
+        if embedded is not None:
+            embedded.stop()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+def find_parent(client, args, workspace):
+    """The execution whose conversation this run continues: `resume ID`'s, or with -c the latest one whose
+    workspace is WORKSPACE. Raises CliError when there is none or it has not ended."""
+    from daemon_client import parent_problem
+    if args.command == "resume":
+        parent = client.get(args.id)
+    else:
+        parent = next((ex for ex in client.list(limit=1000) if ex.spec.workspace == workspace), None)
+        if parent is None:
+            raise CliError(f"no execution ran in {workspace} yet, so there is nothing to continue: "
+                           "run one with python runner.py \"your task\"", 2)
+    problem = parent_problem(parent.id, parent)
+    if problem:
+        raise CliError(problem)
+    return parent
+
+
+def check_repo_args(cfg, args):
+    """--repo, --ref and --keep-sandbox need a Daytona sandbox; a repo URL never carries a password."""
+    from urllib.parse import urlsplit
+    if (args.repo or args.ref or args.keep_sandbox) and cfg.sandbox != "daytona":
+        raise CliError("--repo, --ref and --keep-sandbox need a Daytona sandbox: set STIGMER_SANDBOX=daytona "
+                       "(on this host the agent works in --workspace, which may already be a git checkout)", 2)
+    if args.ref and not args.repo:
+        raise CliError("--ref needs --repo: the repository whose branch, tag or commit to check out", 2)
+    if args.repo and urlsplit(args.repo).password:
+        raise CliError("--repo must not hold a password or token (it is stored in the log): pass the token as "
+                       "--secret GITHUB_TOKEN and give the plain https URL", 2)
+
+
+def cmd_start(cfg, args, out=None):
+    cfg.require_sandbox()
+    names = project_secrets().sandbox_secret_names(args.secret or (), cfg.environ)
+    model = choose_model(cfg, args.model)
+    secrets = gather_secrets(cfg, names, model)
+    logs = os.path.join(cfg.home, "logs")
+    found = None if cfg.cloud else find_daemon(cfg)
+    if cfg.cloud:  # no daemon: the workers on this host serve the queue on Redis
+        backend_status(cfg)[0].close()  # a Redis that does not answer is an error now, not in the workers' logs
+    elif found is None:
+        ensure_daemon(cfg, out=out or sys.stdout)
+    else:
+        print(f"daemon already running at {cfg.endpoint}", file=out)
+    alive = sum(1 for p in pid_files(cfg) if os.path.basename(p).startswith("worker-") and live_pid(p))
+    env = worker_env(cfg, secrets, cfg.endpoint)
+    started = 0
+    for n in range(1, 1000):
+        if alive + started >= args.workers:
+            break
+        path = os.path.join(logs, f"worker-{n}.pid")
+        if live_pid(path):
+            continue
+        spawn(["worker", "--model", model], env, os.path.join(logs, f"worker-{n}.log"), pid_path=path)
+        started += 1
+    where = f" on Redis at {connect(cfg).endpoint}" if cfg.cloud else ""
+    print(f"{alive + started} worker(s) running{where} ({started} started); logs in {logs}", file=out)
+    return 0
+
+
+def cmd_stop(cfg, args):
+    from terminal import plural
+    from daemon_client import BackendError
+    try:
+        found = backend_status(cfg) if cfg.cloud else find_daemon(cfg)
+        running = running_executions(found[0]) if found else []
+    except (CliError, BackendError) as exc:  # a broken token or a sick daemon: stop is the fix, so go on
+        print(f"stigmer: cannot list what is running ({exc}); stopping the processes", file=sys.stderr)
+        found, running = None, []
+    if running and not args.force:
+        listing = "\n".join(f"  {line}" for line in describe(running))
+        if not sys.stdin.isatty():
+            raise CliError(f"{plural(len(running), 'execution')} running; `stop` would cancel them:\n{listing}\n"
+                           "run `python runner.py stop --force` to cancel them and stop")
+        print(f"{plural(len(running), 'execution')} running; stopping cancels them:\n{listing}", file=sys.stderr)
+        if not confirm("cancel them and stop? [y/N] "):
+            raise CliError("nothing stopped", 1)
+    for ex, line in zip(running, describe(running)):  # cancel first, so the log says who stopped them
+        found[0].cancel(ex.id)
+        print(f"cancelled {line}")
+    if running:  # their runners record the end before the daemon goes
+        wait_until_ended(found[0], running)
+    files = pid_files(cfg)
+    ordered = [p for p in files if "worker-" in p] + [p for p in files if "worker-" not in p]
+    stopped = []
+    for path in ordered:  # workers first, so they can report their last events to the daemon
+        pid = live_pid(path)
+        if pid:
+            stop_pid(pid, lambda: live_pid(path, wait=0))
+            stopped.append(os.path.basename(path)[:-4])
+        os.unlink(path)
+    owner = daemon_owner(cfg)
+    if owner and owner != os.getpid():  # a daemon with no pid file of ours: one a foreground run started
+        stop_pid(owner, lambda: daemon_owner(cfg))
+        stopped.append(f"the daemon a foreground run started (pid {owner})")
+    if stopped:
+        print(f"stopped {len(stopped)} process(es): {', '.join(stopped)}")
+    else:
+        print("nothing was running")
+    return 0
+
+
+def wait_until_ended(client, executions, timeout=10.0):
+    """Wait up to TIMEOUT seconds for EXECUTIONS to reach a terminal phase, so that their runners
+    (and any foreground run following them) see the end before the daemon stops."""
+    from daemon_client import TERMINAL_PHASES, BackendError
+    deadline = time.monotonic() + timeout
+    waiting = [ex.id for ex in executions]
+    while waiting and time.monotonic() < deadline:
+        try:
+            waiting = [i for i in waiting if client.get(i).phase not in TERMINAL_PHASES]
+        except BackendError:
+            return
+        if waiting:
+            time.sleep(0.1)
+
+
+def running_executions(client):
+    """The executions the backend is running now."""
+    import stigmer_pb2 as pb
+    return list(client.list(pb.RUNNING, 1000))
+
+
+def describe(executions):
+    """`ex-… "first line of the prompt"` per execution."""
+    return [f"{ex.id}  {json.dumps((ex.spec.prompt.splitlines() or [''])[0][:60], ensure_ascii=False)}"
+            for ex in executions]
+
+
+def confirm(question):
+    """Ask QUESTION on the terminal; True for yes."""
+    try:
+        return input(question).strip().lower() in ("y", "yes")
+    except EOFError:
+        return False
+
+
+def cmd_status(cfg, args):
+    found = backend_status(cfg) if cfg.cloud else find_daemon(cfg)
+    procs = {os.path.basename(p)[:-4]: live_pid(p, wait=0.2) for p in pid_files(cfg)}
+    if found is None:
+        raise CliError(f"no daemon answers at {cfg.endpoint}: start one with `python runner.py start`")
+    import terminal
+    client, status = found
+    terminal.print_status(status, procs, client.endpoint, args.json, running=running_executions(client),
+                          background=procs.get("daemon") == status.pid)
+    return 0
+
+
+def cmd_list(cfg, args):
+    import stigmer_pb2 as pb
+    import terminal
+    client, embedded = open_log(cfg)
+    try:
+        terminal.print_executions(client.list(pb.Phase.Value(args.phase.upper()) if args.phase else 0, args.limit),
+                                  args.json, phase=args.phase)
+        return 0
+    finally:
+        if embedded:
+            embedded.stop()
+
+
+def cmd_logs(cfg, args):
+    client, embedded = open_log(cfg)
+    try:
+        import terminal
+        execution = client.get(args.id)  # an unknown id becomes a one-line error
+        if args.patch:
+            return print_patch(client, execution)
+        renderer = terminal.make_renderer(args.json, cfg.environ.get("NO_COLOR"))
+        renderer.show_prompts = True
+        if args.history and execution.spec.parent_id:
+            terminal.show_ancestors(client, execution, renderer)
+        try:
+            terminal.follow(client, args.id, renderer, follow_live=args.follow and embedded is None,
+                            reconnect=lambda: connect(cfg))
+        except KeyboardInterrupt:
+            terminal.stopped_watching(renderer, args.id)
+            return 130
+        renderer.newline()
+        return 0
+    finally:
+        if embedded:
+            embedded.stop()
+
+
+def print_patch(client, execution):
+    """`logs ID --patch`: the patch artifact's text on stdout, as it is (for `git apply`); notes on stderr."""
+    import stigmer_pb2 as pb
+    patch = None
+    for ev in client.watch(execution.id, follow=False):
+        if ev.WhichOneof("payload") == "artifact" and ev.artifact.type == "patch":
+            patch = ev.artifact
+    if patch is None:
+        if execution.phase in (pb.PENDING, pb.RUNNING):
+            raise CliError(f"{execution.id} is still {pb.Phase.Name(execution.phase).lower()}: its patch is recorded "
+                           f"when it ends (follow it with python runner.py logs {execution.id} -f)")
+        raise CliError(f"{execution.id} has no patch: only a Daytona sandbox whose workspace is a git checkout "
+                       "(run --repo URL) records one")
+    if patch.notes:
+        print(f"stigmer: {patch.notes}", file=sys.stderr)
+    sys.stdout.write(patch.text)
+    return 0
+
+
+def cmd_cancel(cfg, args):
+    import stigmer_pb2 as pb
+    ex = connect(cfg).cancel(args.id)
+    phase = pb.Phase.Name(ex.phase)
+    print(f"{ex.id}: cancel requested; its runner is stopping it" if phase == "RUNNING" else f"{ex.id}: {phase}")
+    return 0
+
+
+def cmd_daemon(cfg, args):
+    import daemon_server
+    return daemon_server.run(cfg.home, args.endpoint or cfg.endpoint, allow_remote=args.allow_remote,
+                      runner_grace=cfg.runner_grace, idle_exit=args.idle_exit)
+
+
+def cmd_worker(cfg, args):
+    import logging
+    import threading
+
+    import models
+    cfg.require_sandbox()
+    model = choose_model(cfg, args.model)
+    environ = {**cfg.environ, **gather_secrets(cfg, [], model)}  # asks only for a missing key; held in memory
+    # The SDK's import is the slowest part of a cold start: begin it before grpc's (worker.serve waits for it).
+    threading.Thread(target=models.preload, args=(model, environ), name="import-model-sdk", daemon=True).start()
+    import daemon_client
+    import worker
+    from daemon_client import VERSION
+    level = {"development": logging.DEBUG, "staging": logging.INFO, "production": logging.WARNING}[cfg.env]
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    for noisy in ("httpx", "httpx2", "httpcore", "httpcore2", "anthropic", "openai", "grpc"):  # they log whole requests
+        logging.getLogger(noisy).setLevel(max(level, logging.INFO))
+    runner_id = args.runner_id or worker.new_runner_id()
+    make_sandbox, sweep = sandbox_factory(cfg, runner_id, backend_is_terminal(cfg))
+    if cfg.cloud:
+        import redis_backend
+        import sandbox
+        sandbox.guard_commands()  # should this worker be killed, its commands die with it
+        link = redis_backend.RedisLink(cfg.redis_url, cfg.redis_prefix, **cfg.redis_settings)
+    else:
+        link = daemon_client.DaemonLink(cfg.endpoint, cfg.home)
+    where = f"sandbox root {cfg.sandbox_root}" if cfg.sandbox == "filesystem" else "sandbox daytona"
+    print(f"stigmer worker {VERSION} · mode {cfg.mode} · endpoint {link.endpoint} · {where} · "
+          f"model {model} · capacity {args.capacity}", file=sys.stderr, flush=True)
+    return worker.serve(worker.Worker(capacity=args.capacity, mode=cfg.mode, model=model, runner_id=runner_id,
+                                      pinned=args.pinned, make_sandbox=make_sandbox, sweep=sweep, sandbox=cfg.sandbox,
+                                      environ=environ, history=link.history, context_window=cfg.context_window),
+                        link, exit_with_stdin=args.exit_with_stdin)

@@ -1,0 +1,391 @@
+"""The CLI's processes: finding or starting STIGMER_HOME's daemon, the backend client of the mode,
+workers (a run's own, or `start`'s in the background) with their secrets, and stopping them.
+
+    cfg = runner.Config.load(os.environ)
+    client, status = ensure_daemon(cfg)                 # the daemon of cfg.home, started when none runs
+    worker = spawn_run_worker(cfg, [], client.endpoint, "run-1", "anthropic/claude-sonnet-4-5")
+    stop_process(worker)
+
+Everything here gets the configuration as a `runner.Config`; nothing reads os.environ. grpc and the
+generated stubs are imported where they are used, so that `--help` starts at once.
+"""
+import os
+import signal
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+START_WAIT = 30.0  # seconds `start` (or a run) waits for the daemon it started to answer
+DAEMON_LOCK = "daemon.lock"  # in STIGMER_HOME: flocked by its one daemon (daemon_server.LOCK_FILE)
+START_LOCK = "start.lock"  # in STIGMER_HOME: flocked by the one command starting a daemon
+
+
+def project_secrets():
+    """The project's secrets.py, loaded once by models.py."""
+    import models
+    return models.project_secrets()
+
+
+class CliError(Exception):
+    """A one-line message for the user and the exit code that goes with it."""
+
+    def __init__(self, message, code=1):
+        super().__init__(message)
+        self.code = code
+
+
+def connect(cfg, endpoint=None):
+    """The mode's backend client (raises BackendError): a daemon Client for this STIGMER_HOME,
+    or in cloud mode a RedisClient for REDIS_URL. Both have the same calls and errors."""
+    if cfg.cloud:
+        from redis_backend import RedisClient
+        return RedisClient(cfg.redis_url, cfg.redis_prefix, **cfg.redis_settings)
+    from daemon_client import Client
+    return Client(cfg.home, endpoint or cfg.endpoint)
+
+
+def daemon_owner(cfg):
+    """The pid of the daemon holding STIGMER_HOME's lock (0: starting, pid not written yet), or None."""
+    import home
+    return home.lock_holder(os.path.join(cfg.home, DAEMON_LOCK))
+
+
+def daemon_serving(cfg):
+    """The pid of STIGMER_HOME's daemon once it serves (its token written), else None (none, or starting)."""
+    import home
+    record = home.lock_record(os.path.join(cfg.home, DAEMON_LOCK))
+    return int(record[0]) if record and len(record) >= 2 and record[0].isdigit() else None
+
+
+def backend_status(cfg):
+    """Cloud mode: (client, status) from Redis; a Redis that does not answer is a one-line error."""
+    client = connect(cfg)
+    try:
+        return client, client.status()
+    except Exception:
+        client.close()
+        raise
+
+
+def find_daemon(cfg):
+    """(client, status) of the daemon that answers at the endpoint, or None when none does (without a
+    token file, at once: grpc is not even imported). A missing, empty, unreadable or foreign token with
+    no daemon behind it is None too (starting a daemon replaces it); with this home's daemon running
+    behind it, a CliError names the fix."""
+    path = os.path.join(cfg.home, "daemon.token")
+    if not os.path.lexists(path):
+        return broken_token(cfg, path, "is missing")
+    from daemon_client import BackendError, BackendUnavailable, DaemonError, read_token
+    try:
+        read_token(cfg.home)
+    except DaemonError as exc:
+        return broken_token(cfg, path, "is unreadable" if "unreadable" in str(exc) else "is empty")
+    client = None
+    try:
+        client = connect(cfg)
+        return client, client.status(timeout=2.0)
+    except BackendError as exc:
+        if client is not None:
+            client.close()
+        owner = None if isinstance(exc, BackendUnavailable) else daemon_owner(cfg)
+        if owner:  # our home's daemon answers, but not to this token
+            raise CliError(f"the daemon of STIGMER_HOME {cfg.home} (pid {owner}) refused the token in "
+                           f"{os.path.join(cfg.home, 'daemon.token')}, which another process overwrote: "
+                           "run `python runner.py stop`, and the next command starts a fresh one") from None
+        return None
+
+
+def broken_token(cfg, path, what):
+    """None when no daemon serves STIGMER_HOME (starting one replaces the token); else a CliError naming the fix."""
+    owner = daemon_serving(cfg)
+    if owner:  # a daemon serves this home, and we cannot authenticate to it
+        raise CliError(f"the daemon token {path} {what}, but the daemon of STIGMER_HOME {cfg.home} (pid {owner}) "
+                       "is running: run `python runner.py stop`, and the next command starts a fresh one")
+    return None
+
+
+def ensure_daemon(cfg, idle_exit=0.0, out=None):
+    """(Client, DaemonStatus) of STIGMER_HOME's daemon, starting one in the background when none runs.
+    One command starts it (START_LOCK) and the daemon itself makes sure it is the only one (DAEMON_LOCK);
+    IDLE_EXIT > 0: the daemon exits after that many seconds with nothing to do."""
+    import home
+    found = find_daemon(cfg)
+    if found is not None:
+        return found
+    home.private_home(cfg.home)
+    try:
+        with home.held(os.path.join(cfg.home, START_LOCK), START_WAIT):
+            return start_daemon(cfg, idle_exit, out)
+    except home.LockTimeout:
+        raise CliError(f"another command has been starting the daemon for {START_WAIT:.0f} s: see "
+                       f"{os.path.join(cfg.home, 'logs', 'daemon.log')}") from None
+
+
+def start_daemon(cfg, idle_exit, out):
+    """Start the daemon (the caller holds START_LOCK) and wait until it answers."""
+    import home
+    found = find_daemon(cfg)
+    if found is not None:
+        return found
+    log_path = os.path.join(cfg.home, "logs", "daemon.log")
+    deadline, pid, spawned = time.monotonic() + START_WAIT, None, 0
+    while True:
+        if (pid is None or not home.pid_alive(pid)) and daemon_owner(cfg) is None:
+            if spawned == 3:  # it exits at once: the log says why
+                break
+            pid = spawn_daemon(cfg, idle_exit)
+            spawned += 1
+        time.sleep(0.1)
+        found = find_daemon(cfg)
+        if found is not None:
+            if out is not None:
+                print(f"daemon started (pid {found[1].pid}) at {cfg.endpoint}", file=out)
+            return found
+        if time.monotonic() > deadline:
+            break
+    try:
+        with open(log_path, errors="replace") as f:
+            tail = f.read().strip().splitlines()[-1:]
+    except OSError:
+        tail = []
+    raise CliError(f"the daemon did not start: {tail[0] if tail else 'no output'} (log: {log_path})")
+
+
+def spawn_daemon(cfg, idle_exit):
+    """Start `runner.py daemon` detached from us (not our child: it may outlive this command),
+    recorded in logs/daemon.pid, which it keeps locked while it lives; returns its pid."""
+    import subprocess
+
+    import home
+    logs = os.path.join(cfg.home, "logs")
+    home.private_dirs(logs)
+    pid_fd = home.lock(os.path.join(logs, "daemon.pid"), timeout=2.0)
+    log_fd = home.private_open(os.path.join(logs, "daemon.log"), os.O_WRONLY | os.O_APPEND)
+    try:
+        args = [sys.executable, os.path.join(HERE, "runner.py"), "daemon"]
+        args += ["--idle-exit", f"{idle_exit:g}"] if idle_exit else []
+        # sh starts it in the background and exits: the daemon is re-parented, and keeps pid_fd's lock
+        sh = subprocess.Popen(["/bin/sh", "-c", '"$@" >&2 & echo $!', "sh", *args], env=without_keys(cfg.environ),
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log_fd,
+                              pass_fds=(pid_fd,), start_new_session=True)
+        pid = int(sh.stdout.readline())
+        sh.stdout.close()
+        sh.wait()
+        home.write_record(pid_fd, pid)
+        return pid
+    finally:
+        os.close(pid_fd)
+        os.close(log_fd)
+
+
+def open_log(cfg):
+    """(client, embedded): the running daemon, or a short-lived embedded one over the same STIGMER_HOME
+    so that past runs can be listed and replayed when no daemon is running. Cloud mode: Redis."""
+    if cfg.cloud:
+        return connect(cfg), None
+    found = find_daemon(cfg)
+    if found is not None:
+        return found[0], None
+    if daemon_owner(cfg) is not None:
+        raise CliError(f"the daemon of STIGMER_HOME {cfg.home} does not answer at {cfg.endpoint}: "
+                       "see `python runner.py status`")
+    if not os.path.exists(os.path.join(cfg.home, "stigmer.db")):
+        raise CliError(f"no executions yet in {cfg.home}: run one with python runner.py \"your task\"")
+    embedded = serve_embedded(cfg, "127.0.0.1:0")
+    if embedded is None:  # a daemon came up meanwhile
+        return find_daemon(cfg)[0], None
+    return connect(cfg, embedded.endpoint), embedded
+
+
+def serve_embedded(cfg, endpoint):
+    """A daemon inside this process, for this command only; None when STIGMER_HOME's daemon came up
+    meanwhile. Waits while another command's short-lived one holds the home's lock."""
+    import daemon_client
+    import daemon_server
+    deadline = time.monotonic() + START_WAIT
+    while True:
+        try:
+            return daemon_server.serve(cfg.home, endpoint, runner_grace=cfg.runner_grace)
+        except daemon_server.DaemonRunning as exc:
+            if find_daemon(cfg) is not None:
+                return None
+            if time.monotonic() > deadline:
+                raise CliError(str(exc)) from None
+        except daemon_client.DaemonError as exc:
+            raise CliError(str(exc)) from None
+
+
+def worker_env(cfg, secrets, endpoint):
+    """The environment of a worker: the user's, the secrets, and where the daemon is
+    (in cloud mode REDIS_URL and the rest are the user's environment already)."""
+    env = project_secrets().child_env(secrets, base=cfg.environ)
+    env.update(STIGMER_HOME=cfg.home, STIGMER_BACKEND_ENDPOINT=endpoint, MODE=cfg.mode, STIGMER_MODE=cfg.mode,
+               STIGMER_ENV=cfg.env, PYTHONUNBUFFERED="1")
+    return env
+
+
+def without_keys(environ):
+    """ENVIRON minus every provider key and service key (Daytona's): what the daemon gets."""
+    import models
+    keys = set(models.model_key_vars()) | set(project_secrets().SERVICE_KEY_VARS)
+    return {k: v for k, v in environ.items() if k not in keys}
+
+
+def sandbox_factory(cfg, runner_id, is_terminal):
+    """(make_sandbox, sweep) for worker.Worker from STIGMER_SANDBOX: the host (sweep None), or one Daytona
+    sandbox per execution, labelled with RUNNER_ID; sweep deletes those whose executions IS_TERMINAL(id)
+    says have ended (an id the log does not know is not terminal: it may be another home's)."""
+    import worker
+    if cfg.sandbox != "daytona":
+        return worker.host_sandbox, None
+    import threading
+
+    import daytona_sandbox
+    d, clients, lock = cfg.daytona, [], threading.Lock()
+
+    def client():  # one SDK client for the worker, made on first use
+        with lock:
+            if not clients:
+                clients.append(daytona_sandbox.make_client(d.api_key, d.api_url, d.target))
+            return clients[0]
+
+    def make_sandbox(execution, env):
+        spec = execution.spec
+        return daytona_sandbox.create_for_execution(
+            execution.id, runner_id, api_key=d.api_key, api_url=d.api_url, target=d.target, snapshot=d.snapshot,
+            env=env, repo=spec.repo or None, ref=spec.ref or None, keep=spec.keep_sandbox, client=client())
+
+    return make_sandbox, lambda: daytona_sandbox.sweep(client(), is_terminal)
+
+
+def backend_is_terminal(cfg):
+    """is_terminal(execution_id) for the sweep, asking the daemon (or Redis); False when it cannot say."""
+    import daemon_client
+
+    def is_terminal(execution_id):
+        try:
+            client = connect(cfg)
+            try:
+                return client.get(execution_id).phase in daemon_client.TERMINAL_PHASES
+            finally:
+                client.close()
+        except daemon_client.BackendError:  # unknown here, or the daemon is away: leave it
+            return False
+    return is_terminal
+
+
+def spawn(args, env, log_path, pipe_stdin=False, pid_path=None):
+    """Start `python runner.py ARGS` in its own session, output appended to LOG_PATH (0600)
+    (stdin a pipe we hold when PIPE_STDIN, else /dev/null). PID_PATH: a pid file the child
+    keeps locked while it lives (see home.live_pid)."""
+    import subprocess
+
+    import home
+    try:
+        home.private_dirs(os.path.dirname(log_path))
+        log = home.private_open(log_path, os.O_WRONLY | os.O_APPEND)
+        pid_fd = home.lock(pid_path, timeout=2.0) if pid_path else None
+    except OSError as exc:
+        raise CliError(home_problem(log_path, exc)) from None
+    try:
+        proc = subprocess.Popen([sys.executable, os.path.join(HERE, "runner.py"), *args], env=env,
+                                stdin=subprocess.PIPE if pipe_stdin else subprocess.DEVNULL,
+                                stdout=log, stderr=log, start_new_session=True,
+                                pass_fds=(pid_fd,) if pid_fd is not None else ())
+        if pid_fd is not None:
+            try:
+                home.write_record(pid_fd, proc.pid)
+            except OSError as exc:
+                stop_process(proc)
+                raise CliError(home_problem(pid_path, exc)) from None
+        return proc
+    finally:
+        os.close(log)
+        if pid_fd is not None:
+            os.close(pid_fd)
+
+
+def home_problem(path, exc):
+    """One line on a file in STIGMER_HOME that could not be written."""
+    import errno
+    if exc.errno == errno.ENOSPC:
+        return f"disk full: cannot write {path} in STIGMER_HOME; free some space there"
+    return f"cannot write {path}: {exc.strerror or exc}"
+
+
+def gather_secrets(cfg, names, model):
+    """The key MODEL's provider needs (none for Ollama) plus NAMES, prompting on the terminal for what is missing."""
+    mod = project_secrets()
+    try:
+        return mod.gather((model.split("/")[0],), names, environ=cfg.environ,
+                          warn=lambda m: print(f"stigmer: warning: {m.removeprefix('warning: ')}", file=sys.stderr))
+    except mod.PromptCancelled:
+        raise CliError("cancelled at the key prompt", 130) from None
+    except mod.MissingSecret as exc:
+        raise CliError(str(exc) + other_provider_hint(cfg, model), 2) from None
+    except mod.SecretError as exc:
+        raise CliError(str(exc), 2) from None
+
+
+def other_provider_hint(cfg, model):
+    """When MODEL's key is missing but another provider's is set: how to use that provider instead."""
+    provider = model.split("/")[0]
+    for name, p in project_secrets().PROVIDERS.items():
+        var = next((v for v in (p.env_var, *p.alt_env_vars) if v and cfg.environ.get(v)), None)
+        if name != provider and p.required and var:
+            return f"; {var} is set: to use {name}, run with --model {name} (or STIGMER_MODEL={name})"
+    return ""
+
+
+def spawn_run_worker(cfg, names, endpoint, runner_id, model):
+    """This run's own worker (capacity 1) for MODEL (provider/model; its provider's key is gathered),
+    which takes only executions pinned to RUNNER_ID and stops when this command closes its stdin."""
+    secrets = gather_secrets(cfg, names, model)
+    return spawn(["worker", "--capacity", "1", "--exit-with-stdin", "--runner-id", runner_id, "--pinned",
+                  "--model", model], worker_env(cfg, secrets, endpoint), os.path.join(cfg.home, "logs", "run-worker.log"),
+                 pipe_stdin=True)
+
+
+def stop_process(proc, timeout=5.0):
+    """SIGTERM a child we started, then SIGKILL it after TIMEOUT seconds."""
+    import subprocess
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def stop_pid(pid, alive):
+    """SIGTERM PID, then SIGKILL it if alive() still says so 10 s later."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if alive():
+            os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def pid_files(cfg):
+    logs = os.path.join(cfg.home, "logs")
+    return sorted(os.path.join(logs, n) for n in os.listdir(logs) if n.endswith(".pid")) if os.path.isdir(logs) else []
+
+
+def live_pid(path, wait=1.0):
+    """The pid in a pid file while its process runs (it holds the file's lock; no /proc), else None."""
+    import home
+    return home.live_pid(path, wait)
+
+
+def embedded_endpoint(endpoint):
+    """Where an embedded daemon asked to listen on ENDPOINT will be found (as daemon_server.serve binds it),
+    or None when that is known only once it listens (port 0)."""
+    host, _, port = endpoint.rpartition(":")
+    if not port.isdigit() or int(port) == 0:
+        return None
+    return f"127.0.0.1:{port}" if host == "localhost" else endpoint
