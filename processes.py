@@ -318,7 +318,7 @@ def gather_secrets(cfg, names, model):
     mod = project_secrets()
     try:
         return mod.gather((model.split("/")[0],), names, environ=cfg.environ,
-                          warn=lambda m: print(f"stigmer: warning: {m.removeprefix('warning: ')}", file=sys.stderr))
+                          warn=lambda m: print(f"stigmer: warning: {m}", file=sys.stderr))
     except mod.PromptCancelled:
         raise CliError("cancelled at the key prompt", 130) from None
     except mod.MissingSecret as exc:

@@ -167,12 +167,13 @@ def sandbox_secret_names(cli_names=(), environ=None):
 
 
 SECRET_WORDS = ("KEY", "SECRET", "TOKEN", "PASSWORD", "CREDENTIAL")  # names holding one of these look secret
+NOT_SECRET = ("STIGMER_SANDBOX_SECRETS",)  # settings whose names look secret but hold names, not values
 
 
 def looks_secret(name):
     """True when an environment variable's NAME suggests it holds a secret (case-insensitive)."""
     upper = name.upper()
-    return any(word in upper for word in SECRET_WORDS)
+    return name not in NOT_SECRET and any(word in upper for word in SECRET_WORDS)
 
 
 def secret_looking_names(environ=None):

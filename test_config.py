@@ -148,5 +148,17 @@ class StartTest(unittest.TestCase):
                                       "use, for example, STIGMER_RUNNER_GRACE=15\n")
 
 
+class PackagingTest(unittest.TestCase):
+    def test_every_module_is_installed(self):
+        """`pip install` ships every module the CLI may import: pyproject's py-modules lists them all."""
+        import glob
+        import tomllib
+        with open(os.path.join(HERE, "pyproject.toml"), "rb") as f:
+            listed = tomllib.load(f)["tool"]["setuptools"]["py-modules"]
+        shipped = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(HERE, "*.py"))}
+        shipped -= {"bench"} | {m for m in shipped if m.startswith(("test_", "testsupport"))}
+        self.assertEqual(sorted(listed), sorted(shipped))
+
+
 if __name__ == "__main__":
     unittest.main()

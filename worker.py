@@ -55,14 +55,12 @@ PATCH_MAX_BYTES = 512_000  # most bytes of a patch artifact: whole files are lef
 SWEEP_EVERY = 600.0  # seconds between sweeps of leftover sandboxes
 MAX_CHAIN = 1000  # most ancestors a resumed conversation may have
 
-SECRET_WORDS = ("KEY", "SECRET", "TOKEN", "PASSWORD", "CREDENTIAL")  # names holding one look secret
 INHERIT_ALL = "*"  # in ExecutionSpec.secret_names: secret-looking variables reach the shell too (--inherit-env)
-NOT_SECRET = ("STIGMER_SANDBOX_SECRETS",)  # settings whose names look secret but hold names, not values
 
 
 def looks_secret(name):
-    """True when a variable's NAME suggests it holds a secret (case-insensitive)."""
-    return name not in NOT_SECRET and any(word in name.upper() for word in SECRET_WORDS)
+    """True when a variable's NAME suggests it holds a secret: the project's secrets.py decides."""
+    return models.project_secrets().looks_secret(name)
 
 
 def hidden_from_shell(environ, named, key_vars, inherit=False):
