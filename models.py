@@ -296,7 +296,32 @@ ANTHROPIC_STOPS = {"tool_use": STOP_TOOL_USE, "max_tokens": STOP_MAX_TOKENS, "re
                    "model_context_window_exceeded": STOP_CONTEXT, "pause_turn": STOP_PAUSE}  # else STOP_DONE
 
 
-class AnthropicModel:
+class StreamedReply:
+    """What both adapters share: the stream being read (closed by cancel) and the retry of a reply that
+    breaks off mid-way."""
+
+    _stream = None  # the stream being read, for close()
+
+    def close(self):
+        """Abort the stream being read (cancel, from another thread)."""
+        stream = self._stream
+        if stream is not None:
+            try:
+                stream.close()
+            except Exception:  # closing from another thread may race the reader; the cancel flag is what counts
+                pass
+
+    @staticmethod
+    def _broke_off(attempt, exc, on_retry):
+        """The reply's connection broke (EXC) on try ATTEMPT: a ModelError after the last retry, else a note."""
+        if attempt == STREAM_RETRIES:
+            raise ModelError("connection", f"the connection to the model API broke mid-reply {attempt + 1} "
+                                           f"times ({type(exc).__name__})") from None
+        if on_retry:
+            on_retry(f"the model's reply broke off ({type(exc).__name__}: {exc}); asking again")
+
+
+class AnthropicModel(StreamedReply):
     """Claude through the anthropic SDK's streaming Messages API, with prompt caching."""
 
     provider = "anthropic"
@@ -304,7 +329,6 @@ class AnthropicModel:
     def __init__(self, model, client=None):
         self.model = model
         self.client = client  # an anthropic.Anthropic(); the process's shared one when None
-        self._stream = None  # the stream being read, for close()
 
     def turn(self, system_text, tools, messages, on_text, cancelled, on_retry=None):
         """One streamed reply to the neutral MESSAGES. A reply whose connection breaks mid-way is asked for
@@ -324,20 +348,7 @@ class AnthropicModel:
                     raise Cancelled() from None
                 if type(exc).__module__.split(".")[0] not in TRANSPORT_MODULES:
                     raise
-                if attempt == STREAM_RETRIES:
-                    raise ModelError("connection", f"the connection to the model API broke mid-reply {attempt + 1} "
-                                                   f"times ({type(exc).__name__})") from None
-                if on_retry:
-                    on_retry(f"the model's reply broke off ({type(exc).__name__}: {exc}); asking again")
-
-    def close(self):
-        """Abort the stream being read (cancel, from another thread)."""
-        stream = self._stream
-        if stream is not None:
-            try:
-                stream.close()
-            except Exception:  # closing from another thread may race the reader; the cancel flag is what counts
-                pass
+                self._broke_off(attempt, exc, on_retry)
 
     @staticmethod
     def _message(message):
@@ -413,13 +424,12 @@ def import_openai():
     return openai
 
 
-class OpenAIChatModel:
+class OpenAIChatModel(StreamedReply):
     """A streaming Chat Completions API with tools (OpenAI, Gemini, Ollama, any compatible server)."""
 
     def __init__(self, model, *, provider="openai", base_url=None, key_var="OPENAI_API_KEY", client=None):
         self.provider, self.model, self.base_url, self.key_var = provider, model, base_url, key_var
         self.client = client  # an openai.OpenAI(); make_model gives the process's shared one
-        self._stream = None  # the stream being read, for close()
 
     def request(self, system_text, tools, messages):
         """The request body: built the same way every turn, so the prefix stays byte-identical from request
@@ -446,21 +456,7 @@ class OpenAIChatModel:
             except BrokenStream as broken:
                 if cancelled.is_set():
                     raise Cancelled() from None
-                exc = broken.__cause__
-                if attempt == STREAM_RETRIES:
-                    raise ModelError("connection", f"the connection to the model API broke mid-reply {attempt + 1} "
-                                                   f"times ({type(exc).__name__})") from None
-                if on_retry:
-                    on_retry(f"the model's reply broke off ({type(exc).__name__}: {exc}); asking again")
-
-    def close(self):
-        """Abort the stream being read (cancel, from another thread)."""
-        stream = self._stream
-        if stream is not None:
-            try:
-                stream.close()
-            except Exception:  # closing from another thread may race the reader; the cancel flag is what counts
-                pass
+                self._broke_off(attempt, broken.__cause__, on_retry)
 
     def _request(self, body, on_text, cancelled):
         """One streamed request; returns its Reply."""

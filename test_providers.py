@@ -9,7 +9,6 @@ agent's shell.
 import fcntl
 import json
 import os
-import select
 import shlex
 import shutil
 import signal
@@ -20,7 +19,8 @@ import termios
 import time
 import unittest
 
-from testsupport import FAKE_KEY, HERE, OPENAI_KEY, FakeAnthropic, FakeOpenAI, free_port, run_cli, text_step, tool_step
+from testsupport import (FAKE_KEY, HERE, OPENAI_KEY, FakeAnthropic, FakeOpenAI, files_containing, free_port, read_until,
+                         run_cli, text_step, tool_step)
 
 KEY_VARS = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_BASE_URL", "OPENAI_API_KEY", "OPENAI_BASE_URL",
             "GEMINI_API_KEY", "GOOGLE_API_KEY", "GEMINI_BASE_URL", "OLLAMA_HOST", "STIGMER_SANDBOX_SECRETS", "MODE",
@@ -88,11 +88,7 @@ class ProviderCase(unittest.TestCase):
         for text in texts:
             self.assertNotIn(key, text)
         self.assertNotIn(key, json.dumps(self.fake.requests))
-        for root in (self.home, self.workspace, os.path.join(self.tmp, "userhome")):
-            for folder, _, files in os.walk(root):
-                for name in files:
-                    with open(os.path.join(folder, name), "rb") as f:
-                        self.assertNotIn(key.encode(), f.read(), os.path.join(folder, name))
+        self.assertEqual(files_containing(key, self.home, self.workspace, os.path.join(self.tmp, "userhome")), [])
 
 
 class OpenAITest(ProviderCase):
@@ -156,22 +152,6 @@ class OllamaTest(ProviderCase):
         self.assertEqual(set(self.fake.paths), {"/v1/chat/completions"})
         self.assertNotIn("API key", proc.stderr)
 
-
-def read_until(fd, needle, deadline):
-    """Bytes read from fd until needle shows up, EOF, or the deadline."""
-    data = b""
-    while needle is None or needle not in data:
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
-            break
-        try:
-            piece = os.read(fd, 65536)
-        except OSError:  # EIO: the child closed the pty
-            break
-        if not piece:
-            break
-        data += piece
-    return data
 
 
 class PromptTest(ProviderCase):

@@ -10,11 +10,13 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import unittest
 
 import runner
-from testsupport import FAKE_KEY, HERE, FakeAnthropic, free_port, pid_alive, run_cli, text_step, tool_step
+from testsupport import (FAKE_KEY, HERE, FakeAnthropic, files_containing, free_port, pid_alive, run_cli, text_step,
+                         tool_step)
 
 KEY_VARS = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "OPENAI_API_KEY", "STIGMER_SANDBOX_SECRETS", "MODE", "ENV",
             "STIGMER_MODEL", "SANDBOX_ROOT_DIR", "NO_COLOR", "STIGMER_SANDBOX", "DAYTONA_API_KEY")
@@ -228,6 +230,23 @@ def wait_for(predicate, timeout=30.0):
     raise AssertionError("timed out waiting")
 
 
+def rest_of_output(proc, timeout):
+    """(stdout, stderr) of PROC from where its readers are to its exit: communicate() reads the pipes
+    underneath the text wrappers and would lose what readline() has already buffered."""
+    killer = threading.Timer(timeout, proc.kill)
+    killer.start()
+    try:
+        err = []
+        reader = threading.Thread(target=lambda: err.append(proc.stderr.read()))
+        reader.start()
+        out = proc.stdout.read()
+        reader.join()
+        proc.wait()
+        return out, err[0]
+    finally:
+        killer.cancel()
+
+
 class CancelTest(CliCase):
     script = [tool_step(("execute", {"command": "echo $$ > shell.pid; sleep 60 & echo $! > sleep.pid; wait"})),
               text_step("never reached")]
@@ -246,7 +265,7 @@ class CancelTest(CliCase):
             self.assertEqual(json.loads(proc.stdout.readline())["kind"], "run")
             first = json.loads(proc.stdout.readline())  # PENDING: the worker is still importing the SDK
             proc.send_signal(signal.SIGINT)
-            out, err = proc.communicate(timeout=30)
+            out, err = rest_of_output(proc, timeout=30)
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -377,11 +396,7 @@ class SecretsTest(CliCase):
         for secret in (FAKE_KEY, self.GITHUB):
             self.assertNotIn(secret, out + err)
             self.assertNotIn(secret, json.dumps(self.fake.requests))
-            for root in (self.home, self.workspace, os.path.join(self.tmp, "userhome")):
-                for folder, _, files in os.walk(root):
-                    for name in files:
-                        with open(os.path.join(folder, name), "rb") as f:
-                            self.assertNotIn(secret.encode(), f.read(), os.path.join(folder, name))
+            self.assertEqual(files_containing(secret, self.home, self.workspace, os.path.join(self.tmp, "userhome")), [])
 
 
 class TerminalTest(CliCase):

@@ -14,7 +14,6 @@ import json
 import os
 import random
 import re
-import select
 import signal
 import shutil
 import subprocess
@@ -23,6 +22,8 @@ import tempfile
 import termios
 import time
 import unittest
+
+from testsupport import read_until
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SECRETS_PY = os.path.join(HERE, "secrets.py")
@@ -368,22 +369,6 @@ except module.SecretError as exc:
 os.write(report, hashlib.sha256(got["ANTHROPIC_API_KEY"].encode()).hexdigest().encode())
 """
 
-
-def read_until(fd, needle, deadline):
-    """Bytes read from fd until needle shows up, EOF, or the deadline."""
-    data = b""
-    while needle is None or needle not in data:
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
-            break
-        try:
-            piece = os.read(fd, 4096)
-        except OSError:  # EIO: the child closed the pty
-            break
-        if not piece:
-            break
-        data += piece
-    return data
 
 
 class PtyPromptTest(unittest.TestCase):

@@ -13,6 +13,7 @@ assistant turn is answered by a `tool_result` in the next user message, else 400
 import itertools
 import json
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -199,18 +200,23 @@ class FakeAnthropic:
             with self._lock:
                 self._replies = getattr(self, "_replies", 0) + 1
                 reply_id = f"msg_{step_index}_{self._replies}"  # unique per reply, as the real API's ids are
-            full = render_stream(step, step_index, body.get("model", "claude-fake"), reply_id)
-            sent = full
-            with self._lock:
-                drops = self._failures.get(("drop", step_index), 0)
-                if drops < step.get("drop", 0):  # break the stream off half-way, like a dropped connection
-                    self._failures[("drop", step_index)] = drops + 1
-                    sent = full[:len(full) // 2]
-            result = 200, {"content-type": "text/event-stream", "cache-control": "no-cache",
-                           "content-length": str(len(full))}, sent
+            result = self._stream_reply(step, step_index, render_stream(step, step_index, body.get("model", "claude-fake"),
+                                                                         reply_id))
         with self._lock:
             self.statuses.append((step_index, result[0]))
         return result
+
+    def _stream_reply(self, step, step_index, full):
+        """The 200 answer carrying the SSE body FULL; the first step["drop"] times it is sent for this step,
+        only its first half goes out, like a connection that breaks off mid-reply."""
+        sent = full
+        with self._lock:
+            drops = self._failures.get(("drop", step_index), 0)
+            if drops < step.get("drop", 0):
+                self._failures[("drop", step_index)] = drops + 1
+                sent = full[:len(full) // 2]
+        return 200, {"content-type": "text/event-stream", "cache-control": "no-cache",
+                     "content-length": str(len(full))}, sent
 
 
 def run_cli(args, env, timeout=60, cwd=None, input=None):
@@ -344,15 +350,42 @@ class FakeOpenAI(FakeAnthropic):
             if step.get("delay"):
                 time.sleep(step["delay"])
             include = bool((body.get("stream_options") or {}).get("include_usage"))
-            full = render_chat_stream(step, step_index, body.get("model", "gpt-fake"), include, reply_id)
-            sent = full
-            with self._lock:
-                drops = self._failures.get(("drop", step_index), 0)
-                if drops < step.get("drop", 0):
-                    self._failures[("drop", step_index)] = drops + 1
-                    sent = full[:len(full) // 2]
-            result = 200, {"content-type": "text/event-stream", "cache-control": "no-cache",
-                           "content-length": str(len(full))}, sent
+            result = self._stream_reply(step, step_index, render_chat_stream(
+                step, step_index, body.get("model", "gpt-fake"), include, reply_id))
         with self._lock:
             self.statuses.append((step_index, result[0]))
         return result
+
+
+def read_until(fd, needle, deadline):
+    """Bytes read from FD (a pty's main side) until NEEDLE shows up (None: until EOF), EOF, or the
+    time.monotonic() DEADLINE."""
+    data = b""
+    while needle is None or needle not in data:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            break
+        try:
+            piece = os.read(fd, 65536)
+        except OSError:  # EIO: the child closed the pty
+            break
+        if not piece:
+            break
+        data += piece
+    return data
+
+
+def files_containing(text, *roots):
+    """The paths of the files under ROOTS whose bytes contain TEXT (a key that must be on no disk)."""
+    found = []
+    for root in roots:
+        for folder, _, files in os.walk(root):
+            for name in files:
+                path = os.path.join(folder, name)
+                try:
+                    with open(path, "rb") as f:
+                        if text.encode() in f.read():
+                            found.append(path)
+                except OSError:  # a socket, or gone meanwhile
+                    pass
+    return found
