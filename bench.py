@@ -279,7 +279,6 @@ def bench_loop(turns=50, list_runs=15):
     import openai
 
     import agent
-    import daemon_server
     import models
     from testsupport import FAKE_KEY, OPENAI_KEY, FakeAnthropic, FakeOpenAI, free_port, text_step, tool_step
 
@@ -350,16 +349,18 @@ def bench_loop(turns=50, list_runs=15):
                 messages.append({"role": "tool", "tool_call_id": c["id"], "content": done.stdout})
         bare_openai = per_turn_ms(fake)
         client.close()
+    def stop(env):  # the shared daemon a foreground run leaves behind (it would idle out after a minute)
+        subprocess.run([sys.executable, runner_py, "stop", "--force"], env=env, capture_output=True, timeout=60)
+
     with tempfile.TemporaryDirectory() as tmp, FakeOpenAI(script) as fake:
-        full_openai, _, _ = full_path(fake, tmp, OPENAI_API_KEY=OPENAI_KEY, OPENAI_BASE_URL=fake.url + "/v1",
-                                      STIGMER_MODEL="openai/gpt-fake")
+        full_openai, _, env = full_path(fake, tmp, OPENAI_API_KEY=OPENAI_KEY, OPENAI_BASE_URL=fake.url + "/v1",
+                                        STIGMER_MODEL="openai/gpt-fake")
+        stop(env)
 
     with tempfile.TemporaryDirectory() as tmp, FakeAnthropic(script) as fake:
         full, wall, env = full_path(fake, tmp, ANTHROPIC_API_KEY=FAKE_KEY, ANTHROPIC_BASE_URL=fake.url,
                                     STIGMER_MODEL="claude-fake")
-
-        served = daemon_server.serve(env["STIGMER_HOME"], env["STIGMER_BACKEND_ENDPOINT"])
-        try:
+        try:  # `list` against the daemon the run left behind
             starts = []
             for _ in range(list_runs):
                 t0 = time.perf_counter()
@@ -368,7 +369,7 @@ def bench_loop(turns=50, list_runs=15):
             python_alone = statistics.median(
                 [_timed(lambda: subprocess.run([sys.executable, "-c", "pass"], check=True)) for _ in range(list_runs)])
         finally:
-            served.stop()
+            stop(env)
     return {"turns": turns, "bare_loop_ms_per_turn": round(bare, 2), "full_path_ms_per_turn": round(full, 2),
             "ratio": verdict(full / bare, "<=", 1.5, 2),
             "openai_bare_loop_ms_per_turn": round(bare_openai, 2),

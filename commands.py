@@ -12,9 +12,10 @@ import signal
 import sys
 import time
 
-from processes import (CliError, backend_is_terminal, backend_status, connect, daemon_owner, embedded_endpoint,
-                       ensure_daemon, find_daemon, gather_secrets, live_pid, open_log, pid_files, project_secrets,
-                       sandbox_factory, spawn, spawn_run_worker, stop_pid, stop_process, worker_env)
+from processes import (START_WAIT, CliError, backend_is_terminal, backend_status, connect, daemon_owner,
+                       embedded_endpoint, ensure_daemon, find_daemon, gather_secrets, live_pid, open_log, pid_files,
+                       project_secrets, sandbox_factory, shared_worker_fits, spawn, spawn_run_worker, stop_pid,
+                       stop_process, worker_env)
 
 EXIT_CODES = {"COMPLETED": 0, "FAILED": 1, "CANCELLED": 130}
 RUN_IDLE_EXIT = 60.0  # seconds a daemon started by a foreground run lingers with nothing to do, then exits
@@ -88,7 +89,12 @@ def cmd_run(cfg, args):
         found = backend_status(cfg) if cfg.cloud else find_daemon(cfg)
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
-        if not args.detach:  # its own worker, with this run's secrets, takes only this run
+        # After `start`, a warm worker with a free slot, this run's provider and its --secret names takes the
+        # run at once (its SDK is loaded, its key was asked for at `start`); else the run's own worker,
+        # with this run's secrets, takes only this run.
+        warm = not args.detach and not resuming and not cfg.cloud and found is not None and \
+            found[1].free_capacity > 0 and shared_worker_fits(cfg, model, names)
+        if not args.detach and not warm:
             runner_id = f"run-{os.getpid()}-{os.urandom(3).hex()}"
         # A cold start: the worker (importing its SDK, the slowest part) starts first, unless it needs
         # the secret names of the run it resumes, which only the log knows.
@@ -220,18 +226,42 @@ def cmd_start(cfg, args, out=None):
         print(f"daemon already running at {cfg.endpoint}", file=out)
     alive = sum(1 for p in pid_files(cfg) if os.path.basename(p).startswith("worker-") and live_pid(p))
     env = worker_env(cfg, secrets, cfg.endpoint)
-    started = 0
+    started = []
     for n in range(1, 1000):
-        if alive + started >= args.workers:
+        if alive + len(started) >= args.workers:
             break
         path = os.path.join(logs, f"worker-{n}.pid")
         if live_pid(path):
             continue
-        spawn(["worker", "--model", model], env, os.path.join(logs, f"worker-{n}.log"), pid_path=path)
-        started += 1
+        started.append((spawn(["worker", "--model", model], env, os.path.join(logs, f"worker-{n}.log"), pid_path=path,
+                              record=(model, ",".join(names) or "-")),  # what a foreground run checks before using it
+                        os.path.join(logs, f"worker-{n}.log")))
+    if started and not cfg.cloud:
+        wait_until_connected(cfg, started)
+    started = len(started)
     where = f" on Redis at {connect(cfg).endpoint}" if cfg.cloud else ""
     print(f"{alive + started} worker(s) running{where} ({started} started); logs in {logs}", file=out)
     return 0
+
+
+def wait_until_connected(cfg, started, timeout=START_WAIT):
+    """Wait until the daemon has a free shared slot, so that the next run finds a warm worker; a CliError naming
+    the log when every worker in STARTED ((process, log path) pairs) has exited instead."""
+    from daemon_client import BackendError
+    client = connect(cfg)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            try:
+                if client.status(timeout=2.0).free_capacity > 0:
+                    return
+            except BackendError:
+                return  # the daemon went away: the next command says so
+            if all(proc.poll() is not None for proc, _ in started):
+                raise CliError(f"the worker exited at once: see {started[0][1]}")
+            time.sleep(0.05)
+    finally:
+        client.close()
 
 
 def cmd_stop(cfg, args):

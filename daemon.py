@@ -231,7 +231,7 @@ class Daemon(pb_grpc.DaemonServicer):
                 version=VERSION, pid=os.getpid(), uptime_seconds=time.time() - self._started,
                 connected_runners=len(self._sessions), queue_depth=len(self._pending),
                 executions_by_phase={pb.Phase.Name(phase): n for phase, n in counts.items()},
-                free_capacity=sum(s.free_slots() for s in self._sessions.values()))
+                free_capacity=sum(s.free_slots() for s in self._sessions.values() if not s.pinned))  # shared slots
 
     # ---- Watch ----
 
@@ -273,8 +273,10 @@ class Daemon(pb_grpc.DaemonServicer):
             finished = False
             while context.is_active():
                 if follow:
-                    with self._lock:
-                        notices = self._notices.get(execution_id, [])[seen:]
+                    # Without the lock, which the writer holds through each commit: a watcher that waited
+                    # for it on every page fell seconds behind a busy log. The list is only appended to
+                    # (under the lock), so a slice of it is a consistent snapshot.
+                    notices = self._notices.get(execution_id, ())[seen:]
                     for notice in notices:
                         seen += 1
                         yield [(notice, 0, "notice")]  # a page of its own: Watch and WatchBatches send it as is

@@ -274,10 +274,10 @@ def backend_is_terminal(cfg):
     return is_terminal
 
 
-def spawn(args, env, log_path, pipe_stdin=False, pid_path=None):
+def spawn(args, env, log_path, pipe_stdin=False, pid_path=None, record=()):
     """Start `python runner.py ARGS` in its own session, output appended to LOG_PATH (0600)
     (stdin a pipe we hold when PIPE_STDIN, else /dev/null). PID_PATH: a pid file the child
-    keeps locked while it lives (see home.live_pid)."""
+    keeps locked while it lives (see home.live_pid), holding its pid and the fields of RECORD."""
     import subprocess
 
     import home
@@ -294,7 +294,7 @@ def spawn(args, env, log_path, pipe_stdin=False, pid_path=None):
                                 pass_fds=(pid_fd,) if pid_fd is not None else ())
         if pid_fd is not None:
             try:
-                home.write_record(pid_fd, proc.pid)
+                home.write_record(pid_fd, proc.pid, *record)
             except OSError as exc:
                 stop_process(proc)
                 raise CliError(home_problem(pid_path, exc)) from None
@@ -369,6 +369,20 @@ def stop_pid(pid, alive):
             os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def shared_worker_fits(cfg, model, names):
+    """True when a worker of `start` is alive with the key of MODEL's provider and every secret in NAMES:
+    its pid file records the model and the secret names it was started with (never their values)."""
+    import home
+    for path in pid_files(cfg):
+        if not os.path.basename(path).startswith("worker-"):
+            continue
+        record = home.lock_record(path) or []
+        if len(record) >= 3 and record[1].split("/")[0] == model.split("/")[0] and \
+                set(names) <= set(record[2].split(",")) - {"-"} and live_pid(path, wait=0):
+            return True
+    return False
 
 
 def pid_files(cfg):

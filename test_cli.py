@@ -16,6 +16,7 @@ import termios
 import threading
 import unittest
 
+import processes
 import runner
 from test_runner import CliCase, read, wait_for
 from testsupport import HERE, run_cli, text_step, tool_step
@@ -255,6 +256,35 @@ class ConfigNamesTest(CliCase):
             proc = self.cli("list", env=env)
             self.assertEqual(proc.returncode, 2, proc.stderr)
             self.assertIn(name, proc.stderr)
+
+
+class WarmRunTest(CliCase):
+    script = [text_step("warm")]
+
+    def newest_spec(self):
+        return json.loads(self.cli("list", "--json", "--limit", "1").stdout.splitlines()[0])["spec"]
+
+    def test_a_run_after_start_takes_the_started_worker_when_it_fits(self):
+        self.assertEqual(self.cli("start").returncode, 0)
+        proc, events = self.run_task("hello")
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertEqual(events[-1]["final_text"], "warm")
+        self.assertEqual(self.newest_spec().get("runner_id", ""), "")  # not pinned: the warm worker took it
+        self.assertFalse(os.path.exists(os.path.join(self.home, "logs", "run-worker.log")))  # none was spawned
+        # A --secret the started worker was not given: this run needs its own worker, with that secret.
+        proc, events = self.run_task("--secret", "EXTRA_TOKEN", "hello", env=dict(self.env, EXTRA_TOKEN="x"))
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertTrue(self.newest_spec()["runner_id"].startswith("run-"))
+
+    def test_another_provider_or_a_missing_secret_does_not_fit(self):
+        self.assertEqual(self.cli("start", "--secret", "EXTRA_TOKEN", env=dict(self.env, EXTRA_TOKEN="x")).returncode, 0)
+        cfg = runner.Config.load(self.env)
+        self.assertTrue(processes.shared_worker_fits(cfg, "anthropic/claude-fake", ["EXTRA_TOKEN"]))
+        self.assertTrue(processes.shared_worker_fits(cfg, "anthropic/claude-other", []))
+        self.assertFalse(processes.shared_worker_fits(cfg, "openai/gpt-fake", []))
+        self.assertFalse(processes.shared_worker_fits(cfg, "anthropic/claude-fake", ["EXTRA_TOKEN", "OTHER"]))
+        self.assertEqual(self.cli("stop", "--force").returncode, 0)
+        self.assertFalse(processes.shared_worker_fits(cfg, "anthropic/claude-fake", []))  # none alive
 
 
 class StopTest(CliCase):

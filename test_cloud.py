@@ -365,7 +365,7 @@ class CliTest(CloudCase):
         followed = self.json_lines(self.cli("logs", other, "-f", "--json"))
         self.assertEqual(followed[-1]["phase"], "COMPLETED")
         self.assertIn(runner_pid(self.log.get(other).runner_id),
-                      [int(read(os.path.join(self.home, "logs", f"worker-{n}.pid"))) for n in (1, 2)])
+                      [int(read(os.path.join(self.home, "logs", f"worker-{n}.pid")).split()[0]) for n in (1, 2)])
 
         rows = self.json_lines(self.cli("list", "--json"))
         self.assertEqual([r["id"] for r in rows], [other, execution_id])

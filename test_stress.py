@@ -348,7 +348,8 @@ class PrivateHomeTest(CliCase):
                               capture_output=True, text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL,
                               preexec_fn=lambda: os.umask(0o022))
         self.assertEqual(proc.returncode, 0, proc.stderr)
-        run, _ = self.run_task("hi")
+        # a --secret the started worker lacks: the run brings its own worker (and its run-worker.log)
+        run, _ = self.run_task("--secret", "EXTRA_TOKEN", "hi", env=dict(self.env, EXTRA_TOKEN="x"))
         self.assertEqual(run.returncode, 0, run.stderr)
         self.assertEqual(stat.S_IMODE(os.stat(self.home).st_mode), 0o700)
         names = ["stigmer.db", "stigmer.db-wal", "stigmer.db-shm", "daemon.token", "daemon.lock",
