@@ -19,8 +19,8 @@ import termios
 import time
 import unittest
 
-from testsupport import (FAKE_KEY, HERE, OPENAI_KEY, FakeAnthropic, FakeOpenAI, files_containing, free_port, read_until,
-                         run_cli, text_step, tool_step)
+from testsupport import (FAKE_KEY, HERE, OPENAI_KEY, FakeAnthropic, FakeOpenAI, assert_one_line, files_containing, free_port,
+                         read_until, run_cli, text_step, tool_step)
 
 KEY_VARS = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_BASE_URL", "OPENAI_API_KEY", "OPENAI_BASE_URL",
             "GEMINI_API_KEY", "GOOGLE_API_KEY", "GEMINI_BASE_URL", "OLLAMA_HOST", "STIGMER_SANDBOX_SECRETS", "MODE",
@@ -245,12 +245,7 @@ class ReadmeCommandsTest(ProviderCase):
 
 
 class ModelErrorTest(ProviderCase):
-    def assertOneLine(self, proc, code, *needles):
-        self.assertEqual(proc.returncode, code, proc.stderr)
-        self.assertNotIn("Traceback", proc.stderr)
-        self.assertEqual(len(proc.stderr.strip().splitlines()), 1, proc.stderr)
-        for needle in needles:
-            self.assertIn(needle, proc.stderr)
+    assertOneLine = assert_one_line
 
     def test_unknown_model_name_lists_the_forms(self):
         self.assertOneLine(self.cli("--model", "llama3", "x"), 2, "'llama3'", "provider/model", "ollama")

@@ -15,8 +15,8 @@ import time
 import unittest
 
 import runner
-from testsupport import (FAKE_KEY, HERE, FakeAnthropic, files_containing, free_port, pid_alive, run_cli, text_step,
-                         tool_step)
+from testsupport import (FAKE_KEY, HERE, FakeAnthropic, assert_one_line, files_containing, free_port, pid_alive, run_cli,
+                         text_step, tool_step)
 
 KEY_VARS = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "OPENAI_API_KEY", "STIGMER_SANDBOX_SECRETS", "MODE", "ENV",
             "STIGMER_MODEL", "SANDBOX_ROOT_DIR", "NO_COLOR", "STIGMER_SANDBOX", "DAYTONA_API_KEY")
@@ -441,12 +441,7 @@ class TerminalTest(CliCase):
 
 
 class CliErrorTest(CliCase):
-    def assertOneLine(self, proc, code, *needles):
-        self.assertEqual(proc.returncode, code, proc.stderr)
-        self.assertNotIn("Traceback", proc.stderr)
-        self.assertEqual(len(proc.stderr.strip().splitlines()), 1, proc.stderr)
-        for needle in needles:
-            self.assertIn(needle, proc.stderr)
+    assertOneLine = assert_one_line
 
     def test_missing_workspace(self):
         self.assertOneLine(self.cli("run", "x", "--workspace", "/nonexistent/dir"), 2, "/nonexistent/dir")

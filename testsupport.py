@@ -167,6 +167,17 @@ class FakeAnthropic:
     def __exit__(self, *exc):
         self.stop()
 
+    def _step(self, step_index):
+        """(step, scripted error or None) for a request at STEP_INDEX (the caller holds the lock): a step's
+        "errors" are answered in turn, one per request, before the step itself."""
+        step = self.script[step_index] if step_index < len(self.script) else text_step("(script exhausted)")
+        served = self._failures.get(step_index, 0)
+        errors = step.get("errors", [])
+        scripted_error = errors[served] if served < len(errors) else None
+        if scripted_error is not None:
+            self._failures[step_index] = served + 1
+        return step, scripted_error
+
     def _error(self, status, kind, message, headers=None):
         body = json.dumps({"type": "error", "error": {"type": kind, "message": message}}).encode()
         return status, {"content-type": "application/json", **(headers or {})}, body
@@ -178,12 +189,7 @@ class FakeAnthropic:
         with self._lock:
             self.times.append(time.perf_counter())
             self.requests.append(body)
-            step = self.script[step_index] if step_index < len(self.script) else text_step("(script exhausted)")
-            served = self._failures.get(step_index, 0)
-            errors = step.get("errors", [])
-            scripted_error = errors[served] if served < len(errors) else None
-            if scripted_error is not None:
-                self._failures[step_index] = served + 1
+            step, scripted_error = self._step(step_index)
         key = headers.get("x-api-key") or (headers.get("authorization") or "").removeprefix("Bearer ")
         if key != self.key:
             result = self._error(401, "authentication_error", "invalid x-api-key")
@@ -325,12 +331,7 @@ class FakeOpenAI(FakeAnthropic):
             self.paths.append(path)
             self._replies += 1
             reply_id = f"chatcmpl-{step_index}-{self._replies}"
-            step = self.script[step_index] if step_index < len(self.script) else text_step("(script exhausted)")
-            served = self._failures.get(step_index, 0)
-            errors = step.get("errors", [])
-            scripted_error = errors[served] if served < len(errors) else None
-            if scripted_error is not None:
-                self._failures[step_index] = served + 1
+            step, scripted_error = self._step(step_index)
         key = (headers.get("authorization") or "").removeprefix("Bearer ")
         if self.key is not None and key != self.key:
             result = self._error(401, "invalid_request_error", "Incorrect API key provided: sk-op***", code="invalid_api_key")
@@ -389,3 +390,13 @@ def files_containing(text, *roots):
                 except OSError:  # a socket, or gone meanwhile
                     pass
     return found
+
+
+def assert_one_line(test, proc, code, *needles):
+    """PROC (a CLI run) exited CODE with one line on stderr, no traceback, holding every NEEDLE.
+    Used as a TestCase method: `assertOneLine = assert_one_line`."""
+    test.assertEqual(proc.returncode, code, proc.stderr)
+    test.assertNotIn("Traceback", proc.stderr)
+    test.assertEqual(len(proc.stderr.strip().splitlines()), 1, proc.stderr)
+    for needle in needles:
+        test.assertIn(needle, proc.stderr)
