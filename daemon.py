@@ -723,12 +723,8 @@ def batch_bytes(payloads):
         yield b"".join(parts)
 
 
-def main(argv=None):
-    """`python daemon.py [--endpoint HOST:PORT] [--allow-remote]`: `python runner.py daemon`, configured
-    by runner.Config (imported here only: runner imports this module, not the other way round)."""
-    import runner
-    return runner.run_cli(["daemon", *(sys.argv[1:] if argv is None else argv)])
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python daemon.py [--endpoint HOST:PORT] [--allow-remote]` is `python runner.py daemon`, configured by
+    # runner.Config: this process becomes that one (same pid), so that no module here imports runner.
+    os.execv(sys.executable, [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "runner.py"),
+                              "daemon", *sys.argv[1:]])

@@ -18,8 +18,8 @@ import unittest
 
 import processes
 import runner
-from test_runner import CliCase, read, wait_for
-from testsupport import HERE, run_cli, text_step, tool_step
+from test_runner import CliCase, read
+from testsupport import HERE, run_cli, text_step, tool_step, wait_for
 
 RUNNER = os.path.join(HERE, "runner.py")
 

@@ -19,24 +19,13 @@ import unittest
 
 import redis_backend as rb
 import stigmer_pb2 as pb
-from testsupport import FAKE_KEY, HERE, FakeAnthropic, pid_alive, run_cli, text_step, tool_step
+from testsupport import FAKE_KEY, HERE, FakeAnthropic, pid_alive, run_cli, text_step, tool_step, wait_for
 from testsupport_redis import RedisServer, requires_redis
 
 LEASE_TTL = 5.0  # seconds; heartbeats every 1.7 s: short enough to see a lost worker, long for a busy machine
 _prefixes = itertools.count()
 SLOW = ("if [ -f slow ]; then echo $$ > shell.pid; sleep 30 & echo $! > sleep.pid; wait; fi; echo ok")
 TERMINAL = (pb.COMPLETED, pb.FAILED, pb.CANCELLED)
-
-
-def wait_for(predicate, timeout=60.0, what="a condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(0.05)
 
 
 def read(path):

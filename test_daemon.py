@@ -136,6 +136,17 @@ class DaemonCase(unittest.TestCase):
         """Wait for an Assign and return its execution."""
         return runner.expect("assign").execution
 
+    def stream_many(self, runner, execution_id, last=10_002):
+        """The runner sends text events 3..LAST in batches of 500, each acknowledged at once (the runner is
+        never held up by watchers), then COMPLETED as LAST + 1; returns LAST."""
+        for start in range(3, last + 1, 500):
+            end = min(start + 499, last)
+            runner.batch(*[text(execution_id, seq, "y" * 100) for seq in range(start, end + 1)])
+            runner.expect_ack(execution_id, end)
+        runner.batch(phase(execution_id, last + 1, pb.COMPLETED))
+        runner.expect_ack(execution_id, last + 1)
+        return last
+
 
 class AuthAndInputTest(DaemonCase):
     def test_token_file_is_private(self):
@@ -475,13 +486,7 @@ class WatchTest(DaemonCase):
             i, [e.seq for e in self.watch(execution_id, follow=True)])) for i in range(3)]
         for thread in threads:
             thread.start()
-        last = 10_002
-        for start in range(3, last + 1, 500):
-            end = min(start + 499, last)
-            runner.batch(*[text(execution_id, seq, "y" * 100) for seq in range(start, end + 1)])
-            runner.expect_ack(execution_id, end)  # the runner is never held up
-        runner.batch(phase(execution_id, last + 1, pb.COMPLETED))
-        runner.expect_ack(execution_id, last + 1)
+        last = self.stream_many(runner, execution_id)
         for thread in threads:
             thread.join(TIMEOUT * 3)
         for seqs in others:
@@ -578,13 +583,7 @@ class WatchBatchesTest(DaemonCase):
         threads = [threading.Thread(target=follow, args=(i,)) for i in range(4)]
         for thread in threads:
             thread.start()
-        last = 10_002
-        for start in range(3, last + 1, 500):
-            end = min(start + 499, last)
-            runner.batch(*[text(execution_id, seq, "y" * 100) for seq in range(start, end + 1)])
-            runner.expect_ack(execution_id, end)  # the runner is never held up
-        runner.batch(phase(execution_id, last + 1, pb.COMPLETED))
-        runner.expect_ack(execution_id, last + 1)
+        last = self.stream_many(runner, execution_id)
         for thread in threads:
             thread.join(TIMEOUT * 3)
         for seqs in others:

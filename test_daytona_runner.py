@@ -13,7 +13,6 @@ import shutil
 import subprocess
 import tempfile
 import threading
-import time
 import unittest
 from unittest import mock
 
@@ -29,7 +28,7 @@ import stigmer_pb2 as pb
 import worker
 from test_runner import CliCase
 from test_worker import drain
-from testsupport import FAKE_KEY, FakeAnthropic, text_step, tool_step
+from testsupport import FAKE_KEY, FakeAnthropic, text_step, tool_step, wait_for
 from testsupport_daytona import FakeDaytona
 
 KEY = "dtn_fake.not.a.real.daytona.key"
@@ -56,14 +55,6 @@ def bare_repo(tmp):
     git("commit", "-qm", "first", cwd=src)
     git("clone", "-q", "--bare", src, bare)
     return bare
-
-
-def wait_for(predicate, timeout=30.0, what="a condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 @SKIP

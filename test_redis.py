@@ -19,19 +19,12 @@ import uuid
 import stigmer_pb2 as pb
 import redis_backend as rb  # imports without the redis package (it is loaded on first use)
 from redis_backend import BackendError, BackendUnavailable, RedisClient, RedisLink
+from testsupport import wait_for
 from testsupport_redis import RedisServer, requires_redis
 
 SHORT = dict(lease_ttl=1.0, claim_idle=0.3, cancel_grace=30.0, retention=600.0)  # fast settings for tests
 _prefixes = itertools.count()
 logging.getLogger("stigmer.redis").addHandler(logging.NullHandler())  # expected warnings stay quiet
-
-
-def wait_for(predicate, timeout=5.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
 
 
 def spec(prompt="do it"):

@@ -21,8 +21,8 @@ import home
 import stigmer_pb2 as pb
 import stigmer_pb2_grpc as pb_grpc
 import worker
-from test_runner import CliCase, read, wait_for
-from testsupport import HERE, FakeAnthropic, pid_alive, text_step, tool_step
+from test_runner import CliCase, read
+from testsupport import HERE, FakeAnthropic, pid_alive, text_step, tool_step, wait_for
 
 TIMEOUT = 180  # seconds a CLI under test may take on a loaded machine before the test fails
 

@@ -400,3 +400,16 @@ def assert_one_line(test, proc, code, *needles):
     test.assertEqual(len(proc.stderr.strip().splitlines()), 1, proc.stderr)
     for needle in needles:
         test.assertIn(needle, proc.stderr)
+
+
+def wait_for(predicate, timeout=60.0, what="a condition"):
+    """PREDICATE()'s first truthy value, polled until TIMEOUT seconds have passed; then an AssertionError
+    naming WHAT. (Generous by default: only a failing test waits that long.)"""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(0.02)
