@@ -207,7 +207,9 @@ class LostWorkerTest(CloudCase):
         self.assertEqual((pb.Phase.Name(ex.phase), ex.error), ("FAILED", "runner lost"))
         before = [e.SerializeToString() for e in self.events(slow)]
         os.kill(zombie.pid, signal.SIGCONT)
-        wait_for(lambda: f"lost the lease on {slow}" in self.worker_log(zombie), 60, "the zombie to notice")
+        # it learns from its next heartbeat ("lost the lease") or, if its sender goes first, from the refused append
+        noticed = (f"lost the lease on {slow}", f"Redis refused events for {slow}")
+        wait_for(lambda: any(n in self.worker_log(zombie) for n in noticed), 60, "the zombie to notice")
         wait_for(lambda: not any(pid_alive(p) for p in pids), 30, "the zombie to stop its command")
         # its epoch is fenced: an append in its name is refused, and nothing it did changed the execution
         late = pb.Event(execution_id=slow, seq=ex.last_seq + 1, time=time.time(), text=pb.TextDelta(text="late"))
