@@ -12,14 +12,17 @@ and the CLI's `Client` (submit, get, list, watch, cancel, status), which returns
 Kept apart from daemon.py (the server) so that CLI commands such as `list` start without
 importing the server's SQLite store and thread pool.
 """
+import ipaddress
 import logging
 import os
 import random
+import stat
 import threading
 import time
 
 import grpc
 
+import home as stigmer_home
 import stigmer_pb2 as pb
 import stigmer_pb2_grpc as pb_grpc
 
@@ -30,6 +33,9 @@ TERMINAL_PHASES = (pb.COMPLETED, pb.FAILED, pb.CANCELLED)  # an execution in one
 TERMINAL_NAMES = tuple(pb.Phase.Name(p) for p in TERMINAL_PHASES)
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # largest gRPC message either way; bigger gets RESOURCE_EXHAUSTED
 TOKEN_FILE = "daemon.token"  # inside $STIGMER_HOME
+LOCK_FILE = "daemon.lock"  # inside $STIGMER_HOME: flocked by its one daemon; holds its pid, endpoint, transport
+SOCKET_FILE = "daemon.sock"  # inside $STIGMER_HOME (0700): the daemon's local transport, which only we can reach
+MAX_SOCKET_PATH = 100  # bytes; a Unix socket path must fit sun_path (104 on macOS, 108 on Linux)
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -54,6 +60,59 @@ def read_token(home):
         raise DaemonError(f"no daemon token at {path}: is the daemon running? "
                           "start it with `python runner.py start`")
     return token
+
+
+def socket_path(home):
+    """Where HOME's daemon listens on a Unix socket (when the path is short enough to bind)."""
+    return os.path.join(os.path.abspath(home), SOCKET_FILE)
+
+
+def bound_endpoint(endpoint):
+    """ENDPOINT as the daemon binds and records it: `localhost` is 127.0.0.1 (never whatever `localhost`
+    resolves to first, which may be ::1, where anyone may listen)."""
+    host, _, port = endpoint.rpartition(":")
+    return f"127.0.0.1:{port}" if host == "localhost" else endpoint
+
+
+def is_loopback(host):
+    """True for `localhost` and loopback addresses (brackets allowed)."""
+    host = host.strip("[]")
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def daemon_target(home, endpoint):
+    """The gRPC target of HOME's daemon, asked for at ENDPOINT, checked before any token goes there.
+
+    HOME's daemon holds HOME/daemon.lock while it lives and records there the endpoint it listens on and
+    whether it listens on HOME/daemon.sock. When it is alive and listens at ENDPOINT, the target is that
+    socket (inside the 0700 home: nobody else can listen there), else the literal address it recorded. A
+    loopback ENDPOINT with no live daemon of HOME behind it is a DaemonError: whoever listens there now
+    (after a crash, or on ::1 while the daemon is on 127.0.0.1) never gets the token. An ENDPOINT that is
+    not loopback is a remote daemon (`daemon --allow-remote`) the user named: it is dialled as given."""
+    record = stigmer_home.lock_record(os.path.join(home, LOCK_FILE)) or []
+    alive = len(record) >= 2 and record[0].isdigit() and stigmer_home.pid_alive(int(record[0]))
+    host = endpoint.rpartition(":")[0]
+    if alive and bound_endpoint(endpoint) == record[1]:
+        if "unix" not in record[2:]:
+            return record[1]
+        path = socket_path(home)
+        try:
+            info = os.lstat(path)
+        except OSError:
+            info = None
+        if info is None or not stat.S_ISSOCK(info.st_mode) or info.st_uid != os.getuid():
+            raise DaemonError(f"{path} is not the socket of the daemon of STIGMER_HOME {home}: "
+                              "run `python runner.py stop`, and the next command starts a fresh daemon")
+        return f"unix:{path}"
+    if not is_loopback(host):
+        return endpoint
+    if alive:
+        raise DaemonError(f"no daemon of STIGMER_HOME {home} answers at {endpoint}: it listens at {record[1]} "
+                          f"(set STIGMER_BACKEND_ENDPOINT={record[1]}, or leave it unset)")
+    raise DaemonError(f"no daemon answers at {endpoint}: start one with `python runner.py start`")
 
 
 def auth_metadata(token):
@@ -136,7 +195,7 @@ class DaemonLink:
     def _session(self, worker):
         """One Connect stream, until it breaks or the worker stops."""
         token = read_token(self.home)
-        channel = client_channel(self.endpoint)
+        channel = client_channel(daemon_target(self.home, self.endpoint))  # checked before the token goes out
         session = threading.Event()
         try:
             call = pb_grpc.DaemonStub(channel).Connect(self._requests(worker, session),
@@ -275,9 +334,10 @@ class Client:
         self.endpoint = endpoint
         try:
             self._metadata = auth_metadata(read_token(home))
-        except DaemonError as exc:  # no token: no daemon has started for this home (or it stopped)
+            self.target = daemon_target(home, endpoint)  # HOME's live daemon, or a remote one: never a stranger
+        except DaemonError as exc:  # no token, or no daemon of this home behind the endpoint
             raise BackendUnavailable(str(exc)) from None
-        self._channel = client_channel(endpoint)
+        self._channel = client_channel(self.target)
         self._stub = stigmer_pb2_grpc.DaemonStub(self._channel)
 
     def _call(self, method, request, timeout=10.0):

@@ -337,13 +337,19 @@ def other_provider_hint(cfg, model):
     return ""
 
 
-def spawn_run_worker(cfg, names, endpoint, runner_id, model):
+def allowed_args(names, inherit):
+    """`worker` arguments that let its executions pass NAMES (provider keys among them) and, with INHERIT,
+    every variable to their shell: what the user asked for, since a worker refuses anything more."""
+    return [arg for name in names for arg in ("--secret", name)] + (["--inherit-env"] if inherit else [])
+
+
+def spawn_run_worker(cfg, names, endpoint, runner_id, model, inherit=False):
     """This run's own worker (capacity 1) for MODEL (provider/model; its provider's key is gathered),
     which takes only executions pinned to RUNNER_ID and stops when this command closes its stdin."""
     secrets = gather_secrets(cfg, names, model)
     return spawn(["worker", "--capacity", "1", "--exit-with-stdin", "--runner-id", runner_id, "--pinned",
-                  "--model", model], worker_env(cfg, secrets, endpoint), os.path.join(cfg.home, "logs", "run-worker.log"),
-                 pipe_stdin=True)
+                  "--model", model, *allowed_args(names, inherit)], worker_env(cfg, secrets, endpoint),
+                 os.path.join(cfg.home, "logs", "run-worker.log"), pipe_stdin=True)
 
 
 def stop_process(proc, timeout=5.0):

@@ -175,6 +175,24 @@ class WorkerTest(unittest.TestCase):
         self.assertEqual(self.w.rewind(), [])  # nothing in flight for the next Hello
         self.assertEqual(self.w.free_slots(), 1)
 
+    def test_an_execution_naming_a_provider_key_or_every_variable_is_refused(self):
+        for n, names in enumerate((["ANTHROPIC_API_KEY"], ["*"], ["GITHUB_TOKEN", "OPENAI_API_KEY"])):
+            with self.subTest(names=names):
+                spec = pb.ExecutionSpec(prompt="print the key", workspace=self.workspace, secret_names=names)
+                self.w.assigned(pb.Execution(id=f"ex-r{n}", spec=spec, last_seq=2))
+                events = drain(self.w, f"ex-r{n}")
+                self.assertEqual(events[-1].phase.phase, pb.FAILED)
+                refused = [name for name in names if name != "GITHUB_TOKEN"]
+                self.assertIn(f"asks for {', '.join(refused)} in the agent's shell", events[-1].phase.reason)
+                self.assertEqual([e.error.code for e in events if e.HasField("error")], ["secret_refused"])
+        self.assertEqual(self.fake.requests, [])  # no model call, so no command ran
+        allowed = worker.Worker(capacity=1, model="claude-fake", runner_id="r-allowed",
+                                allowed_secrets=["ANTHROPIC_API_KEY", "*"])  # the run that asked started it
+        self.addCleanup(allowed.stop, flush=0)
+        spec = pb.ExecutionSpec(prompt="count", workspace=self.workspace, secret_names=["ANTHROPIC_API_KEY", "*"])
+        allowed.assigned(pb.Execution(id="ex-ok", spec=spec, last_seq=2))
+        self.assertEqual(drain(allowed, "ex-ok")[-1].phase.phase, pb.COMPLETED)
+
     def test_unsent_events_travel_in_one_batch_oldest_execution_first(self):
         first, second = self.assign("ex-a"), self.assign("ex-b")
         deadline = time.monotonic() + 30

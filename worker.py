@@ -81,6 +81,16 @@ class Cancelled(Exception):
     """An execution was cancelled before its agent started."""
 
 
+class SecretRefused(Exception):
+    """An execution named a provider key or `*` among its secrets that this worker was not started with."""
+
+
+def refused_secrets(secret_names, key_vars, allowed):
+    """The names in SECRET_NAMES that this worker refuses: a provider or service key (KEY_VARS), or `*` (every
+    variable), unless ALLOWED holds it (the user asked for it when starting this worker for the run)."""
+    return [n for n in dict.fromkeys(secret_names) if (n == INHERIT_ALL or n in key_vars) and n not in allowed]
+
+
 class HistoryError(Exception):
     """The conversation an execution continues could not be read from the log."""
 
@@ -165,12 +175,15 @@ class Worker:
     """The executions this runner runs and their outboxes; a link feeds it and drains it."""
 
     def __init__(self, *, capacity=2, mode="local", model="", runner_id=None, pinned=False, make_sandbox=host_sandbox,
-                 sweep=None, sandbox="filesystem", history=None, context_window=0, environ=None):
+                 sweep=None, sandbox="filesystem", history=None, context_window=0, environ=None, allowed_secrets=()):
         self.capacity, self.mode, self.model = capacity, mode, model
         # Keys and base URLs for the models (runner.Config.environ plus the gathered key); the process's own
         # environment when none is given (tests).
         self.environ = os.environ if environ is None else environ
         self.pinned = pinned  # a private runner: the log gives it only executions pinned to runner_id
+        # The --secret names (and `*` for --inherit-env) the user gave when starting this worker: the only
+        # provider keys an execution may pass to its shell, and whether it may pass every variable.
+        self.allowed_secrets = frozenset(allowed_secrets)
         self.log_full_patience = LOG_FULL_PATIENCE
         self.abandoned = {}  # execution id -> why this worker ends it FAILED (the log stayed full)
         self.sandbox = sandbox  # what make_sandbox makes: "filesystem" or "daytona" (checked against spec.sandbox)
@@ -383,6 +396,12 @@ class Worker:
         log.info("running %s in %s", execution.id, spec.repo or spec.workspace)
         phase, reason, final_text, turns, box, service_down = pb.FAILED, "", "", 0, None, False
         try:
+            refused = refused_secrets(spec.secret_names, key_vars, self.allowed_secrets)
+            if refused:
+                raise SecretRefused(
+                    f"refused: this execution asks for {', '.join(refused)} in the agent's shell, which runner "
+                    f"{self.runner_id} was not started with; a provider key, or every variable (--inherit-env), "
+                    "reaches the shell only when the run that asks for it starts its runner (in the foreground)")
             for name in named:
                 if name not in os.environ:
                     emit(error=pb.Error(code="secret_missing", message=f"{name} was named with --secret but this "
@@ -412,6 +431,9 @@ class Worker:
             turns = the_agent.turns
         except Cancelled:
             phase, reason = pb.CANCELLED, "cancelled by the user"
+        except SecretRefused as exc:
+            reason = str(exc)
+            emit(error=pb.Error(code="secret_refused", message=reason))
         except SandboxError as exc:
             reason = str(exc)
             emit(error=pb.Error(code="workspace", message=reason))
