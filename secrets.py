@@ -339,6 +339,33 @@ class Redactor:
         out.append(text[pos:])
         return "".join(out)
 
+    def redact_json(self, text):
+        """TEXT, a JSON document, with every secret value redacted in each string, key and number as decoded,
+        so that a value holding `"` or `\\` is found although JSON escapes it; the result is still JSON (a
+        redacted number becomes a string). Text that is not JSON is redacted as text."""
+        if self._pattern is None or self._clean(text) and "\\" not in text:
+            return text
+        try:
+            value = json.loads(text)
+        except ValueError:
+            return self.redact(text)
+        redacted = self._redact_value(value)
+        return text if redacted == value else json.dumps(redacted, ensure_ascii=False)
+
+    def _redact_value(self, value):
+        """VALUE (decoded JSON) with its strings, keys and numbers redacted."""
+        if isinstance(value, str):
+            return self.redact(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            written = json.dumps(value)
+            redacted = self.redact(written)
+            return value if redacted == written else redacted
+        if isinstance(value, list):
+            return [self._redact_value(v) for v in value]
+        if isinstance(value, dict):
+            return {self.redact(k): self._redact_value(v) for k, v in value.items()}
+        return value
+
     def feed(self, chunk):
         """Redact the next piece of a stream; returns what is safe to pass on now."""
         if self._pattern is None:

@@ -461,6 +461,18 @@ class RedactorTest(unittest.TestCase):
     def test_whole_text(self):
         self.assertEqual(S.Redactor(self.SECRETS).redact(self.TEXT), self.WANT)
 
+    def test_json_is_redacted_as_decoded_then_as_written(self):
+        tricky = 'q"uo\\te\nnew-line-9'  # JSON escapes the quote, the backslash and the newline
+        redactor = S.Redactor({"DB_PASSWORD": tricky, "PIN_SECRET": "123456789012"})
+        text = json.dumps({"command": f"echo {tricky}", tricky: [tricky, 123456789012], "n": 1}, ensure_ascii=False)
+        self.assertEqual(json.loads(redactor.redact_json(text)),
+                         {"command": "echo [REDACTED:DB_PASSWORD]", "[REDACTED:DB_PASSWORD]": [
+                             "[REDACTED:DB_PASSWORD]", "[REDACTED:PIN_SECRET]"], "n": 1})
+        self.assertEqual(redactor.redact(text).count("[REDACTED:DB_PASSWORD]"), 0)  # why redact_json exists
+        clean = '{"command": "ls -la"}'
+        self.assertIs(redactor.redact_json(clean), clean)
+        self.assertEqual(redactor.redact_json(f"not json {tricky}"), "not json [REDACTED:DB_PASSWORD]")
+
     def test_every_split_into_two_chunks(self):
         redactor = S.Redactor(self.SECRETS)
         for i in range(len(self.TEXT) + 1):

@@ -126,6 +126,23 @@ def patch_artifact(patch, redactor):
                        notes=redactor.redact("; ".join(notes)))
 
 
+def redact_payload(message, redactor):
+    """Every string of the event payload MESSAGE (nested messages and repeated fields too) through REDACTOR,
+    in place: the one place where what leaves the worker is redacted. A tool call's input is redacted as the
+    JSON it is (Redactor.redact_json), so a secret holding `"` or a backslash is found although JSON escapes it."""
+    for field, value in message.ListFields():
+        if field.type == field.TYPE_STRING:
+            if field.is_repeated:
+                value[:] = [redactor.redact(v) for v in value]
+            elif field.name == "input_json":
+                setattr(message, field.name, redactor.redact_json(value))
+            else:
+                setattr(message, field.name, redactor.redact(value))
+        elif field.type == field.TYPE_MESSAGE:
+            for item in (value if field.is_repeated else (value,)):
+                redact_payload(item, redactor)
+
+
 class Outbox:
     """One execution's events, kept from emit until the daemon acknowledges them."""
 
@@ -206,7 +223,11 @@ class Worker:
     # ---- events from the agents ----
 
     def emit(self, execution_id, redactor, **payload):
-        """Queue one event payload for EXECUTION_ID; waits while the buffer is full."""
+        """Queue one event payload for EXECUTION_ID, redacted by REDACTOR (text deltas as a stream, every other
+        payload's strings here: the one redaction point of the events); waits while the buffer is full."""
+        if "text" not in payload:
+            for message in payload.values():
+                redact_payload(message, redactor)
         with self.cond:
             box = self.outboxes.get(execution_id)
             if box is None:  # the log refused or dropped this execution: nobody wants its events
@@ -438,18 +459,18 @@ class Worker:
             reason = str(exc)
             emit(error=pb.Error(code="workspace", message=reason))
         except HistoryError as exc:
-            reason = redactor.redact(str(exc))
+            reason = str(exc)
             emit(error=pb.Error(code="history", message=reason))
         except SandboxUnavailable as exc:  # the sandbox service: auth, quota, rate limit, unreachable, clone
             reason, service_down = str(exc), True
-            emit(error=pb.Error(code=f"sandbox_{exc.code}", message=redactor.redact(reason)))
+            emit(error=pb.Error(code=f"sandbox_{exc.code}", message=reason))
         except models.ModelError as exc:  # a model name that does not resolve
             reason = exc.message
             emit(error=pb.Error(code=exc.code, message=reason))
         except Exception as exc:  # a bug in the runner: report it on the execution, keep serving others
             log.exception("execution %s crashed", execution.id)
             reason = f"internal runner error: {type(exc).__name__}: {exc}"
-            emit(error=pb.Error(code="internal", message=redactor.redact(reason)))
+            emit(error=pb.Error(code="internal", message=reason))
         finally:
             if box is not None:
                 self._close_sandbox(execution, box, emit, redactor, take_patch=not service_down)
@@ -460,10 +481,9 @@ class Worker:
                 abandoned = self.abandoned.pop(execution.id, None)
             if abandoned and alive:  # ended because the log stayed full, not by the user
                 phase, reason = pb.FAILED, abandoned
-                emit(error=pb.Error(code="disk_full", message=redactor.redact(abandoned)))
+                emit(error=pb.Error(code="disk_full", message=abandoned))
             if alive:
-                emit(phase=pb.PhaseChange(phase=phase, reason=redactor.redact(reason), final_text=final_text,
-                                          turns=turns))
+                emit(phase=pb.PhaseChange(phase=phase, reason=reason, final_text=final_text, turns=turns))
             with self.cond:
                 self.active.discard(execution.id)
                 self.cond.notify_all()
@@ -519,8 +539,7 @@ class Worker:
                 if patch is not None:  # None: the workspace is not a git checkout
                     emit(artifact=patch_artifact(patch, redactor))
             except (SandboxError, SandboxUnavailable) as exc:
-                emit(error=pb.Error(code="patch", message=redactor.redact(f"could not take the workspace's patch: "
-                                                                          f"{exc}")))
+                emit(error=pb.Error(code="patch", message=f"could not take the workspace's patch: {exc}"))
         if execution.spec.keep_sandbox:
             emit(artifact=pb.Artifact(type="sandbox", name=box.id, notes="kept running for inspection "
                                       "(--keep-sandbox): delete it when you are done"))
