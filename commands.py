@@ -13,13 +13,14 @@ import sys
 import time
 
 from processes import (START_WAIT, CliError, allowed_args, backend_is_terminal, backend_status, connect, daemon_owner,
-                       embedded_endpoint, ensure_daemon, find_daemon, gather_secrets, live_pid, open_log, pid_files,
-                       project_secrets, sandbox_factory, shared_worker_fits, spawn, spawn_run_worker, stop_pid,
-                       stop_process, worker_env)
+                       embedded_endpoint, ensure_daemon, find_daemon, gather_secrets, known_secrets, live_pid, open_log,
+                       pid_files, project_secrets, sandbox_factory, shared_worker_fits, spawn, spawn_run_worker,
+                       stop_pid, stop_process, worker_env)
 
 EXIT_CODES = {"COMPLETED": 0, "FAILED": 1, "CANCELLED": 130}
 RUN_IDLE_EXIT = 60.0  # seconds a daemon started by a foreground run lingers with nothing to do, then exits
 INHERIT_ALL = "*"  # in ExecutionSpec.secret_names: every variable may reach the agent's shell
+PROMPT_CHARS_SURELY_FINE = (1 << 20) // 4  # characters that fit daemon_client.MAX_PROMPT_BYTES whatever they are
 
 
 def choose_model(cfg, name):
@@ -49,6 +50,10 @@ def read_prompt(task, stdin):
     if not prompt:
         raise CliError("the prompt is empty: give the task, e.g. python runner.py \"add a --verbose flag\", "
                        "or pipe it in: echo \"add a --verbose flag\" | python runner.py", 2)
+    if len(prompt) > PROMPT_CHARS_SURELY_FINE:  # before any key prompt, worker or daemon
+        from daemon_client import prompt_problem  # (grpc: not imported for the usual prompt)
+        if prompt_problem(prompt):
+            raise CliError(prompt_problem(prompt), 2)
     return prompt
 
 
@@ -124,6 +129,7 @@ def cmd_run(cfg, args):
         import terminal
         from daemon_client import BackendError
         renderer = terminal.make_renderer(args.json, cfg.environ.get("NO_COLOR"))
+        prompt = redact_prompt(known_secrets(cfg, names, getattr(worker, "secrets", ())), prompt)
         spec = pb.ExecutionSpec(prompt=prompt, workspace=workspace, model=model, max_turns=args.max_turns,
                                 secret_names=shell_names, max_tokens_total=args.max_tokens_total or 0, runner_id=runner_id,
                                 repo=args.repo or (parent.spec.repo if parent else ""),
@@ -182,6 +188,19 @@ def cmd_run(cfg, args):
             embedded.stop()
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+
+
+def redact_prompt(redactor, prompt):
+    """PROMPT (the task and piped stdin) as it is submitted: with the secret values this CLI knows redacted,
+    so that none is stored raw (the log, `list`, Redis); says so on stderr, naming how to pass one on."""
+    redacted = redactor.redact(prompt)
+    if redacted != prompt:
+        import re
+        found = sorted(set(re.findall(r"\[REDACTED:([A-Za-z0-9_]+)\]", redacted)) -
+                       set(re.findall(r"\[REDACTED:([A-Za-z0-9_]+)\]", prompt)))
+        print(f"stigmer: the prompt held the value of {', '.join(found)}: it is stored and sent as "
+              f"[REDACTED:NAME]; to let the agent's shell use it, pass --secret {found[0]}", file=sys.stderr)
+    return redacted
 
 
 def find_parent(client, args, workspace):

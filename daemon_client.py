@@ -32,6 +32,8 @@ DEFAULT_HOME = "~/.stigmer"  # where state lives unless STIGMER_HOME says otherw
 TERMINAL_PHASES = (pb.COMPLETED, pb.FAILED, pb.CANCELLED)  # an execution in one of these is over
 TERMINAL_NAMES = tuple(pb.Phase.Name(p) for p in TERMINAL_PHASES)
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # largest gRPC message either way; bigger gets RESOURCE_EXHAUSTED
+MAX_PROMPT_BYTES = 1 << 20  # the largest prompt (task plus piped stdin) a run takes, in UTF-8 bytes
+LIST_PAGE_BYTES = 4 << 20  # List answers in pages of about this many bytes (one execution at least)
 TOKEN_FILE = "daemon.token"  # inside $STIGMER_HOME
 LOCK_FILE = "daemon.lock"  # inside $STIGMER_HOME: flocked by its one daemon; holds its pid, endpoint, transport
 SOCKET_FILE = "daemon.sock"  # inside $STIGMER_HOME (0700): the daemon's local transport, which only we can reach
@@ -123,6 +125,15 @@ def auth_metadata(token):
 def client_channel(endpoint):
     """An insecure channel to the daemon with the daemon's message size limits."""
     return grpc.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
+
+
+def prompt_problem(prompt):
+    """Why PROMPT is too big to run (checked by the CLI, the daemon and Redis' Submit), or None."""
+    size = len(prompt.encode("utf-8", "surrogatepass"))
+    if size <= MAX_PROMPT_BYTES:
+        return None
+    return (f"the prompt is {size / (1 << 20):.1f} MiB (the task with what was piped on stdin), over the limit of "
+            f"{MAX_PROMPT_BYTES >> 20} MiB: put the input in a file in the workspace and name that file in the task")
 
 
 def parent_problem(parent_id, parent):
@@ -257,7 +268,15 @@ class DaemonLink:
 # ---- the CLI's client ----
 
 class BackendError(Exception):
-    """What went wrong talking to the backend, in one line for a person."""
+    """What went wrong talking to the backend, in one line for a person; .code is the grpc.StatusCode
+    when an RPC failed (None otherwise)."""
+
+    def __init__(self, message, code=None):
+        super().__init__(message)
+        self.code = code
+
+
+CALL_LIMIT = "Concurrent RPC limit exceeded"  # grpc's RESOURCE_EXHAUSTED details past maximum_concurrent_rpcs
 
 
 class BackendUnavailable(BackendError):
@@ -272,13 +291,16 @@ def rpc_message(exc, endpoint):
     if code == grpc.StatusCode.UNAUTHENTICATED:
         return (f"the daemon at {endpoint} refused our token: it belongs to another STIGMER_HOME, or restarted; "
                 "check STIGMER_HOME and STIGMER_BACKEND_ENDPOINT")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and CALL_LIMIT in (exc.details() or ""):
+        return (f"the daemon at {endpoint} is serving as many calls at once as it can (each `logs -f`, foreground "
+                "run and worker holds one): end some of them and try again")
     return exc.details() or code.name
 
 
 def backend_error(exc, endpoint):
     """The BackendError (or BackendUnavailable) for a failed RPC."""
     unavailable = exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-    return (BackendUnavailable if unavailable else BackendError)(rpc_message(exc, endpoint))
+    return (BackendUnavailable if unavailable else BackendError)(rpc_message(exc, endpoint), exc.code())
 
 
 class Watch:
@@ -355,8 +377,15 @@ class Client:
         return self._call("Get", pb.GetRequest(execution_id=execution_id))
 
     def list(self, phase=0, limit=20):
-        """Executions newest first, of one phase if PHASE is set."""
-        return list(self._call("List", pb.ListRequest(phase=phase, limit=limit)).executions)
+        """Executions newest first, of one phase if PHASE is set (read page by page: see LIST_PAGE_BYTES)."""
+        executions, token = [], ""
+        while True:
+            want = limit - len(executions) if limit else 0
+            page = self._call("List", pb.ListRequest(phase=phase, limit=want, page_token=token))
+            executions += page.executions
+            token = page.next_page_token
+            if not token or (limit and len(executions) >= limit):
+                return executions
 
     def watch(self, execution_id, after_seq=0, follow=True):
         """The events after AFTER_SEQ, then (FOLLOW) live ones until the terminal event: a Watch,

@@ -63,14 +63,15 @@ from dataclasses import dataclass  # noqa: E402
 __all__ = list(_std.__all__) + [
     "DEFAULT_ENTROPY", "PROVIDERS", "Provider", "Secrets", "Redactor", "SecretError", "MissingSecret",
     "PromptCancelled", "gather", "sandbox_secret_names", "child_env", "main", "SECRET_WORDS", "looks_secret",
-    "secret_looking_names", "SDK_EXTRAS", "SERVICE_KEY_VARS",
+    "secret_looking_names", "SDK_EXTRAS", "SERVICE_KEY_VARS", "URL_SECRET_VARS", "secret_values",
 ]
 
 MIN_REDACT_LEN = 8  # shorter values are not redacted: they would match ordinary text
 MAX_ATTEMPTS = 3  # empty answers at the prompt before giving up
 SANDBOX_SECRETS_VAR = "STIGMER_SANDBOX_SECRETS"  # NAME,NAME: like repeating --secret NAME
-SERVICE_KEY_VARS = ("DAYTONA_API_KEY",)  # the runner's own service keys: like model keys, redacted,
-#                                          kept from the daemon and out of the agent's shell
+SERVICE_KEY_VARS = ("DAYTONA_API_KEY", "REDIS_URL")  # the runner's own service credentials: like model keys,
+#                                          redacted, kept from the daemon and out of the agent's shell
+URL_SECRET_VARS = ("REDIS_URL",)  # of these URLs only the password is secret (and redacted): the host is not
 PREFILTER_MAX = 16  # up to this many values, a str.find per value skips the regex on clean chunks
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -254,6 +255,22 @@ def _terminal_available():
 
 def _warn(message):
     print(message, file=sys.stderr, flush=True)
+
+
+def secret_values(values):
+    """{name: what to redact} for VALUES ({name: value} of secret variables): the value itself, or for a URL
+    in URL_SECRET_VARS its password only (none: nothing), so `redis://:[REDACTED:REDIS_URL]@host` still says
+    which Redis it is."""
+    from urllib.parse import urlsplit
+    out = {}
+    for name, value in dict(values).items():
+        if name in URL_SECRET_VARS and isinstance(value, str):
+            try:
+                value = urlsplit(value).password or ""
+            except ValueError:  # not a URL as far as urllib can tell: all of it is secret
+                pass
+        out[name] = value
+    return out
 
 
 def child_env(secrets, base=None):

@@ -17,7 +17,7 @@ import daemon
 import daemon_server
 import stigmer_pb2 as pb
 from daemon_client import TOKEN_FILE, BackendError, BackendUnavailable, Client
-from testsupport import (FAKE_KEY, HERE, Squatter, free_port, private_hosts_argv, private_hosts_problem, run_cli,
+from testsupport import (FAKE_KEY, HERE, Squatter, assert_one_line, free_port, private_hosts_argv, private_hosts_problem, run_cli,
                          wait_for)
 
 RUNNER = os.path.join(HERE, "runner.py")
@@ -254,6 +254,34 @@ class SquatterTest(unittest.TestCase):
             self.assertEqual(run_cli(["cancel", "ex-1"], env).returncode, 1)
         self.assertEqual(run_cli(["list"], self.env).returncode, 0)  # from the log, by an embedded daemon
         self.assertEqual(squatter.calls, [])  # nothing at all was sent there
+
+
+class CallLimitTest(unittest.TestCase):
+    """Issue 28, item 8: with every RPC slot held by follow streams, the CLI says so, not "a token another
+    process overwrote", and works again once they end."""
+
+    def test_at_the_call_limit_the_cli_names_it(self):
+        home = tempfile.mkdtemp(prefix="stigmer-home-")
+        self.addCleanup(shutil.rmtree, home, True)
+        server = daemon_server.serve(home, "127.0.0.1:0")
+        self.addCleanup(server.stop, 0)
+        client = Client(home, server.endpoint)
+        self.addCleanup(client.close)
+        ex = client.submit(pb.ExecutionSpec(prompt="wait", workspace=home))
+        watches = []
+        for _ in range(daemon_server.MAX_CONCURRENT_RPCS):  # 128 `logs -f`
+            watch = client.watch(ex.id)
+            events = iter(watch)
+            next(events)  # the stream is open and holds its slot
+            watches.append(watch)
+        env = {"PATH": os.environ["PATH"], "HOME": home, "STIGMER_HOME": home,
+               "STIGMER_BACKEND_ENDPOINT": server.endpoint}
+        listed = run_cli(["list"], env)
+        assert_one_line(self, listed, 1, "as many calls at once as it can", "end some of them")
+        self.assertNotIn("token", listed.stderr)
+        for watch in watches:
+            watch.cancel()
+        wait_for(lambda: run_cli(["list"], env).returncode == 0, what="list to work once the streams end")
 
 
 PROBE = """import sys

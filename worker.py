@@ -54,6 +54,7 @@ CLEANUP_ON_STOP = 8.0  # seconds a stopping worker then waits for executions to 
 PATCH_MAX_BYTES = 512_000  # most bytes of a patch artifact: whole files are left out to fit, and named
 SWEEP_EVERY = 600.0  # seconds between sweeps of leftover sandboxes
 MAX_CHAIN = 1000  # most ancestors a resumed conversation may have
+MAX_EVENT_BYTES = 4 << 20  # the largest event payload sent: longer strings are cut to fit, and say so
 
 INHERIT_ALL = "*"  # in ExecutionSpec.secret_names: secret-looking variables reach the shell too (--inherit-env)
 
@@ -143,6 +144,20 @@ def redact_payload(message, redactor):
                 redact_payload(item, redactor)
 
 
+def cap_payload(message, limit=MAX_EVENT_BYTES):
+    """Cut the longest strings of the event payload MESSAGE (its own fields) until it holds at most LIMIT bytes,
+    each cut one ending with a note saying so: one oversized field never makes an event the log cannot take."""
+    while message.ByteSize() > limit:
+        strings = [(len(v.encode()), f.name) for f, v in message.ListFields()
+                   if f.type == f.TYPE_STRING and not f.is_repeated]
+        if not strings:
+            return
+        size, name = max(strings)
+        note = f"\n[cut here: {size} bytes, over the {limit >> 20} MiB an event holds]"
+        keep = max(0, size - (message.ByteSize() - limit) - len(note) - 16)
+        setattr(message, name, getattr(message, name).encode()[:keep].decode(errors="ignore") + note)
+
+
 class Outbox:
     """One execution's events, kept from emit until the daemon acknowledges them."""
 
@@ -228,6 +243,7 @@ class Worker:
         if "text" not in payload:
             for message in payload.values():
                 redact_payload(message, redactor)
+                cap_payload(message)
         with self.cond:
             box = self.outboxes.get(execution_id)
             if box is None:  # the log refused or dropped this execution: nobody wants its events
@@ -412,7 +428,7 @@ class Worker:
         key_vars = (*models.model_key_vars(), *mod.SERVICE_KEY_VARS)
         named = [n for n in spec.secret_names if n != INHERIT_ALL]
         environ = {**os.environ, **self.environ}  # the worker's Config.environ wins over the process's
-        redactor = mod.Redactor({n: environ[n] for n in redacted_names(environ, named, key_vars)})
+        redactor = mod.Redactor(mod.secret_values({n: environ[n] for n in redacted_names(environ, named, key_vars)}))
         emit = lambda **payload: self.emit(execution.id, redactor, **payload)  # noqa: E731
         log.info("running %s in %s", execution.id, spec.repo or spec.workspace)
         phase, reason, final_text, turns, box, service_down = pb.FAILED, "", "", 0, None, False
