@@ -64,6 +64,7 @@ __all__ = list(_std.__all__) + [
     "DEFAULT_ENTROPY", "PROVIDERS", "Provider", "Secrets", "Redactor", "SecretError", "MissingSecret",
     "PromptCancelled", "gather", "sandbox_secret_names", "child_env", "main", "SECRET_WORDS", "looks_secret",
     "secret_looking_names", "SDK_EXTRAS", "SERVICE_KEY_VARS", "URL_SECRET_VARS", "secret_values",
+    "SECRETS_FD_VAR", "environment_secrets", "secrets_pipe", "reexec_without_secrets", "inherited_secrets",
 ]
 
 MIN_REDACT_LEN = 8  # shorter values are not redacted: they would match ordinary text
@@ -428,6 +429,81 @@ class Redactor:
 
     def __repr__(self):
         return "Redactor(" + ", ".join(f"{name}='***'" for name in self.names) + ")"
+
+
+SECRETS_FD_VAR = "STIGMER_SECRETS_FD"  # a worker started with its secrets in a pipe: that pipe's fd
+PIPE_CAPACITY = 65536  # bytes a pipe holds before a write waits for a reader (Linux and macOS)
+
+
+def key_var_names():
+    """Every provider key variable (alternatives too) and every service credential."""
+    return {v for p in PROVIDERS.values() for v in (p.env_var, *p.alt_env_vars) if v} | set(SERVICE_KEY_VARS)
+
+
+def environment_secrets(environ, extra=()):
+    """The variables of ENVIRON that a worker keeps out of its environment block: provider keys, service
+    credentials, secret-looking names and EXTRA (--secret names), those with a value."""
+    keys = key_var_names() | set(extra)
+    return {n: v for n, v in environ.items() if v and (n in keys or looks_secret(n))}
+
+
+def secrets_pipe(values):
+    """A pipe holding VALUES ({name: value}) for a child to inherit: returns its read end (inheritable; the
+    caller closes it once the child runs). A process's environment block stays readable, at /proc/PID/environ,
+    by every process of the same user for as long as it lives (the agent's shell among them); a pipe, once read,
+    holds nothing."""
+    data = json.dumps(dict(values)).encode()
+    read_fd, write_fd = os.pipe()
+    try:
+        if len(data) >= PIPE_CAPACITY:
+            import fcntl
+            try:
+                fcntl.fcntl(write_fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), len(data) + 1)
+            except OSError:
+                raise SecretError(f"{len(data)} bytes of secrets do not fit a pipe here: pass fewer") from None
+        os.write(write_fd, data)
+    except BaseException:
+        os.close(read_fd)
+        raise
+    finally:
+        os.close(write_fd)
+    os.set_inheritable(read_fd, True)
+    return read_fd
+
+
+def reexec_without_secrets(names, environ=None):
+    """Replace this process by itself (the same interpreter and arguments, the same pid, its open inheritable
+    files) with the variables NAMES moved from its environment into a pipe (see secrets_pipe). Never returns.
+    The new process takes them back with inherited_secrets()."""
+    env = dict(os.environ if environ is None else environ)
+    moved = {n: env.pop(n) for n in names if n in env}
+    env[SECRETS_FD_VAR] = str(secrets_pipe(moved))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+def inherited_secrets(environ=None):
+    """The variables a spawner (or reexec_without_secrets) put in the pipe named by SECRETS_FD_VAR, read to the
+    end and closed ({} without one). SECRETS_FD_VAR leaves ENVIRON (default os.environ) too."""
+    environ = os.environ if environ is None else environ
+    fd = environ.pop(SECRETS_FD_VAR, "")
+    if not fd:
+        return {}
+    try:
+        chunks = []
+        while True:
+            chunk = os.read(int(fd), 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        os.close(int(fd))
+        values = json.loads(b"".join(chunks) or b"{}")
+    except (OSError, ValueError) as exc:
+        raise SecretError(f"{SECRETS_FD_VAR}={fd} is not a pipe of secrets this process inherited ({exc})") from None
+    if not isinstance(values, dict) or not all(isinstance(v, str) for v in values.values()):
+        raise SecretError(f"the pipe in {SECRETS_FD_VAR} does not hold name=value secrets")
+    return values
 
 
 def main(argv=None, environ=None):
