@@ -65,6 +65,7 @@ SERVER_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")  # an MCP server's name (i
 FILE_MAX_BYTES = 1 << 20  # an agent file larger than this is refused
 PROJECT_DOCS = ("AGENTS.md", "CLAUDE.md")  # per directory, the first that exists is read
 PROJECT_DOC_CAP = 32 * 1024  # bytes of project instructions, in all, that go into the system prompt
+PROJECT_DOC_MIN_CUT = 1024  # a file the cap cuts keeps at least this many bytes, else it is left out
 UNSUPPORTED = ("mcpServers", "skillRefs", "subAgents")  # parsed and carried, not honoured yet (see unsupported())
 
 
@@ -563,8 +564,8 @@ def agent_config(value, path):
 # ---- the project's instructions ----
 
 def project_docs(workspace, home, cap=PROJECT_DOC_CAP):
-    """The instruction files for WORKSPACE (None: the user's own only), in system-prompt order, and one warning per file the cap cut:
-    ([pb.ProjectDoc], [str]). HOME/AGENTS.md (the user's own) first, then per directory from the git root
+    """The instruction files for WORKSPACE (None: the user's own only), in system-prompt order, and one
+    warning per file the cap cut: ([pb.ProjectDoc], [str]). HOME/AGENTS.md (the user's own) first, then per directory from the git root
     down to WORKSPACE its AGENTS.md (else its CLAUDE.md): the nearest, most specific, comes last. When they
     hold more than CAP bytes in all, the nearest keep theirs first: the ones further up are cut to what is
     left (at a line end) or left out, each named in a warning."""
@@ -597,7 +598,7 @@ def project_docs(workspace, home, cap=PROJECT_DOC_CAP):
             continue
         cut = body[:left]
         cut = cut[:cut.rfind(b"\n")] if b"\n" in cut else b""
-        if cut.strip():
+        if len(cut.strip()) >= PROJECT_DOC_MIN_CUT:
             docs[path] = pb.ProjectDoc(path=path, text=cut.decode("utf-8", "ignore").rstrip(), size=len(raw),
                                        truncated=True)
             warnings.append(f"{display(path)} was cut to its first {len(cut):,} of {len(raw):,} bytes: project "
@@ -605,6 +606,7 @@ def project_docs(workspace, home, cap=PROJECT_DOC_CAP):
         else:
             warnings.append(f"{display(path)} ({len(raw):,} bytes) was left out: project instructions are capped at "
                             f"{cap // 1024} KiB in all, and files nearer the workspace come first")
+            cut = b""
         left -= len(cut)
     return [docs[p] for p in texts_by_path if p in docs], warnings
 
