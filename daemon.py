@@ -178,7 +178,8 @@ class Daemon(pb_grpc.DaemonServicer):
             ex = pb.Execution(id=self._new_id(), spec=request.spec, phase=pb.PENDING,
                               created_at=time.time())
             try:
-                self._store(self._author(ex, phase=pb.PhaseChange(phase=pb.PENDING, model=ex.spec.model)), [ex])
+                self._store(self._author(ex, phase=pb.PhaseChange(phase=pb.PENDING, model=ex.spec.model,
+                                                                  agent=ex.spec.agent.name)), [ex])
             except LogFull as e:
                 context.abort(Code.RESOURCE_EXHAUSTED, f"{e}; nothing was submitted")
             self._pending[ex.id] = None

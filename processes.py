@@ -318,11 +318,12 @@ def home_problem(path, exc):
     return f"cannot write {path}: {exc.strerror or exc}"
 
 
-def gather_secrets(cfg, names, model):
-    """The key MODEL's provider needs (none for Ollama) plus NAMES, prompting on the terminal for what is missing."""
+def gather_secrets(cfg, names, model, labels=None):
+    """The key MODEL's provider needs (none for Ollama) plus NAMES, prompting on the terminal for what is missing
+    (LABELS: what the prompt says for a name, an agent's description of it)."""
     mod = project_secrets()
     try:
-        return mod.gather((model.split("/")[0],), names, environ=cfg.environ,
+        return mod.gather((model.split("/")[0],), names, environ=cfg.environ, labels=labels,
                           warn=lambda m: print(f"stigmer: warning: {m}", file=sys.stderr))
     except mod.PromptCancelled:
         raise CliError("cancelled at the key prompt", 130) from None
@@ -348,11 +349,11 @@ def allowed_args(names, inherit):
     return [arg for name in names for arg in ("--secret", name)] + (["--inherit-env"] if inherit else [])
 
 
-def spawn_run_worker(cfg, names, endpoint, runner_id, model, inherit=False):
-    """This run's own worker (capacity 1) for MODEL (provider/model; its provider's key is gathered),
-    which takes only executions pinned to RUNNER_ID and stops when this command closes its stdin.
-    Its .secrets are the values gathered for it (some perhaps typed at the prompt)."""
-    secrets = gather_secrets(cfg, names, model)
+def spawn_run_worker(cfg, names, endpoint, runner_id, model, labels=None, inherit=False):
+    """This run's own worker (capacity 1) for MODEL (provider/model; its provider's key is gathered, and
+    NAMES, asked for with LABELS), which takes only executions pinned to RUNNER_ID and stops when this command
+    closes its stdin. Its .secrets are the values gathered for it (some perhaps typed at the prompt)."""
+    secrets = gather_secrets(cfg, names, model, labels)
     proc = spawn(["worker", "--capacity", "1", "--exit-with-stdin", "--runner-id", runner_id, "--pinned",
                   "--model", model, *allowed_args(names, inherit)], worker_env(cfg, secrets, endpoint),
                  os.path.join(cfg.home, "logs", "run-worker.log"), pipe_stdin=True)
@@ -362,8 +363,8 @@ def spawn_run_worker(cfg, names, endpoint, runner_id, model, inherit=False):
 
 def known_secrets(cfg, names, gathered=()):
     """A Redactor of the secret values this CLI knows: the provider and service keys in its environment, the
-    --secret NAMES, every secret-looking variable (a worker redacts all of these too) and GATHERED (the values
-    gathered for its worker, keys typed at the prompt among them)."""
+    --secret NAMES (an agent's declared secrets among them), every secret-looking variable (a worker redacts all
+    of these too) and GATHERED (the values gathered for its worker, keys typed at the prompt among them)."""
     import models
     mod = project_secrets()
     keys = set(models.model_key_vars()) | set(mod.SERVICE_KEY_VARS)
