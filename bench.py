@@ -267,6 +267,47 @@ def bench_events(total=200_000, many=10):
 
 # ---- loop (issue: runner.py) ----
 @bench
+def bench_emit(turns=2000):
+    """Worker.emit, the one redaction point, for the events of one agent turn (10 text deltas, a tool call, its
+    2 KB result, usage, the turn), with a redactor of 6 secrets (none in the text) against the same emits with no
+    secret to redact: what central redaction adds per turn, to set beside `loop`'s milliseconds per turn."""
+    import models
+    import stigmer_pb2 as pb
+    import worker
+
+    stigmer_secrets = models.project_secrets()
+
+    secrets = {"ANTHROPIC_API_KEY": "sk-ant-api03-" + "x" * 95, "GITHUB_TOKEN": "ghp_" + "y" * 36,
+               "DB_PASSWORD": "correct-horse-battery-staple", "AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI/K7MDENG/bPxRf",
+               "REDIS_URL": "s3cr3t-redis-password", "DAYTONA_API_KEY": "dtn_" + "z" * 40}
+    output = "\n".join(f"src/module_{i}.py:{i}: def function_{i}(self, value): return value" for i in range(40))
+    call = json.dumps({"command": "pytest -x tests/test_module.py -k 'not slow'"})
+
+    def run(redactor):
+        w = worker.Worker(capacity=1)
+        start = time.perf_counter()
+        for n in range(turns):
+            w.outboxes["ex-b"] = worker.Outbox("ex-b", 0)  # a fresh outbox per turn: no buffer-full pauses
+            w.buffered = 0
+            for piece in range(10):
+                w.emit("ex-b", redactor, text=pb.TextDelta(text=f"Looking at the failing test, step {piece}. "))
+            w.emit("ex-b", redactor, turn=pb.Turn(number=n, stop="tool_use", text="Looking at the failing test."))
+            w.emit("ex-b", redactor, usage=pb.Usage(input_tokens=n, output_tokens=n))
+            w.emit("ex-b", redactor, tool_call=pb.ToolCall(id=f"t{n}", name="execute", input_json=call))
+            w.emit("ex-b", redactor, tool_result=pb.ToolResult(id=f"t{n}", output=output, exit_code=1))
+        return (time.perf_counter() - start) / turns * 1e6
+
+    with_secrets, without = [], []
+    for _ in range(5):
+        without.append(run(stigmer_secrets.Redactor({})))
+        with_secrets.append(run(stigmer_secrets.Redactor(secrets)))
+    base, redacted = statistics.median(without), statistics.median(with_secrets)
+    return {"turns": turns, "emit_us_per_turn_no_secrets": round(base, 1),
+            "emit_us_per_turn_6_secrets": round(redacted, 1), "ratio": round(redacted / base, 2),
+            "added_us_per_turn": verdict(redacted - base, "<", 2000, 1) + " (5% of a 40 ms turn is 2000 us)"}
+
+
+@bench
 def bench_loop(turns=50, list_runs=15):
     """A 50-turn scripted run through CLI, daemon, worker, fake model and sandbox, per turn, against
     a bare loop (the SDK on the same fake server plus subprocess.run), for AnthropicModel and for

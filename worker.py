@@ -149,18 +149,23 @@ def patch_artifact(patch, redactor):
 def redact_payload(message, redactor):
     """Every string of the event payload MESSAGE (nested messages and repeated fields too) through REDACTOR,
     in place: the one place where what leaves the worker is redacted. A tool call's input is redacted as the
-    JSON it is (Redactor.redact_json), so a secret holding `"` or a backslash is found although JSON escapes it."""
+    JSON it is (Redactor.redact_json), so a secret holding `"` or a backslash is found although JSON escapes it.
+    Returns how many characters its strings hold (to tell whether it may be over MAX_EVENT_BYTES)."""
+    chars = 0
     for field, value in message.ListFields():
         if field.type == field.TYPE_STRING:
             if field.is_repeated:
                 value[:] = [redactor.redact(v) for v in value]
-            elif field.name == "input_json":
-                setattr(message, field.name, redactor.redact_json(value))
-            else:
-                setattr(message, field.name, redactor.redact(value))
+                chars += sum(map(len, value))
+                continue
+            redacted = redactor.redact_json(value) if field.name == "input_json" else redactor.redact(value)
+            if redacted is not value:
+                setattr(message, field.name, redacted)
+            chars += len(redacted)
         elif field.type == field.TYPE_MESSAGE:
             for item in (value if field.is_repeated else (value,)):
-                redact_payload(item, redactor)
+                chars += redact_payload(item, redactor)
+    return chars
 
 
 def cap_payload(message, limit=MAX_EVENT_BYTES):
@@ -261,8 +266,8 @@ class Worker:
         payload's strings here: the one redaction point of the events); waits while the buffer is full."""
         if "text" not in payload:
             for message in payload.values():
-                redact_payload(message, redactor)
-                cap_payload(message)
+                if redact_payload(message, redactor) * 4 > MAX_EVENT_BYTES - 65536:  # UTF-8: 4 bytes a character
+                    cap_payload(message)  # at most (plus the fields that are not strings)
         with self.cond:
             box = self.outboxes.get(execution_id)
             if box is None:  # the log refused or dropped this execution: nobody wants its events
