@@ -346,7 +346,7 @@ def run_cli(argv):
     try:
         if implicit_run and "--" not in args:
             refuse_near_miss(parsed.task)
-        cfg = Config.load(os.environ)
+        cfg = Config.load(commands.worker_environ(parsed) if parsed.command == "worker" else os.environ)
         for warning in cfg.warnings:
             print(f"stigmer: warning: {warning}", file=sys.stderr)
         return handler(cfg, parsed)

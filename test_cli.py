@@ -548,7 +548,8 @@ class ParentEnvironTest(CliCase):
             worker = subprocess.Popen([sys.executable, RUNNER, "worker", "--capacity", "1"], env=env,
                                       stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         try:
-            wait_for(lambda: "connected to the daemon" in read(log_path), what="the worker to connect")
+            wait_for(lambda: json.loads(self.cli("status", "--json").stdout).get("connected_runners") == 1,
+                     what="the worker to connect")
             with open(f"/proc/{worker.pid}/environ", "rb") as f:
                 block = f.read().decode(errors="replace").replace("\0", "\n")
             self.assert_no_secret(block)

@@ -71,6 +71,16 @@ def hidden_from_shell(environ, named, key_vars, inherit=False):
     return {name: None for name in sorted(hidden) if name not in named}
 
 
+def shell_environment(environ, named, key_vars, inherit=False):
+    """The shell_env overrides of an execution: hidden_from_shell's, plus the value of every variable the shell
+    may see that only the worker's memory holds (its secrets are not in its environment block, which the shell
+    inherits): the NAMED ones and, with INHERIT, every secret-looking one (never a key that was not named)."""
+    overrides = hidden_from_shell(environ, named, key_vars, inherit)
+    passed = set(named) | ({n for n in environ if looks_secret(n)} if inherit else set())
+    overrides.update({n: environ[n] for n in sorted(passed) if environ.get(n) and overrides.get(n, "") is not None})
+    return overrides
+
+
 def redacted_names(environ, named, key_vars):
     """Every variable whose value is redacted from what the model and the log see: the model keys
     (KEY_VARS), the --secret names and every secret-looking variable present, passed to the shell or not."""
@@ -464,10 +474,10 @@ class Worker:
                     f"{self.runner_id} was not started with; a provider key, or every variable (--inherit-env), "
                     "reaches the shell only when the run that asks for it starts its runner (in the foreground)")
             for name in named:
-                if name not in os.environ:
+                if name not in environ:
                     emit(error=pb.Error(code="secret_missing", message=f"{name} was named with --secret but this "
                                         "worker's environment does not have it; the agent's shell runs without it"))
-            shell_env = hidden_from_shell(os.environ, named, key_vars, inherit=INHERIT_ALL in spec.secret_names)
+            shell_env = shell_environment(environ, named, key_vars, inherit=INHERIT_ALL in spec.secret_names)
             shell_env.update(agent_settings(spec))  # an agent's declared non-secret variables
             check_agent(spec)
             history = self.conversation(spec.parent_id) if spec.parent_id else []
@@ -564,7 +574,8 @@ class Worker:
     def _open_sandbox(self, execution, emit):
         """The execution's sandbox, from make_sandbox; a remote one is named in a "sandbox" artifact event.
         Raises Cancelled when the execution was cancelled (or the worker stopped) meanwhile."""
-        env = {n: os.environ[n] for n in execution.spec.secret_names if n in os.environ}
+        environ = {**os.environ, **self.environ}
+        env = {n: environ[n] for n in execution.spec.secret_names if n in environ}
         env.update(agent_settings(execution.spec))
         box = self.make_sandbox(execution, env)
         if getattr(box, "id", None):  # it lives elsewhere: say which, and how long it took to make
