@@ -230,10 +230,11 @@ def worker_env(cfg, secrets, endpoint):
 
 
 def without_keys(environ):
-    """ENVIRON minus every provider key and service key (Daytona's): what the daemon gets."""
+    """ENVIRON minus every provider key, service credential and secret-looking variable: what the daemon gets
+    (it needs none, and its environment block is readable by every process of the user)."""
     import models
     keys = set(models.model_key_vars()) | set(project_secrets().SERVICE_KEY_VARS)
-    return {k: v for k, v in environ.items() if k not in keys}
+    return {k: v for k, v in environ.items() if k not in keys and not project_secrets().looks_secret(k)}
 
 
 def sandbox_factory(cfg, runner_id, is_terminal):
