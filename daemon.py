@@ -176,7 +176,9 @@ class Daemon(pb_grpc.DaemonServicer):
             ex = pb.Execution(id=self._new_id(), spec=request.spec, phase=pb.PENDING,
                               created_at=time.time())
             try:
-                self._store(self._author(ex, phase=pb.PhaseChange(phase=pb.PENDING, model=ex.spec.model)), [ex])
+                self._store(self._author(ex, phase=pb.PhaseChange(phase=pb.PENDING, model=ex.spec.model,
+                                                                   sandbox_mode=ex.spec.sandbox_mode,
+                                                                   network=ex.spec.network)), [ex])
             except LogFull as e:
                 context.abort(Code.RESOURCE_EXHAUSTED, f"{e}; nothing was submitted")
             self._pending[ex.id] = None
