@@ -391,6 +391,7 @@ class FilesystemSandbox:
         self.max_output_bytes = max_output_bytes
         self.mode, self.network = mode, network
         self.hide, self.read_only = tuple(hide), tuple(read_only)
+        self._hidden_real = tuple(os.path.realpath(p) for p in hide)  # the file tools refuse these too
         self._bwrap = mode in CONFINED_MODES and sys.platform != "darwin"
 
     def __repr__(self):
@@ -589,7 +590,7 @@ class FilesystemSandbox:
         for rel, full, _ in _walk(base, time.monotonic() + SEARCH_TIMEOUT, dirs=True):
             if regex.match(rel) and self._inside(os.path.realpath(full)):
                 found.append(os.path.relpath(full, self.root))
-        return sorted(found)
+        return sorted(f for f in found if self._visible(os.path.join(self.root, f)))
 
     def grep(self, pattern, path=".", glob=None, max_count=1000) -> list:
         """(path, line number, line) for lines containing pattern literally, sorted.
@@ -616,7 +617,7 @@ class FilesystemSandbox:
             hits = self._grep_rg(rg, pattern, base, glob, keep, max_count, deadline)
         else:
             hits = self._grep_python(pattern, base, keep, max_count, deadline)
-        return sorted(hits, key=lambda h: (h[0], h[1]))
+        return sorted((h for h in hits if self._visible(os.path.join(self.root, h[0]))), key=lambda h: (h[0], h[1]))
 
     def _grep_python(self, pattern, base, keep, max_count, deadline):
         needle = pattern.encode("utf-8", errors="surrogateescape")
@@ -711,7 +712,17 @@ class FilesystemSandbox:
         except OSError as e:
             if e.errno == errno.ELOOP:
                 raise SandboxError(f"{path} is a symlink loop") from None
+        if not self._visible(real):
+            raise SandboxError(f"{path} is hidden from the agent in this sandbox (credentials, the runner's home): "
+                               "leave it alone, or ask the user")
         return real
+
+    def _visible(self, full):
+        """False for a path under one of the hidden paths (confined modes only: full-access hides nothing)."""
+        if self.mode == "full-access" or not self.hide:
+            return True
+        real = os.path.realpath(full)
+        return not any(real == h or real.startswith(h.rstrip(os.sep) + os.sep) for h in self._hidden_real)
 
     def _inside(self, real):
         return real == self.root or real.startswith(self.root.rstrip(os.sep) + os.sep)

@@ -989,6 +989,22 @@ class ConfinementTest(unittest.TestCase):
         r = box.execute(f"ls -A {self.home}")
         self.assertNotEqual(r.exit_code, 0)  # the rest of the hidden folder is not there
 
+    def test_file_tools_refuse_hidden_paths_inside_the_workspace(self):
+        box = FilesystemSandbox(self.home, mode="workspace-write", hide=self.hide)  # the workspace is the home
+        for call in (lambda: box.read(".ssh/id_rsa"), lambda: box.ls(".ssh"), lambda: box.write(".netrc", "x"),
+                     lambda: box.edit(".stigmer/daemon.token", "daemon", "x"), lambda: box.read(".netrc")):
+            with self.assertRaises(SandboxError) as cm:
+                call()
+            self.assertIn("hidden from the agent", str(cm.exception))
+        self.assertEqual(box.read("notes.txt"), "visible notes\n")
+        self.assertEqual(box.glob("**/*"), ["notes.txt"])  # not .ssh, .netrc, .stigmer or what they hold
+        self.assertEqual(box.grep("e"), [("notes.txt", 1, "visible notes")])  # no hit in the key, netrc or token
+        for use_rg in (False, True):
+            with mock.patch.object(sandbox, "USE_RG", use_rg):
+                self.assertEqual(box.grep("hunter2") + box.grep("fake-key") + box.grep(self.TOKEN), [])
+        full = FilesystemSandbox(self.home, mode="full-access", hide=self.hide)  # full-access hides nothing
+        self.assertEqual(full.read(".ssh/id_rsa"), self.KEY)
+
     def test_read_only_paths_are_bound_readable_not_writable(self):
         with tempfile.TemporaryDirectory() as skills:  # under /tmp: invisible unless bound
             with open(os.path.join(skills, "SKILL.md"), "w") as f:
