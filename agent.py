@@ -3,6 +3,7 @@
 The worker (worker.py) runs one `Agent` per execution:
 
     agent = Agent(models.make_model("claude-sonnet-4-5"), FilesystemSandbox(workspace), emit)
+    agent = Agent(model, box, emit, instructions=spec.agent.instructions, project_docs=spec.project_docs)  # an agent
     phase, reason, final_text = agent.run("fix the failing test", workspace)
     agent.run("now add a test", workspace, history=parent_events)   # continue a conversation
 
@@ -12,6 +13,11 @@ and gets one `models.Reply` per turn. `emit(**payload)` receives each event payl
 stigmer_pb2 message, already redacted. Those events are the conversation: `rebuild(events)`
 turns them back into the messages the next request would send, so that a run can be
 resumed from its log, byte for byte (the prompt cache still hits).
+
+The system prompt (system_prompt()) is the role (an agent's instructions, else DEFAULT_ROLE), the
+runner's own part (workspace, OS, date, how to use the tools), then the project's instruction files
+(AGENTS.md, CLAUDE.md: pb.ProjectDoc, read by the CLI). It is built once per conversation and kept
+byte for byte: a resumed run takes its parent's from the first prompt event.
 
 Near the model's context window (the previous request's input tokens past CLEAR_AT of it)
 the oldest tool results are replaced by a short note until the estimate is under CLEAR_TO;
@@ -99,7 +105,8 @@ TOOLS = [
          "required": ["pattern"]}},
 ]
 
-SYSTEM_PROMPT = """You are a coding agent working in a workspace directory on the user's machine.
+DEFAULT_ROLE = "You are a coding agent working in a workspace directory on the user's machine."
+SYSTEM_PROMPT = """{role}
 
 Workspace: {workspace}
 OS: {os}
@@ -112,6 +119,23 @@ How to work well:
 - Paths are relative to the workspace; file tools cannot reach outside it.
 - When a tool fails, read the error and adjust; do not repeat the same call unchanged.
 - When the task is done, reply with a short summary of what you changed and how you verified it."""
+AGENT_ROLE = "{instructions}\n\nYou work in a workspace directory on the user's machine, with tools to run commands and to read and edit files."
+PROJECT_DOCS_HEAD = ("# Project instructions\n\nThe files below hold instructions from the project and from the "
+                     "user, the most general first. Follow them where they apply; where two disagree, the later "
+                     "one wins, and the user's request wins over all of them.")
+
+
+def system_prompt(workspace, instructions="", project_docs=()):
+    """The system prompt of a new conversation: the role (INSTRUCTIONS, an agent's, in place of DEFAULT_ROLE),
+    the runner's own part (workspace, OS, date, how to use the tools), then the PROJECT_DOCS (pb.ProjectDoc,
+    in order). The same inputs give the same bytes, on any day but its date line."""
+    role = AGENT_ROLE.format(instructions=instructions.strip()) if instructions.strip() else DEFAULT_ROLE
+    text = SYSTEM_PROMPT.format(role=role, workspace=workspace, os=platform.platform(), date=date.today().isoformat())
+    docs = [d for d in project_docs if d.text.strip()]
+    if docs:
+        text += "\n\n" + PROJECT_DOCS_HEAD + "".join(
+            f"\n\n## {d.path}{' (cut to fit)' if d.truncated else ''}\n\n{d.text.strip()}" for d in docs)
+    return text
 
 
 class Stop(Exception):
@@ -141,8 +165,10 @@ class Agent:
     """One execution's conversation with the model and its tools."""
 
     def __init__(self, model, sandbox, emit, *, max_turns=DEFAULT_MAX_TURNS, max_tokens_total=0,
-                 redactor=None, shell_env=None, context_window=0):
+                 redactor=None, shell_env=None, context_window=0, instructions="", project_docs=()):
         self.model, self.sandbox, self.emit = model, sandbox, emit  # model: e.g. models.AnthropicModel
+        self.instructions = instructions  # an agent's (pb.AgentSpec.instructions); empty: the default role
+        self.project_docs = list(project_docs)  # pb.ProjectDoc, for the system prompt of a new conversation
         self.context_window = context_window or models.context_window(getattr(model, "model", ""))
         self.context_tokens = 0  # the previous request's input tokens (input + cache read + cache write)
         self.max_turns = max_turns or DEFAULT_MAX_TURNS
@@ -165,9 +191,11 @@ class Agent:
         """Run to the end; returns (phase, reason, final_text). HISTORY: the events of the conversation this
         run continues (its parent's, and theirs, oldest first); PROMPT is then the next user message."""
         system, messages, self.context_tokens = rebuild(history)
-        system = system or SYSTEM_PROMPT.format(workspace=workspace, os=platform.platform(),
-                                                date=date.today().isoformat())
-        self._say(messages, prompt, "task", system)
+        docs = []
+        if not system:  # a new conversation (a resumed one keeps its parent's system prompt, byte for byte)
+            system = system_prompt(workspace, self.instructions, self.project_docs)
+            docs = [d.path + (" (cut)" if d.truncated else "") for d in self.project_docs if d.text.strip()]
+        self._say(messages, prompt, "task", system, docs)
         try:
             while True:
                 reply = self._turn(system, messages)
@@ -189,10 +217,11 @@ class Agent:
         except Stop as stop:
             return stop.phase, stop.reason, ""
 
-    def _say(self, messages, text, kind, system=""):
-        """Add a user message to the conversation and to the log."""
+    def _say(self, messages, text, kind, system="", docs=()):
+        """Add a user message to the conversation and to the log (DOCS: the project files in SYSTEM)."""
         messages.append({"role": "user", "text": text})
-        self.emit(prompt=pb.Prompt(text=self._redact(text), source=kind, system=self._redact(system)))
+        self.emit(prompt=pb.Prompt(text=self._redact(text), source=kind, system=self._redact(system),
+                                   project_docs=docs))
 
     def _check_limits(self):
         if self.cancelled.is_set():

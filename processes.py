@@ -313,11 +313,12 @@ def home_problem(path, exc):
     return f"cannot write {path}: {exc.strerror or exc}"
 
 
-def gather_secrets(cfg, names, model):
-    """The key MODEL's provider needs (none for Ollama) plus NAMES, prompting on the terminal for what is missing."""
+def gather_secrets(cfg, names, model, labels=None):
+    """The key MODEL's provider needs (none for Ollama) plus NAMES, prompting on the terminal for what is missing
+    (LABELS: what the prompt says for a name, an agent's description of it)."""
     mod = project_secrets()
     try:
-        return mod.gather((model.split("/")[0],), names, environ=cfg.environ,
+        return mod.gather((model.split("/")[0],), names, environ=cfg.environ, labels=labels,
                           warn=lambda m: print(f"stigmer: warning: {m}", file=sys.stderr))
     except mod.PromptCancelled:
         raise CliError("cancelled at the key prompt", 130) from None
@@ -337,10 +338,11 @@ def other_provider_hint(cfg, model):
     return ""
 
 
-def spawn_run_worker(cfg, names, endpoint, runner_id, model):
-    """This run's own worker (capacity 1) for MODEL (provider/model; its provider's key is gathered),
-    which takes only executions pinned to RUNNER_ID and stops when this command closes its stdin."""
-    secrets = gather_secrets(cfg, names, model)
+def spawn_run_worker(cfg, names, endpoint, runner_id, model, labels=None):
+    """This run's own worker (capacity 1) for MODEL (provider/model; its provider's key is gathered, and
+    NAMES, asked for with LABELS), which takes only executions pinned to RUNNER_ID and stops when this command
+    closes its stdin."""
+    secrets = gather_secrets(cfg, names, model, labels)
     return spawn(["worker", "--capacity", "1", "--exit-with-stdin", "--runner-id", runner_id, "--pinned",
                   "--model", model], worker_env(cfg, secrets, endpoint), os.path.join(cfg.home, "logs", "run-worker.log"),
                  pipe_stdin=True)

@@ -63,7 +63,7 @@ from dataclasses import dataclass  # noqa: E402
 __all__ = list(_std.__all__) + [
     "DEFAULT_ENTROPY", "PROVIDERS", "Provider", "Secrets", "Redactor", "SecretError", "MissingSecret",
     "PromptCancelled", "gather", "sandbox_secret_names", "child_env", "main", "SECRET_WORDS", "looks_secret",
-    "secret_looking_names", "SDK_EXTRAS", "SERVICE_KEY_VARS",
+    "secret_looking_names", "SDK_EXTRAS", "SERVICE_KEY_VARS", "terminal_available",
 ]
 
 MIN_REDACT_LEN = 8  # shorter values are not redacted: they would match ordinary text
@@ -182,10 +182,12 @@ def secret_looking_names(environ=None):
     return sorted(name for name, value in environ.items() if value and looks_secret(name))
 
 
-def gather(providers=("anthropic",), extra=(), *, environ=None, prompt=None, stdin_isatty=None, warn=None):
+def gather(providers=("anthropic",), extra=(), *, environ=None, prompt=None, stdin_isatty=None, warn=None,
+           labels=None):
     """Collect provider keys and extra secrets: from the environment, else a masked prompt.
 
     stdin_isatty overrides the terminal check (None: /dev/tty opens, or stdin is a terminal).
+    labels: what the prompt says for an extra name (an agent's description of it), by name.
     """
     environ = os.environ if environ is None else environ
     prompt = getpass.getpass if prompt is None else prompt
@@ -203,7 +205,7 @@ def gather(providers=("anthropic",), extra=(), *, environ=None, prompt=None, std
             continue
         wanted.setdefault(p.env_var, (p.alt_env_vars, p.label, p.prefix))
     for name in sandbox_secret_names(extra, environ={}):
-        wanted.setdefault(name, ((), "Secret for the agent's shell", ""))
+        wanted.setdefault(name, ((), (labels or {}).get(name) or "Secret for the agent's shell", ""))
     found = {}
     for name, (alts, _, _) in wanted.items():
         var = next((v for v in (name, *alts) if environ.get(v)), None)
@@ -236,6 +238,11 @@ def _ask(prompt, question, name, prefix, warn):
     if prefix and not value.startswith(prefix):
         warn(f"{name} does not start with {prefix!r} as keys of its kind do; using it anyway")
     return value
+
+
+def terminal_available():
+    """True where a masked prompt can be shown (see _terminal_available)."""
+    return _terminal_available()
 
 
 def _terminal_available():

@@ -85,6 +85,25 @@ class HistoryError(Exception):
     """The conversation an execution continues could not be read from the log."""
 
 
+class AgentUnsupported(Exception):
+    """The execution's agent uses what this runner cannot honour (a newer CLI submitted it)."""
+
+
+def agent_settings(spec):
+    """The non-secret variables SPEC's agent declares, with the values the run got: for the agent's shell.
+    (Its secrets come like --secret's: their names are in spec.secret_names, their values in our environment.)"""
+    return {name: v.value for name, v in sorted(spec.agent.env_spec.data.items()) if not v.is_secret}
+
+
+def check_agent(spec):
+    """Raise AgentUnsupported when SPEC's agent uses fields this runner cannot honour yet."""
+    import agents
+    try:
+        agents.check_supported(spec.agent)
+    except agents.AgentError as exc:
+        raise AgentUnsupported(str(exc)) from None
+
+
 def new_runner_id():
     """A runner id unique to this process: host, pid and a random tail."""
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -388,6 +407,8 @@ class Worker:
                     emit(error=pb.Error(code="secret_missing", message=f"{name} was named with --secret but this "
                                         "worker's environment does not have it; the agent's shell runs without it"))
             shell_env = hidden_from_shell(os.environ, named, key_vars, inherit=INHERIT_ALL in spec.secret_names)
+            shell_env.update(agent_settings(spec))  # an agent's declared non-secret variables
+            check_agent(spec)
             history = self.conversation(spec.parent_id) if spec.parent_id else []
             while not self._sdk_ready.wait(0.1):  # the SDK is still importing (serve() started that)
                 if execution.id in self.cancels or self.stopping.is_set():
@@ -396,6 +417,9 @@ class Worker:
                     self.preload()
             model_name = spec.model or self.model
             model = models.make_model(model_name, self.environ)
+            if spec.agent.config.HasField("temperature"):
+                model.temperature = spec.agent.config.temperature
+            model.max_output_tokens = spec.agent.config.max_tokens
             if spec.sandbox and spec.sandbox != self.sandbox:
                 raise SandboxError(f"this execution asked for a {spec.sandbox} sandbox, but runner {self.runner_id} "
                                    f"makes {self.sandbox} ones: start runners with STIGMER_SANDBOX={spec.sandbox} "
@@ -403,7 +427,8 @@ class Worker:
             box = self._open_sandbox(execution, emit)
             the_agent = agent_mod.Agent(model, box, emit, max_turns=spec.max_turns,
                                         max_tokens_total=spec.max_tokens_total, redactor=redactor, shell_env=shell_env,
-                                        context_window=models.context_window(model_name, self.context_window))
+                                        context_window=models.context_window(model_name, self.context_window),
+                                        instructions=spec.agent.instructions, project_docs=spec.project_docs)
             with self.cond:
                 self.agents[execution.id] = the_agent
                 if execution.id in self.cancels or execution.id not in self.outboxes:
@@ -418,6 +443,9 @@ class Worker:
         except HistoryError as exc:
             reason = redactor.redact(str(exc))
             emit(error=pb.Error(code="history", message=reason))
+        except AgentUnsupported as exc:
+            reason = str(exc)
+            emit(error=pb.Error(code="agent", message=reason))
         except SandboxUnavailable as exc:  # the sandbox service: auth, quota, rate limit, unreachable, clone
             reason, service_down = str(exc), True
             emit(error=pb.Error(code=f"sandbox_{exc.code}", message=redactor.redact(reason)))
@@ -474,6 +502,7 @@ class Worker:
         """The execution's sandbox, from make_sandbox; a remote one is named in a "sandbox" artifact event.
         Raises Cancelled when the execution was cancelled (or the worker stopped) meanwhile."""
         env = {n: os.environ[n] for n in execution.spec.secret_names if n in os.environ}
+        env.update(agent_settings(execution.spec))
         box = self.make_sandbox(execution, env)
         if getattr(box, "id", None):  # it lives elsewhere: say which, and how long it took to make
             where = f"a clone of {execution.spec.repo}" + (f" at {execution.spec.ref}" if execution.spec.ref else "") \
