@@ -26,6 +26,7 @@ from unittest import mock
 
 import sandbox
 from sandbox import ExecutionResult, FilesystemSandbox, SandboxError
+from testsupport import running, sleep_tag, survivors
 
 HANG = 15  # seconds; a call that takes longer than this has hung (the commands sleep 30-60 s)
 
@@ -45,35 +46,6 @@ def alive(pid):
         if time.monotonic() > deadline:
             return True
         time.sleep(0.01)
-
-
-def running(tag):
-    """Pids of the live processes (zombies do not count) whose command line holds TAG."""
-    found = []
-    for name in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{name}/cmdline", "rb") as f:
-                if tag.encode() not in f.read():
-                    continue
-            with open(f"/proc/{name}/stat") as f:
-                if f.read().rpartition(")")[2].split()[0] not in ("Z", "X"):
-                    found.append(int(name))
-        except (OSError, ValueError):
-            continue  # not a process, or gone
-    return found
-
-
-def survivors(tag):
-    """running(TAG), once every SIGKILL has had a moment (up to 5 s) to land."""
-    deadline = time.monotonic() + 5
-    while running(tag) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return running(tag)
-
-
-def sleep_tag():
-    """A `sleep` duration no other process has: 60.<random digits>."""
-    return "60." + str(uuid.uuid4().int)[:12]
 
 
 class SandboxCase(unittest.TestCase):
