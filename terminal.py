@@ -139,8 +139,8 @@ class Renderer:
         self.out(f"\n{mark}{reason}\n", err=phase_name != "COMPLETED")
         self.out(self.paint("2", f"  {plural(execution.turns, 'turn')} · {u.input_tokens:,} in / {u.output_tokens:,} out tokens · "
                                  f"cache {u.cache_read_tokens:,} read{hit}, {u.cache_write_tokens:,} written · "
-                                 f"{elapsed:.1f} s · {execution.spec.model or 'default model'}{agent_part(execution)} · "
-                                 f"{sandbox_label(execution.spec)} · {execution.id}") + "\n")
+                                 f"{elapsed:.1f} s · {execution.spec.model or 'default model'}{agent_part(execution)}"
+                                 f"{sandbox_part(execution.spec)} · {execution.id}") + "\n")
         if self.cleared:
             results = sum(c.results for c in self.cleared)
             times = f" in {len(self.cleared)} steps" if len(self.cleared) > 1 else ""
@@ -149,13 +149,21 @@ class Renderer:
 
 
 def sandbox_label(spec):
-    """How an execution's commands were confined, in a few words: `workspace-write, network off`."""
-    mode = spec.sandbox_mode or "runner's default mode"
+    """How an execution's commands were confined, in a few words (`workspace-write, network off`); empty for
+    an execution that does not say (submitted by an older client)."""
+    if not spec.sandbox_mode:
+        return ""
     if spec.sandbox == "daytona":
-        return f"Daytona sandbox ({mode} recorded)"
+        return f"Daytona sandbox ({spec.sandbox_mode} recorded)"
     if spec.sandbox_mode == "full-access":
         return "full-access (not confined)"
-    return f"{mode}, network {'on' if spec.network else 'off'}"
+    return f"{spec.sandbox_mode}, network {'on' if spec.network else 'off'}"
+
+
+def sandbox_part(spec):
+    """` · workspace-write, network off` for the summary line, or nothing."""
+    label = sandbox_label(spec)
+    return f" · {label}" if label else ""
 
 
 def agent_part(execution):
@@ -294,7 +302,7 @@ def print_status(st, processes, endpoint, json_lines, running=(), background=Tru
         print(f"commands: {sandbox['mode']} by default" + (f" (cannot be confined here: {sandbox['confinement']})"
                                                            if sandbox.get("confinement") else ""))
     for ex in running:
-        print(f"  running {ex.id}  {sandbox_label(ex.spec)}  "
+        print(f"  running {ex.id}  {sandbox_label(ex.spec) or '-'}  "
               f"{json.dumps((ex.spec.prompt.splitlines() or [''])[0][:60], ensure_ascii=False)}")
     for name, pid in processes.items():
         print(f"  {name}: {'pid ' + str(pid) if pid else 'not running'}")
