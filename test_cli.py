@@ -523,8 +523,14 @@ class ParentEnvironTest(CliCase):
         with open(os.path.join(self.workspace, "parent.env")) as f:
             return f.read()
 
+    def setUp(self):
+        super().setUp()
+        # Unconfined, so that $PPID is the worker itself: OS confinement (a PID namespace) is a second line,
+        # and this checks the first one, the worker's own environment block.
+        self.env["STIGMER_SANDBOX_MODE"] = "full-access"
+
     def assert_no_secret(self, block):
-        self.assertIn("STIGMER_HOME=", block)  # it is the worker's
+        self.assertIn("STIGMER_SECRETS_FD=", block)  # a worker's block: it got its secrets in that pipe
         for needle in (FAKE_KEY, self.GITHUB, "ANTHROPIC_API_KEY=", "GITHUB_TOKEN="):
             self.assertNotIn(needle, block)
 
