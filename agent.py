@@ -3,15 +3,24 @@
 The worker (worker.py) runs one `Agent` per execution:
 
     agent = Agent(models.make_model("claude-sonnet-4-5"), FilesystemSandbox(workspace), emit)
+    agent = Agent(model, box, emit, instructions=spec.agent.instructions, project_docs=spec.project_docs)  # an agent
     phase, reason, final_text = agent.run("fix the failing test", workspace)
     agent.run("now add a test", workspace, history=parent_events)   # continue a conversation
 
 The loop is provider-neutral: it keeps the conversation as models.py's neutral messages
 and gets one `models.Reply` per turn. `emit(**payload)` receives each event payload
 (prompt, text, turn, tool_call, tool_result, usage, context_cleared, error) as a
-stigmer_pb2 message, already redacted. Those events are the conversation: `rebuild(events)`
+stigmer_pb2 message; the worker's emit redacts it (the one redaction point of the log). The agent
+redacts only what the model sees: tool output, and the notes that replace cleared results. What
+the model writes is made valid text first (a lone surrogate becomes U+FFFD), so that every event
+is a valid protobuf string. Those events are the conversation: `rebuild(events)`
 turns them back into the messages the next request would send, so that a run can be
 resumed from its log, byte for byte (the prompt cache still hits).
+
+The system prompt (system_prompt()) is the role (an agent's instructions, else DEFAULT_ROLE), the
+runner's own part (workspace, OS, date, how to use the tools), then the project's instruction files
+(AGENTS.md, CLAUDE.md: pb.ProjectDoc, read by the CLI). It is built once per conversation and kept
+byte for byte: a resumed run takes its parent's from the first prompt event.
 
 Near the model's context window (the previous request's input tokens past CLEAR_AT of it)
 the oldest tool results are replaced by a short note until the estimate is under CLEAR_TO;
@@ -21,6 +30,7 @@ data: they go back to the model as `is_error` results.
 """
 import json
 import platform
+import re
 import threading
 import time
 from datetime import date
@@ -99,7 +109,8 @@ TOOLS = [
          "required": ["pattern"]}},
 ]
 
-SYSTEM_PROMPT = """You are a coding agent working in a workspace directory on the user's machine.
+DEFAULT_ROLE = "You are a coding agent working in a workspace directory on the user's machine."
+SYSTEM_PROMPT = """{role}
 
 Workspace: {workspace}
 OS: {os}
@@ -112,6 +123,23 @@ How to work well:
 - Paths are relative to the workspace; file tools cannot reach outside it.
 - When a tool fails, read the error and adjust; do not repeat the same call unchanged.
 - When the task is done, reply with a short summary of what you changed and how you verified it."""
+AGENT_ROLE = "{instructions}\n\nYou work in a workspace directory on the user's machine, with tools to run commands and to read and edit files."
+PROJECT_DOCS_HEAD = ("# Project instructions\n\nThe files below hold instructions from the project and from the "
+                     "user, the most general first. Follow them where they apply; where two disagree, the later "
+                     "one wins, and the user's request wins over all of them.")
+
+
+def system_prompt(workspace, instructions="", project_docs=()):
+    """The system prompt of a new conversation: the role (INSTRUCTIONS, an agent's, in place of DEFAULT_ROLE),
+    the runner's own part (workspace, OS, date, how to use the tools), then the PROJECT_DOCS (pb.ProjectDoc,
+    in order). The same inputs give the same bytes, on any day but its date line."""
+    role = AGENT_ROLE.format(instructions=instructions.strip()) if instructions.strip() else DEFAULT_ROLE
+    text = SYSTEM_PROMPT.format(role=role, workspace=workspace, os=platform.platform(), date=date.today().isoformat())
+    docs = [d for d in project_docs if d.text.strip()]
+    if docs:
+        text += "\n\n" + PROJECT_DOCS_HEAD + "".join(
+            f"\n\n## {d.path}{' (cut to fit)' if d.truncated else ''}\n\n{d.text.strip()}" for d in docs)
+    return text
 
 
 class Stop(Exception):
@@ -137,12 +165,39 @@ def cap_output(text, limit=TOOL_OUTPUT_CHARS):
     return f"{text[:head]}\n… {cut} characters cut from the middle of this output …\n{text[-tail:]}", True
 
 
+SURROGATE = re.compile("[\ud800-\udfff]")  # a lone surrogate: no UTF-8 (so no protobuf string) can hold it
+
+
+def valid_text(text):
+    """TEXT with each lone surrogate replaced by U+FFFD (model output and tool output are data, never a crash)."""
+    return SURROGATE.sub("\ufffd", text) if SURROGATE.search(text) else text
+
+
+def valid_value(value):
+    """A decoded JSON VALUE (a tool call's input) with valid_text applied to its strings and keys."""
+    if isinstance(value, str):
+        return valid_text(value)
+    if isinstance(value, list):
+        return [valid_value(v) for v in value]
+    if isinstance(value, dict):
+        return {valid_text(k): valid_value(v) for k, v in value.items()}
+    return value
+
+
+def valid_reply(reply):
+    """REPLY (models.Reply) with its text and tool inputs made valid text."""
+    calls = [c._replace(input=valid_value(c.input)) for c in reply.tool_calls]
+    return reply._replace(text=valid_text(reply.text), tool_calls=calls)
+
+
 class Agent:
     """One execution's conversation with the model and its tools."""
 
     def __init__(self, model, sandbox, emit, *, max_turns=DEFAULT_MAX_TURNS, max_tokens_total=0,
-                 redactor=None, shell_env=None, context_window=0):
+                 redactor=None, shell_env=None, context_window=0, instructions="", project_docs=()):
         self.model, self.sandbox, self.emit = model, sandbox, emit  # model: e.g. models.AnthropicModel
+        self.instructions = instructions  # an agent's (pb.AgentSpec.instructions); empty: the default role
+        self.project_docs = list(project_docs)  # pb.ProjectDoc, for the system prompt of a new conversation
         self.context_window = context_window or models.context_window(getattr(model, "model", ""))
         self.context_tokens = 0  # the previous request's input tokens (input + cache read + cache write)
         self.max_turns = max_turns or DEFAULT_MAX_TURNS
@@ -165,9 +220,11 @@ class Agent:
         """Run to the end; returns (phase, reason, final_text). HISTORY: the events of the conversation this
         run continues (its parent's, and theirs, oldest first); PROMPT is then the next user message."""
         system, messages, self.context_tokens = rebuild(history)
-        system = system or SYSTEM_PROMPT.format(workspace=workspace, os=platform.platform(),
-                                                date=date.today().isoformat())
-        self._say(messages, prompt, "task", system)
+        docs = []
+        if not system:  # a new conversation (a resumed one keeps its parent's system prompt, byte for byte)
+            system = system_prompt(workspace, self.instructions, self.project_docs)
+            docs = [d.path + (" (cut)" if d.truncated else "") for d in self.project_docs if d.text.strip()]
+        self._say(messages, prompt, "task", system, docs)
         try:
             while True:
                 reply = self._turn(system, messages)
@@ -185,14 +242,14 @@ class Agent:
                         continue  # asked again with old tool results cleared
                     raise Stop(pb.FAILED, "the conversation no longer fits the model's context window", "context_window")
                 else:  # done
-                    return pb.COMPLETED, "", self._redact(reply.text)
+                    return pb.COMPLETED, "", reply.text
         except Stop as stop:
             return stop.phase, stop.reason, ""
 
-    def _say(self, messages, text, kind, system=""):
-        """Add a user message to the conversation and to the log."""
+    def _say(self, messages, text, kind, system="", docs=()):
+        """Add a user message to the conversation and to the log (DOCS: the project files in SYSTEM)."""
         messages.append({"role": "user", "text": text})
-        self.emit(prompt=pb.Prompt(text=self._redact(text), source=kind, system=self._redact(system)))
+        self.emit(prompt=pb.Prompt(text=text, source=kind, system=system, project_docs=docs))
 
     def _check_limits(self):
         if self.cancelled.is_set():
@@ -219,12 +276,14 @@ class Agent:
             except models.ModelError as exc:
                 if exc.code == "context_window" and self._fit(messages, force=True):
                     continue  # asked again with old tool results cleared
-                self.emit(error=pb.Error(code=exc.code, message=exc.message))
-                raise Stop(pb.FAILED, exc.message, exc.code) from None
+                message = valid_text(exc.message)
+                self.emit(error=pb.Error(code=exc.code, message=message))
+                raise Stop(pb.FAILED, message, exc.code) from None
+        reply = valid_reply(reply)
         self._add_usage(reply.usage)
         u = reply.usage
         self.context_tokens = u.input + u.cache_read + u.cache_write
-        self.emit(turn=pb.Turn(number=self.turns, stop=reply.stop, text=self._redact(reply.text),
+        self.emit(turn=pb.Turn(number=self.turns, stop=reply.stop, text=reply.text,
                                context_tokens=self.context_tokens))
         return reply
 
@@ -256,10 +315,10 @@ class Agent:
         return True
 
     def _stream_text(self, text):
-        self.emit(text=pb.TextDelta(text=text))
+        self.emit(text=pb.TextDelta(text=valid_text(text)))
 
     def _stream_retry(self, message):
-        self.emit(error=pb.Error(code="stream_retry", message=message))
+        self.emit(error=pb.Error(code="stream_retry", message=valid_text(message)))
 
     def _add_usage(self, usage):
         self.usage.input_tokens += usage.input
@@ -275,14 +334,14 @@ class Agent:
         results = []
         for call in calls:
             self.emit(tool_call=pb.ToolCall(id=call.id, name=call.name,
-                                            input_json=self._redact(json.dumps(call.input, ensure_ascii=False))))
+                                            input_json=json.dumps(call.input, ensure_ascii=False)))
             if self.cancelled.is_set():
                 output, is_error, exit_code, truncated, duration = NOT_RUN, True, 130, False, 0.0
             else:
                 start = time.monotonic()
                 output, is_error, exit_code, truncated = self._call_tool(call.name, call.input)
                 duration = time.monotonic() - start
-            output, cut = cap_output(self._redact(output))
+            output, cut = cap_output(self._redact(valid_text(output)))
             self.emit(tool_result=pb.ToolResult(id=call.id, is_error=is_error, exit_code=exit_code, output=output,
                                                 truncated=truncated or cut, duration_ms=int(duration * 1000)))
             results.append({"id": call.id, "output": output or NO_OUTPUT, "is_error": is_error})

@@ -391,7 +391,7 @@ def bench_loop(turns=50, list_runs=15):
 
     # The bare loop: no daemon, no worker, no sandbox, no events. It sends the same tools and system
     # prompt as the agent, so the ratio measures the runner's machinery, not the request's size.
-    system = agent.SYSTEM_PROMPT.format(workspace="/tmp", os="Linux", date="today")
+    system = agent.system_prompt("/tmp")
     with FakeAnthropic(script) as fake:
         client = anthropic.Anthropic(api_key=FAKE_KEY, base_url=fake.url)
         messages = [{"role": "user", "content": "go"}]

@@ -12,14 +12,15 @@ import signal
 import sys
 import time
 
-from processes import (START_WAIT, CliError, backend_is_terminal, backend_status, connect, daemon_owner,
-                       embedded_endpoint, ensure_daemon, find_daemon, gather_secrets, live_pid, open_log, pid_files,
-                       project_secrets, sandbox_factory, shared_worker_fits, spawn, spawn_run_worker, stop_pid,
-                       stop_process, worker_env)
+from processes import (START_WAIT, CliError, allowed_args, backend_is_terminal, backend_status, connect, daemon_owner,
+                       embedded_endpoint, ensure_daemon, find_daemon, gather_secrets, known_secrets, live_pid, open_log,
+                       pid_files, project_secrets, sandbox_factory, shared_worker_fits, spawn, spawn_run_worker,
+                       stop_pid, stop_process, worker_env)
 
 EXIT_CODES = {"COMPLETED": 0, "FAILED": 1, "CANCELLED": 130}
 RUN_IDLE_EXIT = 60.0  # seconds a daemon started by a foreground run lingers with nothing to do, then exits
 INHERIT_ALL = "*"  # in ExecutionSpec.secret_names: every variable may reach the agent's shell
+PROMPT_CHARS_SURELY_FINE = (1 << 20) // 4  # characters that fit daemon_client.MAX_PROMPT_BYTES whatever they are
 
 
 def choose_model(cfg, name):
@@ -49,6 +50,10 @@ def read_prompt(task, stdin):
     if not prompt:
         raise CliError("the prompt is empty: give the task, e.g. python runner.py \"add a --verbose flag\", "
                        "or pipe it in: echo \"add a --verbose flag\" | python runner.py", 2)
+    if len(prompt) > PROMPT_CHARS_SURELY_FINE:  # before any key prompt, worker or daemon
+        from daemon_client import prompt_problem  # (grpc: not imported for the usual prompt)
+        if prompt_problem(prompt):
+            raise CliError(prompt_problem(prompt), 2)
     return prompt
 
 
@@ -79,21 +84,27 @@ def cmd_run(cfg, args):
         names = mod.sandbox_secret_names(args.secret or (), cfg.environ)
     except mod.SecretError as exc:
         raise CliError(str(exc), 2) from None
-    model = choose_model(cfg, args.model)
+    agent = plan_agent(cfg, args, workspace, resuming)  # resuming: the parent's, once it is known
+    labels = agent_labels(agent)
+    names = list(dict.fromkeys([*names, *agent_secrets(agent)]))  # declared secrets travel like --secret
+    model = choose_model(cfg, args.model or (agent.config.model if agent else ""))
+    docs = project_docs(cfg, args, workspace, resuming)
     found = backend_status(cfg) if cfg.cloud else find_daemon(cfg)
     embedded = worker = None
     runner_id = ""  # a foreground run's execution is pinned to the worker it spawns (both modes)
     if args.detach and (found is None or found[1].connected_runners == 0):
         # a detached run needs a backend and a worker that outlive this command
-        cmd_start(cfg, argparse.Namespace(workers=1, secret=args.secret, model=model), out=sys.stderr)
+        cmd_start(cfg, argparse.Namespace(workers=1, secret=names, model=model, inherit_env=args.inherit_env),
+                  out=sys.stderr, labels=labels)
         found = backend_status(cfg) if cfg.cloud else find_daemon(cfg)
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         # After `start`, a warm worker with a free slot, this run's provider and its --secret names takes the
         # run at once (its SDK is loaded, its key was asked for at `start`); else the run's own worker,
         # with this run's secrets, takes only this run.
+        wants = names + [INHERIT_ALL] if args.inherit_env or cfg.inherit_env else names
         warm = not args.detach and not resuming and not cfg.cloud and found is not None and \
-            found[1].free_capacity > 0 and shared_worker_fits(cfg, model, names)
+            found[1].free_capacity > 0 and shared_worker_fits(cfg, model, wants)
         if not args.detach and not warm:
             runner_id = f"run-{os.getpid()}-{os.urandom(3).hex()}"
         # A cold start: the worker (importing its SDK, the slowest part) starts first, unless it needs
@@ -101,7 +112,8 @@ def cmd_run(cfg, args):
         endpoint = embedded_endpoint(cfg.endpoint) if runner_id and found is None and not cfg.cloud \
             and not resuming else None
         if endpoint:
-            worker = spawn_run_worker(cfg, names, endpoint, runner_id, model)
+            worker = spawn_run_worker(cfg, names, endpoint, runner_id, model, labels,
+                                      args.inherit_env or cfg.inherit_env)
         if cfg.cloud:
             client, status = found
         else:  # a foreground run shares STIGMER_HOME's daemon, starting one (idling out later) when none runs
@@ -112,20 +124,26 @@ def cmd_run(cfg, args):
             names = list(dict.fromkeys([*parent.spec.secret_names, *names]))
             if not args.model:  # and the same model, whose provider's key is the one to gather
                 model = choose_model(cfg, parent.spec.model)
+            if parent.spec.HasField("agent"):  # and the same agent (its secrets are in secret_names)
+                agent = parent.spec.agent
+                labels = agent_labels(agent)
         inherit = args.inherit_env or cfg.inherit_env or INHERIT_ALL in names
         names = [n for n in names if n != INHERIT_ALL]
         shell_names = names + [INHERIT_ALL] if inherit else names  # the spec's; `*` lets them all through
         if runner_id and worker is None:  # its own worker, with this run's secrets, takes only this run
-            worker = spawn_run_worker(cfg, names, cfg.endpoint if cfg.cloud else client.endpoint, runner_id, model)
+            worker = spawn_run_worker(cfg, names, cfg.endpoint if cfg.cloud else client.endpoint, runner_id, model,
+                                      labels, inherit)
         import stigmer_pb2 as pb
         import terminal
         from daemon_client import BackendError
         renderer = terminal.make_renderer(args.json, cfg.environ.get("NO_COLOR"))
+        prompt = redact_prompt(known_secrets(cfg, names, getattr(worker, "secrets", ())), prompt)
         spec = pb.ExecutionSpec(prompt=prompt, workspace=workspace, model=model, max_turns=args.max_turns,
                                 secret_names=shell_names, max_tokens_total=args.max_tokens_total or 0, runner_id=runner_id,
                                 repo=args.repo or (parent.spec.repo if parent else ""),
                                 ref=args.ref or (parent.spec.ref if parent else ""), keep_sandbox=args.keep_sandbox,
-                                sandbox=cfg.sandbox, parent_id=parent.id if parent else "")
+                                sandbox=cfg.sandbox, parent_id=parent.id if parent else "", agent=agent,
+                                project_docs=docs)
         queued = 0 if runner_id else (status or client.status()).queue_depth  # (an embedded daemon may hold old ones)
         if queued:
             print(f"stigmer: {queued} older execution(s) are queued and run first: see `python runner.py list "
@@ -142,7 +160,8 @@ def cmd_run(cfg, args):
             space = workspace if cfg.sandbox == "filesystem" else "daytona sandbox" + (f" · {args.repo}" if args.repo
                                                                                         else "")
             continues = f" · continues {parent.id}" if parent else ""
-            renderer.out(renderer.paint("2", f"stigmer · {cfg.mode} · {where} · {space} · {model} · "
+            who = f" · agent {agent.name}" if agent is not None and agent.name else ""
+            renderer.out(renderer.paint("2", f"stigmer · {cfg.mode} · {where} · {space} · {model}{who} · "
                                              f"{execution.id}{continues}") + "\n", err=True)
         started = time.monotonic()
 
@@ -181,6 +200,86 @@ def cmd_run(cfg, args):
             signal.signal(sig, handler)
 
 
+def redact_prompt(redactor, prompt):
+    """PROMPT (the task and piped stdin) as it is submitted: with the secret values this CLI knows redacted,
+    so that none is stored raw (the log, `list`, Redis); says so on stderr, naming how to pass one on."""
+    redacted = redactor.redact(prompt)
+    if redacted != prompt:
+        import re
+        found = sorted(set(re.findall(r"\[REDACTED:([A-Za-z0-9_]+)\]", redacted)) -
+                       set(re.findall(r"\[REDACTED:([A-Za-z0-9_]+)\]", prompt)))
+        print(f"stigmer: the prompt held the value of {', '.join(found)}: it is stored and sent as "
+              f"[REDACTED:NAME]; to let the agent's shell use it, pass --secret {found[0]}", file=sys.stderr)
+    return redacted
+
+
+def plan_agent(cfg, args, workspace, resuming):
+    """The pb.AgentSpec this run submits: --agent's (else STIGMER_AGENT's) agent, validated, its non-secret
+    variables given their values (--env, the environment, the file's default, else asked for), or a bare one
+    carrying --env's settings; None for the built-in agent. A resumed run keeps its parent's (None here).
+    Every problem is a CliError (exit 2) before any prompt for a key."""
+    import agents
+    env_args = getattr(args, "env", None) or ()
+    if resuming:
+        if args.agent or env_args:
+            raise CliError("a continued conversation keeps its agent and its settings: drop --agent and --env "
+                           "(or start a new run)", 2)
+        return None
+    name = args.agent or cfg.agent
+    if not name and not env_args:
+        return None
+    mod = project_secrets()
+    try:
+        overrides = agents.parse_env_args(env_args, mod.looks_secret)
+        spec = agents.resolve(name, workspace, cfg.home) if name else None
+        if spec is not None:
+            agents.check_supported(spec)
+        else:
+            import stigmer_pb2 as pb
+            spec = pb.AgentSpec()
+        secret_names, unset = agents.fill_environment(spec, cfg.environ, overrides)
+    except agents.AgentError as exc:
+        raise CliError(str(exc), 2) from None
+    missing = [n for n in secret_names if not cfg.environ.get(n)] + unset
+    if missing and not mod.terminal_available():
+        raise CliError(agents.missing_line(spec, sorted(missing)), 2)
+    if unset:  # asked for now: their values are part of the spec
+        try:
+            answers = mod.gather((), unset, environ={}, labels=agents.env_labels(spec),
+                                 warn=lambda m: print(f"stigmer: warning: {m}", file=sys.stderr))
+        except mod.PromptCancelled:
+            raise CliError("cancelled at the prompt", 130) from None
+        except mod.SecretError as exc:
+            raise CliError(str(exc), 2) from None
+        for name_ in unset:
+            spec.env_spec.data[name_].value = answers[name_]
+    return spec
+
+
+def agent_secrets(agent):
+    """The names of the secrets AGENT (a pb.AgentSpec or None) declares."""
+    return sorted(n for n, v in agent.env_spec.data.items() if v.is_secret) if agent is not None else []
+
+
+def agent_labels(agent):
+    """What the key prompt says for each variable AGENT declares."""
+    import agents
+    return agents.env_labels(agent) if agent is not None else {}
+
+
+def project_docs(cfg, args, workspace, resuming):
+    """The project's instruction files for the system prompt ([pb.ProjectDoc]), with a warning for each one
+    the cap cut; none with --no-project-doc or when resuming (the conversation keeps its system prompt). In a
+    Daytona sandbox the workspace is elsewhere: only the user's own $STIGMER_HOME/AGENTS.md is read."""
+    if getattr(args, "no_project_doc", False) or resuming:
+        return []
+    import agents
+    docs, warnings = agents.project_docs(workspace if cfg.sandbox == "filesystem" else None, cfg.home)
+    for warning in warnings:
+        print(f"stigmer: warning: {warning}", file=sys.stderr)
+    return docs
+
+
 def find_parent(client, args, workspace):
     """The execution whose conversation this run continues: `resume ID`'s, or with -c the latest one whose
     workspace is WORKSPACE. Raises CliError when there is none or it has not ended."""
@@ -211,11 +310,11 @@ def check_repo_args(cfg, args):
                        "--secret GITHUB_TOKEN and give the plain https URL", 2)
 
 
-def cmd_start(cfg, args, out=None):
+def cmd_start(cfg, args, out=None, labels=None):
     cfg.require_sandbox()
     names = project_secrets().sandbox_secret_names(args.secret or (), cfg.environ)
     model = choose_model(cfg, args.model)
-    secrets = gather_secrets(cfg, names, model)
+    secrets = gather_secrets(cfg, names, model, labels)
     logs = os.path.join(cfg.home, "logs")
     found = None if cfg.cloud else find_daemon(cfg)
     if cfg.cloud:  # no daemon: the workers on this host serve the queue on Redis
@@ -226,6 +325,8 @@ def cmd_start(cfg, args, out=None):
         print(f"daemon already running at {cfg.endpoint}", file=out)
     alive = sum(1 for p in pid_files(cfg) if os.path.basename(p).startswith("worker-") and live_pid(p))
     env = worker_env(cfg, secrets, cfg.endpoint)
+    inherit = getattr(args, "inherit_env", False) or cfg.inherit_env
+    allowed = names + [INHERIT_ALL] if inherit else names  # what its executions may pass to the shell
     started = []
     for n in range(1, 1000):
         if alive + len(started) >= args.workers:
@@ -233,8 +334,9 @@ def cmd_start(cfg, args, out=None):
         path = os.path.join(logs, f"worker-{n}.pid")
         if live_pid(path):
             continue
-        started.append((spawn(["worker", "--model", model], env, os.path.join(logs, f"worker-{n}.log"), pid_path=path,
-                              record=(model, ",".join(names) or "-")),  # what a foreground run checks before using it
+        started.append((spawn(["worker", "--model", model, *allowed_args(names, inherit)], env,
+                              os.path.join(logs, f"worker-{n}.log"), pid_path=path,
+                              record=(model, ",".join(allowed) or "-")),  # what a foreground run checks before using it
                         os.path.join(logs, f"worker-{n}.log")))
     if started and not cfg.cloud:
         wait_until_connected(cfg, started)
@@ -409,6 +511,60 @@ def print_patch(client, execution):
     return 0
 
 
+def cmd_agents(cfg, args):
+    """`agents`: the agent files a run here can use, in lookup order, with their problems; `agents show NAME`:
+    one agent as a run would get it (secret values are never in a spec, so never shown)."""
+    import agents
+    workspace = getattr(args, "show_workspace", None) or args.workspace
+    workspace = os.path.abspath(os.path.expanduser(workspace)) if workspace else cfg.sandbox_root
+    as_json = args.json or getattr(args, "show_json", False)
+    if args.agents_command == "show":
+        return show_agent(cfg, args.name, workspace, as_json)
+    found = agents.discover(workspace, cfg.home)
+    if as_json:
+        for item in found:
+            print(json.dumps(item, ensure_ascii=False))
+        return 0
+    if not found:
+        where = ", ".join(agents.display(d) for d in agents.search_dirs(workspace, cfg.home))
+        print(f"no agents found in {where}: put NAME.yaml in one of them (an example: examples/agents/"
+              "code-reviewer.yaml in the runner's source), or run one by path with --agent FILE")
+        return 0
+    width = max(len(item["name"]) for item in found)
+    for item in found:
+        description = item["description"].splitlines()[0][:60] if item["description"] else "-"
+        print(f"{item['name']:<{width}}  {description:<60}  {agents.display(item['file'])}")
+        if item["shadowed_by"]:
+            print(f"{'':<{width}}  ! not used: {agents.display(item['shadowed_by'])} comes first in the lookup")
+        for problem in item["problems"]:
+            print(f"{'':<{width}}  ! {problem}")
+    return 0
+
+
+def show_agent(cfg, name, workspace, as_json):
+    """`agents show NAME`: the resolved agent as YAML (or JSON), what its variables would be, what is unsupported."""
+    import agents
+    try:
+        spec = agents.resolve(name, workspace, cfg.home)
+    except agents.AgentError as exc:
+        raise CliError(str(exc), 2) from None
+    agents.fill_environment(spec, cfg.environ, {})  # non-secrets: the values a run here would get
+    secrets = {n: "set" if cfg.environ.get(n) else "missing (asked for at the run)"
+               for n, v in sorted(spec.env_spec.data.items()) if v.is_secret}
+    unsupported = agents.unsupported(spec)
+    if as_json:
+        print(json.dumps({"file": spec.source, **agents.resource(spec), "secrets": secrets, "unsupported": unsupported},
+                         ensure_ascii=False))
+        return 0
+    print(f"# {spec.name}: {agents.display(spec.source)}")
+    for var, state in secrets.items():
+        print(f"# secret {var}: {state}; its value is never shown or recorded")
+    if unsupported:
+        print(f"# not runnable yet: this version of the runner cannot honour {', '.join(unsupported)}")
+    sys.stdout.write(agents.to_yaml(agents.resource(spec)))
+    return 0
+
+
 def cmd_cancel(cfg, args):
     import stigmer_pb2 as pb
     ex = connect(cfg).cancel(args.id)
@@ -452,7 +608,14 @@ def cmd_worker(cfg, args):
     where = f"sandbox root {cfg.sandbox_root}" if cfg.sandbox == "filesystem" else "sandbox daytona"
     print(f"stigmer worker {VERSION} · mode {cfg.mode} · endpoint {link.endpoint} · {where} · "
           f"model {model} · capacity {args.capacity}", file=sys.stderr, flush=True)
+    mod = project_secrets()
+    try:
+        allowed = mod.sandbox_secret_names(args.secret or (), cfg.environ)
+    except mod.SecretError as exc:
+        raise CliError(str(exc), 2) from None
+    if args.inherit_env or cfg.inherit_env:
+        allowed.append(INHERIT_ALL)
     return worker.serve(worker.Worker(capacity=args.capacity, mode=cfg.mode, model=model, runner_id=runner_id,
-                                      pinned=args.pinned, make_sandbox=make_sandbox, sweep=sweep, sandbox=cfg.sandbox,
+                                      pinned=args.pinned, allowed_secrets=allowed, make_sandbox=make_sandbox, sweep=sweep, sandbox=cfg.sandbox,
                                       environ=environ, history=link.history, context_window=cfg.context_window),
                         link, exit_with_stdin=args.exit_with_stdin)

@@ -301,6 +301,8 @@ class StreamedReply:
     breaks off mid-way."""
 
     _stream = None  # the stream being read, for close()
+    temperature = None  # sampling temperature for every request (an agent's spec.config); None: the API's default
+    max_output_tokens = 0  # max output tokens per request (an agent's spec.config); 0: MAX_OUTPUT_TOKENS
 
     def close(self):
         """Abort the stream being read (cancel, from another thread)."""
@@ -333,9 +335,11 @@ class AnthropicModel(StreamedReply):
     def turn(self, system_text, tools, messages, on_text, cancelled, on_retry=None):
         """One streamed reply to the neutral MESSAGES. A reply whose connection breaks mid-way is asked for
         again, up to STREAM_RETRIES times, telling on_retry(message) each time."""
-        request = {"model": self.model, "max_tokens": MAX_OUTPUT_TOKENS,
+        request = {"model": self.model, "max_tokens": self.max_output_tokens or MAX_OUTPUT_TOKENS,
                    "system": [{"type": "text", "text": system_text, "cache_control": {"type": "ephemeral"}}],
                    "tools": [dict(t) for t in tools], "messages": [self._message(m) for m in messages]}
+        if self.temperature is not None:
+            request["temperature"] = self.temperature
         request["tools"][-1]["cache_control"] = {"type": "ephemeral"}
         request["messages"][-1]["content"][-1]["cache_control"] = {"type": "ephemeral"}  # the latest turn only
         for attempt in range(STREAM_RETRIES + 1):
@@ -439,7 +443,10 @@ class OpenAIChatModel(StreamedReply):
                                                             "parameters": t["input_schema"]}} for t in tools],
                 "stream": True, "stream_options": {"include_usage": True}}
         # OpenAI's reasoning models take only max_completion_tokens; many compatible servers only max_tokens.
-        body["max_completion_tokens" if self.provider == "openai" else "max_tokens"] = MAX_OUTPUT_TOKENS
+        body["max_completion_tokens" if self.provider == "openai" else "max_tokens"] = \
+            self.max_output_tokens or MAX_OUTPUT_TOKENS
+        if self.temperature is not None:
+            body["temperature"] = self.temperature
         return body
 
     def turn(self, system_text, tools, messages, on_text, cancelled, on_retry=None):

@@ -12,6 +12,8 @@ streams to a local daemon.
     python runner.py logs ex-1a2b3c --patch > change.patch   # what it changed, for git apply
     python runner.py resume ex-1a2b3c "now add a test"    # continue a run's conversation
     python runner.py -c "now add a test"                  # continue the latest run in this directory
+    python runner.py --agent code-reviewer "review my change"   # .stigmer/agents/code-reviewer.yaml
+    python runner.py agents                               # the agents found here, and their problems
     python runner.py stop
 
 Configuration comes from the environment, read once here: STIGMER_MODE or MODE (local | cloud),
@@ -23,7 +25,7 @@ needs none), base URLs (ANTHROPIC_BASE_URL, OPENAI_BASE_URL, GEMINI_BASE_URL, OL
 STIGMER_RUNNER_GRACE (15: seconds the daemon waits for a lost runner), STIGMER_SANDBOX (filesystem | daytona:
 where commands run; daytona needs DAYTONA_API_KEY, and takes DAYTONA_API_URL, DAYTONA_TARGET, DAYTONA_SNAPSHOT),
 STIGMER_CONTEXT_WINDOW (the model's context window in tokens, for clearing old tool results; default from
-the table in models.py). Cloud mode only: REDIS_URL, STIGMER_REDIS_PREFIX (stigmer:), STIGMER_LEASE_TTL (15),
+the table in models.py), STIGMER_AGENT (an agent's name or file, like --agent). Cloud mode only: REDIS_URL, STIGMER_REDIS_PREFIX (stigmer:), STIGMER_LEASE_TTL (15),
 STIGMER_CLAIM_IDLE (10), STIGMER_RETENTION (604800 seconds).
 
 The agent's shell runs on this host as you, with your environment minus the model keys and
@@ -45,8 +47,8 @@ SANDBOXES = ("filesystem", "daytona")  # STIGMER_SANDBOX: the host, or one Dayto
 ENVS = ("development", "staging", "production")
 RUNNER_GRACE = 15.0  # default seconds the daemon waits for a lost runner to come back (STIGMER_RUNNER_GRACE)
 INHERIT_ENV_VAR = "STIGMER_INHERIT_ENV"  # 1: the agent's shell gets secret-looking variables too (--inherit-env)
-COMMANDS = ("run", "resume", "start", "stop", "status", "list", "logs", "cancel", "daemon", "worker")
-USER_COMMANDS = ("status", "list", "logs", "start", "stop", "cancel", "run", "resume", "daemon",
+COMMANDS = ("run", "resume", "start", "stop", "status", "list", "logs", "cancel", "agents", "daemon", "worker")
+USER_COMMANDS = ("status", "list", "logs", "start", "stop", "cancel", "run", "resume", "agents", "daemon",
                  "worker")  # the order a near miss is matched in
 REDIS_SETTINGS = (  # cloud mode: (variable, redis_backend setting, default seconds)
     ("STIGMER_LEASE_TTL", "lease_ttl", 15.0),  # a dead worker's execution fails about this long after
@@ -73,8 +75,8 @@ class Daytona(namedtuple("Daytona", "api_key api_url target snapshot")):
 
 
 class Config(namedtuple("Config", "mode env home endpoint sandbox_root model runner_grace environ sandbox daytona "
-                                  "redis_url redis_prefix redis_settings context_window inherit_env warnings",
-                        defaults=("", "", {}, 0, False, ()))):
+                                  "redis_url redis_prefix redis_settings context_window inherit_env warnings agent",
+                        defaults=("", "", {}, 0, False, (), ""))):
     """The configuration, read from the environment once at the entry point."""
 
     @staticmethod
@@ -106,7 +108,7 @@ class Config(namedtuple("Config", "mode env home endpoint sandbox_root model run
                       runner_grace=seconds(environ, "STIGMER_RUNNER_GRACE", RUNNER_GRACE), environ=dict(environ),
                       sandbox=sandbox, daytona=daytona, context_window=tokens(environ, "STIGMER_CONTEXT_WINDOW"),
                       inherit_env=environ.get(INHERIT_ENV_VAR, "").strip().lower() in ("1", "true", "yes", "on"),
-                      warnings=tuple(warnings))
+                      warnings=tuple(warnings), agent=environ.get("STIGMER_AGENT", "").strip())
         return cfg._replace(**cloud_settings(environ)) if mode == "cloud" else cfg
 
     def require_sandbox(self):
@@ -220,6 +222,14 @@ def parser():
                      help="leave the Daytona sandbox running when the run ends, and print its id")
     run.add_argument("-c", "--continue", dest="cont", action="store_true",
                      help="continue the conversation of the latest execution in this workspace")
+    run.add_argument("--agent", metavar="NAME_OR_PATH",
+                     help="the agent to run: a name (.stigmer/agents/NAME.yaml here or up to the git root, then "
+                          "$STIGMER_HOME/agents/NAME.yaml) or a file (default: STIGMER_AGENT, else the built-in one)")
+    run.add_argument("--env", action="append", metavar="NAME=VALUE",
+                     help="a non-secret variable for the agent's shell (recorded in the log): one the agent "
+                          "declares, or any other")
+    run.add_argument("--no-project-doc", action="store_true",
+                     help="leave the project's AGENTS.md / CLAUDE.md and $STIGMER_HOME/AGENTS.md out of the system prompt")
 
     resume = sub.add_parser("resume", help="continue an execution's conversation with a follow-up",
                             epilog='example: python runner.py resume ex-1a2b3c "now add a test for it"')
@@ -235,7 +245,8 @@ def parser():
     resume.add_argument("--json", action="store_true",
                         help="JSON lines: a run object, one object per event, then a summary object")
     resume.add_argument("--detach", action="store_true", help="submit to the background daemon and print the id")
-    resume.set_defaults(workspace=None, cont=False, repo=None, ref=None, keep_sandbox=False)
+    resume.set_defaults(workspace=None, cont=False, repo=None, ref=None, keep_sandbox=False, agent=None, env=None,
+                        no_project_doc=False)
 
     start = sub.add_parser("start", help="run the daemon and workers in the background",
                            epilog="example: python runner.py start --workers 2")
@@ -262,6 +273,21 @@ def parser():
                       help="print the change the agent made, for git apply: logs ID --patch > change.patch")
     cancel = sub.add_parser("cancel", help="cancel an execution", epilog="example: python runner.py cancel ex-1a2b")
     cancel.add_argument("id")
+    agents = sub.add_parser("agents", help="list the agents this workspace can use (name, description, file, "
+                                           "problems); `agents show NAME` prints one",
+                            epilog="examples:\n  python runner.py agents\n  python runner.py agents --json\n"
+                                   "  python runner.py agents show code-reviewer\n"
+                                   "  python runner.py agents show ./my-agent.yaml --json",
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    agents.add_argument("--json", action="store_true", help="one JSON object per agent per line")
+    agents.add_argument("--workspace", help="look up from this directory (default: SANDBOX_ROOT_DIR or .)")
+    agents_sub = agents.add_subparsers(dest="agents_command", metavar="show")
+    show = agents_sub.add_parser("show", help="print an agent as it resolves (secret values are never shown)",
+                                 epilog="example: python runner.py agents show code-reviewer")
+    show.add_argument("name", metavar="NAME_OR_PATH", help="an agent's name, or the path of an agent file")
+    show.add_argument("--json", dest="show_json", action="store_true", help="one JSON object")
+    show.add_argument("--workspace", dest="show_workspace",
+                      help="look up from this directory (default: SANDBOX_ROOT_DIR or .)")
     dmn = sub.add_parser("daemon", help="run the daemon in the foreground (also: python daemon.py)",
                          epilog=DAEMON_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     dmn.add_argument("--endpoint", metavar="HOST:PORT",
@@ -273,6 +299,10 @@ def parser():
     wrk.add_argument("--capacity", type=int, default=2, help="executions at once (default 2)")
     wrk.add_argument("--model", help="default model, provider/model (default: STIGMER_MODEL)")
     wrk.add_argument("--exit-with-stdin", action="store_true", help=argparse.SUPPRESS)
+    wrk.add_argument("--secret", action="append", metavar="NAME",
+                     help="a provider key an execution may pass to its shell (other secrets need no flag)")
+    wrk.add_argument("--inherit-env", action="store_true",
+                     help="executions may pass every variable to their shell (run --inherit-env)")
     wrk.add_argument("--runner-id", help=argparse.SUPPRESS)  # a foreground run's own worker: its id ...
     wrk.add_argument("--pinned", action="store_true", help=argparse.SUPPRESS)  # ... and it takes only that run's
     return p

@@ -139,12 +139,18 @@ class Renderer:
         self.out(f"\n{mark}{reason}\n", err=phase_name != "COMPLETED")
         self.out(self.paint("2", f"  {plural(execution.turns, 'turn')} · {u.input_tokens:,} in / {u.output_tokens:,} out tokens · "
                                  f"cache {u.cache_read_tokens:,} read{hit}, {u.cache_write_tokens:,} written · "
-                                 f"{elapsed:.1f} s · {execution.spec.model or 'default model'} · {execution.id}") + "\n")
+                                 f"{elapsed:.1f} s · {execution.spec.model or 'default model'}{agent_part(execution)} · "
+                                 f"{execution.id}") + "\n")
         if self.cleared:
             results = sum(c.results for c in self.cleared)
             times = f" in {len(self.cleared)} steps" if len(self.cleared) > 1 else ""
             self.out(self.paint("2", f"  context: {results} old tool result{'s' if results > 1 else ''} cleared{times} "
                                      f"to stay inside the {self.cleared[-1].window:,}-token window") + "\n")
+
+
+def agent_part(execution):
+    """` · agent NAME` for an execution that runs a named agent, else nothing."""
+    return f" · agent {execution.spec.agent.name}" if execution.spec.agent.name else ""
 
 
 def cleared_line(cleared):
@@ -189,14 +195,15 @@ def plural(n, word):
 def run_dict(execution, mode, endpoint):
     """The first object of `run --json`: what runs where."""
     spec = execution.spec
-    return {"kind": "run", "execution_id": execution.id, "model": spec.model, "workspace": spec.workspace,
-            "mode": mode, "endpoint": endpoint, "prompt": spec.prompt}
+    return {"kind": "run", "execution_id": execution.id, "model": spec.model, "agent": spec.agent.name,
+            "workspace": spec.workspace, "mode": mode, "endpoint": endpoint, "prompt": spec.prompt}
 
 
 def summary_dict(execution, phase_name, elapsed):
     """The last object of `run --json`: how it ended."""
     u = execution.usage
-    return {"kind": "summary", "execution_id": execution.id, "model": execution.spec.model, "phase": phase_name,
+    return {"kind": "summary", "execution_id": execution.id, "model": execution.spec.model,
+            "agent": execution.spec.agent.name, "phase": phase_name,
             "turns": execution.turns,
             "usage": {"input_tokens": u.input_tokens, "output_tokens": u.output_tokens,
                       "cache_read_tokens": u.cache_read_tokens, "cache_write_tokens": u.cache_write_tokens},
@@ -239,13 +246,15 @@ def print_executions(executions, json_lines, phase=None):
         return
     now = time.time()
     width = max([len(ex.spec.model) for ex in executions] + [5])
-    print(f"{'ID':<18} {'PHASE':<10} {'AGE':>6} {'TURNS':>5} {'TOKENS':>8}  {'MODEL':<{width}}  {'CONTINUES':<18} PROMPT")
+    agents = max([len(ex.spec.agent.name) for ex in executions] + [5])
+    print(f"{'ID':<18} {'PHASE':<10} {'AGE':>6} {'TURNS':>5} {'TOKENS':>8}  {'MODEL':<{width}}  {'AGENT':<{agents}}  "
+          f"{'CONTINUES':<18} PROMPT")
     for ex in executions:
         age = now - ex.created_at
         age_s = f"{age:.0f}s" if age < 90 else f"{age / 60:.0f}m" if age < 5400 else f"{age / 3600:.0f}h"
         tokens = ex.usage.input_tokens + ex.usage.output_tokens
         print(f"{ex.id:<18} {pb.Phase.Name(ex.phase):<10} {age_s:>6} {ex.turns:>5} {tokens:>8}  "
-              f"{ex.spec.model or '-':<{width}}  {ex.spec.parent_id or '-':<18} "
+              f"{ex.spec.model or '-':<{width}}  {ex.spec.agent.name or '-':<{agents}}  {ex.spec.parent_id or '-':<18} "
               f"{ex.spec.prompt.splitlines()[0][:60] if ex.spec.prompt else ''}")
 
 
