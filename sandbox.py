@@ -437,9 +437,9 @@ class FilesystemSandbox:
         return hits
 
     def _grep_python(self, _, needle, fd, base, glob, keep, max_count, stop):
-        hits = []
+        hits, everything = [], glob is None
         for rel, dir_fd, entry in _walk(fd, stop, dirs=False):
-            if not keep(_shown(rel)):
+            if not everything and not keep(_shown(rel)):
                 continue
             try:
                 file_fd = os.open(entry.name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -447,7 +447,7 @@ class FilesystemSandbox:
             except OSError:
                 continue  # unreadable, or swapped for a symlink since the listing: skipped, as rg does
             hits += _grep_open_file(file_fd, needle, max_count - len(hits), stop, _join(base, rel))
-            if len(hits) >= max_count or stop():
+            if len(hits) >= max_count:
                 break
         return hits
 
@@ -1175,8 +1175,10 @@ def _grep_open_file(fd, needle, room, stop, rel):
         return []
     finally:
         os.close(fd)
+    if not found:
+        return []
     shown = _shown(rel)
-    return [(shown, number, line) for number, line in found or ()]
+    return [(shown, number, line) for number, line in found]
 
 
 def _os_error(e, path, action):
