@@ -625,7 +625,7 @@ class FilesystemSandbox:
         """(fd, rel): path opened with flags beneath the root, a last symlink followed while it stays
         beneath it; rel is its real path relative to the root, or None unless real is asked for."""
         if _openat2_ready() and not real:
-            rel = self._relative(path)
+            rel = "/".join(_parts(self._relative(path))) or "."  # as _resolve reads it: "a//b/." is a/b
             root = self._open_root()
             try:
                 return _openat2(root, rel, flags | os.O_CLOEXEC), None
