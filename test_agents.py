@@ -251,6 +251,28 @@ class LookupTest(TempDir):
         (item,) = agents.discover(self.workspace, self.home)
         self.assertEqual(len(item["problems"]), 1)
 
+    def test_a_parsed_agent_is_kept_until_its_file_changes(self):
+        path = self.place(os.path.join(self.workspace, ".stigmer", "agents"), "helper", "first")
+        self.assertEqual(self.resolve("helper").description, "first")
+        (entry,) = os.listdir(os.path.join(self.home, agents.CACHE_DIR))
+        entry = os.path.join(self.home, agents.CACHE_DIR, entry)
+        self.assertEqual(os.stat(entry).st_mode & 0o777, 0o600)
+        with open(entry, "rb") as f:
+            stamp, _, body = f.read().partition(b"\n")
+        with open(entry, "wb") as f:  # the same stamp, another spec: what a kept entry gives back
+            f.write(stamp + b"\n" + pb.AgentSpec(name="helper", description="from the cache").SerializeToString())
+        self.assertEqual(self.resolve("helper").description, "from the cache")
+        self.place(os.path.join(self.workspace, ".stigmer", "agents"), "helper", "second, changed")
+        self.assertEqual(self.resolve("helper").description, "second, changed")  # a changed file is read again
+        with open(entry, "rb") as f:
+            stamp = f.read().partition(b"\n")[0]
+        with open(entry, "wb") as f:
+            f.write(stamp + b"\n\xff\xff")  # the right stamp, a damaged spec: the file is read again
+        self.assertEqual(self.resolve("helper").description, "second, changed")
+        write(path, agent_text("helper", "  instructions: short\n"))  # a problem is found whatever the cache holds
+        with self.assertRaises(agents.AgentError):
+            self.resolve("helper")
+
     def test_outside_git_only_the_workspace_itself(self):
         plain = os.path.join(self.tmp, "plain", "ws")
         os.makedirs(plain)
