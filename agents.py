@@ -149,7 +149,12 @@ def find(name_or_path, workspace, home):
             if os.path.isfile(path):
                 return path
     where = ", ".join(display(d) for d in dirs)
-    raise AgentError(f"no agent named {name_or_path}: looked for {name_or_path}.yaml in {where}; "
+    known = sorted({os.path.splitext(n)[0] for d in dirs if os.path.isdir(d) for n in os.listdir(d)
+                    if n.endswith(EXTENSIONS)})
+    import difflib
+    close = difflib.get_close_matches(name_or_path, known, n=1)
+    hint = f"did you mean {close[0]}? " if close else ""
+    raise AgentError(f"no agent named {name_or_path}: {hint}looked for {name_or_path}.yaml in {where}; "
                      f"create one there, or give a file's path (see python runner.py agents)")
 
 

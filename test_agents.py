@@ -213,6 +213,11 @@ class LookupTest(TempDir):
     def resolve(self, name):
         return agents.resolve(name, self.workspace, self.home)
 
+    def error_of(self, name):
+        with self.assertRaises(agents.AgentError) as caught:
+            self.resolve(name)
+        return str(caught.exception)
+
     def test_nearest_first_up_to_the_git_root_then_stigmer_home(self):
         home_file = self.place(os.path.join(self.home, "agents"), "helper", "from home")
         self.place(os.path.join(self.outside, ".stigmer", "agents"), "helper", "above the git root")
@@ -234,6 +239,9 @@ class LookupTest(TempDir):
             self.resolve("nobody")
         message = str(caught.exception)
         self.assertIn("no agent named nobody", message)
+        self.assertNotIn("did you mean", message)
+        self.place(os.path.join(self.home, "agents"), "code-reviewer", "a reviewer")
+        self.assertIn("no agent named code-reviewr: did you mean code-reviewer?", self.error_of("code-reviewr"))
         for folder in agents.search_dirs(self.workspace, self.home):
             self.assertIn(agents.display(folder), message)
         with self.assertRaises(agents.AgentError) as caught:
