@@ -118,8 +118,110 @@ def bench_sandbox():
         "swallow_200MB_peak_rss_growth_MB": verdict(growth_mb, "<", 50, 1),
         "swallow_200MB_seconds": round(took, 2),
         "swallow_200MB_GB_per_s": round(0.2 / took, 2),
+        **_file_tool_figures(),
         **confined,
     }
+
+
+def _file_tool_figures(rounds=15):
+    """Each file tool against the same work done by path with the standard library (no checks),
+    interleaved, as median ratios: read, write (temp file, fsync, rename), edit, ls, glob, grep
+    (Python search; and rg's against a bare `rg` run)."""
+    import fnmatch
+    import os
+    import shutil
+    import subprocess
+    import tempfile
+    from unittest import mock
+
+    import sandbox
+
+    with tempfile.TemporaryDirectory() as root:
+        for d in range(20):  # 1000 files of about 2 KB in 20 packages; a needle in every 50th
+            os.makedirs(os.path.join(root, f"pkg{d}", "sub"))
+            for i in range(50):
+                rel = os.path.join(f"pkg{d}", "sub" if i % 2 else "", f"mod{i}.py")
+                with open(os.path.join(root, rel), "w") as f:
+                    f.write("".join(f"def f{k}(x):\n    return x + {k}\n" for k in range(60)))
+                    if i == 7:
+                        f.write("NEEDLE = 1\n")
+        box = sandbox.FilesystemSandbox(root)
+        target = os.path.join(root, "pkg3", "sub", "mod9.py")
+
+        def bare_read():
+            with open(target, encoding="utf-8", errors="replace") as f:
+                return f.read()
+
+        body = "VERSION = 1\n" + "x = 1\n" * 200
+
+        def bare_write(text=body):
+            tmp = target + ".tmp"
+            with open(tmp, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+
+        def bare_edit():
+            text = bare_read()
+            bare_write(text.replace("VERSION = 1", "VERSION = 2") if "VERSION = 1" in text
+                       else text.replace("VERSION = 2", "VERSION = 1"))
+
+        def box_edit():
+            try:
+                box.edit("pkg3/sub/mod9.py", "VERSION = 1", "VERSION = 2")
+            except sandbox.SandboxError:
+                box.edit("pkg3/sub/mod9.py", "VERSION = 2", "VERSION = 1")
+
+        def bare_glob():
+            found = []
+            for top, dirs, files in os.walk(root):
+                for name in dirs + files:
+                    rel = os.path.relpath(os.path.join(top, name), root)
+                    if fnmatch.fnmatch(rel, "*/sub/*.py"):
+                        found.append(rel)
+            return sorted(found)
+
+        def bare_grep():
+            hits = []
+            for top, _, files in os.walk(root):
+                for name in files:
+                    with open(os.path.join(top, name), "rb") as f:
+                        for n, line in enumerate(f, 1):
+                            if b"NEEDLE" in line:
+                                hits.append((name, n, line))
+            return hits
+
+        def python_grep():
+            with mock.patch.object(sandbox, "USE_RG", False):
+                return box.grep("NEEDLE")
+
+        pairs = {
+            "read": (bare_read, lambda: box.read("pkg3/sub/mod9.py"), 200),
+            "write": (bare_write, lambda: box.write("pkg3/sub/mod9.py", body), 50),
+            "edit": (bare_edit, box_edit, 50),
+            "ls": (lambda: sorted(os.listdir(os.path.join(root, "pkg3"))), lambda: box.ls("pkg3"), 200),
+            "glob": (bare_glob, lambda: box.glob("*/sub/*.py"), 3),
+            "grep_python": (bare_grep, python_grep, 3),
+        }
+        rg = shutil.which("rg")
+        if rg:
+            pairs["grep_rg"] = (lambda: subprocess.run([rg, "--json", "-F", "NEEDLE", "."], cwd=root,
+                                                       capture_output=True, check=True),
+                                lambda: box.grep("NEEDLE"), 3)
+        figures = {}
+        for name, (bare, ours, calls) in pairs.items():
+            ratios = []
+            for _ in range(rounds):
+                times = []
+                for fn in (bare, ours):
+                    t = time.perf_counter()
+                    for _ in range(calls):
+                        fn()
+                    times.append(time.perf_counter() - t)
+                ratios.append(times[1] / times[0])
+            figures[f"file_tool_{name}_vs_bare_ratio"] = round(statistics.median(ratios), 3)
+        return figures
 
 # ---- redact (issue: secrets.py) ----
 @bench
