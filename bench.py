@@ -699,7 +699,7 @@ def bench_start(runs=7):
 
     with tempfile.TemporaryDirectory() as tmp, FakeAnthropic([text_step("done")]) as fake:
         base = {k: v for k, v in os.environ.items() if not k.startswith(("STIGMER_", "ANTHROPIC_"))
-                and k not in ("MODE", "PYTHONPROFILEIMPORTTIME")}
+                and k not in ("MODE", "PYTHONPROFILEIMPORTTIME", "PYTHONDONTWRITEBYTECODE")}  # as a user's machine
         base.update(ANTHROPIC_API_KEY=FAKE_KEY, ANTHROPIC_BASE_URL=fake.url, STIGMER_MODEL="claude-fake",
                     SANDBOX_ROOT_DIR=tmp)
 
@@ -709,6 +709,28 @@ def bench_start(runs=7):
         warm_env = fresh_env("warm")
         timed_run([sys.executable, runner_py, "start"], warm_env)
         floor, cold, warm, claude_times, grpc_start = [], [], [], [], []
+        # With an agent: the example reviewer found by name, its declared secret set, an AGENTS.md to read.
+        agent_ws = os.path.join(tmp, "agent-ws")
+        os.makedirs(os.path.join(agent_ws, ".git"))
+        os.makedirs(os.path.join(agent_ws, ".stigmer", "agents"))
+        shutil.copy(os.path.join(os.path.dirname(runner_py), "examples", "agents", "code-reviewer.yaml"),
+                    os.path.join(agent_ws, ".stigmer", "agents"))
+        with open(os.path.join(agent_ws, "AGENTS.md"), "w") as f:
+            f.write("# Project rules\n\n" + "- Run the tests with make check before you say you are done.\n" * 40)
+        cold_agent, plan_bare, plan_agent, plan_first = [], [], [], []
+        # What the CLI of a cold run has imported before it plans the run, then the agent's part of the plan
+        # (with the agent parsed before, in STIGMER_HOME's cache; and the first time, parsing it).
+        plan = ("import sys, time; import commands, daemon_client, terminal, stigmer_pb2, processes; "
+                "processes.project_secrets(); t = time.perf_counter(){0}; print(time.perf_counter() - t)")
+        with_agent = ("; import agents; agents.check_supported(agents.resolve('code-reviewer', sys.argv[1], sys.argv[2])); "
+                      "agents.project_docs(sys.argv[1], sys.argv[2])")
+        seeded = os.path.join(tmp, "seeded")  # a STIGMER_HOME whose cache holds the agent, as after one run
+        timed_run([sys.executable, "-c", plan.format(with_agent), agent_ws, seeded], base, cwd=os.path.dirname(runner_py))
+
+        def agent_env(n):  # a fresh home (so no daemon runs), the agent's cache as a previous run left it
+            env = dict(fresh_env(f"agent{n}"), SANDBOX_ROOT_DIR=agent_ws, GITHUB_TOKEN="ghp_bench0000000000000000")
+            shutil.copytree(os.path.join(seeded, "cache"), os.path.join(env["STIGMER_HOME"], "cache"))
+            return env
         to_request = {"floor": [], "cold": []}  # seconds from the start to the fake's receiving the request
 
         def until_request(kind, args, env):
@@ -724,6 +746,13 @@ def bench_start(runs=7):
             for n in range(runs):
                 floor.append(until_request("floor", [sys.executable, "-c", START_FLOOR, fake.url, FAKE_KEY], base))
                 cold.append(until_request("cold", [sys.executable, runner_py, "--json", "go"], fresh_env(f"cold{n}")))
+                cold_agent.append(timed_run([sys.executable, runner_py, "--json", "--agent", "code-reviewer", "go"],
+                                            agent_env(n))[0])
+                for times, code, home in ((plan_bare, plan.format(""), seeded),
+                                          (plan_agent, plan.format(with_agent), seeded),
+                                          (plan_first, plan.format(with_agent), os.path.join(tmp, f"unseeded{n}"))):
+                    _, done = timed_run([sys.executable, "-c", code, agent_ws, home], base, cwd=os.path.dirname(runner_py))
+                    times.append(float(done.stdout))
                 warm.append(timed_run([sys.executable, runner_py, "--json", "go"], warm_env)[0])
                 grpc_start.append(timed_run([sys.executable, "-c", "import grpc, stigmer_pb2"], base,
                                             cwd=os.path.dirname(runner_py))[0])
@@ -753,6 +782,14 @@ def bench_start(runs=7):
                "context: until the request, cold run": spread(to_request["cold"]),
                "context: the floor's interpreter tear-down, which the runner skips (os._exit)":
                    f"{statistics.median(floor) - statistics.median(to_request['floor']):.3f} s after its request",
+               "cold run with --agent (the example reviewer, an AGENTS.md)": spread(cold_agent),
+               "context: cold run with --agent minus without (noisy: whole processes)":
+                   f"{(statistics.median(cold_agent) - cold_s) * 1000:+.0f} ms",
+               "agent_added_ms (find the agent, its parsed spec from the cache, check it, read AGENTS.md)":
+                   verdict((statistics.median(plan_agent) - statistics.median(plan_bare)) * 1000, "<", 20, 1),
+               "context: the same the first time (import yaml, parse and check the file, write the cache)":
+                   f"{(statistics.median(plan_first) - statistics.median(plan_bare)) * 1000:.1f} ms",
+               "context: agent_added vs the cold run": f"{(statistics.median(plan_agent) - statistics.median(plan_bare)) / cold_s:.2%}",
                "warm run (after start)": spread(warm),
                "warm_run_s": verdict(warm_s, "<=", 0.25, 3),
                "context: python -c 'import grpc, stigmer_pb2' (the CLI's own floor)": spread(grpc_start)}
