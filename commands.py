@@ -89,6 +89,10 @@ def cmd_run(cfg, args):
     names = list(dict.fromkeys([*names, *agent_secrets(agent)]))  # declared secrets travel like --secret
     model = choose_model(cfg, args.model or (agent.config.model if agent else ""))
     docs = project_docs(cfg, args, workspace, resuming)
+    sandbox_mode = args.sandbox_mode or cfg.sandbox_mode  # "": the default, or the parent's when resuming
+    network = args.network or bool(agent is not None and agent.config.network)
+    if not resuming:  # resuming: once the parent is known
+        sandbox_mode, network = confinement(cfg, sandbox_mode, network)
     found = backend_status(cfg) if cfg.cloud else find_daemon(cfg)
     embedded = worker = None
     runner_id = ""  # a foreground run's execution is pinned to the worker it spawns (both modes)
@@ -127,6 +131,7 @@ def cmd_run(cfg, args):
             if parent.spec.HasField("agent"):  # and the same agent (its secrets are in secret_names)
                 agent = parent.spec.agent
                 labels = agent_labels(agent)
+            sandbox_mode, network = confinement(cfg, sandbox_mode, network, parent)  # and its sandbox mode
         inherit = args.inherit_env or cfg.inherit_env or INHERIT_ALL in names
         names = [n for n in names if n != INHERIT_ALL]
         shell_names = names + [INHERIT_ALL] if inherit else names  # the spec's; `*` lets them all through
@@ -143,7 +148,7 @@ def cmd_run(cfg, args):
                                 repo=args.repo or (parent.spec.repo if parent else ""),
                                 ref=args.ref or (parent.spec.ref if parent else ""), keep_sandbox=args.keep_sandbox,
                                 sandbox=cfg.sandbox, parent_id=parent.id if parent else "", agent=agent,
-                                project_docs=docs)
+                                project_docs=docs, sandbox_mode=sandbox_mode, network=network)
         queued = 0 if runner_id else (status or client.status()).queue_depth  # (an embedded daemon may hold old ones)
         if queued:
             print(f"stigmer: {queued} older execution(s) are queued and run first: see `python runner.py list "
@@ -161,8 +166,9 @@ def cmd_run(cfg, args):
                                                                                         else "")
             continues = f" · continues {parent.id}" if parent else ""
             who = f" · agent {agent.name}" if agent is not None and agent.name else ""
-            renderer.out(renderer.paint("2", f"stigmer · {cfg.mode} · {where} · {space} · {model}{who} · "
-                                             f"{execution.id}{continues}") + "\n", err=True)
+            renderer.out(renderer.paint("2", f"stigmer · {cfg.mode} · {where} · {space} · {model}{who}"
+                                             f"{terminal.sandbox_part(execution.spec)} · {execution.id}{continues}")
+                         + "\n", err=True)
         started = time.monotonic()
 
         def cancel():
@@ -198,6 +204,21 @@ def cmd_run(cfg, args):
             embedded.stop()
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+
+
+def confinement(cfg, sandbox_mode, network, parent=None):
+    """(sandbox mode, network) of a run: the mode asked for (--sandbox-mode, STIGMER_SANDBOX_MODE), else PARENT's,
+    else workspace-write; the network if asked for (--network, the agent's config.network) or PARENT had it.
+    When commands run on this host confined and cannot be confined here: a CliError (exit 2) naming the fix."""
+    from sandbox import CONFINED_MODES, confinement_problem
+    sandbox_mode = sandbox_mode or (parent.spec.sandbox_mode if parent else "") or "workspace-write"
+    network = network or bool(parent is not None and parent.spec.network)
+    if cfg.sandbox == "filesystem" and sandbox_mode in CONFINED_MODES:
+        problem = confinement_problem()
+        if problem:
+            raise CliError(f"{problem}; or run them unconfined with --sandbox-mode full-access "
+                           "(or STIGMER_SANDBOX_MODE=full-access)", 2)
+    return sandbox_mode, network
 
 
 def redact_prompt(redactor, prompt):
@@ -451,8 +472,17 @@ def cmd_status(cfg, args):
     import terminal
     client, status = found
     terminal.print_status(status, procs, client.endpoint, args.json, running=running_executions(client),
-                          background=procs.get("daemon") == status.pid)
+                          background=procs.get("daemon") == status.pid, sandbox=sandbox_status(cfg))
     return 0
+
+
+def sandbox_status(cfg):
+    """For `status`: the sandbox mode a run gets here unless it asks, and why commands cannot be confined on
+    this host (None when they can, or when they run elsewhere: Daytona)."""
+    from sandbox import CONFINED_MODES, confinement_problem
+    mode = cfg.sandbox_mode or "workspace-write"
+    problem = confinement_problem() if cfg.sandbox == "filesystem" and mode in CONFINED_MODES else None
+    return {"mode": mode, "sandbox": cfg.sandbox, "confinement": problem}
 
 
 def cmd_list(cfg, args):
@@ -596,6 +626,18 @@ def worker_environ(args):
     return {**os.environ, **moved}
 
 
+def daemon_token(home):
+    """{"STIGMER_DAEMON_TOKEN": the token} of HOME's daemon, as it is now (a daemon makes a new one when it
+    starts), for the worker to redact: hidden from confined commands, a full-access command can still read it."""
+    from daemon_client import TOKEN_FILE
+    try:
+        with open(os.path.join(home, TOKEN_FILE)) as f:
+            token = f.read().strip()
+    except OSError:
+        return {}
+    return {"STIGMER_DAEMON_TOKEN": token} if token else {}
+
+
 def cmd_worker(cfg, args):
     import logging
     import threading
@@ -634,5 +676,6 @@ def cmd_worker(cfg, args):
         allowed.append(INHERIT_ALL)
     return worker.serve(worker.Worker(capacity=args.capacity, mode=cfg.mode, model=model, runner_id=runner_id,
                                       pinned=args.pinned, allowed_secrets=allowed, make_sandbox=make_sandbox, sweep=sweep, sandbox=cfg.sandbox,
-                                      environ=environ, history=link.history, context_window=cfg.context_window),
+                                      environ=environ, history=link.history, context_window=cfg.context_window,
+                                      also_secret=None if cfg.cloud else lambda: daemon_token(cfg.home)),
                         link, exit_with_stdin=args.exit_with_stdin)

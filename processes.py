@@ -242,8 +242,8 @@ def sandbox_factory(cfg, runner_id, is_terminal):
     sandbox per execution, labelled with RUNNER_ID; sweep deletes those whose executions IS_TERMINAL(id)
     says have ended (an id the log does not know is not terminal: it may be another home's)."""
     import worker
-    if cfg.sandbox != "daytona":
-        return worker.host_sandbox, None
+    if cfg.sandbox != "daytona":  # a Daytona sandbox is isolated already: the spec's sandbox mode changes nothing there
+        return worker.confined_host_sandbox(cfg.sandbox_mode or "workspace-write", cfg.sandbox_hide), None
     import threading
 
     import daytona_sandbox

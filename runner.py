@@ -25,12 +25,16 @@ needs none), base URLs (ANTHROPIC_BASE_URL, OPENAI_BASE_URL, GEMINI_BASE_URL, OL
 STIGMER_RUNNER_GRACE (15: seconds the daemon waits for a lost runner), STIGMER_SANDBOX (filesystem | daytona:
 where commands run; daytona needs DAYTONA_API_KEY, and takes DAYTONA_API_URL, DAYTONA_TARGET, DAYTONA_SNAPSHOT),
 STIGMER_CONTEXT_WINDOW (the model's context window in tokens, for clearing old tool results; default from
-the table in models.py), STIGMER_AGENT (an agent's name or file, like --agent). Cloud mode only: REDIS_URL, STIGMER_REDIS_PREFIX (stigmer:), STIGMER_LEASE_TTL (15),
-STIGMER_CLAIM_IDLE (10), STIGMER_RETENTION (604800 seconds).
+the table in models.py), STIGMER_AGENT (an agent's name or file, like --agent), STIGMER_SANDBOX_MODE
+(workspace-write | read-only | full-access, like --sandbox-mode), STIGMER_SANDBOX_HIDE (more paths the agent's
+commands never see, colon-separated). Cloud mode only: REDIS_URL, STIGMER_REDIS_PREFIX (stigmer:),
+STIGMER_LEASE_TTL (15), STIGMER_CLAIM_IDLE (10), STIGMER_RETENTION (604800 seconds).
 
-The agent's shell runs on this host as you, with your environment minus the model keys and
-variables that look secret (unless named with --secret, or --inherit-env): it is not a
-security boundary. File tools are confined to the workspace.
+The agent's shell runs on this host confined by the OS (bubblewrap on Linux, Seatbelt on macOS): by default
+it writes only the workspace and a private /tmp, has no network (--network) and cannot see your credentials
+(~/.ssh, ~/.aws, ...) or STIGMER_HOME; --sandbox-mode full-access runs it as you, unconfined. It gets your
+environment minus the model keys and variables that look secret (unless named with --secret, or
+--inherit-env). File tools are confined to the workspace.
 """
 import argparse
 import os
@@ -75,8 +79,9 @@ class Daytona(namedtuple("Daytona", "api_key api_url target snapshot")):
 
 
 class Config(namedtuple("Config", "mode env home endpoint sandbox_root model runner_grace environ sandbox daytona "
-                                  "redis_url redis_prefix redis_settings context_window inherit_env warnings agent",
-                        defaults=("", "", {}, 0, False, (), ""))):
+                                  "redis_url redis_prefix redis_settings context_window inherit_env warnings agent "
+                                  "sandbox_mode sandbox_hide",
+                        defaults=("", "", {}, 0, False, (), "", "", ()))):
     """The configuration, read from the environment once at the entry point."""
 
     @staticmethod
@@ -108,7 +113,8 @@ class Config(namedtuple("Config", "mode env home endpoint sandbox_root model run
                       runner_grace=seconds(environ, "STIGMER_RUNNER_GRACE", RUNNER_GRACE), environ=dict(environ),
                       sandbox=sandbox, daytona=daytona, context_window=tokens(environ, "STIGMER_CONTEXT_WINDOW"),
                       inherit_env=environ.get(INHERIT_ENV_VAR, "").strip().lower() in ("1", "true", "yes", "on"),
-                      warnings=tuple(warnings), agent=environ.get("STIGMER_AGENT", "").strip())
+                      warnings=tuple(warnings), agent=environ.get("STIGMER_AGENT", "").strip(),
+                      **confinement_settings(environ, home))
         return cfg._replace(**cloud_settings(environ)) if mode == "cloud" else cfg
 
     def require_sandbox(self):
@@ -127,6 +133,30 @@ class Config(namedtuple("Config", "mode env home endpoint sandbox_root model run
     @property
     def cloud(self):
         return self.mode == "cloud"
+
+
+def confinement_settings(environ, home):
+    """STIGMER_SANDBOX_MODE ("" when unset: the run's default) and what the agent's commands never see: the user's
+    credentials (sandbox.HIDDEN_IN_HOME under HOME), STIGMER_HOME (HOME_DIR) with the daemon's token, and the
+    colon-separated paths of STIGMER_SANDBOX_HIDE (absolute, or under ~)."""
+    import sandbox
+    mode = environ.get("STIGMER_SANDBOX_MODE", "").strip().lower()
+    if mode and mode not in sandbox.SANDBOX_MODES:
+        raise CliError(f"STIGMER_SANDBOX_MODE={environ['STIGMER_SANDBOX_MODE']!r} is not a sandbox mode: use "
+                       "workspace-write (the default), read-only or full-access", 2)
+    user_home = environ.get("HOME") or os.path.expanduser("~")
+    extra = []
+    for part in environ.get("STIGMER_SANDBOX_HIDE", "").split(":"):
+        path = part.strip()
+        if path == "~" or path.startswith("~/"):
+            path = user_home + path[1:]
+        if path and not os.path.isabs(path):
+            raise CliError(f"STIGMER_SANDBOX_HIDE: {part.strip()!r} is not an absolute path: give absolute paths "
+                           "(or ~/...), separated by colons, e.g. STIGMER_SANDBOX_HIDE=~/.config/gh:/srv/keys", 2)
+        if path:
+            extra.append(os.path.normpath(path))
+    hide = [*sandbox.credential_paths(user_home), home, os.path.join(home, "daemon.token"), *extra]
+    return dict(sandbox_mode=mode, sandbox_hide=tuple(dict.fromkeys(hide)))
 
 
 def setting(environ, name, default):
@@ -217,6 +247,12 @@ def parser():
     run.add_argument("--json", action="store_true",
                      help="JSON lines: a run object, one object per event, then a summary object")
     run.add_argument("--detach", action="store_true", help="submit to the background daemon and print the id")
+    run.add_argument("--sandbox-mode", choices=("workspace-write", "read-only", "full-access"),
+                     help="how the agent's commands are confined: workspace-write (the default: they write only the "
+                          "workspace and /tmp, no network, credentials hidden), read-only, or full-access "
+                          "(unconfined, as you); or STIGMER_SANDBOX_MODE")
+    run.add_argument("--network", action="store_true",
+                     help="let the agent's commands use the network (off in workspace-write and read-only)")
     run.add_argument("--repo", metavar="URL", help="clone this git repository into the sandbox's workspace first "
                                                    "(STIGMER_SANDBOX=daytona; a --secret GITHUB_TOKEN authenticates it)")
     run.add_argument("--ref", help="the branch, tag or commit of --repo to check out")
@@ -247,6 +283,12 @@ def parser():
     resume.add_argument("--json", action="store_true",
                         help="JSON lines: a run object, one object per event, then a summary object")
     resume.add_argument("--detach", action="store_true", help="submit to the background daemon and print the id")
+    resume.add_argument("--sandbox-mode", choices=("workspace-write", "read-only", "full-access"),
+                     help="how the agent's commands are confined: workspace-write (the default: they write only the "
+                          "workspace and /tmp, no network, credentials hidden), read-only, or full-access "
+                          "(unconfined, as you); or STIGMER_SANDBOX_MODE (default: the execution's)")
+    resume.add_argument("--network", action="store_true",
+                     help="let the agent's commands use the network (off in workspace-write and read-only)")
     resume.set_defaults(workspace=None, cont=False, repo=None, ref=None, keep_sandbox=False, agent=None, env=None,
                         no_project_doc=False)
 

@@ -8,18 +8,22 @@ import fcntl
 import json
 import os
 import pty
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import termios
 import threading
 import unittest
 
 import processes
 import runner
+import sandbox
 from test_runner import CliCase, read
-from testsupport import FAKE_KEY, HERE, assert_one_line, files_containing, run_cli, text_step, tool_step, wait_for
+from testsupport import (FAKE_KEY, HERE, PongServer, assert_one_line, files_containing, run_cli, text_step, tool_step,
+                         wait_for)
 
 RUNNER = os.path.join(HERE, "runner.py")
 
@@ -231,6 +235,120 @@ class EnvironmentTest(CliCase):
     def test_inherit_env_variable(self):
         output, _ = self.run_env(env=dict(self.env, STIGMER_INHERIT_ENV="1"))
         self.assertIn("gh=[[REDACTED:GITHUB_TOKEN]] pw=[[REDACTED:db_password]] ", output)
+
+
+class ConfinedCase(CliCase):
+    """HOME and STIGMER_HOME outside /tmp, so that only the confinement can hide them from a command (the
+    sandbox's own /tmp is private), a fake ~/.ssh/id_rsa, and real bwrap (skipped, saying why, without it)."""
+
+    KEY = "-----BEGIN OPENSSH PRIVATE KEY----- fake key of the cli test"
+
+    def setUp(self):
+        problem = sandbox.confinement_problem()
+        if problem:
+            self.skipTest(f"bwrap cannot run here, so confinement is not tested: {problem}")
+        super().setUp()
+        self.outer = tempfile.mkdtemp(prefix="stigmer-confined-", dir="/var/tmp")
+        self.addCleanup(shutil.rmtree, self.outer, ignore_errors=True)  # after tearDown's `stop --force`
+        self.home, self.user_home = os.path.join(self.outer, "home"), os.path.join(self.outer, "user")
+        os.makedirs(os.path.join(self.user_home, ".ssh"))
+        with open(os.path.join(self.user_home, ".ssh", "id_rsa"), "w") as f:
+            f.write(self.KEY)
+        self.env.update(STIGMER_HOME=self.home, HOME=self.user_home)
+
+    def token(self):
+        return read(os.path.join(self.home, "daemon.token")).strip()
+
+    def json_lines(self, proc):
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        return [json.loads(line) for line in proc.stdout.splitlines()]
+
+
+class ConfinedByDefaultTest(ConfinedCase):
+    script = [tool_step(("execute", {"command": 'cat "$STIGMER_HOME/daemon.token"; cat ~/.ssh/id_rsa; '
+                                                "echo planted > ~/planted.txt; echo made > made.txt"})),
+              text_step("tried")]
+
+    def test_a_run_is_confined_in_workspace_write_and_says_so(self):
+        lines = self.json_lines(self.cli("--json", "try to reach out"))
+        run, events, summary = lines[0], lines[1:-1], lines[-1]
+        self.assertEqual((run["sandbox_mode"], run["network"]), ("workspace-write", False))
+        self.assertEqual((summary["sandbox_mode"], summary["network"]), ("workspace-write", False))
+        self.assertEqual((events[0]["phase"], events[0]["sandbox_mode"]), ("PENDING", "workspace-write"))
+        (result,) = [e["output"] for e in events if e["kind"] == "tool_result"]
+        self.assertNotIn(self.token(), result)  # the token, as the user who tried it first saw it: hidden
+        self.assertNotIn("fake key", result)
+        self.assertIn("Read-only file system", result)
+        self.assertFalse(os.path.exists(os.path.join(self.user_home, "planted.txt")))
+        self.assertEqual(read(os.path.join(self.workspace, "made.txt")), "made\n")  # the workspace is writable
+        (row,) = [json.loads(line) for line in self.cli("list", "--json").stdout.splitlines()]
+        self.assertEqual((row["spec"]["sandbox_mode"], row["spec"]["network"]), ("workspace-write", False))
+        status = self.cli("status")
+        self.assertIn("commands: workspace-write by default", status.stdout)
+        self.assertEqual(json.loads(self.cli("status", "--json").stdout)["sandbox"]["mode"], "workspace-write")
+
+
+class FullAccessTest(ConfinedCase):
+    script = [tool_step(("execute", {"command": 'cat "$STIGMER_HOME/daemon.token"; ls -A ~/.ssh'})),
+              text_step("first"), tool_step(("execute", {"command": "echo planted > ~/planted.txt"})),
+              text_step("second")]
+
+    def test_full_access_is_unconfined_redacts_the_token_and_a_resume_keeps_it(self):
+        proc = self.cli("--sandbox-mode", "full-access", "look around")
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertIn("full-access (not confined)", proc.stderr)  # the summary line
+        execution_id = proc.stderr.split("· ")[-1].strip()
+        (result,) = [e["output"] for e in self.logs(execution_id) if e["kind"] == "tool_result"]
+        self.assertIn("[REDACTED:STIGMER_DAEMON_TOKEN]", result)
+        self.assertNotIn(self.token(), result + json.dumps(self.fake.requests))
+        self.assertIn("id_rsa", result)  # nothing is hidden in full-access
+        lines = self.json_lines(self.cli("resume", "--json", execution_id, "now plant a file"))
+        self.assertEqual((lines[0]["sandbox_mode"], lines[-1]["phase"]), ("full-access", "COMPLETED"))
+        self.assertEqual(read(os.path.join(self.user_home, "planted.txt")), "planted\n")
+
+
+class NetworkSwitchTest(ConfinedCase):
+    AGENT = ("apiVersion: agentic.stigmer.ai/v1\nkind: Agent\nmetadata:\n  name: fetcher\nspec:\n"
+             "  instructions: You fetch what the task names from the network.\n  config:\n    network: true\n")
+
+    def setUp(self):
+        super().setUp()
+        self.server = PongServer()
+        self.addCleanup(self.server.close)
+        self.fake.script[:] = [tool_step(("execute", {"command": self.server.fetch_command()})), text_step("fetched")]
+        os.makedirs(os.path.join(self.workspace, ".stigmer", "agents"))
+        with open(os.path.join(self.workspace, ".stigmer", "agents", "fetcher.yaml"), "w") as f:
+            f.write(self.AGENT)
+
+    def fetched(self, *args):
+        lines = self.json_lines(self.cli("--json", *args, "fetch the page"))
+        (result,) = [e["output"] for e in lines if e.get("kind") == "tool_result"]
+        return lines[0]["network"], result
+
+    def test_the_network_is_off_unless_the_run_or_its_agent_allows_it(self):
+        network, result = self.fetched()
+        self.assertFalse(network)
+        self.assertNotIn("pong", result)
+        self.assertIn("the network is off", result)  # the model can tell the user instead of retrying
+        self.assertIn("--network", result)
+        self.assertEqual(self.fetched("--network"), (True, "pong"))
+        self.assertEqual(self.fetched("--agent", "fetcher"), (True, "pong"))
+
+
+class NoConfinementTest(CliCase):
+    """Without bwrap on PATH, a run that would be confined stops before anything starts; full-access runs."""
+
+    def test_one_line_with_the_fix_and_exit_2_unless_full_access_was_chosen(self):
+        empty = os.path.join(self.tmp, "empty-path")
+        os.makedirs(empty)
+        env = dict(self.env, PATH=empty)
+        assert_one_line(self, self.cli("do something", env=env), 2, "stigmer: commands cannot be confined",
+                        "apt install bubblewrap", "--sandbox-mode full-access")
+        self.assertEqual(self.fake.requests, [])  # no model call, no worker
+        for how in (["--sandbox-mode", "full-access"], []):
+            proc = self.cli(*how, "do something", env=dict(env, STIGMER_SANDBOX_MODE="" if how else "full-access"))
+            self.assertEqual(proc.returncode, 0, proc.stderr)
+            self.assertIn("full-access (not confined)", proc.stderr)
 
 
 class ConfigNamesTest(CliCase):

@@ -56,6 +56,28 @@ class ConfigTest(unittest.TestCase):
         self.assertEqual(caught.exception.code, 2)
         self.assertIn("filesystem", str(caught.exception))
 
+    def test_sandbox_mode_and_hidden_paths(self):
+        import sandbox
+        cfg = runner.Config.load({"STIGMER_HOME": "/h/st", "HOME": "/home/me"})
+        self.assertEqual(cfg.sandbox_mode, "")  # unset: a run gets workspace-write (or its parent's)
+        self.assertEqual(cfg.sandbox_hide, (*[f"/home/me/{name}" for name in sandbox.HIDDEN_IN_HOME], "/h/st",
+                                            "/h/st/daemon.token"))
+        self.assertIn("/home/me/.ssh", cfg.sandbox_hide)
+        cfg = runner.Config.load({"STIGMER_HOME": "/h/st", "HOME": "/home/me", "STIGMER_SANDBOX_MODE": " Read-Only ",
+                                  "STIGMER_SANDBOX_HIDE": "~/.config/gh: /srv/keys/ ::~"})
+        self.assertEqual(cfg.sandbox_mode, "read-only")
+        self.assertEqual(cfg.sandbox_hide[-3:], ("/home/me/.config/gh", "/srv/keys", "/home/me"))
+        for environ, words in (({"STIGMER_SANDBOX_MODE": "danger-full-access"}, "is not a sandbox mode"),
+                               ({"STIGMER_SANDBOX_HIDE": "/ok:relative/keys"}, "'relative/keys' is not an absolute")):
+            with self.assertRaises(runner.CliError) as caught:
+                runner.Config.load(environ)
+            self.assertEqual(caught.exception.code, 2)
+            self.assertIn(words, str(caught.exception))
+            self.assertEqual(len(str(caught.exception).splitlines()), 1)
+        run = next(a for a in runner.parser()._subparsers._group_actions[0].choices["run"]._actions
+                   if a.dest == "sandbox_mode")
+        self.assertEqual(set(run.choices), set(sandbox.SANDBOX_MODES))  # --sandbox-mode takes the sandbox's names
+
     def test_the_daemon_gets_no_service_key(self):
         self.assertEqual(processes.without_keys({"DAYTONA_API_KEY": "dtn_x", "ANTHROPIC_API_KEY": "k", "DAYTONA_TARGET": "eu",
                                                  "REDIS_URL": "redis://:pw@h/0", "GITHUB_TOKEN": "ghp_x"}),

@@ -24,6 +24,7 @@ except ImportError:
 import daytona_sandbox
 import processes
 import runner
+import sandbox
 import stigmer_pb2 as pb
 import worker
 from test_runner import CliCase
@@ -118,6 +119,14 @@ class WorkerLifecycleTest(unittest.TestCase):
         self.assertEqual(os.listdir(self.tmp), [])  # the host workspace was not touched
         self.assertEqual(self.artifacts(events, "patch"), [])  # not a git checkout: no patch
         self.assertNotIn(KEY, str(events))
+
+    def test_the_sandbox_mode_is_recorded_and_changes_nothing_in_daytona(self):
+        with mock.patch.dict(sandbox._CONFINEMENT, {"problem": "commands cannot be confined here"}):
+            events = drain(self.w, self.assign("ex-ro", sandbox_mode="read-only", network=False))
+        self.assertEqual(events[-1].phase.phase, pb.COMPLETED, events[-1].phase.reason)
+        results = [e.tool_result for e in events if e.HasField("tool_result")]
+        self.assertEqual([r.is_error for r in results], [False, False])  # write_file worked: not read-only
+        self.assertNotIn("Read-only", str(results))
 
     def test_failed_cancelled_and_stopped_executions_delete_their_sandbox(self):
         events = drain(self.w, self.assign("ex-fail", max_turns=1))  # the turn limit fails it

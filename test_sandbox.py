@@ -29,7 +29,7 @@ from unittest import mock
 import sandbox
 import stigmer_pb2 as pb
 from sandbox import ExecutionResult, FilesystemSandbox, SandboxError
-from testsupport import running, sleep_tag, survivors
+from testsupport import PongServer, running, sleep_tag, survivors
 
 HANG = 15  # seconds; a call that takes longer than this has hung (the commands sleep 30-60 s)
 
@@ -1182,7 +1182,7 @@ class ConfinementTest(unittest.TestCase):
         cls.hide = sandbox.credential_paths(cls.home) + [cls.stigmer_home]
         cls.box = FilesystemSandbox(cls.work, mode="workspace-write", hide=cls.hide)
         cls.online = FilesystemSandbox(cls.work, mode="workspace-write", hide=cls.hide, network=True)
-        cls.server = _PongServer()
+        cls.server = PongServer()
         cls.addClassCleanup(cls.server.close)
 
     def run_here(self, command, box=None):
@@ -1411,31 +1411,6 @@ class ConfinementTextTest(unittest.TestCase):
         self.assertEqual(argv[3:], ["/bin/sh", "-c", "make test"])
         self.assertIn(f'(subpath "{os.path.realpath(tmp)}")', argv[2])
         self.assertIn('(subpath "/Users/me/.ssh")', argv[2])
-
-
-class _PongServer:
-    """An HTTP server on a free loopback port that answers "pong" to every GET."""
-
-    def __init__(self):
-        import http.server
-
-        class Pong(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                self.send_response(200)
-                self.send_header("Content-Length", "5")
-                self.end_headers()
-                self.wfile.write(b"pong\n")
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Pong)
-        self.port = self.httpd.server_address[1]
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 # ---- the same behaviour in a Daytona sandbox (the real SDK against the loopback stand-in) ----

@@ -16,6 +16,7 @@ import grpc
 import daemon_client
 import daemon_server
 import models
+import sandbox
 import stigmer_pb2 as pb
 import stigmer_pb2_grpc as pb_grpc
 import worker
@@ -333,6 +334,69 @@ class RedactionPointTest(unittest.TestCase):
         self.assertEqual(agent.valid_text("ok \U0001f600"), "ok \U0001f600")
         self.assertEqual(agent.valid_value({"k\ud800": ["\udc00", 1, {"x": "\ud83d!"}]}),
                          {"k\ufffd": ["\ufffd", 1, {"x": "\ufffd!"}]})
+
+
+class ConfinedWorkerTest(unittest.TestCase):
+    """Executions whose commands are confined by the real bwrap, through the worker's own sandbox factory: the
+    spec's mode (else the worker's default) applies; secrets and the daemon's token are redacted inside too."""
+
+    SECRET = "confined-secret-value-0123456789"
+    TOKEN = "daemon-token-for-the-redaction-test-0123456789"
+
+    def setUp(self):
+        problem = sandbox.confinement_problem()
+        if problem:
+            self.skipTest(f"bwrap cannot run here, so confinement is not tested: {problem}")
+        self.workspace = tempfile.mkdtemp(prefix="stigmer-ws-")
+        self.outside = tempfile.mkdtemp(prefix="stigmer-outside-", dir="/var/tmp")  # not under the private /tmp
+        for folder in (self.workspace, self.outside):
+            self.addCleanup(shutil.rmtree, folder, ignore_errors=True)
+        command = f"echo [$MY_SECRET] [{self.TOKEN}]; echo planted > {self.outside}/planted.txt; echo made > made.txt"
+        self.fake = FakeAnthropic([tool_step(("execute", {"command": command})), text_step("done")]).start()
+        self.addCleanup(self.fake.stop)
+        env = mock.patch.dict(os.environ, {"ANTHROPIC_API_KEY": FAKE_KEY, "ANTHROPIC_BASE_URL": self.fake.url,
+                                           "MY_SECRET": self.SECRET})
+        env.start()
+        self.addCleanup(env.stop)
+        make_sandbox = worker.confined_host_sandbox("workspace-write", [os.path.join(self.outside, "hidden")])
+        self.w = worker.Worker(capacity=1, model="claude-fake", runner_id="r-confined", make_sandbox=make_sandbox,
+                               environ=os.environ, also_secret=lambda: {"STIGMER_DAEMON_TOKEN": self.TOKEN})
+        self.addCleanup(self.w.stop, flush=0)
+
+    def run_one(self, execution_id, **spec):
+        self.w.assigned(pb.Execution(id=execution_id, last_seq=2, spec=pb.ExecutionSpec(
+            prompt="try it", workspace=self.workspace, secret_names=["MY_SECRET"], **spec)))
+        events = drain(self.w, execution_id)
+        results = [e.tool_result.output for e in events if e.HasField("tool_result")]
+        return events, results
+
+    def test_the_default_mode_confines_and_redaction_still_works_inside(self):
+        events, (output,) = self.run_one("ex-default")  # the spec says no mode: the worker's default
+        self.assertEqual(events[-1].phase.phase, pb.COMPLETED)
+        self.assertIn("[[REDACTED:MY_SECRET]] [[REDACTED:STIGMER_DAEMON_TOKEN]]", output)
+        self.assertNotIn(self.SECRET, str(events))
+        seen = json.dumps([m for r in self.fake.requests for m in r["messages"] if m["role"] == "user"])
+        self.assertNotIn(self.TOKEN, str(events) + seen)  # what the model got back and the log
+        self.assertIn("Read-only file system", output)
+        self.assertFalse(os.path.exists(os.path.join(self.outside, "planted.txt")))
+        with open(os.path.join(self.workspace, "made.txt")) as f:
+            self.assertEqual(f.read(), "made\n")
+
+    def test_full_access_in_the_spec_is_not_confined(self):
+        events, (output,) = self.run_one("ex-full", sandbox_mode="full-access")
+        self.assertEqual(events[-1].phase.phase, pb.COMPLETED)
+        self.assertNotIn("Read-only file system", output)
+        self.assertTrue(os.path.exists(os.path.join(self.outside, "planted.txt")))
+        self.assertIn("[REDACTED:STIGMER_DAEMON_TOKEN]", output)  # the token is redacted in full-access too
+
+    def test_where_commands_cannot_be_confined_the_execution_fails_with_the_fix(self):
+        said = "commands cannot be confined: bubblewrap (bwrap) is not installed: apt install bubblewrap"
+        with mock.patch.dict(sandbox._CONFINEMENT, {"problem": said}):
+            events, results = self.run_one("ex-refused", sandbox_mode="read-only")
+        self.assertEqual((events[-1].phase.phase, results, self.fake.requests), (pb.FAILED, [], []))
+        self.assertIn("apt install bubblewrap", events[-1].phase.reason)
+        self.assertIn("--sandbox-mode full-access", events[-1].phase.reason)
+        self.assertFalse(os.path.exists(os.path.join(self.workspace, "made.txt")))  # nothing ran unconfined
 
 
 class DispatchTest(unittest.TestCase):

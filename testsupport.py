@@ -241,6 +241,35 @@ def pid_alive(pid):
         return False
 
 
+class PongServer:
+    """An HTTP server on a free loopback port that answers "pong" to every GET (is the network there?)."""
+
+    def __init__(self):
+        class Pong(BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("Content-Length", "5")
+                self.end_headers()
+                self.wfile.write(b"pong\n")
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Pong)
+        self.port = self.httpd.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}/"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def fetch_command(self):
+        """A shell command that prints what the server answers (no proxy), failing without the network."""
+        code = f"import urllib.request as u; print(u.build_opener(u.ProxyHandler({{}})).open('{self.url}').read().decode())"
+        return f"{sys.executable} -c \"{code}\""
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
 def sleep_tag():
     """A `sleep` duration no other process has (60.<random digits>), to find that sleep by its command line:
     a confined command sees the pids of its own PID namespace, so `echo $!` cannot name it on the host."""

@@ -130,14 +130,28 @@ def new_runner_id():
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
-def host_sandbox(execution, env):
-    """The local default: the agent works in spec.workspace on this host, whose environment
-    already holds env."""
-    from sandbox import EXECUTION_MARKER, FilesystemSandbox, SandboxError
-    if not os.path.isdir(execution.spec.workspace):
-        raise SandboxError(f"the workspace {execution.spec.workspace} does not exist on this runner")
+def host_sandbox(execution, env, default_mode="full-access", hide=()):
+    """The local default: the agent works in spec.workspace on this host, whose environment already holds env,
+    its commands confined as spec.sandbox_mode says (DEFAULT_MODE when the spec does not), the network theirs
+    only with spec.network, the paths in HIDE out of their sight. Where commands cannot be confined, a
+    confined execution fails with the reason and the fix; it never runs unconfined."""
+    from sandbox import CONFINED_MODES, EXECUTION_MARKER, FilesystemSandbox, SandboxError, confinement_problem
+    spec = execution.spec
+    if not os.path.isdir(spec.workspace):
+        raise SandboxError(f"the workspace {spec.workspace} does not exist on this runner")
+    mode = spec.sandbox_mode or default_mode
+    problem = confinement_problem() if mode in CONFINED_MODES else None
+    if problem:
+        raise SandboxError(f"{problem} (on runner {socket.gethostname()}); or run it unconfined with "
+                           "--sandbox-mode full-access")
     # The marker lets the daemon find (kill_marked) the commands of a worker killed with SIGKILL.
-    return FilesystemSandbox(execution.spec.workspace, env={EXECUTION_MARKER: execution.id})
+    return FilesystemSandbox(spec.workspace, env={EXECUTION_MARKER: execution.id}, mode=mode, network=spec.network,
+                             hide=hide)
+
+
+def confined_host_sandbox(default_mode, hide):
+    """make_sandbox for a worker process: host_sandbox with runner.Config's DEFAULT_MODE and HIDE."""
+    return lambda execution, env: host_sandbox(execution, env, default_mode, hide)
 
 
 def patch_artifact(patch, redactor):
@@ -241,7 +255,8 @@ class Worker:
     """The executions this runner runs and their outboxes; a link feeds it and drains it."""
 
     def __init__(self, *, capacity=2, mode="local", model="", runner_id=None, pinned=False, make_sandbox=host_sandbox,
-                 sweep=None, sandbox="filesystem", history=None, context_window=0, environ=None, allowed_secrets=()):
+                 sweep=None, sandbox="filesystem", history=None, context_window=0, environ=None, allowed_secrets=(),
+                 also_secret=None):
         self.capacity, self.mode, self.model = capacity, mode, model
         # Keys and base URLs for the models (runner.Config.environ plus the gathered key); the process's own
         # environment when none is given (tests).
@@ -250,6 +265,9 @@ class Worker:
         # The --secret names (and `*` for --inherit-env) the user gave when starting this worker: the only
         # provider keys an execution may pass to its shell, and whether it may pass every variable.
         self.allowed_secrets = frozenset(allowed_secrets)
+        # () -> {name: value} of more secrets to redact, read when an execution starts: the daemon's token,
+        # which a command in full-access can read from STIGMER_HOME.
+        self.also_secret = also_secret
         self.log_full_patience = LOG_FULL_PATIENCE
         self.abandoned = {}  # execution id -> why this worker ends it FAILED (the log stayed full)
         self.sandbox = sandbox  # what make_sandbox makes: "filesystem" or "daytona" (checked against spec.sandbox)
@@ -462,7 +480,8 @@ class Worker:
         key_vars = (*models.model_key_vars(), *mod.SERVICE_KEY_VARS)
         named = [n for n in spec.secret_names if n != INHERIT_ALL]
         environ = {**os.environ, **self.environ}  # the worker's Config.environ wins over the process's
-        redactor = mod.Redactor(mod.secret_values({n: environ[n] for n in redacted_names(environ, named, key_vars)}))
+        redactor = mod.Redactor(mod.secret_values({**{n: environ[n] for n in redacted_names(environ, named, key_vars)},
+                                                   **(self.also_secret() if self.also_secret else {})}))
         emit = lambda **payload: self.emit(execution.id, redactor, **payload)  # noqa: E731
         log.info("running %s in %s", execution.id, spec.repo or spec.workspace)
         phase, reason, final_text, turns, box, service_down = pb.FAILED, "", "", 0, None, False
