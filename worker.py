@@ -390,6 +390,7 @@ class Worker:
 
     def _run_execution(self, execution):
         import agent as agent_mod
+        import subagents
         from sandbox import SandboxError, SandboxUnavailable
 
         spec = execution.spec
@@ -428,7 +429,8 @@ class Worker:
             the_agent = agent_mod.Agent(model, box, emit, max_turns=spec.max_turns,
                                         max_tokens_total=spec.max_tokens_total, redactor=redactor, shell_env=shell_env,
                                         context_window=models.context_window(model_name, self.context_window),
-                                        instructions=spec.agent.instructions, project_docs=spec.project_docs)
+                                        instructions=spec.agent.instructions, project_docs=spec.project_docs,
+                                        team=subagents.Team(spec.agent.instructions, spec.agent.sub_agents))
             with self.cond:
                 self.agents[execution.id] = the_agent
                 if execution.id in self.cancels or execution.id not in self.outboxes:
