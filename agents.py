@@ -170,11 +170,14 @@ def resolve(name_or_path, workspace, home):
     return spec
 
 
-def resolve_sub_agents(spec, workspace, home, chain=(), level=1):
+def resolve_sub_agents(spec, workspace, home, chain=(), level=1, top=None):
     """Read the agent files SPEC's sub-agents refer to (sub.agent) into sub.agent_spec, in place, and theirs down
     to SUB_AGENT_LEVELS; fill each entry's name, description and instructions from its file where the entry left
-    them out. A name is looked up as --agent looks one up, a path is relative to SPEC's file. Raises AgentError
-    for a file that is missing or invalid, a loop, or a referenced agent that declares variables."""
+    them out. A name is looked up as --agent looks one up, a path is relative to SPEC's file. The variables a
+    referenced file declares become the running agent's (TOP's) too, since sub-agents share its shell: gathered
+    at submit like its own (a secret stays a secret). Raises AgentError for a file that is missing or invalid,
+    or a loop."""
+    top = spec if top is None else top
     chain = (*chain, spec.source)
     for sub in spec.sub_agents:
         if not sub.agent:
@@ -193,13 +196,14 @@ def resolve_sub_agents(spec, workspace, home, chain=(), level=1):
         except AgentError as exc:
             where = f"{display(spec.source)}: " if spec.source else ""
             raise AgentError(f"{where}sub-agent {sub.name}: {exc}") from None
-        if target.env_spec.data:
-            names = ", ".join(sorted(target.env_spec.data))
-            raise AgentError(f"{display(path)} declares variables ({names}), but a sub-agent's variables are those "
-                             f"of the agent that runs: declare them in {display(spec.source) or 'the parent agent'}'s "
-                             "envSpec, or use the file as a top-level --agent")
+        for name, value in target.env_spec.data.items():
+            mine = top.env_spec.data
+            if name not in mine:
+                mine[name].CopyFrom(value)
+            elif value.is_secret and not mine[name].is_secret:
+                mine[name].CopyFrom(pb.EnvironmentValue(is_secret=True, description=mine[name].description))
         if level < SUB_AGENT_LEVELS:
-            resolve_sub_agents(target, workspace, home, chain, level + 1)
+            resolve_sub_agents(target, workspace, home, chain, level + 1, top)
         else:
             del target.sub_agents[:]  # a sub-agent this deep starts none of its own
         sub.agent_spec.CopyFrom(target)
