@@ -11,7 +11,10 @@ The worker (worker.py) runs one `Agent` per execution:
 The loop is provider-neutral: it keeps the conversation as models.py's neutral messages
 and gets one `models.Reply` per turn. `emit(**payload)` receives each event payload
 (prompt, text, turn, tool_call, tool_result, usage, context_cleared, error) as a
-stigmer_pb2 message, already redacted. Those events are the conversation: `rebuild(events)`
+stigmer_pb2 message; the worker's emit redacts it (the one redaction point of the log). The agent
+redacts only what the model sees: tool output, and the notes that replace cleared results. What
+the model writes is made valid text first (a lone surrogate becomes U+FFFD), so that every event
+is a valid protobuf string. Those events are the conversation: `rebuild(events)`
 turns them back into the messages the next request would send, so that a run can be
 resumed from its log, byte for byte (the prompt cache still hits).
 
@@ -32,6 +35,7 @@ data: they go back to the model as `is_error` results.
 """
 import json
 import platform
+import re
 import threading
 import time
 from datetime import date
@@ -167,6 +171,31 @@ def cap_output(text, limit=TOOL_OUTPUT_CHARS):
     return f"{text[:head]}\n… {cut} characters cut from the middle of this output …\n{text[-tail:]}", True
 
 
+SURROGATE = re.compile("[\ud800-\udfff]")  # a lone surrogate: no UTF-8 (so no protobuf string) can hold it
+
+
+def valid_text(text):
+    """TEXT with each lone surrogate replaced by U+FFFD (model output and tool output are data, never a crash)."""
+    return SURROGATE.sub("\ufffd", text) if SURROGATE.search(text) else text
+
+
+def valid_value(value):
+    """A decoded JSON VALUE (a tool call's input) with valid_text applied to its strings and keys."""
+    if isinstance(value, str):
+        return valid_text(value)
+    if isinstance(value, list):
+        return [valid_value(v) for v in value]
+    if isinstance(value, dict):
+        return {valid_text(k): valid_value(v) for k, v in value.items()}
+    return value
+
+
+def valid_reply(reply):
+    """REPLY (models.Reply) with its text and tool inputs made valid text."""
+    calls = [c._replace(input=valid_value(c.input)) for c in reply.tool_calls]
+    return reply._replace(text=valid_text(reply.text), tool_calls=calls)
+
+
 class Agent:
     """One execution's conversation with the model and its tools."""
 
@@ -235,15 +264,14 @@ class Agent:
                         continue  # asked again with old tool results cleared
                     raise Stop(pb.FAILED, "the conversation no longer fits the model's context window", "context_window")
                 else:  # done
-                    return pb.COMPLETED, "", self._redact(reply.text)
+                    return pb.COMPLETED, "", reply.text
         except Stop as stop:
             return stop.phase, stop.reason, ""
 
     def _say(self, messages, text, kind, system="", docs=()):
         """Add a user message to the conversation and to the log (DOCS: the project files in SYSTEM)."""
         messages.append({"role": "user", "text": text})
-        self.emit(prompt=pb.Prompt(text=self._redact(text), source=kind, system=self._redact(system),
-                                   project_docs=docs))
+        self.emit(prompt=pb.Prompt(text=text, source=kind, system=system, project_docs=docs))
 
     def _check_limits(self):
         if self.cancelled.is_set():
@@ -271,12 +299,14 @@ class Agent:
             except models.ModelError as exc:
                 if exc.code == "context_window" and self._fit(messages, force=True):
                     continue  # asked again with old tool results cleared
-                self.emit(error=pb.Error(code=exc.code, message=exc.message))
-                raise Stop(pb.FAILED, exc.message, exc.code) from None
+                message = valid_text(exc.message)
+                self.emit(error=pb.Error(code=exc.code, message=message))
+                raise Stop(pb.FAILED, message, exc.code) from None
+        reply = valid_reply(reply)
         self._add_usage(reply.usage)
         u = reply.usage
         self.context_tokens = u.input + u.cache_read + u.cache_write
-        self.emit(turn=pb.Turn(number=self.turns, stop=reply.stop, text=self._redact(reply.text),
+        self.emit(turn=pb.Turn(number=self.turns, stop=reply.stop, text=reply.text,
                                context_tokens=self.context_tokens))
         return reply
 
@@ -309,10 +339,10 @@ class Agent:
 
     def _stream_text(self, text):
         if not self.depth:  # a sub-agent's text is in its turn events (two at once would interleave deltas)
-            self.emit(text=pb.TextDelta(text=text))
+            self.emit(text=pb.TextDelta(text=valid_text(text)))
 
     def _stream_retry(self, message):
-        self.emit(error=pb.Error(code="stream_retry", message=message))
+        self.emit(error=pb.Error(code="stream_retry", message=valid_text(message)))
 
     def _add_usage(self, usage):
         with self.usage_lock:  # the execution's total (sub-agents add theirs); each usage event is cumulative
@@ -331,7 +361,7 @@ class Agent:
         results, threads = [None] * len(calls), []
         for n, call in enumerate(calls):
             self.emit(tool_call=pb.ToolCall(id=call.id, name=call.name,
-                                            input_json=self._redact(json.dumps(call.input, ensure_ascii=False))))
+                                            input_json=json.dumps(call.input, ensure_ascii=False)))
             if call.name == subagents.TASK and self.team is not None and not self.cancelled.is_set():
                 threads.append(subagents.start(self._run_tool, call, n, results))
             else:
@@ -350,7 +380,7 @@ class Agent:
             start = time.monotonic()
             output, is_error, exit_code, truncated = self._call_tool(call)
             duration = time.monotonic() - start
-        output, cut = cap_output(self._redact(output))
+        output, cut = cap_output(self._redact(valid_text(output)))
         self.emit(tool_result=pb.ToolResult(id=call.id, is_error=is_error, exit_code=exit_code, output=output,
                                             truncated=truncated or cut, duration_ms=int(duration * 1000)))
         results[n] = {"id": call.id, "output": output or NO_OUTPUT, "is_error": is_error}

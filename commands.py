@@ -12,14 +12,15 @@ import signal
 import sys
 import time
 
-from processes import (START_WAIT, CliError, backend_is_terminal, backend_status, connect, daemon_owner,
-                       embedded_endpoint, ensure_daemon, find_daemon, gather_secrets, live_pid, open_log, pid_files,
-                       project_secrets, sandbox_factory, shared_worker_fits, spawn, spawn_run_worker, stop_pid,
-                       stop_process, worker_env)
+from processes import (START_WAIT, CliError, allowed_args, backend_is_terminal, backend_status, connect, daemon_owner,
+                       embedded_endpoint, ensure_daemon, find_daemon, gather_secrets, known_secrets, live_pid, open_log,
+                       pid_files, project_secrets, sandbox_factory, shared_worker_fits, spawn, spawn_run_worker,
+                       stop_pid, stop_process, worker_env)
 
 EXIT_CODES = {"COMPLETED": 0, "FAILED": 1, "CANCELLED": 130}
 RUN_IDLE_EXIT = 60.0  # seconds a daemon started by a foreground run lingers with nothing to do, then exits
 INHERIT_ALL = "*"  # in ExecutionSpec.secret_names: every variable may reach the agent's shell
+PROMPT_CHARS_SURELY_FINE = (1 << 20) // 4  # characters that fit daemon_client.MAX_PROMPT_BYTES whatever they are
 
 
 def choose_model(cfg, name):
@@ -49,6 +50,10 @@ def read_prompt(task, stdin):
     if not prompt:
         raise CliError("the prompt is empty: give the task, e.g. python runner.py \"add a --verbose flag\", "
                        "or pipe it in: echo \"add a --verbose flag\" | python runner.py", 2)
+    if len(prompt) > PROMPT_CHARS_SURELY_FINE:  # before any key prompt, worker or daemon
+        from daemon_client import prompt_problem  # (grpc: not imported for the usual prompt)
+        if prompt_problem(prompt):
+            raise CliError(prompt_problem(prompt), 2)
     return prompt
 
 
@@ -89,15 +94,17 @@ def cmd_run(cfg, args):
     runner_id = ""  # a foreground run's execution is pinned to the worker it spawns (both modes)
     if args.detach and (found is None or found[1].connected_runners == 0):
         # a detached run needs a backend and a worker that outlive this command
-        cmd_start(cfg, argparse.Namespace(workers=1, secret=names, model=model), out=sys.stderr, labels=labels)
+        cmd_start(cfg, argparse.Namespace(workers=1, secret=names, model=model, inherit_env=args.inherit_env),
+                  out=sys.stderr, labels=labels)
         found = backend_status(cfg) if cfg.cloud else find_daemon(cfg)
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         # After `start`, a warm worker with a free slot, this run's provider and its --secret names takes the
         # run at once (its SDK is loaded, its key was asked for at `start`); else the run's own worker,
         # with this run's secrets, takes only this run.
+        wants = names + [INHERIT_ALL] if args.inherit_env or cfg.inherit_env else names
         warm = not args.detach and not resuming and not cfg.cloud and found is not None and \
-            found[1].free_capacity > 0 and shared_worker_fits(cfg, model, names)
+            found[1].free_capacity > 0 and shared_worker_fits(cfg, model, wants)
         if not args.detach and not warm:
             runner_id = f"run-{os.getpid()}-{os.urandom(3).hex()}"
         # A cold start: the worker (importing its SDK, the slowest part) starts first, unless it needs
@@ -105,7 +112,8 @@ def cmd_run(cfg, args):
         endpoint = embedded_endpoint(cfg.endpoint) if runner_id and found is None and not cfg.cloud \
             and not resuming else None
         if endpoint:
-            worker = spawn_run_worker(cfg, names, endpoint, runner_id, model, labels)
+            worker = spawn_run_worker(cfg, names, endpoint, runner_id, model, labels,
+                                      args.inherit_env or cfg.inherit_env)
         if cfg.cloud:
             client, status = found
         else:  # a foreground run shares STIGMER_HOME's daemon, starting one (idling out later) when none runs
@@ -124,11 +132,12 @@ def cmd_run(cfg, args):
         shell_names = names + [INHERIT_ALL] if inherit else names  # the spec's; `*` lets them all through
         if runner_id and worker is None:  # its own worker, with this run's secrets, takes only this run
             worker = spawn_run_worker(cfg, names, cfg.endpoint if cfg.cloud else client.endpoint, runner_id, model,
-                                      labels)
+                                      labels, inherit)
         import stigmer_pb2 as pb
         import terminal
         from daemon_client import BackendError
         renderer = terminal.make_renderer(args.json, cfg.environ.get("NO_COLOR"))
+        prompt = redact_prompt(known_secrets(cfg, names, getattr(worker, "secrets", ())), prompt)
         spec = pb.ExecutionSpec(prompt=prompt, workspace=workspace, model=model, max_turns=args.max_turns,
                                 secret_names=shell_names, max_tokens_total=args.max_tokens_total or 0, runner_id=runner_id,
                                 repo=args.repo or (parent.spec.repo if parent else ""),
@@ -189,6 +198,19 @@ def cmd_run(cfg, args):
             embedded.stop()
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+
+
+def redact_prompt(redactor, prompt):
+    """PROMPT (the task and piped stdin) as it is submitted: with the secret values this CLI knows redacted,
+    so that none is stored raw (the log, `list`, Redis); says so on stderr, naming how to pass one on."""
+    redacted = redactor.redact(prompt)
+    if redacted != prompt:
+        import re
+        found = sorted(set(re.findall(r"\[REDACTED:([A-Za-z0-9_]+)\]", redacted)) -
+                       set(re.findall(r"\[REDACTED:([A-Za-z0-9_]+)\]", prompt)))
+        print(f"stigmer: the prompt held the value of {', '.join(found)}: it is stored and sent as "
+              f"[REDACTED:NAME]; to let the agent's shell use it, pass --secret {found[0]}", file=sys.stderr)
+    return redacted
 
 
 def plan_agent(cfg, args, workspace, resuming):
@@ -303,6 +325,8 @@ def cmd_start(cfg, args, out=None, labels=None):
         print(f"daemon already running at {cfg.endpoint}", file=out)
     alive = sum(1 for p in pid_files(cfg) if os.path.basename(p).startswith("worker-") and live_pid(p))
     env = worker_env(cfg, secrets, cfg.endpoint)
+    inherit = getattr(args, "inherit_env", False) or cfg.inherit_env
+    allowed = names + [INHERIT_ALL] if inherit else names  # what its executions may pass to the shell
     started = []
     for n in range(1, 1000):
         if alive + len(started) >= args.workers:
@@ -310,8 +334,9 @@ def cmd_start(cfg, args, out=None, labels=None):
         path = os.path.join(logs, f"worker-{n}.pid")
         if live_pid(path):
             continue
-        started.append((spawn(["worker", "--model", model], env, os.path.join(logs, f"worker-{n}.log"), pid_path=path,
-                              record=(model, ",".join(names) or "-")),  # what a foreground run checks before using it
+        started.append((spawn(["worker", "--model", model, *allowed_args(names, inherit)], env,
+                              os.path.join(logs, f"worker-{n}.log"), pid_path=path,
+                              record=(model, ",".join(allowed) or "-")),  # what a foreground run checks before using it
                         os.path.join(logs, f"worker-{n}.log")))
     if started and not cfg.cloud:
         wait_until_connected(cfg, started)
@@ -583,7 +608,14 @@ def cmd_worker(cfg, args):
     where = f"sandbox root {cfg.sandbox_root}" if cfg.sandbox == "filesystem" else "sandbox daytona"
     print(f"stigmer worker {VERSION} · mode {cfg.mode} · endpoint {link.endpoint} · {where} · "
           f"model {model} · capacity {args.capacity}", file=sys.stderr, flush=True)
+    mod = project_secrets()
+    try:
+        allowed = mod.sandbox_secret_names(args.secret or (), cfg.environ)
+    except mod.SecretError as exc:
+        raise CliError(str(exc), 2) from None
+    if args.inherit_env or cfg.inherit_env:
+        allowed.append(INHERIT_ALL)
     return worker.serve(worker.Worker(capacity=args.capacity, mode=cfg.mode, model=model, runner_id=runner_id,
-                                      pinned=args.pinned, make_sandbox=make_sandbox, sweep=sweep, sandbox=cfg.sandbox,
+                                      pinned=args.pinned, allowed_secrets=allowed, make_sandbox=make_sandbox, sweep=sweep, sandbox=cfg.sandbox,
                                       environ=environ, history=link.history, context_window=cfg.context_window),
                         link, exit_with_stdin=args.exit_with_stdin)

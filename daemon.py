@@ -31,7 +31,7 @@ import sandbox
 import stigmer_pb2 as pb
 import stigmer_pb2_grpc as pb_grpc
 import store
-from daemon_client import TERMINAL_PHASES, VERSION, parent_problem
+from daemon_client import LIST_PAGE_BYTES, TERMINAL_PHASES, VERSION, parent_problem, prompt_problem
 
 LIST_DEFAULT, LIST_MAX = 50, 1000  # List's page size when the request says 0, and its cap
 WATCH_PAGE = 1000  # events read from SQLite per query by a watcher
@@ -69,6 +69,8 @@ def _spec_problem(spec):
     """Why a spec cannot run, or None."""
     if not spec.prompt.strip():
         return "spec.prompt is empty: say what the agent should do"
+    if prompt_problem(spec.prompt):
+        return prompt_problem(spec.prompt)
     if not spec.workspace:
         return "spec.workspace is missing: give the absolute path of the workspace directory"
     if not os.path.isabs(spec.workspace):
@@ -193,10 +195,20 @@ class Daemon(pb_grpc.DaemonServicer):
         if request.limit < 0 or request.phase not in pb.Phase.values():
             context.abort(Code.INVALID_ARGUMENT, "limit must not be negative and phase must be a known Phase")
         limit = min(request.limit or LIST_DEFAULT, LIST_MAX)
+        try:
+            after = store.parse_page_token(request.page_token)
+        except ValueError:
+            context.abort(Code.INVALID_ARGUMENT, f"page_token {request.page_token!r} is not one List gave")
         with self._lock:
             self._check_open(context)
-            executions = store.list_executions(self._db, request.phase, limit)
-        return pb.ListResponse(executions=executions)
+            executions = store.list_executions(self._db, request.phase, limit, after)
+        page, size = [], 0
+        for ex in executions:  # a page stays well under the message limit, whatever the prompts hold
+            size += ex.ByteSize()
+            if page and size > LIST_PAGE_BYTES:
+                return pb.ListResponse(executions=page, next_page_token=store.page_token(page[-1]))
+            page.append(ex)
+        return pb.ListResponse(executions=page)
 
     def Cancel(self, request, context):
         with self._lock:

@@ -12,14 +12,17 @@ and the CLI's `Client` (submit, get, list, watch, cancel, status), which returns
 Kept apart from daemon.py (the server) so that CLI commands such as `list` start without
 importing the server's SQLite store and thread pool.
 """
+import ipaddress
 import logging
 import os
 import random
+import stat
 import threading
 import time
 
 import grpc
 
+import home as stigmer_home
 import stigmer_pb2 as pb
 import stigmer_pb2_grpc as pb_grpc
 
@@ -29,7 +32,12 @@ DEFAULT_HOME = "~/.stigmer"  # where state lives unless STIGMER_HOME says otherw
 TERMINAL_PHASES = (pb.COMPLETED, pb.FAILED, pb.CANCELLED)  # an execution in one of these is over
 TERMINAL_NAMES = tuple(pb.Phase.Name(p) for p in TERMINAL_PHASES)
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # largest gRPC message either way; bigger gets RESOURCE_EXHAUSTED
+MAX_PROMPT_BYTES = 1 << 20  # the largest prompt (task plus piped stdin) a run takes, in UTF-8 bytes
+LIST_PAGE_BYTES = 4 << 20  # List answers in pages of about this many bytes (one execution at least)
 TOKEN_FILE = "daemon.token"  # inside $STIGMER_HOME
+LOCK_FILE = "daemon.lock"  # inside $STIGMER_HOME: flocked by its one daemon; holds its pid, endpoint, transport
+SOCKET_FILE = "daemon.sock"  # inside $STIGMER_HOME (0700): the daemon's local transport, which only we can reach
+MAX_SOCKET_PATH = 100  # bytes; a Unix socket path must fit sun_path (104 on macOS, 108 on Linux)
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -56,6 +64,59 @@ def read_token(home):
     return token
 
 
+def socket_path(home):
+    """Where HOME's daemon listens on a Unix socket (when the path is short enough to bind)."""
+    return os.path.join(os.path.abspath(home), SOCKET_FILE)
+
+
+def bound_endpoint(endpoint):
+    """ENDPOINT as the daemon binds and records it: `localhost` is 127.0.0.1 (never whatever `localhost`
+    resolves to first, which may be ::1, where anyone may listen)."""
+    host, _, port = endpoint.rpartition(":")
+    return f"127.0.0.1:{port}" if host == "localhost" else endpoint
+
+
+def is_loopback(host):
+    """True for `localhost` and loopback addresses (brackets allowed)."""
+    host = host.strip("[]")
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def daemon_target(home, endpoint):
+    """The gRPC target of HOME's daemon, asked for at ENDPOINT, checked before any token goes there.
+
+    HOME's daemon holds HOME/daemon.lock while it lives and records there the endpoint it listens on and
+    whether it listens on HOME/daemon.sock. When it is alive and listens at ENDPOINT, the target is that
+    socket (inside the 0700 home: nobody else can listen there), else the literal address it recorded. A
+    loopback ENDPOINT with no live daemon of HOME behind it is a DaemonError: whoever listens there now
+    (after a crash, or on ::1 while the daemon is on 127.0.0.1) never gets the token. An ENDPOINT that is
+    not loopback is a remote daemon (`daemon --allow-remote`) the user named: it is dialled as given."""
+    record = stigmer_home.lock_record(os.path.join(home, LOCK_FILE)) or []
+    alive = len(record) >= 2 and record[0].isdigit() and stigmer_home.pid_alive(int(record[0]))
+    host = endpoint.rpartition(":")[0]
+    if alive and bound_endpoint(endpoint) == record[1]:
+        if "unix" not in record[2:]:
+            return record[1]
+        path = socket_path(home)
+        try:
+            info = os.lstat(path)
+        except OSError:
+            info = None
+        if info is None or not stat.S_ISSOCK(info.st_mode) or info.st_uid != os.getuid():
+            raise DaemonError(f"{path} is not the socket of the daemon of STIGMER_HOME {home}: "
+                              "run `python runner.py stop`, and the next command starts a fresh daemon")
+        return f"unix:{path}"
+    if not is_loopback(host):
+        return endpoint
+    if alive:
+        raise DaemonError(f"no daemon of STIGMER_HOME {home} answers at {endpoint}: it listens at {record[1]} "
+                          f"(set STIGMER_BACKEND_ENDPOINT={record[1]}, or leave it unset)")
+    raise DaemonError(f"no daemon answers at {endpoint}: start one with `python runner.py start`")
+
+
 def auth_metadata(token):
     """The metadata every RPC must carry."""
     return (("authorization", f"Bearer {token}"),)
@@ -64,6 +125,15 @@ def auth_metadata(token):
 def client_channel(endpoint):
     """An insecure channel to the daemon with the daemon's message size limits."""
     return grpc.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
+
+
+def prompt_problem(prompt):
+    """Why PROMPT is too big to run (checked by the CLI, the daemon and Redis' Submit), or None."""
+    size = len(prompt.encode("utf-8", "surrogatepass"))
+    if size <= MAX_PROMPT_BYTES:
+        return None
+    return (f"the prompt is {size / (1 << 20):.1f} MiB (the task with what was piped on stdin), over the limit of "
+            f"{MAX_PROMPT_BYTES >> 20} MiB: put the input in a file in the workspace and name that file in the task")
 
 
 def parent_problem(parent_id, parent):
@@ -136,7 +206,7 @@ class DaemonLink:
     def _session(self, worker):
         """One Connect stream, until it breaks or the worker stops."""
         token = read_token(self.home)
-        channel = client_channel(self.endpoint)
+        channel = client_channel(daemon_target(self.home, self.endpoint))  # checked before the token goes out
         session = threading.Event()
         try:
             call = pb_grpc.DaemonStub(channel).Connect(self._requests(worker, session),
@@ -198,7 +268,15 @@ class DaemonLink:
 # ---- the CLI's client ----
 
 class BackendError(Exception):
-    """What went wrong talking to the backend, in one line for a person."""
+    """What went wrong talking to the backend, in one line for a person; .code is the grpc.StatusCode
+    when an RPC failed (None otherwise)."""
+
+    def __init__(self, message, code=None):
+        super().__init__(message)
+        self.code = code
+
+
+CALL_LIMIT = "Concurrent RPC limit exceeded"  # grpc's RESOURCE_EXHAUSTED details past maximum_concurrent_rpcs
 
 
 class BackendUnavailable(BackendError):
@@ -213,13 +291,16 @@ def rpc_message(exc, endpoint):
     if code == grpc.StatusCode.UNAUTHENTICATED:
         return (f"the daemon at {endpoint} refused our token: it belongs to another STIGMER_HOME, or restarted; "
                 "check STIGMER_HOME and STIGMER_BACKEND_ENDPOINT")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and CALL_LIMIT in (exc.details() or ""):
+        return (f"the daemon at {endpoint} is serving as many calls at once as it can (each `logs -f`, foreground "
+                "run and worker holds one): end some of them and try again")
     return exc.details() or code.name
 
 
 def backend_error(exc, endpoint):
     """The BackendError (or BackendUnavailable) for a failed RPC."""
     unavailable = exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-    return (BackendUnavailable if unavailable else BackendError)(rpc_message(exc, endpoint))
+    return (BackendUnavailable if unavailable else BackendError)(rpc_message(exc, endpoint), exc.code())
 
 
 class Watch:
@@ -275,9 +356,10 @@ class Client:
         self.endpoint = endpoint
         try:
             self._metadata = auth_metadata(read_token(home))
-        except DaemonError as exc:  # no token: no daemon has started for this home (or it stopped)
+            self.target = daemon_target(home, endpoint)  # HOME's live daemon, or a remote one: never a stranger
+        except DaemonError as exc:  # no token, or no daemon of this home behind the endpoint
             raise BackendUnavailable(str(exc)) from None
-        self._channel = client_channel(endpoint)
+        self._channel = client_channel(self.target)
         self._stub = stigmer_pb2_grpc.DaemonStub(self._channel)
 
     def _call(self, method, request, timeout=10.0):
@@ -295,8 +377,15 @@ class Client:
         return self._call("Get", pb.GetRequest(execution_id=execution_id))
 
     def list(self, phase=0, limit=20):
-        """Executions newest first, of one phase if PHASE is set."""
-        return list(self._call("List", pb.ListRequest(phase=phase, limit=limit)).executions)
+        """Executions newest first, of one phase if PHASE is set (read page by page: see LIST_PAGE_BYTES)."""
+        executions, token = [], ""
+        while True:
+            want = limit - len(executions) if limit else 0
+            page = self._call("List", pb.ListRequest(phase=phase, limit=want, page_token=token))
+            executions += page.executions
+            token = page.next_page_token
+            if not token or (limit and len(executions) >= limit):
+                return executions
 
     def watch(self, execution_id, after_seq=0, follow=True):
         """The events after AFTER_SEQ, then (FOLLOW) live ones until the terminal event: a Watch,

@@ -10,7 +10,6 @@ Watch, runner sessions) is daemon.Daemon.
 """
 import errno
 import hmac
-import ipaddress
 import os
 import signal
 import socket
@@ -27,12 +26,12 @@ import stigmer_pb2 as pb
 import stigmer_pb2_grpc as pb_grpc
 import store
 from daemon import DB_FILE, Daemon, say
-from daemon_client import DEFAULT_ENDPOINT, MAX_MESSAGE_BYTES, TOKEN_FILE, DaemonError, read_token
+from daemon_client import (DEFAULT_ENDPOINT, LOCK_FILE, MAX_MESSAGE_BYTES, MAX_SOCKET_PATH, TOKEN_FILE, DaemonError,
+                           is_loopback, read_token, socket_path)
 
 RPC_THREADS = 128  # pool threads: one per active RPC (each open Watch or Connect holds one)
 MAX_CONCURRENT_RPCS = RPC_THREADS  # beyond this new RPCs fail fast with RESOURCE_EXHAUSTED instead of queuing behind streams
 AUTH_MESSAGE = "missing or wrong daemon token; clients read it from $STIGMER_HOME/daemon.token"
-LOCK_FILE = "daemon.lock"  # inside $STIGMER_HOME: flocked by the one daemon of that home; holds its pid and endpoint
 LOCK_WAIT = 3.0  # seconds serve() waits for the home's lock (a prober may hold it for a moment)
 IDLE_CHECK = 0.5  # seconds between idle checks of a daemon started with idle_exit
 SERVER_OPTIONS = [
@@ -89,11 +88,12 @@ def add_service(daemon, server):
 
 
 class DaemonServer:
-    """A started daemon: .port, .endpoint ("127.0.0.1:PORT"), .token, .home."""
+    """A started daemon: .port, .endpoint ("127.0.0.1:PORT"), .token, .home, .socket (HOME/daemon.sock, or None
+    when that path is too long to bind)."""
 
-    def __init__(self, server, daemon, port, endpoint, token, home, lock_fd=None):
+    def __init__(self, server, daemon, port, endpoint, token, home, lock_fd=None, socket=None):
         self._server, self._daemon = server, daemon
-        self.port, self.endpoint, self.token, self.home = port, endpoint, token, home
+        self.port, self.endpoint, self.token, self.home, self.socket = port, endpoint, token, home, socket
         self._lock_fd = lock_fd  # HOME/daemon.lock, flocked while this daemon runs
         self._stop_lock = threading.Lock()
         self._stopped = threading.Event()
@@ -125,6 +125,8 @@ class DaemonServer:
                     os.remove(path)
             except DaemonError:
                 pass  # already gone
+            if self.socket:  # ours: we still hold the home's lock
+                _remove(self.socket)
             if self._lock_fd is not None:
                 os.close(self._lock_fd)  # the next daemon of this home may start
             self._stopped.set()
@@ -142,11 +144,12 @@ def _parse_endpoint(endpoint):
     return host, int(port)
 
 
-def _is_loopback(host):
+def _remove(path):
+    """Remove PATH if it exists."""
     try:
-        return host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+        os.remove(path)
+    except FileNotFoundError:
+        pass
 
 
 def _bind_problem(host, port):
@@ -199,7 +202,7 @@ def serve(home, endpoint=DEFAULT_ENDPOINT, *, allow_remote=False, runner_grace=1
 
     cancel_grace: how long a runner has to confirm a cancel (default: runner_grace)."""
     host, port = _parse_endpoint(endpoint)
-    if not _is_loopback(host):
+    if not is_loopback(host):
         if not allow_remote:
             raise DaemonError(f"refusing to listen on {endpoint}: {host} is not a loopback address; "
                               "pass --allow-remote if other machines should reach this daemon")
@@ -244,11 +247,33 @@ def _serve_locked(home, host, port, bind_host, address, runner_grace, cancel_gra
     if not bound:
         daemon.close()
         raise DaemonError(f"cannot listen on {address}: {_bind_problem(bind_host, port) or 'gRPC refused it'}")
+    sock = _bind_socket(server, home)
     _write_token(home, token)
     server.start()
     endpoint = f"{bind_host}:{bound}" if ":" not in bind_host else f"[{bind_host}]:{bound}"
-    stigmer_home.write_record(lock_fd, os.getpid(), endpoint)
-    return DaemonServer(server, daemon, bound, endpoint, token, home, lock_fd)
+    # What clients check before they send the token: this pid (alive while the lock is held), the address
+    # it listens on, and whether HOME/daemon.sock is its socket.
+    stigmer_home.write_record(lock_fd, os.getpid(), endpoint, "unix" if sock else "tcp")
+    return DaemonServer(server, daemon, bound, endpoint, token, home, lock_fd, sock)
+
+
+def _bind_socket(server, home):
+    """Listen on HOME/daemon.sock too (the caller holds HOME's lock, so a file there is a dead daemon's);
+    returns its path, or None when the path is too long for a Unix socket (clients then dial the recorded
+    TCP address, after checking that this daemon is alive)."""
+    path = socket_path(home)
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        say(f"{path} is too long for a Unix socket: clients use the TCP endpoint")
+        return None
+    _remove(path)
+    try:
+        bound = server.add_insecure_port(f"unix:{path}")
+    except RuntimeError:
+        bound = 0
+    if not bound:
+        say(f"cannot listen on {path}: clients use the TCP endpoint")
+        return None
+    return path
 
 
 def run(home, endpoint, *, allow_remote=False, runner_grace=15.0, idle_exit=0.0):

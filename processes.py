@@ -87,11 +87,16 @@ def find_daemon(cfg):
     except BackendError as exc:
         if client is not None:
             client.close()
-        owner = None if isinstance(exc, BackendUnavailable) else daemon_owner(cfg)
-        if owner:  # our home's daemon answers, but not to this token
+        if isinstance(exc, BackendUnavailable):
+            return None
+        import grpc
+        owner = daemon_owner(cfg)
+        if owner and exc.code == grpc.StatusCode.UNAUTHENTICATED:  # our home's daemon answers, not to this token
             raise CliError(f"the daemon of STIGMER_HOME {cfg.home} (pid {owner}) refused the token in "
                            f"{os.path.join(cfg.home, 'daemon.token')}, which another process overwrote: "
                            "run `python runner.py stop`, and the next command starts a fresh one") from None
+        if owner:  # it answers, with another problem (say, at its limit of calls at once): that problem
+            raise CliError(str(exc)) from None
         return None
 
 
@@ -338,14 +343,34 @@ def other_provider_hint(cfg, model):
     return ""
 
 
-def spawn_run_worker(cfg, names, endpoint, runner_id, model, labels=None):
+def allowed_args(names, inherit):
+    """`worker` arguments that let its executions pass NAMES (provider keys among them) and, with INHERIT,
+    every variable to their shell: what the user asked for, since a worker refuses anything more."""
+    return [arg for name in names for arg in ("--secret", name)] + (["--inherit-env"] if inherit else [])
+
+
+def spawn_run_worker(cfg, names, endpoint, runner_id, model, labels=None, inherit=False):
     """This run's own worker (capacity 1) for MODEL (provider/model; its provider's key is gathered, and
     NAMES, asked for with LABELS), which takes only executions pinned to RUNNER_ID and stops when this command
-    closes its stdin."""
+    closes its stdin. Its .secrets are the values gathered for it (some perhaps typed at the prompt)."""
     secrets = gather_secrets(cfg, names, model, labels)
-    return spawn(["worker", "--capacity", "1", "--exit-with-stdin", "--runner-id", runner_id, "--pinned",
-                  "--model", model], worker_env(cfg, secrets, endpoint), os.path.join(cfg.home, "logs", "run-worker.log"),
-                 pipe_stdin=True)
+    proc = spawn(["worker", "--capacity", "1", "--exit-with-stdin", "--runner-id", runner_id, "--pinned",
+                  "--model", model, *allowed_args(names, inherit)], worker_env(cfg, secrets, endpoint),
+                 os.path.join(cfg.home, "logs", "run-worker.log"), pipe_stdin=True)
+    proc.secrets = secrets
+    return proc
+
+
+def known_secrets(cfg, names, gathered=()):
+    """A Redactor of the secret values this CLI knows: the provider and service keys in its environment, the
+    --secret NAMES (an agent's declared secrets among them), every secret-looking variable (a worker redacts all
+    of these too) and GATHERED (the values gathered for its worker, keys typed at the prompt among them)."""
+    import models
+    mod = project_secrets()
+    keys = set(models.model_key_vars()) | set(mod.SERVICE_KEY_VARS)
+    values = {n: v for n, v in cfg.environ.items() if v and (n in keys or n in names or mod.looks_secret(n))}
+    values.update(dict(gathered))
+    return mod.Redactor(mod.secret_values(values))
 
 
 def stop_process(proc, timeout=5.0):

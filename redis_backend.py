@@ -40,7 +40,7 @@ import time
 import urllib.parse
 
 import stigmer_pb2 as pb
-from daemon_client import parent_problem
+from daemon_client import parent_problem, prompt_problem
 from redis_scripts import APPEND_LUA, COMMON_LUA, SCRIPTS
 
 from daemon_client import VERSION, BackendError, BackendUnavailable
@@ -389,6 +389,8 @@ class RedisClient:
         """Queue SPEC; returns the PENDING Execution."""
         if not spec.prompt.strip():
             raise BackendError("spec.prompt is empty: say what the agent should do")
+        if prompt_problem(spec.prompt):
+            raise BackendError(prompt_problem(spec.prompt))
         if spec.max_turns < 0 or spec.max_tokens_total < 0:
             raise BackendError("spec.max_turns and spec.max_tokens_total must not be negative")
         with self.reachable():

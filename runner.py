@@ -299,6 +299,10 @@ def parser():
     wrk.add_argument("--capacity", type=int, default=2, help="executions at once (default 2)")
     wrk.add_argument("--model", help="default model, provider/model (default: STIGMER_MODEL)")
     wrk.add_argument("--exit-with-stdin", action="store_true", help=argparse.SUPPRESS)
+    wrk.add_argument("--secret", action="append", metavar="NAME",
+                     help="a provider key an execution may pass to its shell (other secrets need no flag)")
+    wrk.add_argument("--inherit-env", action="store_true",
+                     help="executions may pass every variable to their shell (run --inherit-env)")
     wrk.add_argument("--runner-id", help=argparse.SUPPRESS)  # a foreground run's own worker: its id ...
     wrk.add_argument("--pinned", action="store_true", help=argparse.SUPPRESS)  # ... and it takes only that run's
     return p

@@ -63,14 +63,17 @@ from dataclasses import dataclass  # noqa: E402
 __all__ = list(_std.__all__) + [
     "DEFAULT_ENTROPY", "PROVIDERS", "Provider", "Secrets", "Redactor", "SecretError", "MissingSecret",
     "PromptCancelled", "gather", "sandbox_secret_names", "child_env", "main", "SECRET_WORDS", "looks_secret",
-    "secret_looking_names", "SDK_EXTRAS", "SERVICE_KEY_VARS", "terminal_available",
+    "secret_looking_names", "SDK_EXTRAS", "SERVICE_KEY_VARS", "terminal_available", "URL_SECRET_VARS",
+    "secret_values", "SECRETS_FD_VAR", "environment_secrets", "secrets_pipe", "reexec_without_secrets",
+    "inherited_secrets",
 ]
 
 MIN_REDACT_LEN = 8  # shorter values are not redacted: they would match ordinary text
 MAX_ATTEMPTS = 3  # empty answers at the prompt before giving up
 SANDBOX_SECRETS_VAR = "STIGMER_SANDBOX_SECRETS"  # NAME,NAME: like repeating --secret NAME
-SERVICE_KEY_VARS = ("DAYTONA_API_KEY",)  # the runner's own service keys: like model keys, redacted,
-#                                          kept from the daemon and out of the agent's shell
+SERVICE_KEY_VARS = ("DAYTONA_API_KEY", "REDIS_URL")  # the runner's own service credentials: like model keys,
+#                                          redacted, kept from the daemon and out of the agent's shell
+URL_SECRET_VARS = ("REDIS_URL",)  # of these URLs only the password is secret (and redacted): the host is not
 PREFILTER_MAX = 16  # up to this many values, a str.find per value skips the regex on clean chunks
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -263,6 +266,22 @@ def _warn(message):
     print(message, file=sys.stderr, flush=True)
 
 
+def secret_values(values):
+    """{name: what to redact} for VALUES ({name: value} of secret variables): the value itself, or for a URL
+    in URL_SECRET_VARS its password only (none: nothing), so `redis://:[REDACTED:REDIS_URL]@host` still says
+    which Redis it is."""
+    from urllib.parse import urlsplit
+    out = {}
+    for name, value in dict(values).items():
+        if name in URL_SECRET_VARS and isinstance(value, str):
+            try:
+                value = urlsplit(value).password or ""
+            except ValueError:  # not a URL as far as urllib can tell: all of it is secret
+                pass
+        out[name] = value
+    return out
+
+
 def child_env(secrets, base=None):
     """The worker subprocess's environment: base (default os.environ) plus the secrets."""
     env = dict(os.environ if base is None else base)
@@ -346,6 +365,33 @@ class Redactor:
         out.append(text[pos:])
         return "".join(out)
 
+    def redact_json(self, text):
+        """TEXT, a JSON document, with every secret value redacted in each string, key and number as decoded,
+        so that a value holding `"` or `\\` is found although JSON escapes it; the result is still JSON (a
+        redacted number becomes a string). Text that is not JSON is redacted as text."""
+        if self._pattern is None or self._clean(text) and "\\" not in text:
+            return text
+        try:
+            value = json.loads(text)
+        except ValueError:
+            return self.redact(text)
+        redacted = self._redact_value(value)
+        return text if redacted == value else json.dumps(redacted, ensure_ascii=False)
+
+    def _redact_value(self, value):
+        """VALUE (decoded JSON) with its strings, keys and numbers redacted."""
+        if isinstance(value, str):
+            return self.redact(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            written = json.dumps(value)
+            redacted = self.redact(written)
+            return value if redacted == written else redacted
+        if isinstance(value, list):
+            return [self._redact_value(v) for v in value]
+        if isinstance(value, dict):
+            return {self.redact(k): self._redact_value(v) for k, v in value.items()}
+        return value
+
     def feed(self, chunk):
         """Redact the next piece of a stream; returns what is safe to pass on now."""
         if self._pattern is None:
@@ -391,6 +437,81 @@ class Redactor:
 
     def __repr__(self):
         return "Redactor(" + ", ".join(f"{name}='***'" for name in self.names) + ")"
+
+
+SECRETS_FD_VAR = "STIGMER_SECRETS_FD"  # a worker started with its secrets in a pipe: that pipe's fd
+PIPE_CAPACITY = 65536  # bytes a pipe holds before a write waits for a reader (Linux and macOS)
+
+
+def key_var_names():
+    """Every provider key variable (alternatives too) and every service credential."""
+    return {v for p in PROVIDERS.values() for v in (p.env_var, *p.alt_env_vars) if v} | set(SERVICE_KEY_VARS)
+
+
+def environment_secrets(environ, extra=()):
+    """The variables of ENVIRON that a worker keeps out of its environment block: provider keys, service
+    credentials, secret-looking names and EXTRA (--secret names), those with a value."""
+    keys = key_var_names() | set(extra)
+    return {n: v for n, v in environ.items() if v and (n in keys or looks_secret(n))}
+
+
+def secrets_pipe(values):
+    """A pipe holding VALUES ({name: value}) for a child to inherit: returns its read end (inheritable; the
+    caller closes it once the child runs). A process's environment block stays readable, at /proc/PID/environ,
+    by every process of the same user for as long as it lives (the agent's shell among them); a pipe, once read,
+    holds nothing."""
+    data = json.dumps(dict(values)).encode()
+    read_fd, write_fd = os.pipe()
+    try:
+        if len(data) >= PIPE_CAPACITY:
+            import fcntl
+            try:
+                fcntl.fcntl(write_fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), len(data) + 1)
+            except OSError:
+                raise SecretError(f"{len(data)} bytes of secrets do not fit a pipe here: pass fewer") from None
+        os.write(write_fd, data)
+    except BaseException:
+        os.close(read_fd)
+        raise
+    finally:
+        os.close(write_fd)
+    os.set_inheritable(read_fd, True)
+    return read_fd
+
+
+def reexec_without_secrets(names, environ=None):
+    """Replace this process by itself (the same interpreter and arguments, the same pid, its open inheritable
+    files) with the variables NAMES moved from its environment into a pipe (see secrets_pipe). Never returns.
+    The new process takes them back with inherited_secrets()."""
+    env = dict(os.environ if environ is None else environ)
+    moved = {n: env.pop(n) for n in names if n in env}
+    env[SECRETS_FD_VAR] = str(secrets_pipe(moved))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+def inherited_secrets(environ=None):
+    """The variables a spawner (or reexec_without_secrets) put in the pipe named by SECRETS_FD_VAR, read to the
+    end and closed ({} without one). SECRETS_FD_VAR leaves ENVIRON (default os.environ) too."""
+    environ = os.environ if environ is None else environ
+    fd = environ.pop(SECRETS_FD_VAR, "")
+    if not fd:
+        return {}
+    try:
+        chunks = []
+        while True:
+            chunk = os.read(int(fd), 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        os.close(int(fd))
+        values = json.loads(b"".join(chunks) or b"{}")
+    except (OSError, ValueError) as exc:
+        raise SecretError(f"{SECRETS_FD_VAR}={fd} is not a pipe of secrets this process inherited ({exc})") from None
+    if not isinstance(values, dict) or not all(isinstance(v, str) for v in values.values()):
+        raise SecretError(f"the pipe in {SECRETS_FD_VAR} does not hold name=value secrets")
+    return values
 
 
 def main(argv=None, environ=None):

@@ -116,12 +116,32 @@ def last_seq(db, execution_id):
     return row[0] if row else 0
 
 
-def list_executions(db, phase=0, limit=50):
-    """Executions newest first, at most `limit`; only those in `phase` unless it is 0."""
-    where, args = ("WHERE phase = ?", (phase,)) if phase else ("", ())
+def list_executions(db, phase=0, limit=50, after=None):
+    """Executions newest first, at most `limit`; only those in `phase` unless it is 0; AFTER: (created_at, id)
+    of the last one a previous page held, from parse_page_token."""
+    conditions, args = (["phase = ?"], [phase]) if phase else ([], [])
+    if after is not None:
+        conditions.append("(created_at < ? OR (created_at = ? AND id < ?))")
+        args += [after[0], after[0], after[1]]
+    where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
     rows = db.execute(f"SELECT {EXECUTION_COLUMNS} FROM executions {where} "
-                      "ORDER BY created_at DESC, id DESC LIMIT ?", args + (limit,)).fetchall()
+                      "ORDER BY created_at DESC, id DESC LIMIT ?", (*args, limit)).fetchall()
     return [execution_from_row(row) for row in rows]
+
+
+def page_token(execution):
+    """List's next_page_token after EXECUTION: where the next page starts."""
+    return f"{execution.created_at!r} {execution.id}"
+
+
+def parse_page_token(token):
+    """(created_at, id) from page_token(), or None for an empty TOKEN; raises ValueError for anything else."""
+    if not token:
+        return None
+    created_at, _, execution_id = token.partition(" ")
+    if not execution_id:
+        raise ValueError(token)
+    return float(created_at), execution_id
 
 
 def active_executions(db):

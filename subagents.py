@@ -102,7 +102,7 @@ def run_task(parent, call):
     except Exception as exc:  # a bug in the runner: the parent gets an error result, the execution goes on
         log.exception("sub-agent %s of task call %s crashed", member.name, call.id)
         reason = f"internal runner error: {type(exc).__name__}: {exc}"
-        child.emit(error=pb.Error(code="internal", message=parent._redact(reason)))
+        child.emit(error=pb.Error(code="internal", message=reason))  # the worker redacts every event
         phase, text = pb.FAILED, ""
     finally:
         with parent.children_lock:

@@ -19,7 +19,7 @@ import unittest
 import processes
 import runner
 from test_runner import CliCase, read
-from testsupport import HERE, run_cli, text_step, tool_step, wait_for
+from testsupport import FAKE_KEY, HERE, assert_one_line, files_containing, run_cli, text_step, tool_step, wait_for
 
 RUNNER = os.path.join(HERE, "runner.py")
 
@@ -458,6 +458,57 @@ class WatcherInterruptTest(CliCase):
         self.assertIn(f"{execution_id} keeps running", after)
         self.assertIn(f"logs {execution_id} -f", after)
         self.assertEqual(json.loads(self.cli("status", "--json").stdout)["running"][0]["id"], execution_id)
+
+
+class SecretsAtRestTest(CliCase):
+    """Issue 28, item 4: secrets typed into the prompt or piped on stdin are never stored raw (the database,
+    `run --json`'s header, `list --json`); the model gets them redacted too, and the user is told."""
+    GITHUB = "ghp_aFakeTokenTypedIntoThePrompt"
+    PASSWORD = 'pw"with\\quote-and-backslash'
+
+    def test_a_secret_in_the_prompt_or_stdin_is_stored_redacted(self):
+        env = dict(self.env, GITHUB_TOKEN=self.GITHUB, DB_PASSWORD=self.PASSWORD)
+        proc = run_cli(["--json", f"push with {self.GITHUB}"], env, cwd=self.workspace,
+                       input=f"password: {self.PASSWORD}\nkey: {FAKE_KEY}\n")
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        header = json.loads(proc.stdout.splitlines()[0])
+        self.assertEqual(header["kind"], "run")
+        self.assertIn("push with [REDACTED:GITHUB_TOKEN]", json.dumps(header))
+        self.assertIn("the prompt held the value of ANTHROPIC_API_KEY, DB_PASSWORD, GITHUB_TOKEN", proc.stderr)
+        self.assertIn("password: [REDACTED:DB_PASSWORD]\nkey: [REDACTED:ANTHROPIC_API_KEY]", first_prompt(self.fake))
+        listed = self.cli("list", "--json")
+        self.assertEqual(listed.returncode, 0, listed.stderr)
+        for secret in (self.GITHUB, self.PASSWORD, FAKE_KEY):
+            for form in (secret, json.dumps(secret)[1:-1]):
+                self.assertNotIn(form, proc.stdout + listed.stdout)
+            self.assertEqual(files_containing(secret, self.home), [])  # stigmer.db, its WAL, the logs
+
+
+class InputLimitTest(CliCase):
+    """Issue 28, item 8: 16 MiB of stdin is refused clearly, while the worker, `list` and an unrelated
+    execution running on that worker carry on."""
+    script = [tool_step(("execute", {"command": "while [ ! -e release ]; do sleep 0.05; done; echo released"})),
+              text_step("finished")]
+
+    def test_16_mib_of_stdin_is_refused_and_nothing_else_notices(self):
+        self.assertEqual(self.cli("start").returncode, 0)
+        running = self.cli("run", "--detach", "wait for the release file").stdout.strip()
+        wait_for(lambda: any(e.get("kind") == "tool_call" for e in self.logs(running)), what="the command to run")
+        big = "x" * (16 << 20)
+        for args in (["summarise this"], ["run", "--detach", "summarise this"], ["-"]):
+            with self.subTest(args=args):
+                refused = run_cli(args, self.env, cwd=self.workspace, input=big)
+                assert_one_line(self, refused, 2, "the prompt is 16.0 MiB", "over the limit of 1 MiB",
+                                "put the input in a file in the workspace")
+        listed = self.cli("list", "--json")
+        self.assertEqual(listed.returncode, 0, listed.stderr)
+        self.assertEqual([(r["id"], r["phase"]) for r in map(json.loads, listed.stdout.splitlines())],
+                         [(running, "RUNNING")])  # nothing else was submitted
+        open(os.path.join(self.workspace, "release"), "w").close()
+        followed = self.cli("logs", running, "-f", "--json")
+        self.assertEqual(followed.returncode, 0, followed.stderr)
+        last = json.loads(followed.stdout.splitlines()[-1])
+        self.assertEqual((last["phase"], last["final_text"]), ("COMPLETED", "finished"))
 
 
 if __name__ == "__main__":

@@ -45,12 +45,13 @@ def runner_pid(runner_id):
 class CloudCase(unittest.TestCase):
     """One redis-server per class; per test a key prefix, a fake model, a STIGMER_HOME and workspaces."""
     aof = False
+    password = None  # set: Redis wants it (requirepass), and REDIS_URL carries it
     script = [tool_step(("execute", {"command": SLOW})), text_step("done")]
     settings = {}
 
     @classmethod
     def setUpClass(cls):
-        cls.server = RedisServer(aof=cls.aof).start()
+        cls.server = RedisServer(aof=cls.aof, password=cls.password).start()
 
     @classmethod
     def tearDownClass(cls):
@@ -392,6 +393,41 @@ class CliTest(CloudCase):
             value = {b"string": lambda: r.get(key), b"hash": lambda: r.hgetall(key),
                      b"stream": lambda: r.xrange(key), b"zset": lambda: r.zrange(key, 0, -1)}[kind]()
             for secret in (FAKE_KEY, self.GITHUB):
+                self.assertNotIn(secret.encode(), repr(value).encode(), key)
+
+
+class SecretsAtRestTest(CloudCase):
+    """Issue 28, items 4 and 5: REDIS_URL's password is a secret like a key (hidden from the agent's shell,
+    redacted), and secrets typed into the prompt or piped on stdin are stored nowhere raw."""
+    password = "redis-Pa55word-hunter2"
+    GITHUB = "ghp_thisIsAFakeGithubTokenInAPrompt"
+    script = [tool_step(("execute", {"command": 'echo "url=[$REDIS_URL]"; cat pw.txt'})), text_step("done")]
+
+    def test_the_redis_password_and_a_prompts_secrets_stay_secret(self):
+        with open(os.path.join(self.tmp, "pw.txt"), "w") as f:
+            f.write(self.password)
+        env = dict(self.env, GITHUB_TOKEN=self.GITHUB)
+        proc = run_cli(["--json", f"deploy with {self.GITHUB}"], env, cwd=self.tmp, timeout=120,
+                       input=f"the redis password is {self.password} and the key {FAKE_KEY}\n")
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertIn("the prompt held the value of ANTHROPIC_API_KEY, GITHUB_TOKEN, REDIS_URL", proc.stderr)
+        lines = [json.loads(line) for line in proc.stdout.splitlines()]
+        self.assertEqual(lines[0]["kind"], "run")
+        (result,) = [e for e in lines if e.get("kind") == "tool_result"]
+        self.assertEqual(result["output"], "url=[]\n[REDACTED:REDIS_URL]")  # not in the shell; redacted in a file
+        prompt = self.fake.requests[0]["messages"][0]["content"][0]["text"]
+        self.assertIn("deploy with [REDACTED:GITHUB_TOKEN]", prompt)
+        self.assertIn("the redis password is [REDACTED:REDIS_URL] and the key [REDACTED:ANTHROPIC_API_KEY]", prompt)
+        listed = run_cli(["list", "--json"], self.env, cwd=self.tmp)
+        self.assertEqual(listed.returncode, 0, listed.stderr)
+        r = self.log.r
+        stored = [(key, r.type(key)) for key in r.scan_iter(self.prefix + "*")]
+        self.assertTrue(any(kind == b"hash" for _, kind in stored))  # the record, with its spec
+        for secret in (self.password, self.GITHUB, FAKE_KEY):
+            self.assertNotIn(secret, proc.stdout + listed.stdout)
+            for key, kind in stored:
+                value = {b"string": r.get, b"hash": r.hgetall, b"stream": r.xrange,
+                         b"zset": lambda k: r.zrange(k, 0, -1)}[kind](key)
                 self.assertNotIn(secret.encode(), repr(value).encode(), key)
 
 

@@ -12,6 +12,7 @@ import tempfile
 import threading
 import time
 import unittest
+from unittest import mock
 
 import grpc
 
@@ -199,6 +200,31 @@ class AuthAndInputTest(DaemonCase):
                                lambda: stub.Submit(huge, timeout=TIMEOUT, metadata=self.metadata))
         self.assertEqual(self.rpc("Status", pb.StatusRequest()).version, daemon_client.VERSION)
         self.assertEqual(self.get(self.submit().id).phase, pb.PENDING)
+
+    def test_a_prompt_over_the_limit_is_refused_clearly(self):
+        big = "y" * (daemon_client.MAX_PROMPT_BYTES + 1)
+        details = self.assert_status(grpc.StatusCode.INVALID_ARGUMENT, self.rpc, "Submit",
+                                     pb.SubmitRequest(spec=pb.ExecutionSpec(prompt=big, workspace=self.workspace)))
+        self.assertIn("over the limit of 1 MiB", details)
+        self.assertEqual(len(self.rpc("List", pb.ListRequest()).executions), 0)
+        self.assertEqual(self.get(self.submit("y" * daemon_client.MAX_PROMPT_BYTES).id).phase, pb.PENDING)
+
+    def test_list_pages_its_answer_so_big_executions_never_break_it(self):
+        with mock.patch.object(daemon, "prompt_problem", lambda prompt: None):  # as stored before the limit
+            big = [self.submit(f"{n}" + "z" * (9 << 20)) for n in range(2)]
+        small = [self.submit(f"small {n}") for n in range(3)]
+        pages, token = [], ""
+        while not pages or token:
+            page = self.rpc("List", pb.ListRequest(page_token=token))
+            pages.append([e.id for e in page.executions])
+            token = page.next_page_token
+        self.assertEqual(pages, [[e.id for e in reversed(small)], [big[1].id], [big[0].id]])  # one 9 MB run a page
+        client = daemon_client.Client(self.home, self.server.endpoint)
+        self.addCleanup(client.close)
+        self.assertEqual([e.id for e in client.list(limit=0)], [e.id for e in reversed(big + small)])
+        self.assertEqual([e.id for e in client.list(limit=4)], [e.id for e in reversed(small)] + [big[1].id])
+        self.assertEqual([e.id for e in client.list(pb.PENDING, limit=2)], [small[2].id, small[1].id])
+        self.assert_status(grpc.StatusCode.INVALID_ARGUMENT, self.rpc, "List", pb.ListRequest(page_token="nope"))
 
     def test_connect_must_open_with_hello(self):
         runner = self.runner(hello=False)

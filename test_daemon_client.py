@@ -3,8 +3,11 @@ temporary STIGMER_HOME; every method returns stigmer_pb2 messages or raises Back
 
     python -m unittest test_daemon_client -v
 """
+import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import unittest
 from unittest import mock
@@ -14,7 +17,10 @@ import daemon
 import daemon_server
 import stigmer_pb2 as pb
 from daemon_client import TOKEN_FILE, BackendError, BackendUnavailable, Client
-from testsupport import free_port
+from testsupport import (FAKE_KEY, HERE, Squatter, assert_one_line, free_port, private_hosts_argv, private_hosts_problem, run_cli,
+                         wait_for)
+
+RUNNER = os.path.join(HERE, "runner.py")
 
 
 class ClientTest(unittest.TestCase):
@@ -134,28 +140,168 @@ class ClientTest(unittest.TestCase):
             self.submit("")  # the daemon refuses an empty prompt
 
     def test_a_dead_endpoint_is_unavailable(self):
-        dead = Client(self.home, f"127.0.0.1:{free_port()}")
-        self.addCleanup(dead.close)
-        with self.assertRaises(BackendUnavailable) as caught:
-            dead.status(timeout=2)
-        self.assertIn("python runner.py start", str(caught.exception))
-        with self.assertRaises(BackendUnavailable):
-            list(dead.watch("ex-any"))
+        with self.assertRaises(BackendUnavailable) as caught:  # not where this home's daemon listens: no call at all
+            Client(self.home, f"127.0.0.1:{free_port()}")
+        self.assertIn(f"it listens at {self.server.endpoint}", str(caught.exception))
         with self.assertRaises(BackendUnavailable) as caught:
             Client(tempfile.mkdtemp(prefix="stigmer-empty-"), self.server.endpoint)  # no token: no daemon
         self.assertIn(TOKEN_FILE, str(caught.exception))
+        gone = tempfile.mkdtemp(prefix="stigmer-gone-")
+        self.addCleanup(shutil.rmtree, gone, True)
+        daemon_server.serve(gone, "127.0.0.1:0").stop(0)
+        with open(os.path.join(gone, TOKEN_FILE), "w") as f:  # a token left behind by a daemon that died
+            f.write("stale\n")
+        with self.assertRaises(BackendUnavailable) as caught:
+            Client(gone, self.server.endpoint)
+        self.assertIn("python runner.py start", str(caught.exception))
+
+    def test_the_local_transport_is_the_homes_socket(self):
+        sock = os.path.join(self.home, "daemon.sock")
+        self.assertEqual((self.server.socket, self.client.target), (sock, f"unix:{sock}"))
+        self.assertEqual(Client(self.home, self.server.endpoint.replace("127.0.0.1", "localhost")).target,
+                         f"unix:{sock}")
+        self.server.stop(0)
+        self.assertFalse(os.path.exists(sock))
 
     def test_a_wrong_token_says_which_settings_to_check(self):
-        other = tempfile.mkdtemp(prefix="stigmer-other-")
-        self.addCleanup(shutil.rmtree, other, True)
-        with open(os.path.join(other, TOKEN_FILE), "w") as f:
+        with open(os.path.join(self.home, TOKEN_FILE), "w") as f:  # overwritten while the daemon runs
             f.write("not-the-token\n")
-        stranger = Client(other, self.server.endpoint)
+        stranger = Client(self.home, self.server.endpoint)
         self.addCleanup(stranger.close)
         with self.assertRaises(BackendError) as caught:
             stranger.list()
         self.assertNotIsInstance(caught.exception, BackendUnavailable)
         self.assertIn("STIGMER_HOME", str(caught.exception))
+
+
+class SquatterTest(unittest.TestCase):
+    """Issue 28, item 1: another local user listening where the client might dial the daemon gets no token."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="stigmer-squat-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.home = os.path.join(self.tmp, "home")
+        self.port = free_port()
+        self.env = {"PATH": os.environ["PATH"], "HOME": self.tmp, "STIGMER_HOME": self.home,
+                    "STIGMER_BACKEND_ENDPOINT": f"localhost:{self.port}", "ANTHROPIC_API_KEY": FAKE_KEY,
+                    "ANTHROPIC_BASE_URL": "http://127.0.0.1:9", "SANDBOX_ROOT_DIR": self.tmp}
+
+    def squat(self, address):
+        squatter = Squatter(address)
+        self.addCleanup(squatter.stop)
+        return squatter
+
+    def worker_until(self, argv, connected):
+        """Run `runner.py worker` (wrapped by ARGV) until CONNECTED() is true, then stop it."""
+        log_path = os.path.join(self.tmp, "worker.log")
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen([*argv, sys.executable, RUNNER, "worker", "--capacity", "1"], env=self.env,
+                                    stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        try:
+            wait_for(connected, what="the worker to connect, or to say it cannot")
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+        with open(log_path) as f:
+            return f.read()
+
+    def test_localhost_on_ipv6_reaches_a_squatter_not_the_daemon(self):
+        hosts = os.path.join(self.tmp, "hosts")
+        with open(hosts, "w") as f:
+            f.write("::1 localhost\n")
+        problem = private_hosts_problem(hosts)
+        if problem:
+            self.skipTest(problem)
+        server = daemon_server.serve(self.home, f"localhost:{self.port}")  # binds 127.0.0.1 only
+        self.addCleanup(server.stop, 0)
+        squatter = self.squat(f"[::1]:{self.port}")
+        ns = private_hosts_argv(hosts, [])
+        control = subprocess.run([*ns, sys.executable, "-c", PROBE, f"localhost:{self.port}"], capture_output=True,
+                                 text=True, timeout=60, env=self.env)
+        self.assertEqual(control.returncode, 0, control.stderr)
+        self.assertEqual([md.get("probe") for _, md in squatter.calls], ["1"])  # `localhost` is the squatter's there
+        status = subprocess.run([*ns, sys.executable, RUNNER, "status", "--json"], capture_output=True, text=True,
+                                timeout=60, env=self.env)
+        self.assertEqual(status.returncode, 0, status.stderr)
+        self.assertEqual(json.loads(status.stdout)["pid"], os.getpid())  # the real daemon answered
+        listed = subprocess.run([*ns, sys.executable, RUNNER, "list"], capture_output=True, text=True, timeout=60,
+                                env=self.env)
+        self.assertEqual(listed.returncode, 0, listed.stderr)
+        client = Client(self.home, server.endpoint)
+        self.addCleanup(client.close)
+        self.worker_until(ns, lambda: client.status().connected_runners == 1)
+        self.assertEqual(squatter.tokens(), [])
+        self.assertEqual(len(squatter.calls), 1)  # the probe only
+
+    def test_the_port_of_a_killed_daemon_gets_no_token(self):
+        daemon = subprocess.Popen([sys.executable, RUNNER, "daemon", "--endpoint", f"127.0.0.1:{self.port}"],
+                                  env=self.env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.assertIn("listening", daemon.stdout.readline())
+        daemon.kill()  # kill -9: its token file stays behind
+        daemon.wait()
+        daemon.stdout.close()
+        self.assertTrue(os.path.exists(os.path.join(self.home, TOKEN_FILE)))
+        squatter = self.squat(f"127.0.0.1:{self.port}")
+        log = self.worker_until([], lambda: "cannot reach the daemon" in read(os.path.join(self.tmp, "worker.log")))
+        self.assertIn("no daemon answers", log)
+        with self.assertRaises(BackendUnavailable):
+            Client(self.home, f"127.0.0.1:{self.port}")
+        for endpoint in (f"localhost:{self.port}", f"127.0.0.1:{self.port}"):
+            env = dict(self.env, STIGMER_BACKEND_ENDPOINT=endpoint)
+            status = run_cli(["status"], env)
+            self.assertEqual(status.returncode, 1)
+            self.assertIn("no daemon answers", status.stderr)
+            self.assertEqual(run_cli(["cancel", "ex-1"], env).returncode, 1)
+        self.assertEqual(run_cli(["list"], self.env).returncode, 0)  # from the log, by an embedded daemon
+        self.assertEqual(squatter.calls, [])  # nothing at all was sent there
+
+
+class CallLimitTest(unittest.TestCase):
+    """Issue 28, item 8: with every RPC slot held by follow streams, the CLI says so, not "a token another
+    process overwrote", and works again once they end."""
+
+    def test_at_the_call_limit_the_cli_names_it(self):
+        home = tempfile.mkdtemp(prefix="stigmer-home-")
+        self.addCleanup(shutil.rmtree, home, True)
+        server = daemon_server.serve(home, "127.0.0.1:0")
+        self.addCleanup(server.stop, 0)
+        client = Client(home, server.endpoint)
+        self.addCleanup(client.close)
+        ex = client.submit(pb.ExecutionSpec(prompt="wait", workspace=home))
+        watches = []
+        for _ in range(daemon_server.MAX_CONCURRENT_RPCS):  # 128 `logs -f`
+            watch = client.watch(ex.id)
+            events = iter(watch)
+            next(events)  # the stream is open and holds its slot
+            watches.append(watch)
+        env = {"PATH": os.environ["PATH"], "HOME": home, "STIGMER_HOME": home,
+               "STIGMER_BACKEND_ENDPOINT": server.endpoint}
+        listed = run_cli(["list"], env)
+        assert_one_line(self, listed, 1, "as many calls at once as it can", "end some of them")
+        self.assertNotIn("token", listed.stderr)
+        for watch in watches:
+            watch.cancel()
+        wait_for(lambda: run_cli(["list"], env).returncode == 0, what="list to work once the streams end")
+
+
+PROBE = """import sys
+import grpc
+import stigmer_pb2 as pb
+import stigmer_pb2_grpc as pb_grpc
+with grpc.insecure_channel(sys.argv[1]) as channel:  # what dialling the name reaches, with no token
+    try:
+        pb_grpc.DaemonStub(channel).Status(pb.StatusRequest(), metadata=(("probe", "1"),), timeout=10)
+    except grpc.RpcError:
+        pass
+"""
+
+
+def read(path):
+    try:
+        with open(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
 
 
 if __name__ == "__main__":

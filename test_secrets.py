@@ -461,6 +461,18 @@ class RedactorTest(unittest.TestCase):
     def test_whole_text(self):
         self.assertEqual(S.Redactor(self.SECRETS).redact(self.TEXT), self.WANT)
 
+    def test_json_is_redacted_as_decoded_then_as_written(self):
+        tricky = 'q"uo\\te\nnew-line-9'  # JSON escapes the quote, the backslash and the newline
+        redactor = S.Redactor({"DB_PASSWORD": tricky, "PIN_SECRET": "123456789012"})
+        text = json.dumps({"command": f"echo {tricky}", tricky: [tricky, 123456789012], "n": 1}, ensure_ascii=False)
+        self.assertEqual(json.loads(redactor.redact_json(text)),
+                         {"command": "echo [REDACTED:DB_PASSWORD]", "[REDACTED:DB_PASSWORD]": [
+                             "[REDACTED:DB_PASSWORD]", "[REDACTED:PIN_SECRET]"], "n": 1})
+        self.assertEqual(redactor.redact(text).count("[REDACTED:DB_PASSWORD]"), 0)  # why redact_json exists
+        clean = '{"command": "ls -la"}'
+        self.assertIs(redactor.redact_json(clean), clean)
+        self.assertEqual(redactor.redact_json(f"not json {tricky}"), "not json [REDACTED:DB_PASSWORD]")
+
     def test_every_split_into_two_chunks(self):
         redactor = S.Redactor(self.SECRETS)
         for i in range(len(self.TEXT) + 1):
@@ -630,6 +642,56 @@ def stdlib_secrets():
     """The standard library's secrets (file, __all__), as a neutral directory sees it."""
     done = run([PYTHON, "-I", "-c", STDLIB_PROBE], cwd=tempfile.gettempdir())
     return json.loads(done.stdout)
+
+
+REEXEC = """import json, os, sys
+sys.path.insert(0, sys.argv[1])
+import secrets as S
+if S.SECRETS_FD_VAR not in os.environ:
+    print(os.getpid(), file=sys.stderr, flush=True)
+    S.reexec_without_secrets(sorted(S.environment_secrets(os.environ)))
+got = S.inherited_secrets()
+with open(f"/proc/{os.getpid()}/environ", "rb") as f:
+    block = f.read().split(b"\\0")
+print(json.dumps({"got": got, "pid": os.getpid(), "argv": sys.argv[2:],
+                  "block": sorted(v.split(b"=", 1)[0].decode() for v in block if v)}))
+"""
+
+
+@unittest.skipUnless(os.path.exists("/proc/self/environ"), "reads /proc/PID/environ (Linux)")
+class SecretsPipeTest(unittest.TestCase):
+    """Issue 28, item 6: a process can move its secrets out of its environment block, which every process of
+    the user can read at /proc/PID/environ, into a pipe that it reads once."""
+
+    def test_reexec_moves_the_secrets_out_of_the_environment_block(self):
+        env = {"PATH": os.environ["PATH"], "ANTHROPIC_API_KEY": "sk-ant-moved-0123456789",
+               "GITHUB_TOKEN": "ghp_moved0123456789", "DAYTONA_API_KEY": "dtn_moved0123456789",
+               "REDIS_URL": "redis://:pw0123456789@host:6379/0", "PLAIN": "stays"}
+        done = subprocess.run([sys.executable, "-c", REEXEC, HERE, "an argument", "--flag"], env=env,
+                              capture_output=True, text=True, timeout=60)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        out = json.loads(done.stdout)
+        self.assertEqual(out["pid"], int(done.stderr.split()[0]))  # the same process, re-executed
+        self.assertEqual(out["argv"], ["an argument", "--flag"])
+        self.assertEqual(out["got"], {k: v for k, v in env.items() if k not in ("PATH", "PLAIN")})
+        self.assertIn("PLAIN", out["block"])
+        self.assertEqual(set(out["block"]) & set(out["got"]), set())  # no key, token or credential left in it
+
+    def test_a_pipe_hands_secrets_to_a_child_once(self):
+        values = {"OPENAI_API_KEY": "sk-o-" + "x" * 80_000}  # more than a pipe holds by default
+        fd = S.secrets_pipe(values)
+        try:
+            child = subprocess.run([sys.executable, "-c", "import json, sys; sys.path.insert(0, sys.argv[1]); "
+                                    "import secrets as S; print(json.dumps(S.inherited_secrets()))", HERE],
+                                   env={"PATH": os.environ["PATH"], S.SECRETS_FD_VAR: str(fd)}, pass_fds=(fd,),
+                                   capture_output=True, text=True, timeout=60)
+        finally:
+            os.close(fd)
+        self.assertEqual(child.returncode, 0, child.stderr)
+        self.assertEqual(json.loads(child.stdout), values)
+        self.assertEqual(S.inherited_secrets({}), {})
+        with self.assertRaises(S.SecretError):
+            S.inherited_secrets({S.SECRETS_FD_VAR: "999"})
 
 
 class ShadowingTest(unittest.TestCase):

@@ -2,6 +2,7 @@
 
     python -m unittest test_worker -v
 """
+import json
 import os
 import shutil
 import tempfile
@@ -175,6 +176,24 @@ class WorkerTest(unittest.TestCase):
         self.assertEqual(self.w.rewind(), [])  # nothing in flight for the next Hello
         self.assertEqual(self.w.free_slots(), 1)
 
+    def test_an_execution_naming_a_provider_key_or_every_variable_is_refused(self):
+        for n, names in enumerate((["ANTHROPIC_API_KEY"], ["*"], ["GITHUB_TOKEN", "OPENAI_API_KEY"])):
+            with self.subTest(names=names):
+                spec = pb.ExecutionSpec(prompt="print the key", workspace=self.workspace, secret_names=names)
+                self.w.assigned(pb.Execution(id=f"ex-r{n}", spec=spec, last_seq=2))
+                events = drain(self.w, f"ex-r{n}")
+                self.assertEqual(events[-1].phase.phase, pb.FAILED)
+                refused = [name for name in names if name != "GITHUB_TOKEN"]
+                self.assertIn(f"asks for {', '.join(refused)} in the agent's shell", events[-1].phase.reason)
+                self.assertEqual([e.error.code for e in events if e.HasField("error")], ["secret_refused"])
+        self.assertEqual(self.fake.requests, [])  # no model call, so no command ran
+        allowed = worker.Worker(capacity=1, model="claude-fake", runner_id="r-allowed",
+                                allowed_secrets=["ANTHROPIC_API_KEY", "*"])  # the run that asked started it
+        self.addCleanup(allowed.stop, flush=0)
+        spec = pb.ExecutionSpec(prompt="count", workspace=self.workspace, secret_names=["ANTHROPIC_API_KEY", "*"])
+        allowed.assigned(pb.Execution(id="ex-ok", spec=spec, last_seq=2))
+        self.assertEqual(drain(allowed, "ex-ok")[-1].phase.phase, pb.COMPLETED)
+
     def test_unsent_events_travel_in_one_batch_oldest_execution_first(self):
         first, second = self.assign("ex-a"), self.assign("ex-b")
         deadline = time.monotonic() + 30
@@ -236,6 +255,73 @@ class WorkerTest(unittest.TestCase):
         self.w.cancel_requested(ex)
         events = first + drain(self.w, ex)
         self.assertEqual(events[-1].phase.phase, pb.CANCELLED)
+
+
+class RedactionPointTest(unittest.TestCase):
+    """Issue 28, items 7 and 8: every string leaving the worker passes one redactor, and model output that is
+    not valid text never fails a run."""
+
+    SECRET = 'pa"ss\\word-0123456'  # JSON escapes both the quote and the backslash
+
+    def run_script(self, script, prompt="go"):
+        workspace = tempfile.mkdtemp(prefix="stigmer-ws-")
+        self.addCleanup(shutil.rmtree, workspace, ignore_errors=True)
+        fake = FakeAnthropic(script).start()
+        self.addCleanup(fake.stop)
+        env = mock.patch.dict(os.environ, {"ANTHROPIC_API_KEY": FAKE_KEY, "ANTHROPIC_BASE_URL": fake.url,
+                                           "DB_PASSWORD": self.SECRET})
+        env.start()
+        self.addCleanup(env.stop)
+        w = worker.Worker(capacity=1, model="claude-fake", runner_id="r-redact")
+        self.addCleanup(w.stop, flush=0)
+        w.assigned(pb.Execution(id="ex-redact", spec=pb.ExecutionSpec(prompt=prompt, workspace=workspace), last_seq=2))
+        return drain(w, "ex-redact")
+
+    def assert_nowhere(self, events, *values):
+        wire = b"".join(e.SerializeToString() for e in events)
+        for value in values:
+            for form in (value, json.dumps(value)[1:-1], json.dumps(value, ensure_ascii=False)[1:-1]):
+                self.assertNotIn(form.encode(), wire)
+
+    def test_a_secret_with_a_quote_and_a_backslash_is_redacted_in_tool_input(self):
+        events = self.run_script([tool_step(("execute", {"command": f"echo '{self.SECRET}' | wc -c"})),
+                                  text_step("done")])
+        self.assertEqual(events[-1].phase.phase, pb.COMPLETED)
+        call = next(e.tool_call for e in events if e.HasField("tool_call"))
+        self.assertEqual(json.loads(call.input_json), {"command": "echo '[REDACTED:DB_PASSWORD]' | wc -c"})
+        self.assert_nowhere(events, self.SECRET)
+
+    def test_a_model_error_that_echoes_the_key_is_redacted(self):
+        echo = f"bad request; your headers were x-api-key: {FAKE_KEY}"
+        events = self.run_script([text_step("never", errors=[(400, echo)])])
+        self.assertEqual(events[-1].phase.phase, pb.FAILED)
+        errors = [e.error for e in events if e.HasField("error")]
+        self.assertTrue(errors and "[REDACTED:ANTHROPIC_API_KEY]" in errors[-1].message, errors)
+        self.assertIn("[REDACTED:ANTHROPIC_API_KEY]", events[-1].phase.reason)
+        self.assert_nowhere(events, FAKE_KEY)
+
+    def test_every_event_field_is_redacted_the_prompt_and_final_text_too(self):
+        events = self.run_script([text_step(f"the password is {self.SECRET}")], prompt=f"use {self.SECRET}")
+        self.assertEqual(events[-1].phase.phase, pb.COMPLETED)
+        self.assertEqual(events[-1].phase.final_text, "the password is [REDACTED:DB_PASSWORD]")
+        self.assert_nowhere(events, self.SECRET)
+
+    def test_a_lone_surrogate_in_model_text_does_not_fail_the_run(self):
+        events = self.run_script([tool_step(("execute", {"command": "printf 'a\\377b'"}), text="a\udfffb"),
+                                  text_step("done \ud83d")])
+        self.assertEqual(events[-1].phase.phase, pb.COMPLETED, events[-1].phase.reason)
+        text = "".join(e.text.text for e in events if e.HasField("text"))
+        self.assertIn("a\ufffdb", text)
+        self.assertIn("done \ufffd", text)
+        self.assertEqual(events[-1].phase.final_text, "done \ufffd")
+        result = next(e.tool_result for e in events if e.HasField("tool_result"))
+        self.assertEqual(result.output, "a\ufffdb")  # a byte that is not UTF-8 in a command's output, too
+
+    def test_valid_text_replaces_lone_surrogates_only(self):
+        import agent
+        self.assertEqual(agent.valid_text("ok \U0001f600"), "ok \U0001f600")
+        self.assertEqual(agent.valid_value({"k\ud800": ["\udc00", 1, {"x": "\ud83d!"}]}),
+                         {"k\ufffd": ["\ufffd", 1, {"x": "\ufffd!"}]})
 
 
 class DispatchTest(unittest.TestCase):

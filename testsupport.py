@@ -429,3 +429,63 @@ def wait_for(predicate, timeout=60.0, what="a condition"):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
         time.sleep(0.02)
+
+
+# ---- a squatter: a gRPC server someone else started where a client might dial its daemon ----
+
+class Squatter:
+    """A gRPC server on ADDRESS (e.g. "[::1]:50051") that answers no call and records each call's method
+    and metadata: a client that sends it an `authorization` header has handed its daemon token over."""
+
+    def __init__(self, address):
+        from concurrent import futures
+
+        import grpc
+        self.calls = []
+        calls = self.calls
+
+        class Record(grpc.GenericRpcHandler):
+            def service(self, details):
+                calls.append((details.method, dict(details.invocation_metadata or ())))
+                return None  # UNIMPLEMENTED for the caller
+
+        self._server = grpc.server(futures.ThreadPoolExecutor(4), handlers=[Record()],
+                                   options=[("grpc.so_reuseport", 0)])
+        self.port = self._server.add_insecure_port(address)
+        if not self.port:
+            raise OSError(f"the squatter cannot listen on {address}")
+        self._server.start()
+
+    def tokens(self):
+        """Every authorization header it received."""
+        return [md["authorization"] for _, md in self.calls if "authorization" in md]
+
+    def stop(self):
+        self._server.stop(0)
+
+
+def private_hosts_argv(hosts_file, argv):
+    """ARGV run in a private mount namespace in which /etc/hosts is HOSTS_FILE (root, or unshare able to map
+    a user namespace), so that `localhost` resolves as that file says for ARGV only."""
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+            'mount --bind "$0" /etc/hosts && exec "$@"', hosts_file, *argv]
+
+
+def private_hosts_problem(hosts_file):
+    """Why private_hosts_argv cannot make `localhost` resolve to ::1 here (None when it can)."""
+    if not sys.platform.startswith("linux"):
+        return "private mount namespaces are Linux only"
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError as exc:
+        return f"no IPv6 loopback here ({exc})"
+    probe = [sys.executable, "-c", "import socket; print(socket.getaddrinfo('localhost', 1, type=socket.SOCK_STREAM)"
+                                   "[0][4][0])"]
+    try:
+        done = subprocess.run(private_hosts_argv(hosts_file, probe), capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"unshare does not run here ({exc})"
+    if done.returncode != 0 or done.stdout.strip() != "::1":
+        return f"cannot bind-mount a hosts file in a private mount namespace: {done.stderr.strip() or done.stdout}"
+    return None

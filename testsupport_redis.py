@@ -2,7 +2,7 @@
 
     from testsupport_redis import RedisServer, requires_redis
     server = RedisServer().start()          # redis-server --port N --bind 127.0.0.1 --save '' ...
-    url = server.url                        # redis://127.0.0.1:N/0
+    url = server.url                        # redis://127.0.0.1:N/0 (redis://:PW@... with password="PW")
     server.restart()                        # same port, same directory (aof=True keeps the data)
     server.stop()
 
@@ -37,12 +37,18 @@ def _missing():
 requires_redis = unittest.skipIf(_missing(), _missing() or "")
 
 
-def ping(port, timeout=0.5):
-    """True when a Redis on 127.0.0.1:PORT answers PING (raw RESP; no client library)."""
+def ping(port, timeout=0.5, password=None):
+    """True when a Redis on 127.0.0.1:PORT answers PING (raw RESP; no client library), after AUTH PASSWORD."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(64).startswith(b"+PONG")
+            s.sendall((f"AUTH {password}\r\n" if password else "").encode() + b"PING\r\n")
+            answer = b""
+            while answer.count(b"\r\n") < (2 if password else 1):
+                chunk = s.recv(64)
+                if not chunk:
+                    return False
+                answer += chunk
+            return answer.splitlines()[-1].startswith(b"+PONG")
     except OSError:
         return False
 
@@ -51,11 +57,11 @@ class RedisServer:
     """One redis-server process; .url, .port, .dir. aof=True turns on the append-only file
     (fsync every write) so that restart() keeps everything."""
 
-    def __init__(self, aof=False):
-        self.aof = aof
+    def __init__(self, aof=False, password=None):
+        self.aof, self.password = aof, password  # PASSWORD: clients must AUTH (requirepass); it is in .url
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="stigmer-redis-")
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.url = f"redis://{f':{password}@' if password else ''}127.0.0.1:{self.port}/0"
         self.process = None
 
     def start(self):
@@ -64,10 +70,12 @@ class RedisServer:
                 "--logfile", os.path.join(self.dir, "redis.log")]
         if self.aof:
             args += ["--appendfsync", "always"]
+        if self.password:
+            args += ["--requirepass", self.password]
         self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + START_TIMEOUT
-        while not ping(self.port):
+        while not ping(self.port, password=self.password):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"redis-server did not start on port {self.port}; see {self.dir}/redis.log")

@@ -54,6 +54,7 @@ CLEANUP_ON_STOP = 8.0  # seconds a stopping worker then waits for executions to 
 PATCH_MAX_BYTES = 512_000  # most bytes of a patch artifact: whole files are left out to fit, and named
 SWEEP_EVERY = 600.0  # seconds between sweeps of leftover sandboxes
 MAX_CHAIN = 1000  # most ancestors a resumed conversation may have
+MAX_EVENT_BYTES = 4 << 20  # the largest event payload sent: longer strings are cut to fit, and say so
 
 INHERIT_ALL = "*"  # in ExecutionSpec.secret_names: secret-looking variables reach the shell too (--inherit-env)
 
@@ -79,6 +80,16 @@ def redacted_names(environ, named, key_vars):
 
 class Cancelled(Exception):
     """An execution was cancelled before its agent started."""
+
+
+class SecretRefused(Exception):
+    """An execution named a provider key or `*` among its secrets that this worker was not started with."""
+
+
+def refused_secrets(secret_names, key_vars, allowed):
+    """The names in SECRET_NAMES that this worker refuses: a provider or service key (KEY_VARS), or `*` (every
+    variable), unless ALLOWED holds it (the user asked for it when starting this worker for the run)."""
+    return [n for n in dict.fromkeys(secret_names) if (n == INHERIT_ALL or n in key_vars) and n not in allowed]
 
 
 class HistoryError(Exception):
@@ -135,6 +146,37 @@ def patch_artifact(patch, redactor):
                        notes=redactor.redact("; ".join(notes)))
 
 
+def redact_payload(message, redactor):
+    """Every string of the event payload MESSAGE (nested messages and repeated fields too) through REDACTOR,
+    in place: the one place where what leaves the worker is redacted. A tool call's input is redacted as the
+    JSON it is (Redactor.redact_json), so a secret holding `"` or a backslash is found although JSON escapes it."""
+    for field, value in message.ListFields():
+        if field.type == field.TYPE_STRING:
+            if field.is_repeated:
+                value[:] = [redactor.redact(v) for v in value]
+            elif field.name == "input_json":
+                setattr(message, field.name, redactor.redact_json(value))
+            else:
+                setattr(message, field.name, redactor.redact(value))
+        elif field.type == field.TYPE_MESSAGE:
+            for item in (value if field.is_repeated else (value,)):
+                redact_payload(item, redactor)
+
+
+def cap_payload(message, limit=MAX_EVENT_BYTES):
+    """Cut the longest strings of the event payload MESSAGE (its own fields) until it holds at most LIMIT bytes,
+    each cut one ending with a note saying so: one oversized field never makes an event the log cannot take."""
+    while message.ByteSize() > limit:
+        strings = [(len(v.encode()), f.name) for f, v in message.ListFields()
+                   if f.type == f.TYPE_STRING and not f.is_repeated]
+        if not strings:
+            return
+        size, name = max(strings)
+        note = f"\n[cut here: {size} bytes, over the {limit >> 20} MiB an event holds]"
+        keep = max(0, size - (message.ByteSize() - limit) - len(note) - 16)
+        setattr(message, name, getattr(message, name).encode()[:keep].decode(errors="ignore") + note)
+
+
 class Outbox:
     """One execution's events, kept from emit until the daemon acknowledges them."""
 
@@ -184,12 +226,15 @@ class Worker:
     """The executions this runner runs and their outboxes; a link feeds it and drains it."""
 
     def __init__(self, *, capacity=2, mode="local", model="", runner_id=None, pinned=False, make_sandbox=host_sandbox,
-                 sweep=None, sandbox="filesystem", history=None, context_window=0, environ=None):
+                 sweep=None, sandbox="filesystem", history=None, context_window=0, environ=None, allowed_secrets=()):
         self.capacity, self.mode, self.model = capacity, mode, model
         # Keys and base URLs for the models (runner.Config.environ plus the gathered key); the process's own
         # environment when none is given (tests).
         self.environ = os.environ if environ is None else environ
         self.pinned = pinned  # a private runner: the log gives it only executions pinned to runner_id
+        # The --secret names (and `*` for --inherit-env) the user gave when starting this worker: the only
+        # provider keys an execution may pass to its shell, and whether it may pass every variable.
+        self.allowed_secrets = frozenset(allowed_secrets)
         self.log_full_patience = LOG_FULL_PATIENCE
         self.abandoned = {}  # execution id -> why this worker ends it FAILED (the log stayed full)
         self.sandbox = sandbox  # what make_sandbox makes: "filesystem" or "daytona" (checked against spec.sandbox)
@@ -212,7 +257,14 @@ class Worker:
     # ---- events from the agents ----
 
     def emit(self, execution_id, redactor, **payload):
-        """Queue one event payload for EXECUTION_ID; waits while the buffer is full."""
+        """Queue one event payload for EXECUTION_ID, redacted by REDACTOR (text deltas as a stream, every other
+        payload's strings here: the one redaction point of the events); waits while the buffer is full."""
+        if "text" not in payload:
+            for message in payload.values():
+                if isinstance(message, (str, int)):
+                    continue  # a sub-agent's tags (subagent, task_call_id, depth): names and ids, not payload
+                redact_payload(message, redactor)
+                cap_payload(message)
         with self.cond:
             box = self.outboxes.get(execution_id)
             if box is None:  # the log refused or dropped this execution: nobody wants its events
@@ -398,11 +450,17 @@ class Worker:
         key_vars = (*models.model_key_vars(), *mod.SERVICE_KEY_VARS)
         named = [n for n in spec.secret_names if n != INHERIT_ALL]
         environ = {**os.environ, **self.environ}  # the worker's Config.environ wins over the process's
-        redactor = mod.Redactor({n: environ[n] for n in redacted_names(environ, named, key_vars)})
+        redactor = mod.Redactor(mod.secret_values({n: environ[n] for n in redacted_names(environ, named, key_vars)}))
         emit = lambda **payload: self.emit(execution.id, redactor, **payload)  # noqa: E731
         log.info("running %s in %s", execution.id, spec.repo or spec.workspace)
         phase, reason, final_text, turns, box, service_down = pb.FAILED, "", "", 0, None, False
         try:
+            refused = refused_secrets(spec.secret_names, key_vars, self.allowed_secrets)
+            if refused:
+                raise SecretRefused(
+                    f"refused: this execution asks for {', '.join(refused)} in the agent's shell, which runner "
+                    f"{self.runner_id} was not started with; a provider key, or every variable (--inherit-env), "
+                    "reaches the shell only when the run that asks for it starts its runner (in the foreground)")
             for name in named:
                 if name not in os.environ:
                     emit(error=pb.Error(code="secret_missing", message=f"{name} was named with --secret but this "
@@ -439,25 +497,28 @@ class Worker:
             turns = the_agent.turns
         except Cancelled:
             phase, reason = pb.CANCELLED, "cancelled by the user"
+        except SecretRefused as exc:
+            reason = str(exc)
+            emit(error=pb.Error(code="secret_refused", message=reason))
         except SandboxError as exc:
             reason = str(exc)
             emit(error=pb.Error(code="workspace", message=reason))
         except HistoryError as exc:
-            reason = redactor.redact(str(exc))
+            reason = str(exc)
             emit(error=pb.Error(code="history", message=reason))
         except AgentUnsupported as exc:
             reason = str(exc)
             emit(error=pb.Error(code="agent", message=reason))
         except SandboxUnavailable as exc:  # the sandbox service: auth, quota, rate limit, unreachable, clone
             reason, service_down = str(exc), True
-            emit(error=pb.Error(code=f"sandbox_{exc.code}", message=redactor.redact(reason)))
+            emit(error=pb.Error(code=f"sandbox_{exc.code}", message=reason))
         except models.ModelError as exc:  # a model name that does not resolve
             reason = exc.message
             emit(error=pb.Error(code=exc.code, message=reason))
         except Exception as exc:  # a bug in the runner: report it on the execution, keep serving others
             log.exception("execution %s crashed", execution.id)
             reason = f"internal runner error: {type(exc).__name__}: {exc}"
-            emit(error=pb.Error(code="internal", message=redactor.redact(reason)))
+            emit(error=pb.Error(code="internal", message=reason))
         finally:
             if box is not None:
                 self._close_sandbox(execution, box, emit, redactor, take_patch=not service_down)
@@ -468,10 +529,9 @@ class Worker:
                 abandoned = self.abandoned.pop(execution.id, None)
             if abandoned and alive:  # ended because the log stayed full, not by the user
                 phase, reason = pb.FAILED, abandoned
-                emit(error=pb.Error(code="disk_full", message=redactor.redact(abandoned)))
+                emit(error=pb.Error(code="disk_full", message=abandoned))
             if alive:
-                emit(phase=pb.PhaseChange(phase=phase, reason=redactor.redact(reason), final_text=final_text,
-                                          turns=turns))
+                emit(phase=pb.PhaseChange(phase=phase, reason=reason, final_text=final_text, turns=turns))
             with self.cond:
                 self.active.discard(execution.id)
                 self.cond.notify_all()
@@ -528,8 +588,7 @@ class Worker:
                 if patch is not None:  # None: the workspace is not a git checkout
                     emit(artifact=patch_artifact(patch, redactor))
             except (SandboxError, SandboxUnavailable) as exc:
-                emit(error=pb.Error(code="patch", message=redactor.redact(f"could not take the workspace's patch: "
-                                                                          f"{exc}")))
+                emit(error=pb.Error(code="patch", message=f"could not take the workspace's patch: {exc}"))
         if execution.spec.keep_sandbox:
             emit(artifact=pb.Artifact(type="sandbox", name=box.id, notes="kept running for inspection "
                                       "(--keep-sandbox): delete it when you are done"))
