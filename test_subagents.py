@@ -22,6 +22,7 @@ import unittest
 
 import agent
 import agents
+import models
 import stigmer_pb2 as pb
 import subagents
 import terminal
@@ -227,6 +228,19 @@ class TaskToolTest(unittest.TestCase):
         results = [e.tool_result for e in run.of("tool_result", depth=0)]
         self.assertEqual([(r.is_error, r.exit_code) for r in results], [(True, 130), (True, 130)])
         self.assertEqual(len(run.requests()), 1)  # the parent asked nothing more
+
+    def test_the_result_is_redacted_and_capped_like_any_tool_result(self):
+        secret = "s3cr3t-value-0123456789"
+        run = InProcess(self, [tool_step(task(GP, "[a] print it")), text_step("ok")],
+                        {"[a]": [text_step(f"the value is {secret} " + "x" * agent.TOOL_OUTPUT_CHARS)]})
+        redactor = models.project_secrets().Redactor({"MY_TOKEN": secret})
+        self.assertEqual(run.run(redactor=redactor)[0], pb.COMPLETED)
+        (result,) = [b for b in run.requests()[-1]["messages"][-1]["content"] if b["type"] == "tool_result"]
+        self.assertNotIn(secret, json.dumps(run.fake.requests[-1]))
+        self.assertTrue(result["content"].startswith("the value is [REDACTED:MY_TOKEN] xxx"))
+        self.assertIn("characters cut from the middle of this output", result["content"])
+        (event,) = run.of("tool_result", depth=0)
+        self.assertTrue(event.tool_result.truncated)
 
     def test_resume_rebuilds_the_parents_conversation_only(self):
         script = [tool_step(task(GP, "[a] look around"), text="Asking."), text_step("It is a tidy place."),
