@@ -624,9 +624,9 @@ def env_spec(value, path):
 
 
 def agent_config(value, path):
-    """A pb.AgentConfig from spec.config (model, temperature, maxTokens)."""
-    f = fields(value, path, ("model", "temperature", "maxTokens"))
-    config = pb.AgentConfig(model=typed(f.get("model"), str, "").strip())
+    """A pb.AgentConfig from spec.config (model, temperature, maxTokens, network)."""
+    f = fields(value, path, ("model", "temperature", "maxTokens", "network"))
+    config = pb.AgentConfig(model=typed(f.get("model"), str, "").strip(), network=typed(f.get("network"), bool, False))
     temperature = number(f.get("temperature"), "0.7", 0, 2)
     if temperature is not None:
         config.temperature = temperature

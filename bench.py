@@ -1,7 +1,7 @@
 """Benchmarks, each a ratio against a baseline measured in the same run.
 
     python bench.py            # every benchmark
-    python bench.py sandbox    # execute() overhead and memory while swallowing output
+    python bench.py sandbox    # execute() overhead, memory while swallowing output, bubblewrap's cost
     python bench.py redact     # streaming Redactor against str.replace
     python bench.py events     # daemon event throughput against a bare gRPC stream
     python bench.py loop       # the whole agent path per turn against a bare SDK loop (anthropic, openai);
@@ -39,7 +39,8 @@ def bench(fn):
 # ---- sandbox (issue: sandbox.py) ----
 @bench
 def bench_sandbox():
-    """execute("true") against a bare subprocess.run, and peak RSS growth over 200 MB of output."""
+    """execute("true") against a bare subprocess.run, and peak RSS growth over 200 MB of output; confined in
+    workspace-write (bubblewrap) against subprocess.run and against bwrap called directly with the same argv."""
     import os
     import subprocess
     import tempfile
@@ -47,6 +48,35 @@ def bench_sandbox():
     import sandbox
 
     runs = 300
+    confined = {}
+    problem = sandbox.confinement_problem()
+    if problem:
+        confined["confined"] = f"not measured: {problem}"
+    else:
+        with tempfile.TemporaryDirectory() as root:
+            hide = sandbox.credential_paths(os.path.expanduser("~"))
+            box = sandbox.FilesystemSandbox(root, mode="workspace-write", hide=hide)
+            argv = sandbox.bwrap_argv(root, "workspace-write", ["/bin/sh", "-c", "true"], hide=hide)
+            bare, direct, ours = [], [], []
+            for _ in range(runs * 2 // 3):  # interleaved
+                t = time.perf_counter()
+                subprocess.run("true", shell=True, cwd=root)
+                bare.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                subprocess.run(argv, cwd=root)
+                direct.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                result = box.execute("true")
+                ours.append(time.perf_counter() - t)
+                assert result.exit_code == 0, result
+        bare_ms, direct_ms, ours_ms = (statistics.median(x) * 1e3 for x in (bare, direct, ours))
+        confined = {
+            "confined_runs_each": runs * 2 // 3,
+            "confined_execute_median_ms": round(ours_ms, 3),
+            "bwrap_direct_median_ms": round(direct_ms, 3),
+            "confined_execute_vs_bwrap_direct": verdict(ours_ms / direct_ms, "<=", 1.3, 3),
+            "confined_execute_vs_subprocess_run": round(ours_ms / bare_ms, 2),
+        }
     with tempfile.TemporaryDirectory() as root:
         box = sandbox.FilesystemSandbox(root)
         bare, ours, capture = [], [], []
@@ -89,6 +119,7 @@ def bench_sandbox():
         "swallow_200MB_peak_rss_growth_MB": verdict(growth_mb, "<", 50, 1),
         "swallow_200MB_seconds": round(took, 2),
         "swallow_200MB_GB_per_s": round(0.2 / took, 2),
+        **confined,
     }
 
 # ---- redact (issue: secrets.py) ----

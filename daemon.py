@@ -179,7 +179,9 @@ class Daemon(pb_grpc.DaemonServicer):
                               created_at=time.time())
             try:
                 self._store(self._author(ex, phase=pb.PhaseChange(phase=pb.PENDING, model=ex.spec.model,
-                                                                  agent=ex.spec.agent.name)), [ex])
+                                                                   agent=ex.spec.agent.name,
+                                                                   sandbox_mode=ex.spec.sandbox_mode,
+                                                                   network=ex.spec.network)), [ex])
             except LogFull as e:
                 context.abort(Code.RESOURCE_EXHAUSTED, f"{e}; nothing was submitted")
             self._pending[ex.id] = None

@@ -203,8 +203,8 @@ class RedisLog:
         while True:
             execution_id = f"ex-{int(time.time()):08x}{os.urandom(3).hex()}"
             event = pb.Event(execution_id=execution_id, seq=1, time=time.time(),
-                             phase=pb.PhaseChange(phase=pb.PENDING, model=spec.model,
-                                                  agent=spec.agent.name))
+                             phase=pb.PhaseChange(phase=pb.PENDING, model=spec.model, agent=spec.agent.name,
+                                                  sandbox_mode=spec.sandbox_mode, network=spec.network))
             if self.run("submit", execution_id, spec.SerializeToString(), event.SerializeToString(), token,
                         queue=self.queue_for(spec.runner_id)) != 0:
                 return self.get(execution_id)

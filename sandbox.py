@@ -17,9 +17,26 @@
     kill_all()                               # at shutdown: SIGKILL every command still running
     guard_commands()                         # and even if this process is killed with SIGKILL
 
-The shell is NOT confined: execute() is plain host execution in the workspace
-directory. Only the file tools (ls, read, write, edit, glob, grep) are confined to the
-root, symlinks included. Each execute() is independent: no shell state carries over.
+execute() runs each command with /bin/sh in the workspace, confined by the operating system
+unless the sandbox's mode is "full-access" (the constructor's default, today's plain host
+execution; the runner chooses "workspace-write" where confinement works):
+
+    box = FilesystemSandbox("/tmp/work", mode="workspace-write", network=False,
+                            hide=credential_paths(os.path.expanduser("~")) + ["/home/me/.stigmer"])
+    problem = confinement_problem()          # None, or one line: why commands cannot be confined here
+
+- "workspace-write": the workspace and a private /tmp are writable, everything else is
+  read-only; the paths in `hide` (credentials, the runner's home) are empty or unreadable;
+  the network is off unless network=True.
+- "read-only": the same, with the workspace read-only too (write() and edit() refuse).
+- Linux uses bubblewrap (`bwrap`, from the distribution): read-only root, the workspace bound,
+  a private /tmp, minimal /proc and /dev, a new PID namespace that dies with the command (so a
+  background child never outlives it), a new network namespace. macOS uses Seatbelt
+  (`sandbox-exec` with the profile seatbelt_profile() writes; untested here). Elsewhere the
+  confined modes are refused.
+
+The file tools (ls, read, write, edit, glob, grep) are confined to the root in every mode,
+symlinks included. Each execute() is independent: no shell state carries over.
 When a command ends (or times out, or is cancelled) its process group is SIGKILLed, and
 so is anything it started that left the group (setsid, job control): each command runs
 with STIGMER_SANDBOX_RUN=<id> in its environment, and /proc names what still carries it.
@@ -40,6 +57,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -61,10 +79,28 @@ RUN_MARKER = "STIGMER_SANDBOX_RUN"  # set to a fresh id for each command; finds 
 EXECUTION_MARKER = "STIGMER_EXECUTION"  # the execution id, set by the worker: kill_marked finds its commands
 PROC_ROOT = "/proc"     # Linux's process table; elsewhere the sweeps find nothing and degrade quietly
 SWEEP_ROUNDS = 3        # /proc scans for processes that left the group (they may fork meanwhile)
+SANDBOX_MODES = ("read-only", "workspace-write", "full-access")  # what a command may write; names as Codex's
+CONFINED_MODES = ("read-only", "workspace-write")  # the modes the operating system enforces
+HIDDEN_IN_HOME = (".ssh", ".aws", ".config/gcloud", ".azure", ".kube", ".docker", ".gnupg", ".netrc",
+                  ".git-credentials")  # credentials a confined command never sees (credential_paths)
+BWRAP = "bwrap"         # Linux: bubblewrap, found on PATH (Debian and Ubuntu: apt install bubblewrap)
+SANDBOX_EXEC = "/usr/bin/sandbox-exec"  # macOS: Seatbelt
+CONFINED_ENV = {"TMPDIR": "/tmp"}  # inside bubblewrap /tmp is the private, writable temp directory
+# A failing confined command whose output says this probably wanted the network: its result says it is off.
+NETWORK_FAILURE = re.compile(
+    r"could not resolve|temporary failure in name resolution|name or service not known|name resolution|"
+    r"nodename nor servname|getaddrinfo|network is unreachable|no route to host|connection refused|"
+    r"failed to establish a new connection|unable to resolve host|enotfound|eai_again|couldn't connect|"
+    r"failed to connect|connection timed out", re.IGNORECASE)
+NETWORK_HINT = ("the network is off for commands in this sandbox ({mode}); if this command needed it, tell the "
+                "user: they can allow it with --network (or `network: true` in the agent file)")
+PROBE_TIMEOUT = 10.0    # seconds confinement_problem() gives bwrap to show it can make its namespaces
 
 _LIVE = set()           # process-group ids of commands running now, in any sandbox
 _LIVE_LOCK = threading.Lock()
 _GUARD = None           # the guardian's stdin (a pipe), once guard_commands() has started it
+_CONFINEMENT = {}       # what confinement_problem() found, once per process: {"problem": str or None}
+_CONFINEMENT_LOCK = threading.Lock()
 
 # The guardian: a child that outlives a SIGKILLed parent. It learns "+PGID MARKER" when a command
 # starts and "-PGID" when it ends; at EOF (its parent is gone, however it died) it SIGKILLs what is left.
@@ -201,6 +237,101 @@ def _signal_group(pgid, sig):
         pass
 
 
+# ---- OS confinement: bubblewrap on Linux, Seatbelt on macOS ----
+
+def credential_paths(home):
+    """The credential files and folders under the user's HOME that a confined command never sees."""
+    return [os.path.join(home, name) for name in HIDDEN_IN_HOME]
+
+
+def confinement_problem():
+    """None when this host can confine commands (the confined modes work); else one line saying why,
+    with the fix. Linux runs bwrap once to find out (user namespaces may be disabled); the answer is kept."""
+    with _CONFINEMENT_LOCK:
+        if "problem" not in _CONFINEMENT:
+            _CONFINEMENT["problem"] = _probe()
+        return _CONFINEMENT["problem"]
+
+
+def _probe():
+    if sys.platform == "darwin":
+        return None if os.path.exists(SANDBOX_EXEC) else f"{SANDBOX_EXEC} (Seatbelt) is missing on this Mac"
+    if not sys.platform.startswith("linux"):
+        return f"commands cannot be confined on {sys.platform}: only Linux (bubblewrap) and macOS (Seatbelt) can"
+    if shutil.which(BWRAP) is None:
+        return (f"commands cannot be confined: bubblewrap ({BWRAP}) is not installed: apt install bubblewrap "
+                "(dnf install bubblewrap, pacman -S bubblewrap)")
+    argv = bwrap_argv("/", "read-only", ["true"])
+    try:
+        probe = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               timeout=PROBE_TIMEOUT)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"commands cannot be confined: {BWRAP} did not run ({e})"
+    if probe.returncode == 0:
+        return None
+    said = (probe.stderr.decode("utf-8", "replace").strip().splitlines() or ["no message"])[-1]
+    return (f"commands cannot be confined: {BWRAP} cannot make its namespaces here ({said}); allow unprivileged "
+            "user namespaces (sysctl kernel.unprivileged_userns_clone=1; on Ubuntu 24.04 also "
+            "kernel.apparmor_restrict_unprivileged_userns=0)")
+
+
+def bwrap_argv(root, mode, command, *, network=False, hide=(), read_only=()):
+    """bubblewrap's argv running COMMAND (an argv list) confined in MODE with ROOT as the workspace: the root
+    file system read-only, ROOT writable in workspace-write, a private /tmp, minimal /proc and /dev, a new PID
+    namespace that ends with the command (--die-with-parent: and with the runner), no network unless
+    NETWORK. Existing paths in HIDE become an empty read-only tmpfs (folders) or unreadable (files); paths in
+    READ_ONLY (skill folders, the agent's files) are bound read-only. Mounts go parent first, so a hidden path
+    inside the workspace stays hidden and a workspace inside a hidden folder stays visible."""
+    argv = [BWRAP, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
+            "--unshare-pid", "--die-with-parent"]
+    if not network:
+        argv.append("--unshare-net")
+    mounts = []  # (depth, order at equal depth, arguments): hidden, then read-only, then the workspace
+    sealed = []  # hidden folders' tmpfs, made read-only once every mount point inside them exists
+    for path in hide:
+        real = os.path.realpath(path)
+        if os.path.isdir(real):
+            mounts.append((real, 0, ["--tmpfs", real]))
+            sealed += ["--remount-ro", real]
+        elif os.path.lexists(real):
+            mounts.append((real, 0, ["--ro-bind", "/dev/null", real]))
+    for path in read_only:
+        real = os.path.realpath(path)
+        if os.path.exists(real):
+            mounts.append((real, 1, ["--ro-bind", real, real]))
+    root = os.path.realpath(root)
+    if root != "/" or mode == "workspace-write":
+        mounts.append((root, 2, ["--bind" if mode == "workspace-write" else "--ro-bind", root, root]))
+    for _, _, args in sorted(mounts, key=lambda m: (_depth(m[0]), m[1])):
+        argv += args
+    return argv + sealed + ["--chdir", root, "--", *command]
+
+
+def _depth(path):
+    return 0 if path == "/" else path.count("/")
+
+
+def seatbelt_profile(root, mode, *, network=False, hide=(), read_only=(), temp_dirs=("/private/tmp",)):
+    """The Seatbelt (sandbox-exec) profile for MODE: writes only to ROOT (workspace-write), TEMP_DIRS and the
+    terminal devices, never to READ_ONLY; reads and writes of HIDE denied; no network unless NETWORK. Later
+    rules win in SBPL, so each denial follows what it narrows."""
+    def paths(kind, items, close):
+        rules = [f"    ({kind} " + '"' + os.path.realpath(p).replace("\\", "\\\\").replace('"', '\\"') + '")'
+                 for p in items]
+        return rules[:-1] + [rules[-1] + close] if rules else []
+    writable = [*temp_dirs] + ([root] if mode == "workspace-write" else [])
+    lines = ["(version 1)", "(allow default)", "(deny file-write*)", "(allow file-write*",
+             *paths("subpath", writable, ""),
+             '    (literal "/dev/null") (literal "/dev/zero") (literal "/dev/tty") (regex #"^/dev/fd/[0-9]+$"))']
+    if read_only:
+        lines += ["(deny file-write*", *paths("subpath", read_only, ")")]
+    if hide:
+        lines += ["(deny file-read* file-write*", *paths("subpath", hide, ")")]
+    if not network:
+        lines.append("(deny network*)")
+    return "\n".join(lines) + "\n"
+
+
 class _Capture:
     """Keeps the first and last bytes of a stream, counting what falls in between."""
 
@@ -233,9 +364,23 @@ class _Capture:
 
 
 class FilesystemSandbox:
-    """Runs commands and file tools in root_dir on this host."""
+    """Runs commands and file tools in root_dir on this host; commands confined by the OS unless
+    mode is "full-access" (see the module's docstring)."""
 
-    def __init__(self, root_dir, *, env=None, timeout=120.0, max_output_bytes=1_000_000):
+    def __init__(self, root_dir, *, env=None, timeout=120.0, max_output_bytes=1_000_000, mode="full-access",
+                 network=False, hide=(), read_only=()):
+        if mode not in SANDBOX_MODES:
+            raise SandboxError(f"mode must be one of {', '.join(SANDBOX_MODES)}, not {mode!r}")
+        if not isinstance(network, bool):
+            raise SandboxError(f"network must be True or False, not {network!r}")
+        for name, paths in (("hide", hide), ("read_only", read_only)):
+            if isinstance(paths, str) or any(not isinstance(p, str) or not os.path.isabs(p) or "\0" in p
+                                             for p in paths):
+                raise SandboxError(f"{name} must be a list of absolute paths, not {paths!r}")
+        if mode in CONFINED_MODES:
+            problem = confinement_problem()
+            if problem:
+                raise SandboxError(problem)
         os.makedirs(root_dir, exist_ok=True)
         self.root = os.path.realpath(root_dir)
         self.env = _check_env(env)
@@ -244,9 +389,31 @@ class FilesystemSandbox:
                 or max_output_bytes < 1:
             raise SandboxError(f"max_output_bytes must be a positive integer, not {max_output_bytes!r}")
         self.max_output_bytes = max_output_bytes
+        self.mode, self.network = mode, network
+        self.hide, self.read_only = tuple(hide), tuple(read_only)
+        self._hidden_real = tuple(os.path.realpath(p) for p in hide)  # the file tools refuse these too
+        self._bwrap = mode in CONFINED_MODES and sys.platform != "darwin"
 
     def __repr__(self):
-        return f"FilesystemSandbox({self.root!r})"
+        return f"FilesystemSandbox({self.root!r}, mode={self.mode!r})"
+
+    def _check_writable(self, path):
+        if self.mode == "read-only":
+            raise SandboxError(f"cannot write {path}: this sandbox is read-only (sandbox mode read-only); "
+                               "say what you would change instead")
+
+    def _command_argv(self, command):
+        """The argv that runs command in this sandbox's mode; None: the plain shell (full-access)."""
+        shell = ["/bin/sh", "-c", command]
+        if self.mode == "full-access":
+            return None
+        if self._bwrap:
+            return bwrap_argv(self.root, self.mode, shell, network=self.network, hide=self.hide,
+                              read_only=self.read_only)
+        temp = ("/private/tmp", "/private/var/folders", os.path.realpath(tempfile.gettempdir()))
+        profile = seatbelt_profile(self.root, self.mode, network=self.network, hide=self.hide,
+                                   read_only=self.read_only, temp_dirs=temp)
+        return [SANDBOX_EXEC, "-p", profile, *shell]
 
     # ---- shell ----
 
@@ -258,6 +425,7 @@ class FilesystemSandbox:
             raise SandboxError("command must not contain a NUL byte")
         timeout = self.timeout if timeout is None else _check_timeout(timeout)
         environment = self._environment(_check_env(env))
+        argv = self._command_argv(command)
         marker = os.urandom(8).hex()
         environment[os.fsencode(RUN_MARKER)] = marker.encode()
         start = time.monotonic()
@@ -265,26 +433,43 @@ class FilesystemSandbox:
             return ExecutionResult(130, "", "cancelled before it started\n", False, False, 0.0, True)
         out_r, out_w = os.pipe()  # our own pipes: cheaper than Popen's file objects
         err_r, err_w = os.pipe()
+        info_r, info_w = os.pipe() if self._bwrap else (None, None)  # bwrap tells its namespace's init
+        if info_w is not None:
+            argv[1:1] = ["--info-fd", str(info_w)]
+        # Its own process group, and its own session (no terminal to reach) when this process has a terminal.
+        # Without one, a process group alone: a new session costs a new scheduler autogroup, which doubles
+        # the time a short command takes on a busy machine.
+        group = {"process_group": 0} if sys.version_info >= (3, 11) and not _has_terminal() \
+            else {"start_new_session": True}
         try:
-            proc = subprocess.Popen(command, shell=True, cwd=self.root, env=environment,
+            proc = subprocess.Popen(argv or command, shell=argv is None, cwd=self.root, env=environment,
                                     stdin=subprocess.DEVNULL, stdout=out_w, stderr=err_w,
-                                    start_new_session=True)
+                                    pass_fds=(info_w,) if info_w is not None else (), **group)
         except OSError as e:  # e.g. the workspace was deleted, or no file descriptors left
-            for fd in (out_r, out_w, err_r, err_w):
-                os.close(fd)
+            for fd in (out_r, out_w, err_r, err_w, info_r, info_w):
+                if fd is not None:
+                    os.close(fd)
             return ExecutionResult(127, "", f"could not start the command: {e}\n",
                                    False, False, time.monotonic() - start)
         os.close(out_w)
         os.close(err_w)
-        pid = proc.pid  # start_new_session: also the id of the command's process group
+        pid = proc.pid  # also the id of the command's process group
+        ns_init = None
+        if info_w is not None:
+            os.close(info_w)
+            ns_init = _namespace_init(info_r)  # closes info_r
         with _LIVE_LOCK:
             _LIVE.add(pid)
             _tell_guard(b"+%d %s" % (pid, marker.encode()))
         out, err = _Capture(self.max_output_bytes), _Capture(self.max_output_bytes)
-        sweeper = _Sweeper(pid, marker, start)
+        # In bubblewrap nothing can leave: the PID namespace ends, everything in it killed, before bwrap exits.
+        sweeper = _Sweeper(pid, marker, start, active=not self._bwrap)
         try:
+            # In bubblewrap, SIGTERM goes to the command's processes but not to bwrap's own two: the PID
+            # namespace ends with them, so the command would lose the grace it has outside.
+            terminate = (lambda: _terminate_group(pid, spare_bwrap=True)) if self._bwrap else None
             outcome, abandoned = _pump(pid, {out_r: out, err_r: err}, start + timeout, cancel,
-                                       sweeper.sweep)
+                                       sweeper.sweep, terminate)
         finally:
             # The shell is exited but not yet reaped, so its pid (the group id) cannot have
             # been reused: this SIGKILL reaches only what this command started.
@@ -298,6 +483,9 @@ class FilesystemSandbox:
                 os.close(out_r)
                 os.close(err_r)
                 proc.wait()
+                if ns_init is not None:  # bwrap exits before its namespace's init: wait until all have ended
+                    _wait_fd(ns_init, EOF_GRACE)
+                    os.close(ns_init)
         stdout, out_cut = out.result()
         stderr, err_cut = err.result()
         code = proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
@@ -321,13 +509,17 @@ class FilesystemSandbox:
         for note in filter(None, notes):
             stderr += ("\n" if stderr and not stderr.endswith("\n") else "") + f"[{note}]\n"
         code = {"timed_out": 124, "cancelled": 130}.get(outcome, code)
+        if code and outcome is None and self.mode != "full-access" and not self.network \
+                and NETWORK_FAILURE.search(stdout + stderr):
+            stderr += ("\n" if stderr and not stderr.endswith("\n") else "") + \
+                f"[{NETWORK_HINT.format(mode=self.mode)}]\n"
         return ExecutionResult(code, stdout, stderr, outcome == "timed_out", out_cut or err_cut,
                                time.monotonic() - start, outcome == "cancelled")
 
     def _environment(self, env):
         # Bytes throughout: copying os.environ's raw dict is ~40x cheaper than dict(os.environ).
         merged = dict(getattr(os.environb, "_data", None) or os.environb)
-        for layer in (NON_INTERACTIVE, self.env, env):
+        for layer in (NON_INTERACTIVE, CONFINED_ENV if self._bwrap else {}, self.env, env):
             for name, value in layer.items():
                 if value is None:
                     merged.pop(os.fsencode(name), None)
@@ -358,6 +550,7 @@ class FilesystemSandbox:
     def write(self, path, content) -> None:
         """Write UTF-8 text atomically, creating parent directories and keeping permissions."""
         _check_write_args(path, content)
+        self._check_writable(path)
         full = self._resolve(path)
         if os.path.isdir(full):
             raise SandboxError(f"{path} is a directory")
@@ -373,6 +566,7 @@ class FilesystemSandbox:
         does not occur as given is matched with CRLF endings, and new is written with them.
         """
         _check_edit_args(old, new)
+        self._check_writable(path)
         text = self._read_text(path, "surrogateescape")  # undecodable bytes survive the round trip
         text, count = _replace(text, path, old, new, replace_all)
         try:
@@ -396,7 +590,7 @@ class FilesystemSandbox:
         for rel, full, _ in _walk(base, time.monotonic() + SEARCH_TIMEOUT, dirs=True):
             if regex.match(rel) and self._inside(os.path.realpath(full)):
                 found.append(os.path.relpath(full, self.root))
-        return sorted(found)
+        return sorted(f for f in found if self._visible(os.path.join(self.root, f)))
 
     def grep(self, pattern, path=".", glob=None, max_count=1000) -> list:
         """(path, line number, line) for lines containing pattern literally, sorted.
@@ -423,7 +617,7 @@ class FilesystemSandbox:
             hits = self._grep_rg(rg, pattern, base, glob, keep, max_count, deadline)
         else:
             hits = self._grep_python(pattern, base, keep, max_count, deadline)
-        return sorted(hits, key=lambda h: (h[0], h[1]))
+        return sorted((h for h in hits if self._visible(os.path.join(self.root, h[0]))), key=lambda h: (h[0], h[1]))
 
     def _grep_python(self, pattern, base, keep, max_count, deadline):
         needle = pattern.encode("utf-8", errors="surrogateescape")
@@ -518,7 +712,17 @@ class FilesystemSandbox:
         except OSError as e:
             if e.errno == errno.ELOOP:
                 raise SandboxError(f"{path} is a symlink loop") from None
+        if not self._visible(real):
+            raise SandboxError(f"{path} is hidden from the agent in this sandbox (credentials, the runner's home): "
+                               "leave it alone, or ask the user")
         return real
+
+    def _visible(self, full):
+        """False for a path under one of the hidden paths (confined modes only: full-access hides nothing)."""
+        if self.mode == "full-access" or not self.hide:
+            return True
+        real = os.path.realpath(full)
+        return not any(real == h or real.startswith(h.rstrip(os.sep) + os.sep) for h in self._hidden_real)
 
     def _inside(self, real):
         return real == self.root or real.startswith(self.root.rstrip(os.sep) + os.sep)
@@ -540,10 +744,11 @@ class FilesystemSandbox:
 
 # ---- helpers ----
 
-def _pump(pid, streams, deadline, cancel, sweep):
+def _pump(pid, streams, deadline, cancel, sweep, terminate=None):
     """Read the pipes in streams (fd -> _Capture) until EOF and the shell's exit; returns
     (outcome, abandoned): outcome is None, 'timed_out', 'cancelled' or 'lingering', abandoned
-    is True if something still held a pipe when we gave up. sweep() kills what left the group.
+    is True if something still held a pipe when we gave up. sweep() kills what left the group;
+    terminate() (default: SIGTERM to the group) asks the command to stop on a timeout or cancel.
     Leaves the shell unreaped, so its group id stays reserved."""
     poller = select.poll()
     for fd in streams:
@@ -563,7 +768,7 @@ def _pump(pid, streams, deadline, cancel, sweep):
             elif outcome is None and now >= deadline:
                 outcome = "timed_out"
             if outcome in ("cancelled", "timed_out") and kill_at is None and give_up_at is None:
-                _signal_group(pid, signal.SIGTERM)
+                (terminate or (lambda: _signal_group(pid, signal.SIGTERM)))()
                 kill_at = now + KILL_GRACE
             if exited and streams and eof_by is None:
                 eof_by = now + EOF_GRACE
@@ -606,6 +811,70 @@ def _pump(pid, streams, deadline, cancel, sweep):
     return outcome, bool(streams)
 
 
+def _namespace_init(info_fd):
+    """A pidfd of the init of bwrap's PID namespace, from the JSON bwrap writes to --info-fd (INFO_FD, which
+    is closed here); None when unknown. When it exits, every process of the namespace has ended."""
+    data = b""
+    try:
+        while True:
+            chunk = os.read(info_fd, 4096)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        os.close(info_fd)
+    try:
+        child = int(json.loads(data)["child-pid"])
+        handle = os.pidfd_open(child)
+    except (ValueError, KeyError, TypeError, AttributeError, OSError):
+        return None  # bwrap failed before making it, or it has gone already (or no pidfds)
+    try:  # the pid is still that init (not reused): pid 1 of its own namespace
+        with open(f"{PROC_ROOT}/{child}/status", "rb") as f:
+            if re.search(rb"^NSpid:\s+\d+\s+1\s*$", f.read(), re.MULTILINE):
+                return handle
+    except OSError:
+        pass
+    os.close(handle)
+    return None
+
+
+def _has_terminal():
+    """True when this process has a controlling terminal (a command in its session could open /dev/tty)."""
+    try:
+        fd = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+def _wait_fd(fd, timeout):
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    poller.poll(int(timeout * 1000))
+
+
+def _terminate_group(group, spare_bwrap):
+    """SIGTERM every process in the process group GROUP; with SPARE_BWRAP, not bwrap itself (the group's
+    leader) nor the init of its PID namespace (the leader's child), whose exit would SIGKILL the rest at once.
+    Without /proc, the whole group."""
+    try:
+        pids = [int(n) for n in os.listdir(PROC_ROOT) if n.isdigit()]
+    except OSError:
+        pids = None
+    if pids is None or not spare_bwrap:
+        return _signal_group(group, signal.SIGTERM)
+    for pid in pids:
+        try:
+            with open(f"{PROC_ROOT}/{pid}/stat", "rb") as f:
+                fields = f.read().rpartition(b")")[2].split()
+            if int(fields[2]) != group or pid == group or int(fields[1]) == group:
+                continue
+            os.kill(pid, signal.SIGTERM)
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile, or not ours
+
+
 _NS_LAST_PID = None     # an fd kept open on /proc/sys/kernel/ns_last_pid: pread is ~10x cheaper
 _NS_LAST_PID_LOCK = threading.Lock()
 
@@ -638,14 +907,14 @@ class _Sweeper:
     environment (env -i) or runs as another user is not found.
     """
 
-    def __init__(self, group, marker, start):
-        self.group, self.start = group, start
+    def __init__(self, group, marker, start, active=True):
+        self.group, self.start, self.active = group, start, active
         self.needle = os.fsencode(RUN_MARKER) + b"=" + marker.encode() + b"\0"
         self.killed = self.failed = 0
         self._seen = set()
 
     def sweep(self):
-        for _ in range(SWEEP_ROUNDS):
+        for _ in range(SWEEP_ROUNDS if self.active else 0):
             found = 0
             for pid in self._candidates():
                 found += self._kill_if_ours(pid)

@@ -23,7 +23,7 @@ FAILED: Phase
 CANCELLED: Phase
 
 class ExecutionSpec(_message.Message):
-    __slots__ = ("prompt", "workspace", "model", "max_turns", "secret_names", "max_tokens_total", "runner_id", "repo", "ref", "keep_sandbox", "sandbox", "parent_id", "agent", "project_docs")
+    __slots__ = ("prompt", "workspace", "model", "max_turns", "secret_names", "max_tokens_total", "runner_id", "repo", "ref", "keep_sandbox", "sandbox", "parent_id", "agent", "project_docs", "sandbox_mode", "network")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     WORKSPACE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +38,8 @@ class ExecutionSpec(_message.Message):
     PARENT_ID_FIELD_NUMBER: _ClassVar[int]
     AGENT_FIELD_NUMBER: _ClassVar[int]
     PROJECT_DOCS_FIELD_NUMBER: _ClassVar[int]
+    SANDBOX_MODE_FIELD_NUMBER: _ClassVar[int]
+    NETWORK_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     workspace: str
     model: str
@@ -52,7 +54,9 @@ class ExecutionSpec(_message.Message):
     parent_id: str
     agent: AgentSpec
     project_docs: _containers.RepeatedCompositeFieldContainer[ProjectDoc]
-    def __init__(self, prompt: _Optional[str] = ..., workspace: _Optional[str] = ..., model: _Optional[str] = ..., max_turns: _Optional[int] = ..., secret_names: _Optional[_Iterable[str]] = ..., max_tokens_total: _Optional[int] = ..., runner_id: _Optional[str] = ..., repo: _Optional[str] = ..., ref: _Optional[str] = ..., keep_sandbox: _Optional[bool] = ..., sandbox: _Optional[str] = ..., parent_id: _Optional[str] = ..., agent: _Optional[_Union[AgentSpec, _Mapping]] = ..., project_docs: _Optional[_Iterable[_Union[ProjectDoc, _Mapping]]] = ...) -> None: ...
+    sandbox_mode: str
+    network: bool
+    def __init__(self, prompt: _Optional[str] = ..., workspace: _Optional[str] = ..., model: _Optional[str] = ..., max_turns: _Optional[int] = ..., secret_names: _Optional[_Iterable[str]] = ..., max_tokens_total: _Optional[int] = ..., runner_id: _Optional[str] = ..., repo: _Optional[str] = ..., ref: _Optional[str] = ..., keep_sandbox: _Optional[bool] = ..., sandbox: _Optional[str] = ..., parent_id: _Optional[str] = ..., agent: _Optional[_Union[AgentSpec, _Mapping]] = ..., project_docs: _Optional[_Iterable[_Union[ProjectDoc, _Mapping]]] = ..., sandbox_mode: _Optional[str] = ..., network: _Optional[bool] = ...) -> None: ...
 
 class ProjectDoc(_message.Message):
     __slots__ = ("path", "text", "size", "truncated")
@@ -100,14 +104,16 @@ class AgentSpec(_message.Message):
     def __init__(self, description: _Optional[str] = ..., icon_url: _Optional[str] = ..., instructions: _Optional[str] = ..., mcp_servers: _Optional[_Iterable[_Union[McpServerDefinition, _Mapping]]] = ..., skill_refs: _Optional[_Iterable[_Union[SkillRef, _Mapping]]] = ..., sub_agents: _Optional[_Iterable[_Union[SubAgent, _Mapping]]] = ..., env_spec: _Optional[_Union[EnvironmentSpec, _Mapping]] = ..., name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., source: _Optional[str] = ..., config: _Optional[_Union[AgentConfig, _Mapping]] = ...) -> None: ...
 
 class AgentConfig(_message.Message):
-    __slots__ = ("model", "temperature", "max_tokens")
+    __slots__ = ("model", "temperature", "max_tokens", "network")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NETWORK_FIELD_NUMBER: _ClassVar[int]
     model: str
     temperature: float
     max_tokens: int
-    def __init__(self, model: _Optional[str] = ..., temperature: _Optional[float] = ..., max_tokens: _Optional[int] = ...) -> None: ...
+    network: bool
+    def __init__(self, model: _Optional[str] = ..., temperature: _Optional[float] = ..., max_tokens: _Optional[int] = ..., network: _Optional[bool] = ...) -> None: ...
 
 class McpServerDefinition(_message.Message):
     __slots__ = ("name", "stdio", "http", "docker", "enabled_tools")
@@ -326,20 +332,24 @@ class Execution(_message.Message):
     def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[ExecutionSpec, _Mapping]] = ..., phase: _Optional[_Union[Phase, str]] = ..., created_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., runner_id: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., final_text: _Optional[str] = ..., error: _Optional[str] = ..., last_seq: _Optional[int] = ..., turns: _Optional[int] = ...) -> None: ...
 
 class PhaseChange(_message.Message):
-    __slots__ = ("phase", "reason", "final_text", "turns", "model", "agent")
+    __slots__ = ("phase", "reason", "final_text", "turns", "model", "agent", "sandbox_mode", "network")
     PHASE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     FINAL_TEXT_FIELD_NUMBER: _ClassVar[int]
     TURNS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     AGENT_FIELD_NUMBER: _ClassVar[int]
+    SANDBOX_MODE_FIELD_NUMBER: _ClassVar[int]
+    NETWORK_FIELD_NUMBER: _ClassVar[int]
     phase: Phase
     reason: str
     final_text: str
     turns: int
     model: str
     agent: str
-    def __init__(self, phase: _Optional[_Union[Phase, str]] = ..., reason: _Optional[str] = ..., final_text: _Optional[str] = ..., turns: _Optional[int] = ..., model: _Optional[str] = ..., agent: _Optional[str] = ...) -> None: ...
+    sandbox_mode: str
+    network: bool
+    def __init__(self, phase: _Optional[_Union[Phase, str]] = ..., reason: _Optional[str] = ..., final_text: _Optional[str] = ..., turns: _Optional[int] = ..., model: _Optional[str] = ..., agent: _Optional[str] = ..., sandbox_mode: _Optional[str] = ..., network: _Optional[bool] = ...) -> None: ...
 
 class TextDelta(_message.Message):
     __slots__ = ("text",)

@@ -185,13 +185,31 @@ class Renderer:
         self.out(f"\n{mark}{reason}\n", err=phase_name != "COMPLETED")
         self.out(self.paint("2", f"  {plural(execution.turns, 'turn')} · {u.input_tokens:,} in / {u.output_tokens:,} out tokens · "
                                  f"cache {u.cache_read_tokens:,} read{hit}, {u.cache_write_tokens:,} written · "
-                                 f"{elapsed:.1f} s · {execution.spec.model or 'default model'}{agent_part(execution)} · "
-                                 f"{execution.id}") + "\n")
+                                 f"{elapsed:.1f} s · {execution.spec.model or 'default model'}{agent_part(execution)}"
+                                 f"{sandbox_part(execution.spec)} · {execution.id}") + "\n")
         if self.cleared:
             results = sum(c.results for c in self.cleared)
             times = f" in {len(self.cleared)} steps" if len(self.cleared) > 1 else ""
             self.out(self.paint("2", f"  context: {results} old tool result{'s' if results > 1 else ''} cleared{times} "
                                      f"to stay inside the {self.cleared[-1].window:,}-token window") + "\n")
+
+
+def sandbox_label(spec):
+    """How an execution's commands were confined, in a few words (`workspace-write, network off`); empty for
+    an execution that does not say (submitted by an older client)."""
+    if not spec.sandbox_mode:
+        return ""
+    if spec.sandbox == "daytona":
+        return f"Daytona sandbox ({spec.sandbox_mode} recorded)"
+    if spec.sandbox_mode == "full-access":
+        return "full-access (not confined)"
+    return f"{spec.sandbox_mode}, network {'on' if spec.network else 'off'}"
+
+
+def sandbox_part(spec):
+    """` · workspace-write, network off` for the summary line, or nothing."""
+    label = sandbox_label(spec)
+    return f" · {label}" if label else ""
 
 
 def agent_part(execution):
@@ -242,15 +260,16 @@ def run_dict(execution, mode, endpoint):
     """The first object of `run --json`: what runs where."""
     spec = execution.spec
     return {"kind": "run", "execution_id": execution.id, "model": spec.model, "agent": spec.agent.name,
-            "workspace": spec.workspace, "mode": mode, "endpoint": endpoint, "prompt": spec.prompt}
+            "workspace": spec.workspace, "mode": mode, "endpoint": endpoint, "prompt": spec.prompt,
+            "sandbox_mode": spec.sandbox_mode, "network": spec.network}
 
 
 def summary_dict(execution, phase_name, elapsed):
     """The last object of `run --json`: how it ended."""
     u = execution.usage
     return {"kind": "summary", "execution_id": execution.id, "model": execution.spec.model,
-            "agent": execution.spec.agent.name, "phase": phase_name,
-            "turns": execution.turns,
+            "agent": execution.spec.agent.name, "phase": phase_name, "sandbox_mode": execution.spec.sandbox_mode,
+            "network": execution.spec.network, "turns": execution.turns,
             "usage": {"input_tokens": u.input_tokens, "output_tokens": u.output_tokens,
                       "cache_read_tokens": u.cache_read_tokens, "cache_write_tokens": u.cache_write_tokens},
             "duration_s": round(elapsed, 3), "final_text": execution.final_text, "error": execution.error}
@@ -307,15 +326,18 @@ def print_executions(executions, json_lines, phase=None):
               f"{ex.spec.prompt.splitlines()[0][:60] if ex.spec.prompt else ''}")
 
 
-def print_status(st, processes, endpoint, json_lines, running=(), background=True):
+def print_status(st, processes, endpoint, json_lines, running=(), background=True, sandbox=None):
     """`status`: the daemon's pb.DaemonStatus, our background PROCESSES (name -> pid or None), the RUNNING
-    executions, and whether the daemon is a BACKGROUND one (`start`) or lives inside a foreground run."""
+    executions, whether the daemon is a BACKGROUND one (`start`) or lives inside a foreground run, and
+    SANDBOX: {"mode": the mode a run gets here by default, "confinement": None or why commands cannot be confined}."""
     if json_lines:
         from google.protobuf.json_format import MessageToDict
         status = MessageToDict(st, preserving_proto_field_name=True)
         status["executions_by_phase"] = {k: int(v) for k, v in status.get("executions_by_phase", {}).items()}
         print(json.dumps({**status, "processes": processes, "started_by": "start" if background else "foreground run",
-                          "running": [{"id": ex.id, "prompt": ex.spec.prompt} for ex in running]}))
+                          "sandbox": sandbox or {},
+                          "running": [{"id": ex.id, "prompt": ex.spec.prompt, "sandbox_mode": ex.spec.sandbox_mode,
+                                       "network": ex.spec.network} for ex in running]}))
         return
     phases = ", ".join(f"{k.lower()} {v}" for k, v in sorted(st.executions_by_phase.items())) or "none"
     if st.pid:
@@ -325,8 +347,12 @@ def print_status(st, processes, endpoint, json_lines, running=(), background=Tru
         print(f"cloud mode {st.version}: Redis at {endpoint}, up {st.uptime_seconds:.0f} s")
     print(f"runners connected: {st.connected_runners} (free slots {st.free_capacity}); queue: {st.queue_depth}")
     print(f"executions: {phases}")
+    if sandbox:
+        print(f"commands: {sandbox['mode']} by default" + (f" (cannot be confined here: {sandbox['confinement']})"
+                                                           if sandbox.get("confinement") else ""))
     for ex in running:
-        print(f"  running {ex.id}  {json.dumps((ex.spec.prompt.splitlines() or [''])[0][:60], ensure_ascii=False)}")
+        print(f"  running {ex.id}  {sandbox_label(ex.spec) or '-'}  "
+              f"{json.dumps((ex.spec.prompt.splitlines() or [''])[0][:60], ensure_ascii=False)}")
     for name, pid in processes.items():
         print(f"  {name}: {'pid ' + str(pid) if pid else 'not running'}")
 

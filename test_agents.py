@@ -110,6 +110,8 @@ BAD_FILES = [
      "github is not one of spec.mcpServers", 10),
     (agent_text(spec="  instructions: You help with whatever the task is.\n  config: {temperature: hot}\n"),
      "spec.config.temperature must be a number", 7),
+    (agent_text(spec="  instructions: You help with whatever the task is.\n  config: {network: 'yes'}\n"),
+     "spec.config.network must be true or false", 7),
 ]
 
 
@@ -127,6 +129,12 @@ class AgentFileTest(TempDir):
         self.assertEqual((spec.config.model, spec.config.temperature, spec.config.max_tokens),
                          ("claude-3-5-sonnet-20241022", 0.7, 2000))
         self.assertEqual(agents.unsupported(spec), ["mcpServers"])
+        self.assertFalse(spec.config.network)  # commands get the network only when a file says so
+
+    def test_config_network_lets_commands_use_the_network(self):
+        spec = self.load(agent_text(spec="  instructions: You help with whatever the task is.\n"
+                                         "  config: {model: openai/gpt-4.1, network: true}\n"))
+        self.assertEqual((spec.config.model, spec.config.network), ("openai/gpt-4.1", True))
 
     def test_inline_definitions_skill_refs_and_sub_agents_are_carried(self):
         spec = self.load(agent_text(spec="""  instructions: You help with whatever the task is.

@@ -19,12 +19,14 @@ import unittest
 
 import redis_backend as rb
 import stigmer_pb2 as pb
-from testsupport import FAKE_KEY, HERE, FakeAnthropic, pid_alive, run_cli, text_step, tool_step, wait_for
+from testsupport import (FAKE_KEY, HERE, FakeAnthropic, pid_alive, run_cli, running, sleep_tag, text_step, tool_step,
+                         wait_for)
 from testsupport_redis import RedisServer, requires_redis
 
 LEASE_TTL = 5.0  # seconds; heartbeats every 1.7 s: short enough to see a lost worker, long for a busy machine
 _prefixes = itertools.count()
-SLOW = ("if [ -f slow ]; then echo $$ > shell.pid; sleep 30 & echo $! > sleep.pid; wait; fi; echo ok")
+SLOW_TAG = sleep_tag()  # the slow command's sleep, found on the host by its command line (see slow_pids)
+SLOW = (f"if [ -f slow ]; then sleep {SLOW_TAG} & echo $! > sleep.pid; wait; fi; echo ok")
 TERMINAL = (pb.COMPLETED, pb.FAILED, pb.CANCELLED)
 
 
@@ -142,10 +144,14 @@ class CloudCase(unittest.TestCase):
         return events
 
     def slow_pids(self, tag):
-        """(shell pid, sleep pid) of the slow command in TAG's workspace, once it has written both."""
+        """Host pids of the slow command in TAG's workspace (its shell, its sleep, the bwrap around them when
+        confined), once its sleep has started: found by the sleep's command line, since a confined command's
+        `$!` is a pid of its own PID namespace."""
         folder = os.path.join(self.tmp, tag)
         wait_for(lambda: read(os.path.join(folder, "sleep.pid")).strip(), 90, "the slow command to start")
-        return [int(read(os.path.join(folder, n))) for n in ("shell.pid", "sleep.pid")]
+        pids = running(SLOW_TAG)
+        self.assertTrue(pids, "the slow command's processes are not to be found")
+        return pids
 
 
 class ScaleOutTest(CloudCase):

@@ -283,6 +283,8 @@ class CliTest(CliCase):
         self.assertNotIn(KEY, proc.stdout + proc.stderr)
         for folder, _, files in os.walk(self.home):  # database, logs: no Daytona key anywhere
             for name in files:
+                if not os.path.isfile(os.path.join(folder, name)):
+                    continue  # the daemon's socket
                 with open(os.path.join(folder, name), "rb") as f:
                     self.assertNotIn(KEY.encode(), f.read(), name)
 

@@ -16,7 +16,7 @@ import unittest
 
 import runner
 from testsupport import (FAKE_KEY, HERE, FakeAnthropic, assert_one_line, files_containing, free_port, pid_alive, run_cli,
-                         text_step, tool_step, wait_for)
+                         running, sleep_tag, text_step, tool_step, wait_for)
 
 KEY_VARS = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "OPENAI_API_KEY", "STIGMER_SANDBOX_SECRETS", "MODE", "ENV",
             "STIGMER_MODEL", "SANDBOX_ROOT_DIR", "NO_COLOR", "STIGMER_SANDBOX", "DAYTONA_API_KEY")
@@ -238,7 +238,8 @@ def rest_of_output(proc, timeout):
 
 
 class CancelTest(CliCase):
-    script = [tool_step(("execute", {"command": "echo $$ > shell.pid; sleep 60 & echo $! > sleep.pid; wait"})),
+    TAG = sleep_tag()  # found on the host by its command line: a confined command's $! is its namespace's pid
+    script = [tool_step(("execute", {"command": f"sleep {TAG} & echo $! > sleep.pid; wait"})),
               text_step("never reached")]
 
     def test_sigint_cancels_and_leaves_no_process(self):
@@ -273,7 +274,7 @@ class CancelTest(CliCase):
         try:
             sleep_pid_file = os.path.join(self.workspace, "sleep.pid")
             wait_for(lambda: os.path.exists(sleep_pid_file) and read(sleep_pid_file).strip())
-            pids = [int(read(os.path.join(self.workspace, n))) for n in ("shell.pid", "sleep.pid")]
+            pids = running(self.TAG)  # the shell, the sleep (and the bwrap around them)
             workers = children(proc.pid)
             self.assertTrue(workers)
             self.assertTrue(all(pid_alive(p) for p in pids + workers))

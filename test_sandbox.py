@@ -5,7 +5,11 @@
 The behaviour both sandboxes share (the *Behaviour mixins) runs against FilesystemSandbox and
 against DaytonaSandbox (the real daytona SDK and a loopback stand-in of Daytona's HTTP API that
 runs the commands for real, see testsupport_daytona.py). Host-only tests (process groups,
-setsid sweeps, FIFOs, symlinks, rg) run against FilesystemSandbox alone.
+setsid sweeps, FIFOs, symlinks, rg) run against FilesystemSandbox alone. The execute()
+behaviour runs in every mode: full-access, and confined by the real `bwrap` in workspace-write
+and read-only (skipped, saying why, where bwrap cannot run); ConfinementTest checks what the
+confinement keeps out. Processes are found by a unique tag in their command line, since a
+confined command sees the pids of its own PID namespace.
 """
 import errno
 import os
@@ -17,10 +21,12 @@ import textwrap
 import threading
 import time
 import unittest
+import uuid
 from unittest import mock
 
 import sandbox
 from sandbox import ExecutionResult, FilesystemSandbox, SandboxError
+from testsupport import running, sleep_tag, survivors
 
 HANG = 15  # seconds; a call that takes longer than this has hung (the commands sleep 30-60 s)
 
@@ -43,6 +49,8 @@ def alive(pid):
 
 
 class SandboxCase(unittest.TestCase):
+    mode = "full-access"  # FilesystemSandbox's mode in this case's sandboxes
+
     def setUp(self):
         tmp = tempfile.TemporaryDirectory()
         self.addCleanup(tmp.cleanup)
@@ -51,7 +59,7 @@ class SandboxCase(unittest.TestCase):
         self.box = self.make_sandbox(self.root)
 
     def make_sandbox(self, root, **kwargs):
-        return FilesystemSandbox(root, **kwargs)
+        return FilesystemSandbox(root, **{"mode": self.mode, **kwargs})
 
     def path(self, *parts):
         return os.path.join(self.root, *parts)
@@ -62,19 +70,6 @@ class SandboxCase(unittest.TestCase):
         with open(full, "wb") as f:
             f.write(data if isinstance(data, bytes) else data.encode())
         return full
-
-    def pid_from(self, name):
-        deadline = time.monotonic() + HANG
-        while time.monotonic() < deadline:
-            try:
-                with open(self.path(name)) as f:
-                    text = f.read().strip()
-                if text:
-                    return int(text)
-            except FileNotFoundError:
-                pass
-            time.sleep(0.02)
-        self.fail(f"{name} was never written")
 
 
 class ExecuteBehaviour:
@@ -138,43 +133,47 @@ class ExecuteBehaviour:
         self.assertIn("timed out after 0.5 s", r.stderr)
 
     def test_background_child_holding_pipes_does_not_hang(self):
+        tag = sleep_tag()
         t = time.monotonic()
-        r = self.box.execute("sleep 60 & echo started $!")
+        r = self.box.execute(f"sleep {tag} & echo started $!")
         self.assertLess(time.monotonic() - t, HANG)
         self.assertEqual(r.exit_code, 0)
         self.assertFalse(r.timed_out)
         self.assertTrue(r.stdout.startswith("started "))
-        self.assertFalse(alive(int(r.stdout.split()[1])), "background sleep survived")
+        self.assertEqual(survivors(tag), [], "background sleep survived")
 
     def test_detached_background_child_is_killed_after_normal_exit(self):
-        r = self.box.execute("sleep 60 >/dev/null 2>&1 & echo $!")
+        tag = sleep_tag()
+        r = self.box.execute(f"sleep {tag} >/dev/null 2>&1 & echo $!")
         self.assertEqual(r.exit_code, 0)
-        self.assertFalse(alive(int(r.stdout)), "background sleep survived")
+        self.assertTrue(r.stdout.strip().isdigit())
+        self.assertEqual(survivors(tag), [], "background sleep survived")
 
     def test_timeout_kills_whole_process_tree(self):
-        script = textwrap.dedent("""
-            import os, subprocess, time
-            open("child.pid", "w").write(str(os.getpid()))
-            g = subprocess.Popen(["sleep", "60"])
-            open("grandchild.pid", "w").write(str(g.pid))
+        tag = sleep_tag()
+        script = textwrap.dedent(f"""
+            import subprocess, sys, time
+            subprocess.Popen(["sleep", "{tag}"])
+            print("ready", flush=True)
             time.sleep(60)
         """)
         self.put("tree.py", script)
-        r = self.box.execute(f"{sys.executable} tree.py", timeout=1)
+        r = self.box.execute(f"{sys.executable} tree.py {tag}", timeout=2)
         self.assertTrue(r.timed_out)
-        for name in ("child.pid", "grandchild.pid"):
-            self.assertFalse(alive(self.pid_from(name)), f"{name} survived")
+        self.assertEqual(r.stdout, "ready\n")  # the child and grandchild were running
+        self.assertEqual(survivors(tag), [], "the child or the grandchild survived")
 
     def test_sigterm_trap_gets_sigkill(self):
-        self.put("stubborn.py", "import os, signal, time\n"
+        tag = sleep_tag()
+        self.put("stubborn.py", "import signal, time\n"
                                 "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
-                                "open('stubborn.pid', 'w').write(str(os.getpid()))\n"
+                                "print('ready', flush=True)\n"
                                 "time.sleep(60)\n")
         t = time.monotonic()
-        r = self.box.execute(f"exec {sys.executable} stubborn.py", timeout=1)
+        r = self.box.execute(f"exec {sys.executable} stubborn.py {tag}", timeout=2)
         self.assertLess(time.monotonic() - t, HANG)
-        self.assertEqual((r.exit_code, r.timed_out), (124, True))
-        self.assertFalse(alive(self.pid_from("stubborn.pid")))
+        self.assertEqual((r.exit_code, r.timed_out, r.stdout), (124, True, "ready\n"))
+        self.assertEqual(survivors(tag), [])
 
     def test_stdin_is_closed(self):
         # Give this process an open stdin that never ends (under CI it is /dev/null, where
@@ -228,11 +227,13 @@ class ExecuteBehaviour:
         cancel = threading.Event()
         threading.Timer(0.3, cancel.set).start()
         t = time.monotonic()
-        r = self.box.execute("echo $! >/dev/null; sleep 60 & echo $!; wait", cancel=cancel)
+        tag = sleep_tag()
+        r = self.box.execute(f"echo $! >/dev/null; sleep {tag} & echo $!; wait", cancel=cancel)
         self.assertLess(time.monotonic() - t, HANG)
         self.assertEqual((r.exit_code, r.cancelled, r.timed_out), (130, True, False))
         self.assertIn("cancelled", r.stderr)
-        self.assertFalse(alive(int(r.stdout)), "cancelled sleep survived")
+        self.assertTrue(r.stdout.strip().isdigit())
+        self.assertEqual(survivors(tag), [], "cancelled sleep survived")
         r = self.box.execute("echo never", cancel=cancel)  # already set: nothing runs
         self.assertEqual((r.exit_code, r.cancelled, r.stdout), (130, True, ""))
 
@@ -797,6 +798,342 @@ class GrepTest(GrepBehaviour, SandboxCase):
                 mock.patch.object(sandbox, "GREP_CHUNK", 100), \
                 mock.patch("sandbox.time.monotonic", lambda: float(next(clock))):
             self.assertEqual(self.box.grep("needle", "big.txt"), [])
+
+
+# ---- every mode: full-access above, and confined by the real bwrap ----
+
+class HostExecuteBehaviour:
+    """execute() on this host in any mode: SIGTERM first on a timeout, and the markers that find commands."""
+
+    def test_timeout_sends_sigterm_to_the_command_first(self):
+        tag = sleep_tag()
+        r = self.box.execute(f"trap 'echo got-term; exit 5' TERM; sleep {tag} & wait", timeout=1)
+        self.assertEqual((r.exit_code, r.timed_out, r.stdout), (124, True, "got-term\n"))
+        self.assertEqual(survivors(tag), [])
+
+    def test_markers_reach_the_command_and_kill_marked_finds_it(self):
+        self.assertRegex(self.box.execute(f"echo ${sandbox.RUN_MARKER}").stdout, r"^[0-9a-f]{16}\n$")
+        tag, execution = sleep_tag(), "ex-" + uuid.uuid4().hex
+        results = []
+        runner = threading.Thread(target=lambda: results.append(
+            self.box.execute(f"sleep {tag}", env={sandbox.EXECUTION_MARKER: execution})))
+        runner.start()
+        deadline = time.monotonic() + HANG
+        while not running(tag) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.assertGreaterEqual(sandbox.kill_marked(execution), 1)  # the daemon's sweep after a lost worker
+        runner.join(HANG)
+        self.assertEqual(results[0].exit_code, 137)
+        self.assertEqual(survivors(tag), [])
+
+
+class ExecuteFullAccessTest(HostExecuteBehaviour, SandboxCase):
+    pass
+
+
+class ConfinedCase(SandboxCase):
+    @classmethod
+    def setUpClass(cls):
+        problem = sandbox.confinement_problem()
+        if problem:
+            raise unittest.SkipTest(f"bwrap cannot run here, so confinement is not tested: {problem}")
+
+
+class ExecuteWorkspaceWriteTest(ExecuteBehaviour, HostExecuteBehaviour, ConfinedCase):
+    mode = "workspace-write"
+
+
+class ExecuteReadOnlyTest(ExecuteBehaviour, HostExecuteBehaviour, ConfinedCase):
+    mode = "read-only"
+
+
+class FileToolsWorkspaceWriteTest(FileToolsBehaviour, PathBehaviour, ConfinedCase):
+    mode = "workspace-write"
+
+
+class ConfinementTest(unittest.TestCase):
+    """What workspace-write keeps out, with real commands under the real bwrap. The temporary HOME is
+    outside /tmp (the sandbox's /tmp is private, which would hide it for the wrong reason)."""
+
+    KEY = "-----BEGIN OPENSSH PRIVATE KEY----- fake-key-for-the-test"
+    TOKEN = "daemon-token-" + uuid.uuid4().hex
+
+    @classmethod
+    def setUpClass(cls):
+        problem = sandbox.confinement_problem()
+        if problem:
+            raise unittest.SkipTest(f"bwrap cannot run here, so confinement is not tested: {problem}")
+        parent = next(d for d in ("/var/tmp", os.path.expanduser("~"), os.getcwd())
+                      if os.access(d, os.W_OK) and not os.path.realpath(d).startswith("/tmp/"))
+        cls.base = tempfile.mkdtemp(dir=parent, prefix="stigmer-confine-")
+        cls.addClassCleanup(shutil.rmtree, cls.base, ignore_errors=True)
+        cls.home = os.path.join(cls.base, "home")
+        cls.stigmer_home = os.path.join(cls.home, ".stigmer")
+        cls.work = os.path.join(cls.base, "work")
+        for path, text in (("home/.ssh/id_rsa", cls.KEY), ("home/notes.txt", "visible notes\n"),
+                           ("home/.netrc", "machine example.com password hunter2hunter2\n"),
+                           ("home/.stigmer/daemon.token", cls.TOKEN), ("work/README", "the project\n")):
+            full = os.path.join(cls.base, path)
+            os.makedirs(os.path.dirname(full), exist_ok=True)
+            with open(full, "w") as f:
+                f.write(text)
+        cls.hide = sandbox.credential_paths(cls.home) + [cls.stigmer_home]
+        cls.box = FilesystemSandbox(cls.work, mode="workspace-write", hide=cls.hide)
+        cls.online = FilesystemSandbox(cls.work, mode="workspace-write", hide=cls.hide, network=True)
+        cls.server = _PongServer()
+        cls.addClassCleanup(cls.server.close)
+
+    def run_here(self, command, box=None):
+        env = {"HOME": self.home, "http_proxy": None, "https_proxy": None, "HTTP_PROXY": None,
+               "HTTPS_PROXY": None, "ALL_PROXY": None, "all_proxy": None}
+        return (box or self.box).execute(command, env=env, timeout=HANG)
+
+    def test_writing_outside_the_workspace_fails(self):
+        for target in (os.path.join(self.home, "planted.txt"), os.path.join(self.base, "planted.txt"),
+                       "/etc/stigmer-planted", os.path.join(self.home, ".ssh", "authorized_keys")):
+            with self.subTest(target=target):
+                r = self.run_here(f"echo planted > {target}")
+                self.assertNotEqual(r.exit_code, 0)
+                self.assertIn("Read-only file system", r.stderr)
+                self.assertFalse(os.path.exists(target))
+        name = "stigmer-scratch-" + uuid.uuid4().hex  # /tmp is writable, and private
+        r = self.run_here(f"echo scratch > /tmp/{name} && cat /tmp/{name} && echo \"$TMPDIR\"")
+        self.assertEqual((r.exit_code, r.stdout), (0, "scratch\n/tmp\n"))
+        self.assertFalse(os.path.exists(f"/tmp/{name}"))
+
+    def test_workspace_write_is_visible_on_the_host(self):
+        r = self.run_here("mkdir -p out && echo made here > out/result.txt && cat README")
+        self.assertEqual((r.exit_code, r.stdout), (0, "the project\n"))
+        with open(os.path.join(self.work, "out", "result.txt")) as f:
+            self.assertEqual(f.read(), "made here\n")
+
+    def test_credentials_are_hidden(self):
+        r = self.run_here(f"cat {self.home}/notes.txt")  # the home itself is readable ...
+        self.assertEqual((r.exit_code, r.stdout), (0, "visible notes\n"))
+        for command in ("cat ~/.ssh/id_rsa", f"cat {self.home}/.ssh/id_rsa", f"cat {self.home}/.netrc",
+                        f"grep -r . {self.home}"):
+            with self.subTest(command=command):  # ... its credentials are not
+                r = self.run_here(command)
+                self.assertNotIn("fake-key", r.output)
+                self.assertNotIn("hunter2", r.output)
+                if not command.startswith("grep"):
+                    self.assertNotEqual(r.exit_code, 0)
+        self.assertEqual(self.run_here(f"ls -A {self.home}/.ssh").stdout, "")
+
+    def test_stigmer_home_and_its_token_are_invisible(self):
+        r = self.run_here(f"ls -A {self.stigmer_home}; cat {self.stigmer_home}/daemon.token")
+        self.assertEqual(r.stdout, "")
+        self.assertNotEqual(r.exit_code, 0)
+        self.assertNotIn(self.TOKEN, r.output)
+
+    def test_network_is_off_unless_allowed(self):
+        url = f"http://127.0.0.1:{self.server.port}/"
+        fetch = f"{sys.executable} -c \"import urllib.request; print(urllib.request.urlopen('{url}').read().decode())\""
+        clients = [fetch] + ([f"curl -sS --max-time 10 {url}"] if shutil.which("curl") else [])
+        for command in clients:
+            with self.subTest(command=command.split()[0]):
+                r = self.run_here(command)
+                self.assertNotEqual(r.exit_code, 0)
+                self.assertNotIn("pong", r.stdout)
+                self.assertIn("the network is off", r.stderr)
+                self.assertIn("--network", r.stderr)
+                r = self.run_here(command, self.online)
+                self.assertEqual((r.exit_code, r.stdout.strip()), (0, "pong"), r.stderr)
+        self.assertNotIn("network is off", self.run_here("exit 3").stderr)  # only when it looks like the network
+
+    def test_a_background_sleep_is_gone_when_the_command_returns(self):
+        tags = sleep_tag(), sleep_tag()
+        r = self.run_here(f"setsid sleep {tags[0]} >/dev/null 2>&1 & nohup sleep {tags[1]} >/dev/null 2>&1 & "
+                          "echo started")
+        self.assertEqual((r.exit_code, r.stdout), (0, "started\n"))
+        self.assertEqual(running(tags[0]) + running(tags[1]), [])  # at once: the PID namespace has ended
+
+    def test_hidden_paths_inside_and_around_the_workspace(self):
+        secret = os.path.join(self.work, "secret.env")
+        with open(secret, "w") as f:
+            f.write("API=hunter2hunter2\n")
+        self.addCleanup(os.unlink, secret)
+        box = FilesystemSandbox(self.work, mode="workspace-write", hide=[secret, self.base])
+        r = box.execute("cat secret.env; echo x > new.txt && cat README")
+        self.assertNotIn("hunter2", r.output)  # a hidden file inside the workspace stays hidden
+        self.assertIn("the project", r.stdout)  # the workspace inside a hidden folder stays usable
+        self.assertTrue(os.path.exists(os.path.join(self.work, "new.txt")))
+        r = box.execute(f"ls -A {self.home}")
+        self.assertNotEqual(r.exit_code, 0)  # the rest of the hidden folder is not there
+
+    def test_file_tools_refuse_hidden_paths_inside_the_workspace(self):
+        box = FilesystemSandbox(self.home, mode="workspace-write", hide=self.hide)  # the workspace is the home
+        for call in (lambda: box.read(".ssh/id_rsa"), lambda: box.ls(".ssh"), lambda: box.write(".netrc", "x"),
+                     lambda: box.edit(".stigmer/daemon.token", "daemon", "x"), lambda: box.read(".netrc")):
+            with self.assertRaises(SandboxError) as cm:
+                call()
+            self.assertIn("hidden from the agent", str(cm.exception))
+        self.assertEqual(box.read("notes.txt"), "visible notes\n")
+        self.assertEqual(box.glob("**/*"), ["notes.txt"])  # not .ssh, .netrc, .stigmer or what they hold
+        self.assertEqual(box.grep("e"), [("notes.txt", 1, "visible notes")])  # no hit in the key, netrc or token
+        for use_rg in (False, True):
+            with mock.patch.object(sandbox, "USE_RG", use_rg):
+                self.assertEqual(box.grep("hunter2") + box.grep("fake-key") + box.grep(self.TOKEN), [])
+        full = FilesystemSandbox(self.home, mode="full-access", hide=self.hide)  # full-access hides nothing
+        self.assertEqual(full.read(".ssh/id_rsa"), self.KEY)
+
+    def test_read_only_paths_are_bound_readable_not_writable(self):
+        with tempfile.TemporaryDirectory() as skills:  # under /tmp: invisible unless bound
+            with open(os.path.join(skills, "SKILL.md"), "w") as f:
+                f.write("a skill\n")
+            box = FilesystemSandbox(self.work, mode="workspace-write", read_only=[skills])
+            r = box.execute(f"cat {skills}/SKILL.md; echo changed > {skills}/SKILL.md")
+            self.assertEqual(r.stdout, "a skill\n")
+            self.assertIn("Read-only file system", r.stderr)
+            with open(os.path.join(skills, "SKILL.md")) as f:
+                self.assertEqual(f.read(), "a skill\n")
+
+
+class ReadOnlyTest(ConfinedCase):
+    mode = "read-only"
+
+    def test_the_workspace_is_not_writable_by_commands_or_file_tools(self):
+        self.put("kept.txt", "kept\n")
+        r = self.box.execute("cat kept.txt; echo changed > kept.txt; echo new > new.txt")
+        self.assertEqual(r.stdout, "kept\n")
+        self.assertIn("Read-only file system", r.stderr)
+        self.assertEqual(sorted(os.listdir(self.root)), ["kept.txt"])
+        for call in (lambda: self.box.write("new.txt", "x"), lambda: self.box.edit("kept.txt", "kept", "x")):
+            with self.assertRaises(SandboxError) as cm:
+                call()
+            self.assertIn("read-only", str(cm.exception))
+        with open(self.path("kept.txt")) as f:
+            self.assertEqual(f.read(), "kept\n")
+        self.assertEqual(self.box.read("kept.txt"), "kept\n")
+        self.assertEqual(self.box.execute("echo t > /tmp/t && cat /tmp/t").stdout, "t\n")  # temp stays writable
+
+
+class ConfinementUnavailableTest(unittest.TestCase):
+    """Where commands cannot be confined, the confined modes are refused with the fix; full-access works."""
+
+    def problem(self, **patches):
+        with mock.patch.dict(sandbox._CONFINEMENT, clear=True), \
+                mock.patch.multiple(sandbox, **(patches or {"PROBE_TIMEOUT": sandbox.PROBE_TIMEOUT})):
+            return sandbox.confinement_problem()
+
+    def test_no_bwrap(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            with mock.patch.dict(sandbox._CONFINEMENT, clear=True), \
+                    mock.patch.object(sandbox, "BWRAP", os.path.join(tmp, "bwrap")), \
+                    mock.patch.object(sandbox.sys, "platform", "linux"):
+                for mode in sandbox.CONFINED_MODES:
+                    with self.assertRaises(SandboxError) as cm:
+                        FilesystemSandbox(tmp, mode=mode)
+                    self.assertIn("apt install bubblewrap", str(cm.exception))
+                    self.assertEqual(len(str(cm.exception).splitlines()), 1)
+                box = FilesystemSandbox(tmp, mode="full-access")
+                self.assertEqual(box.execute("echo plain").stdout, "plain\n")
+
+    def test_bwrap_that_cannot_make_namespaces(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            fake = os.path.join(tmp, "bwrap")
+            with open(fake, "w") as f:
+                f.write("#!/bin/sh\necho 'bwrap: No permissions to creating new namespace' >&2\nexit 1\n")
+            os.chmod(fake, 0o755)
+            with mock.patch.object(sandbox.sys, "platform", "linux"):
+                said = self.problem(BWRAP=fake)
+        self.assertIn("No permissions to creating new namespace", said)
+        self.assertIn("kernel.unprivileged_userns_clone=1", said)
+
+    def test_other_systems(self):
+        with mock.patch.object(sandbox.sys, "platform", "sunos5"):
+            self.assertIn("cannot be confined on sunos5", self.problem())
+        with mock.patch.object(sandbox.sys, "platform", "darwin"):
+            self.assertIn("Seatbelt", self.problem(SANDBOX_EXEC="/nonexistent/sandbox-exec"))
+
+    def test_bad_arguments(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            for kwargs in ({"mode": "danger"}, {"network": "yes"}, {"hide": "/root/.ssh"}, {"hide": ["relative"]},
+                           {"read_only": [None]}):
+                with self.subTest(kwargs=kwargs):
+                    self.assertRaises(SandboxError, FilesystemSandbox, tmp, **kwargs)
+
+
+class ConfinementTextTest(unittest.TestCase):
+    """The bwrap argv and the Seatbelt profile as text (the Seatbelt path cannot run here: macOS only)."""
+
+    def test_bwrap_argv(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            home, work = os.path.join(tmp, "home"), os.path.join(tmp, "home", "proj")
+            for d in (os.path.join(home, ".ssh"), work):
+                os.makedirs(d)
+            open(os.path.join(home, ".netrc"), "w").close()
+            hide = sandbox.credential_paths(home) + [os.path.join(work, ".env")]
+            open(hide[-1], "w").close()
+            argv = sandbox.bwrap_argv(work, "workspace-write", ["sh", "-c", "true"], hide=hide)
+            text = " ".join(argv)
+            self.assertTrue(text.startswith("bwrap --ro-bind / / --dev /dev --proc /proc --tmpfs /tmp "
+                                            "--unshare-pid --die-with-parent --unshare-net "))
+            # parents first: the hidden ~/.ssh and ~/.netrc, then the workspace, then the .env inside it
+            self.assertLess(text.index(f"--tmpfs {home}/.ssh"), text.index(f"--bind {work} {work}"))
+            self.assertIn(f"--remount-ro {home}/.ssh --chdir", text)  # sealed after the mounts beneath it
+            self.assertLess(text.index(f"--bind {work} {work}"), text.index(f"--ro-bind /dev/null {work}/.env"))
+            self.assertIn(f"--ro-bind /dev/null {home}/.netrc", text)
+            self.assertNotIn(".aws", text)  # missing paths are not mounted
+            self.assertTrue(text.endswith(f"--chdir {work} -- sh -c true"))
+            argv = sandbox.bwrap_argv(work, "read-only", ["true"], network=True)
+            self.assertNotIn("--unshare-net", argv)
+            self.assertIn(f"--ro-bind {work} {work}", " ".join(argv))
+
+    def test_seatbelt_profile(self):
+        profile = sandbox.seatbelt_profile("/Users/me/proj", "workspace-write",
+                                           hide=["/Users/me/.ssh", '/Users/me/we"ird\\name'],
+                                           read_only=["/Users/me/skills"], temp_dirs=("/private/tmp",))
+        lines = profile.splitlines()
+        self.assertEqual(lines[:4], ["(version 1)", "(allow default)", "(deny file-write*)", "(allow file-write*"])
+        self.assertEqual(profile.count("("), profile.count(")"))
+        writes = profile[profile.index("(allow file-write*"):profile.index("(deny file-write*\n")]
+        self.assertIn('(subpath "/Users/me/proj")', writes)
+        self.assertIn('(subpath "/private/tmp")', writes)
+        # later rules win: the read-only and hidden denials come after the allowance they narrow
+        self.assertLess(profile.index('(allow file-write*'), profile.index('(deny file-write*\n    (subpath "/Users/me/skills"))'))
+        hidden = profile[profile.index("(deny file-read* file-write*"):]
+        self.assertIn('(subpath "/Users/me/.ssh")', hidden)
+        self.assertIn('(subpath "/Users/me/we\\"ird\\\\name"))', hidden)
+        self.assertEqual(lines[-1], "(deny network*)")
+        read_only = sandbox.seatbelt_profile("/Users/me/proj", "read-only", network=True)
+        self.assertNotIn("/Users/me/proj", read_only)
+        self.assertNotIn("network", read_only)
+
+    def test_macos_runs_the_command_under_sandbox_exec(self):
+        with tempfile.TemporaryDirectory() as tmp, mock.patch.dict(sandbox._CONFINEMENT, {"problem": None}), \
+                mock.patch.object(sandbox.sys, "platform", "darwin"):
+            box = FilesystemSandbox(tmp, mode="workspace-write", hide=["/Users/me/.ssh"])
+            argv = box._command_argv("make test")
+        self.assertEqual(argv[:2], [sandbox.SANDBOX_EXEC, "-p"])
+        self.assertEqual(argv[3:], ["/bin/sh", "-c", "make test"])
+        self.assertIn(f'(subpath "{os.path.realpath(tmp)}")', argv[2])
+        self.assertIn('(subpath "/Users/me/.ssh")', argv[2])
+
+
+class _PongServer:
+    """An HTTP server on a free loopback port that answers "pong" to every GET."""
+
+    def __init__(self):
+        import http.server
+
+        class Pong(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("Content-Length", "5")
+                self.end_headers()
+                self.wfile.write(b"pong\n")
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Pong)
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
 
 
 # ---- the same behaviour in a Daytona sandbox (the real SDK against the loopback stand-in) ----

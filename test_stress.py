@@ -22,7 +22,7 @@ import stigmer_pb2 as pb
 import stigmer_pb2_grpc as pb_grpc
 import worker
 from test_runner import CliCase, read
-from testsupport import HERE, FakeAnthropic, pid_alive, text_step, tool_step, wait_for
+from testsupport import HERE, FakeAnthropic, pid_alive, running, sleep_tag, text_step, tool_step, wait_for
 
 TIMEOUT = 180  # seconds a CLI under test may take on a loaded machine before the test fails
 
@@ -135,7 +135,8 @@ class PinningTest(unittest.TestCase):
 class KilledWorkerTest(CliCase):
     """Reproduction 2: SIGKILL a worker mid-command; by pid, nothing of the tool's tree survives."""
 
-    script = [tool_step(("execute", {"command": "echo $$ > shell.pid; sleep 30 & echo $! > sleep.pid; wait"})),
+    TAG = sleep_tag()  # found on the host by its command line: a confined command's $! is its namespace's pid
+    script = [tool_step(("execute", {"command": f"sleep {TAG} & echo $! > sleep.pid; wait"})),
               text_step("never reached")]
     GRACE = 3
 
@@ -147,7 +148,7 @@ class KilledWorkerTest(CliCase):
         execution_id = submitted.stdout.strip()
         sleep_pid = os.path.join(self.workspace, "sleep.pid")
         wait_for(lambda: os.path.exists(sleep_pid) and read(sleep_pid).strip(), timeout=60)
-        pids = [int(read(os.path.join(self.workspace, n))) for n in ("shell.pid", "sleep.pid")]
+        pids = running(self.TAG)  # the shell, the sleep (and the bwrap around them)
         worker_pid = int(read(os.path.join(self.home, "logs", "worker-1.pid")).split()[0])
         self.assertTrue(all(pid_alive(p) for p in pids + [worker_pid]))
         os.kill(worker_pid, signal.SIGKILL)

@@ -257,6 +257,37 @@ def pid_alive(pid):
         return False
 
 
+def sleep_tag():
+    """A `sleep` duration no other process has (60.<random digits>), to find that sleep by its command line:
+    a confined command sees the pids of its own PID namespace, so `echo $!` cannot name it on the host."""
+    import uuid
+    return "60." + str(uuid.uuid4().int)[:12]
+
+
+def running(tag):
+    """Pids of the live processes (zombies do not count) whose command line holds TAG: the sleep, the shell
+    that started it and, in a confined mode, the bwrap around them."""
+    found = []
+    for name in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                if tag.encode() not in f.read():
+                    continue
+            if pid_alive(int(name)):
+                found.append(int(name))
+        except (OSError, ValueError):
+            continue  # not a process, or gone
+    return found
+
+
+def survivors(tag, timeout=5):
+    """running(TAG), once every SIGKILL has had up to TIMEOUT seconds to land."""
+    deadline = time.monotonic() + timeout
+    while running(tag) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return running(tag)
+
+
 # ---- a fake OpenAI Chat Completions API (OpenAI, Gemini's compatible endpoint, Ollama, vLLM) ----
 
 OPENAI_FINISH = {"end_turn": "stop", "tool_use": "tool_calls", "max_tokens": "length", "refusal": "content_filter",
