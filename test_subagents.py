@@ -31,7 +31,7 @@ from test_agent import anthropic_model
 from test_cloud import CloudCase
 from test_resume import dumps, plain
 from test_runner import CliCase
-from testsupport import FakeAnthropic, HERE, pid_alive, text_step, tool_step, wait_for
+from testsupport import FakeAnthropic, HERE, running, sleep_tag, text_step, tool_step, wait_for
 
 GP = subagents.GENERAL_PURPOSE
 
@@ -55,7 +55,10 @@ def interval(output):
     return float(start), float(end)
 
 
-SLOW = ("echo $$ > shell.pid; sleep 30 & echo $! > sleep.pid; wait; echo ok")
+def slow(tag, started="sleep.pid"):
+    """A command that sleeps until killed, found on the host by TAG (a sleep_tag(): a confined command's $! is a
+    pid of its own namespace), and writes the file STARTED once started."""
+    return ("execute", {"command": f"sleep {tag} & echo $! > {started}; wait; echo ok"})
 
 
 def read(path):
@@ -209,21 +212,22 @@ class TaskToolTest(unittest.TestCase):
         self.assertTrue(all(b["is_error"] for b in sent if b["type"] == "tool_result"))
 
     def test_cancel_reaches_a_sub_agents_command(self):
+        one, two = sleep_tag(), sleep_tag()
         run = InProcess(self, [tool_step(task(GP, "[slow] wait"), task(GP, "[slow2] wait too")), text_step("unused")],
-                        {"[slow]": [tool_step(("execute", {"command": SLOW})), text_step("unused")],
-                         "[slow2]": [tool_step(("execute", {"command": "mkdir -p two && cd two && " + SLOW})),
-                                     text_step("unused")]})
+                        {"[slow]": [tool_step(slow(one)), text_step("unused")],
+                         "[slow2]": [tool_step(slow(two, "two.pid")), text_step("unused")]})
         the_agent = run.make()
         outcome = []
         import threading
         thread = threading.Thread(target=lambda: outcome.append(the_agent.run("go", run.workspace)))
         thread.start()
-        pids = [int(wait_for(lambda p=p: read(os.path.join(run.workspace, p)).strip(), 30, p))
-                for p in ("shell.pid", "sleep.pid", "two/shell.pid", "two/sleep.pid")]
+        for p in ("sleep.pid", "two.pid"):
+            wait_for(lambda p=p: read(os.path.join(run.workspace, p)).strip(), 30, p)
+        self.assertTrue(running(one) and running(two))
         the_agent.cancel()
         thread.join(30)
         self.assertEqual(outcome[0][0], pb.CANCELLED)
-        wait_for(lambda: not any(pid_alive(p) for p in pids), 30, "the sub-agents' commands to be killed")
+        wait_for(lambda: not running(one) and not running(two), 30, "the sub-agents' commands to be killed")
         self.assertEqual(the_agent.children, set())
         results = [e.tool_result for e in run.of("tool_result", depth=0)]
         self.assertEqual([(r.is_error, r.exit_code) for r in results], [(True, 130), (True, 130)])
@@ -384,6 +388,7 @@ LEAD = agents_yaml("lead", """  subAgents:
     - reviewer
 """, instructions="You lead the work and delegate.")
 REVIEWER = agents_yaml("reviewer", instructions="You review changes with care.")
+TAG = sleep_tag()  # the end-to-end cancel test's sleep
 
 
 class EndToEnd:
@@ -395,7 +400,7 @@ class EndToEnd:
     routes = {"[rev]": [tool_step(meet("rev", "gp")), text_step("review: fine")],
               "[gp]": [tool_step(meet("gp", "rev")), text_step("42 lines")],
               "[chk]": [{"errors": [(400, "scripted bad request")], **text_step("unused")}],
-              "[slow]": [tool_step(("execute", {"command": SLOW})), text_step("unused")]}
+              "[slow]": [tool_step(slow(TAG)), text_step("unused")]}
 
     def with_routes(self):
         self.fake.stop()
@@ -479,12 +484,12 @@ class EndToEnd:
         self.script = [tool_step(task(GP, "[slow] wait for it")), text_step("unused")]
         self.with_routes()
         proc = self.foreground("--workspace", self.ws, "wait")
-        pids = [int(wait_for(lambda p=p: read(os.path.join(self.ws, p)).strip(), 90, p))
-                for p in ("shell.pid", "sleep.pid")]
+        wait_for(lambda: read(os.path.join(self.ws, "sleep.pid")).strip(), 90, "the sub-agent's command to start")
+        self.assertTrue(running(TAG), "its processes are not to be found")
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=90)
         self.assertEqual(proc.returncode, 130, err)
-        wait_for(lambda: not any(pid_alive(p) for p in pids), 30, "the sub-agent's command to be killed")
+        wait_for(lambda: not running(TAG), 30, "the sub-agent's command to be killed")
         events = [e for e in map(json.loads, out.splitlines()) if "seq" in e]
         self.assertEqual([e["seq"] for e in events], list(range(1, len(events) + 1)))
         self.assertEqual(events[-1]["phase"], "CANCELLED")
