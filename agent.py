@@ -433,11 +433,20 @@ class Agent:
         return "\n".join(self.sandbox.ls(path)) or "(empty directory)", False, 0, False
 
     def _glob(self, pattern, path="."):
-        return "\n".join(self.sandbox.glob(pattern, path)) or "(no matches)", False, 0, False
+        found = self.sandbox.glob(pattern, path, cancel=self.cancelled)
+        return _search_output(found, "\n".join(found)), False, 0, False
 
     def _grep(self, pattern, path=".", glob=None):
-        hits = self.sandbox.grep(pattern, path, glob=glob)
-        return "\n".join(f"{p}:{n}:{line}" for p, n, line in hits) or "(no matches)", False, 0, False
+        hits = self.sandbox.grep(pattern, path, glob=glob, cancel=self.cancelled)
+        return _search_output(hits, "\n".join(f"{p}:{n}:{line}" for p, n, line in hits)), False, 0, False
+
+
+def _search_output(found, text):
+    """A glob's or grep's text for the model, saying so when the search stopped early (its cut_off)."""
+    cut_off = getattr(found, "cut_off", None)
+    if cut_off:
+        return (text + "\n" if text else "") + f"[search {cut_off}]"
+    return text or "(no matches)"
 
 
 TOOL_FUNCS = {"execute": Agent._execute, "read_file": Agent._read, "write_file": Agent._write,

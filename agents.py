@@ -54,6 +54,8 @@ before a run starts: unsupported() lists them, and the issue that makes one work
 import os
 import re
 
+from google.protobuf.message import DecodeError
+
 import stigmer_pb2 as pb
 
 API_VERSION = "agentic.stigmer.ai/v1"  # apiVersion of an agent file
@@ -64,7 +66,8 @@ NAME_MAX = 63  # Stigmer's rule for agent names: lowercase letters, digits and h
 NAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?\Z")
 INSTRUCTIONS_MIN, INSTRUCTIONS_MAX = 10, 10_000  # characters of spec.instructions (and a sub-agent's)
 ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")  # an envSpec variable's name
-SERVER_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")  # an MCP server's name (it becomes part of tool names)
+SERVER_NAME_RE = re.compile(r"[A-Za-z0-9_-]+\Z")  # an MCP server's name (it becomes part of tool names) ...
+SERVER_NAME_MAX = 64  # ... at most this long
 SUB_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")  # a sub-agent's name (the task tool's subagent_type)
 FILE_MAX_BYTES = 1 << 20  # an agent file larger than this is refused
 PROJECT_DOCS = ("AGENTS.md", "CLAUDE.md")  # per directory, the first that exists is read
@@ -73,6 +76,8 @@ PROJECT_DOC_MIN_CUT = 1024  # a file the cap cuts keeps at least this many bytes
 UNSUPPORTED = ("mcpServers", "skillRefs")  # parsed and carried, not honoured yet (see unsupported())
 GENERAL_PURPOSE = "general-purpose"  # the sub-agent every agent has (subagents.py): no file may declare it
 SUB_AGENT_LEVELS = 2  # sub-agents of sub-agents: references are resolved this many levels down, no further
+CACHE_DIR = os.path.join("cache", "agents")  # under STIGMER_HOME: agent files already parsed (see cached())
+CACHE_VERSION = 2  # raise it when what load() makes of a file changes (2: sub-agents that refer to agent files)
 
 
 class AgentError(Exception):
@@ -156,14 +161,20 @@ def find(name_or_path, workspace, home):
             if os.path.isfile(path):
                 return path
     where = ", ".join(display(d) for d in dirs)
-    raise AgentError(f"no agent named {name_or_path}: looked for {name_or_path}.yaml in {where}; "
+    known = sorted({os.path.splitext(n)[0] for d in dirs if os.path.isdir(d) for n in os.listdir(d)
+                    if n.endswith(EXTENSIONS)})
+    import difflib
+    close = difflib.get_close_matches(name_or_path, known, n=1)
+    hint = f"did you mean {close[0]}? " if close else ""
+    raise AgentError(f"no agent named {name_or_path}: {hint}looked for {name_or_path}.yaml in {where}; "
                      f"create one there, or give a file's path (see python runner.py agents)")
 
 
 def resolve(name_or_path, workspace, home):
-    """The pb.AgentSpec of NAME_OR_PATH (see find), validated; raises AgentError."""
+    """The pb.AgentSpec of NAME_OR_PATH (see find), validated; raises AgentError. A file parsed before and
+    unchanged since comes from HOME's cache (see cached)."""
     path = find(name_or_path, workspace, home)
-    spec = load(path)
+    spec = cached(path, os.path.join(home, CACHE_DIR))
     if not is_path(name_or_path):
         check_file_name(spec, path)
     resolve_sub_agents(spec, workspace, home)
@@ -190,7 +201,7 @@ def resolve_sub_agents(spec, workspace, home, chain=(), level=1, top=None):
             if path in chain:
                 raise AgentError(f"{display(path)} refers to itself through its sub-agents "
                                  f"({' -> '.join(display(p) for p in (*chain, path) if p)}): break the loop")
-            target = load(path)
+            target = cached(path, os.path.join(home, CACHE_DIR))
             if not is_path(ref):
                 check_file_name(target, path)
         except AgentError as exc:
@@ -269,6 +280,40 @@ def name_rule():
 
 
 # ---- reading and checking an agent file ----
+
+def cached(path, cache_dir):
+    """load(PATH), kept in CACHE_DIR as the serialized spec: a file unchanged since (same inode, size, mtime
+    and ctime, and the same CACHE_VERSION) is not parsed again, so a run with an agent needs no `import yaml`
+    (tens of ms of a cold start). Only specs that passed every check are kept; they hold no secret value."""
+    import hashlib
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise AgentError(f"cannot read agent file {display(path)}: {exc.strerror or exc}") from None
+    stamp = f"{CACHE_VERSION} {st.st_ino} {st.st_size} {st.st_mtime_ns} {st.st_ctime_ns} {path}\n".encode()
+    entry = os.path.join(cache_dir, hashlib.sha256(path.encode()).hexdigest()[:32] + ".pb")
+    try:
+        with open(entry, "rb") as f:
+            data = f.read()
+        if data.startswith(stamp):
+            return pb.AgentSpec.FromString(data[len(stamp):])
+    except OSError:  # no entry yet: parse
+        pass
+    except DecodeError:  # a damaged entry: parse, and replace it
+        pass
+    spec = load(path)
+    try:
+        import home
+        home.private_dirs(cache_dir)
+        partial = f"{entry}.{os.getpid()}"
+        fd = home.private_open(partial, os.O_WRONLY | os.O_TRUNC)
+        with os.fdopen(fd, "wb") as f:
+            f.write(stamp + spec.SerializeToString())
+        os.replace(partial, entry)
+    except OSError:  # a read-only or full STIGMER_HOME: the next run parses the file again, nothing worse
+        pass
+    return spec
+
 
 class Problem(Exception):
     """A problem at a place in the file: PATH is the keys and indexes leading to it, as written."""
@@ -495,7 +540,7 @@ def mcp_server(item, path):
     else:
         f = fields(item, path, ("name", "stdio", "http", "docker", "enabledTools"), required=("name",))
         name = typed(f["name"], str)
-    if not SERVER_NAME_RE.match(name):
+    if not SERVER_NAME_RE.match(name) or len(name) > SERVER_NAME_MAX:
         raise Problem(path, f"{where(path)}: the server name {name!r} must be 1 to 64 letters, digits, - or _ "
                             "(it becomes part of the tools' names)")
     server = pb.McpServerDefinition(name=name)

@@ -119,8 +119,110 @@ def bench_sandbox():
         "swallow_200MB_peak_rss_growth_MB": verdict(growth_mb, "<", 50, 1),
         "swallow_200MB_seconds": round(took, 2),
         "swallow_200MB_GB_per_s": round(0.2 / took, 2),
+        **_file_tool_figures(),
         **confined,
     }
+
+
+def _file_tool_figures(rounds=15):
+    """Each file tool against the same work done by path with the standard library (no checks),
+    interleaved, as median ratios: read, write (temp file, fsync, rename), edit, ls, glob, grep
+    (Python search; and rg's against a bare `rg` run)."""
+    import fnmatch
+    import os
+    import shutil
+    import subprocess
+    import tempfile
+    from unittest import mock
+
+    import sandbox
+
+    with tempfile.TemporaryDirectory() as root:
+        for d in range(20):  # 1000 files of about 2 KB in 20 packages; a needle in every 50th
+            os.makedirs(os.path.join(root, f"pkg{d}", "sub"))
+            for i in range(50):
+                rel = os.path.join(f"pkg{d}", "sub" if i % 2 else "", f"mod{i}.py")
+                with open(os.path.join(root, rel), "w") as f:
+                    f.write("".join(f"def f{k}(x):\n    return x + {k}\n" for k in range(60)))
+                    if i == 7:
+                        f.write("NEEDLE = 1\n")
+        box = sandbox.FilesystemSandbox(root)
+        target = os.path.join(root, "pkg3", "sub", "mod9.py")
+
+        def bare_read():
+            with open(target, encoding="utf-8", errors="replace") as f:
+                return f.read()
+
+        body = "VERSION = 1\n" + "x = 1\n" * 200
+
+        def bare_write(text=body):
+            tmp = target + ".tmp"
+            with open(tmp, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+
+        def bare_edit():
+            text = bare_read()
+            bare_write(text.replace("VERSION = 1", "VERSION = 2") if "VERSION = 1" in text
+                       else text.replace("VERSION = 2", "VERSION = 1"))
+
+        def box_edit():
+            try:
+                box.edit("pkg3/sub/mod9.py", "VERSION = 1", "VERSION = 2")
+            except sandbox.SandboxError:
+                box.edit("pkg3/sub/mod9.py", "VERSION = 2", "VERSION = 1")
+
+        def bare_glob():
+            found = []
+            for top, dirs, files in os.walk(root):
+                for name in dirs + files:
+                    rel = os.path.relpath(os.path.join(top, name), root)
+                    if fnmatch.fnmatch(rel, "*/sub/*.py"):
+                        found.append(rel)
+            return sorted(found)
+
+        def bare_grep():
+            hits = []
+            for top, _, files in os.walk(root):
+                for name in files:
+                    with open(os.path.join(top, name), "rb") as f:
+                        for n, line in enumerate(f, 1):
+                            if b"NEEDLE" in line:
+                                hits.append((name, n, line))
+            return hits
+
+        def python_grep():
+            with mock.patch.object(sandbox, "USE_RG", False):
+                return box.grep("NEEDLE")
+
+        pairs = {
+            "read": (bare_read, lambda: box.read("pkg3/sub/mod9.py"), 200),
+            "write": (bare_write, lambda: box.write("pkg3/sub/mod9.py", body), 50),
+            "edit": (bare_edit, box_edit, 50),
+            "ls": (lambda: sorted(os.listdir(os.path.join(root, "pkg3"))), lambda: box.ls("pkg3"), 200),
+            "glob": (bare_glob, lambda: box.glob("*/sub/*.py"), 3),
+            "grep_python": (bare_grep, python_grep, 3),
+        }
+        rg = shutil.which("rg")
+        if rg:
+            pairs["grep_rg"] = (lambda: subprocess.run([rg, "--json", "-F", "NEEDLE", "."], cwd=root,
+                                                       capture_output=True, check=True),
+                                lambda: box.grep("NEEDLE"), 3)
+        figures = {}
+        for name, (bare, ours, calls) in pairs.items():
+            ratios = []
+            for _ in range(rounds):
+                times = []
+                for fn in (bare, ours):
+                    t = time.perf_counter()
+                    for _ in range(calls):
+                        fn()
+                    times.append(time.perf_counter() - t)
+                ratios.append(times[1] / times[0])
+            figures[f"file_tool_{name}_vs_bare_ratio"] = round(statistics.median(ratios), 3)
+        return figures
 
 # ---- redact (issue: secrets.py) ----
 @bench
@@ -298,6 +400,47 @@ def bench_events(total=200_000, many=10):
     }
 
 # ---- loop (issue: runner.py) ----
+@bench
+def bench_emit(turns=2000):
+    """Worker.emit, the one redaction point, for the events of one agent turn (10 text deltas, a tool call, its
+    2 KB result, usage, the turn), with a redactor of 6 secrets (none in the text) against the same emits with no
+    secret to redact: what central redaction adds per turn, to set beside `loop`'s milliseconds per turn."""
+    import models
+    import stigmer_pb2 as pb
+    import worker
+
+    stigmer_secrets = models.project_secrets()
+
+    secrets = {"ANTHROPIC_API_KEY": "sk-ant-api03-" + "x" * 95, "GITHUB_TOKEN": "ghp_" + "y" * 36,
+               "DB_PASSWORD": "correct-horse-battery-staple", "AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI/K7MDENG/bPxRf",
+               "REDIS_URL": "s3cr3t-redis-password", "DAYTONA_API_KEY": "dtn_" + "z" * 40}
+    output = "\n".join(f"src/module_{i}.py:{i}: def function_{i}(self, value): return value" for i in range(40))
+    call = json.dumps({"command": "pytest -x tests/test_module.py -k 'not slow'"})
+
+    def run(redactor):
+        w = worker.Worker(capacity=1)
+        start = time.perf_counter()
+        for n in range(turns):
+            w.outboxes["ex-b"] = worker.Outbox("ex-b", 0)  # a fresh outbox per turn: no buffer-full pauses
+            w.buffered = 0
+            for piece in range(10):
+                w.emit("ex-b", redactor, text=pb.TextDelta(text=f"Looking at the failing test, step {piece}. "))
+            w.emit("ex-b", redactor, turn=pb.Turn(number=n, stop="tool_use", text="Looking at the failing test."))
+            w.emit("ex-b", redactor, usage=pb.Usage(input_tokens=n, output_tokens=n))
+            w.emit("ex-b", redactor, tool_call=pb.ToolCall(id=f"t{n}", name="execute", input_json=call))
+            w.emit("ex-b", redactor, tool_result=pb.ToolResult(id=f"t{n}", output=output, exit_code=1))
+        return (time.perf_counter() - start) / turns * 1e6
+
+    with_secrets, without = [], []
+    for _ in range(5):
+        without.append(run(stigmer_secrets.Redactor({})))
+        with_secrets.append(run(stigmer_secrets.Redactor(secrets)))
+    base, redacted = statistics.median(without), statistics.median(with_secrets)
+    return {"turns": turns, "emit_us_per_turn_no_secrets": round(base, 1),
+            "emit_us_per_turn_6_secrets": round(redacted, 1), "ratio": round(redacted / base, 2),
+            "added_us_per_turn": verdict(redacted - base, "<", 2000, 1) + " (5% of a 40 ms turn is 2000 us)"}
+
+
 @bench
 def bench_loop(turns=50, list_runs=15):
     """A 50-turn scripted run through CLI, daemon, worker, fake model and sandbox, per turn, against
@@ -597,7 +740,7 @@ def bench_start(runs=7):
 
     with tempfile.TemporaryDirectory() as tmp, FakeAnthropic([text_step("done")]) as fake:
         base = {k: v for k, v in os.environ.items() if not k.startswith(("STIGMER_", "ANTHROPIC_"))
-                and k not in ("MODE", "PYTHONPROFILEIMPORTTIME")}
+                and k not in ("MODE", "PYTHONPROFILEIMPORTTIME", "PYTHONDONTWRITEBYTECODE")}  # as a user's machine
         base.update(ANTHROPIC_API_KEY=FAKE_KEY, ANTHROPIC_BASE_URL=fake.url, STIGMER_MODEL="claude-fake",
                     SANDBOX_ROOT_DIR=tmp)
 
@@ -607,6 +750,28 @@ def bench_start(runs=7):
         warm_env = fresh_env("warm")
         timed_run([sys.executable, runner_py, "start"], warm_env)
         floor, cold, warm, claude_times, grpc_start = [], [], [], [], []
+        # With an agent: the example reviewer found by name, its declared secret set, an AGENTS.md to read.
+        agent_ws = os.path.join(tmp, "agent-ws")
+        os.makedirs(os.path.join(agent_ws, ".git"))
+        os.makedirs(os.path.join(agent_ws, ".stigmer", "agents"))
+        shutil.copy(os.path.join(os.path.dirname(runner_py), "examples", "agents", "code-reviewer.yaml"),
+                    os.path.join(agent_ws, ".stigmer", "agents"))
+        with open(os.path.join(agent_ws, "AGENTS.md"), "w") as f:
+            f.write("# Project rules\n\n" + "- Run the tests with make check before you say you are done.\n" * 40)
+        cold_agent, plan_bare, plan_agent, plan_first = [], [], [], []
+        # What the CLI of a cold run has imported before it plans the run, then the agent's part of the plan
+        # (with the agent parsed before, in STIGMER_HOME's cache; and the first time, parsing it).
+        plan = ("import sys, time; import commands, daemon_client, terminal, stigmer_pb2, processes; "
+                "processes.project_secrets(); t = time.perf_counter(){0}; print(time.perf_counter() - t)")
+        with_agent = ("; import agents; agents.check_supported(agents.resolve('code-reviewer', sys.argv[1], sys.argv[2])); "
+                      "agents.project_docs(sys.argv[1], sys.argv[2])")
+        seeded = os.path.join(tmp, "seeded")  # a STIGMER_HOME whose cache holds the agent, as after one run
+        timed_run([sys.executable, "-c", plan.format(with_agent), agent_ws, seeded], base, cwd=os.path.dirname(runner_py))
+
+        def agent_env(n):  # a fresh home (so no daemon runs), the agent's cache as a previous run left it
+            env = dict(fresh_env(f"agent{n}"), SANDBOX_ROOT_DIR=agent_ws, GITHUB_TOKEN="ghp_bench0000000000000000")
+            shutil.copytree(os.path.join(seeded, "cache"), os.path.join(env["STIGMER_HOME"], "cache"))
+            return env
         to_request = {"floor": [], "cold": []}  # seconds from the start to the fake's receiving the request
 
         def until_request(kind, args, env):
@@ -622,6 +787,13 @@ def bench_start(runs=7):
             for n in range(runs):
                 floor.append(until_request("floor", [sys.executable, "-c", START_FLOOR, fake.url, FAKE_KEY], base))
                 cold.append(until_request("cold", [sys.executable, runner_py, "--json", "go"], fresh_env(f"cold{n}")))
+                cold_agent.append(timed_run([sys.executable, runner_py, "--json", "--agent", "code-reviewer", "go"],
+                                            agent_env(n))[0])
+                for times, code, home in ((plan_bare, plan.format(""), seeded),
+                                          (plan_agent, plan.format(with_agent), seeded),
+                                          (plan_first, plan.format(with_agent), os.path.join(tmp, f"unseeded{n}"))):
+                    _, done = timed_run([sys.executable, "-c", code, agent_ws, home], base, cwd=os.path.dirname(runner_py))
+                    times.append(float(done.stdout))
                 warm.append(timed_run([sys.executable, runner_py, "--json", "go"], warm_env)[0])
                 grpc_start.append(timed_run([sys.executable, "-c", "import grpc, stigmer_pb2"], base,
                                             cwd=os.path.dirname(runner_py))[0])
@@ -651,6 +823,14 @@ def bench_start(runs=7):
                "context: until the request, cold run": spread(to_request["cold"]),
                "context: the floor's interpreter tear-down, which the runner skips (os._exit)":
                    f"{statistics.median(floor) - statistics.median(to_request['floor']):.3f} s after its request",
+               "cold run with --agent (the example reviewer, an AGENTS.md)": spread(cold_agent),
+               "context: cold run with --agent minus without (noisy: whole processes)":
+                   f"{(statistics.median(cold_agent) - cold_s) * 1000:+.0f} ms",
+               "agent_added_ms (find the agent, its parsed spec from the cache, check it, read AGENTS.md)":
+                   verdict((statistics.median(plan_agent) - statistics.median(plan_bare)) * 1000, "<", 20, 1),
+               "context: the same the first time (import yaml, parse and check the file, write the cache)":
+                   f"{(statistics.median(plan_first) - statistics.median(plan_bare)) * 1000:.1f} ms",
+               "context: agent_added vs the cold run": f"{(statistics.median(plan_agent) - statistics.median(plan_bare)) / cold_s:.2%}",
                "warm run (after start)": spread(warm),
                "warm_run_s": verdict(warm_s, "<=", 0.25, 3),
                "context: python -c 'import grpc, stigmer_pb2' (the CLI's own floor)": spread(grpc_start)}

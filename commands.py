@@ -579,6 +579,23 @@ def cmd_daemon(cfg, args):
                       runner_grace=cfg.runner_grace, idle_exit=args.idle_exit)
 
 
+def worker_environ(args):
+    """A worker's environment, its secrets included, which never stay in its environment block (readable by
+    every process of the user at /proc/PID/environ, the agent's commands among them): a spawner hands them
+    over in a pipe (processes.spawn); a worker started by hand with keys, credentials or secret-looking
+    variables exported re-executes itself at once with them moved into one."""
+    mod = project_secrets()
+    try:
+        moved = mod.inherited_secrets()
+        extra = mod.sandbox_secret_names(args.secret or (), os.environ)
+    except mod.SecretError as exc:
+        raise CliError(str(exc), 2) from None
+    left = mod.environment_secrets(os.environ, extra)
+    if left:
+        mod.reexec_without_secrets(sorted(left), carried=moved)  # never returns
+    return {**os.environ, **moved}
+
+
 def cmd_worker(cfg, args):
     import logging
     import threading

@@ -417,11 +417,12 @@ class DaytonaSandbox:
         self._tool(lambda: self.sandbox.fs.upload_file(data, full), "write a file", path, "write")
         return count
 
-    def glob(self, pattern, path=".") -> list:
+    def glob(self, pattern, path=".", *, cancel=None) -> list:
         """Paths under path matching pattern ('**' spans directories), relative to the root, sorted.
 
         Hidden files match; .git directories are not entered. Directories match when they hold
-        a file (the service lists files only).
+        a file (the service lists files only). cancel is taken for FilesystemSandbox's signature:
+        the search is one call to the service, which cannot be interrupted.
         """
         sandbox._check_glob_args(pattern)
         base = self._resolve(path)
@@ -441,11 +442,12 @@ class DaytonaSandbox:
         return sorted(posixpath.relpath(posixpath.join(base, rel), self.root)
                       for rel in names if regex.match(rel))
 
-    def grep(self, pattern, path=".", glob=None, max_count=1000) -> list:
+    def grep(self, pattern, path=".", glob=None, max_count=1000, *, cancel=None) -> list:
         """(path, line number, line) for lines containing pattern literally, sorted.
 
         Searches hidden files but not .git directories, ignores .gitignore; at most max_count
-        results. The service decides what is binary (a NUL in a file's first 512 bytes).
+        results. The service decides what is binary (a NUL in a file's first 512 bytes). cancel
+        is taken for FilesystemSandbox's signature (one call to the service, not interrupted).
         """
         sandbox._check_grep_args(pattern, max_count)
         base = self._resolve(path)

@@ -301,7 +301,8 @@ class StreamedReply:
     breaks off mid-way."""
 
     _stream = None  # the stream being read, for close()
-    temperature = None  # sampling temperature for every request (an agent's spec.config); None: the API's default
+    temperature = None  # sampling temperature (an agent's spec.config) for Chat Completions; None: the API's default.
+    #                     (The anthropic SDK's Messages API takes none: Claude's sampling is the model's own.)
     max_output_tokens = 0  # max output tokens per request (an agent's spec.config); 0: MAX_OUTPUT_TOKENS
 
     def close(self):
@@ -338,8 +339,6 @@ class AnthropicModel(StreamedReply):
         request = {"model": self.model, "max_tokens": self.max_output_tokens or MAX_OUTPUT_TOKENS,
                    "system": [{"type": "text", "text": system_text, "cache_control": {"type": "ephemeral"}}],
                    "tools": [dict(t) for t in tools], "messages": [self._message(m) for m in messages]}
-        if self.temperature is not None:
-            request["temperature"] = self.temperature
         request["tools"][-1]["cache_control"] = {"type": "ephemeral"}
         request["messages"][-1]["content"][-1]["cache_control"] = {"type": "ephemeral"}  # the latest turn only
         for attempt in range(STREAM_RETRIES + 1):

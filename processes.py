@@ -230,10 +230,11 @@ def worker_env(cfg, secrets, endpoint):
 
 
 def without_keys(environ):
-    """ENVIRON minus every provider key and service key (Daytona's): what the daemon gets."""
+    """ENVIRON minus every provider key, service credential and secret-looking variable: what the daemon gets
+    (it needs none, and its environment block is readable by every process of the user)."""
     import models
     keys = set(models.model_key_vars()) | set(project_secrets().SERVICE_KEY_VARS)
-    return {k: v for k, v in environ.items() if k not in keys}
+    return {k: v for k, v in environ.items() if k not in keys and not project_secrets().looks_secret(k)}
 
 
 def sandbox_factory(cfg, runner_id, is_terminal):
@@ -282,7 +283,9 @@ def backend_is_terminal(cfg):
 def spawn(args, env, log_path, pipe_stdin=False, pid_path=None, record=()):
     """Start `python runner.py ARGS` in its own session, output appended to LOG_PATH (0600)
     (stdin a pipe we hold when PIPE_STDIN, else /dev/null). PID_PATH: a pid file the child
-    keeps locked while it lives (see home.live_pid), holding its pid and the fields of RECORD."""
+    keeps locked while it lives (see home.live_pid), holding its pid and the fields of RECORD.
+    A worker gets the secrets of ENV (keys, credentials, secret-looking and --secret variables) in an
+    inherited pipe instead (secrets.py secrets_pipe), so that its environment block never holds them."""
     import subprocess
 
     import home
@@ -292,11 +295,21 @@ def spawn(args, env, log_path, pipe_stdin=False, pid_path=None, record=()):
         pid_fd = home.lock(pid_path, timeout=2.0) if pid_path else None
     except OSError as exc:
         raise CliError(home_problem(log_path, exc)) from None
+    secrets_fd = None
     try:
+        if args[:1] == ["worker"]:  # its secrets go in a pipe it reads once, never in its environment block
+            mod = project_secrets()
+            values = mod.environment_secrets(env, [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--secret"])
+            env = {k: v for k, v in env.items() if k not in values}
+            try:
+                secrets_fd = mod.secrets_pipe(values)
+            except mod.SecretError as exc:
+                raise CliError(str(exc), 2) from None
+            env[mod.SECRETS_FD_VAR] = str(secrets_fd)
         proc = subprocess.Popen([sys.executable, os.path.join(HERE, "runner.py"), *args], env=env,
                                 stdin=subprocess.PIPE if pipe_stdin else subprocess.DEVNULL,
                                 stdout=log, stderr=log, start_new_session=True,
-                                pass_fds=(pid_fd,) if pid_fd is not None else ())
+                                pass_fds=tuple(fd for fd in (pid_fd, secrets_fd) if fd is not None))
         if pid_fd is not None:
             try:
                 home.write_record(pid_fd, proc.pid, *record)
@@ -306,8 +319,9 @@ def spawn(args, env, log_path, pipe_stdin=False, pid_path=None, record=()):
         return proc
     finally:
         os.close(log)
-        if pid_fd is not None:
-            os.close(pid_fd)
+        for fd in (pid_fd, secrets_fd):
+            if fd is not None:
+                os.close(fd)
 
 
 def home_problem(path, exc):

@@ -200,7 +200,9 @@ def parser():
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     run = sub.add_parser("run", help="run a task (the default command)",
-                         epilog='example: python runner.py run "fix the failing test" --workspace ~/proj')
+                         epilog='examples:\n  python runner.py run "fix the failing test" --workspace ~/proj\n'
+                                '  python runner.py run --agent code-reviewer --env REVIEW_STYLE=thorough "review it"',
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("task", nargs="*", help="what the agent should do; `-` or none reads it from stdin "
                                              "(piped stdin after a task is added as context)")
     run.add_argument("--workspace", help="directory the agent works in (default: SANDBOX_ROOT_DIR or .)")
@@ -346,7 +348,7 @@ def run_cli(argv):
     try:
         if implicit_run and "--" not in args:
             refuse_near_miss(parsed.task)
-        cfg = Config.load(os.environ)
+        cfg = Config.load(commands.worker_environ(parsed) if parsed.command == "worker" else os.environ)
         for warning in cfg.warnings:
             print(f"stigmer: warning: {warning}", file=sys.stderr)
         return handler(cfg, parsed)

@@ -43,10 +43,10 @@ with STIGMER_SANDBOX_RUN=<id> in its environment, and /proc names what still car
 
 Standard library only, so this file can be copied alone into another project.
 """
-import base64
 import dataclasses
 import errno
 import fcntl
+import itertools
 import json
 import math
 import os
@@ -70,7 +70,10 @@ MAX_READ_BYTES = 10 * 1024 * 1024  # read() and edit() refuse larger files
 MAX_GREP_BYTES = 50 * 1024 * 1024  # grep skips larger files (rg: --max-filesize); names one: refused
 GREP_CHUNK = 1 << 20    # bytes per read while grep scans a file
 BINARY_SNIFF = 8192     # read(): a NUL byte in this many leading bytes means "binary"
-SEARCH_TIMEOUT = 30.0   # seconds a glob() or grep() may run; then it returns what it found
+SEARCH_TIMEOUT = 30.0   # seconds a glob() or grep() may run; then it returns what it found, saying so
+MAX_PATTERN = 1000      # characters in a glob pattern (glob, grep's glob)
+MAX_SYMLINKS = 40       # symlinks followed on one path, as the kernel allows; more is a loop
+HELD_FDS = 64           # directories a file tool keeps open on a deep path; further up it reopens them
 USE_RG = True           # grep uses ripgrep when it is on PATH; False forces the Python search
 SKIP_DIRS = {".git"}    # glob and grep never descend into these (hidden files are searched)
 # Override the host's values (an agent must never get `less`); the sandbox's env and a call's env win.
@@ -153,6 +156,9 @@ class ExecutionResult:
 
 class SandboxError(Exception):
     """A refused or invalid request; the message says what to do instead."""
+
+    def __init__(self, message=""):
+        super().__init__(_shown(message) if isinstance(message, str) else message)
 
 
 class SandboxUnavailable(Exception):
@@ -528,19 +534,19 @@ class FilesystemSandbox:
         return merged
 
     # ---- file tools ----
-    # Each tool turns OSError and a bad glob's re.error into SandboxError saying what to do.
+    # Each tool turns OSError and a bad glob's re.error into SandboxError saying what to do. Every
+    # file is reached through a directory fd found by _resolve (or _open): see "paths" below.
 
     def ls(self, path=".") -> list:
         """Sorted names in a directory, directories with a trailing '/'."""
-        full = self._resolve(path)
-        if not os.path.isdir(full):
-            raise SandboxError(f"{path} is not a directory" if os.path.exists(full)
-                               else f"{path} does not exist")
+        fd, _ = self._open_dir(path)
         try:
-            with os.scandir(full) as it:
-                return sorted(e.name + "/" if _is_dir(e) else e.name for e in it)
+            with os.scandir(fd) as it:
+                return sorted(_shown(e.name) + "/" if _is_dir(e) else _shown(e.name) for e in it)
         except OSError as e:
             raise _os_error(e, path, "list") from None
+        finally:
+            os.close(fd)
 
     def read(self, path, offset=0, limit=None) -> str:
         """Lines [offset, offset+limit) of a text file, line endings kept."""
@@ -551,13 +557,7 @@ class FilesystemSandbox:
         """Write UTF-8 text atomically, creating parent directories and keeping permissions."""
         _check_write_args(path, content)
         self._check_writable(path)
-        full = self._resolve(path)
-        if os.path.isdir(full):
-            raise SandboxError(f"{path} is a directory")
-        try:
-            _atomic_write(full, content.encode("utf-8", errors="surrogateescape"))
-        except OSError as e:
-            raise _os_error(e, path, "write") from None
+        self._write_bytes(path, _encode(content))
 
     def edit(self, path, old, new, replace_all=False) -> int:
         """Replace old with new in a file; returns the number of replacements.
@@ -569,153 +569,311 @@ class FilesystemSandbox:
         self._check_writable(path)
         text = self._read_text(path, "surrogateescape")  # undecodable bytes survive the round trip
         text, count = _replace(text, path, old, new, replace_all)
-        try:
-            _atomic_write(self._resolve(path), text.encode("utf-8", errors="surrogateescape"))
-        except OSError as e:
-            raise _os_error(e, path, "write") from None
+        self._write_bytes(path, _encode(text))
         return count
 
-    def glob(self, pattern, path=".") -> list:
+    def glob(self, pattern, path=".", *, cancel=None) -> list:
         """Paths under path matching pattern ('**' spans directories), relative to the root, sorted.
 
         Hidden files match; .git directories and symlinked directories are not entered;
-        symlinks that resolve outside the root are left out.
+        symlinks that resolve outside the root are left out. The search stops at SEARCH_TIMEOUT
+        seconds or once cancel (a threading.Event) is set; the list's cut_off then says so.
         """
         _check_glob_args(pattern)
-        base = self._resolve(path)
-        if not os.path.isdir(base):
-            raise SandboxError(f"{path} is not a directory")
-        regex = _glob_regex(pattern)
-        found = []
-        for rel, full, _ in _walk(base, time.monotonic() + SEARCH_TIMEOUT, dirs=True):
-            if regex.match(rel) and self._inside(os.path.realpath(full)):
-                found.append(os.path.relpath(full, self.root))
-        return sorted(f for f in found if self._visible(os.path.join(self.root, f)))
+        match = _glob_regex(pattern).match
+        stop = _Stop(cancel)
+        fd, base = self._open_dir(path, real=True)
+        found = _Found()
+        try:
+            for rel, _, entry in _walk(fd, stop, dirs=True):
+                if match(_shown(rel)) and (not entry.is_symlink() or self._stays_inside(_join(base, rel))):
+                    found.append(_shown(_join(base, rel)))
+        finally:
+            os.close(fd)
+        found = _Found(sorted(f for f in found if self._visible(os.path.join(self.root, f))))
+        found.cut_off = stop.why
+        return found
 
-    def grep(self, pattern, path=".", glob=None, max_count=1000) -> list:
+    def grep(self, pattern, path=".", glob=None, max_count=1000, *, cancel=None) -> list:
         """(path, line number, line) for lines containing pattern literally, sorted.
 
         Searches hidden files but not .git directories (a .git file is searched), ignores
         .gitignore, and skips symlinks, non-regular files (FIFOs, devices), binary files (a
         NUL byte anywhere, as rg decides) and files over MAX_GREP_BYTES. Naming such a file as
         path is an error, except a binary one, which has no hits. At most max_count results; a
-        search running past SEARCH_TIMEOUT seconds returns what it found in the files it finished.
+        search running past SEARCH_TIMEOUT seconds, or cancelled, returns what it found in the
+        files it finished, and the list's cut_off says so.
         """
         _check_grep_args(pattern, max_count)
-        base = self._resolve(path)
-        if not os.path.exists(base):
-            raise SandboxError(f"{path} does not exist")
         keep = _glob_filter(glob)
-        deadline = time.monotonic() + SEARCH_TIMEOUT
-        if not os.path.isdir(base):
-            fd, st = _open_regular(base, path)  # refuses a FIFO before anything could block on it
+        stop = _Stop(cancel)
+        needle = _encode(pattern)
+        try:  # O_NONBLOCK: a FIFO cannot block the open; fstat then refuses it
+            fd, base = self._open(path, os.O_RDONLY | os.O_NONBLOCK, real=True)
+        except OSError as e:
+            raise self._dir_error(e, path, "search") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISDIR(st.st_mode):
+                _check_regular(st, path)
+                if st.st_size > MAX_GREP_BYTES:
+                    raise _too_big_to_grep(path, st.st_size)
+                with open(os.dup(fd), "rb", buffering=0) as f:
+                    found = _grep_file(f, needle, max_count, stop) or []
+                hits = [(_shown(base), number, line) for number, line in found]
+            else:
+                rg = shutil.which("rg") if USE_RG else None
+                search = self._grep_rg if rg else self._grep_python
+                hits = search(rg, needle, fd, base, glob, keep, max_count, stop)
+        finally:
             os.close(fd)
-            if st.st_size > MAX_GREP_BYTES:
-                raise _too_big_to_grep(path, st.st_size)
-        rg = shutil.which("rg") if USE_RG else None
-        if rg and os.path.isdir(base):
-            hits = self._grep_rg(rg, pattern, base, glob, keep, max_count, deadline)
-        else:
-            hits = self._grep_python(pattern, base, keep, max_count, deadline)
-        return sorted((h for h in hits if self._visible(os.path.join(self.root, h[0]))), key=lambda h: (h[0], h[1]))
-
-    def _grep_python(self, pattern, base, keep, max_count, deadline):
-        needle = pattern.encode("utf-8", errors="surrogateescape")
-        if os.path.isdir(base):
-            files = ((rel, full) for rel, full, _ in _walk(base, deadline, dirs=False))
-        else:
-            files = [(os.path.basename(base), base)]
-        hits = []
-        for rel, full in files:
-            if time.monotonic() > deadline:
-                break
-            if not keep(rel):
-                continue
-            try:
-                fd, st = _open_regular(full, rel)
-            except (OSError, SandboxError):
-                continue  # unreadable or not a regular file: skipped, as rg does
-            with open(fd, "rb", buffering=0) as f:
-                found = None if st.st_size > MAX_GREP_BYTES else \
-                    _grep_file(f, needle, max_count - len(hits), deadline)
-            if found:
-                shown = os.path.relpath(full, self.root)
-                hits += [(shown, number, line) for number, line in found]
-                if len(hits) >= max_count:
-                    break
+        hits = _Found(sorted((h for h in hits if self._visible(os.path.join(self.root, h[0]))),
+                             key=lambda h: (h[0], h[1])))
+        hits.cut_off = stop.why
         return hits
 
-    def _grep_rg(self, rg, pattern, base, glob, keep, max_count, deadline):
-        rel_base = os.path.relpath(base, self.root)
-        cmd = [rg, "--no-config", "--json", "--fixed-strings", "--no-messages", "--hidden",
-               "--no-ignore", "--no-mmap", "--sort", "path", "--encoding", "none",
-               "--max-count", str(max_count), "--max-filesize", str(MAX_GREP_BYTES)]
+    def _grep_python(self, _, needle, fd, base, glob, keep, max_count, stop):
+        hits, everything = [], glob is None
+        for rel, dir_fd, entry in _walk(fd, stop, dirs=False):
+            if not everything and not keep(_shown(rel)):
+                continue
+            try:
+                file_fd = os.open(entry.name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                  dir_fd=dir_fd)
+            except OSError:
+                continue  # unreadable, or swapped for a symlink since the listing: skipped, as rg does
+            hits += _grep_open_file(file_fd, needle, max_count - len(hits), stop, _join(base, rel))
+            if len(hits) >= max_count:
+                break
+        return hits
+
+    def _grep_rg(self, rg, needle, fd, base, glob, keep, max_count, stop):
+        """rg names the files that hold needle; each is then searched here, through an fd found by
+        _open as every file tool's is. So rg decides nothing but which files to look at: should a
+        folder be swapped for a symlink while rg walks (rg opens directories by path), what it read
+        out there is never shown, and a name it reports is opened beneath the root or not at all."""
+        cmd = [rg, "--no-config", "--files-with-matches", "--null", "--fixed-strings", "--no-messages",
+               "--hidden", "--no-ignore", "--no-mmap", "--sort", "path", "--encoding", "none",
+               "--max-filesize", str(MAX_GREP_BYTES)]
         if glob and re.fullmatch(r"[^/\[\]{}\\!^]+", glob):
-            cmd += ["--glob", glob]  # a plain basename pattern: let rg pre-filter; `keep` decides
+            cmd += ["--glob", _encode(glob)]  # a plain basename pattern: let rg pre-filter; `keep` decides
         for name in sorted(SKIP_DIRS):
             cmd += ["--glob", "!" + name + "/"]  # the trailing '/': directories only
-        cmd += ["-e", pattern, "--", rel_base + "/"]
-        proc = subprocess.Popen(cmd, cwd=self.root, stdin=subprocess.DEVNULL,
+        cmd += [b"-e", needle, "--", "."]
+        # rg starts in the directory fd itself (Linux), not in a path that could be swapped meanwhile.
+        pinned = os.path.isdir(f"/proc/self/fd/{fd}")
+        proc = subprocess.Popen(cmd, cwd=f"/proc/self/fd/{fd}" if pinned else os.path.join(self.root, base),
+                                pass_fds=(fd,) if pinned else (), stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-        timer = threading.Timer(max(0.0, deadline - time.monotonic()), proc.kill)
-        timer.start()
-        hits, pending = [], {}  # pending: a file's hits until rg's "end" says it was not binary
+        done = threading.Event()
+        watcher = threading.Thread(target=_stop_process, args=(proc, stop, done), daemon=True)
+        watcher.start()
+        hits, pending = [], b""
         try:
-            for raw in proc.stdout:
-                try:
-                    message = json.loads(raw)
-                    kind, data = message["type"], message["data"]
-                    name = _rg_bytes(data["path"])
-                except (ValueError, TypeError, KeyError):
-                    continue  # not a message we understand (a warning, a newer rg): skip it
-                if name is None:
-                    continue
-                shown = os.path.normpath(os.fsdecode(name))
-                if kind == "match":
-                    line, number = _rg_bytes(data.get("lines")), data.get("line_number")
-                    if line is not None and isinstance(number, int) \
-                            and keep(os.path.relpath(shown, rel_base)):
-                        pending.setdefault(shown, []).append(
-                            (shown, number, _line_text(line.rstrip(b"\n"))))
-                elif kind == "end" and shown in pending:
-                    found = pending.pop(shown)
-                    if data.get("binary_offset") is not None:
-                        continue  # rg met a NUL after a match: binary, so no hits (as in Python)
-                    if len(found) >= max_count and _has_nul(os.path.join(self.root, shown)):
-                        continue  # rg stopped at --max-count, before any later NUL
-                    hits += found[:max_count - len(hits)]
+            while len(hits) < max_count and not stop():
+                chunk = proc.stdout.read1(65536)
+                if not chunk:
+                    break
+                *names, pending = (pending + chunk).split(b"\0")
+                for name in names:
+                    rel = os.path.normpath(os.fsdecode(name))
+                    if rel == "." or rel.startswith("..") or os.path.isabs(rel) or not keep(_shown(rel)) \
+                            or stop():
+                        continue
+                    try:
+                        file_fd, _ = self._open(_join(base, rel), os.O_RDONLY | os.O_NONBLOCK)
+                    except (OSError, SandboxError):
+                        continue  # gone, or not beneath the root by that name: not searched
+                    hits += _grep_open_file(file_fd, needle, max_count - len(hits), stop, _join(base, rel))
                     if len(hits) >= max_count:
                         break
         finally:
-            timer.cancel()
+            done.set()
             proc.kill()
             proc.stdout.close()
             proc.wait()
-        return hits  # files rg did not finish (killed at the deadline) are left out
+            watcher.join()
+        return hits
 
     # ---- paths ----
+    # How a file tool finds its file without being raced. A path is checked and used in one go:
+    # _resolve walks it from a directory fd on the root, one openat(O_NOFOLLOW) per component,
+    # following a symlink by hand only while it stays beneath the root, and hands back a directory
+    # fd and a name in it; the tool then opens, stats or renames that name relative to the fd.
+    # Nothing is looked up by path string after the check, so a folder swapped for a symlink to
+    # the outside between the check and the use leads nowhere. Where the kernel has openat2,
+    # _open asks it for the same (RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS) in one call. The root
+    # itself is opened by its path: whoever could swap it could also write outside the workspace.
 
-    def _resolve(self, path):
-        """The real path of path, or SandboxError if it is outside the root."""
+    def _relative(self, path):
+        """path as a path relative to the root, or SandboxError (bad path, or outside the root)."""
         if isinstance(path, os.PathLike):
             path = os.fspath(path)
         if not isinstance(path, str) or not path:
             raise SandboxError(f"path must be a non-empty string, not {path!r}")
         if "\0" in path:
             raise SandboxError("path must not contain a NUL byte")
-        real = os.path.realpath(os.path.join(self.root, path))  # an absolute path replaces root
-        if not self._inside(real):
-            raise SandboxError(f"{path} is outside the workspace {self.root}: "
-                               "use a path relative to it")
         try:
-            os.stat(real)
+            path.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            raise SandboxError(f"path {_shown(path)!r} is not valid text (it holds a lone surrogate)") from None
+        if not path.startswith("/"):
+            return path
+        for real in (path, os.path.realpath(path)):  # realpath: an alias of the root, as macOS's /tmp
+            if real == self.root or real.startswith(self.root.rstrip("/") + "/"):
+                return real[len(self.root):].lstrip("/") or "."  # resolved beneath the root, below
+        raise self._outside(path)
+
+    def _outside(self, path):
+        return _Outside(f"{path} is outside the workspace {self.root}: use a path relative to it")
+
+    def _open_root(self):
+        return os.open(self.root, _DIR_FLAGS)
+
+    def _resolve(self, path, *, create=False):
+        """(dir_fd, name, rel) for path beneath the root: dir_fd is an open directory (the caller
+        closes it), name an entry in it that was not a symlink when looked at ('.' for the directory
+        itself; it may not exist) and rel the real path relative to the root. Symlinks are followed
+        only while they stay beneath the root (else _Outside); a name shown with U+FFFD finds the
+        one entry that prints so. create makes missing directories. Raises SandboxError or OSError."""
+        todo = _parts(self._relative(path))[::-1]  # a stack: the next component is last
+        chain = _Chain(self._open_root())
+        names, missing, links, name = [], [], 0, "."
+        try:
+            while todo:
+                part = todo.pop()
+                if part == "..":
+                    if missing:
+                        missing.pop()
+                    elif chain.pop():
+                        names.pop()
+                    else:
+                        raise self._outside(path)
+                    name = "."
+                    continue
+                if missing:  # below a directory that does not exist: nothing to look at
+                    missing.append(part)
+                    continue
+                target = None
+                if todo:  # a directory to enter
+                    try:
+                        chain.push(os.open(part, _DIR_FLAGS, dir_fd=chain.top))
+                        names.append(part)
+                        name = "."
+                        continue
+                    except OSError as e:
+                        if e.errno == errno.ENOENT:
+                            found = _printed_as(chain.top, part, path)
+                            if found is not None:
+                                todo.append(found)
+                            else:
+                                missing.append(part)
+                            continue
+                        if e.errno not in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
+                            raise
+                        target = _readlink(part, chain.top)
+                        if target is None:
+                            raise
+                else:  # the last component: a symlink to follow, or the name to hand back
+                    try:
+                        target = os.readlink(part, dir_fd=chain.top)
+                    except OSError as e:
+                        if e.errno == errno.ENOENT:
+                            found = _printed_as(chain.top, part, path)
+                            if found is not None:
+                                todo.append(found)
+                                continue
+                        elif e.errno != errno.EINVAL:  # EINVAL: not a symlink
+                            raise
+                    if target is None:
+                        name = part
+                        continue
+                links += 1
+                if links > MAX_SYMLINKS:
+                    raise SandboxError(f"{path} is a symlink loop")
+                if target.startswith("/"):
+                    if not (target == self.root or target.startswith(self.root.rstrip("/") + "/")):
+                        raise self._outside(path)
+                    chain.reset()
+                    names = []
+                    target = target[len(self.root):]
+                todo.extend(_parts(target)[::-1])
+                name = "."
+            would_be = "/".join(names + missing + ([name] if name != "." else [])) or "."
+            if not self._visible(os.path.join(self.root, would_be)):
+                raise SandboxError(f"{path} is hidden from the agent in this sandbox (credentials, the runner's "
+                                   "home): leave it alone, or ask the user")
+            if missing and not create:
+                raise FileNotFoundError(errno.ENOENT, "No such file or directory", path)
+            if create and missing:
+                if name != ".":
+                    missing.append(name)
+                name = missing.pop() if missing[-1:] else "."
+                for part in missing:
+                    try:
+                        os.mkdir(part, dir_fd=chain.top)
+                    except FileExistsError:
+                        pass  # made meanwhile: it is opened without following a symlink all the same
+                    chain.push(os.open(part, _DIR_FLAGS, dir_fd=chain.top))
+                    names.append(part)
+            rel = "/".join(names + ([name] if name != "." else [])) or "."
+            return chain.detach(), name, rel
+        finally:
+            chain.close()
+
+    def _open(self, path, flags, *, real=False):
+        """(fd, rel): path opened with flags beneath the root, a last symlink followed while it stays
+        beneath it; rel is its real path relative to the root, or None unless real is asked for."""
+        if _openat2_ready() and not real and (self.mode == "full-access" or not self.hide):  # else _resolve checks
+            rel = "/".join(_parts(self._relative(path))) or "."  # as _resolve reads it: "a//b/." is a/b
+            root = self._open_root()
+            try:
+                return _openat2(root, rel, flags | os.O_CLOEXEC), None
+            except OSError as e:  # EXDEV: a symlink out, or an absolute one; _resolve says which
+                # ENOENT: a/.. where a does not exist, or a name printed with U+FFFD, is _resolve's too
+                if e.errno not in (errno.EXDEV, errno.ELOOP, errno.ENAMETOOLONG, errno.EAGAIN) and not (
+                        e.errno == errno.ENOENT and ("\ufffd" in rel or ".." in rel.split("/"))):
+                    raise
+            finally:
+                os.close(root)
+        for _ in range(3):
+            dir_fd, name, rel = self._resolve(path)
+            try:
+                return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd), rel
+            except OSError as e:
+                if e.errno != errno.ELOOP or name == ".":
+                    raise
+            finally:
+                os.close(dir_fd)
+        raise SandboxError(f"{path} keeps changing into a symlink: try again once it settles")
+
+    def _open_dir(self, path, real=False):
+        """(fd, rel) of the directory path (rel as in _open), or SandboxError."""
+        try:
+            return self._open(path, os.O_RDONLY | os.O_DIRECTORY, real=real)
         except OSError as e:
-            if e.errno == errno.ELOOP:
-                raise SandboxError(f"{path} is a symlink loop") from None
-        if not self._visible(real):
-            raise SandboxError(f"{path} is hidden from the agent in this sandbox (credentials, the runner's home): "
-                               "leave it alone, or ask the user")
-        return real
+            raise self._dir_error(e, path, "list") from None
+
+    def _dir_error(self, e, path, action):
+        if e.errno == errno.ENOTDIR:
+            try:
+                os.close(self._open(path, _PROBE_FLAGS)[0])
+                return SandboxError(f"{path} is not a directory: read it with read_file")
+            except (OSError, SandboxError):
+                pass  # a file above it: nothing by that name
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            return SandboxError(f"{path} does not exist")
+        return _os_error(e, path, action)
+
+    def _stays_inside(self, rel):
+        """False if the symlink at rel leads outside the root (a loop or a dangling link inside is in)."""
+        try:
+            os.close(self._resolve(rel)[0])
+        except _Outside:
+            return False
+        except (OSError, SandboxError):
+            pass
+        return True
 
     def _visible(self, full):
         """False for a path under one of the hidden paths (confined modes only: full-access hides nothing)."""
@@ -724,22 +882,49 @@ class FilesystemSandbox:
         real = os.path.realpath(full)
         return not any(real == h or real.startswith(h.rstrip(os.sep) + os.sep) for h in self._hidden_real)
 
-    def _inside(self, real):
-        return real == self.root or real.startswith(self.root.rstrip(os.sep) + os.sep)
-
     def _read_text(self, path, errors):
-        full = self._resolve(path)
-        if os.path.isdir(full):
-            raise SandboxError(f"{path} is a directory: use ls or glob to list it")
-        fd, st = _open_regular(full, path)
-        with open(fd, "rb") as f:
+        try:
+            fd, _ = self._open(path, os.O_RDONLY | os.O_NONBLOCK)
+        except OSError as e:
+            raise _os_error(e, path, "read") from None
+        try:
+            st = os.fstat(fd)
+            _check_regular(st, path)
             if st.st_size > MAX_READ_BYTES:
                 raise _too_big_to_read(path, st.st_size)
+        except BaseException:
+            os.close(fd)
+            raise
+        with open(fd, "rb") as f:
             try:
                 data = f.read(MAX_READ_BYTES + 1)
             except OSError as e:
                 raise _os_error(e, path, "read") from None
         return _decode_text(path, data, errors)
+
+    def _write_bytes(self, path, data):
+        """data into the file path (a temporary file beside it, then a rename), all by fd."""
+        for _ in range(3):
+            try:
+                dir_fd, name, _ = self._resolve(path, create=True)
+            except OSError as e:
+                raise _os_error(e, path, "write") from None
+            try:
+                try:
+                    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    st = None
+                if st is not None and stat.S_ISLNK(st.st_mode):
+                    continue  # a symlink appeared since it was looked at: resolve it again
+                if name == "." or st is not None and stat.S_ISDIR(st.st_mode):
+                    raise SandboxError(f"{path} is a directory")
+                _atomic_write(dir_fd, name, data, None if st is None else st.st_mode & 0o7777)
+                return
+            except OSError as e:
+                raise _os_error(e, path, "write") from None
+            finally:
+                os.close(dir_fd)
+        raise SandboxError(f"{path} keeps changing into a symlink: try again once it settles")
 
 
 # ---- helpers ----
@@ -983,24 +1168,289 @@ def _grow_pipe(fd):
         pass  # the default buffer works, only with more wake-ups
 
 
-def _open_regular(full, shown):
-    """(fd, stat) for full if it is a regular file, else SandboxError. O_NONBLOCK, so a FIFO
-    swapped in after any earlier check cannot block the open; fstat then refuses it."""
+# ---- file tools' helpers: fds, the walk, stopping, names ----
+
+_O_PATH = getattr(os, "O_PATH", 0)  # Linux: a directory fd only to walk through, needing no read permission
+_DIR_FLAGS = (_O_PATH or os.O_RDONLY) | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_PROBE_FLAGS = _O_PATH | os.O_CLOEXEC if _O_PATH else os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+_OPENAT2 = {"ready": None, "call": None}  # set up on first use (Linux 5.6+; not under every seccomp filter)
+_RESOLVE = 0x08 | 0x02  # RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS (linux/openat2.h)
+_SYS_OPENAT2 = 437      # one number on every architecture below (the syscall table was unified in 5.1)
+_SYS_OPENAT2_MACHINES = {"x86_64", "amd64", "aarch64", "arm64", "riscv64", "ppc64le", "ppc64", "s390x",
+                         "loongarch64", "armv7l", "armv6l", "i686", "i386"}
+
+
+def _openat2_ready():
+    """True once openat2 answered like a kernel that has it; it is asked once per process."""
+    if _OPENAT2["ready"] is None:
+        _OPENAT2["ready"] = False
+        if sys.platform.startswith("linux"):
+            import platform
+            if platform.machine().lower() in _SYS_OPENAT2_MACHINES:
+                try:
+                    import ctypes
+                except ImportError:  # a Python built without ctypes: the walk does it all
+                    return False
+                libc = ctypes.CDLL(None, use_errno=True)
+                call = libc.syscall
+                call.restype = ctypes.c_long
+                call.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t]
+                how = (ctypes.c_uint64 * 3)(os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, 0, _RESOLVE)
+                fd = call(_SYS_OPENAT2, -100, b".", ctypes.addressof(how), ctypes.sizeof(how))  # AT_FDCWD
+                if fd >= 0:
+                    os.close(fd)
+                    _OPENAT2["call"] = (call, ctypes)
+                    _OPENAT2["ready"] = True
+    return _OPENAT2["ready"]
+
+
+def _openat2(dir_fd, path, flags):
+    """openat2(dir_fd, path, {flags, 0, RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS}): an fd, or OSError
+    (EXDEV when the path or a symlink in it leads out of dir_fd, ELOOP, ENOENT, ...)."""
+    call, ctypes = _OPENAT2["call"]
+    how = (ctypes.c_uint64 * 3)(flags, 0, _RESOLVE)
+    fd = call(_SYS_OPENAT2, dir_fd, os.fsencode(path), ctypes.addressof(how), ctypes.sizeof(how))
+    if fd < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), path)
+    return fd
+
+
+class _Outside(SandboxError):
+    """A path, or a symlink on it, leads outside the root."""
+
+
+class _Chain:
+    """The directories from a root down to where a walk is, as open fds: '..' goes back up this
+    chain, never through the kernel's idea of a parent. Only the HELD_FDS newest stay open (a path
+    2,000 levels deep must not exhaust the process's fds); going back into a closed one reopens it
+    through its child's '..' and checks that it is the same directory as before."""
+
+    def __init__(self, root_fd):
+        self.fds, self.ids = [root_fd], [None]
+
+    @property
+    def top(self):
+        return self.fds[-1]
+
+    def push(self, fd):
+        self.fds.append(fd)
+        self.ids.append(None)
+        old = len(self.fds) - 1 - HELD_FDS
+        if old > 0 and self.fds[old] is not None:  # the root (0) stays open
+            st = os.fstat(self.fds[old])
+            self.ids[old] = (st.st_dev, st.st_ino)
+            os.close(self.fds[old])
+            self.fds[old] = None
+
+    def pop(self):
+        """Back to the parent directory; False at the root. OSError if the parent changed meanwhile."""
+        if len(self.fds) == 1:
+            return False
+        child = self.fds.pop()
+        self.ids.pop()
+        try:
+            if self.fds[-1] is None:
+                fd = os.open("..", _DIR_FLAGS, dir_fd=child)
+                st = os.fstat(fd)
+                if (st.st_dev, st.st_ino) != self.ids[-1]:
+                    os.close(fd)
+                    raise OSError(errno.ESTALE, "a directory was moved while a file tool walked it")
+                self.fds[-1] = fd
+        finally:
+            os.close(child)
+        return True
+
+    def reset(self):
+        """Back to the root."""
+        while len(self.fds) > 1:
+            fd = self.fds.pop()
+            self.ids.pop()
+            if fd is not None:
+                os.close(fd)
+
+    def detach(self):
+        """The current directory's fd, now the caller's to close."""
+        fd = self.fds.pop()
+        self.ids.pop()
+        return fd
+
+    def close(self):
+        for fd in self.fds:
+            if fd is not None:
+                os.close(fd)
+        self.fds, self.ids = [], []
+
+
+def _walk(top_fd, stop, dirs):
+    """Depth-first (rel, dir_fd, entry) below the directory top_fd, in sorted name order (that of
+    `rg --sort path`): entry is an os.DirEntry in the directory dir_fd (valid until the next item).
+    Skips SKIP_DIRS, enters no symlink, and ends once stop() is true. Iterative, so depth is no limit."""
+    chain = _Chain(os.dup(top_fd))
+    levels = [(_listing(top_fd), "")]
     try:
-        fd = os.open(full, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as e:
-        raise _os_error(e, shown, "read") from None
+        while levels:
+            entries, prefix = levels[-1]
+            entry = next(entries, None)
+            if entry is None:
+                levels.pop()
+                if levels:
+                    try:
+                        chain.pop()
+                    except OSError:
+                        return  # a directory moved under the walk: stop, never look outside
+                continue
+            if stop():
+                return
+            rel = prefix + entry.name
+            try:
+                is_dir = entry.is_dir(follow_symlinks=False)
+            except OSError:
+                continue
+            if is_dir:
+                if entry.name in SKIP_DIRS:
+                    continue
+                if dirs:
+                    yield rel, chain.top, entry
+                try:  # a real fd, to list it: O_NOFOLLOW, in case it became a symlink since the listing
+                    fd = os.open(entry.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                 dir_fd=chain.top)
+                except OSError:
+                    continue
+                chain.push(fd)
+                levels.append((_listing(fd), rel + "/"))
+            elif dirs or entry.is_file(follow_symlinks=False):
+                yield rel, chain.top, entry
+    finally:
+        chain.close()
+
+
+def _listing(fd):
+    """An iterator over the entries of the open directory fd, sorted by name; empty if unreadable."""
     try:
-        st = os.fstat(fd)
-    except OSError as e:
+        with os.scandir(fd) as it:
+            return iter(sorted(it, key=lambda e: e.name))
+    except OSError:
+        return iter(())
+
+
+def _parts(path):
+    return [p for p in path.split("/") if p not in ("", ".")]
+
+
+def _join(base, rel):
+    return rel if base == "." else base + "/" + rel
+
+
+def _readlink(name, dir_fd):
+    """The target of the symlink name in dir_fd, or None if it is not a symlink."""
+    try:
+        return os.readlink(name, dir_fd=dir_fd)
+    except OSError:
+        return None
+
+
+def _printed_as(dir_fd, part, path):
+    """The one name in dir_fd that the file tools print as part (a name that is not UTF-8, shown with
+    U+FFFD), or None; SandboxError if several print alike."""
+    if "\ufffd" not in part:
+        return None
+    try:
+        fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return None
+    try:
+        with os.scandir(fd) as it:
+            names = [e.name for e in it if e.name != part and _shown(e.name) == part]
+    except OSError:
+        return None
+    finally:
         os.close(fd)
-        raise _os_error(e, shown, "read") from None
+    if len(names) > 1:
+        raise SandboxError(f"{path}: {len(names)} names in that folder print as {part!r} (they are "
+                           "not UTF-8); rename them with execute, e.g. `mv` with a shell glob")
+    return names[0] if names else None
+
+
+def _shown(text):
+    """text fit for the model, JSON and protobuf: each undecodable byte of a file name (a lone
+    surrogate, from os's surrogateescape) and any other lone surrogate becomes U+FFFD."""
+    if text.isascii():
+        return text
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:
+        return _SURROGATE.sub("\ufffd", text)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_NOT_ESCAPE = re.compile("[\ud800-\udc7f\udd00-\udfff]")  # lone surrogates surrogateescape cannot write
+
+
+def _encode(text):
+    """The UTF-8 bytes of text; surrogate-escaped bytes (read from a file) are written back as they
+    were, any other lone surrogate (from model text) as U+FFFD."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return _NOT_ESCAPE.sub("\ufffd", text).encode("utf-8", "surrogateescape")
+
+
+class _Found(list):
+    """A search's results; cut_off says why the search stopped early (None: it finished)."""
+    cut_off = None
+
+
+class _Stop:
+    """Called during a search: true once SEARCH_TIMEOUT has passed or cancel is set; why says which."""
+
+    def __init__(self, cancel):
+        self.deadline = time.monotonic() + SEARCH_TIMEOUT
+        self.cancel = cancel
+        self.why = None
+
+    def __call__(self):
+        if self.why is None:
+            if self.cancel is not None and self.cancel.is_set():
+                self.why = "cancelled: the results are partial"
+            elif time.monotonic() > self.deadline:
+                self.why = f"stopped at the {SEARCH_TIMEOUT:g} s time limit: the results are partial"
+        return self.why is not None
+
+
+def _stop_process(proc, stop, done):
+    """Kill proc once stop() is true, unless done is set first (a thread, beside a search)."""
+    while not done.wait(CANCEL_POLL):
+        if stop():
+            proc.kill()
+            return
+
+
+def _check_regular(st, shown):
+    """SandboxError unless st is a regular file's."""
     if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
         kind = "a directory: use ls or glob to list it" if stat.S_ISDIR(st.st_mode) else \
             "not a regular file (a FIFO, socket or device): inspect it with execute"
         raise SandboxError(f"{shown} is {kind}")
-    return fd, st
+
+
+def _grep_open_file(fd, needle, room, stop, rel):
+    """grep's hits [(shown rel, line number, line)] in the open file fd, which this closes; none for
+    what is not a regular file, is too big, binary or unfinished."""
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_GREP_BYTES:
+            return []
+        with open(fd, "rb", buffering=0, closefd=False) as f:
+            found = _grep_file(f, needle, room, stop)
+    except OSError:
+        return []
+    finally:
+        os.close(fd)
+    if not found:
+        return []
+    shown = _shown(rel)
+    return [(shown, number, line) for number, line in found]
 
 
 def _os_error(e, path, action):
@@ -1017,13 +1467,15 @@ def _os_error(e, path, action):
         errno.EROFS: "the file system is read-only: write somewhere else",
         errno.ENAMETOOLONG: "a name in the path is too long: use a shorter one",
         errno.ELOOP: f"{path} is a symlink loop",
+        errno.ESTALE: "a directory on the path was moved meanwhile: try again",
+        errno.EMFILE: "too many open files in the runner: try again",
     }.get(e.errno, e.strerror or str(e))
     return SandboxError(f"cannot {action} {path}: {why}")
 
 
-def _grep_file(f, needle, room, deadline):
+def _grep_file(f, needle, room, stop):
     """[(line number, line)] for at most room lines of the open file f holding needle; None if
-    the file holds a NUL anywhere (binary) or the deadline passed before its end."""
+    the file holds a NUL anywhere (binary) or the search stopped before its end."""
     hits, carry, line_no = [], b"", 1
     while True:
         chunk = f.read(GREP_CHUNK)
@@ -1035,48 +1487,18 @@ def _grep_file(f, needle, room, deadline):
             pos, counted_to = buf.find(needle, 0, end), 0
             while pos != -1 and len(hits) < room:
                 start = buf.rfind(b"\n", 0, pos) + 1
-                stop = buf.find(b"\n", pos, end)
-                stop = end if stop == -1 else stop
+                stop_at = buf.find(b"\n", pos, end)
+                stop_at = end if stop_at == -1 else stop_at
                 line_no += buf.count(b"\n", counted_to, start)
                 counted_to = start
-                hits.append((line_no, _line_text(buf[start:stop])))
-                pos = buf.find(needle, stop + 1, end)
+                hits.append((line_no, _line_text(buf[start:stop_at])))
+                pos = buf.find(needle, stop_at + 1, end)
             line_no += buf.count(b"\n", counted_to, end)
         if not chunk:
             return hits
         carry = buf[end:]
-        if time.monotonic() > deadline:
+        if stop():
             return None  # unfinished, so not known to be text
-
-
-def _has_nul(full):
-    """True if the regular file full holds a NUL byte (or cannot be read to the end)."""
-    try:
-        fd, _ = _open_regular(full, full)
-    except (OSError, SandboxError):
-        return True
-    with open(fd, "rb", buffering=0) as f:
-        for _ in range(MAX_GREP_BYTES // GREP_CHUNK + 1):
-            chunk = f.read(GREP_CHUNK)
-            if not chunk:
-                return False
-            if b"\0" in chunk:
-                return True
-    return True
-
-
-def _rg_bytes(field):
-    """The bytes of an rg --json {"text": ...} or {"bytes": base64} field; None if neither."""
-    if not isinstance(field, dict):
-        return None
-    if isinstance(field.get("text"), str):
-        return field["text"].encode("utf-8", errors="surrogateescape")
-    if isinstance(field.get("bytes"), str):
-        try:
-            return base64.b64decode(field["bytes"])
-        except ValueError:
-            return None
-    return None
 
 
 # ---- argument checks and text rules shared with other sandboxes (daytona_sandbox.py) ----
@@ -1187,16 +1609,12 @@ def _check_env(env):
     return dict(env)
 
 
-def _atomic_write(full, data):
-    """Write data to a temporary file beside full, then rename it over full."""
-    directory, name = os.path.split(full)
-    os.makedirs(directory, exist_ok=True)
-    try:
-        mode = os.stat(full).st_mode & 0o7777
-    except FileNotFoundError:
-        mode = None
-    tmp = os.path.join(directory, f".{name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # umask applies to new files
+def _atomic_write(dir_fd, name, data, mode):
+    """Write data to a temporary file beside name in the directory dir_fd, then rename it over name;
+    mode (the old file's permissions) is kept, if given."""
+    tmp = f".{name[:40]}.{os.getpid()}.{os.urandom(4).hex()}.tmp"  # short, so a long name still fits
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666,
+                 dir_fd=dir_fd)  # umask applies to new files
     try:
         with open(fd, "wb") as f:
             if mode is not None:
@@ -1204,10 +1622,10 @@ def _atomic_write(full, data):
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, full)
+        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
         try:
-            os.unlink(tmp)
+            os.unlink(tmp, dir_fd=dir_fd)
         except FileNotFoundError:
             pass
         raise
@@ -1242,29 +1660,6 @@ def _line_text(raw):
     return raw.removesuffix(b"\r").decode("utf-8", errors="replace")
 
 
-def _walk(base, deadline, dirs):
-    """Depth-first (rel, full, is_dir) under base in sorted name order, the order of
-    `rg --sort path`. Skips SKIP_DIRS and does not follow symlinks. Stops at deadline."""
-    try:
-        with os.scandir(base) as it:
-            entries = sorted(it, key=lambda e: e.name)
-    except OSError:
-        return
-    for e in entries:
-        if time.monotonic() > deadline:
-            return
-        is_dir = e.is_dir(follow_symlinks=False)
-        if is_dir and e.name in SKIP_DIRS:
-            continue
-        if is_dir:
-            if dirs:
-                yield e.name, e.path, True
-            for rel, full, sub_is_dir in _walk(e.path, deadline, dirs):
-                yield e.name + "/" + rel, full, sub_is_dir
-        elif dirs or e.is_file(follow_symlinks=False):
-            yield e.name, e.path, False
-
-
 def _is_dir(entry):
     try:
         return entry.is_dir()
@@ -1272,17 +1667,49 @@ def _is_dir(entry):
         return False
 
 
+# Glob patterns become regexes that cannot backtrack catastrophically. A segment 'A*B*C' (A, B, C
+# fixed-width: literals, '?', classes) is matched greedily from the left: B at its first place after
+# A, inside an atomic group, so a failure later never retries it, and C at the segment's end. Runs
+# of segments between '**'s are placed the same way, at their first fit. Leftmost is always right
+# for fixed-width parts, so no alternative needs trying: a match costs about (path length x pattern
+# length), however many wildcards. (Atomic groups are emulated with a lookahead and a backreference,
+# as fnmatch does, for Python 3.10.)
+
 def _glob_regex(pattern):
     """Compile a glob: '*' and '?' stay within one path segment, '**' spans segments."""
+    if len(pattern) > MAX_PATTERN:
+        raise SandboxError(f"pattern is {len(pattern)} characters, over the {MAX_PATTERN}-character "
+                           "limit: use a shorter one")
+    atomic = _atomic_groups()
     parts = pattern.split("/")
-    out = []
-    for i, part in enumerate(parts):
-        last = i == len(parts) - 1
-        if part == "**":
-            out.append(".*" if last else "(?:.*/)?")
-        else:
-            out.append(_segment_regex(part) + ("" if last else "/"))
+    segment = lambda i: _segment_regex(parts[i], atomic) + ("" if i == len(parts) - 1 else "/")
+    out, i = [], 0
+    while i < len(parts) and parts[i] != "**":
+        out.append(segment(i))
+        i += 1
+    while i < len(parts):  # at a '**'
+        while i < len(parts) and parts[i] == "**":
+            i += 1
+        if i == len(parts):
+            out.append(".*")
+            break
+        j = i
+        while j < len(parts) and parts[j] != "**":
+            j += 1
+        run = "(?:[^/]*/)*?" + "".join(segment(k) for k in range(i, j))
+        out.append(atomic(run) if j < len(parts) else run)
+        i = j
     return _compile_glob("".join(out), pattern)
+
+
+def _atomic_groups():
+    """A function wrapping a regex in an atomic group (one that is never backtracked into)."""
+    count = itertools.count()
+
+    def atomic(body):
+        name = f"g{next(count)}"
+        return f"(?=(?P<{name}>{body}))(?P={name})"
+    return atomic
 
 
 def _compile_glob(regex, pattern):
@@ -1293,27 +1720,30 @@ def _compile_glob(regex, pattern):
                            "upward, as in [a-z]); fix the pattern") from None
 
 
-def _segment_regex(part):
-    out, i = [], 0
+def _segment_regex(part, atomic):
+    chunks, i = [[]], 0  # the fixed-width runs between the '*'s
     while i < len(part):
         c = part[i]
         if c == "*":
-            out.append("[^/]*")
+            chunks.append([])
             while i + 1 < len(part) and part[i + 1] == "*":
                 i += 1
         elif c == "?":
-            out.append("[^/]")
+            chunks[-1].append("[^/]")
         elif c == "[" and part.find("]", i + 2) != -1:
             j = part.find("]", i + 2)  # a ']' right after '[' is a member, as in fnmatch
             body = part[i + 1:j]
             negate = body[:1] in ("!", "^")
             body = body[1:] if negate else body
-            out.append("[" + ("^" if negate else "") + body.replace("\\", "\\\\") + "]")
+            chunks[-1].append("(?!/)[" + ("^" if negate else "") + body.replace("\\", "\\\\") + "]")
             i = j
         else:
-            out.append(re.escape(c))
+            chunks[-1].append(re.escape(c))
         i += 1
-    return "".join(out)
+    if len(chunks) == 1:
+        return "".join(chunks[0])
+    middle = "".join(atomic("[^/]*?" + "".join(chunk)) for chunk in chunks[1:-1])
+    return "".join(chunks[0]) + middle + "[^/]*" + "".join(chunks[-1])
 
 
 def _glob_filter(glob):
@@ -1323,7 +1753,9 @@ def _glob_filter(glob):
     if not isinstance(glob, str) or not glob:
         raise SandboxError("glob must be a non-empty pattern such as '*.py', or None")
     if "/" not in glob:
-        name = _compile_glob(_segment_regex(glob), glob)
+        if len(glob) > MAX_PATTERN:
+            raise SandboxError(f"glob is {len(glob)} characters, over the {MAX_PATTERN}-character limit")
+        name = _compile_glob(_segment_regex(glob, _atomic_groups()), glob)
         return lambda rel: name.match(rel.rsplit("/", 1)[-1]) is not None
     regex = _glob_regex(glob)
     return lambda rel: regex.match(rel) is not None

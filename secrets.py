@@ -479,12 +479,13 @@ def secrets_pipe(values):
     return read_fd
 
 
-def reexec_without_secrets(names, environ=None):
+def reexec_without_secrets(names, environ=None, carried=()):
     """Replace this process by itself (the same interpreter and arguments, the same pid, its open inheritable
-    files) with the variables NAMES moved from its environment into a pipe (see secrets_pipe). Never returns.
-    The new process takes them back with inherited_secrets()."""
+    files) with the variables NAMES moved from its environment into a pipe (see secrets_pipe), with CARRIED
+    ({name: value} already read from one). Never returns. The new process takes them back with
+    inherited_secrets()."""
     env = dict(os.environ if environ is None else environ)
-    moved = {n: env.pop(n) for n in names if n in env}
+    moved = {**dict(carried), **{n: env.pop(n) for n in names if n in env}}
     env[SECRETS_FD_VAR] = str(secrets_pipe(moved))
     sys.stdout.flush()
     sys.stderr.flush()

@@ -14,12 +14,14 @@ import tempfile
 import threading
 import time
 import unittest
+from unittest import mock
 
 import anthropic
 import openai
 
 import agent
 import models
+import sandbox
 import stigmer_pb2 as pb
 from sandbox import FilesystemSandbox
 from testsupport import FAKE_KEY, HERE, OPENAI_KEY, FakeAnthropic, FakeOpenAI, text_step, tool_step
@@ -351,6 +353,20 @@ class AgentLoopTest(LoopTests, unittest.TestCase):
         phase, _, _, _, fake = self.run_agent([step, text_step("ok")])
         self.assertEqual(phase, pb.COMPLETED)
         self.assertEqual([r["is_error"] for r in self.sent_results(fake.requests[1])], [True, False])
+
+
+    def test_a_search_that_stops_early_says_so(self):
+        steps = [tool_step(("write_file", {"path": "a.txt", "content": "needle\n"})),
+                 tool_step(("glob", {"pattern": "**/*"}), ("grep", {"pattern": "needle"})), text_step("ok")]
+        with mock.patch.object(sandbox, "SEARCH_TIMEOUT", -1.0):  # every search is past its limit at once
+            phase, _, _, _, fake = self.run_agent(steps)
+        self.assertEqual(phase, pb.COMPLETED)
+        results = self.sent_results(fake.requests[2])
+        self.assertEqual(len(results), 2)
+        for result in results:
+            self.assertIn("[search stopped at the -1 s time limit: the results are partial]", str(result["content"]))
+        phase, _, _, _, fake = self.run_agent([tool_step(("glob", {"pattern": "*"})), text_step("ok")])
+        self.assertIn("(no matches)", str(self.sent_results(fake.requests[1])[0]["content"]))
 
 
 class OpenAIAgentLoopTest(LoopTests, unittest.TestCase):

@@ -14,12 +14,18 @@ import tempfile
 import time
 import unittest
 
+from unittest import mock
+
 import agent
 import agents
 import stigmer_pb2 as pb
+import worker
 from test_cli import Pty
+from test_cloud import CloudCase
 from test_runner import CliCase
-from testsupport import FAKE_KEY, HERE, assert_one_line, files_containing, text_step, tool_step, wait_for
+from test_worker import drain
+from testsupport import (FAKE_KEY, HERE, FakeAnthropic, assert_one_line, files_containing, run_cli, text_step,
+                         tool_step, wait_for)
 
 EXAMPLE = os.path.join(HERE, "examples", "agents", "code-reviewer.yaml")
 
@@ -215,6 +221,11 @@ class LookupTest(TempDir):
     def resolve(self, name):
         return agents.resolve(name, self.workspace, self.home)
 
+    def error_of(self, name):
+        with self.assertRaises(agents.AgentError) as caught:
+            self.resolve(name)
+        return str(caught.exception)
+
     def test_nearest_first_up_to_the_git_root_then_stigmer_home(self):
         home_file = self.place(os.path.join(self.home, "agents"), "helper", "from home")
         self.place(os.path.join(self.outside, ".stigmer", "agents"), "helper", "above the git root")
@@ -236,6 +247,9 @@ class LookupTest(TempDir):
             self.resolve("nobody")
         message = str(caught.exception)
         self.assertIn("no agent named nobody", message)
+        self.assertNotIn("did you mean", message)
+        self.place(os.path.join(self.home, "agents"), "code-reviewer", "a reviewer")
+        self.assertIn("no agent named code-reviewr: did you mean code-reviewer?", self.error_of("code-reviewr"))
         for folder in agents.search_dirs(self.workspace, self.home):
             self.assertIn(agents.display(folder), message)
         with self.assertRaises(agents.AgentError) as caught:
@@ -252,6 +266,28 @@ class LookupTest(TempDir):
         self.assertIn("metadata.name is other but the file is named helper", str(caught.exception))
         (item,) = agents.discover(self.workspace, self.home)
         self.assertEqual(len(item["problems"]), 1)
+
+    def test_a_parsed_agent_is_kept_until_its_file_changes(self):
+        path = self.place(os.path.join(self.workspace, ".stigmer", "agents"), "helper", "first")
+        self.assertEqual(self.resolve("helper").description, "first")
+        (entry,) = os.listdir(os.path.join(self.home, agents.CACHE_DIR))
+        entry = os.path.join(self.home, agents.CACHE_DIR, entry)
+        self.assertEqual(os.stat(entry).st_mode & 0o777, 0o600)
+        with open(entry, "rb") as f:
+            stamp, _, body = f.read().partition(b"\n")
+        with open(entry, "wb") as f:  # the same stamp, another spec: what a kept entry gives back
+            f.write(stamp + b"\n" + pb.AgentSpec(name="helper", description="from the cache").SerializeToString())
+        self.assertEqual(self.resolve("helper").description, "from the cache")
+        self.place(os.path.join(self.workspace, ".stigmer", "agents"), "helper", "second, changed")
+        self.assertEqual(self.resolve("helper").description, "second, changed")  # a changed file is read again
+        with open(entry, "rb") as f:
+            stamp = f.read().partition(b"\n")[0]
+        with open(entry, "wb") as f:
+            f.write(stamp + b"\n\xff\xff")  # the right stamp, a damaged spec: the file is read again
+        self.assertEqual(self.resolve("helper").description, "second, changed")
+        write(path, agent_text("helper", "  instructions: short\n"))  # a problem is found whatever the cache holds
+        with self.assertRaises(agents.AgentError):
+            self.resolve("helper")
 
     def test_outside_git_only_the_workspace_itself(self):
         plain = os.path.join(self.tmp, "plain", "ws")
@@ -479,6 +515,211 @@ class AgentRunTest(CliCase):
         self.assertNotIn(self.GITHUB, term.screen)  # not echoed, and redacted from the output
         self.assertIn("gh=[REDACTED:GITHUB_TOKEN]", json.dumps(self.fake.requests))
         self.assertEqual(files_containing(self.GITHUB, self.home, self.workspace), [])
+
+
+class ResumeTest(CliCase):
+    """resume and -c keep the parent's agent, its settings and its system prompt, byte for byte."""
+
+    GITHUB = "ghp_fakeTokenForTheResumedReviewer1"
+    script = [tool_step(("execute", {"command": "echo style=$REVIEW_STYLE"})), text_step("First review."),
+              tool_step(("execute", {"command": "echo style=$REVIEW_STYLE gh=$GITHUB_TOKEN"})),
+              text_step("Second review.")]
+
+    def test_resume_keeps_the_agent_and_a_byte_identical_prefix(self):
+        os.makedirs(os.path.join(self.workspace, ".git"))
+        write(os.path.join(self.workspace, "AGENTS.md"), "Rule one.\n")
+        env = dict(self.env, GITHUB_TOKEN=self.GITHUB)
+        proc = self.cli("--json", "--agent", EXAMPLE, "--env", "REVIEW_STYLE=thorough", "review", env=env)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        parent = json.loads(proc.stdout.splitlines()[0])["execution_id"]
+        write(os.path.join(self.workspace, "AGENTS.md"), "Rule two, added later.\n")  # not read again
+        assert_one_line(self, self.cli("-c", "--agent", "other", "again", env=env), 2, "keeps its agent")
+        assert_one_line(self, self.cli("-c", "--env", "REVIEW_STYLE=terse", "again", env=env), 2, "keeps its agent")
+        proc = self.cli("--json", "-c", "and the tests?", env=dict(env, STIGMER_AGENT="nobody"))  # the parent's wins
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        lines = [json.loads(line) for line in proc.stdout.splitlines()]
+        self.assertEqual((lines[0]["agent"], lines[-1]["agent"]), ("code-reviewer", "code-reviewer"))
+        first, resumed = self.fake.requests[1], self.fake.requests[2]
+        self.assertEqual(json.dumps(resumed["system"]), json.dumps(first["system"]))
+        self.assertEqual(json.dumps(resumed["tools"]), json.dumps(first["tools"]))
+        strip = lambda messages: json.loads(json.dumps(messages).replace(', "cache_control": {"type": "ephemeral"}', ""))  # noqa: E731
+        self.assertEqual(strip(resumed["messages"][:len(first["messages"])]), strip(first["messages"]))
+        self.assertIn("Rule one.", resumed["system"][0]["text"])
+        self.assertNotIn("Rule two", resumed["system"][0]["text"])
+        (result,) = [e for e in lines if e.get("kind") == "tool_result"]
+        self.assertEqual(result["output"], "style=thorough gh=[REDACTED:GITHUB_TOKEN]")  # settings and secrets kept
+        rows = [json.loads(line) for line in self.cli("list", "--json").stdout.splitlines()]
+        self.assertEqual([(r["spec"]["parent_id"], r["spec"]["agent"]["name"]) for r in rows],
+                         [(parent, "code-reviewer"), ("", "code-reviewer")])
+        self.assertEqual(files_containing(self.GITHUB, self.home, self.workspace), [])
+
+
+class DefaultAgentTest(CliCase):
+    """Without an agent nothing changes but the project's instructions, which --no-project-doc leaves out."""
+
+    script = [tool_step(("execute", {"command": "echo mode=$MODE_SETTING"})), text_step("done")]
+
+    def test_the_default_agent_reads_agents_md_and_env_sets_a_variable(self):
+        os.makedirs(os.path.join(self.workspace, ".git"))
+        write(os.path.join(self.workspace, "CLAUDE.md"), "Claude rule: be brief.\n")
+        write(os.path.join(self.home, "AGENTS.md"), "User rule: British spelling.\n")
+        proc, events = self.run_task("--env", "MODE_SETTING=fast", "do it")
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        system = self.fake.requests[0]["system"][0]["text"]
+        self.assertTrue(system.startswith(agent.DEFAULT_ROLE))
+        self.assertLess(system.index("User rule: British spelling."), system.index("Claude rule: be brief."))
+        (prompt,) = [e for e in events if e["kind"] == "prompt"]
+        self.assertEqual(prompt["project_docs"], [os.path.join(self.home, "AGENTS.md"),
+                                                  os.path.join(self.workspace, "CLAUDE.md")])
+        (result,) = [e for e in events if e["kind"] == "tool_result"]
+        self.assertEqual(result["output"], "mode=fast")
+        self.assertEqual(events[0]["agent"], "")  # the built-in agent has no name
+
+        proc, events = self.run_task("--no-project-doc", "again")
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        system = self.fake.requests[-1]["system"][0]["text"]
+        self.assertNotIn("User rule", system)
+        self.assertNotIn("Claude rule", system)
+        self.assertNotIn("# Project instructions", system)
+        (prompt,) = [e for e in events if e["kind"] == "prompt"]
+        self.assertEqual(prompt["project_docs"], [])
+
+
+class CloudAgentTest(CloudCase):
+    """The example agent in cloud mode: the run's own worker on Redis; nothing secret reaches Redis."""
+
+    GITHUB = "ghp_fakeTokenForTheCloudReviewer12"
+    script = [tool_step(("execute", {"command": "echo style=$REVIEW_STYLE gh=$GITHUB_TOKEN"})),
+              text_step("Reviewed in the cloud.")]
+
+    def test_the_example_agent_runs_in_cloud_mode(self):
+        workspace = self.workspace("repo")
+        os.makedirs(os.path.join(workspace, ".git"))
+        write(os.path.join(workspace, "AGENTS.md"), "Cloud project rule: keep it short.\n")
+        env = dict(self.env, GITHUB_TOKEN=self.GITHUB)
+        proc = run_cli(["--json", "--agent", EXAMPLE, "--workspace", workspace, "review it"], env, timeout=120,
+                       cwd=workspace)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        lines = [json.loads(line) for line in proc.stdout.splitlines()]
+        self.assertEqual((lines[0]["mode"], lines[0]["agent"], lines[-1]["agent"]), ("cloud", "code-reviewer",
+                                                                                      "code-reviewer"))
+        events = [e for e in lines if "seq" in e]
+        self.assertEqual(events[0]["agent"], "code-reviewer")
+        system = self.fake.requests[0]["system"][0]["text"]
+        self.assertTrue(system.startswith("You are a careful code reviewer."))
+        self.assertIn("Cloud project rule: keep it short.", system)
+        (result,) = [e for e in events if e["kind"] == "tool_result"]
+        self.assertEqual(result["output"], "style=concise gh=[REDACTED:GITHUB_TOKEN]")
+        execution = self.log.get(events[0]["execution_id"])
+        self.assertEqual(execution.spec.agent.name, "code-reviewer")  # the worker needed no file
+        r = self.log.r
+        for key in r.scan_iter(self.prefix + "*"):  # no secret value anywhere in Redis
+            kind = r.type(key)
+            value = {b"string": lambda: r.get(key), b"hash": lambda: r.hgetall(key),
+                     b"stream": lambda: r.xrange(key), b"zset": lambda: r.zrange(key, 0, -1),
+                     b"list": lambda: r.lrange(key, 0, -1), b"set": lambda: r.smembers(key)}[kind]()
+            self.assertNotIn(self.GITHUB.encode(), repr(value).encode(), key)
+        self.assertEqual(files_containing(self.GITHUB, self.home, workspace), [])
+
+
+class AgentWorkerTest(unittest.TestCase):
+    """The worker turns the spec's agent into the agent it runs: instructions, model settings, variables."""
+
+    def setUp(self):
+        self.workspace = tempfile.mkdtemp(prefix="stigmer-ws-")
+        self.addCleanup(shutil.rmtree, self.workspace, ignore_errors=True)
+        self.fake = FakeAnthropic([tool_step(("execute", {"command": "echo region=$REGION"})),
+                                   text_step("done")]).start()
+        self.addCleanup(self.fake.stop)
+        env = mock.patch.dict(os.environ, {"ANTHROPIC_API_KEY": FAKE_KEY, "ANTHROPIC_BASE_URL": self.fake.url})
+        env.start()
+        self.addCleanup(env.stop)
+        self.w = worker.Worker(capacity=1, model="claude-fake", runner_id="r-agents")
+        self.addCleanup(self.w.stop, flush=0)
+
+    def run_spec(self, execution_id, spec):
+        self.w.assigned(pb.Execution(id=execution_id, spec=spec, last_seq=2))
+        return drain(self.w, execution_id)
+
+    def test_the_agent_in_the_spec_is_the_agent_that_runs(self):
+        the_agent = pb.AgentSpec(name="deployer", instructions="You deploy things, carefully and slowly.",
+                                 config=pb.AgentConfig(temperature=0.25, max_tokens=1234))
+        the_agent.env_spec.data["REGION"].value = "eu-west-1"
+        docs = [pb.ProjectDoc(path="/repo/AGENTS.md", text="Deploy only on Tuesdays.")]
+        events = self.run_spec("ex-agent", pb.ExecutionSpec(prompt="deploy", workspace=self.workspace, agent=the_agent,
+                                                            project_docs=docs))
+        self.assertEqual(events[-1].phase.phase, pb.COMPLETED)
+        body = self.fake.requests[0]
+        self.assertTrue(body["system"][0]["text"].startswith("You deploy things, carefully and slowly."))
+        self.assertIn("## /repo/AGENTS.md\n\nDeploy only on Tuesdays.", body["system"][0]["text"])
+        self.assertEqual(body["max_tokens"], 1234)
+        self.assertNotIn("temperature", body)  # the Messages API of the anthropic SDK takes none
+        (result,) = [e.tool_result for e in events if e.HasField("tool_result")]
+        self.assertEqual(result.output, "region=eu-west-1")
+        (prompt,) = [e.prompt for e in events if e.HasField("prompt")]
+        self.assertEqual(list(prompt.project_docs), ["/repo/AGENTS.md"])
+
+    def test_chat_completions_get_the_agents_temperature_and_output_limit(self):
+        import models
+        chat = models.OpenAIChatModel("gpt-fake")
+        body = chat.request("sys", [], [{"role": "user", "text": "hi"}])
+        self.assertNotIn("temperature", body)
+        chat.temperature, chat.max_output_tokens = 0.25, 1234
+        body = chat.request("sys", [], [{"role": "user", "text": "hi"}])
+        self.assertEqual((body["temperature"], body["max_completion_tokens"]), (0.25, 1234))
+
+    def test_a_spec_this_runner_cannot_honour_fails_before_any_model_call(self):
+        the_agent = pb.AgentSpec(name="helper", instructions="You help with whatever the task is.")
+        the_agent.skill_refs.add(slug="code-review")
+        events = self.run_spec("ex-skills", pb.ExecutionSpec(prompt="go", workspace=self.workspace, agent=the_agent))
+        (error,) = [e.error for e in events if e.HasField("error")]
+        self.assertEqual(error.code, "agent")
+        self.assertIn("skillRefs", error.message)
+        self.assertEqual(events[-1].phase.phase, pb.FAILED)
+        self.assertEqual(self.fake.requests, [])
+
+
+class AgentsCommandTest(CliCase):
+    """`agents` lists what a run here can use; `agents show` prints one, secret values never."""
+
+    def test_list_and_show_in_text_and_json(self):
+        os.makedirs(os.path.join(self.workspace, ".git"))
+        shutil.copy(EXAMPLE, write(os.path.join(self.workspace, ".stigmer", "agents", "code-reviewer.yaml"), ""))
+        write(os.path.join(self.workspace, ".stigmer", "agents", "support-bot.yaml"), SUPPORT_BOT)
+        write(os.path.join(self.home, "agents", "broken.yaml"), agent_text("broken", "  instructions: short\n"))
+        env = dict(self.env, GITHUB_TOKEN="ghp_neverShownAnywhere123")
+        rows = [json.loads(line) for line in self.cli("agents", "--json", env=env).stdout.splitlines()]
+        self.assertEqual([r["name"] for r in rows], ["code-reviewer", "support-bot", "broken"])
+        self.assertEqual(rows[0]["problems"], [])
+        self.assertIn("uses mcpServers", rows[1]["problems"][0])
+        self.assertIn("at least 10 characters", rows[2]["problems"][0])
+        text = self.cli("agents", env=env)
+        self.assertEqual(text.returncode, 0, text.stderr)
+        self.assertIn("code-reviewer  Reviews the changes", text.stdout)
+        self.assertIn("! agent support-bot", text.stdout)
+
+        shown = self.cli("agents", "show", "code-reviewer", env=env)
+        self.assertEqual(shown.returncode, 0, shown.stderr)
+        import yaml
+        resource = yaml.safe_load(shown.stdout)
+        self.assertEqual(resource["metadata"], {"name": "code-reviewer", "labels": {"team": "platform"}})
+        self.assertEqual(resource["spec"]["envSpec"]["data"]["GITHUB_TOKEN"]["isSecret"], True)
+        self.assertIn("# secret GITHUB_TOKEN: set", shown.stdout)
+        as_json = json.loads(self.cli("agents", "show", "code-reviewer", "--json", env=env).stdout)
+        self.assertEqual(as_json["spec"]["instructions"], agents.load(EXAMPLE).instructions)
+        self.assertEqual(as_json["secrets"], {"GITHUB_TOKEN": "set"})
+        with open(write(os.path.join(self.tmp, "shown.yaml"), shown.stdout.replace("# ", "#"))) as f:
+            self.assertIn("apiVersion: agentic.stigmer.ai/v1", f.read())
+        self.assertEqual(agents.load(os.path.join(self.tmp, "shown.yaml")).instructions, as_json["spec"]["instructions"])
+        for out in (text.stdout, shown.stdout, json.dumps(rows), json.dumps(as_json)):
+            self.assertNotIn("ghp_neverShownAnywhere123", out)
+        assert_one_line(self, self.cli("agents", "show", "nobody"), 2, "no agent named nobody")
+
+    def test_none_found_says_where_to_put_one(self):
+        proc = self.cli("agents")
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertIn("no agents found in", proc.stdout)
+        self.assertIn(os.path.join(".stigmer", "agents"), proc.stdout)
 
 
 if __name__ == "__main__":

@@ -511,5 +511,63 @@ class InputLimitTest(CliCase):
         self.assertEqual((last["phase"], last["final_text"]), ("COMPLETED", "finished"))
 
 
+@unittest.skipUnless(os.path.exists("/proc/self/environ"), "reads /proc/PID/environ (Linux)")
+class ParentEnvironTest(CliCase):
+    """Issue 28, item 6: a command the agent runs reads its parent's environment block, the worker's: no
+    provider key, token or credential is there, whichever way the worker was started."""
+    GITHUB = "ghp_aFakeTokenTheShellMustNotRead"
+    script = [tool_step(("execute", {"command": "tr '\\0' '\\n' < /proc/$PPID/environ > parent.env; echo copied"})),
+              text_step("done")]
+
+    def parent_env(self):
+        with open(os.path.join(self.workspace, "parent.env")) as f:
+            return f.read()
+
+    def setUp(self):
+        super().setUp()
+        # Unconfined, so that $PPID is the worker itself: OS confinement (a PID namespace) is a second line,
+        # and this checks the first one, the worker's own environment block.
+        self.env["STIGMER_SANDBOX_MODE"] = "full-access"
+
+    def assert_no_secret(self, block):
+        self.assertIn("STIGMER_SECRETS_FD=", block)  # a worker's block: it got its secrets in that pipe
+        for needle in (FAKE_KEY, self.GITHUB, "ANTHROPIC_API_KEY=", "GITHUB_TOKEN="):
+            self.assertNotIn(needle, block)
+
+    def test_a_runs_own_worker_and_a_started_one_hold_no_key_in_their_environment(self):
+        env = dict(self.env, GITHUB_TOKEN=self.GITHUB)
+        proc = run_cli(["copy the parent environment"], env, cwd=self.workspace)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assert_no_secret(self.parent_env())
+        os.unlink(os.path.join(self.workspace, "parent.env"))
+        self.assertEqual(self.cli("start", env=env).returncode, 0)
+        self.fake.requests.clear()
+        proc = run_cli(["copy it again"], env, cwd=self.workspace)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assert_no_secret(self.parent_env())
+
+    def test_a_worker_started_by_hand_moves_its_keys_out_at_once(self):
+        env = dict(self.env, GITHUB_TOKEN=self.GITHUB)
+        log_path = os.path.join(self.tmp, "worker.log")
+        self.assertEqual(self.cli("start", "--workers", "0").returncode, 0)  # the daemon only
+        with open(log_path, "w") as log:
+            worker = subprocess.Popen([sys.executable, RUNNER, "worker", "--capacity", "1"], env=env,
+                                      stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        try:
+            wait_for(lambda: json.loads(self.cli("status", "--json").stdout).get("connected_runners") == 1,
+                     what="the worker to connect")
+            with open(f"/proc/{worker.pid}/environ", "rb") as f:
+                block = f.read().decode(errors="replace").replace("\0", "\n")
+            self.assert_no_secret(block)
+            detached = self.cli("run", "--detach", "copy the parent environment")
+            self.assertEqual(detached.returncode, 0, detached.stderr)
+            followed = self.cli("logs", detached.stdout.strip(), "-f")
+            self.assertEqual(followed.returncode, 0, followed.stderr)
+            self.assert_no_secret(self.parent_env())
+        finally:
+            worker.terminate()
+            worker.wait(timeout=30)
+
+
 if __name__ == "__main__":
     unittest.main()

@@ -57,7 +57,8 @@ class ConfigTest(unittest.TestCase):
         self.assertIn("filesystem", str(caught.exception))
 
     def test_the_daemon_gets_no_service_key(self):
-        self.assertEqual(processes.without_keys({"DAYTONA_API_KEY": "dtn_x", "ANTHROPIC_API_KEY": "k", "DAYTONA_TARGET": "eu"}),
+        self.assertEqual(processes.without_keys({"DAYTONA_API_KEY": "dtn_x", "ANTHROPIC_API_KEY": "k", "DAYTONA_TARGET": "eu",
+                                                 "REDIS_URL": "redis://:pw@h/0", "GITHUB_TOKEN": "ghp_x"}),
                          {"DAYTONA_TARGET": "eu"})
 
     def test_daytona_needs_its_key(self):

@@ -11,10 +11,12 @@ and read-only (skipped, saying why, where bwrap cannot run); ConfinementTest che
 confinement keeps out. Processes are found by a unique tag in their command line, since a
 confined command sees the pids of its own PID namespace.
 """
+import concurrent.futures
 import errno
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import textwrap
@@ -25,6 +27,7 @@ import uuid
 from unittest import mock
 
 import sandbox
+import stigmer_pb2 as pb
 from sandbox import ExecutionResult, FilesystemSandbox, SandboxError
 from testsupport import running, sleep_tag, survivors
 
@@ -407,6 +410,27 @@ class FileToolsBehaviour:
         self.assertEqual(self.box.glob("pkg/*"), ["pkg/b.py", "pkg/readme.md", "pkg/sub"])
         self.assertEqual(self.box.glob("*.nothing"), [])
 
+    def test_pathological_glob_returns(self):
+        # As a backtracking regex, this pattern against this name takes hours.
+        self.put("a" * 60, "needle\n")
+        pattern = "*a" * 14 + "b"
+        results = {}
+
+        def calls():
+            results["glob"] = self.box.glob(pattern)
+            results["deep glob"] = self.box.glob("**/" + pattern)
+            results["grep"] = self.box.grep("needle", glob=pattern)
+        worker = threading.Thread(target=calls, daemon=True)
+        worker.start()
+        worker.join(HANG)
+        self.assertFalse(worker.is_alive(), "a glob pattern froze the search")
+        for what, found in results.items():
+            with self.subTest(what):
+                self.assertTrue(found == [] or getattr(found, "cut_off", None), found)
+        self.assertEqual(self.box.glob("*a" * 14), ["a" * 60])  # the same matcher still matches
+        self.assertEqual(self.box.glob("*a*a*" + "?" * 57), ["a" * 60])
+        self.assertEqual(self.box.glob("a*a*a?"), ["a" * 60])
+
 
 class GrepBehaviour:
     """grep as every sandbox must do it; both() is grep (the host runs rg and Python)."""
@@ -660,16 +684,23 @@ class FileToolsTest(FileToolsBehaviour, SandboxCase):
         for p in (secret, self.path("locked_dir")):
             os.chmod(p, 0)
             self.addCleanup(os.chmod, p, 0o700)
-        real_open, real_scandir = os.open, os.scandir
+        real_open, real_scandir, real_openat2 = os.open, os.scandir, sandbox._openat2
+        locked_dir = os.stat(self.path("locked_dir")).st_ino
 
-        def denied(real):  # root ignores modes: refuse as a non-root user would be refused
-            def call(path, *args, **kwargs):
-                if os.fspath(path).startswith((secret, self.path("locked_dir"))):
-                    raise PermissionError(errno.EACCES, "Permission denied", path)
-                return real(path, *args, **kwargs)
+        def locked(path):  # a name relative to a directory fd, or an fd to list
+            if isinstance(path, int):
+                return os.fstat(path).st_ino == locked_dir
+            return os.path.basename(os.fsdecode(path)) in ("locked.txt", "locked_dir")
+
+        def denied(real, at):  # root ignores modes: refuse as a non-root user would be refused
+            def call(*args, **kwargs):
+                if locked(args[at]):
+                    raise PermissionError(errno.EACCES, "Permission denied", args[at])
+                return real(*args, **kwargs)
             return call
-        with mock.patch("sandbox.os.open", denied(real_open)), \
-                mock.patch("sandbox.os.scandir", denied(real_scandir)):
+        with mock.patch("sandbox.os.open", denied(real_open, 0)), \
+                mock.patch("sandbox.os.scandir", denied(real_scandir, 0)), \
+                mock.patch("sandbox._openat2", denied(real_openat2, 1)):
             for call in (lambda: self.box.read("locked.txt"), lambda: self.box.edit("locked.txt", "t", "T"),
                          lambda: self.box.grep("text", "locked.txt"), lambda: self.box.ls("locked_dir"),
                          lambda: self.box.write("locked_dir/new.txt", "x")):
@@ -760,18 +791,23 @@ class GrepTest(GrepBehaviour, SandboxCase):
         self.put("caf\xe9.txt".encode("latin-1").decode("utf-8", "surrogateescape"), "needle\n")
         found = self.both("needle")
         for hit in [("new\nline.txt", 1, "needle"), ("tab\tand:colon.txt", 1, "a:1:needle"),
-                    ("caf\udce9.txt", 1, "needle")]:
+                    ("caf\ufffd.txt", 1, "needle")]:
             self.assertIn(hit, found)
 
-    def test_rg_output_it_cannot_parse_is_skipped(self):
+    def test_names_rg_reports_are_opened_beneath_the_root_or_not_at_all(self):
         real_rg = shutil.which("rg")
         if not real_rg:
             self.skipTest("ripgrep (rg) is not installed")
+        outside = os.path.join(self.tmp, "outside")
+        os.makedirs(outside)
+        with open(os.path.join(outside, "secret.txt"), "w") as f:
+            f.write("needle outside\n")
+        os.symlink(outside, self.path("out_dir"))
         bin_dir = os.path.join(self.tmp, "bin")
         os.makedirs(bin_dir)
-        with open(os.path.join(bin_dir, "rg"), "w") as f:
-            f.write(f'#!/bin/sh\necho "./a.txt: WARNING: something odd"\necho "[1, 2]"\necho "{{}}"\n'
-                    f'echo \'{{"type": "match", "data": {{"path": 7}}}}\'\nexec "{real_rg}" "$@"\n')
+        with open(os.path.join(bin_dir, "rg"), "w") as f:  # as an rg led astray by a swapped folder would
+            f.write("#!/bin/sh\nprintf '%s\\0' ../outside/secret.txt /etc/passwd out_dir/secret.txt "
+                    f"no/such/file '' 'some words'\nexec \"{real_rg}\" \"$@\"\n")
         os.chmod(os.path.join(bin_dir, "rg"), 0o755)
         with mock.patch.dict(os.environ, {"PATH": bin_dir}):
             self.assertEqual(self.box.grep("needle"), self.expected)
@@ -798,6 +834,272 @@ class GrepTest(GrepBehaviour, SandboxCase):
                 mock.patch.object(sandbox, "GREP_CHUNK", 100), \
                 mock.patch("sandbox.time.monotonic", lambda: float(next(clock))):
             self.assertEqual(self.box.grep("needle", "big.txt"), [])
+
+
+# Swaps two names atomically, over and over, as a process the agent's shell left running could.
+SWAPPER = r"""
+import ctypes, os, platform, sys
+number = {"x86_64": 316, "aarch64": 276}[platform.machine()]  # renameat2
+libc = ctypes.CDLL(None, use_errno=True)
+a, b = (ctypes.c_char_p(os.fsencode(p)) for p in sys.argv[1:3])
+AT_FDCWD, RENAME_EXCHANGE = ctypes.c_int(-100), ctypes.c_uint(2)
+first, parent = True, os.getppid()
+while os.getppid() == parent:  # ends with the test, however it ends
+    if libc.syscall(ctypes.c_long(number), AT_FDCWD, a, AT_FDCWD, b, RENAME_EXCHANGE) != 0:
+        print("error", ctypes.get_errno(), flush=True)
+        sys.exit(1)
+    if first:
+        print("swapping", flush=True)
+        first = False
+"""
+
+
+class RaceTest(SandboxCase):
+    """A process swapping a workspace folder with a symlink to an outside folder, while file tools run."""
+
+    def test_symlink_swap_never_crosses_with_openat2(self):
+        if not sandbox._openat2_ready():
+            self.skipTest("this kernel has no openat2: the walk from directory fds was tested alone")
+        self.swap_while_tools_run()
+
+    def test_symlink_swap_never_crosses_with_the_walk(self):
+        with mock.patch.dict(sandbox._OPENAT2, ready=False):
+            self.swap_while_tools_run()
+
+    def swap_while_tools_run(self):
+        import platform
+        if sys.platform != "linux" or platform.machine() not in ("x86_64", "aarch64"):
+            self.skipTest("renameat2(RENAME_EXCHANGE) is called by its Linux syscall number")
+        outside = os.path.join(self.tmp, "outside")
+        os.makedirs(outside)
+        for name in ("f.txt", "only_outside.txt"):
+            with open(os.path.join(outside, name), "w") as f:
+                f.write("OUTSIDE\n")
+        self.put("sub/f.txt", "inside\n")
+        os.symlink(outside, self.path("swap"))
+        swapper = subprocess.Popen([sys.executable, "-c", SWAPPER, self.path("sub"), self.path("swap")],
+                                   stdout=subprocess.PIPE, text=True)
+        self.addCleanup(swapper.wait)
+        self.addCleanup(swapper.kill)
+        self.assertEqual(swapper.stdout.readline(), "swapping\n")
+
+        def calls(i):
+            seen = []
+            for k in range(10):
+                for call in (lambda: self.box.read("sub/f.txt"),
+                             lambda: self.box.write(f"sub/new_{i}_{k}.txt", "written\n"),
+                             lambda: self.box.edit("sub/f.txt", "inside", "inside"[::-1]),
+                             lambda: self.box.edit("sub/f.txt", "edisni", "inside"),
+                             lambda: self.box.ls("sub"),
+                             lambda: self.box.glob("*", "sub"),
+                             lambda: self.box.grep("OUTSIDE", "sub" if k % 2 else "sub/f.txt")):
+                    try:
+                        seen.append(call())
+                    except SandboxError as e:
+                        seen.append(e)
+                    except Exception as e:  # reported below, after what crossed
+                        seen.append(("unexpected", e))
+            return seen
+
+        with concurrent.futures.ThreadPoolExecutor(30) as pool:
+            results = [r for seen in pool.map(calls, range(30)) for r in seen]
+        if swapper.poll() is not None:
+            self.fail("the swapper stopped: " + swapper.stdout.read())
+        crossed = [r for r in results if "OUTSIDE" in repr(r) or "only_outside" in repr(r)]
+        self.assertEqual(crossed, [], f"{len(crossed)} of {len(results)} calls crossed")
+        self.assertEqual([r for r in results if isinstance(r, tuple)], [])
+        self.assertEqual(sorted(os.listdir(outside)), ["f.txt", "only_outside.txt"])
+        for name in ("f.txt", "only_outside.txt"):
+            with open(os.path.join(outside, name)) as f:
+                self.assertEqual(f.read(), "OUTSIDE\n")
+        # Not vacuous: calls got through, and others were refused while the symlink was in place.
+        self.assertIn("inside\n", results)
+        self.assertTrue(any(r is None for r in results), "no write got through")
+        self.assertTrue(any(isinstance(r, SandboxError) and "outside the workspace" in str(r)
+                            for r in results))
+
+
+class BadInputTest(SandboxCase):
+    """Names that are not UTF-8, text with lone surrogates and very deep paths are data, never a crash."""
+
+    def assertPrintable(self, value):
+        """value (a tool's result) fits a protobuf string field: no lone surrogate anywhere."""
+        text = value if isinstance(value, str) else repr(value)
+        text.encode("utf-8")  # raises UnicodeEncodeError on a lone surrogate
+        pb.ToolResult(output=text).SerializeToString()
+
+    def test_names_that_are_not_utf8(self):
+        raw = os.path.join(os.fsencode(self.root), b"caf\xe9")
+        os.makedirs(os.path.join(raw, b"d\xff"))
+        with open(os.path.join(raw, b"d\xff", b"notes.txt"), "wb") as f:
+            f.write(b"needle\n")
+        with open(os.path.join(raw, b"\xfe.txt"), "wb") as f:
+            f.write(b"needle too\n")
+        listed = self.box.ls()
+        self.assertEqual(listed, ["caf\ufffd/"])
+        self.assertEqual(self.box.ls("caf\ufffd"), ["d\ufffd/", "\ufffd.txt"])
+        self.assertEqual(self.box.glob("**/*"),
+                         ["caf\ufffd", "caf\ufffd/d\ufffd", "caf\ufffd/d\ufffd/notes.txt", "caf\ufffd/\ufffd.txt"])
+        self.assertEqual(self.box.glob("caf?/d?/*.txt"), ["caf\ufffd/d\ufffd/notes.txt"])
+        expected = [("caf\ufffd/d\ufffd/notes.txt", 1, "needle"), ("caf\ufffd/\ufffd.txt", 1, "needle too")]
+        for use_rg in (False, True):
+            with self.subTest(use_rg=use_rg), mock.patch.object(sandbox, "USE_RG", use_rg):
+                self.assertEqual(self.box.grep("needle"), expected)
+                self.assertEqual(self.box.grep("needle", glob="*.txt"), expected)
+                self.assertEqual(self.box.grep("needle", "caf\ufffd/d\ufffd"), expected[:1])
+        for value in (listed, self.box.glob("**/*"), self.box.grep("needle")):
+            self.assertPrintable(value)
+        # The names the tools printed lead back to the files.
+        self.assertEqual(self.box.read("caf\ufffd/d\ufffd/notes.txt"), "needle\n")
+        self.assertEqual(self.box.edit("caf\ufffd/\ufffd.txt", "too", "three"), 1)
+        with open(os.path.join(raw, b"\xfe.txt"), "rb") as f:
+            self.assertEqual(f.read(), b"needle three\n")
+        self.box.write("caf\ufffd/d\ufffd/notes.txt", "rewritten\n")
+        with open(os.path.join(raw, b"d\xff", b"notes.txt"), "rb") as f:
+            self.assertEqual(f.read(), b"rewritten\n")
+        self.assertEqual(sorted(os.listdir(raw)), [b"d\xff", b"\xfe.txt"])  # nothing new beside them
+        # Two names that print alike: neither is guessed.
+        with open(os.path.join(raw, b"\xfd.txt"), "wb") as f:
+            f.write(b"other\n")
+        with self.assertRaises(SandboxError) as cm:
+            self.box.read("caf\ufffd/\ufffd.txt")
+        self.assertIn("2 names", str(cm.exception))
+        self.assertPrintable(str(cm.exception))
+
+    def test_lone_surrogates_in_arguments(self):
+        self.put("a.txt", "text\n")
+        for call in (lambda: self.box.read("x\ud800.txt"), lambda: self.box.ls("x\udfff"),
+                     lambda: self.box.glob("*\ud800"), lambda: self.box.grep("t\ud800"),
+                     lambda: self.box.grep("text", glob="\ud800*"), lambda: self.box.edit("a.txt", "text", "\ud800"),
+                     lambda: self.box.write("\ud800/b.txt", "x"), lambda: self.box.write("c.txt", "x\ud800y")):
+            try:
+                result = call()
+            except SandboxError as e:
+                result = str(e)
+            self.assertPrintable(result)
+        self.assertEqual(sorted(os.listdir(self.root)), ["a.txt", "c.txt"])
+        with open(self.path("c.txt"), "rb") as f:
+            self.assertEqual(f.read(), "x\ufffdy".encode())
+
+    def test_path_2100_levels_deep(self):
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        for _ in range(2100):  # below PATH_MAX only as steps, as a shell's `cd d` loop makes it
+            os.mkdir("d", dir_fd=fd)
+            fd, parent = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd), fd
+            os.close(parent)
+        with open(os.open("deep.txt", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), "w") as f:
+            f.write("needle deep\n")
+        os.close(fd)
+        self.addCleanup(subprocess.run, ["rm", "-rf", self.root])  # shutil.rmtree recurses too deep
+        deep = "d/" * 2100 + "deep.txt"
+        outcomes = {}
+        for what, call in {
+            "read": lambda: self.box.read(deep),
+            "write": lambda: self.box.write(deep, "needle deep\nmore\n"),
+            "edit": lambda: self.box.edit(deep, "more", "less"),
+            "ls": lambda: self.box.ls("d/" * 2100),
+            "glob": lambda: self.box.glob("**/deep.txt"),
+            "grep python": lambda: self.python_grep("needle"),
+            "grep": lambda: self.box.grep("needle"),
+            "grep a file": lambda: self.box.grep("needle", deep),
+        }.items():
+            with self.subTest(what):
+                try:
+                    outcomes[what] = call()
+                except SandboxError as e:
+                    outcomes[what] = str(e)
+                self.assertPrintable(outcomes[what])
+        self.assertEqual(outcomes["read"], "needle deep\n")
+        self.assertEqual(outcomes["edit"], 1)
+        self.assertEqual(outcomes["ls"], ["deep.txt"])
+        self.assertEqual(outcomes["glob"], [deep])
+        self.assertEqual(outcomes["grep python"], [(deep, 1, "needle deep")])
+        self.assertEqual(outcomes["grep a file"], [(deep, 1, "needle deep")])
+
+    def python_grep(self, *args, **kwargs):
+        with mock.patch.object(sandbox, "USE_RG", False):
+            return self.box.grep(*args, **kwargs)
+
+
+class StopTest(SandboxCase):
+    """A search stops at its time limit or when cancelled, and says so."""
+
+    def setUp(self):
+        super().setUp()
+        for i in range(30):
+            self.put(f"d{i:02}/f.txt", "needle\n")
+
+    def test_cancel_stops_the_walk_and_says_so(self):
+        class CancelAfter(threading.Event):  # set once the search has looked at it n times
+            def __init__(self, n):
+                super().__init__()
+                self.n = n
+
+            def is_set(self):
+                self.n -= 1
+                return self.n < 0 or super().is_set()
+        found = self.box.glob("**/*.txt", cancel=CancelAfter(5))
+        self.assertLess(len(found), 30)
+        self.assertIn("cancelled", found.cut_off)
+        with mock.patch.object(sandbox, "USE_RG", False):
+            hits = self.box.grep("needle", cancel=CancelAfter(5))
+        self.assertLess(len(hits), 30)
+        self.assertIn("cancelled", hits.cut_off)
+        self.assertIsNone(self.box.glob("**/*.txt", cancel=threading.Event()).cut_off)
+        with mock.patch.object(sandbox, "SEARCH_TIMEOUT", 0.0):
+            self.assertIn("time limit", self.box.glob("**/*.txt").cut_off)
+
+    def test_cancel_kills_rg(self):
+        if not shutil.which("rg"):
+            self.skipTest("ripgrep (rg) is not installed")
+        bin_dir = os.path.join(self.tmp, "bin")
+        os.makedirs(bin_dir)
+        pid_file = os.path.join(self.tmp, "rg.pid")
+        with open(os.path.join(bin_dir, "rg"), "w") as f:  # an rg that never finishes
+            f.write(f'#!/bin/sh\necho $$ > "{pid_file}.tmp"\nmv "{pid_file}.tmp" "{pid_file}"\n'
+                    'exec sleep 600\n')
+        os.chmod(os.path.join(bin_dir, "rg"), 0o755)
+        cancel = threading.Event()
+        out = {}
+        with mock.patch.dict(os.environ, {"PATH": bin_dir + os.pathsep + os.environ["PATH"]}):
+            worker = threading.Thread(target=lambda: out.update(hits=self.box.grep("needle", cancel=cancel)))
+            worker.start()
+            pid = None
+            deadline = time.monotonic() + HANG
+            while pid is None and time.monotonic() < deadline:
+                try:
+                    with open(pid_file) as f:
+                        pid = int(f.read())
+                except FileNotFoundError:
+                    time.sleep(0.01)
+            cancel.set()
+            worker.join(HANG)
+        self.assertFalse(worker.is_alive(), "grep went on after cancel")
+        self.assertEqual(out["hits"], [])
+        self.assertIn("cancelled", out["hits"].cut_off)
+        self.assertFalse(alive(pid), "rg still runs after the search was cancelled")
+
+
+class WalkOnly:
+    """The same tests with openat2 out of the game: every path is resolved by the walk from fds."""
+
+    def setUp(self):
+        patch = mock.patch.dict(sandbox._OPENAT2, ready=False)
+        patch.start()
+        self.addCleanup(patch.stop)
+        super().setUp()
+
+
+class WalkOnlyPathRulesTest(WalkOnly, PathRulesTest):
+    pass
+
+
+class WalkOnlyFileToolsTest(WalkOnly, FileToolsTest):
+    pass
+
+
+class WalkOnlyBadInputTest(WalkOnly, BadInputTest):
+    pass
 
 
 # ---- every mode: full-access above, and confined by the real bwrap ----

@@ -114,6 +114,17 @@ class OutboxTest(unittest.TestCase):
         self.emit(usage=pb.Usage(input_tokens=1))  # no KeyError, nothing kept
         self.assertEqual(self.w.buffered, 0)
 
+    def test_an_event_over_the_size_cap_is_cut_and_says_so(self):
+        self.emit(tool_result=pb.ToolResult(id="t1", output="o" * (5 << 20), exit_code=0))
+        self.emit(prompt=pb.Prompt(text="p" * (3 << 20), system="s" * (3 << 20)))
+        (result,), (prompt,) = self.w.next_batch(0), self.w.next_batch(0)  # one a batch: each is ~4 MiB
+        for event in (result, prompt):
+            self.assertLessEqual(event.ByteSize(), worker.MAX_EVENT_BYTES + 64)
+        self.assertTrue(result.tool_result.output.startswith("o" * 1000))
+        self.assertIn(f"[cut here: {5 << 20} bytes, over the 4 MiB an event holds]", result.tool_result.output)
+        self.assertEqual(prompt.prompt.system, "s" * (3 << 20))  # only the longest string is cut, as far as needed
+        self.assertIn("[cut here:", prompt.prompt.text)
+
     def test_batches_are_capped_in_bytes(self):
         big = "x" * (worker.BATCH_BYTES // 3)
         for _ in range(4):

@@ -71,6 +71,16 @@ def hidden_from_shell(environ, named, key_vars, inherit=False):
     return {name: None for name in sorted(hidden) if name not in named}
 
 
+def shell_environment(environ, named, key_vars, inherit=False):
+    """The shell_env overrides of an execution: hidden_from_shell's, plus the value of every variable the shell
+    may see that only the worker's memory holds (its secrets are not in its environment block, which the shell
+    inherits): the NAMED ones and, with INHERIT, every secret-looking one (never a key that was not named)."""
+    overrides = hidden_from_shell(environ, named, key_vars, inherit)
+    passed = set(named) | ({n for n in environ if looks_secret(n)} if inherit else set())
+    overrides.update({n: environ[n] for n in sorted(passed) if environ.get(n) and overrides.get(n, "") is not None})
+    return overrides
+
+
 def redacted_names(environ, named, key_vars):
     """Every variable whose value is redacted from what the model and the log see: the model keys
     (KEY_VARS), the --secret names and every secret-looking variable present, passed to the shell or not."""
@@ -149,18 +159,23 @@ def patch_artifact(patch, redactor):
 def redact_payload(message, redactor):
     """Every string of the event payload MESSAGE (nested messages and repeated fields too) through REDACTOR,
     in place: the one place where what leaves the worker is redacted. A tool call's input is redacted as the
-    JSON it is (Redactor.redact_json), so a secret holding `"` or a backslash is found although JSON escapes it."""
+    JSON it is (Redactor.redact_json), so a secret holding `"` or a backslash is found although JSON escapes it.
+    Returns how many characters its strings hold (to tell whether it may be over MAX_EVENT_BYTES)."""
+    chars = 0
     for field, value in message.ListFields():
         if field.type == field.TYPE_STRING:
             if field.is_repeated:
                 value[:] = [redactor.redact(v) for v in value]
-            elif field.name == "input_json":
-                setattr(message, field.name, redactor.redact_json(value))
-            else:
-                setattr(message, field.name, redactor.redact(value))
+                chars += sum(map(len, value))
+                continue
+            redacted = redactor.redact_json(value) if field.name == "input_json" else redactor.redact(value)
+            if redacted is not value:
+                setattr(message, field.name, redacted)
+            chars += len(redacted)
         elif field.type == field.TYPE_MESSAGE:
             for item in (value if field.is_repeated else (value,)):
-                redact_payload(item, redactor)
+                chars += redact_payload(item, redactor)
+    return chars
 
 
 def cap_payload(message, limit=MAX_EVENT_BYTES):
@@ -263,8 +278,8 @@ class Worker:
             for message in payload.values():
                 if isinstance(message, (str, int)):
                     continue  # a sub-agent's tags (subagent, task_call_id, depth): names and ids, not payload
-                redact_payload(message, redactor)
-                cap_payload(message)
+                if redact_payload(message, redactor) * 4 > MAX_EVENT_BYTES - 65536:  # UTF-8: 4 bytes a character
+                    cap_payload(message)  # at most (plus the fields that are not strings)
         with self.cond:
             box = self.outboxes.get(execution_id)
             if box is None:  # the log refused or dropped this execution: nobody wants its events
@@ -462,10 +477,10 @@ class Worker:
                     f"{self.runner_id} was not started with; a provider key, or every variable (--inherit-env), "
                     "reaches the shell only when the run that asks for it starts its runner (in the foreground)")
             for name in named:
-                if name not in os.environ:
+                if name not in environ:
                     emit(error=pb.Error(code="secret_missing", message=f"{name} was named with --secret but this "
                                         "worker's environment does not have it; the agent's shell runs without it"))
-            shell_env = hidden_from_shell(os.environ, named, key_vars, inherit=INHERIT_ALL in spec.secret_names)
+            shell_env = shell_environment(environ, named, key_vars, inherit=INHERIT_ALL in spec.secret_names)
             shell_env.update(agent_settings(spec))  # an agent's declared non-secret variables
             check_agent(spec)
             history = self.conversation(spec.parent_id) if spec.parent_id else []
@@ -563,7 +578,8 @@ class Worker:
     def _open_sandbox(self, execution, emit):
         """The execution's sandbox, from make_sandbox; a remote one is named in a "sandbox" artifact event.
         Raises Cancelled when the execution was cancelled (or the worker stopped) meanwhile."""
-        env = {n: os.environ[n] for n in execution.spec.secret_names if n in os.environ}
+        environ = {**os.environ, **self.environ}
+        env = {n: environ[n] for n in execution.spec.secret_names if n in environ}
         env.update(agent_settings(execution.spec))
         box = self.make_sandbox(execution, env)
         if getattr(box, "id", None):  # it lives elsewhere: say which, and how long it took to make
