@@ -6,6 +6,7 @@ The worker (worker.py) runs one `Agent` per execution:
     agent = Agent(model, box, emit, instructions=spec.agent.instructions, project_docs=spec.project_docs)  # an agent
     phase, reason, final_text = agent.run("fix the failing test", workspace)
     agent.run("now add a test", workspace, history=parent_events)   # continue a conversation
+    agent = Agent(..., team=subagents.Team(spec.agent.instructions, spec.agent.sub_agents))  # with the task tool
 
 The loop is provider-neutral: it keeps the conversation as models.py's neutral messages
 and gets one `models.Reply` per turn. `emit(**payload)` receives each event payload
@@ -16,6 +17,10 @@ the model writes is made valid text first (a lone surrogate becomes U+FFFD), so 
 is a valid protobuf string. Those events are the conversation: `rebuild(events)`
 turns them back into the messages the next request would send, so that a run can be
 resumed from its log, byte for byte (the prompt cache still hits).
+
+With a team (subagents.py) the agent also has the `task` tool: a task call runs a sub-agent, an Agent of its
+own over the same sandbox whose events carry its name, its task call's id and its depth (emitted through the
+same sink); the task calls of one turn run at the same time. rebuild() leaves sub-agents' events out.
 
 The system prompt (system_prompt()) is the role (an agent's instructions, else DEFAULT_ROLE), the
 runner's own part (workspace, OS, date, how to use the tools), then the project's instruction files
@@ -37,6 +42,7 @@ from datetime import date
 
 import models
 import stigmer_pb2 as pb
+import subagents
 from sandbox import SandboxError
 
 DEFAULT_MAX_TURNS = 50  # model turns per execution unless the spec says otherwise
@@ -194,8 +200,18 @@ class Agent:
     """One execution's conversation with the model and its tools."""
 
     def __init__(self, model, sandbox, emit, *, max_turns=DEFAULT_MAX_TURNS, max_tokens_total=0,
-                 redactor=None, shell_env=None, context_window=0, instructions="", project_docs=()):
-        self.model, self.sandbox, self.emit = model, sandbox, emit  # model: e.g. models.AnthropicModel
+                 redactor=None, shell_env=None, context_window=0, instructions="", project_docs=(), team=None,
+                 depth=0, subagent="", task_call_id=""):
+        self.model, self.sandbox = model, sandbox  # model: e.g. models.AnthropicModel
+        self.sink = emit  # the execution's emit, untagged (a sub-agent's events go there too)
+        self.depth, self.subagent, self.task_call_id = depth, subagent, task_call_id  # 0, "", "": the execution's own
+        self.emit = emit if not depth else (
+            lambda **payload: emit(subagent=subagent, task_call_id=task_call_id, depth=depth, **payload))
+        self.team = team  # subagents.Team: the sub-agents this agent may start with the task tool; None: no task tool
+        self.tool_specs = TOOLS + ([team.spec] if team is not None else [])
+        self.children = set()  # sub-agents running now (task calls), cancelled with this agent
+        self.children_lock = threading.Lock()  # not usage_lock: cancel() must never wait on an emit
+        self.workspace = ""  # run()'s
         self.instructions = instructions  # an agent's (pb.AgentSpec.instructions); empty: the default role
         self.project_docs = list(project_docs)  # pb.ProjectDoc, for the system prompt of a new conversation
         self.context_window = context_window or models.context_window(getattr(model, "model", ""))
@@ -206,12 +222,17 @@ class Agent:
         self.shell_env = shell_env
         self.cancelled = threading.Event()
         self.turns = 0
-        self.usage = pb.Usage()
+        self.usage = pb.Usage()  # cumulative over the execution: a sub-agent shares its parent's (and the lock)
+        self.usage_lock = threading.Lock()
 
     def cancel(self):
-        """Stop the model stream and the running tool; run() then raises Stop(CANCELLED)."""
+        """Stop the model stream, the running tools and every running sub-agent; run() then raises Stop(CANCELLED)."""
         self.cancelled.set()
         self.model.close()
+        with self.children_lock:
+            children = list(self.children)
+        for child in children:
+            child.cancel()
 
     def _redact(self, text):
         return self.redactor.redact(text) if self.redactor else text
@@ -219,6 +240,7 @@ class Agent:
     def run(self, prompt, workspace, history=()):
         """Run to the end; returns (phase, reason, final_text). HISTORY: the events of the conversation this
         run continues (its parent's, and theirs, oldest first); PROMPT is then the next user message."""
+        self.workspace = workspace
         system, messages, self.context_tokens = rebuild(history)
         docs = []
         if not system:  # a new conversation (a resumed one keeps its parent's system prompt, byte for byte)
@@ -268,7 +290,8 @@ class Agent:
         self.turns += 1
         while True:
             try:
-                reply = self.model.turn(system, TOOLS, messages, on_text=self._stream_text, cancelled=self.cancelled,
+                reply = self.model.turn(system, self.tool_specs, messages, on_text=self._stream_text,
+                                        cancelled=self.cancelled,
                                         on_retry=self._stream_retry)
                 break
             except models.Cancelled:
@@ -315,52 +338,68 @@ class Agent:
         return True
 
     def _stream_text(self, text):
-        self.emit(text=pb.TextDelta(text=valid_text(text)))
+        if not self.depth:  # a sub-agent's text is in its turn events (two at once would interleave deltas)
+            self.emit(text=pb.TextDelta(text=valid_text(text)))
 
     def _stream_retry(self, message):
         self.emit(error=pb.Error(code="stream_retry", message=valid_text(message)))
 
     def _add_usage(self, usage):
-        self.usage.input_tokens += usage.input
-        self.usage.output_tokens += usage.output
-        self.usage.cache_read_tokens += usage.cache_read
-        self.usage.cache_write_tokens += usage.cache_write
-        self.emit(usage=pb.Usage(input_tokens=self.usage.input_tokens, output_tokens=self.usage.output_tokens,
-                                 cache_read_tokens=self.usage.cache_read_tokens,
-                                 cache_write_tokens=self.usage.cache_write_tokens))
+        with self.usage_lock:  # the execution's total (sub-agents add theirs); each usage event is cumulative
+            self.usage.input_tokens += usage.input
+            self.usage.output_tokens += usage.output
+            self.usage.cache_read_tokens += usage.cache_read
+            self.usage.cache_write_tokens += usage.cache_write
+            self.emit(usage=pb.Usage(input_tokens=self.usage.input_tokens, output_tokens=self.usage.output_tokens,
+                                     cache_read_tokens=self.usage.cache_read_tokens,
+                                     cache_write_tokens=self.usage.cache_write_tokens))
 
     def _run_tools(self, calls):
-        """Run every tool call of a turn (models.ToolUse); returns all their results for one message."""
-        results = []
-        for call in calls:
+        """Run every tool call of a turn (models.ToolUse), in order; a task call starts its sub-agent on a thread and
+        the next call goes on, so the task calls of a turn run at the same time. Returns all their results, in
+        call order, for one message."""
+        results, threads = [None] * len(calls), []
+        for n, call in enumerate(calls):
             self.emit(tool_call=pb.ToolCall(id=call.id, name=call.name,
                                             input_json=json.dumps(call.input, ensure_ascii=False)))
-            if self.cancelled.is_set():
-                output, is_error, exit_code, truncated, duration = NOT_RUN, True, 130, False, 0.0
+            if call.name == subagents.TASK and self.team is not None and not self.cancelled.is_set():
+                threads.append(subagents.start(self._run_tool, call, n, results))
             else:
-                start = time.monotonic()
-                output, is_error, exit_code, truncated = self._call_tool(call.name, call.input)
-                duration = time.monotonic() - start
-            output, cut = cap_output(self._redact(valid_text(output)))
-            self.emit(tool_result=pb.ToolResult(id=call.id, is_error=is_error, exit_code=exit_code, output=output,
-                                                truncated=truncated or cut, duration_ms=int(duration * 1000)))
-            results.append({"id": call.id, "output": output or NO_OUTPUT, "is_error": is_error})
+                self._run_tool(call, n, results)
+        for thread in threads:
+            thread.join()
         if self.cancelled.is_set():
             raise cancel_stop()
         return results
 
-    def _call_tool(self, name, args):
-        """Run one tool: returns (output, is_error, exit_code, truncated). Never raises for tool failures."""
+    def _run_tool(self, call, n, results):
+        """Run CALL, emit its result event and put its result for the model at RESULTS[N]."""
+        if self.cancelled.is_set():
+            output, is_error, exit_code, truncated, duration = NOT_RUN, True, 130, False, 0.0
+        else:
+            start = time.monotonic()
+            output, is_error, exit_code, truncated = self._call_tool(call)
+            duration = time.monotonic() - start
+        output, cut = cap_output(self._redact(valid_text(output)))
+        self.emit(tool_result=pb.ToolResult(id=call.id, is_error=is_error, exit_code=exit_code, output=output,
+                                            truncated=truncated or cut, duration_ms=int(duration * 1000)))
+        results[n] = {"id": call.id, "output": output or NO_OUTPUT, "is_error": is_error}
+
+    def _call_tool(self, call):
+        """Run one tool call: returns (output, is_error, exit_code, truncated). Never raises for tool failures."""
+        name, args = call.name, call.input
         if not isinstance(args, dict) or "__malformed__" in args:
             detail = args.get("__malformed__") if isinstance(args, dict) else repr(args)
             return f"not run: the tool input was not a valid JSON object ({detail}); send it again as JSON", True, 2, False
-        tool = TOOL_FUNCS.get(name)
-        if tool is None:
-            return f"unknown tool {name!r}; the tools are: {', '.join(TOOL_FUNCS)}", True, 2, False
-        schema = next(t["input_schema"] for t in TOOLS if t["name"] == name)
-        problem = check_args(args, schema)
+        spec = next((t for t in self.tool_specs if t["name"] == name), None)
+        if spec is None:
+            return f"unknown tool {name!r}; the tools are: {', '.join(t['name'] for t in self.tool_specs)}", True, 2, False
+        problem = check_args(args, spec["input_schema"])
         if problem:
             return f"invalid input for {name}: {problem}", True, 2, False
+        if name == subagents.TASK:
+            return subagents.run_task(self, call)
+        tool = TOOL_FUNCS[name]
         try:
             return tool(self, **args)
         except SandboxError as exc:
@@ -431,7 +470,7 @@ def cleared_note(call, redact=lambda text: text):
 def rebuild(events):
     """The conversation recorded by EVENTS (pb.Event of one execution and its ancestors, oldest first) as
     (system_text, neutral messages, the last request's context tokens): what the next request would send,
-    before its new user message. A tool call with no result (the run was cancelled or lost) gets a "not
+    before its new user message. Sub-agents' events (depth > 0) are not part of it. A tool call with no result (the run was cancelled or lost) gets a "not
     run" result; a turn that never ended (no turn event) is left out; cleared results stay cleared."""
     system, messages, tokens = "", [], 0
     open_turn, results, cleared, calls = None, {}, set(), {}
@@ -444,6 +483,8 @@ def rebuild(events):
         open_turn = None
 
     for event in events:
+        if event.depth:
+            continue  # a sub-agent's: its conversation is its own
         kind = event.WhichOneof("payload")
         if kind == "prompt":
             close_turn()

@@ -40,12 +40,15 @@ What the other parts of the runner read from a pb.AgentSpec (see stigmer.proto):
 - spec.skill_refs: pb.SkillRef, in file order. `slug` is always set (a bare string in the file is the
   slug); `version` empty means the latest; scope, org and kind are carried as written (kind is "skill").
 - spec.sub_agents: pb.SubAgent with a unique name, instructions (10 to 10,000 characters), mcp_servers
-  (names of servers in spec.mcp_servers: checked here), mcp_tool_selections and skill_refs as above.
+  (names of servers in spec.mcp_servers: checked here), mcp_tool_selections and skill_refs as above. Our
+  addition: `agent: NAME` (or a bare NAME in the list, or a path relative to the file) makes the entry another
+  agent file; resolve() reads it into sub.agent_spec and fills the entry's name, description and instructions
+  from it where the entry leaves them out. The name general-purpose is the runner's own (subagents.py).
 - spec.env_spec.data: NAME -> pb.EnvironmentValue. A secret (is_secret) never has a value in the spec;
   its value reaches the worker's environment like --secret's, and its name is in ExecutionSpec.secret_names.
   A non-secret's value is the one the run got (--env, else the environment, else the file's default).
 
-Until this runner can honour mcpServers, skillRefs and subAgents, an agent with any of them is refused
+Until this runner can honour mcpServers and skillRefs, an agent with any of them is refused
 before a run starts: unsupported() lists them, and the issue that makes one work removes it from UNSUPPORTED.
 """
 import os
@@ -65,13 +68,16 @@ INSTRUCTIONS_MIN, INSTRUCTIONS_MAX = 10, 10_000  # characters of spec.instructio
 ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")  # an envSpec variable's name
 SERVER_NAME_RE = re.compile(r"[A-Za-z0-9_-]+\Z")  # an MCP server's name (it becomes part of tool names) ...
 SERVER_NAME_MAX = 64  # ... at most this long
+SUB_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")  # a sub-agent's name (the task tool's subagent_type)
 FILE_MAX_BYTES = 1 << 20  # an agent file larger than this is refused
 PROJECT_DOCS = ("AGENTS.md", "CLAUDE.md")  # per directory, the first that exists is read
 PROJECT_DOC_CAP = 32 * 1024  # bytes of project instructions, in all, that go into the system prompt
 PROJECT_DOC_MIN_CUT = 1024  # a file the cap cuts keeps at least this many bytes, else it is left out
-UNSUPPORTED = ("mcpServers", "skillRefs", "subAgents")  # parsed and carried, not honoured yet (see unsupported())
+UNSUPPORTED = ("mcpServers", "skillRefs")  # parsed and carried, not honoured yet (see unsupported())
+GENERAL_PURPOSE = "general-purpose"  # the sub-agent every agent has (subagents.py): no file may declare it
+SUB_AGENT_LEVELS = 2  # sub-agents of sub-agents: references are resolved this many levels down, no further
 CACHE_DIR = os.path.join("cache", "agents")  # under STIGMER_HOME: agent files already parsed (see cached())
-CACHE_VERSION = 1  # raise it when what load() makes of a file changes
+CACHE_VERSION = 2  # raise it when what load() makes of a file changes (2: sub-agents that refer to agent files)
 
 
 class AgentError(Exception):
@@ -79,9 +85,15 @@ class AgentError(Exception):
 
 
 def unsupported(spec):
-    """The fields of SPEC (a pb.AgentSpec) that this runner carries but cannot honour yet, in file order."""
+    """The fields of SPEC (a pb.AgentSpec) that this runner carries but cannot honour yet, in file order; its
+    sub-agents' (and the agent files they refer to) count as its own."""
     present = {"mcpServers": len(spec.mcp_servers), "skillRefs": len(spec.skill_refs),
                "subAgents": len(spec.sub_agents)}
+    for sub in spec.sub_agents:
+        present["mcpServers"] += len(sub.mcp_servers)
+        present["skillRefs"] += len(sub.skill_refs)
+        for field in unsupported(sub.agent_spec):
+            present[field] += 1
     return [field for field in UNSUPPORTED if present[field]]
 
 
@@ -165,7 +177,51 @@ def resolve(name_or_path, workspace, home):
     spec = cached(path, os.path.join(home, CACHE_DIR))
     if not is_path(name_or_path):
         check_file_name(spec, path)
+    resolve_sub_agents(spec, workspace, home)
     return spec
+
+
+def resolve_sub_agents(spec, workspace, home, chain=(), level=1, top=None):
+    """Read the agent files SPEC's sub-agents refer to (sub.agent) into sub.agent_spec, in place, and theirs down
+    to SUB_AGENT_LEVELS; fill each entry's name, description and instructions from its file where the entry left
+    them out. A name is looked up as --agent looks one up, a path is relative to SPEC's file. The variables a
+    referenced file declares become the running agent's (TOP's) too, since sub-agents share its shell: gathered
+    at submit like its own (a secret stays a secret). Raises AgentError for a file that is missing or invalid,
+    or a loop."""
+    top = spec if top is None else top
+    chain = (*chain, spec.source)
+    for sub in spec.sub_agents:
+        if not sub.agent:
+            continue
+        ref = sub.agent
+        if is_path(ref) and not os.path.isabs(os.path.expanduser(ref)) and spec.source:
+            ref = os.path.join(os.path.dirname(spec.source), ref)
+        try:
+            path = find(ref, workspace, home)
+            if path in chain:
+                raise AgentError(f"{display(path)} refers to itself through its sub-agents "
+                                 f"({' -> '.join(display(p) for p in (*chain, path) if p)}): break the loop")
+            target = cached(path, os.path.join(home, CACHE_DIR))
+            if not is_path(ref):
+                check_file_name(target, path)
+        except AgentError as exc:
+            where = f"{display(spec.source)}: " if spec.source else ""
+            raise AgentError(f"{where}sub-agent {sub.name}: {exc}") from None
+        for name, value in target.env_spec.data.items():
+            mine = top.env_spec.data
+            if name not in mine:
+                mine[name].CopyFrom(value)
+            elif value.is_secret and not mine[name].is_secret:
+                mine[name].CopyFrom(pb.EnvironmentValue(is_secret=True, description=mine[name].description))
+        if level < SUB_AGENT_LEVELS:
+            resolve_sub_agents(target, workspace, home, chain, level + 1, top)
+        else:
+            del target.sub_agents[:]  # a sub-agent this deep starts none of its own
+        sub.agent_spec.CopyFrom(target)
+        sub.description = sub.description or target.description
+        sub.instructions = sub.instructions or target.instructions
+        if not sub.skill_refs:
+            sub.skill_refs.extend(target.skill_refs)
 
 
 def check_file_name(spec, path):
@@ -197,6 +253,7 @@ def discover(workspace, home):
                 spec = load(path)
                 check_file_name(spec, path)
                 item["description"] = spec.description
+                resolve_sub_agents(spec, workspace, home)
                 check_supported(spec)
             except AgentError as exc:
                 item["problems"].append(str(exc))
@@ -550,14 +607,30 @@ def skill_refs(entry):
 
 
 def sub_agent(item, path, servers):
-    """A pb.SubAgent; its mcpServers must be names in SERVERS (the parent's)."""
-    f = fields(item, path, ("name", "description", "instructions", "mcpServers", "mcpToolSelections", "skillRefs"),
-               required=("name", "instructions"))
-    name = typed(f["name"], str).strip()
-    if not name:
-        raise Problem(f["name"][1], f"{where(f['name'][1])} must not be empty")
+    """A pb.SubAgent, inline or (`agent:`, or a bare name) a reference to another agent file that resolve()
+    reads; its mcpServers must be names in SERVERS (the parent's)."""
+    if isinstance(item, str):
+        item = {"agent": item}
+    known = ("name", "description", "instructions", "mcpServers", "mcpToolSelections", "skillRefs", "agent")
+    f = fields(item, path, known)
+    ref = typed(f.get("agent"), str, "").strip()
+    if "agent" in f and not ref:
+        raise Problem(f["agent"][1], f"{where(f['agent'][1])} must name an agent file, e.g. code-reviewer")
+    for needed in ("name", "instructions"):
+        if needed not in f and not ref:
+            raise Problem(path, f"{where(path)}: missing {needed} (or give agent: NAME to use another agent file)")
+    default_name = os.path.splitext(os.path.basename(ref))[0] if ref else ""
+    name = typed(f.get("name"), str, default_name).strip()
+    at = f["name"][1] if "name" in f else path
+    if not SUB_NAME_RE.match(name):
+        raise Problem(at, f"{where(at)}: the sub-agent name {name!r} must be 1 to 64 letters, digits, - or _ "
+                          "(the parent names it in the task tool)")
+    if name == GENERAL_PURPOSE:
+        raise Problem(at, f"{where(at)}: {GENERAL_PURPOSE} is the sub-agent every agent already has: give yours "
+                          "another name")
+    instructions = instructions_of(f["instructions"], path) if "instructions" in f else ""
     sub = pb.SubAgent(name=name, description=typed(f.get("description"), str, "").strip(),
-                      instructions=instructions_of(f["instructions"], path))
+                      instructions=instructions, agent=ref)
     for n, server in enumerate(texts(f.get("mcpServers"))):
         if server not in servers:
             at = f["mcpServers"][1] + [n]

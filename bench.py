@@ -4,7 +4,8 @@
     python bench.py sandbox    # execute() overhead, memory while swallowing output, bubblewrap's cost
     python bench.py redact     # streaming Redactor against str.replace
     python bench.py events     # daemon event throughput against a bare gRPC stream
-    python bench.py loop       # the whole agent path per turn against a bare SDK loop (anthropic, openai)
+    python bench.py loop       # the whole agent path per turn against a bare SDK loop (anthropic, openai);
+                               # and a sub-agent's turns against the top-level agent's
     python bench.py cloud           # both cloud benchmarks below (needs redis-server)
     python bench.py cloud_workers   # executions per minute through 1, 2 and 4 worker processes on one Redis
     python bench.py cloud_appends   # RedisLink's fenced appends against bare XADD pipelines (needs redis-server)
@@ -544,13 +545,53 @@ def bench_loop(turns=50, list_runs=15):
                 [_timed(lambda: subprocess.run([sys.executable, "-c", "pass"], check=True)) for _ in range(list_runs)])
         finally:
             stop(env)
+    top_ms, sub_ms = bench_subagent_turns(script, turns)
     return {"turns": turns, "bare_loop_ms_per_turn": round(bare, 2), "full_path_ms_per_turn": round(full, 2),
             "ratio": verdict(full / bare, "<=", 1.5, 2),
             "openai_bare_loop_ms_per_turn": round(bare_openai, 2),
             "openai_full_path_ms_per_turn": round(full_openai, 2),
             "openai_ratio": verdict(full_openai / bare_openai, "<=", 1.5, 2),
             "full_run_wall_s (incl. process start and SDK import)": round(wall, 2),
-            "list_start_s": verdict(statistics.median(starts), "<", 0.3, 3) + f" (bare python start {python_alone:.3f})"}
+            "list_start_s": verdict(statistics.median(starts), "<", 0.3, 3) + f" (bare python start {python_alone:.3f})",
+            "top_level_ms_per_turn (median of 3)": round(top_ms, 2),
+            "subagent_ms_per_turn (median of 3)": round(sub_ms, 2),
+            "subagent_ratio": verdict(sub_ms / top_ms, "<=", 1.10, 3)}
+
+
+def bench_subagent_turns(script, turns, rounds=3):
+    """Per-turn cost of the same TURNS-turn script run by the top-level agent and by a sub-agent (the top-level
+    agent's one task call runs it), each through the whole path (`runner.py --json`), alternating, ROUNDS times;
+    returns the medians (ms per turn). The sub-agent's turns are timed from its own requests to the fake."""
+    import os
+    import subprocess
+    import tempfile
+
+    import subagents
+    from testsupport import FAKE_KEY, FakeAnthropic, free_port, text_step, tool_step
+
+    runner_py = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runner.py")
+
+    def run(fake, wanted):
+        with tempfile.TemporaryDirectory() as tmp:
+            env = dict(os.environ, STIGMER_HOME=os.path.join(tmp, "home"), SANDBOX_ROOT_DIR=tmp,
+                       STIGMER_BACKEND_ENDPOINT=f"127.0.0.1:{free_port()}", ANTHROPIC_API_KEY=FAKE_KEY,
+                       ANTHROPIC_BASE_URL=fake.url, STIGMER_MODEL="claude-fake")
+            done = subprocess.run([sys.executable, runner_py, "--json", "go"], env=env, capture_output=True, text=True)
+            subprocess.run([sys.executable, runner_py, "stop", "--force"], env=env, capture_output=True, timeout=60)
+        times = [t for t, body in zip(fake.times, fake.requests) if fake.route(body) == wanted]
+        if done.returncode != 0 or len(times) != turns:
+            raise RuntimeError(f"the scripted run failed ({done.returncode}): {done.stderr[-500:]}")
+        return (times[-1] - times[0]) / (len(times) - 1) * 1000
+
+    delegate = [tool_step(("task", {"subagent_type": subagents.GENERAL_PURPOSE, "description": "[sub] go"})),
+                text_step("done")]
+    top, sub = [], []
+    for _ in range(rounds):
+        with FakeAnthropic(script) as fake:
+            top.append(run(fake, None))
+        with FakeAnthropic(delegate, routes={"[sub]": script}) as fake:
+            sub.append(run(fake, "[sub]"))
+    return statistics.median(top), statistics.median(sub)
 
 
 

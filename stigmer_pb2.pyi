@@ -234,7 +234,7 @@ class SkillRef(_message.Message):
     def __init__(self, scope: _Optional[str] = ..., org: _Optional[str] = ..., kind: _Optional[str] = ..., slug: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class SubAgent(_message.Message):
-    __slots__ = ("name", "description", "instructions", "mcp_servers", "mcp_tool_selections", "skill_refs")
+    __slots__ = ("name", "description", "instructions", "mcp_servers", "mcp_tool_selections", "skill_refs", "agent", "agent_spec")
     class McpToolSelectionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -248,13 +248,17 @@ class SubAgent(_message.Message):
     MCP_SERVERS_FIELD_NUMBER: _ClassVar[int]
     MCP_TOOL_SELECTIONS_FIELD_NUMBER: _ClassVar[int]
     SKILL_REFS_FIELD_NUMBER: _ClassVar[int]
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    AGENT_SPEC_FIELD_NUMBER: _ClassVar[int]
     name: str
     description: str
     instructions: str
     mcp_servers: _containers.RepeatedScalarFieldContainer[str]
     mcp_tool_selections: _containers.MessageMap[str, McpToolSelection]
     skill_refs: _containers.RepeatedCompositeFieldContainer[SkillRef]
-    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., instructions: _Optional[str] = ..., mcp_servers: _Optional[_Iterable[str]] = ..., mcp_tool_selections: _Optional[_Mapping[str, McpToolSelection]] = ..., skill_refs: _Optional[_Iterable[_Union[SkillRef, _Mapping]]] = ...) -> None: ...
+    agent: str
+    agent_spec: AgentSpec
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., instructions: _Optional[str] = ..., mcp_servers: _Optional[_Iterable[str]] = ..., mcp_tool_selections: _Optional[_Mapping[str, McpToolSelection]] = ..., skill_refs: _Optional[_Iterable[_Union[SkillRef, _Mapping]]] = ..., agent: _Optional[str] = ..., agent_spec: _Optional[_Union[AgentSpec, _Mapping]] = ...) -> None: ...
 
 class McpToolSelection(_message.Message):
     __slots__ = ("enabled_tools",)
@@ -444,10 +448,13 @@ class Artifact(_message.Message):
     def __init__(self, type: _Optional[str] = ..., name: _Optional[str] = ..., text: _Optional[str] = ..., size: _Optional[int] = ..., truncated: _Optional[bool] = ..., notes: _Optional[str] = ..., created_in: _Optional[float] = ...) -> None: ...
 
 class Event(_message.Message):
-    __slots__ = ("execution_id", "seq", "time", "phase", "text", "tool_call", "tool_result", "usage", "error", "artifact", "prompt", "turn", "context_cleared")
+    __slots__ = ("execution_id", "seq", "time", "subagent", "task_call_id", "depth", "phase", "text", "tool_call", "tool_result", "usage", "error", "artifact", "prompt", "turn", "context_cleared")
     EXECUTION_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
+    SUBAGENT_FIELD_NUMBER: _ClassVar[int]
+    TASK_CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    DEPTH_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOOL_CALL_FIELD_NUMBER: _ClassVar[int]
@@ -461,6 +468,9 @@ class Event(_message.Message):
     execution_id: str
     seq: int
     time: float
+    subagent: str
+    task_call_id: str
+    depth: int
     phase: PhaseChange
     text: TextDelta
     tool_call: ToolCall
@@ -471,7 +481,7 @@ class Event(_message.Message):
     prompt: Prompt
     turn: Turn
     context_cleared: ContextCleared
-    def __init__(self, execution_id: _Optional[str] = ..., seq: _Optional[int] = ..., time: _Optional[float] = ..., phase: _Optional[_Union[PhaseChange, _Mapping]] = ..., text: _Optional[_Union[TextDelta, _Mapping]] = ..., tool_call: _Optional[_Union[ToolCall, _Mapping]] = ..., tool_result: _Optional[_Union[ToolResult, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., artifact: _Optional[_Union[Artifact, _Mapping]] = ..., prompt: _Optional[_Union[Prompt, _Mapping]] = ..., turn: _Optional[_Union[Turn, _Mapping]] = ..., context_cleared: _Optional[_Union[ContextCleared, _Mapping]] = ...) -> None: ...
+    def __init__(self, execution_id: _Optional[str] = ..., seq: _Optional[int] = ..., time: _Optional[float] = ..., subagent: _Optional[str] = ..., task_call_id: _Optional[str] = ..., depth: _Optional[int] = ..., phase: _Optional[_Union[PhaseChange, _Mapping]] = ..., text: _Optional[_Union[TextDelta, _Mapping]] = ..., tool_call: _Optional[_Union[ToolCall, _Mapping]] = ..., tool_result: _Optional[_Union[ToolResult, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., artifact: _Optional[_Union[Artifact, _Mapping]] = ..., prompt: _Optional[_Union[Prompt, _Mapping]] = ..., turn: _Optional[_Union[Turn, _Mapping]] = ..., context_cleared: _Optional[_Union[ContextCleared, _Mapping]] = ...) -> None: ...
 
 class SubmitRequest(_message.Message):
     __slots__ = ("spec",)

@@ -5,6 +5,10 @@ scripts, and following a log (over any client whose watch() yields pb.Event) thr
     phase = follow(client, "ex-1a2b3c", renderer, reconnect=lambda: Client(home, endpoint))
 
 Used by runner.py's `run` and `logs`; `--json` prints event_dict(event) per line.
+
+A sub-agent's events (Event.depth > 0: see subagents.py) are shown indented under the task line that started
+them, each line led by the sub-agent's name (two may run at once); a sub-agent streams no text, so its turn's
+text is shown when the turn ends.
 """
 import json
 import queue
@@ -14,6 +18,7 @@ import threading
 import time
 
 import stigmer_pb2 as pb
+import subagents
 from daemon_client import TERMINAL_NAMES, TERMINAL_PHASES, BackendError, BackendUnavailable
 
 CANCEL_WAIT = 5.0  # seconds Ctrl-C waits for the execution to confirm it stopped
@@ -38,7 +43,7 @@ class Renderer:
         self.last_output = time.monotonic()
         self.spinning = False
         self.frame = 0
-        self.calls = {}  # tool_use id -> (name, input)
+        self.calls = {}  # (task_call_id, depth, tool_use id) -> the tool's name
         self.show_prompts = False  # show the task of each execution (logs), not only the model's side (run)
         self.cleared = []  # the ContextCleared events seen, for the summary
         self.sandbox_id = ""  # the execution's remote sandbox, from its artifact event
@@ -81,30 +86,16 @@ class Renderer:
         if self.json_lines:
             print(json.dumps(event_dict(ev), ensure_ascii=False), flush=True)
             return
-        if kind == "text":
+        if ev.depth:
+            self.sub_event(ev, kind)
+        elif kind == "text":
             self.out(ev.text.text)
             self.mid_line = not ev.text.text.endswith("\n")
         elif kind == "tool_call":
             self.newline()
-            try:
-                args = json.loads(ev.tool_call.input_json)
-            except ValueError:
-                args = {}
-            self.calls[ev.tool_call.id] = ev.tool_call.name
-            shown = args.get("command") or args.get("path") or args.get("pattern") if isinstance(args, dict) else None
-            shown = shown or ev.tool_call.input_json
-            self.out(f"{self.paint('36', '⏺ ' + ev.tool_call.name)} {shown[:200]}\n")
+            self.tool_call(ev)
         elif kind == "tool_result":
-            r = ev.tool_result
-            lines = r.output.splitlines()
-            status = f"exit {r.exit_code}" if self.calls.get(r.id) == "execute" else ("error" if r.is_error else "ok")
-            head = f"  ⎿ {status} · {r.duration_ms / 1000:.1f} s" + (" · truncated" if r.truncated else "")
-            self.out(self.paint("31" if r.is_error else "2", head) + "\n")
-            for line in lines[:4]:
-                self.out(self.paint("2", f"    {line[:160]}") + "\n")
-            if len(lines) > 4:
-                more = len(lines) - 4
-                self.out(self.paint("2", f"    … {more} more line{'s' if more > 1 else ''}") + "\n")
+            self.tool_result(ev)
         elif kind == "error":
             self.newline()
             self.out(self.paint("31", f"✗ {ev.error.message}") + "\n", err=True)
@@ -118,6 +109,61 @@ class Renderer:
         elif kind == "artifact":
             self.newline()
             self.out(self.paint("35", artifact_line(ev)) + "\n")
+
+    def tool_call(self, ev, lead=""):
+        """The line of a tool call (LEAD: a sub-agent's indent and name); a task call shows its sub-agent and brief."""
+        try:
+            args = json.loads(ev.tool_call.input_json)
+        except ValueError:
+            args = {}
+        self.calls[(ev.task_call_id, ev.depth, ev.tool_call.id)] = ev.tool_call.name
+        if ev.tool_call.name == "task":
+            name, brief = subagents.describe_call(ev.tool_call.input_json)
+            shown = f"{name} · {' '.join(brief.split())}"
+        else:
+            shown = args.get("command") or args.get("path") or args.get("pattern") if isinstance(args, dict) else None
+            shown = shown or ev.tool_call.input_json
+        self.out(f"{lead}{self.paint('36', '⏺ ' + ev.tool_call.name)} {shown[:200]}\n")
+
+    def tool_result(self, ev, lead="", keep=4):
+        """The status line of a tool result and its first KEEP lines of output."""
+        r = ev.tool_result
+        lines = r.output.splitlines()
+        name = self.calls.get((ev.task_call_id, ev.depth, r.id))
+        status = f"exit {r.exit_code}" if name == "execute" else ("error" if r.is_error else "ok")
+        head = f"  ⎿ {status} · {r.duration_ms / 1000:.1f} s" + (" · truncated" if r.truncated else "")
+        self.out(lead + self.paint("31" if r.is_error else "2", head) + "\n")
+        pad = lead + self.paint("2", "    ")
+        for line in lines[:keep]:
+            self.out(pad + self.paint("2", line[:160]) + "\n")
+        if len(lines) > keep:
+            more = len(lines) - keep
+            self.out(pad + self.paint("2", f"… {more} more line{'s' if more > 1 else ''}") + "\n")
+
+    def sub_event(self, ev, kind):
+        """A sub-agent's event, indented by its depth and led by its name."""
+        lead = "    " * ev.depth + self.paint("35", ev.subagent or "sub-agent") + " "
+        if kind == "tool_call":
+            self.newline()
+            self.tool_call(ev, lead)
+        elif kind == "tool_result":
+            self.tool_result(ev, lead, keep=2)
+        elif kind == "turn" and ev.turn.text.strip():
+            self.newline()
+            lines = ev.turn.text.strip().splitlines()
+            for line in lines[:3]:
+                self.out(lead + line[:160] + "\n")
+            if len(lines) > 3:
+                self.out(lead + self.paint("2", f"… {len(lines) - 3} more lines") + "\n")
+        elif kind == "error":
+            self.newline()
+            self.out(lead + self.paint("31", f"✗ {ev.error.message}") + "\n", err=True)
+        elif kind == "prompt" and ev.prompt.source == "task" and self.show_prompts:
+            self.newline()
+            self.out(lead + self.paint("1", "› " + " ".join(ev.prompt.text.split())[:200]) + "\n")
+        elif kind == "context_cleared":
+            self.newline()
+            self.out(lead + self.paint("2", cleared_line(ev.context_cleared)) + "\n")
 
     def json_line(self, obj):
         print(json.dumps(obj, ensure_ascii=False), flush=True)
@@ -230,12 +276,15 @@ def summary_dict(execution, phase_name, elapsed):
 
 
 def event_dict(ev):
-    """An Event as a flat JSON-ready dict: execution_id, seq, time, kind, and the payload's fields."""
+    """An Event as a flat JSON-ready dict: execution_id, seq, time, kind, on a sub-agent's event the sub-agent
+    fields (subagent, task_call_id, depth; absent on the execution's own agent's), and the payload's fields."""
     from google.protobuf.json_format import MessageToDict
     kind = ev.WhichOneof("payload")
     body = MessageToDict(getattr(ev, kind), preserving_proto_field_name=True,
                          always_print_fields_with_no_presence=True) if kind else {}
-    return {"execution_id": ev.execution_id, "seq": ev.seq, "time": ev.time, "kind": kind, **json_ints(body)}
+    nested = {"subagent": ev.subagent, "task_call_id": ev.task_call_id, "depth": ev.depth} if ev.depth else {}
+    return {"execution_id": ev.execution_id, "seq": ev.seq, "time": ev.time, "kind": kind, **nested,
+            **json_ints(body)}
 
 
 def json_ints(value):

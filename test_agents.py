@@ -178,7 +178,7 @@ class AgentFileTest(TempDir):
         (sub,) = spec.sub_agents
         self.assertEqual((sub.name, list(sub.mcp_servers), list(sub.mcp_tool_selections["search"].enabled_tools),
                           [r.slug for r in sub.skill_refs]), ("researcher", ["search"], ["query"], ["notes"]))
-        self.assertEqual(agents.unsupported(spec), ["mcpServers", "skillRefs", "subAgents"])
+        self.assertEqual(agents.unsupported(spec), ["mcpServers", "skillRefs"])  # sub-agents run (subagents.py)
         again = pb.ExecutionSpec.FromString(pb.ExecutionSpec(agent=spec).SerializeToString()).agent
         self.assertEqual(again, spec)  # everything travels in the execution
 

@@ -9,6 +9,12 @@ Which step answers is derived from the request itself (the number of assistant
 messages already in it), so the SDK's retries and a worker's reconnects replay the
 same step. Like the real API it checks the key and that every `tool_use` of the last
 assistant turn is answered by a `tool_result` in the next user message, else 400.
+
+Several conversations at once (an agent and its sub-agents) each get a script of their own: `routes`
+maps a marker to a script, and a request whose system prompt or first user message holds the marker
+is answered from that script (the first marker that matches; none: the main script).
+
+    fake = FakeAnthropic(parent_script, routes={"[sub-a]": sub_script}).start()
 """
 import itertools
 import json
@@ -114,8 +120,9 @@ class QuietServer(ThreadingHTTPServer):
 class FakeAnthropic:
     """A scripted Messages API server on a free loopback port."""
 
-    def __init__(self, script, key=FAKE_KEY):
+    def __init__(self, script, key=FAKE_KEY, routes=None):
         self.script = list(script)
+        self.routes = {marker: list(steps) for marker, steps in (routes or {}).items()}  # marker -> script
         self.key = key
         self.requests = []  # parsed JSON bodies, in arrival order
         self.statuses = []  # (step, status) per request
@@ -167,15 +174,24 @@ class FakeAnthropic:
     def __exit__(self, *exc):
         self.stop()
 
-    def _step(self, step_index):
-        """(step, scripted error or None) for a request at STEP_INDEX (the caller holds the lock): a step's
-        "errors" are answered in turn, one per request, before the step itself."""
-        step = self.script[step_index] if step_index < len(self.script) else text_step("(script exhausted)")
-        served = self._failures.get(step_index, 0)
+    def route(self, body):
+        """The marker of ROUTES that BODY's system prompt or first user message holds, or None (the main script)."""
+        messages = body.get("messages") or []
+        first = next((i for i, m in enumerate(messages) if m.get("role") == "user"), len(messages))
+        opening = json.dumps(body.get("system", "")) + json.dumps(messages[:first + 1])
+        return next((marker for marker in self.routes if marker in opening), None)
+
+    def _step(self, step_index, route=None):
+        """(step, scripted error or None) for a request at STEP_INDEX of ROUTE's script (the caller holds the
+        lock): a step's "errors" are answered in turn, one per request, before the step itself."""
+        script = self.script if route is None else self.routes[route]
+        step = script[step_index] if step_index < len(script) else text_step("(script exhausted)")
+        key = step_index if route is None else (route, step_index)
+        served = self._failures.get(key, 0)
         errors = step.get("errors", [])
         scripted_error = errors[served] if served < len(errors) else None
         if scripted_error is not None:
-            self._failures[step_index] = served + 1
+            self._failures[key] = served + 1
         return step, scripted_error
 
     def _error(self, status, kind, message, headers=None):
@@ -189,7 +205,7 @@ class FakeAnthropic:
         with self._lock:
             self.times.append(time.perf_counter())
             self.requests.append(body)
-            step, scripted_error = self._step(step_index)
+            step, scripted_error = self._step(step_index, self.route(body))
         key = headers.get("x-api-key") or (headers.get("authorization") or "").removeprefix("Bearer ")
         if key != self.key:
             result = self._error(401, "authentication_error", "invalid x-api-key")
@@ -391,7 +407,7 @@ class FakeOpenAI(FakeAnthropic):
             self.paths.append(path)
             self._replies += 1
             reply_id = f"chatcmpl-{step_index}-{self._replies}"
-            step, scripted_error = self._step(step_index)
+            step, scripted_error = self._step(step_index, self.route(body))
         key = (headers.get("authorization") or "").removeprefix("Bearer ")
         if self.key is not None and key != self.key:
             result = self._error(401, "invalid_request_error", "Incorrect API key provided: sk-op***", code="invalid_api_key")

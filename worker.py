@@ -294,6 +294,8 @@ class Worker:
         payload's strings here: the one redaction point of the events); waits while the buffer is full."""
         if "text" not in payload:
             for message in payload.values():
+                if isinstance(message, (str, int)):
+                    continue  # a sub-agent's tags (subagent, task_call_id, depth): names and ids, not payload
                 if redact_payload(message, redactor) * 4 > MAX_EVENT_BYTES - 65536:  # UTF-8: 4 bytes a character
                     cap_payload(message)  # at most (plus the fields that are not strings)
         with self.cond:
@@ -473,6 +475,7 @@ class Worker:
 
     def _run_execution(self, execution):
         import agent as agent_mod
+        import subagents
         from sandbox import SandboxError, SandboxUnavailable
 
         spec = execution.spec
@@ -518,7 +521,8 @@ class Worker:
             the_agent = agent_mod.Agent(model, box, emit, max_turns=spec.max_turns,
                                         max_tokens_total=spec.max_tokens_total, redactor=redactor, shell_env=shell_env,
                                         context_window=models.context_window(model_name, self.context_window),
-                                        instructions=spec.agent.instructions, project_docs=spec.project_docs)
+                                        instructions=spec.agent.instructions, project_docs=spec.project_docs,
+                                        team=subagents.Team(spec.agent.instructions, spec.agent.sub_agents))
             with self.cond:
                 self.agents[execution.id] = the_agent
                 if execution.id in self.cancels or execution.id not in self.outboxes:
