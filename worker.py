@@ -50,6 +50,7 @@ MAX_PENDING_TEXT = 1_000_000  # characters of not-yet-sequenced text before text
 FLUSH_ON_STOP = 5.0  # seconds a stopping worker waits for its last events to be acknowledged
 FULL_BACKOFF = (0.5, 5.0)  # seconds before resending events the log refused for a full disk: first, longest
 LOG_FULL_PATIENCE = 60.0  # seconds of a full log before the worker ends the execution FAILED (events still kept)
+STOP_SLACK = 5.0  # seconds past the clean-up bounds after which a stopping worker exits anyway
 CLEANUP_ON_STOP = 8.0  # seconds a stopping worker then waits for executions to delete their sandboxes
 PATCH_MAX_BYTES = 512_000  # most bytes of a patch artifact: whole files are left out to fit, and named
 SWEEP_EVERY = 600.0  # seconds between sweeps of leftover sandboxes
@@ -669,9 +670,23 @@ class Worker:
                 self.cond.wait(0.1)
 
 
+def _stuck_on_stop():
+    """A stopping worker's clean-up has overrun its bounds: log every thread's stack, kill the commands, exit."""
+    import faulthandler
+
+    from sandbox import kill_all
+
+    log.error("stopping took over %.0f s; exiting without finishing the clean-up (stacks follow)",
+              FLUSH_ON_STOP + CLEANUP_ON_STOP + STOP_SLACK)
+    faulthandler.dump_traceback(all_threads=True)
+    kill_all()
+    os._exit(1)
+
+
 def serve(worker, link, *, exit_with_stdin=False):
     """Run WORKER over LINK in the foreground until SIGTERM, SIGINT or (optionally) EOF on stdin;
     returns an exit code. LINK is anything with run(worker) that returns once worker.stopping is set."""
+    import faulthandler
     import signal
 
     from sandbox import kill_all
@@ -687,10 +702,16 @@ def serve(worker, link, *, exit_with_stdin=False):
         threading.Thread(target=lambda: (sys.stdin.buffer.read(), stop.set()), daemon=True).start()
     thread = threading.Thread(target=link.run, args=(worker,), name="link", daemon=True)
     thread.start()
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: every thread's stack to the log
     try:
         while not stop.wait(0.5):
             pass
     finally:
+        # Clean-up is bounded (FLUSH_ON_STOP, CLEANUP_ON_STOP, the link's join): should a step still block,
+        # the worker says where and exits anyway, so that a stopped worker never lingers.
+        watchdog = threading.Timer(FLUSH_ON_STOP + CLEANUP_ON_STOP + STOP_SLACK, _stuck_on_stop)
+        watchdog.daemon = True
+        watchdog.start()
         worker.stop()
         thread.join(timeout=2)
         kill_all()
