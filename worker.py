@@ -50,8 +50,8 @@ MAX_PENDING_TEXT = 1_000_000  # characters of not-yet-sequenced text before text
 FLUSH_ON_STOP = 5.0  # seconds a stopping worker waits for its last events to be acknowledged
 FULL_BACKOFF = (0.5, 5.0)  # seconds before resending events the log refused for a full disk: first, longest
 LOG_FULL_PATIENCE = 60.0  # seconds of a full log before the worker ends the execution FAILED (events still kept)
-STOP_SLACK = 5.0  # seconds past the clean-up bounds after which a stopping worker exits anyway
 CLEANUP_ON_STOP = 8.0  # seconds a stopping worker then waits for executions to delete their sandboxes
+STOP_LIMIT = FLUSH_ON_STOP + CLEANUP_ON_STOP + 5.0  # seconds after which a stopping worker exits anyway
 PATCH_MAX_BYTES = 512_000  # most bytes of a patch artifact: whole files are left out to fit, and named
 SWEEP_EVERY = 600.0  # seconds between sweeps of leftover sandboxes
 MAX_CHAIN = 1000  # most ancestors a resumed conversation may have
@@ -676,8 +676,7 @@ def _stuck_on_stop():
 
     from sandbox import kill_all
 
-    log.error("stopping took over %.0f s; exiting without finishing the clean-up (stacks follow)",
-              FLUSH_ON_STOP + CLEANUP_ON_STOP + STOP_SLACK)
+    log.error("stopping took over %.0f s; exiting without finishing the clean-up (stacks follow)", STOP_LIMIT)
     faulthandler.dump_traceback(all_threads=True)
     kill_all()
     os._exit(1)
@@ -709,10 +708,11 @@ def serve(worker, link, *, exit_with_stdin=False):
     finally:
         # Clean-up is bounded (FLUSH_ON_STOP, CLEANUP_ON_STOP, the link's join): should a step still block,
         # the worker says where and exits anyway, so that a stopped worker never lingers.
-        watchdog = threading.Timer(FLUSH_ON_STOP + CLEANUP_ON_STOP + STOP_SLACK, _stuck_on_stop)
+        watchdog = threading.Timer(STOP_LIMIT, _stuck_on_stop)
         watchdog.daemon = True
         watchdog.start()
         worker.stop()
         thread.join(timeout=2)
         kill_all()
+        watchdog.cancel()
     return 0
