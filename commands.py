@@ -20,7 +20,7 @@ from processes import (START_WAIT, CliError, allowed_args, backend_is_terminal, 
 EXIT_CODES = {"COMPLETED": 0, "FAILED": 1, "CANCELLED": 130}
 RUN_IDLE_EXIT = 60.0  # seconds a daemon started by a foreground run lingers with nothing to do, then exits
 INHERIT_ALL = "*"  # in ExecutionSpec.secret_names: every variable may reach the agent's shell
-PROMPT_CHARS_SURELY_FINE = (1 << 20) // 4  # characters that fit daemon_client.MAX_PROMPT_BYTES whatever they are
+PROMPT_CHARS_SURELY_FINE = (1 << 20) // 4  # characters that fit contract.MAX_PROMPT_BYTES whatever they are
 
 
 def choose_model(cfg, name):
@@ -51,7 +51,7 @@ def read_prompt(task, stdin):
         raise CliError("the prompt is empty: give the task, e.g. python runner.py \"add a --verbose flag\", "
                        "or pipe it in: echo \"add a --verbose flag\" | python runner.py", 2)
     if len(prompt) > PROMPT_CHARS_SURELY_FINE:  # before any key prompt, worker or daemon
-        from daemon_client import prompt_problem  # (grpc: not imported for the usual prompt)
+        from contract import prompt_problem  # (grpc: not imported for the usual prompt)
         if prompt_problem(prompt):
             raise CliError(prompt_problem(prompt), 2)
     return prompt
@@ -140,7 +140,7 @@ def cmd_run(cfg, args):
                                       labels, inherit)
         import stigmer_pb2 as pb
         import terminal
-        from daemon_client import BackendError
+        from contract import BackendError
         renderer = terminal.make_renderer(args.json, cfg.environ.get("NO_COLOR"))
         prompt = redact_prompt(known_secrets(cfg, names, getattr(worker, "secrets", ())), prompt)
         spec = pb.ExecutionSpec(prompt=prompt, workspace=workspace, model=model, max_turns=args.max_turns,
@@ -304,7 +304,7 @@ def project_docs(cfg, args, workspace, resuming):
 def find_parent(client, args, workspace):
     """The execution whose conversation this run continues: `resume ID`'s, or with -c the latest one whose
     workspace is WORKSPACE. Raises CliError when there is none or it has not ended."""
-    from daemon_client import parent_problem
+    from contract import parent_problem
     if args.command == "resume":
         parent = client.get(args.id)
     else:
@@ -370,7 +370,7 @@ def cmd_start(cfg, args, out=None, labels=None):
 def wait_until_connected(cfg, started, timeout=START_WAIT):
     """Wait until the daemon has a free shared slot, so that the next run finds a warm worker; a CliError naming
     the log when every worker in STARTED ((process, log path) pairs) has exited instead."""
-    from daemon_client import BackendError
+    from contract import BackendError
     client = connect(cfg)
     deadline = time.monotonic() + timeout
     try:
@@ -389,7 +389,7 @@ def wait_until_connected(cfg, started, timeout=START_WAIT):
 
 def cmd_stop(cfg, args):
     from terminal import plural
-    from daemon_client import BackendError
+    from contract import BackendError
     try:
         found = backend_status(cfg) if cfg.cloud else find_daemon(cfg)
         running = running_executions(found[0]) if found else []
@@ -432,7 +432,7 @@ def cmd_stop(cfg, args):
 def wait_until_ended(client, executions, timeout=10.0):
     """Wait up to TIMEOUT seconds for EXECUTIONS to reach a terminal phase, so that their runners
     (and any foreground run following them) see the end before the daemon stops."""
-    from daemon_client import TERMINAL_PHASES, BackendError
+    from contract import TERMINAL_PHASES, BackendError
     deadline = time.monotonic() + timeout
     waiting = [ex.id for ex in executions]
     while waiting and time.monotonic() < deadline:
@@ -629,7 +629,7 @@ def worker_environ(args):
 def daemon_token(home):
     """{"STIGMER_DAEMON_TOKEN": the token} of HOME's daemon, as it is now (a daemon makes a new one when it
     starts), for the worker to redact: hidden from confined commands, a full-access command can still read it."""
-    from daemon_client import TOKEN_FILE
+    from contract import TOKEN_FILE
     try:
         with open(os.path.join(home, TOKEN_FILE)) as f:
             token = f.read().strip()
@@ -650,7 +650,7 @@ def cmd_worker(cfg, args):
     threading.Thread(target=models.preload, args=(model, environ), name="import-model-sdk", daemon=True).start()
     import daemon_client
     import worker
-    from daemon_client import VERSION
+    from contract import VERSION
     level = {"development": logging.DEBUG, "staging": logging.INFO, "production": logging.WARNING}[cfg.env]
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     for noisy in ("httpx", "httpx2", "httpcore", "httpcore2", "anthropic", "openai", "grpc"):  # they log whole requests

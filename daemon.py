@@ -31,7 +31,7 @@ import sandbox
 import stigmer_pb2 as pb
 import stigmer_pb2_grpc as pb_grpc
 import store
-from daemon_client import LIST_PAGE_BYTES, TERMINAL_PHASES, VERSION, parent_problem, prompt_problem
+from contract import LIST_PAGE_BYTES, TERMINAL_PHASES, VERSION, parent_problem, prompt_problem
 
 LIST_DEFAULT, LIST_MAX = 50, 1000  # List's page size when the request says 0, and its cap
 WATCH_PAGE = 1000  # events read from SQLite per query by a watcher

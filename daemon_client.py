@@ -25,19 +25,11 @@ import grpc
 import home as stigmer_home
 import stigmer_pb2 as pb
 import stigmer_pb2_grpc as pb_grpc
+# The contract's shared names, here too for the client's callers:
+from contract import (DEFAULT_ENDPOINT, DEFAULT_HOME, LIST_PAGE_BYTES, LOCK_FILE, MAX_MESSAGE_BYTES,  # noqa: F401
+                      MAX_PROMPT_BYTES, MAX_SOCKET_PATH, SOCKET_FILE, TERMINAL_NAMES, TERMINAL_PHASES, TOKEN_FILE,
+                      VERSION, BackendError, BackendUnavailable, parent_problem, prompt_problem)
 
-VERSION = "0.1.0"  # the one version: pyproject, the daemon's Status and `--version` read it
-DEFAULT_ENDPOINT = "localhost:50051"
-DEFAULT_HOME = "~/.stigmer"  # where state lives unless STIGMER_HOME says otherwise
-TERMINAL_PHASES = (pb.COMPLETED, pb.FAILED, pb.CANCELLED)  # an execution in one of these is over
-TERMINAL_NAMES = tuple(pb.Phase.Name(p) for p in TERMINAL_PHASES)
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # largest gRPC message either way; bigger gets RESOURCE_EXHAUSTED
-MAX_PROMPT_BYTES = 1 << 20  # the largest prompt (task plus piped stdin) a run takes, in UTF-8 bytes
-LIST_PAGE_BYTES = 4 << 20  # List answers in pages of about this many bytes (one execution at least)
-TOKEN_FILE = "daemon.token"  # inside $STIGMER_HOME
-LOCK_FILE = "daemon.lock"  # inside $STIGMER_HOME: flocked by its one daemon; holds its pid, endpoint, transport
-SOCKET_FILE = "daemon.sock"  # inside $STIGMER_HOME (0700): the daemon's local transport, which only we can reach
-MAX_SOCKET_PATH = 100  # bytes; a Unix socket path must fit sun_path (104 on macOS, 108 on Linux)
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -125,26 +117,6 @@ def auth_metadata(token):
 def client_channel(endpoint):
     """An insecure channel to the daemon with the daemon's message size limits."""
     return grpc.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
-
-
-def prompt_problem(prompt):
-    """Why PROMPT is too big to run (checked by the CLI, the daemon and Redis' Submit), or None."""
-    size = len(prompt.encode("utf-8", "surrogatepass"))
-    if size <= MAX_PROMPT_BYTES:
-        return None
-    return (f"the prompt is {size / (1 << 20):.1f} MiB (the task with what was piped on stdin), over the limit of "
-            f"{MAX_PROMPT_BYTES >> 20} MiB: put the input in a file in the workspace and name that file in the task")
-
-
-def parent_problem(parent_id, parent):
-    """Why an execution cannot continue PARENT (the Execution with id PARENT_ID, or None), or None."""
-    if parent is None:
-        return f"no execution {parent_id!r} to continue: `python runner.py list` shows them"
-    if parent.phase not in TERMINAL_PHASES:
-        return (f"{parent_id} is still {pb.Phase.Name(parent.phase).lower()}: wait for it to end "
-                f"(`python runner.py logs {parent_id} -f`) or cancel it (`python runner.py cancel {parent_id}`), "
-                "then resume it")
-    return None
 
 
 # ---- DaemonLink: a worker's side of the Connect stream ----
@@ -267,20 +239,7 @@ class DaemonLink:
 
 # ---- the CLI's client ----
 
-class BackendError(Exception):
-    """What went wrong talking to the backend, in one line for a person; .code is the grpc.StatusCode
-    when an RPC failed (None otherwise)."""
-
-    def __init__(self, message, code=None):
-        super().__init__(message)
-        self.code = code
-
-
 CALL_LIMIT = "Concurrent RPC limit exceeded"  # grpc's RESOURCE_EXHAUSTED details past maximum_concurrent_rpcs
-
-
-class BackendUnavailable(BackendError):
-    """The backend cannot be reached (yet): a follower may wait for it and reconnect."""
 
 
 def rpc_message(exc, endpoint):

@@ -26,8 +26,8 @@ import stigmer_pb2 as pb
 import stigmer_pb2_grpc as pb_grpc
 import store
 from daemon import DB_FILE, Daemon, say
-from daemon_client import (DEFAULT_ENDPOINT, LOCK_FILE, MAX_MESSAGE_BYTES, MAX_SOCKET_PATH, TOKEN_FILE, DaemonError,
-                           is_loopback, read_token, socket_path)
+from contract import DEFAULT_ENDPOINT, LOCK_FILE, MAX_MESSAGE_BYTES, MAX_SOCKET_PATH, TOKEN_FILE
+from daemon_client import DaemonError, is_loopback, read_token, socket_path
 
 RPC_THREADS = 128  # pool threads: one per active RPC (each open Watch or Connect holds one)
 MAX_CONCURRENT_RPCS = RPC_THREADS  # beyond this new RPCs fail fast with RESOURCE_EXHAUSTED instead of queuing behind streams

@@ -266,16 +266,16 @@ def sandbox_factory(cfg, runner_id, is_terminal):
 
 def backend_is_terminal(cfg):
     """is_terminal(execution_id) for the sweep, asking the daemon (or Redis); False when it cannot say."""
-    import daemon_client
+    import contract
 
     def is_terminal(execution_id):
         try:
             client = connect(cfg)
             try:
-                return client.get(execution_id).phase in daemon_client.TERMINAL_PHASES
+                return client.get(execution_id).phase in contract.TERMINAL_PHASES
             finally:
                 client.close()
-        except daemon_client.BackendError:  # unknown here, or the daemon is away: leave it
+        except contract.BackendError:  # unknown here, or the daemon is away: leave it
             return False
     return is_terminal
 

@@ -40,10 +40,9 @@ import time
 import urllib.parse
 
 import stigmer_pb2 as pb
-from daemon_client import parent_problem, prompt_problem
+from contract import VERSION, BackendError, BackendUnavailable, parent_problem, prompt_problem
 from redis_scripts import APPEND_LUA, COMMON_LUA, SCRIPTS
 
-from daemon_client import VERSION, BackendError, BackendUnavailable
 
 log = logging.getLogger("stigmer.redis")
 

@@ -65,7 +65,7 @@ def __getattr__(name):  # `runner.stigmer_secrets`, `runner.VERSION`: loaded whe
     if name == "stigmer_secrets":
         return project_secrets()
     if name == "VERSION":
-        from daemon_client import VERSION
+        from contract import VERSION
         return VERSION
     raise AttributeError(f"module 'runner' has no attribute {name!r}")
 
@@ -88,7 +88,7 @@ class Config(namedtuple("Config", "mode env home endpoint sandbox_root model run
     def load(environ):
         """Read and check the environment once; raises CliError on a bad value. An unknown ENV only warns
         (it sets log verbosity, and ENV is a generic name another tool may have set)."""
-        from daemon_client import DEFAULT_ENDPOINT, DEFAULT_HOME
+        from contract import DEFAULT_ENDPOINT, DEFAULT_HOME
         mode_var, mode = setting(environ, "MODE", "local")
         if mode not in MODES:
             raise CliError(f"{mode_var}={environ[mode_var]!r} is not a mode: "
@@ -382,7 +382,7 @@ def run_cli(argv):
         parsed = p.parse_args(args)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 2
-    from daemon_client import VERSION, BackendError  # after `--help`, which needs neither
+    from contract import VERSION, BackendError  # after `--help`, which needs neither
     if parsed.version:
         print(f"stigmer {VERSION}")
         return 0

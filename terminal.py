@@ -19,7 +19,7 @@ import time
 
 import stigmer_pb2 as pb
 import subagents
-from daemon_client import TERMINAL_NAMES, TERMINAL_PHASES, BackendError, BackendUnavailable
+from contract import TERMINAL_NAMES, TERMINAL_PHASES, BackendError, BackendUnavailable
 
 CANCEL_WAIT = 5.0  # seconds Ctrl-C waits for the execution to confirm it stopped
 RECONNECT_WAIT = 60.0  # seconds a follower waits for a daemon that went away

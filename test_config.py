@@ -162,6 +162,13 @@ class StartTest(unittest.TestCase):
         self.assertIn("stigmer", done.stdout)
         self.assertEqual(done.stdout.strip().splitlines()[-1], "[]")
 
+    def test_the_worker_and_cloud_mode_import_neither_grpc_nor_the_daemon_client(self):
+        code = ("import sys, worker, redis_backend, terminal; "
+                "print(sorted(m for m in ('grpc', 'daemon_client', 'daemon', 'stigmer_pb2_grpc') if m in sys.modules))")
+        done = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=60)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(done.stdout.strip().splitlines()[-1], "[]")
+
     def test_daemon_py_takes_its_settings_from_config(self):
         env = dict(os.environ, STIGMER_RUNNER_GRACE="later")
         done = subprocess.run([sys.executable, os.path.join(HERE, "daemon.py"), "--endpoint", "127.0.0.1:0"],

@@ -38,7 +38,7 @@ import uuid
 
 import models
 import stigmer_pb2 as pb
-from daemon_client import TERMINAL_PHASES
+from contract import TERMINAL_PHASES
 
 log = logging.getLogger("stigmer.worker")
 
