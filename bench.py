@@ -228,17 +228,10 @@ def _file_tool_figures(rounds=15):
 @bench
 def bench_redact():
     """Redactor streaming 10 MB in 4 KiB chunks against five str.replace calls on the whole text."""
-    import importlib.util
-    import os
     import random
 
-    module = sys.modules.get("stigmer_secrets")
-    if module is None:  # by file path: `import secrets` may be the standard library's
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "secrets.py")
-        spec = importlib.util.spec_from_file_location("stigmer_secrets", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["stigmer_secrets"] = module
-        spec.loader.exec_module(module)
+    import models
+    module = models.project_secrets()
     rng = random.Random(3)
     secrets = {
         "ANTHROPIC_API_KEY": "sk-ant-api03-" + "".join(rng.choice("abcdefXYZ0123456789_-") for _ in range(95)),

@@ -19,7 +19,6 @@ from processes import (START_WAIT, CliError, allowed_args, backend_is_terminal, 
 
 EXIT_CODES = {"COMPLETED": 0, "FAILED": 1, "CANCELLED": 130}
 RUN_IDLE_EXIT = 60.0  # seconds a daemon started by a foreground run lingers with nothing to do, then exits
-INHERIT_ALL = "*"  # in ExecutionSpec.secret_names: every variable may reach the agent's shell
 PROMPT_CHARS_SURELY_FINE = (1 << 20) // 4  # characters that fit contract.MAX_PROMPT_BYTES whatever they are
 
 
@@ -106,7 +105,7 @@ def cmd_run(cfg, args):
         # After `start`, a warm worker with a free slot, this run's provider and its --secret names takes the
         # run at once (its SDK is loaded, its key was asked for at `start`); else the run's own worker,
         # with this run's secrets, takes only this run.
-        wants = names + [INHERIT_ALL] if args.inherit_env or cfg.inherit_env else names
+        wants = names + [project_secrets().INHERIT_ALL] if args.inherit_env or cfg.inherit_env else names
         warm = not args.detach and not resuming and not cfg.cloud and found is not None and \
             found[1].free_capacity > 0 and shared_worker_fits(cfg, model, wants)
         if not args.detach and not warm:
@@ -132,9 +131,9 @@ def cmd_run(cfg, args):
                 agent = parent.spec.agent
                 labels = agent_labels(agent)
             sandbox_mode, network = confinement(cfg, sandbox_mode, network, parent)  # and its sandbox mode
-        inherit = args.inherit_env or cfg.inherit_env or INHERIT_ALL in names
-        names = [n for n in names if n != INHERIT_ALL]
-        shell_names = names + [INHERIT_ALL] if inherit else names  # the spec's; `*` lets them all through
+        inherit = args.inherit_env or cfg.inherit_env or project_secrets().INHERIT_ALL in names
+        names = [n for n in names if n != project_secrets().INHERIT_ALL]
+        shell_names = names + [project_secrets().INHERIT_ALL] if inherit else names  # the spec's; `*` lets them all through
         if runner_id and worker is None:  # its own worker, with this run's secrets, takes only this run
             worker = spawn_run_worker(cfg, names, cfg.endpoint if cfg.cloud else client.endpoint, runner_id, model,
                                       labels, inherit)
@@ -347,7 +346,7 @@ def cmd_start(cfg, args, out=None, labels=None):
     alive = sum(1 for p in pid_files(cfg) if os.path.basename(p).startswith("worker-") and live_pid(p))
     env = worker_env(cfg, secrets, cfg.endpoint)
     inherit = getattr(args, "inherit_env", False) or cfg.inherit_env
-    allowed = names + [INHERIT_ALL] if inherit else names  # what its executions may pass to the shell
+    allowed = names + [project_secrets().INHERIT_ALL] if inherit else names  # what its executions may pass to the shell
     started = []
     for n in range(1, 1000):
         if alive + len(started) >= args.workers:
@@ -673,7 +672,7 @@ def cmd_worker(cfg, args):
     except mod.SecretError as exc:
         raise CliError(str(exc), 2) from None
     if args.inherit_env or cfg.inherit_env:
-        allowed.append(INHERIT_ALL)
+        allowed.append(mod.INHERIT_ALL)
     return worker.serve(worker.Worker(capacity=args.capacity, mode=cfg.mode, model=model, runner_id=runner_id,
                                       pinned=args.pinned, allowed_secrets=allowed, make_sandbox=make_sandbox, sweep=sweep, sandbox=cfg.sandbox,
                                       environ=environ, history=link.history, context_window=cfg.context_window,

@@ -29,14 +29,6 @@ from collections import namedtuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FALLBACK_MODEL = "claude-sonnet-4-5"  # when the installed SDK lists no Sonnet
-PROVIDERS = ("anthropic", "openai", "gemini", "ollama", "openai-compatible")  # "provider/model" prefixes
-DEFAULT_MODELS = {  # a provider's model when none is named ("openai" or "openai/"); None: see default_model
-    "anthropic": None,  # the newest Sonnet the installed anthropic SDK lists
-    "openai": "gpt-4.1",
-    "gemini": "gemini-2.5-flash",
-    "ollama": "qwen3:8b",
-    "openai-compatible": None,  # the server decides: name the model
-}
 BARE_PREFIXES = (("claude-", "anthropic"), ("gpt-", "openai"), ("chatgpt-", "openai"), ("o1", "openai"),
                  ("o3", "openai"), ("o4", "openai"), ("gemini-", "gemini"))  # bare model name -> provider
 MAX_OUTPUT_TOKENS = 16000  # max_tokens per model request
@@ -88,14 +80,24 @@ def _project_module(name, alias):
 
 
 def project_secrets():
-    """The project's secrets.py (loaded on first use: list, logs and status never need it)."""
+    """The project's secrets.py, beside the standard library's `secrets`: the one way every module, test and
+    bench loads it (as `secrets` where ours comes first on sys.path, else as `stigmer_secrets`)."""
     return _project_module("secrets", "stigmer_secrets")
 
 
 def model_key_vars():
     """Every provider key variable: hidden from the agent's shell, kept from the daemon, redacted."""
-    found = (var for p in project_secrets().PROVIDERS.values() for var in (p.env_var, *p.alt_env_vars) if var)
-    return tuple(dict.fromkeys(found))
+    return tuple(dict.fromkeys(var for p in project_secrets().PROVIDERS.values() for var in p.key_vars))
+
+
+_TABLE = project_secrets().PROVIDERS  # the one provider table (secrets.py): what follows is read from it
+PROVIDERS = tuple(_TABLE)  # "provider/model" prefixes
+DEFAULT_MODELS = {name: p.default_model for name, p in _TABLE.items()}  # None: see default_model
+KEYS = {name: p.key_vars for name, p in _TABLE.items()}  # the variables a provider's key may come from, first wins
+GEMINI_BASE_URL = _TABLE["gemini"].base_url
+OLLAMA_HOST = _TABLE["ollama"].base_url  # where Ollama listens unless OLLAMA_HOST says otherwise
+OPENAI_BASE_URL = _TABLE["openai"].base_url
+KEYLESS = "not-needed"  # what an OpenAI-compatible server without auth gets (the SDK insists on a key)
 
 
 def default_model(provider="anthropic"):
@@ -163,10 +165,9 @@ def make_model(name, environ=None):
 def check_provider(provider, environ):
     """Raise ModelError when this runner cannot use PROVIDER whatever the key: its SDK is not installed, or
     openai-compatible has no OPENAI_BASE_URL. The CLI calls it before asking for a key."""
-    if provider != "anthropic" and importlib.util.find_spec("openai") is None:
-        raise ModelError("missing_sdk", f"{provider} needs the openai package: {OPENAI_EXTRA}")
-    if provider == "openai-compatible" and not environ.get("OPENAI_BASE_URL"):
-        endpoint(provider, environ)  # raises, saying what to set
+    problems = project_secrets().provider_problems(provider, environ)
+    if problems:
+        raise ModelError("missing_sdk" if "package" in problems[0] else "config", problems[0])
 
 
 def preload(name="", environ=None):
@@ -205,15 +206,6 @@ def _shared_anthropic():
     return shared_client("anthropic", None, None)
 
 
-GEMINI_BASE_URL = "https://generativelanguage.googleapis.com/v1beta/openai/"  # Google's OpenAI-compatible endpoint
-OLLAMA_HOST = "http://localhost:11434"  # where Ollama listens unless OLLAMA_HOST says otherwise
-OPENAI_BASE_URL = "https://api.openai.com/v1"
-KEYS = {"anthropic": ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN"), "openai": ("OPENAI_API_KEY",),
-        "gemini": ("GEMINI_API_KEY", "GOOGLE_API_KEY"), "ollama": (),
-        "openai-compatible": ("OPENAI_API_KEY",)}  # the variables a provider's key may come from, first wins
-KEYLESS = "not-needed"  # what an OpenAI-compatible server without auth gets (the SDK insists on a key)
-
-
 def _ollama_url(host):
     """OLLAMA_HOST (host:port, or a URL) as the base URL of Ollama's OpenAI-compatible API."""
     host = host.strip().rstrip("/")
@@ -227,22 +219,18 @@ def endpoint(provider, environ):
     setting is missing. A base URL of None means the SDK's default."""
     var = next((v for v in KEYS[provider] if environ.get(v)), None)
     key = environ[var] if var else None
+    p = _TABLE[provider]
+    base = environ.get(p.base_url_var) or p.base_url
     if provider == "anthropic":
-        base = (environ.get("ANTHROPIC_BASE_URL") or "").rstrip("/") or None
+        base = (base or "").rstrip("/") or None
         if base and base.endswith("/v1"):  # the SDK adds /v1/messages itself
             base = base[:-3]
-    elif provider == "openai":
-        base = environ.get("OPENAI_BASE_URL") or OPENAI_BASE_URL
-    elif provider == "gemini":
-        base = environ.get("GEMINI_BASE_URL") or GEMINI_BASE_URL
     elif provider == "ollama":
-        base, key, var = _ollama_url(environ.get("OLLAMA_HOST") or OLLAMA_HOST), KEYLESS, "OLLAMA_HOST"
-    else:
-        base = environ.get("OPENAI_BASE_URL")
+        base, key, var = _ollama_url(base), KEYLESS, "OLLAMA_HOST"
+    elif p.needs_server:
         if not base:
-            raise ModelError("config", "openai-compatible needs OPENAI_BASE_URL, the server's address (for example "
-                                       "export OPENAI_BASE_URL=http://localhost:8000/v1)")
-        key, var = (key, var) if key else (KEYLESS, "OPENAI_API_KEY")
+            raise ModelError("config", project_secrets().provider_problems(provider, environ, lambda _: True)[0])
+        key, var = (key, var) if key else (KEYLESS, p.env_var)
     if key is None:
         wanted = " or ".join(KEYS[provider])
         raise ModelError("auth", f"{wanted} is not set where this runner runs, so it cannot use {provider}: "
@@ -411,7 +399,7 @@ class AnthropicModel(StreamedReply):
 
 # ---- OpenAI Chat Completions: OpenAI, Gemini, Ollama, vLLM and any compatible server ----
 
-OPENAI_EXTRA = "pip install -e '.[openai]'"  # what installs the openai SDK
+OPENAI_EXTRA = f"pip install -e '.[{_TABLE['openai'].extra}]'"  # what installs the openai SDK
 CONTEXT_WORDS = ("context length", "context window", "context_length", "maximum number of tokens", "too many tokens",
                  "prompt is too long")  # how compatible servers say the conversation no longer fits
 CHAT_STOPS = {"tool_calls": STOP_TOOL_USE, "function_call": STOP_TOOL_USE, "length": STOP_MAX_TOKENS,

@@ -65,7 +65,8 @@ __all__ = list(_std.__all__) + [
     "PromptCancelled", "gather", "sandbox_secret_names", "child_env", "main", "SECRET_WORDS", "looks_secret",
     "secret_looking_names", "SDK_EXTRAS", "SERVICE_KEY_VARS", "terminal_available", "URL_SECRET_VARS",
     "secret_values", "SECRETS_FD_VAR", "environment_secrets", "secrets_pipe", "reexec_without_secrets",
-    "inherited_secrets",
+    "inherited_secrets", "provider_problems", "INHERIT_ALL", "hidden_from_shell", "shell_environment",
+    "redacted_names", "refused_secrets",
 ]
 
 MIN_REDACT_LEN = 8  # shorter values are not redacted: they would match ordinary text
@@ -100,7 +101,9 @@ class PromptCancelled(SecretError):
 
 @dataclass(frozen=True)
 class Provider:
-    """A model provider's key: the variable its SDK reads and what its keys look like."""
+    """Everything the runner knows about a model provider, in one row: its key variables and what its keys
+    look like, the SDK it is spoken to with (and the pyproject extra installing it), its default model, and
+    the variable naming its server (with the address used when that is unset)."""
     name: str
     env_var: str
     alt_env_vars: tuple = ()  # also accepted, kept under their own name (the SDK reads them)
@@ -108,21 +111,91 @@ class Provider:
     label: str = ""  # for the prompt
     required: bool = True  # False: used when set, never asked for (local servers need no key)
     sdk: str = "anthropic"  # the Python package the runner speaks to this provider with
+    default_model: str = None  # the model when none is named; None: see models.default_model
+    base_url_var: str = ""  # the variable naming the provider's server
+    base_url: str = None  # the server when BASE_URL_VAR is unset; None: the SDK's default
+    needs_server: bool = False  # True: BASE_URL_VAR must be set (there is no default server)
 
     def __post_init__(self):
         if not self.label:
             object.__setattr__(self, "label", f"{self.name} API key")
 
+    @property
+    def key_vars(self):
+        """The variables this provider's key may come from, first wins."""
+        return tuple(v for v in (self.env_var, *self.alt_env_vars) if v)
+
+    @property
+    def extra(self):
+        """The pyproject extra that installs the SDK ("" when the core install has it)."""
+        return SDK_EXTRAS.get(self.sdk, "")
+
 
 PROVIDERS = {p.name: p for p in (
-    Provider("anthropic", "ANTHROPIC_API_KEY", ("ANTHROPIC_AUTH_TOKEN",), "sk-ant-", "Anthropic API key"),
-    Provider("openai", "OPENAI_API_KEY", (), "sk-", "OpenAI API key", sdk="openai"),
-    Provider("gemini", "GEMINI_API_KEY", ("GOOGLE_API_KEY",), "AIza", "Gemini API key", sdk="openai"),
-    Provider("ollama", "", label="Ollama (a local server; no key)", required=False, sdk="openai"),
+    Provider("anthropic", "ANTHROPIC_API_KEY", ("ANTHROPIC_AUTH_TOKEN",), "sk-ant-", "Anthropic API key",
+             base_url_var="ANTHROPIC_BASE_URL"),
+    Provider("openai", "OPENAI_API_KEY", (), "sk-", "OpenAI API key", sdk="openai", default_model="gpt-4.1",
+             base_url_var="OPENAI_BASE_URL", base_url="https://api.openai.com/v1"),
+    Provider("gemini", "GEMINI_API_KEY", ("GOOGLE_API_KEY",), "AIza", "Gemini API key", sdk="openai",
+             default_model="gemini-2.5-flash", base_url_var="GEMINI_BASE_URL",
+             base_url="https://generativelanguage.googleapis.com/v1beta/openai/"),  # Google's OpenAI-compatible API
+    Provider("ollama", "", label="Ollama (a local server; no key)", required=False, sdk="openai",
+             default_model="qwen3:8b", base_url_var="OLLAMA_HOST", base_url="http://localhost:11434"),
     Provider("openai-compatible", "OPENAI_API_KEY", (), "", "API key of the OpenAI-compatible server",
-             required=False, sdk="openai"),
+             required=False, sdk="openai", base_url_var="OPENAI_BASE_URL", needs_server=True),  # it names the model
 )}
 SDK_EXTRAS = {"openai": "openai"}  # SDK package -> the pyproject extra that installs it
+
+
+def provider_problems(name, environ, installed=None):
+    """Why this runner cannot use provider NAME whatever the key, in lines for a person: its SDK is not
+    installed, or a server it needs is not named. INSTALLED(package) -> bool defaults to a find_spec check
+    (the SDK is looked for, never imported)."""
+    p = PROVIDERS[name]
+    installed = installed or (lambda package: importlib.util.find_spec(package) is not None)
+    problems = []
+    if not installed(p.sdk):
+        problems.append(f"{name} needs the {p.sdk} package: pip install -e '.[{p.extra}]'" if p.extra
+                        else f"{name} needs the {p.sdk} package: pip install -e .")
+    if p.needs_server and not environ.get(p.base_url_var):
+        problems.append(f"{name} needs {p.base_url_var}, the server's address (for example "
+                        f"export {p.base_url_var}=http://localhost:8000/v1)")
+    return problems
+
+
+# ---- what the agent's shell may see ----
+
+INHERIT_ALL = "*"  # in ExecutionSpec.secret_names: secret-looking variables reach the shell too (--inherit-env)
+
+
+def hidden_from_shell(environ, named, key_vars, inherit=False):
+    """The shell_env overrides that keep the model keys (KEY_VARS) and, unless INHERIT, every secret-looking
+    variable of ENVIRON out of the agent's shell; names in NAMED (--secret) pass."""
+    hidden = set(key_vars) | (set() if inherit else {n for n in environ if looks_secret(n)})
+    return {name: None for name in sorted(hidden) if name not in named}
+
+
+def shell_environment(environ, named, key_vars, inherit=False):
+    """The shell_env overrides of an execution: hidden_from_shell's, plus the value of every variable the shell
+    may see that only the worker's memory holds (its secrets are not in its environment block, which the shell
+    inherits): the NAMED ones and, with INHERIT, every secret-looking one (never a key that was not named)."""
+    overrides = hidden_from_shell(environ, named, key_vars, inherit)
+    passed = set(named) | ({n for n in environ if looks_secret(n)} if inherit else set())
+    overrides.update({n: environ[n] for n in sorted(passed) if environ.get(n) and overrides.get(n, "") is not None})
+    return overrides
+
+
+def redacted_names(environ, named, key_vars):
+    """Every variable whose value is redacted from what the model and the log see: the model keys
+    (KEY_VARS), the --secret names and every secret-looking variable present, passed to the shell or not."""
+    names = [*key_vars, *named, *sorted(n for n in environ if looks_secret(n))]
+    return [n for n in dict.fromkeys(names) if environ.get(n)]
+
+
+def refused_secrets(secret_names, key_vars, allowed):
+    """The names in SECRET_NAMES that a worker refuses: a provider or service key (KEY_VARS), or `*` (every
+    variable), unless ALLOWED holds it (the user asked for it when starting that worker for the run)."""
+    return [n for n in dict.fromkeys(secret_names) if (n == INHERIT_ALL or n in key_vars) and n not in allowed]
 
 
 class Secrets(Mapping):
@@ -535,12 +608,7 @@ def main(argv=None, environ=None):
     rows, problems = [], []
     for key in args.provider or ["anthropic"]:
         p = PROVIDERS[key]
-        if importlib.util.find_spec(p.sdk) is None:
-            problems.append(f"{key} needs the {p.sdk} package: pip install -e '.[{SDK_EXTRAS.get(p.sdk, p.sdk)}]'"
-                            if p.sdk in SDK_EXTRAS else f"{key} needs the {p.sdk} package: pip install -e .")
-        if key == "openai-compatible" and not environ.get("OPENAI_BASE_URL"):
-            problems.append("openai-compatible needs OPENAI_BASE_URL, the server's address (for example "
-                            "http://localhost:8000/v1)")
+        problems += provider_problems(key, environ)
         if not p.env_var:
             rows.append({"name": None, "provider": key, "set": True, "from": None, "needed": False})
             continue

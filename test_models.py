@@ -45,6 +45,24 @@ class ResolveTest(unittest.TestCase):
         self.assertEqual(set(models.DEFAULT_MODELS), set(models.PROVIDERS))
         self.assertEqual(set(models.PROVIDERS), set(models.project_secrets().PROVIDERS))  # one list of providers
 
+    def test_the_provider_table_in_secrets_py_is_what_models_reads(self):
+        table = models.project_secrets().PROVIDERS
+        for name, p in table.items():
+            with self.subTest(provider=name):
+                self.assertEqual(models.KEYS[name], p.key_vars)
+                self.assertEqual(models.DEFAULT_MODELS[name], p.default_model)
+                if p.base_url_var and name != "ollama":  # Ollama's variable is a host, made into a URL
+                    moved = {p.base_url_var: "http://127.0.0.1:7/x", **{v: "k-123456789" for v in p.key_vars}}
+                    self.assertEqual(models.endpoint(name, moved)[0], "http://127.0.0.1:7/x")
+                    # ... and its default server when the variable is unset (the SDK's own when None)
+                    if not p.needs_server:
+                        got = models.endpoint(name, {v: "k-123456789" for v in p.key_vars})[0]
+                        self.assertEqual(got, p.base_url)
+        problems = models.project_secrets().provider_problems("openai-compatible", {})
+        with self.assertRaises(models.ModelError) as caught:
+            models.check_provider("openai-compatible", {})
+        self.assertEqual(caught.exception.message, problems[0])
+
     def test_unknown_names_say_which_forms_work(self):
         for name in ("qwen3:8b", "mystery/model-1", "o30", "m", "llama3"):
             with self.subTest(name=name), self.assertRaises(models.ModelError) as caught:

@@ -23,6 +23,7 @@ import termios
 import time
 import unittest
 
+import models
 from testsupport import read_until
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -30,18 +31,7 @@ SECRETS_PY = os.path.join(HERE, "secrets.py")
 PYTHON = sys.executable
 
 
-def _load():
-    """Our secrets.py by file path, under the alias runner.py uses."""
-    module = sys.modules.get("stigmer_secrets")
-    if module is None:
-        spec = importlib.util.spec_from_file_location("stigmer_secrets", SECRETS_PY)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["stigmer_secrets"] = module
-        spec.loader.exec_module(module)
-    return module
-
-
-S = _load()
+S = models.project_secrets()  # our secrets.py, beside the standard library's
 KEY = "sk-ant-api03-" + "x7Qz" * 10  # a fake key; tests that type keys use a fresh one each run
 
 

@@ -57,50 +57,12 @@ SWEEP_EVERY = 600.0  # seconds between sweeps of leftover sandboxes
 MAX_CHAIN = 1000  # most ancestors a resumed conversation may have
 MAX_EVENT_BYTES = 4 << 20  # the largest event payload sent: longer strings are cut to fit, and say so
 
-INHERIT_ALL = "*"  # in ExecutionSpec.secret_names: secret-looking variables reach the shell too (--inherit-env)
-
-
-def looks_secret(name):
-    """True when a variable's NAME suggests it holds a secret: the project's secrets.py decides."""
-    return models.project_secrets().looks_secret(name)
-
-
-def hidden_from_shell(environ, named, key_vars, inherit=False):
-    """The shell_env overrides that keep the model keys (KEY_VARS) and, unless INHERIT, every secret-looking
-    variable of ENVIRON out of the agent's shell; names in NAMED (--secret) pass."""
-    hidden = set(key_vars) | (set() if inherit else {n for n in environ if looks_secret(n)})
-    return {name: None for name in sorted(hidden) if name not in named}
-
-
-def shell_environment(environ, named, key_vars, inherit=False):
-    """The shell_env overrides of an execution: hidden_from_shell's, plus the value of every variable the shell
-    may see that only the worker's memory holds (its secrets are not in its environment block, which the shell
-    inherits): the NAMED ones and, with INHERIT, every secret-looking one (never a key that was not named)."""
-    overrides = hidden_from_shell(environ, named, key_vars, inherit)
-    passed = set(named) | ({n for n in environ if looks_secret(n)} if inherit else set())
-    overrides.update({n: environ[n] for n in sorted(passed) if environ.get(n) and overrides.get(n, "") is not None})
-    return overrides
-
-
-def redacted_names(environ, named, key_vars):
-    """Every variable whose value is redacted from what the model and the log see: the model keys
-    (KEY_VARS), the --secret names and every secret-looking variable present, passed to the shell or not."""
-    names = [*key_vars, *named, *sorted(n for n in environ if looks_secret(n))]
-    return [n for n in dict.fromkeys(names) if environ.get(n)]
-
-
 class Cancelled(Exception):
     """An execution was cancelled before its agent started."""
 
 
 class SecretRefused(Exception):
     """An execution named a provider key or `*` among its secrets that this worker was not started with."""
-
-
-def refused_secrets(secret_names, key_vars, allowed):
-    """The names in SECRET_NAMES that this worker refuses: a provider or service key (KEY_VARS), or `*` (every
-    variable), unless ALLOWED holds it (the user asked for it when starting this worker for the run)."""
-    return [n for n in dict.fromkeys(secret_names) if (n == INHERIT_ALL or n in key_vars) and n not in allowed]
 
 
 class HistoryError(Exception):
@@ -482,15 +444,15 @@ class Worker:
         spec = execution.spec
         mod = models.project_secrets()
         key_vars = (*models.model_key_vars(), *mod.SERVICE_KEY_VARS)
-        named = [n for n in spec.secret_names if n != INHERIT_ALL]
+        named = [n for n in spec.secret_names if n != mod.INHERIT_ALL]
         environ = {**os.environ, **self.environ}  # the worker's Config.environ wins over the process's
-        redactor = mod.Redactor(mod.secret_values({**{n: environ[n] for n in redacted_names(environ, named, key_vars)},
+        redactor = mod.Redactor(mod.secret_values({**{n: environ[n] for n in mod.redacted_names(environ, named, key_vars)},
                                                    **(self.also_secret() if self.also_secret else {})}))
         emit = lambda **payload: self.emit(execution.id, redactor, **payload)  # noqa: E731
         log.info("running %s in %s", execution.id, spec.repo or spec.workspace)
         phase, reason, final_text, turns, box, service_down = pb.FAILED, "", "", 0, None, False
         try:
-            refused = refused_secrets(spec.secret_names, key_vars, self.allowed_secrets)
+            refused = mod.refused_secrets(spec.secret_names, key_vars, self.allowed_secrets)
             if refused:
                 raise SecretRefused(
                     f"refused: this execution asks for {', '.join(refused)} in the agent's shell, which runner "
@@ -500,7 +462,7 @@ class Worker:
                 if name not in environ:
                     emit(error=pb.Error(code="secret_missing", message=f"{name} was named with --secret but this "
                                         "worker's environment does not have it; the agent's shell runs without it"))
-            shell_env = shell_environment(environ, named, key_vars, inherit=INHERIT_ALL in spec.secret_names)
+            shell_env = mod.shell_environment(environ, named, key_vars, inherit=mod.INHERIT_ALL in spec.secret_names)
             shell_env.update(agent_settings(spec))  # an agent's declared non-secret variables
             check_agent(spec)
             history = self.conversation(spec.parent_id) if spec.parent_id else []
