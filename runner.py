@@ -229,7 +229,26 @@ def parser():
     p.add_argument("--version", action="store_true", help="show the version and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run a task (the default command)",
+    # What `run` and `resume` both take: the run's limits, secrets, output and confinement.
+    shared = argparse.ArgumentParser(add_help=False)
+    shared.add_argument("--max-turns", type=int, default=50, help="most model turns (default 50)")
+    shared.add_argument("--max-tokens-total", type=int, help="stop after this many tokens in all")
+    shared.add_argument("--secret", action="append", metavar="NAME",
+                        help="pass env var NAME to the agent's shell, redacted")
+    shared.add_argument("--inherit-env", action="store_true",
+                        help=f"let variables that look secret (names with KEY, TOKEN, SECRET, PASSWORD, CREDENTIAL) "
+                             f"reach the agent's shell, still redacted (or {INHERIT_ENV_VAR}=1)")
+    shared.add_argument("--json", action="store_true",
+                        help="JSON lines: a run object, one object per event, then a summary object")
+    shared.add_argument("--detach", action="store_true", help="submit to the background daemon and print the id")
+    shared.add_argument("--sandbox-mode", choices=("workspace-write", "read-only", "full-access"),
+                        help="how the agent's commands are confined: workspace-write (the default: they write only "
+                             "the workspace and /tmp, no network, credentials hidden), read-only, or full-access "
+                             "(unconfined, as you); or STIGMER_SANDBOX_MODE (resume: default the execution's)")
+    shared.add_argument("--network", action="store_true",
+                        help="let the agent's commands use the network (off in workspace-write and read-only)")
+
+    run = sub.add_parser("run", help="run a task (the default command)", parents=[shared],
                          epilog='examples:\n  python runner.py run "fix the failing test" --workspace ~/proj\n'
                                 '  python runner.py run --agent code-reviewer --env REVIEW_STYLE=thorough "review it"',
                          formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -238,21 +257,6 @@ def parser():
     run.add_argument("--workspace", help="directory the agent works in (default: SANDBOX_ROOT_DIR or .)")
     run.add_argument("--model", help="provider/model, e.g. openai/gpt-4.1, gemini/gemini-2.5-flash, ollama/qwen3:8b "
                                      "(default: STIGMER_MODEL or the newest Claude Sonnet)")
-    run.add_argument("--max-turns", type=int, default=50, help="most model turns (default 50)")
-    run.add_argument("--max-tokens-total", type=int, help="stop after this many tokens in all")
-    run.add_argument("--secret", action="append", metavar="NAME", help="pass env var NAME to the agent's shell, redacted")
-    run.add_argument("--inherit-env", action="store_true",
-                     help=f"let variables that look secret (names with KEY, TOKEN, SECRET, PASSWORD, CREDENTIAL) "
-                          f"reach the agent's shell, still redacted (or {INHERIT_ENV_VAR}=1)")
-    run.add_argument("--json", action="store_true",
-                     help="JSON lines: a run object, one object per event, then a summary object")
-    run.add_argument("--detach", action="store_true", help="submit to the background daemon and print the id")
-    run.add_argument("--sandbox-mode", choices=("workspace-write", "read-only", "full-access"),
-                     help="how the agent's commands are confined: workspace-write (the default: they write only the "
-                          "workspace and /tmp, no network, credentials hidden), read-only, or full-access "
-                          "(unconfined, as you); or STIGMER_SANDBOX_MODE")
-    run.add_argument("--network", action="store_true",
-                     help="let the agent's commands use the network (off in workspace-write and read-only)")
     run.add_argument("--repo", metavar="URL", help="clone this git repository into the sandbox's workspace first "
                                                    "(STIGMER_SANDBOX=daytona; a --secret GITHUB_TOKEN authenticates it)")
     run.add_argument("--ref", help="the branch, tag or commit of --repo to check out")
@@ -269,26 +273,11 @@ def parser():
     run.add_argument("--no-project-doc", action="store_true",
                      help="leave the project's AGENTS.md / CLAUDE.md and $STIGMER_HOME/AGENTS.md out of the system prompt")
 
-    resume = sub.add_parser("resume", help="continue an execution's conversation with a follow-up",
+    resume = sub.add_parser("resume", help="continue an execution's conversation with a follow-up", parents=[shared],
                             epilog='example: python runner.py resume ex-1a2b3c "now add a test for it"')
     resume.add_argument("id", help="the execution to continue (it must have ended)")
     resume.add_argument("task", nargs="*", help="the follow-up; `-` or none reads it from stdin")
     resume.add_argument("--model", help="model id (default: the one the execution used); another provider's is fine")
-    resume.add_argument("--max-turns", type=int, default=50, help="most model turns (default 50)")
-    resume.add_argument("--max-tokens-total", type=int, help="stop after this many tokens in all")
-    resume.add_argument("--secret", action="append", metavar="NAME", help="pass env var NAME to the agent's shell, redacted")
-    resume.add_argument("--inherit-env", action="store_true",
-                     help=f"let variables that look secret (names with KEY, TOKEN, SECRET, PASSWORD, CREDENTIAL) "
-                          f"reach the agent's shell, still redacted (or {INHERIT_ENV_VAR}=1)")
-    resume.add_argument("--json", action="store_true",
-                        help="JSON lines: a run object, one object per event, then a summary object")
-    resume.add_argument("--detach", action="store_true", help="submit to the background daemon and print the id")
-    resume.add_argument("--sandbox-mode", choices=("workspace-write", "read-only", "full-access"),
-                     help="how the agent's commands are confined: workspace-write (the default: they write only the "
-                          "workspace and /tmp, no network, credentials hidden), read-only, or full-access "
-                          "(unconfined, as you); or STIGMER_SANDBOX_MODE (default: the execution's)")
-    resume.add_argument("--network", action="store_true",
-                     help="let the agent's commands use the network (off in workspace-write and read-only)")
     resume.set_defaults(workspace=None, cont=False, repo=None, ref=None, keep_sandbox=False, agent=None, env=None,
                         no_project_doc=False)
 
