@@ -411,7 +411,7 @@ def bench_emit(turns=2000):
     call = json.dumps({"command": "pytest -x tests/test_module.py -k 'not slow'"})
 
     def run(redactor):
-        w = worker.Worker(capacity=1)
+        w = worker.Worker(environ={}, capacity=1)
         start = time.perf_counter()
         for n in range(turns):
             w.outboxes["ex-b"] = worker.Outbox("ex-b", 0)  # a fresh outbox per turn: no buffer-full pauses

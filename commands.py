@@ -12,10 +12,9 @@ import signal
 import sys
 import time
 
-from processes import (START_WAIT, CliError, allowed_args, backend_is_terminal, backend_status, connect, daemon_owner,
-                       embedded_endpoint, ensure_daemon, find_daemon, gather_secrets, known_secrets, live_pid, open_log,
-                       pid_files, project_secrets, sandbox_factory, shared_worker_fits, spawn, spawn_run_worker,
-                       stop_pid, stop_process, worker_env)
+from processes import (START_WAIT, CliError, allowed_args, backend, backend_is_terminal, connect, daemon_owner,
+                       gather_secrets, known_secrets, live_pid, pid_files, project_secrets, spawn,
+                       spawn_run_worker, stop_pid, stop_process, worker_env)
 
 EXIT_CODES = {"COMPLETED": 0, "FAILED": 1, "CANCELLED": 130}
 RUN_IDLE_EXIT = 60.0  # seconds a daemon started by a foreground run lingers with nothing to do, then exits
@@ -67,6 +66,55 @@ def readable_pipe(stream):
 
 
 def cmd_run(cfg, args):
+    """`run` and `resume`: plan the run, start what is missing (the backend, this run's worker), submit, follow."""
+    plan = plan_run(cfg, args)
+    be = backend(cfg)
+    found = be.find()
+    if args.detach and (found is None or found[1].connected_runners == 0):
+        # a detached run needs a backend and a worker that outlive this command
+        cmd_start(cfg, argparse.Namespace(workers=1, secret=plan.names, model=plan.model, inherit_env=plan.inherit),
+                  out=sys.stderr, labels=plan.labels)
+        found = be.find()
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    worker = None
+    try:
+        # After `start`, a warm worker with a free slot, this run's provider and secrets takes the run at once
+        # (its SDK is loaded, its key was asked for at `start`); else the run's own worker takes only this run.
+        # That worker (its SDK import is the slowest part of a cold start) starts before the daemon, unless it
+        # needs the secret names of the run it resumes, which only the log knows.
+        shared = args.detach or (not plan.resuming and be.warm_worker(found, plan.model, plan.shell_names))
+        runner_id = "" if shared else f"run-{os.getpid()}-{os.urandom(3).hex()}"
+        endpoint = be.worker_endpoint(found) if runner_id and not plan.resuming else None
+        if endpoint:
+            worker = run_worker(cfg, plan, endpoint, runner_id)
+        client, status = found or be.ensure(idle_exit=RUN_IDLE_EXIT)
+        if plan.resuming:
+            continue_parent(cfg, args, plan, find_parent(client, args, plan.workspace))
+        if runner_id and worker is None:
+            worker = run_worker(cfg, plan, be.worker_endpoint((client, status)), runner_id)
+        spec = execution_spec(cfg, args, plan, runner_id, getattr(worker, "secrets", ()))
+        queued = 0 if runner_id else (status or client.status()).queue_depth
+        if queued:
+            print(f"stigmer: {queued} older execution(s) are queued and run first: see `python runner.py list "
+                  "--phase pending`, and `python runner.py cancel ID` to drop one", file=sys.stderr)
+        execution = client.submit(spec)
+        if args.detach:
+            print(json.dumps({"execution_id": execution.id}) if args.json else execution.id)
+            return 0
+        return follow_run(cfg, be, client, execution, plan, args)
+    finally:
+        for sig in handlers:  # let the clean-up below finish
+            signal.signal(sig, signal.SIG_IGN)
+        if worker is not None:
+            worker.stdin.close()  # EOF tells the worker to stop and kill its commands
+            stop_process(worker, timeout=10)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+def plan_run(cfg, args):
+    """What a run needs before any backend is reached, every problem a CliError first: the prompt, workspace,
+    secret names, agent, model, project docs and confinement (a resumed run takes more from its parent later)."""
     workspace = os.path.abspath(os.path.expanduser(args.workspace)) if args.workspace else cfg.sandbox_root
     if not os.path.isdir(workspace):
         raise CliError(f"the workspace {workspace} does not exist (or is not a directory)", 2)
@@ -84,125 +132,97 @@ def cmd_run(cfg, args):
     except mod.SecretError as exc:
         raise CliError(str(exc), 2) from None
     agent = plan_agent(cfg, args, workspace, resuming)  # resuming: the parent's, once it is known
-    labels = agent_labels(agent)
     names = list(dict.fromkeys([*names, *agent_secrets(agent)]))  # declared secrets travel like --secret
-    model = choose_model(cfg, args.model or (agent.config.model if agent else ""))
-    docs = project_docs(cfg, args, workspace, resuming)
     sandbox_mode = args.sandbox_mode or cfg.sandbox_mode  # "": the default, or the parent's when resuming
     network = args.network or bool(agent is not None and agent.config.network)
     if not resuming:  # resuming: once the parent is known
         sandbox_mode, network = confinement(cfg, sandbox_mode, network)
-    found = backend_status(cfg) if cfg.cloud else find_daemon(cfg)
-    embedded = worker = None
-    runner_id = ""  # a foreground run's execution is pinned to the worker it spawns (both modes)
-    if args.detach and (found is None or found[1].connected_runners == 0):
-        # a detached run needs a backend and a worker that outlive this command
-        cmd_start(cfg, argparse.Namespace(workers=1, secret=names, model=model, inherit_env=args.inherit_env),
-                  out=sys.stderr, labels=labels)
-        found = backend_status(cfg) if cfg.cloud else find_daemon(cfg)
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    try:
-        # After `start`, a warm worker with a free slot, this run's provider and its --secret names takes the
-        # run at once (its SDK is loaded, its key was asked for at `start`); else the run's own worker,
-        # with this run's secrets, takes only this run.
-        wants = names + [project_secrets().INHERIT_ALL] if args.inherit_env or cfg.inherit_env else names
-        warm = not args.detach and not resuming and not cfg.cloud and found is not None and \
-            found[1].free_capacity > 0 and shared_worker_fits(cfg, model, wants)
-        if not args.detach and not warm:
-            runner_id = f"run-{os.getpid()}-{os.urandom(3).hex()}"
-        # A cold start: the worker (importing its SDK, the slowest part) starts first, unless it needs
-        # the secret names of the run it resumes, which only the log knows.
-        endpoint = embedded_endpoint(cfg.endpoint) if runner_id and found is None and not cfg.cloud \
-            and not resuming else None
-        if endpoint:
-            worker = spawn_run_worker(cfg, names, endpoint, runner_id, model, labels,
-                                      args.inherit_env or cfg.inherit_env)
-        if cfg.cloud:
-            client, status = found
-        else:  # a foreground run shares STIGMER_HOME's daemon, starting one (idling out later) when none runs
-            client, status = found or ensure_daemon(cfg, idle_exit=RUN_IDLE_EXIT)
-        parent = find_parent(client, args, workspace) if resuming else None
-        if parent is not None:  # the conversation goes on where it was, with the same secrets
-            workspace = parent.spec.workspace
-            names = list(dict.fromkeys([*parent.spec.secret_names, *names]))
-            if not args.model:  # and the same model, whose provider's key is the one to gather
-                model = choose_model(cfg, parent.spec.model)
-            if parent.spec.HasField("agent"):  # and the same agent (its secrets are in secret_names)
-                agent = parent.spec.agent
-                labels = agent_labels(agent)
-            sandbox_mode, network = confinement(cfg, sandbox_mode, network, parent)  # and its sandbox mode
-        inherit = args.inherit_env or cfg.inherit_env or project_secrets().INHERIT_ALL in names
-        names = [n for n in names if n != project_secrets().INHERIT_ALL]
-        shell_names = names + [project_secrets().INHERIT_ALL] if inherit else names  # the spec's; `*` lets them all through
-        if runner_id and worker is None:  # its own worker, with this run's secrets, takes only this run
-            worker = spawn_run_worker(cfg, names, cfg.endpoint if cfg.cloud else client.endpoint, runner_id, model,
-                                      labels, inherit)
-        import stigmer_pb2 as pb
-        import terminal
-        from contract import BackendError
-        renderer = terminal.make_renderer(args.json, cfg.environ.get("NO_COLOR"))
-        prompt = redact_prompt(known_secrets(cfg, names, getattr(worker, "secrets", ())), prompt)
-        spec = pb.ExecutionSpec(prompt=prompt, workspace=workspace, model=model, max_turns=args.max_turns,
-                                secret_names=shell_names, max_tokens_total=args.max_tokens_total or 0, runner_id=runner_id,
-                                repo=args.repo or (parent.spec.repo if parent else ""),
-                                ref=args.ref or (parent.spec.ref if parent else ""), keep_sandbox=args.keep_sandbox,
-                                sandbox=cfg.sandbox, parent_id=parent.id if parent else "", agent=agent,
-                                project_docs=docs, sandbox_mode=sandbox_mode, network=network)
-        queued = 0 if runner_id else (status or client.status()).queue_depth  # (an embedded daemon may hold old ones)
-        if queued:
-            print(f"stigmer: {queued} older execution(s) are queued and run first: see `python runner.py list "
-                  "--phase pending`, and `python runner.py cancel ID` to drop one", file=sys.stderr)
-        execution = client.submit(spec)
-        if args.detach:
-            print(json.dumps({"execution_id": execution.id}) if args.json else execution.id)
-            return 0
-        if renderer.json_lines:
-            renderer.json_line(terminal.run_dict(execution, cfg.mode, client.endpoint))
-        else:
-            where = (f"Redis at {client.endpoint}" if cfg.cloud else f"embedded daemon on {client.endpoint}"
-                     if embedded else f"daemon at {client.endpoint}")
-            space = workspace if cfg.sandbox == "filesystem" else "daytona sandbox" + (f" · {args.repo}" if args.repo
-                                                                                        else "")
-            continues = f" · continues {parent.id}" if parent else ""
-            who = f" · agent {agent.name}" if agent is not None and agent.name else ""
-            renderer.out(renderer.paint("2", f"stigmer · {cfg.mode} · {where} · {space} · {model}{who}"
-                                             f"{terminal.sandbox_part(execution.spec)} · {execution.id}{continues}")
-                         + "\n", err=True)
-        started = time.monotonic()
+    plan = argparse.Namespace(
+        prompt=prompt, workspace=workspace, resuming=resuming, agent=agent, labels=agent_labels(agent),
+        model=choose_model(cfg, args.model or (agent.config.model if agent else "")), parent=None,
+        docs=project_docs(cfg, args, workspace, resuming), sandbox_mode=sandbox_mode, network=network,
+        inherit=args.inherit_env or cfg.inherit_env)
+    settle_names(plan, names)
+    return plan
 
-        def cancel():
-            try:
-                live = client if embedded else connect(cfg)  # the daemon may have restarted with a new token
-                live.cancel(execution.id)
-            except BackendError as exc:
-                print(f"stigmer: could not cancel {execution.id}: {exc}", file=sys.stderr)
 
-        interrupted = terminal.cancel_on_signals(cancel)  # the handlers saved above are restored below
+def settle_names(plan, names):
+    """PLAN's secret names (NAMES without `*`), whether every variable may reach the shell (`*` among NAMES
+    asks that too), and the spec's secret_names, which say both."""
+    mod = project_secrets()
+    plan.inherit = plan.inherit or mod.INHERIT_ALL in names
+    plan.names = [n for n in dict.fromkeys(names) if n != mod.INHERIT_ALL]
+    plan.shell_names = plan.names + [mod.INHERIT_ALL] if plan.inherit else plan.names
+
+
+def continue_parent(cfg, args, plan, parent):
+    """PLAN continues PARENT's conversation where it was: its workspace, secrets, agent and sandbox mode, and
+    its model unless --model named another (whose provider's key is the one to gather)."""
+    plan.parent, plan.workspace = parent, parent.spec.workspace
+    settle_names(plan, [*parent.spec.secret_names, *plan.names])
+    if not args.model:
+        plan.model = choose_model(cfg, parent.spec.model)
+    if parent.spec.HasField("agent"):  # its secrets are in secret_names already
+        plan.agent, plan.labels = parent.spec.agent, agent_labels(parent.spec.agent)
+    plan.sandbox_mode, plan.network = confinement(cfg, plan.sandbox_mode, plan.network, parent)
+
+
+def run_worker(cfg, plan, endpoint, runner_id):
+    """PLAN's own worker, dialling ENDPOINT, taking only executions pinned to RUNNER_ID."""
+    return spawn_run_worker(cfg, plan.names, endpoint, runner_id, plan.model, plan.labels, plan.inherit)
+
+
+def execution_spec(cfg, args, plan, runner_id, gathered):
+    """The pb.ExecutionSpec PLAN submits (RUNNER_ID: the worker it is pinned to), its prompt with the secret values
+    this CLI knows (GATHERED: those typed for its worker among them) redacted."""
+    import stigmer_pb2 as pb
+    parent = plan.parent
+    return pb.ExecutionSpec(
+        prompt=redact_prompt(known_secrets(cfg, plan.names, gathered), plan.prompt), workspace=plan.workspace,
+        model=plan.model, max_turns=args.max_turns, secret_names=plan.shell_names,
+        max_tokens_total=args.max_tokens_total or 0, runner_id=runner_id,
+        repo=args.repo or (parent.spec.repo if parent else ""), ref=args.ref or (parent.spec.ref if parent else ""),
+        keep_sandbox=args.keep_sandbox, sandbox=cfg.sandbox, parent_id=parent.id if parent else "", agent=plan.agent,
+        project_docs=plan.docs, sandbox_mode=plan.sandbox_mode, network=plan.network)
+
+
+def follow_run(cfg, be, client, execution, plan, args):
+    """Show EXECUTION live until it ends (Ctrl-C cancels it) and its summary; returns the exit code."""
+    import stigmer_pb2 as pb
+    import terminal
+    from contract import BackendError
+    renderer = terminal.make_renderer(args.json, cfg.environ.get("NO_COLOR"))
+    if renderer.json_lines:
+        renderer.json_line(terminal.run_dict(execution, cfg.mode, client.endpoint))
+    else:
+        space = plan.workspace if cfg.sandbox == "filesystem" else \
+            "daytona sandbox" + (f" · {execution.spec.repo}" if execution.spec.repo else "")
+        continues = f" · continues {plan.parent.id}" if plan.parent else ""
+        who = f" · agent {plan.agent.name}" if plan.agent is not None and plan.agent.name else ""
+        renderer.out(renderer.paint("2", f"stigmer · {cfg.mode} · {be.where(client)} · {space} · {plan.model}{who}"
+                                         f"{terminal.sandbox_part(execution.spec)} · {execution.id}{continues}")
+                     + "\n", err=True)
+    started = time.monotonic()
+
+    def cancel():
         try:
-            phase = terminal.follow(client, execution.id, renderer, interrupted=interrupted,
-                                    reconnect=None if embedded else lambda: connect(cfg))
-        except KeyboardInterrupt:
-            return 130
-        if not embedded:
-            client = connect(cfg)  # the daemon may have restarted (with a new token) while we watched
-        final = client.get(execution.id)
-        phase = phase or pb.Phase.Name(final.phase)
-        if phase in EXIT_CODES:
-            renderer.summary(final, phase, time.monotonic() - started)
-        if args.keep_sandbox and renderer.sandbox_id:
-            print(f"stigmer: sandbox {renderer.sandbox_id} kept running for inspection; delete it when you are done "
-                  "(Daytona also stops it once idle, then deletes it)", file=sys.stderr)
-        return EXIT_CODES.get(phase, 130)
-    finally:
-        for sig in handlers:  # let the clean-up below finish
-            signal.signal(sig, signal.SIG_IGN)
-        if worker is not None:
-            worker.stdin.close()  # EOF tells the worker to stop and kill its commands
-            stop_process(worker, timeout=10)
-        if embedded is not None:
-            embedded.stop()
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
+            be.connect().cancel(execution.id)  # the daemon may have restarted with a new token
+        except BackendError as exc:
+            print(f"stigmer: could not cancel {execution.id}: {exc}", file=sys.stderr)
+
+    interrupted = terminal.cancel_on_signals(cancel)  # cmd_run restores the handlers
+    try:
+        phase = terminal.follow(client, execution.id, renderer, interrupted=interrupted, reconnect=be.connect)
+    except KeyboardInterrupt:
+        return 130
+    final = be.connect().get(execution.id)  # the daemon may have restarted (with a new token) while we watched
+    phase = phase or pb.Phase.Name(final.phase)
+    if phase in EXIT_CODES:
+        renderer.summary(final, phase, time.monotonic() - started)
+    if args.keep_sandbox and renderer.sandbox_id:
+        print(f"stigmer: sandbox {renderer.sandbox_id} kept running for inspection; delete it when you are done "
+              "(Daytona also stops it once idle, then deletes it)", file=sys.stderr)
+    return EXIT_CODES.get(phase, 130)
 
 
 def confinement(cfg, sandbox_mode, network, parent=None):
@@ -336,13 +356,7 @@ def cmd_start(cfg, args, out=None, labels=None):
     model = choose_model(cfg, args.model)
     secrets = gather_secrets(cfg, names, model, labels)
     logs = os.path.join(cfg.home, "logs")
-    found = None if cfg.cloud else find_daemon(cfg)
-    if cfg.cloud:  # no daemon: the workers on this host serve the queue on Redis
-        backend_status(cfg)[0].close()  # a Redis that does not answer is an error now, not in the workers' logs
-    elif found is None:
-        ensure_daemon(cfg, out=out or sys.stdout)
-    else:
-        print(f"daemon already running at {cfg.endpoint}", file=out)
+    where = backend(cfg).start(out or sys.stdout)
     alive = sum(1 for p in pid_files(cfg) if os.path.basename(p).startswith("worker-") and live_pid(p))
     env = worker_env(cfg, secrets, cfg.endpoint)
     inherit = getattr(args, "inherit_env", False) or cfg.inherit_env
@@ -358,10 +372,9 @@ def cmd_start(cfg, args, out=None, labels=None):
                               os.path.join(logs, f"worker-{n}.log"), pid_path=path,
                               record=(model, ",".join(allowed) or "-")),  # what a foreground run checks before using it
                         os.path.join(logs, f"worker-{n}.log")))
-    if started and not cfg.cloud:
+    if started:
         wait_until_connected(cfg, started)
     started = len(started)
-    where = f" on Redis at {connect(cfg).endpoint}" if cfg.cloud else ""
     print(f"{alive + started} worker(s) running{where} ({started} started); logs in {logs}", file=out)
     return 0
 
@@ -390,7 +403,7 @@ def cmd_stop(cfg, args):
     from terminal import plural
     from contract import BackendError
     try:
-        found = backend_status(cfg) if cfg.cloud else find_daemon(cfg)
+        found = backend(cfg).find()
         running = running_executions(found[0]) if found else []
     except (CliError, BackendError) as exc:  # a broken token or a sick daemon: stop is the fix, so go on
         print(f"stigmer: cannot list what is running ({exc}); stopping the processes", file=sys.stderr)
@@ -464,7 +477,7 @@ def confirm(question):
 
 
 def cmd_status(cfg, args):
-    found = backend_status(cfg) if cfg.cloud else find_daemon(cfg)
+    found = backend(cfg).find()
     procs = {os.path.basename(p)[:-4]: live_pid(p, wait=0.2) for p in pid_files(cfg)}
     if found is None:
         raise CliError(f"no daemon answers at {cfg.endpoint}: start one with `python runner.py start`")
@@ -487,7 +500,7 @@ def sandbox_status(cfg):
 def cmd_list(cfg, args):
     import stigmer_pb2 as pb
     import terminal
-    client, embedded = open_log(cfg)
+    client, embedded = backend(cfg).open_log()
     try:
         terminal.print_executions(client.list(pb.Phase.Value(args.phase.upper()) if args.phase else 0, args.limit),
                                   args.json, phase=args.phase)
@@ -498,7 +511,7 @@ def cmd_list(cfg, args):
 
 
 def cmd_logs(cfg, args):
-    client, embedded = open_log(cfg)
+    client, embedded = backend(cfg).open_log()
     try:
         import terminal
         execution = client.get(args.id)  # an unknown id becomes a one-line error
@@ -625,47 +638,12 @@ def worker_environ(args):
     return {**os.environ, **moved}
 
 
-def daemon_token(home):
-    """{"STIGMER_DAEMON_TOKEN": the token} of HOME's daemon, as it is now (a daemon makes a new one when it
-    starts), for the worker to redact: hidden from confined commands, a full-access command can still read it."""
-    from contract import TOKEN_FILE
-    try:
-        with open(os.path.join(home, TOKEN_FILE)) as f:
-            token = f.read().strip()
-    except OSError:
-        return {}
-    return {"STIGMER_DAEMON_TOKEN": token} if token else {}
-
-
 def cmd_worker(cfg, args):
     import logging
-    import threading
 
-    import models
     cfg.require_sandbox()
     model = choose_model(cfg, args.model)
     environ = {**cfg.environ, **gather_secrets(cfg, [], model)}  # asks only for a missing key; held in memory
-    # The SDK's import is the slowest part of a cold start: begin it before grpc's (worker.serve waits for it).
-    threading.Thread(target=models.preload, args=(model, environ), name="import-model-sdk", daemon=True).start()
-    import daemon_client
-    import worker
-    from contract import VERSION
-    level = {"development": logging.DEBUG, "staging": logging.INFO, "production": logging.WARNING}[cfg.env]
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    for noisy in ("httpx", "httpx2", "httpcore", "httpcore2", "anthropic", "openai", "grpc"):  # they log whole requests
-        logging.getLogger(noisy).setLevel(max(level, logging.INFO))
-    runner_id = args.runner_id or worker.new_runner_id()
-    make_sandbox, sweep = sandbox_factory(cfg, runner_id, backend_is_terminal(cfg))
-    if cfg.cloud:
-        import redis_backend
-        import sandbox
-        sandbox.guard_commands()  # should this worker be killed, its commands die with it
-        link = redis_backend.RedisLink(cfg.redis_url, cfg.redis_prefix, **cfg.redis_settings)
-    else:
-        link = daemon_client.DaemonLink(cfg.endpoint, cfg.home)
-    where = f"sandbox root {cfg.sandbox_root}" if cfg.sandbox == "filesystem" else "sandbox daytona"
-    print(f"stigmer worker {VERSION} · mode {cfg.mode} · endpoint {link.endpoint} · {where} · "
-          f"model {model} · capacity {args.capacity}", file=sys.stderr, flush=True)
     mod = project_secrets()
     try:
         allowed = mod.sandbox_secret_names(args.secret or (), cfg.environ)
@@ -673,8 +651,24 @@ def cmd_worker(cfg, args):
         raise CliError(str(exc), 2) from None
     if args.inherit_env or cfg.inherit_env:
         allowed.append(mod.INHERIT_ALL)
-    return worker.serve(worker.Worker(capacity=args.capacity, mode=cfg.mode, model=model, runner_id=runner_id,
-                                      pinned=args.pinned, allowed_secrets=allowed, make_sandbox=make_sandbox, sweep=sweep, sandbox=cfg.sandbox,
-                                      environ=environ, history=link.history, context_window=cfg.context_window,
-                                      also_secret=None if cfg.cloud else lambda: daemon_token(cfg.home)),
-                        link, exit_with_stdin=args.exit_with_stdin)
+    import worker
+    from contract import VERSION
+    be = backend(cfg)
+    runner_id = args.runner_id or worker.new_runner_id()
+    make_sandbox, sweep = worker.sandbox_factory(cfg, runner_id, backend_is_terminal(cfg))
+    w = worker.Worker(capacity=args.capacity, mode=cfg.mode, model=model, runner_id=runner_id, pinned=args.pinned,
+                      allowed_secrets=allowed, make_sandbox=make_sandbox, sweep=sweep, sandbox=cfg.sandbox,
+                      environ=environ, context_window=cfg.context_window, also_secret=be.worker_secrets())
+    w.start_preload()  # the SDK's import is the slowest part of a cold start: begin it before the link's (grpc)
+    level = {"development": logging.DEBUG, "staging": logging.INFO, "production": logging.WARNING}[cfg.env]
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    for noisy in ("httpx", "httpx2", "httpcore", "httpcore2", "anthropic", "openai", "grpc"):  # they log whole requests
+        logging.getLogger(noisy).setLevel(max(level, logging.INFO))
+    import sandbox
+    sandbox.guard_commands()  # should this worker be killed, even by SIGKILL, its commands die with it
+    link = be.link()
+    w.history = link.history
+    where = f"sandbox root {cfg.sandbox_root}" if cfg.sandbox == "filesystem" else "sandbox daytona"
+    print(f"stigmer worker {VERSION} · mode {cfg.mode} · endpoint {link.endpoint} · {where} · "
+          f"model {model} · capacity {args.capacity}", file=sys.stderr, flush=True)
+    return worker.serve(w, link, exit_with_stdin=args.exit_with_stdin)

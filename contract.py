@@ -8,6 +8,9 @@ the daemon and Redis' Submit all make on a prompt and a parent.
 Standard library and stigmer_pb2 only: the worker, the Redis backend and the terminal import this and
 never grpc or the daemon's client.
 """
+import random
+import time
+
 import stigmer_pb2 as pb
 
 VERSION = "0.1.0"  # the one version: pyproject, the daemon's Status and `--version` read it
@@ -55,3 +58,32 @@ class BackendError(Exception):
 
 class BackendUnavailable(BackendError):
     """The backend cannot be reached (yet): a follower may wait for it and reconnect."""
+
+
+BACKOFF_CAP = 5.0  # seconds, the longest wait between a link's reconnect attempts
+
+
+def keep_connected(worker, attempt, where, log, eager_seconds=0.0, eager_retry=0.05):
+    """A worker's link to its backend (the daemon, Redis) kept up until worker.stopping is set: ATTEMPT() runs one
+    session and returns why it ended (a reason, and the link reconnects) or None (the link is done). Reconnects
+    back off from 0.1 s, doubling to BACKOFF_CAP, with jitter; a lost session and the first failure of an outage
+    are logged once, naming WHERE ("the daemon at HOST:PORT"). Until a first session, for EAGER_SECONDS, failures
+    are retried every EAGER_RETRY seconds unlogged: a run's worker may start before its backend listens."""
+    delay, told = 0.1, False  # told: the current outage has been logged
+    eager_until, ever = time.monotonic() + eager_seconds, False
+    while not worker.stopping.is_set():
+        reason = attempt()
+        if reason is None:
+            break
+        if worker.connected:  # the session was up: a new outage
+            delay, told, ever = 0.1, True, True
+            log.warning("lost %s (%s); agents keep running, events are buffered; reconnecting", where, reason)
+        elif not ever and time.monotonic() < eager_until:
+            worker.stopping.wait(eager_retry)
+            continue
+        elif not told:
+            told = True
+            log.warning("cannot reach %s (%s); retrying", where, reason)
+        worker.connected = False
+        worker.stopping.wait(min(BACKOFF_CAP, delay) * random.uniform(0.5, 1.0))
+        delay = min(BACKOFF_CAP, delay * 2)

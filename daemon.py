@@ -27,7 +27,6 @@ from operator import itemgetter
 
 import grpc
 
-import sandbox
 import stigmer_pb2 as pb
 import stigmer_pb2_grpc as pb_grpc
 import store
@@ -601,9 +600,6 @@ class Daemon(pb_grpc.DaemonServicer):
         ex = self._active.get(execution_id)
         if ex is None or ex.phase != pb.RUNNING or execution_id in self._owner:
             return
-        killed = sandbox.kill_marked(execution_id)  # commands a SIGKILLed worker left behind (Linux)
-        if killed:
-            say(f"{execution_id}: killed {killed} process(es) its lost runner left running")
         ex = _copy(ex)
         message = (f"runner {ex.runner_id or '?'} lost: it did not reconnect with this execution "
                    f"within {self._runner_grace:g}s")

@@ -15,7 +15,6 @@ importing the server's SQLite store and thread pool.
 import ipaddress
 import logging
 import os
-import random
 import stat
 import threading
 import time
@@ -28,7 +27,7 @@ import stigmer_pb2_grpc as pb_grpc
 # The contract's shared names, here too for the client's callers:
 from contract import (DEFAULT_ENDPOINT, DEFAULT_HOME, LIST_PAGE_BYTES, LOCK_FILE, MAX_MESSAGE_BYTES,  # noqa: F401
                       MAX_PROMPT_BYTES, MAX_SOCKET_PATH, SOCKET_FILE, TERMINAL_NAMES, TERMINAL_PHASES, TOKEN_FILE,
-                      VERSION, BackendError, BackendUnavailable, parent_problem, prompt_problem)
+                      VERSION, BackendError, BackendUnavailable, keep_connected, parent_problem, prompt_problem)
 
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -123,7 +122,6 @@ def client_channel(endpoint):
 
 link_log = logging.getLogger("stigmer.link")
 HEARTBEAT_SECONDS = 5.0  # idle interval between heartbeats
-BACKOFF_CAP = 5.0  # seconds, the longest wait between reconnect attempts
 EAGER_SECONDS, EAGER_RETRY = 3.0, 0.05  # until a first connection: retry this long, this often, unlogged
 BATCH_WAIT = 0.25  # seconds the sender waits for events before it considers a heartbeat
 GAP = grpc.StatusCode.FAILED_PRECONDITION.value[0]  # a Reject with this code asks for a resend after ack_seq
@@ -138,34 +136,18 @@ class DaemonLink:
         self.endpoint, self.home = endpoint, home
 
     def run(self, worker):
-        """Connect, reconnecting with backoff and jitter, until worker.stopping is set."""
-        delay = 0.1
-        told = False  # the current outage has been logged
-        eager_until, ever = time.monotonic() + EAGER_SECONDS, False  # a run's worker may start before its daemon
-        while not worker.stopping.is_set():
+        """Connect, reconnecting with backoff and jitter (contract.keep_connected), until worker.stopping is set."""
+        def attempt():
             try:
                 self._session(worker)
             except grpc.RpcError as exc:
                 if exc.code() == grpc.StatusCode.CANCELLED and worker.stopping.is_set():
-                    break
-                reason = f"{exc.code().name}: {exc.details()}"
+                    return None
+                return f"{exc.code().name}: {exc.details()}"
             except DaemonError as exc:
-                reason = str(exc)
-            else:
-                reason = "the daemon closed the stream"
-            if worker.connected:  # the session was up: a new outage
-                delay, told, ever = 0.1, True, True
-                link_log.warning("lost the daemon at %s (%s); agents keep running, events are buffered; reconnecting",
-                            self.endpoint, reason)
-            elif not ever and time.monotonic() < eager_until:  # the daemon may be starting
-                worker.stopping.wait(EAGER_RETRY)
-                continue
-            elif not told:
-                told = True
-                link_log.warning("cannot reach the daemon at %s (%s); retrying", self.endpoint, reason)
-            worker.connected = False
-            worker.stopping.wait(min(BACKOFF_CAP, delay) * random.uniform(0.5, 1.0))
-            delay = min(BACKOFF_CAP, delay * 2)
+                return str(exc)
+            return "the daemon closed the stream"
+        keep_connected(worker, attempt, f"the daemon at {self.endpoint}", link_log, EAGER_SECONDS, EAGER_RETRY)
 
     def history(self, execution_id):
         """(pb.Execution, its stored events) from the daemon: the conversation a resumed execution continues."""

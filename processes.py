@@ -34,6 +34,117 @@ class CliError(Exception):
         self.code = code
 
 
+def backend(cfg):
+    """The mode's backend, chosen once: STIGMER_HOME's daemon (local mode) or Redis (cloud mode)."""
+    return RedisBackend(cfg) if cfg.cloud else DaemonBackend(cfg)
+
+
+class DaemonBackend:
+    """Local mode: STIGMER_HOME's daemon, found, started when a command needs it, reached with a gRPC client;
+    a worker keeps a DaemonLink to it.
+
+        be = backend(cfg)
+        client, status = be.find() or be.ensure()
+    """
+    cloud = False
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def find(self):
+        """(client, status) of the daemon, or None when none answers."""
+        return find_daemon(self.cfg)
+
+    def ensure(self, idle_exit=0.0, out=None):
+        """(client, status) of the daemon, started in the background when none runs (OUT: say so there)."""
+        return ensure_daemon(self.cfg, idle_exit, out)
+
+    def connect(self):
+        return connect(self.cfg)
+
+    def start(self, out):
+        """For `start`: the daemon, started when none runs; returns where the workers serve, for a person."""
+        if find_daemon(self.cfg) is None:
+            ensure_daemon(self.cfg, out=out)
+        else:
+            print(f"daemon already running at {self.cfg.endpoint}", file=out)
+        return ""
+
+    def worker_endpoint(self, found):
+        """Where a run's worker dials: the daemon that answers (FOUND), else where the one about to start will
+        listen (None when that is known only once it listens: port 0)."""
+        return found[0].endpoint if found else known_endpoint(self.cfg.endpoint)
+
+    def where(self, client):
+        return f"daemon at {client.endpoint}"
+
+    def warm_worker(self, found, model, names):
+        """True when a worker of `start` with a free slot fits a run of MODEL naming NAMES."""
+        return found is not None and found[1].free_capacity > 0 and shared_worker_fits(self.cfg, model, names)
+
+    def link(self):
+        """A worker's side of the backend: its Connect stream to the daemon."""
+        import daemon_client
+        return daemon_client.DaemonLink(self.cfg.endpoint, self.cfg.home)
+
+    def worker_secrets(self):
+        """What a worker redacts besides its secrets, read when an execution starts: the daemon's token."""
+        return lambda: daemon_token(self.cfg.home)
+
+    def open_log(self):
+        """(client, embedded daemon or None) for reading the log; see open_log."""
+        return open_log(self.cfg)
+
+
+class RedisBackend(DaemonBackend):
+    """Cloud mode: the queue and logs on Redis at REDIS_URL, which must already run; there is no daemon to
+    start, and every worker of every host serves the one queue."""
+    cloud = True
+
+    def find(self):
+        """(client, status) from Redis; a Redis that does not answer is a BackendError (there is no None)."""
+        return backend_status(self.cfg)
+
+    def ensure(self, idle_exit=0.0, out=None):
+        return backend_status(self.cfg)
+
+    def start(self, out):
+        client, _ = backend_status(self.cfg)  # a Redis that does not answer is an error now, not in the workers' logs
+        client.close()
+        return f" on Redis at {client.endpoint}"
+
+    def worker_endpoint(self, found):
+        return self.cfg.endpoint
+
+    def where(self, client):
+        return f"Redis at {client.endpoint}"
+
+    def warm_worker(self, found, model, names):
+        return False  # a run brings its own worker: a shared one may be on another host, with other keys
+
+    def link(self):
+        import redis_backend
+        return redis_backend.RedisLink(self.cfg.redis_url, self.cfg.redis_prefix, **self.cfg.redis_settings)
+
+    def worker_secrets(self):
+        return None
+
+    def open_log(self):
+        return connect(self.cfg), None
+
+
+def daemon_token(home):
+    """{"STIGMER_DAEMON_TOKEN": the token} of HOME's daemon, as it is now (a daemon makes a new one when it
+    starts), for the worker to redact: hidden from confined commands, a full-access command can still read it."""
+    from contract import TOKEN_FILE
+    try:
+        with open(os.path.join(home, TOKEN_FILE)) as f:
+            token = f.read().strip()
+    except OSError:
+        return {}
+    return {"STIGMER_DAEMON_TOKEN": token} if token else {}
+
+
 def connect(cfg, endpoint=None):
     """The mode's backend client (raises BackendError): a daemon Client for this STIGMER_HOME,
     or in cloud mode a RedisClient for REDIS_URL. Both have the same calls and errors."""
@@ -185,9 +296,7 @@ def spawn_daemon(cfg, idle_exit):
 
 def open_log(cfg):
     """(client, embedded): the running daemon, or a short-lived embedded one over the same STIGMER_HOME
-    so that past runs can be listed and replayed when no daemon is running. Cloud mode: Redis."""
-    if cfg.cloud:
-        return connect(cfg), None
+    so that past runs can be listed and replayed when no daemon is running."""
     found = find_daemon(cfg)
     if found is not None:
         return found[0], None
@@ -235,33 +344,6 @@ def without_keys(environ):
     import models
     keys = set(models.model_key_vars()) | set(project_secrets().SERVICE_KEY_VARS)
     return {k: v for k, v in environ.items() if k not in keys and not project_secrets().looks_secret(k)}
-
-
-def sandbox_factory(cfg, runner_id, is_terminal):
-    """(make_sandbox, sweep) for worker.Worker from STIGMER_SANDBOX: the host (sweep None), or one Daytona
-    sandbox per execution, labelled with RUNNER_ID; sweep deletes those whose executions IS_TERMINAL(id)
-    says have ended (an id the log does not know is not terminal: it may be another home's)."""
-    import worker
-    if cfg.sandbox != "daytona":  # a Daytona sandbox is isolated already: the spec's sandbox mode changes nothing there
-        return worker.confined_host_sandbox(cfg.sandbox_mode or "workspace-write", cfg.sandbox_hide), None
-    import threading
-
-    import daytona_sandbox
-    d, clients, lock = cfg.daytona, [], threading.Lock()
-
-    def client():  # one SDK client for the worker, made on first use
-        with lock:
-            if not clients:
-                clients.append(daytona_sandbox.make_client(d.api_key, d.api_url, d.target))
-            return clients[0]
-
-    def make_sandbox(execution, env):
-        spec = execution.spec
-        return daytona_sandbox.create_for_execution(
-            execution.id, runner_id, api_key=d.api_key, api_url=d.api_url, target=d.target, snapshot=d.snapshot,
-            env=env, repo=spec.repo or None, ref=spec.ref or None, keep=spec.keep_sandbox, client=client())
-
-    return make_sandbox, lambda: daytona_sandbox.sweep(client(), is_terminal)
 
 
 def backend_is_terminal(cfg):
@@ -437,9 +519,9 @@ def live_pid(path, wait=1.0):
     return home.live_pid(path, wait)
 
 
-def embedded_endpoint(endpoint):
-    """Where an embedded daemon asked to listen on ENDPOINT will be found (as daemon_server.serve binds it),
-    or None when that is known only once it listens (port 0)."""
+def known_endpoint(endpoint):
+    """Where a daemon asked to listen on ENDPOINT will be found (as daemon_server.serve binds it), or None
+    when that is known only once it listens (port 0)."""
     host, _, port = endpoint.rpartition(":")
     if not port.isdigit() or int(port) == 0:
         return None

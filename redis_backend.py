@@ -40,7 +40,7 @@ import time
 import urllib.parse
 
 import stigmer_pb2 as pb
-from contract import VERSION, BackendError, BackendUnavailable, parent_problem, prompt_problem
+from contract import VERSION, BackendError, BackendUnavailable, keep_connected, parent_problem, prompt_problem
 from redis_scripts import APPEND_LUA, COMMON_LUA, SCRIPTS
 
 
@@ -61,7 +61,6 @@ LOST_CHECK = 2.0  # seconds between a follower's checks that a silent execution 
 PAGE = 1000  # events per XRANGE / XREAD reply
 LIST_DEFAULT, LIST_MAX = 50, 1000
 BATCH_WAIT = 0.25  # seconds the link waits for events before it looks at heartbeats again
-BACKOFF_CAP = 5.0  # seconds, the longest wait between reconnects
 CONNECT_TIMEOUT, SOCKET_TIMEOUT = 3.0, 10.0  # seconds; SOCKET_TIMEOUT outlasts every BLOCK we issue
 TERMINAL = (pb.COMPLETED, pb.FAILED, pb.CANCELLED)
 PHASES = (pb.PENDING, pb.RUNNING, pb.COMPLETED, pb.FAILED, pb.CANCELLED)  # KEYS[9 + phase] in the scripts
@@ -487,24 +486,13 @@ class RedisLink:
     def run(self, worker):
         """Serve WORKER, reconnecting with backoff and jitter, until worker.stopping is set.
         A pinned worker (worker.pinned) reads only its own queue, queue:RUNNER_ID."""
-        delay, told = 0.1, False
-        while not worker.stopping.is_set():
+        def attempt():
             try:
                 self._session(worker)
             except _down_errors() as e:
-                reason = str(e)
-            else:
-                break
-            if worker.connected:
-                delay, told = 0.1, True
-                log.warning("lost Redis at %s (%s); agents keep running, events are buffered; reconnecting",
-                            self.endpoint, reason)
-            elif not told:
-                told = True
-                log.warning("cannot reach Redis at %s (REDIS_URL) (%s); retrying", self.endpoint, reason)
-            worker.connected = False
-            worker.stopping.wait(min(BACKOFF_CAP, delay) * random.uniform(0.5, 1.0))
-            delay = min(BACKOFF_CAP, delay * 2)
+                return str(e)
+            return None
+        keep_connected(worker, attempt, f"Redis at {self.endpoint} (REDIS_URL)", log)
         worker.connected = False
         with contextlib.suppress(*_down_errors()):
             self.log.r.zrem(self.log.workers, worker.runner_id)

@@ -634,7 +634,7 @@ class AgentWorkerTest(unittest.TestCase):
         env = mock.patch.dict(os.environ, {"ANTHROPIC_API_KEY": FAKE_KEY, "ANTHROPIC_BASE_URL": self.fake.url})
         env.start()
         self.addCleanup(env.stop)
-        self.w = worker.Worker(capacity=1, model="claude-fake", runner_id="r-agents")
+        self.w = worker.Worker(environ=os.environ, capacity=1, model="claude-fake", runner_id="r-agents")
         self.addCleanup(self.w.stop, flush=0)
 
     def run_spec(self, execution_id, spec):

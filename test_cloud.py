@@ -312,7 +312,8 @@ class RedisRestartTest(CloudCase):
                                      "--json"], env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     stdin=subprocess.DEVNULL, text=True)
         self.addCleanup(lambda: follower.poll() is None and follower.kill())
-        wait_for(lambda: self.fake.requests, 90, "the first turn")  # the sleep is under way
+        first = follower.stdout.readline()  # the follower is connected (it has shown the first event)...
+        wait_for(lambda: self.fake.requests, 90, "the first turn")  # ... and the sleep is under way
         self.server.restart(down_for=1.0)
         ex = self.wait_phase(execution_id)
         self.assertEqual(pb.Phase.Name(ex.phase), "COMPLETED", ex.error)
@@ -322,7 +323,7 @@ class RedisRestartTest(CloudCase):
         self.assertIn("lost Redis", self.worker_log(worker))
         out, err = follower.communicate(timeout=60)
         self.assertEqual(follower.returncode, 0, err)
-        self.assertEqual([json.loads(line)["seq"] for line in out.splitlines()], [e.seq for e in events])
+        self.assertEqual([json.loads(line)["seq"] for line in (first + out).splitlines()], [e.seq for e in events])
         self.assertEqual(self.requests_for("restart"), 3)
 
 

@@ -86,8 +86,8 @@ class WorkerLifecycleTest(unittest.TestCase):
     def make_worker(self, key):
         cfg = runner.Config.load({"STIGMER_SANDBOX": "daytona", "DAYTONA_API_KEY": key,
                                   "DAYTONA_API_URL": self.fake.api_url, "DAYTONA_TARGET": "local"})
-        make_sandbox, sweep = processes.sandbox_factory(cfg, "r-test", self.terminal.__contains__)
-        w = worker.Worker(capacity=2, model="claude-fake", runner_id="r-test", make_sandbox=make_sandbox, sweep=sweep,
+        make_sandbox, sweep = worker.sandbox_factory(cfg, "r-test", self.terminal.__contains__)
+        w = worker.Worker(environ=os.environ, capacity=2, model="claude-fake", runner_id="r-test", make_sandbox=make_sandbox, sweep=sweep,
                           sandbox="daytona")
         self.addCleanup(w.stop, flush=0)
         return w
@@ -222,7 +222,7 @@ class WorkerLifecycleTest(unittest.TestCase):
 
 
     def test_a_runner_of_the_other_kind_fails_the_execution_instead_of_running_it(self):
-        host = worker.Worker(capacity=1, model="claude-fake", runner_id="r-host")
+        host = worker.Worker(environ=os.environ, capacity=1, model="claude-fake", runner_id="r-host")
         self.addCleanup(host.stop, flush=0)
         events = drain(host, self.assign("ex-here", w=host, sandbox="daytona"))
         self.assertEqual(events[-1].phase.phase, pb.FAILED)

@@ -390,14 +390,14 @@ class WorkerChainTest(unittest.TestCase):
                 raise LookupError(f"no execution {execution_id!r}")
             return log[execution_id]
 
-        w = worker.Worker(history=history)
+        w = worker.Worker(environ=os.environ, history=history)
         self.assertEqual([e.prompt.text for e in w.conversation("ex-2")], ["first", "second"])
         for wanted, message in (("ex-old", "older stigmer"), ("ex-run", r"has not ended \(RUNNING\)"),
                                 ("ex-gone", "could not read the log of ex-gone")):
             with self.assertRaisesRegex(worker.HistoryError, message):
                 w.conversation(wanted)
         with self.assertRaisesRegex(worker.HistoryError, "cannot read the log"):
-            worker.Worker().conversation("ex-1")
+            worker.Worker(environ=os.environ).conversation("ex-1")
 
 
 class RenderTest(unittest.TestCase):
@@ -470,7 +470,7 @@ class ResumeRedisTest(unittest.TestCase):
         self.addCleanup(self.client.close)
         import worker
         link = redis_backend.RedisLink(self.server.url, "resume:")
-        self.worker = worker.Worker(capacity=1, mode="cloud", model="claude-fake", history=link.history)
+        self.worker = worker.Worker(environ=os.environ, capacity=1, mode="cloud", model="claude-fake", history=link.history)
         thread = threading.Thread(target=link.run, args=(self.worker,), daemon=True)
         thread.start()
         self.addCleanup(thread.join, 10)

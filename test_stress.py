@@ -467,7 +467,7 @@ class LogFullWorkerTest(unittest.TestCase):
     """The worker keeps refused events, backs off, resends them, and gives up after its patience."""
 
     def test_refused_for_a_full_disk_kept_and_resent(self):
-        w = worker.Worker(capacity=1)
+        w = worker.Worker(environ=os.environ, capacity=1)
         w.outboxes["ex-1"] = box = worker.Outbox("ex-1", 0)
         for n in range(3):
             box.append(text=pb.TextDelta(text=str(n)))
@@ -485,7 +485,7 @@ class LogFullWorkerTest(unittest.TestCase):
         self.assertEqual(w.buffered, 0)
 
     def test_patience_runs_out(self):
-        w = worker.Worker(capacity=1)
+        w = worker.Worker(environ=os.environ, capacity=1)
         w.log_full_patience = 0
         w.outboxes["ex-1"] = worker.Outbox("ex-1", 0)
         w.log_full("ex-1", 0, "disk full: STIGMER_HOME")

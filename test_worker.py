@@ -13,6 +13,7 @@ from unittest import mock
 
 import grpc
 
+import contract
 import daemon_client
 import daemon_server
 import models
@@ -29,7 +30,7 @@ class OutboxTest(unittest.TestCase):
     """The worker's buffering, with no link at all: events wait in outboxes until acknowledged."""
 
     def setUp(self):
-        self.w = worker.Worker(capacity=1)
+        self.w = worker.Worker(environ=os.environ, capacity=1)
         self.w.outboxes["ex-1"] = worker.Outbox("ex-1", last_seq=2)  # the daemon wrote PENDING and RUNNING
         self.redactor = stigmer_secrets.Redactor({"GITHUB_TOKEN": "ghp_supersecret_value"})
 
@@ -168,7 +169,7 @@ class WorkerTest(unittest.TestCase):
         env = mock.patch.dict(os.environ, {"ANTHROPIC_API_KEY": FAKE_KEY, "ANTHROPIC_BASE_URL": self.fake.url})
         env.start()
         self.addCleanup(env.stop)
-        self.w = worker.Worker(capacity=1, model="claude-fake", runner_id="r-test")
+        self.w = worker.Worker(environ=os.environ, capacity=1, model="claude-fake", runner_id="r-test")
         self.addCleanup(self.w.stop, flush=0)
 
     def assign(self, execution_id="ex-w"):
@@ -199,7 +200,7 @@ class WorkerTest(unittest.TestCase):
                 self.assertIn(f"asks for {', '.join(refused)} in the agent's shell", events[-1].phase.reason)
                 self.assertEqual([e.error.code for e in events if e.HasField("error")], ["secret_refused"])
         self.assertEqual(self.fake.requests, [])  # no model call, so no command ran
-        allowed = worker.Worker(capacity=1, model="claude-fake", runner_id="r-allowed",
+        allowed = worker.Worker(environ=os.environ, capacity=1, model="claude-fake", runner_id="r-allowed",
                                 allowed_secrets=["ANTHROPIC_API_KEY", "*"])  # the run that asked started it
         self.addCleanup(allowed.stop, flush=0)
         spec = pb.ExecutionSpec(prompt="count", workspace=self.workspace, secret_names=["ANTHROPIC_API_KEY", "*"])
@@ -284,7 +285,7 @@ class RedactionPointTest(unittest.TestCase):
                                            "DB_PASSWORD": self.SECRET})
         env.start()
         self.addCleanup(env.stop)
-        w = worker.Worker(capacity=1, model="claude-fake", runner_id="r-redact")
+        w = worker.Worker(environ=os.environ, capacity=1, model="claude-fake", runner_id="r-redact")
         self.addCleanup(w.stop, flush=0)
         w.assigned(pb.Execution(id="ex-redact", spec=pb.ExecutionSpec(prompt=prompt, workspace=workspace), last_seq=2))
         return drain(w, "ex-redact")
@@ -403,7 +404,7 @@ class DispatchTest(unittest.TestCase):
     """DaemonLink hands each DaemonMessage to the worker's public method."""
 
     def setUp(self):
-        self.w = worker.Worker(capacity=1)
+        self.w = worker.Worker(environ=os.environ, capacity=1)
         self.w.outboxes["ex-1"] = worker.Outbox("ex-1", last_seq=2)
         for n in range(4):
             self.w.emit("ex-1", stigmer_secrets.Redactor({}), usage=pb.Usage(input_tokens=n))
@@ -460,10 +461,10 @@ class StreamTest(unittest.TestCase):
         self.fail("timed out")
 
     def test_reconnecting_to_a_dead_daemon_leaks_no_threads(self):
-        w = worker.Worker(capacity=1)
+        w = worker.Worker(environ=os.environ, capacity=1)
         link = daemon_client.DaemonLink("127.0.0.1:1", self.home)  # nothing listens on port 1
         before = threading.active_count()
-        with mock.patch.object(daemon_client, "BACKOFF_CAP", 0.01), mock.patch.object(daemon_client, "EAGER_SECONDS", 0), \
+        with mock.patch.object(contract, "BACKOFF_CAP", 0.01), mock.patch.object(daemon_client, "EAGER_SECONDS", 0), \
                 self.assertLogs("stigmer.link") as logs:
             thread = threading.Thread(target=link.run, args=(w,), daemon=True)
             thread.start()
@@ -480,9 +481,9 @@ class StreamTest(unittest.TestCase):
 
     def test_a_worker_started_before_its_daemon_connects_without_a_warning(self):
         self.server.stop(0)  # a run's worker is spawned before the run's daemon listens
-        w = worker.Worker(capacity=1)
+        w = worker.Worker(environ=os.environ, capacity=1)
         with self.assertNoLogs("stigmer.link", level="WARNING"), \
-                mock.patch.object(daemon_client, "EAGER_SECONDS", 600), mock.patch.object(daemon_client, "BACKOFF_CAP", 600):
+                mock.patch.object(daemon_client, "EAGER_SECONDS", 600), mock.patch.object(contract, "BACKOFF_CAP", 600):
             thread = threading.Thread(target=daemon_client.DaemonLink(self.endpoint, self.home).run, args=(w,),
                                       daemon=True)
             thread.start()
@@ -497,7 +498,7 @@ class StreamTest(unittest.TestCase):
     def test_events_emitted_while_the_daemon_is_down_arrive_exactly_once(self):
         stub, md = self.stub()
         ex = stub.Submit(pb.SubmitRequest(spec=pb.ExecutionSpec(prompt="p", workspace=self.workspace)), metadata=md)
-        w = worker.Worker(capacity=1, runner_id="r-test")
+        w = worker.Worker(environ=os.environ, capacity=1, runner_id="r-test")
         redactor = stigmer_secrets.Redactor({})
         # take the assignment ourselves instead of running an agent: the outbox is what is under test
         with mock.patch.object(w, "assigned", lambda execution: w.outboxes.setdefault(

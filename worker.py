@@ -6,7 +6,7 @@
     link = daemon_client.DaemonLink(endpoint, home)
     w = Worker(capacity=2, history=link.history)   # knows nothing of gRPC, Redis or Daytona
     serve(w, link)
-    w = Worker(make_sandbox=make, sweep=sweep)  # sandboxes elsewhere: see runner.sandbox_factory
+    w = Worker(make_sandbox=make, sweep=sweep)  # sandboxes elsewhere: see sandbox_factory
 
 Every event an agent emits gets the next seq of its execution and stays in that
 execution's outbox until the log acknowledges it. While the log is away the agents
@@ -107,7 +107,7 @@ def host_sandbox(execution, env, default_mode="full-access", hide=()):
     if problem:
         raise SandboxError(f"{problem} (on runner {socket.gethostname()}); or run it unconfined with "
                            "--sandbox-mode full-access")
-    # The marker lets the daemon find (kill_marked) the commands of a worker killed with SIGKILL.
+    # The marker names the execution in its commands' environment (sandbox.kill_marked finds them by it).
     return FilesystemSandbox(spec.workspace, env={EXECUTION_MARKER: execution.id}, mode=mode, network=spec.network,
                              hide=hide)
 
@@ -115,6 +115,30 @@ def host_sandbox(execution, env, default_mode="full-access", hide=()):
 def confined_host_sandbox(default_mode, hide):
     """make_sandbox for a worker process: host_sandbox with runner.Config's DEFAULT_MODE and HIDE."""
     return lambda execution, env: host_sandbox(execution, env, default_mode, hide)
+
+
+def sandbox_factory(cfg, runner_id, is_terminal):
+    """(make_sandbox, sweep) for worker.Worker from STIGMER_SANDBOX: the host (sweep None), or one Daytona
+    sandbox per execution, labelled with RUNNER_ID; sweep deletes those whose executions IS_TERMINAL(id)
+    says have ended (an id the log does not know is not terminal: it may be another home's)."""
+    if cfg.sandbox != "daytona":  # a Daytona sandbox is isolated already: the spec's sandbox mode changes nothing there
+        return confined_host_sandbox(cfg.sandbox_mode or "workspace-write", cfg.sandbox_hide), None
+    import daytona_sandbox
+    d, clients, lock = cfg.daytona, [], threading.Lock()
+
+    def client():  # one SDK client for the worker, made on first use
+        with lock:
+            if not clients:
+                clients.append(daytona_sandbox.make_client(d.api_key, d.api_url, d.target))
+            return clients[0]
+
+    def make_sandbox(execution, env):
+        spec = execution.spec
+        return daytona_sandbox.create_for_execution(
+            execution.id, runner_id, api_key=d.api_key, api_url=d.api_url, target=d.target, snapshot=d.snapshot,
+            env=env, repo=spec.repo or None, ref=spec.ref or None, keep=spec.keep_sandbox, client=client())
+
+    return make_sandbox, lambda: daytona_sandbox.sweep(client(), is_terminal)
 
 
 def patch_artifact(patch, redactor):
@@ -221,9 +245,9 @@ class Worker:
                  sweep=None, sandbox="filesystem", history=None, context_window=0, environ=None, allowed_secrets=(),
                  also_secret=None):
         self.capacity, self.mode, self.model = capacity, mode, model
-        # Keys and base URLs for the models (runner.Config.environ plus the gathered key); the process's own
-        # environment when none is given (tests).
-        self.environ = os.environ if environ is None else environ
+        # The worker's whole environment (runner.Config.environ plus the gathered key): keys and base URLs for
+        # the models, what an execution's shell may be given. Never os.environ, which holds no secret here.
+        self.environ = {} if environ is None else environ
         self.pinned = pinned  # a private runner: the log gives it only executions pinned to runner_id
         # The --secret names (and `*` for --inherit-env) the user gave when starting this worker: the only
         # provider keys an execution may pass to its shell, and whether it may pass every variable.
@@ -249,6 +273,7 @@ class Worker:
         self.connected = False  # set by the link: True while a session with the log is up
         self._sdk_lock = threading.Lock()
         self._sdk_ready = threading.Event()
+        self._preloading = False  # start_preload has started preload's thread
 
     # ---- events from the agents ----
 
@@ -429,6 +454,14 @@ class Worker:
         thread = threading.Thread(target=self._run_execution, args=(execution,), name=execution.id, daemon=True)
         thread.start()
 
+    def start_preload(self):
+        """Begin preload in the background (once: later calls do nothing)."""
+        with self._sdk_lock:
+            if self._preloading:
+                return
+            self._preloading = True
+        threading.Thread(target=self.preload, name="import-model-sdk", daemon=True).start()
+
     def preload(self):
         """Import the model SDK once (it is slow to import) and make its client."""
         with self._sdk_lock:
@@ -445,7 +478,7 @@ class Worker:
         mod = models.project_secrets()
         key_vars = (*models.model_key_vars(), *mod.SERVICE_KEY_VARS)
         named = [n for n in spec.secret_names if n != mod.INHERIT_ALL]
-        environ = {**os.environ, **self.environ}  # the worker's Config.environ wins over the process's
+        environ = self.environ  # Config.environ: the worker's whole environment, its secrets included
         redactor = mod.Redactor(mod.secret_values({**{n: environ[n] for n in mod.redacted_names(environ, named, key_vars)},
                                                    **(self.also_secret() if self.also_secret else {})}))
         emit = lambda **payload: self.emit(execution.id, redactor, **payload)  # noqa: E731
@@ -560,8 +593,7 @@ class Worker:
     def _open_sandbox(self, execution, emit):
         """The execution's sandbox, from make_sandbox; a remote one is named in a "sandbox" artifact event.
         Raises Cancelled when the execution was cancelled (or the worker stopped) meanwhile."""
-        environ = {**os.environ, **self.environ}
-        env = {n: environ[n] for n in execution.spec.secret_names if n in environ}
+        env = {n: self.environ[n] for n in execution.spec.secret_names if n in self.environ}
         env.update(agent_settings(execution.spec))
         box = self.make_sandbox(execution, env)
         if getattr(box, "id", None):  # it lives elsewhere: say which, and how long it took to make
@@ -652,8 +684,7 @@ def serve(worker, link, *, exit_with_stdin=False):
 
     from sandbox import kill_all
 
-    # The SDK takes seconds to import: load it while we connect, not when the first task arrives.
-    threading.Thread(target=worker.preload, name="import-model-sdk", daemon=True).start()
+    worker.start_preload()  # the SDK takes seconds to import: load it while we connect, not at the first task
     if worker.sweep is not None:
         threading.Thread(target=worker.sweep_sandboxes, name="sweep-sandboxes", daemon=True).start()
     stop = threading.Event()
