@@ -21,6 +21,7 @@ import. This module also loads the project's secrets.py, once, for everyone
 import importlib
 import importlib.util
 import json
+import logging
 import os
 import re
 import sys
@@ -28,6 +29,7 @@ import threading
 from collections import namedtuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+log = logging.getLogger("stigmer.models")
 FALLBACK_MODEL = "claude-sonnet-4-5"  # when the installed SDK lists no Sonnet
 BARE_PREFIXES = (("claude-", "anthropic"), ("gpt-", "openai"), ("chatgpt-", "openai"), ("o1", "openai"),
                  ("o3", "openai"), ("o4", "openai"), ("gemini-", "gemini"))  # bare model name -> provider
@@ -299,17 +301,25 @@ class StreamedReply:
         if stream is not None:
             try:
                 stream.close()
-            except Exception:  # closing from another thread may race the reader; the cancel flag is what counts
-                pass
+            except Exception as exc:  # closing from another thread may race the reader; the cancel flag counts
+                log.debug("closing the reply stream on cancel: %s", exc)
 
     @staticmethod
-    def _broke_off(attempt, exc, on_retry):
-        """The reply's connection broke (EXC) on try ATTEMPT: a ModelError after the last retry, else a note."""
-        if attempt == STREAM_RETRIES:
-            raise ModelError("connection", f"the connection to the model API broke mid-reply {attempt + 1} "
-                                           f"times ({type(exc).__name__})") from None
-        if on_retry:
-            on_retry(f"the model's reply broke off ({type(exc).__name__}: {exc}); asking again")
+    def _retrying(request_once, cancelled, on_retry):
+        """REQUEST_ONCE()'s Reply, asked for again when its connection breaks mid-way (BrokenStream), up to
+        STREAM_RETRIES times, telling on_retry(message) each time: the one retry path of every adapter."""
+        for attempt in range(STREAM_RETRIES + 1):
+            try:
+                return request_once()
+            except BrokenStream as broken:
+                if cancelled.is_set():
+                    raise Cancelled() from None
+                exc = broken.__cause__
+                if attempt == STREAM_RETRIES:
+                    raise ModelError("connection", f"the connection to the model API broke mid-reply {attempt + 1} "
+                                                   f"times ({type(exc).__name__})") from None
+                if on_retry:
+                    on_retry(f"the model's reply broke off ({type(exc).__name__}: {exc}); asking again")
 
 
 class AnthropicModel(StreamedReply):
@@ -329,7 +339,8 @@ class AnthropicModel(StreamedReply):
                    "tools": [dict(t) for t in tools], "messages": [self._message(m) for m in messages]}
         request["tools"][-1]["cache_control"] = {"type": "ephemeral"}
         request["messages"][-1]["content"][-1]["cache_control"] = {"type": "ephemeral"}  # the latest turn only
-        for attempt in range(STREAM_RETRIES + 1):
+
+        def once():
             try:
                 return self._request(request, on_text, cancelled)
             except (ModelError, Cancelled):
@@ -337,9 +348,10 @@ class AnthropicModel(StreamedReply):
             except Exception as exc:
                 if cancelled.is_set():
                     raise Cancelled() from None
-                if type(exc).__module__.split(".")[0] not in TRANSPORT_MODULES:
-                    raise
-                self._broke_off(attempt, exc, on_retry)
+                if type(exc).__module__.split(".")[0] in TRANSPORT_MODULES:  # the connection broke
+                    raise BrokenStream() from exc
+                raise
+        return self._retrying(once, cancelled, on_retry)
 
     @staticmethod
     def _message(message):
@@ -440,17 +452,15 @@ class OpenAIChatModel(StreamedReply):
         """One streamed reply; see AnthropicModel.turn (the same retries of a reply that breaks off)."""
         openai = import_openai()
         body = self.request(system_text, tools, messages)
-        for attempt in range(STREAM_RETRIES + 1):
+
+        def once():
             try:
                 return self._request(body, on_text, cancelled)
             except openai.APIError as exc:
                 if cancelled.is_set():
                     raise Cancelled() from None
                 raise ModelError(*self.error(exc)) from None
-            except BrokenStream as broken:
-                if cancelled.is_set():
-                    raise Cancelled() from None
-                self._broke_off(attempt, broken.__cause__, on_retry)
+        return self._retrying(once, cancelled, on_retry)
 
     def _request(self, body, on_text, cancelled):
         """One streamed request; returns its Reply."""
