@@ -709,7 +709,7 @@ def import_profile(stderr, top=8):
 @bench
 def bench_start(runs=7):
     """Wall time of a one-turn task (`python runner.py --json go`) from a cold shell (no daemon: the CLI
-    starts an embedded daemon and a worker) and after `python runner.py start` (a warm worker), against
+    starts the daemon and a worker) and after `python runner.py start` (a warm worker), against
     the floor: a bare script that imports the anthropic SDK and makes the same one streamed request to the
     same fake. Interleaved, RUNS rounds. Then what the CLI and the worker import (-X importtime), and,
     when a `claude` CLI is on PATH, Claude Code headless on the same fake."""

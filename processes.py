@@ -200,9 +200,8 @@ def find_daemon(cfg):
             client.close()
         if isinstance(exc, BackendUnavailable):
             return None
-        import grpc
         owner = daemon_owner(cfg)
-        if owner and exc.code == grpc.StatusCode.UNAUTHENTICATED:  # our home's daemon answers, not to this token
+        if owner and getattr(exc.code, "name", "") == "UNAUTHENTICATED":  # a grpc.StatusCode  # our home's daemon answers, not to this token
             raise CliError(f"the daemon of STIGMER_HOME {cfg.home} (pid {owner}) refused the token in "
                            f"{os.path.join(cfg.home, 'daemon.token')}, which another process overwrote: "
                            "run `python runner.py stop`, and the next command starts a fresh one") from None

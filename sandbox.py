@@ -1,5 +1,9 @@
 """Where the agent's tools run: shell commands and file tools confined to one directory.
 
+One file on purpose, although it is past 800 lines: it is vendored into other repositories alone,
+with the standard library only, and a split would make that several files that must travel
+together. Its sections: running commands (and the guardian), OS confinement, the file tools.
+
     from sandbox import FilesystemSandbox, SandboxError, kill_all
 
     box = FilesystemSandbox("/tmp/work", env={"ANTHROPIC_API_KEY": None}, timeout=60)

@@ -213,7 +213,7 @@ class ReadmeCommandsTest(ProviderCase):
 
     def readme_commands(self):
         with open(os.path.join(HERE, "README.md")) as f:
-            section = f.read().split("## Models and providers", 1)[1].split("\n## ", 1)[0]
+            section = f.read().split("\n## Models\n", 1)[1].split("\n## ", 1)[0]
         block = section.split("```sh\n", 1)[1].split("```", 1)[0]
         return [shlex.split(line.split("  #")[0]) for line in block.splitlines() if line.strip()]
 
