@@ -522,13 +522,18 @@ def cmd_logs(cfg, args):
         if args.history and execution.spec.parent_id:
             terminal.show_ancestors(client, execution, renderer)
         try:
-            terminal.follow(client, args.id, renderer, follow_live=args.follow and embedded is None,
-                            reconnect=lambda: connect(cfg))
+            phase = terminal.follow(client, args.id, renderer, follow_live=args.follow and embedded is None,
+                                    reconnect=lambda: connect(cfg))
         except KeyboardInterrupt:
             terminal.stopped_watching(renderer, args.id)
             return 130
-        renderer.newline()
-        return 0
+        if phase not in EXIT_CODES:  # it has not ended (a replay without -f)
+            renderer.newline()
+            return 0
+        final = client.get(args.id)
+        if not renderer.json_lines:  # --json: the log's events only, as stored
+            renderer.summary(final, phase, max(0.0, final.finished_at - (final.started_at or final.created_at)))
+        return EXIT_CODES[phase]
     finally:
         if embedded:
             embedded.stop()

@@ -163,6 +163,8 @@ class OutputTest(CliCase):
         self.assertEqual(logs.returncode, 0, logs.stderr)
         self.assertIn("All done.", logs.stdout)
         self.assertNotIn('"kind"', logs.stdout)
+        self.assertIn("✓ completed", logs.stdout)  # a replay ends as the live view did
+        self.assertRegex(logs.stdout, r"2 turns · .* · " + execution_id)
         listed = self.cli("list")
         self.assertIn(execution_id, listed.stdout)
         self.assertNotIn("{", listed.stdout)
@@ -542,6 +544,14 @@ class ApiMessagesTest(CliCase):
         self.assertEqual(proc.returncode, 1)
         self.assertIn("the model API failed (500): the upstream model server crashed", events[-1]["reason"])
         self.assertNotIn("{'type'", proc.stderr + json.dumps(events))
+        # a replay of the failed run ends with the same ✗ line and exits 1, so `logs ID -f && deploy` stops
+        for follow in ((), ("-f",)):
+            logs = self.cli("logs", events[0]["execution_id"], *follow)
+            self.assertEqual(logs.returncode, 1, logs.stderr)
+            self.assertIn("✗ failed: the model API failed (500)", logs.stderr)
+        logs = self.cli("logs", events[0]["execution_id"], "--json")
+        self.assertEqual(logs.returncode, 1, logs.stderr)
+        self.assertTrue(all("seq" in json.loads(line) for line in logs.stdout.splitlines()))  # the events only
 
 
 class NotFoundTest(CliCase):
