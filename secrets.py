@@ -65,7 +65,7 @@ __all__ = list(_std.__all__) + [
     "PromptCancelled", "gather", "sandbox_secret_names", "child_env", "main", "SECRET_WORDS", "looks_secret",
     "secret_looking_names", "SDK_EXTRAS", "SERVICE_KEY_VARS", "terminal_available", "URL_SECRET_VARS",
     "secret_values", "SECRETS_FD_VAR", "environment_secrets", "secrets_pipe", "reexec_without_secrets",
-    "inherited_secrets", "provider_problems", "INHERIT_ALL", "hidden_from_shell", "shell_environment",
+    "inherited_secrets", "provider_problems", "sdk_problem", "INHERIT_ALL", "hidden_from_shell", "shell_environment",
     "redacted_names", "refused_secrets",
 ]
 
@@ -149,18 +149,24 @@ SDK_EXTRAS = {"openai": "openai"}  # SDK package -> the pyproject extra that ins
 
 def provider_problems(name, environ, installed=None):
     """Why this runner cannot use provider NAME whatever the key, in lines for a person: its SDK is not
-    installed, or a server it needs is not named. INSTALLED(package) -> bool defaults to a find_spec check
-    (the SDK is looked for, never imported)."""
+    installed (sdk_problem), or a server it needs is not named. INSTALLED(package) -> bool defaults to a
+    find_spec check (the SDK is looked for, never imported)."""
     p = PROVIDERS[name]
-    installed = installed or (lambda package: importlib.util.find_spec(package) is not None)
-    problems = []
-    if not installed(p.sdk):
-        problems.append(f"{name} needs the {p.sdk} package: pip install -e '.[{p.extra}]'" if p.extra
-                        else f"{name} needs the {p.sdk} package: pip install -e .")
+    missing = sdk_problem(name, installed)
+    problems = [missing] if missing else []
     if p.needs_server and not environ.get(p.base_url_var):
         problems.append(f"{name} needs {p.base_url_var}, the server's address (for example "
                         f"export {p.base_url_var}=http://localhost:8000/v1)")
     return problems
+
+
+def sdk_problem(name, installed=None):
+    """One line when provider NAME's SDK is not installed where this runs (naming what installs it), else None."""
+    p = PROVIDERS[name]
+    if (installed or (lambda package: importlib.util.find_spec(package) is not None))(p.sdk):
+        return None
+    return (f"{name} needs the {p.sdk} package: pip install -e '.[{p.extra}]'" if p.extra
+            else f"{name} needs the {p.sdk} package: pip install -e .")
 
 
 # ---- what the agent's shell may see ----
@@ -605,10 +611,13 @@ def main(argv=None, environ=None):
     except SecretError as exc:
         print(f"secrets: {exc}", file=sys.stderr)
         return 2
-    rows, problems = [], []
+    rows, problems, notes = [], [], []
     for key in args.provider or ["anthropic"]:
         p = PROVIDERS[key]
-        problems += provider_problems(key, environ)
+        # The check itself needs no SDK: a missing one is said apart (for the python that runs the runner to
+        # have), and only what no install fixes here, a server that is not named, fails it.
+        notes += filter(None, [sdk_problem(key)])
+        problems += [line for line in provider_problems(key, environ) if line not in notes]
         if not p.env_var:
             rows.append({"name": None, "provider": key, "set": True, "from": None, "needed": False})
             continue
@@ -620,7 +629,7 @@ def main(argv=None, environ=None):
                      "from": name if environ.get(name) else None})
     ok = all(row["set"] for row in rows) and not problems
     if args.json:
-        print(json.dumps({"ok": ok, "secrets": rows, "problems": problems}))
+        print(json.dumps({"ok": ok, "secrets": rows, "problems": problems, "notes": notes}))
     else:
         for row in rows:
             if row["name"] is None:
@@ -631,6 +640,9 @@ def main(argv=None, environ=None):
             print(f"{row['name']:<24} {state:<32} {row['provider'] or '--secret'}")
         for problem in problems:
             print(f"problem: {problem}", file=sys.stderr)
+        for note in notes:
+            print(f"note: {note} (in the environment that runs the runner; this check does not need it)",
+                  file=sys.stderr)
         if not all(row["set"] for row in rows):
             names = [row["name"] for row in rows if not row["set"]]
             print(f"missing: export {' '.join(n + '=...' for n in names)}, or run `python runner.py start` "

@@ -231,9 +231,9 @@ class ProviderKeysTest(unittest.TestCase):
             code, out, _ = self.check(["check", "--json", "--provider", "openai"], {"OPENAI_API_KEY": "sk-x" * 5})
         finally:
             S.importlib.util.find_spec = saved
-        report = json.loads(out)
-        self.assertEqual((code, report["ok"]), (1, False))
-        self.assertIn("pip install -e '.[openai]'", report["problems"][0])
+        report = json.loads(out)  # the key is set: the check passes, and says apart that the SDK is missing
+        self.assertEqual((code, report["ok"], report["problems"]), (0, True, []))
+        self.assertIn("pip install -e '.[openai]'", report["notes"][0])
 
     def test_odd_key_warning_is_not_prefixed_twice(self):
         warnings = []
