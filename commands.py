@@ -95,8 +95,9 @@ def cmd_run(cfg, args):
         spec = execution_spec(cfg, args, plan, runner_id, getattr(worker, "secrets", ()))
         queued = 0 if runner_id else (status or client.status()).queue_depth
         if queued:
-            print(f"stigmer: {queued} older execution(s) are queued and run first: see `python runner.py list "
-                  "--phase pending`, and `python runner.py cancel ID` to drop one", file=sys.stderr)
+            from contract import as_typed
+            print(as_typed(f"stigmer: {queued} older execution(s) are queued and run first: see `python runner.py "
+                           "list --phase pending`, and `python runner.py cancel ID` to drop one"), file=sys.stderr)
         execution = client.submit(spec)
         if args.detach:
             print(json.dumps({"execution_id": execution.id}) if args.json else execution.id)

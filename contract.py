@@ -24,7 +24,13 @@ LIST_PAGE_BYTES = 4 << 20  # List answers in pages of about this many bytes (one
 TOKEN_FILE = "daemon.token"  # inside $STIGMER_HOME
 LOCK_FILE = "daemon.lock"  # inside $STIGMER_HOME: flocked by its one daemon; holds its pid, endpoint, transport
 SOCKET_FILE = "daemon.sock"  # inside $STIGMER_HOME (0700): the daemon's local transport, which only we can reach
+PROG = "python runner.py"  # how the user runs the CLI, for hints: runner.main makes it `stigmer` when so started
 MAX_SOCKET_PATH = 100  # bytes; a Unix socket path must fit sun_path (104 on macOS, 108 on Linux)
+
+
+def as_typed(text):
+    """TEXT with its `python runner.py …` hints in the form the user typed (PROG)."""
+    return text.replace("python runner.py", PROG) if PROG != "python runner.py" else text
 
 
 def prompt_problem(prompt):

@@ -47,6 +47,7 @@ from processes import CliError, project_secrets
 # grpc (with daemon_client), stigmer_pb2 and terminal are imported where they are used: `--help` starts at once.
 # The commands are in commands.py, the processes they start and find in processes.py.
 MODES = ("local", "cloud")
+NEEDED_MODULES = ("grpc", "google", "anthropic", "yaml")  # the core packages: missing, the python is not the venv's
 SANDBOXES = ("filesystem", "daytona")  # STIGMER_SANDBOX: the host, or one Daytona sandbox per execution
 ENVS = ("development", "staging", "production")
 RUNNER_GRACE = 15.0  # default seconds the daemon waits for a lost runner to come back (STIGMER_RUNNER_GRACE)
@@ -344,6 +345,9 @@ def parser():
 def main(argv=None):
     """The CLI; returns the exit code. From the command line (ARGV None) it exits the process itself."""
     if argv is None:
+        if os.path.basename(sys.argv[0]) == "stigmer":  # the console script: hints say `stigmer …`
+            import contract
+            contract.PROG = "stigmer"
         code = run_cli(sys.argv[1:])
         try:
             sys.stdout.flush()
@@ -371,7 +375,7 @@ def run_cli(argv):
         parsed = p.parse_args(args)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 2
-    from contract import VERSION, BackendError  # after `--help`, which needs neither
+    from contract import VERSION, BackendError, as_typed  # after `--help`, which needs neither
     if parsed.version:
         print(f"stigmer {VERSION}")
         return 0
@@ -384,11 +388,17 @@ def run_cli(argv):
             print(f"stigmer: warning: {warning}", file=sys.stderr)
         return handler(cfg, parsed)
     except CliError as exc:
-        print(f"stigmer: {exc}", file=sys.stderr)
+        print(f"stigmer: {as_typed(str(exc))}", file=sys.stderr)
         return exc.code
     except BackendError as exc:
-        print(f"stigmer: {exc}", file=sys.stderr)
+        print(f"stigmer: {as_typed(str(exc))}", file=sys.stderr)
         return 1
+    except ModuleNotFoundError as exc:
+        if exc.name not in NEEDED_MODULES:
+            raise
+        print(f"stigmer: the {exc.name} package is not installed for {sys.executable}: activate the project's "
+              "virtual environment (. .venv/bin/activate) or run .venv/bin/stigmer", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("stigmer: interrupted", file=sys.stderr)
         return 130

@@ -19,7 +19,7 @@ import time
 
 import stigmer_pb2 as pb
 import subagents
-from contract import TERMINAL_NAMES, TERMINAL_PHASES, BackendError, BackendUnavailable
+from contract import TERMINAL_NAMES, TERMINAL_PHASES, BackendError, BackendUnavailable, as_typed
 
 CANCEL_WAIT = 5.0  # seconds Ctrl-C waits for the execution to confirm it stopped
 RECONNECT_WAIT = 60.0  # seconds a follower waits for a daemon that went away
@@ -230,7 +230,8 @@ def artifact_line(ev):
         files = a.text.count("\ndiff --git ") + a.text.startswith("diff --git ")
         what = f"{files} file{'s' if files != 1 else ''} changed, {a.size:,} bytes" if a.text else "no changes"
         extra = f" · {a.notes}" if a.notes and a.text else ""
-        return f"⎘ patch: {what}{extra} · python runner.py logs {ev.execution_id} --patch > {a.name or 'change.patch'}"
+        return as_typed(f"⎘ patch: {what}{extra} · python runner.py logs {ev.execution_id} --patch > "
+                        f"{a.name or 'change.patch'}")
     if a.type == "sandbox":
         return f"▣ sandbox {a.name}" + (f" · {a.notes}" if a.notes else "")
     return f"⎘ {a.type} {a.name}" + (f" · {a.notes}" if a.notes else "")
@@ -246,8 +247,8 @@ def stopped_watching(renderer, execution_id):
     """Ctrl-C on a watcher: clear the spinner and say that the run itself goes on."""
     renderer.clear_spinner()
     renderer.newline()
-    print(f"stigmer: stopped watching; {execution_id} keeps running (follow it again with "
-          f"`python runner.py logs {execution_id} -f`, stop it with `python runner.py cancel {execution_id}`)",
+    print(as_typed(f"stigmer: stopped watching; {execution_id} keeps running (follow it again with "
+                   f"`python runner.py logs {execution_id} -f`, stop it with `python runner.py cancel {execution_id}`)"),
           file=sys.stderr, flush=True)
 
 
@@ -309,8 +310,8 @@ def print_executions(executions, json_lines, phase=None):
             print(json.dumps(execution_dict(ex), ensure_ascii=False))
         return
     if not executions:
-        print(f"no {phase} executions (see all with `python runner.py list`)" if phase
-              else "no executions yet: run one with python runner.py \"your task\"")
+        print(as_typed(f"no {phase} executions (see all with `python runner.py list`)" if phase
+                       else "no executions yet: run one with python runner.py \"your task\""))
         return
     now = time.time()
     width = max([len(ex.spec.model) for ex in executions] + [5])
@@ -341,7 +342,7 @@ def print_status(st, processes, endpoint, json_lines, running=(), background=Tru
         return
     phases = ", ".join(f"{k.lower()} {v}" for k, v in sorted(st.executions_by_phase.items())) or "none"
     if st.pid:
-        where = "" if background else " (inside a foreground `python runner.py` run; it ends with that run)"
+        where = "" if background else as_typed(" (inside a foreground `python runner.py` run; it ends with that run)")
         print(f"daemon {st.version} pid {st.pid} at {endpoint}, up {st.uptime_seconds:.0f} s{where}")
     else:  # cloud mode: no daemon, Redis is the backend
         print(f"cloud mode {st.version}: Redis at {endpoint}, up {st.uptime_seconds:.0f} s")
@@ -476,8 +477,8 @@ def reconnect_watch(reconnect, renderer, watch, interrupted=None):
     deadline = time.monotonic() + RECONNECT_WAIT
     while time.monotonic() < deadline:
         if interrupted is not None and interrupted.is_set():
-            renderer.out("stigmer: interrupted while the daemon was away, so the cancel may not have reached it: "
-                         "run `python runner.py cancel ID` once it is back\n", err=True)
+            renderer.out(as_typed("stigmer: interrupted while the daemon was away, so the cancel may not have reached "
+                                  "it: run `python runner.py cancel ID` once it is back\n"), err=True)
             raise KeyboardInterrupt
         time.sleep(0.5)
         client = None

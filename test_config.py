@@ -152,6 +152,40 @@ class CloudConfigTest(unittest.TestCase):
         self.assertIn("pip install -e '.[cloud]'", done.stderr)
 
 
+class HintsTest(unittest.TestCase):
+    """Hints name the command as the user typed it; a python without the packages gets one line, not a traceback."""
+
+    def status_without_daemon(self, argv):
+        with tempfile.TemporaryDirectory() as home:
+            env = {k: v for k, v in os.environ.items() if not k.startswith(("STIGMER_", "MODE"))}
+            env.update(STIGMER_HOME=home, STIGMER_BACKEND_ENDPOINT="127.0.0.1:9")
+            return subprocess.run([*argv, "status"], cwd=HERE, env=env, capture_output=True, text=True, timeout=60)
+
+    def test_hints_say_python_runner_py_when_so_typed(self):
+        done = self.status_without_daemon([sys.executable, os.path.join(HERE, "runner.py")])
+        self.assertEqual(done.returncode, 1, done.stderr)
+        self.assertIn("`python runner.py start`", done.stderr)
+
+    @unittest.skipUnless(os.path.exists(os.path.join(os.path.dirname(sys.executable), "stigmer")),
+                         "the stigmer console script is not installed beside this python (pip install -e .)")
+    def test_hints_say_stigmer_when_so_typed(self):
+        done = self.status_without_daemon([os.path.join(os.path.dirname(sys.executable), "stigmer")])
+        self.assertEqual(done.returncode, 1, done.stderr)
+        self.assertIn("`stigmer start`", done.stderr)
+        self.assertNotIn("runner.py", done.stderr)
+
+    def test_a_python_without_grpc_gets_one_line_naming_the_venv(self):
+        code = ("import sys; sys.modules['grpc'] = None; import runner; "
+                "sys.exit(runner.run_cli(['cancel', 'ex-1']))")
+        with tempfile.TemporaryDirectory() as home:
+            done = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=60,
+                                  env=dict(os.environ, STIGMER_HOME=home, MODE="local", STIGMER_MODE="local"))
+        self.assertEqual(done.returncode, 2, done.stderr)
+        self.assertEqual(done.stderr.count("\n"), 1, done.stderr)
+        self.assertIn("the grpc package is not installed", done.stderr)
+        self.assertIn(".venv/bin/activate", done.stderr)
+
+
 class StartTest(unittest.TestCase):
     def test_help_loads_neither_grpc_nor_the_daemon(self):
         code = ("import sys, runner; runner.run_cli(['--help']); "
