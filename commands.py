@@ -413,7 +413,7 @@ def cmd_stop(cfg, args):
         listing = "\n".join(f"  {line}" for line in describe(running))
         if not sys.stdin.isatty():
             raise CliError(f"{plural(len(running), 'execution')} running; `stop` would cancel them:\n{listing}\n"
-                           "run `python runner.py stop --force` to cancel them and stop")
+                           "run `python runner.py stop --force` to cancel them and stop", 2)
         print(f"{plural(len(running), 'execution')} running; stopping cancels them:\n{listing}", file=sys.stderr)
         if not confirm("cancel them and stop? [y/N] "):
             raise CliError("nothing stopped", 1)
@@ -484,8 +484,11 @@ def cmd_status(cfg, args):
         raise CliError(f"no daemon answers at {cfg.endpoint}: start one with `python runner.py start`")
     import terminal
     client, status = found
+    import home
+    record = home.lock_record(os.path.join(cfg.home, "logs", "daemon.pid")) or []
+    started_by_start = procs.get("daemon") == status.pid and record[1:2] != ["run"]  # a run's daemon idles out
     terminal.print_status(status, procs, client.endpoint, args.json, running=running_executions(client),
-                          background=procs.get("daemon") == status.pid, sandbox=sandbox_status(cfg))
+                          background=started_by_start, sandbox=sandbox_status(cfg))
     return 0
 
 
@@ -531,7 +534,7 @@ def cmd_logs(cfg, args):
         if phase not in EXIT_CODES:  # it has not ended (a replay without -f)
             renderer.newline()
             return 0
-        final = client.get(args.id)
+        final = (client if embedded else connect(cfg)).get(args.id)  # the daemon may have restarted (new token)
         if not renderer.json_lines:  # --json: the log's events only, as stored
             renderer.summary(final, phase, max(0.0, final.finished_at - (final.started_at or final.created_at)))
         return EXIT_CODES[phase]

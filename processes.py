@@ -286,7 +286,7 @@ def spawn_daemon(cfg, idle_exit):
         pid = int(sh.stdout.readline())
         sh.stdout.close()
         sh.wait()
-        home.write_record(pid_fd, pid)
+        home.write_record(pid_fd, pid, "run" if idle_exit else "start")  # who started it, for `status`
         return pid
     finally:
         os.close(pid_fd)

@@ -297,7 +297,7 @@ def gather(providers=("anthropic",), extra=(), *, environ=None, prompt=None, std
         raise MissingSecret(missing)
     for name in missing:
         _, label, prefix = wanted[name]
-        found[name] = _ask(prompt, f"{label} ({name}): ", name, prefix, warn)
+        found[name] = _ask(prompt, f"{label}, input hidden ({name}): ", name, prefix, warn)
     return Secrets(found)
 
 

@@ -342,7 +342,7 @@ def print_status(st, processes, endpoint, json_lines, running=(), background=Tru
         return
     phases = ", ".join(f"{k.lower()} {v}" for k, v in sorted(st.executions_by_phase.items())) or "none"
     if st.pid:
-        where = "" if background else as_typed(" (inside a foreground `python runner.py` run; it ends with that run)")
+        where = "" if background else " (started by a foreground run: it exits after a minute with nothing to do)"
         print(f"daemon {st.version} pid {st.pid} at {endpoint}, up {st.uptime_seconds:.0f} s{where}")
     else:  # cloud mode: no daemon, Redis is the backend
         print(f"cloud mode {st.version}: Redis at {endpoint}, up {st.uptime_seconds:.0f} s")

@@ -509,7 +509,7 @@ class AgentRunTest(CliCase):
         term = Pty(["--agent", "code-reviewer", "review it"], self.env, self.workspace)
         self.addCleanup(term.kill)
         wait_for(lambda: "(GITHUB_TOKEN): " in term.screen, what="the prompt for GITHUB_TOKEN")
-        self.assertIn("GitHub token that can read the repository's pull requests (GITHUB_TOKEN): ", term.screen)
+        self.assertIn("GitHub token that can read the repository's pull requests, input hidden (GITHUB_TOKEN): ", term.screen)
         term.type(self.GITHUB + "\n")
         self.assertEqual(term.wait(), 0, term.screen)
         self.assertNotIn(self.GITHUB, term.screen)  # not echoed, and redacted from the output

@@ -196,7 +196,7 @@ class OutputTest(CliCase):
         text = self.cli("status")
         self.assertIn("runners connected", text.stdout)
         status = json.loads(self.cli("status", "--json").stdout)
-        self.assertEqual(status["started_by"], "start")
+        self.assertEqual(status["started_by"], "foreground run")  # `start` found the daemon "say hello" started
 
 
 class EnvironmentTest(CliCase):
@@ -412,12 +412,12 @@ class StopTest(CliCase):
 
     def test_stop_refuses_without_force_while_a_run_is_live(self):
         self.assertEqual(self.cli("start").returncode, 0)
-        daemon_pid = int(read(os.path.join(self.home, "logs", "daemon.pid")))
+        daemon_pid = int(read(os.path.join(self.home, "logs", "daemon.pid")).split()[0])
         submitted = self.cli("run", "--detach", "sleep for a minute")
         execution_id = submitted.stdout.strip()
         wait_for(lambda: self.fake.requests)  # it is running
         refused = self.cli("stop")
-        self.assertEqual(refused.returncode, 1, refused.stderr)
+        self.assertEqual(refused.returncode, 2, refused.stderr)
         self.assertIn(execution_id, refused.stderr)
         self.assertIn('"sleep for a minute"', refused.stderr)
         self.assertIn("stop --force", refused.stderr)
@@ -452,7 +452,9 @@ class StopTest(CliCase):
         status = self.cli("status")
         self.assertEqual(status.returncode, 0, status.stderr)
         self.assertIn("sleep in the foreground", status.stdout)  # the shared daemon a foreground run started
-        self.assertEqual(self.cli("stop").returncode, 1)  # a script needs --force
+        self.assertIn("started by a foreground run", status.stdout)
+        self.assertEqual(json.loads(self.cli("status", "--json").stdout)["started_by"], "foreground run")
+        self.assertEqual(self.cli("stop").returncode, 2)  # a script needs --force: a usage error
         forced = self.cli("stop", "--force")
         self.assertEqual(forced.returncode, 0, forced.stderr)
         self.assertIn("cancelled ex-", forced.stdout)

@@ -184,7 +184,7 @@ class PromptTest(ProviderCase):
         code, screen = self.run_on_pty(["--model", "openai/gpt-fake", "look at the environment"], env,
                                        answer_to=b"(OPENAI_API_KEY): ", typed=OPENAI_KEY.encode() + b"\r")
         self.assertEqual(code, 0, screen)
-        self.assertIn("OpenAI API key (OPENAI_API_KEY): ", screen)
+        self.assertIn("OpenAI API key, input hidden (OPENAI_API_KEY): ", screen)
         self.assertNotIn("(ANTHROPIC_API_KEY):", screen)  # the other provider's key is not asked for
         self.assertIn("completed", screen)
         self.assertIn("openai/gpt-fake", screen)  # the summary line names the model

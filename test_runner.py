@@ -54,9 +54,13 @@ class CliCase(unittest.TestCase):
         return proc, [obj for obj in lines if "seq" in obj]
 
     def logs(self, execution_id):
+        """The execution's events (`logs ID --json`), whose exit code must be the execution's."""
         proc = self.cli("logs", execution_id, "--json")
-        self.assertEqual(proc.returncode, 0, proc.stderr)
-        return [json.loads(line) for line in proc.stdout.splitlines()]
+        events = [json.loads(line) for line in proc.stdout.splitlines()]
+        phases = [e["phase"] for e in events if e.get("kind") == "phase" and not e.get("subagent")]
+        self.assertEqual(proc.returncode, {"FAILED": 1, "CANCELLED": 130}.get(phases[-1] if phases else "", 0),
+                         proc.stderr)
+        return events
 
     def assertContiguous(self, events):
         self.assertEqual([e["seq"] for e in events], list(range(1, len(events) + 1)))
@@ -301,7 +305,7 @@ class BackgroundServicesTest(CliCase):
     def test_daemon_restart_mid_run_loses_nothing(self):
         started = self.cli("start", "--workers", "1")
         self.assertEqual(started.returncode, 0, started.stderr + started.stdout)
-        daemon_pid = int(read(os.path.join(self.home, "logs", "daemon.pid")))
+        daemon_pid = int(read(os.path.join(self.home, "logs", "daemon.pid")).split()[0])
         submitted = self.cli("run", "--detach", "slow task")
         self.assertEqual(submitted.returncode, 0, submitted.stderr)
         execution_id = submitted.stdout.strip()
@@ -309,7 +313,8 @@ class BackgroundServicesTest(CliCase):
                                      "--json"], env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     stdin=subprocess.DEVNULL, text=True)
         self.addCleanup(lambda: follower.poll() is None and follower.kill())
-        wait_for(lambda: self.fake.requests)  # the model has been asked: the sleep is under way
+        first = follower.stdout.readline()  # the follower is connected (it has shown the first event)...
+        wait_for(lambda: self.fake.requests)  # ... and the model has been asked: the sleep is under way
         os.kill(daemon_pid, signal.SIGTERM)
         wait_for(lambda: not pid_alive(daemon_pid))
         restarted = self.cli("start", "--workers", "1")
@@ -318,7 +323,7 @@ class BackgroundServicesTest(CliCase):
         out, err = follower.communicate(timeout=60)  # it lived through the restart
         self.assertEqual(follower.returncode, 0, err)
         self.assertIn("reconnected", err)
-        self.assertEqual([json.loads(line) for line in out.splitlines()], self.logs(execution_id))
+        self.assertEqual([json.loads(line) for line in (first + out).splitlines()], self.logs(execution_id))
         events = self.logs(execution_id)
         self.assertContiguous(events)
         self.assertEqual(events[-1]["phase"], "COMPLETED")
@@ -336,7 +341,7 @@ class CancelAfterRestartTest(CliCase):
 
     def test_ctrl_c_after_the_daemon_restarted_still_cancels(self):
         self.assertEqual(self.cli("start").returncode, 0)
-        daemon_pid = int(read(os.path.join(self.home, "logs", "daemon.pid")))
+        daemon_pid = int(read(os.path.join(self.home, "logs", "daemon.pid")).split()[0])
         proc = subprocess.Popen([sys.executable, os.path.join(HERE, "runner.py"), "--json", "wait"], env=self.env,
                                 cwd=self.workspace, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 stdin=subprocess.DEVNULL, text=True)

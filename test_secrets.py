@@ -92,7 +92,7 @@ class GatherTest(unittest.TestCase):
     def test_missing_key_prompted_naming_provider_and_variable(self):
         prompt = answers(KEY)
         got = self.gather(prompt, environ={"ANTHROPIC_API_KEY": ""})
-        self.assertEqual(prompt.asked, ["Anthropic API key (ANTHROPIC_API_KEY): "])
+        self.assertEqual(prompt.asked, ["Anthropic API key, input hidden (ANTHROPIC_API_KEY): "])
         self.assertEqual(got["ANTHROPIC_API_KEY"], KEY)
         self.assertEqual(self.warnings, [])
 
@@ -152,7 +152,7 @@ class GatherTest(unittest.TestCase):
         got = self.gather(prompt, providers=("anthropic", "openai"), extra=["GITHUB_TOKEN"],
                           environ={"ANTHROPIC_API_KEY": KEY, "OPENAI_API_KEY": "sk-proj-abc"})
         self.assertEqual(got.names, ("ANTHROPIC_API_KEY", "OPENAI_API_KEY", "GITHUB_TOKEN"))
-        self.assertEqual(prompt.asked, ["Secret for the agent's shell (GITHUB_TOKEN): "])
+        self.assertEqual(prompt.asked, ["Secret for the agent's shell, input hidden (GITHUB_TOKEN): "])
         with self.assertRaises(S.SecretError):
             self.gather(providers=("nope",))
         with self.assertRaises(S.SecretError):
@@ -381,7 +381,7 @@ class PtyPromptTest(unittest.TestCase):
             os.close(report_w)
             deadline = time.monotonic() + 15
             shown = read_until(master, b"(ANTHROPIC_API_KEY): ", deadline)
-            self.assertIn(b"Anthropic API key (ANTHROPIC_API_KEY): ", shown)
+            self.assertIn(b"Anthropic API key, input hidden (ANTHROPIC_API_KEY): ", shown)
             os.write(master, typed)
             shown += read_until(master, None, deadline)
             code = proc.wait(timeout=max(1, deadline - time.monotonic()))
