@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import unittest
 
@@ -321,7 +322,12 @@ class RedisRestartTest(CloudCase):
         outputs = [e.tool_result.output for e in events if e.WhichOneof("payload") == "tool_result"]
         self.assertEqual(outputs, ["slept", "second"])
         self.assertIn("lost Redis", self.worker_log(worker))
-        out, err = follower.communicate(timeout=60)
+        deadline = threading.Timer(90, follower.kill)  # a follower that never ends fails the test, not hangs it
+        deadline.start()
+        self.addCleanup(deadline.cancel)
+        out = follower.stdout.read()  # to its end (communicate() would skip what readline buffered)
+        err = follower.stderr.read()
+        follower.wait(timeout=60)
         self.assertEqual(follower.returncode, 0, err)
         self.assertEqual([json.loads(line)["seq"] for line in (first + out).splitlines()], [e.seq for e in events])
         self.assertEqual(self.requests_for("restart"), 3)

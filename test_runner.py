@@ -320,7 +320,12 @@ class BackgroundServicesTest(CliCase):
         restarted = self.cli("start", "--workers", "1")
         self.assertEqual(restarted.returncode, 0, restarted.stderr)
         self.assertIn("0 started", restarted.stdout)  # the worker survived and reconnects
-        out, err = follower.communicate(timeout=60)  # it lived through the restart
+        deadline = threading.Timer(90, follower.kill)  # a follower that never ends fails the test, not hangs it
+        deadline.start()
+        self.addCleanup(deadline.cancel)
+        out = follower.stdout.read()  # to its end (communicate() would skip what readline buffered)
+        err = follower.stderr.read()
+        follower.wait(timeout=60)  # it lived through the restart
         self.assertEqual(follower.returncode, 0, err)
         self.assertIn("reconnected", err)
         self.assertEqual([json.loads(line) for line in (first + out).splitlines()], self.logs(execution_id))
