@@ -359,6 +359,7 @@ def cmd_start(cfg, args, out=None, labels=None):
     logs = os.path.join(cfg.home, "logs")
     where = backend(cfg).start(out or sys.stdout)
     alive = sum(1 for p in pid_files(cfg) if os.path.basename(p).startswith("worker-") and live_pid(p))
+    before = connected_runners(cfg)
     env = worker_env(cfg, secrets, cfg.endpoint)
     inherit = getattr(args, "inherit_env", False) or cfg.inherit_env
     allowed = names + [project_secrets().INHERIT_ALL] if inherit else names  # what its executions may pass to the shell
@@ -374,22 +375,37 @@ def cmd_start(cfg, args, out=None, labels=None):
                               record=(model, ",".join(allowed) or "-")),  # what a foreground run checks before using it
                         os.path.join(logs, f"worker-{n}.log")))
     if started:
-        wait_until_connected(cfg, started)
+        wait_until_connected(cfg, started, before)
     started = len(started)
     print(f"{alive + started} worker(s) running{where} ({started} started); logs in {logs}", file=out)
     return 0
 
 
-def wait_until_connected(cfg, started, timeout=START_WAIT):
-    """Wait until the daemon has a free shared slot, so that the next run finds a warm worker; a CliError naming
-    the log when every worker in STARTED ((process, log path) pairs) has exited instead."""
+def connected_runners(cfg):
+    """How many runners the backend has connected now (0 when it cannot say)."""
+    from contract import BackendError
+    client = connect(cfg)
+    try:
+        return client.status(timeout=2.0).connected_runners
+    except BackendError:
+        return 0
+    finally:
+        client.close()
+
+
+def wait_until_connected(cfg, started, before, timeout=START_WAIT):
+    """Wait until every worker in STARTED ((process, log path) pairs) that still runs has connected (BEFORE: the
+    runners connected before they started) and there is a free shared slot, so that the next run finds a warm
+    worker, in both modes; a CliError naming the log when every one has exited instead."""
     from contract import BackendError
     client = connect(cfg)
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
             try:
-                if client.status(timeout=2.0).free_capacity > 0:
+                st = client.status(timeout=2.0)
+                running = sum(1 for proc, _ in started if proc.poll() is None)
+                if st.free_capacity > 0 and st.connected_runners >= before + running:
                     return
             except BackendError:
                 return  # the daemon went away: the next command says so
@@ -478,8 +494,9 @@ def confirm(question):
 
 
 def cmd_status(cfg, args):
-    found = backend(cfg).find()
-    procs = {os.path.basename(p)[:-4]: live_pid(p, wait=0.2) for p in pid_files(cfg)}
+    be = backend(cfg)
+    found = be.find()
+    procs = be.processes()
     if found is None:
         raise CliError(f"no daemon answers at {cfg.endpoint}: start one with `python runner.py start`")
     import terminal

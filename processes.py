@@ -95,6 +95,10 @@ class DaemonBackend:
         """(client, embedded daemon or None) for reading the log; see open_log."""
         return open_log(self.cfg)
 
+    def processes(self):
+        """For `status`: this home's background processes by name (daemon, worker-N): pid, or None when gone."""
+        return {os.path.basename(p)[:-4]: live_pid(p, wait=0.2) for p in pid_files(self.cfg)}
+
 
 class RedisBackend(DaemonBackend):
     """Cloud mode: the queue and logs on Redis at REDIS_URL, which must already run; there is no daemon to
@@ -131,6 +135,10 @@ class RedisBackend(DaemonBackend):
 
     def open_log(self):
         return connect(self.cfg), None
+
+    def processes(self):
+        """This host's workers only: cloud mode has no daemon (one a local run left in this home is not ours)."""
+        return {name: pid for name, pid in super().processes().items() if name.startswith("worker-")}
 
 
 def daemon_token(home):

@@ -183,9 +183,8 @@ def cloud_settings(environ):
     if sandbox not in SANDBOXES:
         raise CliError(f"STIGMER_SANDBOX={environ['STIGMER_SANDBOX']!r} is not a sandbox: use "
                        "STIGMER_SANDBOX=daytona (the cloud default) or STIGMER_SANDBOX=filesystem", 2)
-    if sandbox == "daytona" and not environ.get("DAYTONA_API_KEY", "").strip():
-        missing.append("DAYTONA_API_KEY (MODE=cloud runs commands in Daytona sandboxes; "
-                       "or set STIGMER_SANDBOX=filesystem to run them on the worker hosts)")
+    # DAYTONA_API_KEY is needed only where commands run (run, start, worker: Config.require_sandbox), so that
+    # status, list, logs and cancel work from any host with REDIS_URL alone.
     if importlib.util.find_spec("redis") is None:
         missing.append("the redis package (pip install -e '.[cloud]')")
     if missing:
@@ -412,6 +411,10 @@ def refuse_near_miss(task):
     words = " ".join(task).split()
     if len(words) != 1:
         return
+    if words[0] in USER_COMMANDS:  # `stigmer --json list`: an option before the command
+        raise CliError(f"did you mean `{words[0]}`? (it is a command: put it before its options, as in "
+                       f"`python runner.py {words[0]} --json`; to run it as a task, use "
+                       f"`python runner.py run {words[0]}`)", 2)
     command = near_miss(words[0])
     if command:
         raise CliError(f"did you mean `{command}`? (`{words[0]}` is not a command; to run it as a task, use "

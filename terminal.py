@@ -335,7 +335,7 @@ def print_status(st, processes, endpoint, json_lines, running=(), background=Tru
         from google.protobuf.json_format import MessageToDict
         status = MessageToDict(st, preserving_proto_field_name=True)
         status["executions_by_phase"] = {k: int(v) for k, v in status.get("executions_by_phase", {}).items()}
-        print(json.dumps({**status, "processes": processes, "started_by": "start" if background else "foreground run",
+        print(json.dumps({**status, "processes": processes, "started_by": ("start" if background else "foreground run") if st.pid else None,
                           "sandbox": sandbox or {},
                           "running": [{"id": ex.id, "prompt": ex.spec.prompt, "sandbox_mode": ex.spec.sandbox_mode,
                                        "network": ex.spec.network} for ex in running]}))

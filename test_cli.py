@@ -109,6 +109,13 @@ class TypoTest(CliCase):
         self.assertEqual(proc.returncode, 0, proc.stderr)
         self.assertEqual(first_prompt(self.fake), "refactor")
 
+    def test_a_command_after_an_option_says_to_put_it_first(self):
+        proc = self.cli("--json", "list")
+        self.assertEqual(proc.returncode, 2, proc.stderr)
+        self.assertIn("it is a command: put it before its options", proc.stderr)
+        self.assertNotIn("not a command", proc.stderr)
+        self.assertEqual(self.fake.requests, [])
+
     def test_near_miss(self):
         self.assertEqual(runner.near_miss("stauts"), "status")
         self.assertEqual(runner.near_miss("lst"), "list")

@@ -105,11 +105,19 @@ class CloudConfigTest(unittest.TestCase):
         return str(caught.exception)
 
     def test_one_error_lists_every_missing_setting(self):
+        message = self.error({"MODE": "cloud", "STIGMER_SANDBOX": "nowhere"})
+        self.assertIn("STIGMER_SANDBOX", message)
         message = self.error({"MODE": "cloud"})
         self.assertIn("REDIS_URL", message)
-        self.assertIn("DAYTONA_API_KEY", message)  # daytona, the cloud default, needs its key
-        self.assertIn("STIGMER_SANDBOX=filesystem", message)  # ... or the way around it
-        self.assertNotIn("REDIS_URL", self.error({"MODE": "cloud", "REDIS_URL": "redis://h:1/0"}))
+        # Reading needs REDIS_URL only: status, list, logs and cancel run nothing, so they need no Daytona key ...
+        cfg = runner.Config.load({"MODE": "cloud", "REDIS_URL": "redis://h:1/0"})
+        self.assertEqual(cfg.sandbox, "daytona")
+        # ... while a command that runs the agent's commands needs it, and says the way around it
+        with self.assertRaises(runner.CliError) as caught:
+            cfg.require_sandbox()
+        self.assertEqual(caught.exception.code, 2)
+        self.assertIn("DAYTONA_API_KEY", str(caught.exception))
+        self.assertIn("STIGMER_SANDBOX=filesystem", str(caught.exception))
 
     def test_cloud_settings(self):
         cfg = runner.Config.load(self.CLOUD)
