@@ -387,11 +387,9 @@ def run_cli(argv):
             print(f"stigmer: warning: {warning}", file=sys.stderr)
         return handler(cfg, parsed)
     except CliError as exc:
-        print(f"stigmer: {as_typed(str(exc))}", file=sys.stderr)
-        return exc.code
+        return failed(parsed, as_typed(str(exc)), exc.code)
     except BackendError as exc:
-        print(f"stigmer: {as_typed(str(exc))}", file=sys.stderr)
-        return 1
+        return failed(parsed, as_typed(str(exc)), 1)
     except ModuleNotFoundError as exc:
         if exc.name not in NEEDED_MODULES:
             raise
@@ -403,6 +401,16 @@ def run_cli(argv):
         return 130
     except BrokenPipeError:
         return 1
+
+
+def failed(parsed, message, code):
+    """Say MESSAGE on stderr (one `stigmer:` line) and return CODE; with --json, also one JSON object on stdout
+    (`"kind": "error"`), so that a script reading stdout learns why there is nothing else."""
+    print(f"stigmer: {message}", file=sys.stderr)
+    if getattr(parsed, "json", False) or getattr(parsed, "show_json", False):
+        import json
+        print(json.dumps({"kind": "error", "message": message, "exit_code": code}), flush=True)
+    return code
 
 
 def refuse_near_miss(task):

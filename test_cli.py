@@ -377,6 +377,16 @@ class ConfigNamesTest(CliCase):
         cfg = runner.Config.load({"ENV": "prod", "STIGMER_ENV": "staging", "MODE": "cloud", "STIGMER_MODE": "local"})
         self.assertEqual((cfg.env, cfg.mode, cfg.warnings), ("staging", "local", ()))
 
+    def test_json_errors_are_json_on_stdout_too(self):
+        for args in (("list", "--json"), ("--json", "say hello")):
+            proc = self.cli(*args, env=dict(self.env, MODE="bogus"))
+            self.assertEqual(proc.returncode, 2, proc.stderr)
+            error = json.loads(proc.stdout)
+            self.assertEqual((error["kind"], error["exit_code"]), ("error", 2))
+            self.assertIn("MODE='bogus' is not a mode", error["message"])
+            self.assertIn(error["message"], proc.stderr)  # and the same one line for a person
+        self.assertEqual(self.cli("list", env=dict(self.env, MODE="bogus")).stdout, "")  # without --json: stderr only
+
     def test_unknown_mode_stays_an_error(self):
         for env, name in ((dict(self.env, MODE="banana"), "MODE='banana'"),
                           (dict(self.env, STIGMER_MODE="banana", MODE="local"), "STIGMER_MODE='banana'")):
