@@ -295,8 +295,14 @@ class StreamedReply:
     #                     (The anthropic SDK's Messages API takes none: Claude's sampling is the model's own.)
     max_output_tokens = 0  # max output tokens per request (an agent's spec.config); 0: MAX_OUTPUT_TOKENS
 
+    _wake = None  # set when the request in flight ends, or by close(): what turn() waits on
+
     def close(self):
-        """Abort the stream being read (cancel, from another thread)."""
+        """Abort the request in flight (cancel, from another thread): turn() raises Cancelled at once, even before
+        the reply's first byte, and the stream being read, if any, is closed."""
+        wake = self._wake
+        if wake is not None:
+            wake.set()
         stream = self._stream
         if stream is not None:
             try:
@@ -304,13 +310,37 @@ class StreamedReply:
             except Exception as exc:  # closing from another thread may race the reader; the cancel flag counts
                 log.debug("closing the reply stream on cancel: %s", exc)
 
-    @staticmethod
-    def _retrying(request_once, cancelled, on_retry):
+    def _abandonable(self, request_once, cancelled):
+        """REQUEST_ONCE() run on its own thread, so that a cancel (close()) returns at once, whatever the request is
+        doing: waiting for the API's first byte can take as long as the model thinks. An abandoned request ends on
+        its own (its stream is closed, or its reply is dropped); nothing it returns is used."""
+        wake, box = threading.Event(), {}
+
+        def run():
+            try:
+                box["reply"] = request_once()
+            except BaseException as exc:  # raised again on the caller's thread
+                box["error"] = exc
+            finally:
+                wake.set()
+        self._wake = wake
+        if cancelled.is_set():  # cancelled before this request began (close() saw the previous one)
+            raise Cancelled()
+        threading.Thread(target=run, name="model-request", daemon=True).start()
+        wake.wait()
+        if cancelled.is_set():
+            raise Cancelled()
+        if "error" in box:
+            raise box["error"]
+        return box["reply"]
+
+    def _retrying(self, request_once, cancelled, on_retry):
         """REQUEST_ONCE()'s Reply, asked for again when its connection breaks mid-way (BrokenStream), up to
-        STREAM_RETRIES times, telling on_retry(message) each time: the one retry path of every adapter."""
+        STREAM_RETRIES times, telling on_retry(message) each time: the one retry path of every adapter. A cancel
+        ends it at once (Cancelled), even while the request waits for the reply's first byte."""
         for attempt in range(STREAM_RETRIES + 1):
             try:
-                return request_once()
+                return self._abandonable(request_once, cancelled)
             except BrokenStream as broken:
                 if cancelled.is_set():
                     raise Cancelled() from None

@@ -584,6 +584,33 @@ class NotFoundTest(CliCase):
         self.assertIn("check the model name", proc.stderr)
 
 
+class CancelWhileThinkingTest(CliCase):
+    """Ctrl-C while the model has not answered yet (its first byte would come in 10 minutes) cancels at once."""
+    script = [text_step("far too late", delay=600)]
+
+    def interrupt_run(self, *args):
+        run = subprocess.Popen([sys.executable, RUNNER, "--json", *args, "think hard"], env=self.env,
+                               cwd=self.workspace, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+        self.addCleanup(lambda: run.poll() is None and run.kill())
+        wait_for(lambda: self.fake.requests, what="the model request")
+        run.send_signal(signal.SIGINT)
+        out, err = run.communicate(timeout=60)  # far less than the model's 600 s: the request was abandoned
+        self.assertEqual(run.returncode, 130, err)
+        summary = json.loads(out.splitlines()[-1])
+        self.assertEqual((summary["kind"], summary["phase"]), ("summary", "CANCELLED"))
+        self.assertEqual(self.logs(summary["execution_id"])[-1]["phase"], "CANCELLED")
+        self.assertEqual(len(self.fake.requests), 1)
+
+    def test_a_foreground_run_with_its_own_worker(self):
+        self.interrupt_run()
+
+    def test_a_foreground_run_on_a_worker_of_start(self):
+        self.assertEqual(self.cli("start").returncode, 0)
+        self.interrupt_run()
+        self.assertFalse(os.path.exists(os.path.join(self.home, "logs", "run-worker.log")))  # start's worker ran it
+
+
 class WatcherInterruptTest(CliCase):
     script = [tool_step(("execute", {"command": "sleep 60"})), text_step("never")]
 
