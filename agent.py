@@ -287,7 +287,6 @@ class Agent:
         """One model turn, streamed to emit; returns the Reply. A failed turn becomes a Stop."""
         self._check_limits()
         self._fit(messages)
-        self.turns += 1
         while True:
             try:
                 reply = self.model.turn(system, self.tool_specs, messages, on_text=self._stream_text,
@@ -302,6 +301,7 @@ class Agent:
                 message = valid_text(exc.message)
                 self.emit(error=pb.Error(code=exc.code, message=message))
                 raise Stop(pb.FAILED, message, exc.code) from None
+        self.turns += 1  # a turn is a reply: a request that failed or was cancelled is not counted
         reply = valid_reply(reply)
         self._add_usage(reply.usage)
         u = reply.usage
@@ -341,8 +341,10 @@ class Agent:
         if not self.depth:  # a sub-agent's text is in its turn events (two at once would interleave deltas)
             self.emit(text=pb.TextDelta(text=valid_text(text)))
 
-    def _stream_retry(self, message):
-        self.emit(error=pb.Error(code="stream_retry", message=valid_text(message)))
+    def _stream_retry(self, message, code="stream_retry"):
+        """A model call is asked for again (CODE: stream_retry, its reply broke off; api_retry, the API failed in
+        a way that may pass): an event, shown as a dim line, so that a slow turn says why."""
+        self.emit(error=pb.Error(code=code, message=valid_text(message)))
 
     def _add_usage(self, usage):
         with self.usage_lock:  # the execution's total (sub-agents add theirs); each usage event is cumulative

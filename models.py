@@ -35,6 +35,8 @@ BARE_PREFIXES = (("claude-", "anthropic"), ("gpt-", "openai"), ("chatgpt-", "ope
                  ("o3", "openai"), ("o4", "openai"), ("gemini-", "gemini"))  # bare model name -> provider
 MAX_OUTPUT_TOKENS = 16000  # max_tokens per model request
 STREAM_RETRIES = 2  # extra attempts when the connection drops in the middle of a streamed reply
+API_RETRIES = 2  # extra attempts when the API fails in a way that may pass (429, 5xx, ...); the SDKs' own are off
+RETRY_CAP = 8.0  # seconds, the longest pause before asking again
 TRANSPORT_MODULES = ("httpx", "httpx2", "httpcore", "httpcore2", "h11")  # the SDK's HTTP stack, across versions
 
 STOP_DONE = "done"  # the model finished its answer
@@ -52,9 +54,26 @@ Reply = namedtuple("Reply", "text tool_calls stop usage")  # one turn's answer; 
 class ModelError(Exception):
     """A model API failure: .code ("auth", "rate_limit", "context_window", ...) and .message for a person."""
 
-    def __init__(self, code, message):
+    def __init__(self, code, message, pause=None):
         super().__init__(message)
         self.code, self.message = code, message
+        self.pause = pause  # seconds to wait before asking again, when the failure may pass (else None)
+
+
+def api_failure(code_message, exc):
+    """The ModelError for the SDK error EXC ((code, message) from the adapter): one that may pass (408, 409, 429,
+    5xx, no connection, a timeout) carries the pause before asking again, the API's retry-after when it says."""
+    status = getattr(exc, "status_code", None)
+    passing = (status in (408, 409, 429) or status >= 500) if status is not None else \
+        type(exc).__name__ in ("APIConnectionError", "APITimeoutError")
+    pause = None
+    if passing:
+        headers = getattr(getattr(exc, "response", None), "headers", None) or {}
+        try:
+            pause = max(0.0, float(headers.get("retry-after")))
+        except (TypeError, ValueError):
+            pause = 0.0  # the backoff decides
+    return ModelError(*code_message, pause=pause)
 
 
 class Cancelled(Exception):
@@ -196,10 +215,10 @@ def shared_client(provider, base_url, key, key_var=""):
                 import anthropic
                 token = key_var == "ANTHROPIC_AUTH_TOKEN"
                 _shared[settings] = anthropic.Anthropic(api_key=None if token else key, auth_token=key if token else None,
-                                                        base_url=base_url)
+                                                        base_url=base_url, max_retries=0)  # ours: visible
             else:
                 openai = import_openai()
-                _shared[settings] = openai.OpenAI(api_key=key, base_url=base_url)
+                _shared[settings] = openai.OpenAI(api_key=key, base_url=base_url, max_retries=0)  # ours: visible
         return _shared[settings]
 
 
@@ -335,21 +354,33 @@ class StreamedReply:
         return box["reply"]
 
     def _retrying(self, request_once, cancelled, on_retry):
-        """REQUEST_ONCE()'s Reply, asked for again when its connection breaks mid-way (BrokenStream), up to
-        STREAM_RETRIES times, telling on_retry(message) each time: the one retry path of every adapter. A cancel
-        ends it at once (Cancelled), even while the request waits for the reply's first byte."""
-        for attempt in range(STREAM_RETRIES + 1):
+        """REQUEST_ONCE()'s Reply, asked for again, telling on_retry(message) each time: when its connection breaks
+        mid-way (BrokenStream, up to STREAM_RETRIES times), and when the API fails in a way that may pass (a
+        ModelError with a pause, up to API_RETRIES times, after the API's retry-after or a doubling backoff): the
+        one retry path of every adapter. A cancel ends it at once (Cancelled), even during a request or a pause."""
+        broken_off = failed = 0
+        while True:
             try:
                 return self._abandonable(request_once, cancelled)
             except BrokenStream as broken:
                 if cancelled.is_set():
                     raise Cancelled() from None
                 exc = broken.__cause__
-                if attempt == STREAM_RETRIES:
-                    raise ModelError("connection", f"the connection to the model API broke mid-reply {attempt + 1} "
-                                                   f"times ({type(exc).__name__})") from None
+                if broken_off == STREAM_RETRIES:
+                    raise ModelError("connection", f"the connection to the model API broke mid-reply "
+                                                   f"{broken_off + 1} times ({type(exc).__name__})") from None
+                broken_off += 1
                 if on_retry:
                     on_retry(f"the model's reply broke off ({type(exc).__name__}: {exc}); asking again")
+            except ModelError as exc:
+                if exc.pause is None or failed == API_RETRIES:
+                    raise
+                pause = min(RETRY_CAP, exc.pause or 0.5 * 2 ** failed)
+                failed += 1
+                if on_retry:
+                    on_retry(f"retrying in {pause:.2g} s ({failed} of {API_RETRIES}): {exc.message}", "api_retry")
+                if cancelled.wait(pause):
+                    raise Cancelled() from None
 
 
 class AnthropicModel(StreamedReply):
@@ -421,7 +452,7 @@ class AnthropicModel(StreamedReply):
         except anthropic.APIError as exc:
             if cancelled.is_set():
                 raise Cancelled() from None
-            raise ModelError(*anthropic_error(exc)) from None
+            raise api_failure(anthropic_error(exc), exc) from None
         finally:
             self._stream = None
         return self._reply(message)
@@ -489,7 +520,7 @@ class OpenAIChatModel(StreamedReply):
             except openai.APIError as exc:
                 if cancelled.is_set():
                     raise Cancelled() from None
-                raise ModelError(*self.error(exc)) from None
+                raise api_failure(self.error(exc), exc) from None
         return self._retrying(once, cancelled, on_retry)
 
     def _request(self, body, on_text, cancelled):

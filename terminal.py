@@ -46,6 +46,7 @@ class Renderer:
         self.calls = {}  # (task_call_id, depth, tool_use id) -> the tool's name
         self.show_prompts = False  # show the task of each execution (logs), not only the model's side (run)
         self.cleared = []  # the ContextCleared events seen, for the summary
+        self.shown_errors = set()  # the messages of the error events shown: the summary does not repeat them
         self.sandbox_id = ""  # the execution's remote sandbox, from its artifact event
 
     def paint(self, code, text):
@@ -96,9 +97,13 @@ class Renderer:
             self.tool_call(ev)
         elif kind == "tool_result":
             self.tool_result(ev)
+        elif kind == "error" and ev.error.code.endswith("_retry"):  # asked again: a note, not a failure
+            self.newline()
+            self.out(self.paint("2", f"↻ {ev.error.message}") + "\n", err=True)
         elif kind == "error":
             self.newline()
             self.out(self.paint("31", f"✗ {ev.error.message}") + "\n", err=True)
+            self.shown_errors.add(ev.error.message)
         elif kind == "prompt" and ev.prompt.source == "task" and self.show_prompts:
             self.newline()
             self.out(self.paint("1", "› " + "\n  ".join(ev.prompt.text.splitlines() or [""])) + "\n")
@@ -157,7 +162,9 @@ class Renderer:
                 self.out(lead + self.paint("2", f"… {len(lines) - 3} more lines") + "\n")
         elif kind == "error":
             self.newline()
-            self.out(lead + self.paint("31", f"✗ {ev.error.message}") + "\n", err=True)
+            retry = ev.error.code.endswith("_retry")
+            self.out(lead + (self.paint("2", f"↻ {ev.error.message}") if retry else
+                             self.paint("31", f"✗ {ev.error.message}")) + "\n", err=True)
         elif kind == "prompt" and ev.prompt.source == "task" and self.show_prompts:
             self.newline()
             self.out(lead + self.paint("1", "› " + " ".join(ev.prompt.text.split())[:200]) + "\n")
@@ -181,7 +188,8 @@ class Renderer:
         hit = f" ({100 * u.cache_read_tokens // prompt_tokens}% of input)" if prompt_tokens else ""
         mark = {"COMPLETED": self.paint("32", "✓ completed"), "FAILED": self.paint("31", "✗ failed"),
                 "CANCELLED": self.paint("33", "■ cancelled")}.get(phase_name, phase_name)
-        reason = f": {execution.error}" if execution.error and phase_name != "COMPLETED" else ""
+        reason = f": {execution.error}" if execution.error and phase_name != "COMPLETED" and \
+            execution.error not in self.shown_errors else ""  # an error shown already is not said twice
         self.out(f"\n{mark}{reason}\n", err=phase_name != "COMPLETED")
         self.out(self.paint("2", f"  {plural(execution.turns, 'turn')} · {u.input_tokens:,} in / {u.output_tokens:,} out tokens · "
                                  f"cache {u.cache_read_tokens:,} read{hit}, {u.cache_write_tokens:,} written · "

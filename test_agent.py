@@ -27,14 +27,14 @@ from sandbox import FilesystemSandbox
 from testsupport import FAKE_KEY, HERE, OPENAI_KEY, FakeAnthropic, FakeOpenAI, text_step, tool_step
 
 
-def anthropic_model(test, url, key=FAKE_KEY, max_retries=2):
+def anthropic_model(test, url, key=FAKE_KEY, max_retries=0):  # the adapter retries (models.API_RETRIES), visibly
     """An AnthropicModel whose client talks to the fake at URL, closed when TEST ends."""
     client = anthropic.Anthropic(api_key=key, base_url=url, max_retries=max_retries)
     test.addCleanup(client.close)
     return models.AnthropicModel("claude-fake", client)
 
 
-def openai_model(test, url, key=OPENAI_KEY, max_retries=2):
+def openai_model(test, url, key=OPENAI_KEY, max_retries=0):
     """An OpenAIChatModel whose client talks to the fake Chat Completions API at URL, closed when TEST ends."""
     client = openai.OpenAI(api_key=key, base_url=url + "/v1", max_retries=max_retries)
     test.addCleanup(client.close)
@@ -206,18 +206,20 @@ class LoopTests:
         self.assertEqual(self.errors(events), ["not_found"])
         self.assertEqual(fake.statuses, [(0, 404)])  # not retried
 
-    def test_429_once_is_retried_by_the_sdk(self):
+    def test_429_once_is_retried_and_says_so(self):
         phase, _, text, events, fake = self.run_agent([text_step("hello after a retry", errors=[429])])
         self.assertEqual((phase, text), (pb.COMPLETED, "hello after a retry"))
         self.assertEqual(fake.statuses, [(0, 429), (0, 200)])
-        self.assertEqual(self.errors(events), [])
+        self.assertEqual(self.errors(events), ["api_retry"])  # the retry is an event: a slow turn says why
+        retry = [e["error"].message for e in events if "error" in e][0]
+        self.assertIn("retrying in 0.05 s (1 of 2): rate limited", retry)  # the API's retry-after
 
     def test_429_after_the_sdk_retries_is_a_rate_limit_failure(self):
         phase, reason, _, events, fake = self.run_agent([text_step("never", errors=[429] * 3)])
         self.assertEqual(phase, pb.FAILED)
         self.assertIn("rate limited", reason)
-        self.assertEqual(self.errors(events), ["rate_limit"])
-        self.assertEqual(fake.statuses, [(0, 429)] * 3)  # the SDK's own retries (max_retries=2), nothing more
+        self.assertEqual(self.errors(events), ["api_retry", "api_retry", "rate_limit"])
+        self.assertEqual(fake.statuses, [(0, 429)] * 3)  # our retries (models.API_RETRIES), nothing more
 
     def test_api_errors_become_human_messages(self):
         for status, (code, words, tries) in self.status_cases.items():
@@ -225,8 +227,8 @@ class LoopTests:
                 phase, reason, _, events, fake = self.run_agent([text_step("never", errors=[status] * 3)])
                 self.assertEqual(phase, pb.FAILED)
                 self.assertIn(words, reason)
-                self.assertEqual([e["error"].code for e in events if "error" in e], [code])
-                self.assertEqual(len(fake.requests), tries)  # the SDK retries 5xx, not 403
+                self.assertEqual([e["error"].code for e in events if "error" in e], ["api_retry"] * (tries - 1) + [code])
+                self.assertEqual(len(fake.requests), tries)  # 5xx is asked again, 403 is not
 
     def test_connection_refused_is_a_connection_failure(self):
         events = []
@@ -235,7 +237,7 @@ class LoopTests:
         phase, reason, _ = the_agent.run("x", "/tmp")
         self.assertEqual(phase, pb.FAILED)
         self.assertIn("could not reach the model API", reason)
-        self.assertEqual(self.errors(events), ["connection"])
+        self.assertEqual(self.errors(events), ["api_retry", "api_retry", "connection"])  # asked again twice, said
 
     def test_a_stream_that_breaks_mid_reply_is_asked_again(self):
         phase, _, text, events, fake = self.run_agent([text_step("a complete answer at last", drop=1)])

@@ -567,7 +567,11 @@ class ApiMessagesTest(CliCase):
         for follow in ((), ("-f",)):
             logs = self.cli("logs", events[0]["execution_id"], *follow)
             self.assertEqual(logs.returncode, 1, logs.stderr)
-            self.assertIn("✗ failed: the model API failed (500)", logs.stderr)
+            # each retry is a dim line, the error is said once, and the summary counts no turn (none was answered)
+            self.assertEqual(logs.stderr.count("↻ retrying in 0.05 s"), 2, logs.stderr)
+            self.assertEqual(logs.stderr.count("the upstream model server crashed"), 3, logs.stderr)
+            self.assertIn("\n✗ failed\n", logs.stderr)
+            self.assertIn("0 turns · 0 in / 0 out", logs.stdout)
         logs = self.cli("logs", events[0]["execution_id"], "--json")
         self.assertEqual(logs.returncode, 1, logs.stderr)
         self.assertTrue(all("seq" in json.loads(line) for line in logs.stdout.splitlines()))  # the events only

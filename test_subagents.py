@@ -201,7 +201,7 @@ class TaskToolTest(unittest.TestCase):
         by_id = {e.tool_result.id: e.tool_result for e in run.of("tool_result", depth=0)}
         results = [by_id[e.tool_call.id] for e in run.of("tool_call", depth=0)]  # in call order
         self.assertTrue(all(r.is_error for r in results))
-        self.assertIn(f"sub-agent {GP} failed after 1 turn: ", results[0].output)
+        self.assertIn(f"sub-agent {GP} failed after 0 turns: ", results[0].output)
         self.assertIn("the request was malformed somehow", results[0].output)
         self.assertIn("reached the turn limit (2 turns)", results[1].output)
         self.assertIn(f"unknown sub-agent 'nobody'; the sub-agents are: {GP}", results[2].output)
