@@ -193,6 +193,7 @@ def follow_run(cfg, be, client, execution, plan, args):
     import terminal
     from contract import BackendError
     renderer = terminal.make_renderer(args.json, cfg.environ.get("NO_COLOR"))
+    renderer.full = args.verbose
     if renderer.json_lines:
         renderer.json_line(terminal.run_dict(execution, cfg.mode, client.endpoint))
     else:
@@ -540,6 +541,7 @@ def cmd_logs(cfg, args):
             return print_patch(client, execution)
         renderer = terminal.make_renderer(args.json, cfg.environ.get("NO_COLOR"))
         renderer.show_prompts = True
+        renderer.full = args.full
         if args.history and execution.spec.parent_id:
             terminal.show_ancestors(client, execution, renderer)
         try:

@@ -247,6 +247,7 @@ def parser():
                              "(unconfined, as you); or STIGMER_SANDBOX_MODE (resume: default the execution's)")
     shared.add_argument("--network", action="store_true",
                         help="let the agent's commands use the network (off in workspace-write and read-only)")
+    shared.add_argument("--verbose", action="store_true", help="show each tool's output whole, not its first lines")
 
     run = sub.add_parser("run", help="run a task (the default command)", parents=[shared],
                          epilog='examples:\n  python runner.py run "fix the failing test" --workspace ~/proj\n'
@@ -299,6 +300,7 @@ def parser():
     logs = sub.add_parser("logs", help="replay an execution's events", epilog="example: python runner.py logs ex-1a2b -f")
     logs.add_argument("id")
     logs.add_argument("-f", "--follow", action="store_true", help="keep following until it ends")
+    logs.add_argument("--full", action="store_true", help="show each tool's output whole, not its first lines")
     logs.add_argument("--json", action="store_true", help="one JSON object per event per line")
     logs.add_argument("--history", action="store_true",
                       help="show the conversation it continues first (its parent's events, and theirs)")

@@ -46,6 +46,7 @@ class Renderer:
         self.calls = {}  # (task_call_id, depth, tool_use id) -> the tool's name
         self.show_prompts = False  # show the task of each execution (logs), not only the model's side (run)
         self.cleared = []  # the ContextCleared events seen, for the summary
+        self.full = False  # show tool output whole (logs --full, run --verbose), not its first lines
         self.shown_errors = set()  # the messages of the error events shown: the summary does not repeat them
         self.sandbox_id = ""  # the execution's remote sandbox, from its artifact event
 
@@ -70,13 +71,14 @@ class Renderer:
             return
         frames = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
         self.frame += 1
-        sys.stderr.write(f"\r{self.paint('2', frames[self.frame % len(frames)] + ' working…')}")
+        quiet = time.monotonic() - self.last_output  # how long this step has gone on without a word
+        sys.stderr.write(f"\r{self.paint('2', frames[self.frame % len(frames)] + f' working… {quiet:.0f} s')}")
         sys.stderr.flush()
         self.spinning = True
 
     def clear_spinner(self):
         if self.spinning:
-            sys.stderr.write("\r\033[K" if self.color else "\r" + " " * 12 + "\r")
+            sys.stderr.write("\r\033[K" if self.color else "\r" + " " * 24 + "\r")
             sys.stderr.flush()
             self.spinning = False
 
@@ -139,8 +141,10 @@ class Renderer:
         head = f"  ⎿ {status} · {r.duration_ms / 1000:.1f} s" + (" · truncated" if r.truncated else "")
         self.out(lead + self.paint("31" if r.is_error else "2", head) + "\n")
         pad = lead + self.paint("2", "    ")
+        if self.full:  # logs --full, run --verbose: the output whole
+            keep = len(lines)
         for line in lines[:keep]:
-            self.out(pad + self.paint("2", line[:160]) + "\n")
+            self.out(pad + self.paint("2", line if self.full else line[:160]) + "\n")
         if len(lines) > keep:
             more = len(lines) - keep
             self.out(pad + self.paint("2", f"… {more} more line{'s' if more > 1 else ''}") + "\n")

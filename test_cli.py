@@ -8,6 +8,7 @@ import fcntl
 import json
 import os
 import pty
+import re
 import shutil
 import signal
 import socket
@@ -204,6 +205,23 @@ class OutputTest(CliCase):
         self.assertIn("runners connected", text.stdout)
         status = json.loads(self.cli("status", "--json").stdout)
         self.assertEqual(status["started_by"], "foreground run")  # `start` found the daemon "say hello" started
+
+
+class FullOutputTest(CliCase):
+    script = [tool_step(("execute", {"command": "seq 1 10 | sed 's/^/line /'"})), text_step("Counted.")]
+
+    def test_full_and_verbose_show_tool_output_whole(self):
+        proc = self.cli("count to ten")
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertIn("… 6 more lines", proc.stdout)
+        self.assertNotIn("line 10", proc.stdout)
+        execution_id = proc.stderr.split("· ")[-1].strip()
+        short, full = self.cli("logs", execution_id), self.cli("logs", execution_id, "--full")
+        self.assertIn("… 6 more lines", short.stdout)
+        self.assertIn("line 10", full.stdout)
+        self.assertNotIn("more lines", full.stdout)
+        verbose = self.cli("run", "--verbose", "count again")
+        self.assertIn("line 10", verbose.stdout)
 
 
 class EnvironmentTest(CliCase):
@@ -625,6 +643,7 @@ class WatcherInterruptTest(CliCase):
         term = Pty(["logs", execution_id, "-f"], self.env, self.workspace)
         try:
             wait_for(lambda: "working…" in term.screen)
+            wait_for(lambda: re.search(r"working… [1-9]\d* s", term.screen), what="the spinner's elapsed seconds")
             term.proc.send_signal(signal.SIGINT)
             code = term.wait()
         finally:
