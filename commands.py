@@ -184,7 +184,7 @@ def execution_spec(cfg, args, plan, runner_id, gathered):
         max_tokens_total=args.max_tokens_total or 0, runner_id=runner_id,
         repo=args.repo or (parent.spec.repo if parent else ""), ref=args.ref or (parent.spec.ref if parent else ""),
         keep_sandbox=args.keep_sandbox, sandbox=cfg.sandbox, parent_id=parent.id if parent else "", agent=plan.agent,
-        project_docs=plan.docs, sandbox_mode=plan.sandbox_mode, network=plan.network)
+        project_docs=plan.docs, sandbox_mode=plan.sandbox_mode, network=plan.network, no_patch=args.no_patch)
 
 
 def follow_run(cfg, be, client, execution, plan, args):
@@ -573,8 +573,8 @@ def print_patch(client, execution):
         if execution.phase in (pb.PENDING, pb.RUNNING):
             raise CliError(f"{execution.id} is still {pb.Phase.Name(execution.phase).lower()}: its patch is recorded "
                            f"when it ends (follow it with python runner.py logs {execution.id} -f)")
-        raise CliError(f"{execution.id} has no patch: only a Daytona sandbox whose workspace is a git checkout "
-                       "(run --repo URL) records one")
+        raise CliError(f"{execution.id} has no patch: a run records one when its workspace is a git checkout and "
+                       "it changed something there (not with --no-patch)")
     if patch.notes:
         print(f"stigmer: {patch.notes}", file=sys.stderr)
     sys.stdout.write(patch.text)

@@ -248,6 +248,8 @@ def parser():
     shared.add_argument("--network", action="store_true",
                         help="let the agent's commands use the network (off in workspace-write and read-only)")
     shared.add_argument("--verbose", action="store_true", help="show each tool's output whole, not its first lines")
+    shared.add_argument("--no-patch", action="store_true",
+                        help="record no patch of what the run changes in a git workspace (`logs ID --patch`)")
 
     run = sub.add_parser("run", help="run a task (the default command)", parents=[shared],
                          epilog='examples:\n  python runner.py run "fix the failing test" --workspace ~/proj\n'

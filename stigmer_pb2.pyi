@@ -23,7 +23,7 @@ FAILED: Phase
 CANCELLED: Phase
 
 class ExecutionSpec(_message.Message):
-    __slots__ = ("prompt", "workspace", "model", "max_turns", "secret_names", "max_tokens_total", "runner_id", "repo", "ref", "keep_sandbox", "sandbox", "parent_id", "agent", "project_docs", "sandbox_mode", "network")
+    __slots__ = ("prompt", "workspace", "model", "max_turns", "secret_names", "max_tokens_total", "runner_id", "repo", "ref", "keep_sandbox", "sandbox", "parent_id", "agent", "project_docs", "sandbox_mode", "network", "no_patch")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     WORKSPACE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -40,6 +40,7 @@ class ExecutionSpec(_message.Message):
     PROJECT_DOCS_FIELD_NUMBER: _ClassVar[int]
     SANDBOX_MODE_FIELD_NUMBER: _ClassVar[int]
     NETWORK_FIELD_NUMBER: _ClassVar[int]
+    NO_PATCH_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     workspace: str
     model: str
@@ -56,7 +57,8 @@ class ExecutionSpec(_message.Message):
     project_docs: _containers.RepeatedCompositeFieldContainer[ProjectDoc]
     sandbox_mode: str
     network: bool
-    def __init__(self, prompt: _Optional[str] = ..., workspace: _Optional[str] = ..., model: _Optional[str] = ..., max_turns: _Optional[int] = ..., secret_names: _Optional[_Iterable[str]] = ..., max_tokens_total: _Optional[int] = ..., runner_id: _Optional[str] = ..., repo: _Optional[str] = ..., ref: _Optional[str] = ..., keep_sandbox: _Optional[bool] = ..., sandbox: _Optional[str] = ..., parent_id: _Optional[str] = ..., agent: _Optional[_Union[AgentSpec, _Mapping]] = ..., project_docs: _Optional[_Iterable[_Union[ProjectDoc, _Mapping]]] = ..., sandbox_mode: _Optional[str] = ..., network: _Optional[bool] = ...) -> None: ...
+    no_patch: bool
+    def __init__(self, prompt: _Optional[str] = ..., workspace: _Optional[str] = ..., model: _Optional[str] = ..., max_turns: _Optional[int] = ..., secret_names: _Optional[_Iterable[str]] = ..., max_tokens_total: _Optional[int] = ..., runner_id: _Optional[str] = ..., repo: _Optional[str] = ..., ref: _Optional[str] = ..., keep_sandbox: _Optional[bool] = ..., sandbox: _Optional[str] = ..., parent_id: _Optional[str] = ..., agent: _Optional[_Union[AgentSpec, _Mapping]] = ..., project_docs: _Optional[_Iterable[_Union[ProjectDoc, _Mapping]]] = ..., sandbox_mode: _Optional[str] = ..., network: _Optional[bool] = ..., no_patch: _Optional[bool] = ...) -> None: ...
 
 class ProjectDoc(_message.Message):
     __slots__ = ("path", "text", "size", "truncated")

@@ -224,6 +224,49 @@ class FullOutputTest(CliCase):
         self.assertIn("line 10", verbose.stdout)
 
 
+@unittest.skipUnless(shutil.which("git"), "git is not installed")
+class LocalPatchTest(CliCase):
+    script = [tool_step(("execute", {"command": "echo changed >> README && printf 'new\\n' > added.txt"})),
+              text_step("Changed two files.")]
+
+    def git(self, *args, cwd=None):
+        done = subprocess.run(["git", "-c", "user.email=t@example.com", "-c", "user.name=t", *args],
+                              cwd=cwd or self.workspace, capture_output=True, text=True, timeout=60)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        return done.stdout
+
+    def test_a_local_run_in_a_git_checkout_records_its_patch(self):
+        with open(os.path.join(self.workspace, "README"), "w") as f:
+            f.write("the project\n")
+        self.git("init", "-q")
+        self.git("add", "README")
+        self.git("commit", "-qm", "start")
+        with open(os.path.join(self.workspace, "mine.txt"), "w") as f:
+            f.write("the user's own change, from before the run\n")
+        proc = self.cli("change two files")
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertIn("⎘ patch", proc.stdout + proc.stderr)
+        execution_id = proc.stderr.split("· ")[-1].strip()
+        patch = self.cli("logs", execution_id, "--patch")
+        self.assertEqual(patch.returncode, 0, patch.stderr)
+        self.assertIn("+changed", patch.stdout)
+        self.assertIn("added.txt", patch.stdout)
+        self.assertNotIn("mine.txt", patch.stdout)  # what the run changed, not what was there before it
+        self.assertEqual(self.git("status", "--short"), " M README\n?? added.txt\n?? mine.txt\n")  # index untouched
+        clone = os.path.join(self.tmp, "clone")
+        self.git("clone", "-q", self.workspace, clone, cwd=self.tmp)
+        with open(os.path.join(self.tmp, "change.patch"), "w") as f:
+            f.write(patch.stdout)
+        self.git("apply", os.path.join(self.tmp, "change.patch"), cwd=clone)
+        with open(os.path.join(clone, "README")) as f:
+            self.assertEqual(f.read(), "the project\nchanged\n")
+        skipped = self.cli("run", "--no-patch", "change two files again")
+        self.assertEqual(skipped.returncode, 0, skipped.stderr)
+        none = self.cli("logs", skipped.stderr.split("· ")[-1].strip(), "--patch")
+        self.assertEqual(none.returncode, 1)
+        self.assertIn("--no-patch", none.stderr)
+
+
 class EnvironmentTest(CliCase):
     GITHUB = "ghp_fakeTokenForTheFilterTest42"
     PASSWORD = "hunter2-but-longer"

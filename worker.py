@@ -157,6 +157,57 @@ def patch_artifact(patch, redactor):
                        notes=redactor.redact("; ".join(notes)))
 
 
+GIT_TIMEOUT = 60.0  # seconds a git command of the host patch may take
+
+
+def _git(workspace, index, environ, *args):
+    """git ARGS in WORKSPACE with the private index file INDEX and ENVIRON's PATH and HOME (no secret); its
+    stdout, or None when git fails (or is absent)."""
+    import subprocess
+    env = {k: environ[k] for k in ("PATH", "HOME") if environ.get(k)}
+    env.update(GIT_INDEX_FILE=index, GIT_OPTIONAL_LOCKS="0", LC_ALL="C")
+    try:
+        done = subprocess.run(["git", "-c", "core.quotepath=off", *args], cwd=workspace, env=env,
+                              capture_output=True, timeout=GIT_TIMEOUT, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.decode("utf-8", "replace") if done.returncode == 0 else None
+
+
+def workspace_tree(workspace, environ):
+    """The git tree of WORKSPACE as it is now (tracked and new files, .gitignore respected), written through a
+    private index so that the user's index, refs and files stay as they are; None when WORKSPACE is not in a
+    git checkout. Two of them give what a run changed: host_patch."""
+    import tempfile
+    fd, index = tempfile.mkstemp(prefix="stigmer-index-")
+    os.close(fd)
+    os.unlink(index)  # git makes it; an empty file is not an index
+    try:
+        if _git(workspace, index, environ, "rev-parse", "--is-inside-work-tree") is None:
+            return None
+        base = (_git(workspace, index, environ, "rev-parse", "--verify", "-q", "HEAD") or "").strip() or \
+            (_git(workspace, index, environ, "hash-object", "-t", "tree", "/dev/null") or "").strip()
+        if not base or _git(workspace, index, environ, "read-tree", base) is None or \
+                _git(workspace, index, environ, "add", "-A", ".") is None:
+            return None
+        tree = _git(workspace, index, environ, "write-tree")
+        return tree.strip() if tree else None
+    finally:
+        if os.path.exists(index):
+            os.unlink(index)
+
+
+def host_patch(workspace, before, max_bytes, environ):
+    """The Patch of what changed in WORKSPACE since the tree BEFORE (workspace_tree), binary files named and the
+    text capped at MAX_BYTES as a Daytona sandbox's; None when it cannot be taken."""
+    import daytona_sandbox
+    after = workspace_tree(workspace, environ)
+    if after is None:
+        return None
+    text = _git(workspace, os.devnull, environ, "diff", "--no-color", "--no-ext-diff", "--no-renames", before, after)
+    return None if text is None else daytona_sandbox._cap_patch(text, max_bytes)
+
+
 def redact_payload(message, redactor):
     """Every string of the event payload MESSAGE (nested messages and repeated fields too) through REDACTOR,
     in place: the one place where what leaves the worker is redacted. A tool call's input is redacted as the
@@ -514,6 +565,8 @@ class Worker:
                                    f"makes {self.sandbox} ones: start runners with STIGMER_SANDBOX={spec.sandbox} "
                                    "(python runner.py stop, then start), or run it with the same STIGMER_SANDBOX")
             box = self._open_sandbox(execution, emit)
+            if not getattr(box, "id", None) and not spec.no_patch:  # the host: what the run changes is its patch
+                box.patch_base = workspace_tree(spec.workspace, self.environ)
             the_agent = agent_mod.Agent(model, box, emit, max_turns=spec.max_turns,
                                         max_tokens_total=spec.max_tokens_total, redactor=redactor, shell_env=shell_env,
                                         context_window=models.context_window(model_name, self.context_window),
@@ -610,8 +663,13 @@ class Worker:
         """At the end of an execution, however it ended: a remote sandbox's workspace patch becomes a "patch"
         artifact event, then the sandbox is deleted (kept, and said so, with spec.keep_sandbox)."""
         from sandbox import SandboxError, SandboxUnavailable
-        if not getattr(box, "id", None):
-            return  # the host: its workspace holds the change itself
+        if not getattr(box, "id", None):  # the host: its workspace holds the change; the log gets its patch too
+            base = getattr(box, "patch_base", None)
+            patch = host_patch(execution.spec.workspace, base, PATCH_MAX_BYTES, self.environ) if base and take_patch and \
+                redactor is not None else None
+            if patch is not None and patch.text + "".join(patch.binary_files):  # something changed
+                emit(artifact=patch_artifact(patch, redactor))
+            return
         if take_patch and redactor is not None:
             try:
                 patch = box.patch(PATCH_MAX_BYTES)
