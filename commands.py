@@ -191,7 +191,7 @@ def follow_run(cfg, be, client, execution, plan, args):
     """Show EXECUTION live until it ends (Ctrl-C cancels it) and its summary; returns the exit code."""
     import stigmer_pb2 as pb
     import terminal
-    from contract import BackendError
+    from contract import BackendError, BackendUnavailable
     renderer = terminal.make_renderer(args.json, cfg.environ.get("NO_COLOR"))
     renderer.full = args.verbose
     if renderer.json_lines:
@@ -212,9 +212,17 @@ def follow_run(cfg, be, client, execution, plan, args):
         except BackendError as exc:
             print(f"stigmer: could not cancel {execution.id}: {exc}", file=sys.stderr)
 
+    def restarted():
+        try:
+            return be.ensure(idle_exit=RUN_IDLE_EXIT)[0]
+        except CliError as exc:  # it cannot start now: the follower waits, and says what brings it back
+            raise BackendUnavailable(f"{exc}; `python runner.py start` brings it back") from None
+
     interrupted = terminal.cancel_on_signals(cancel)  # cmd_run restores the handlers
     try:
-        phase = terminal.follow(client, execution.id, renderer, interrupted=interrupted, reconnect=be.connect)
+        # A lost daemon is started again (the same lock-guarded start every command uses): the run's worker
+        # reconnects to it and resends what it holds, and the run ends with the execution's real outcome.
+        phase = terminal.follow(client, execution.id, renderer, interrupted=interrupted, reconnect=restarted)
     except KeyboardInterrupt:
         return 130
     final = be.connect().get(execution.id)  # the daemon may have restarted (with a new token) while we watched

@@ -297,6 +297,29 @@ class CancelTest(CliCase):
         self.assertContiguous(stored)
 
 
+class ForegroundDaemonLostTest(CliCase):
+    script = [tool_step(("execute", {"command": "sleep 2; echo slept"})), text_step("done though the daemon died")]
+
+    def test_a_foreground_run_starts_its_daemon_again_and_ends_with_the_real_outcome(self):
+        run = subprocess.Popen([sys.executable, os.path.join(HERE, "runner.py"), "--json", "sleep a little"],
+                               env=self.env, cwd=self.workspace, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+        self.addCleanup(lambda: run.poll() is None and run.kill())
+        wait_for(lambda: self.fake.requests, what="the first model request")  # the sleep is under way
+        daemon_pid = int(read(os.path.join(self.home, "logs", "daemon.pid")).split()[0])
+        os.kill(daemon_pid, signal.SIGKILL)
+        out, err = run.communicate(timeout=120)
+        self.assertEqual(run.returncode, 0, err)
+        self.assertIn("reconnected", err)
+        self.assertNotEqual(int(read(os.path.join(self.home, "logs", "daemon.pid")).split()[0]), daemon_pid)
+        summary = json.loads(out.splitlines()[-1])
+        self.assertEqual((summary["kind"], summary["phase"]), ("summary", "COMPLETED"))
+        events = self.logs(summary["execution_id"])
+        self.assertContiguous(events)
+        self.assertEqual(events[-1]["phase"], "COMPLETED")
+        self.assertIn("slept", [e for e in events if e["kind"] == "tool_result"][0]["output"])
+
+
 class BackgroundServicesTest(CliCase):
     script = [tool_step(("execute", {"command": "sleep 3; echo slept"})),
               tool_step(("execute", {"command": "echo second"})),
