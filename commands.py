@@ -99,6 +99,7 @@ def cmd_run(cfg, args):
             print(as_typed(f"stigmer: {queued} older execution(s) are queued and run first: see `python runner.py "
                            "list --phase pending`, and `python runner.py cancel ID` to drop one"), file=sys.stderr)
         execution = client.submit(spec)
+        args.execution_id = execution.id  # for the session (cmd_chat), which continues it next
         if args.detach:
             print(json.dumps({"execution_id": execution.id}) if args.json else execution.id)
             return 0
@@ -111,6 +112,48 @@ def cmd_run(cfg, args):
             stop_process(worker, timeout=10)
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+
+
+def cmd_chat(cfg, args):
+    """`chat` (or the CLI alone on a terminal): a session. Each line is a run (an execution in the log like any
+    other) that continues the session's conversation; Ctrl-C cancels the current turn and comes back to the
+    prompt; /new starts a fresh conversation; /exit or Ctrl-D leaves."""
+    if not sys.stdin.isatty():
+        raise CliError("chat needs a terminal: give the task instead, e.g. python runner.py \"add a --verbose flag\"", 2)
+    if args.json or args.detach:
+        raise CliError("chat is for a person at a terminal: drop --json and --detach (run them per task)", 2)
+    print("stigmer chat · each line is a task that continues the conversation · Ctrl-C cancels a turn · "
+          "/new starts afresh · /exit or Ctrl-D leaves", file=sys.stderr)
+    parent = None
+    while True:
+        try:
+            line = input("› ").strip()
+        except EOFError:  # Ctrl-D: the session ends well, whatever its last turn did
+            print(file=sys.stderr)
+            return 0
+        except KeyboardInterrupt:  # at the prompt: a fresh line, as a shell does
+            print(file=sys.stderr)
+            continue
+        if line in ("/exit", "/quit"):
+            return 0
+        if line == "/new":
+            parent = None
+            print("stigmer: a fresh conversation starts with the next line", file=sys.stderr)
+            continue
+        if not line:
+            continue
+        turn = argparse.Namespace(**{**vars(args), "task": [line], "command": "resume" if parent else "run",
+                                     "id": parent, "execution_id": None})
+        if parent:  # the conversation keeps its agent and settings
+            turn.agent, turn.env = None, None
+        try:
+            cmd_run(cfg, turn)  # its outcome is on the screen; the session goes on
+        except CliError as exc:
+            print(f"stigmer: {exc}", file=sys.stderr)
+        except KeyboardInterrupt:
+            pass
+        parent = turn.execution_id or parent
+        print(file=sys.stderr)
 
 
 def plan_run(cfg, args):

@@ -52,8 +52,8 @@ SANDBOXES = ("filesystem", "daytona")  # STIGMER_SANDBOX: the host, or one Dayto
 ENVS = ("development", "staging", "production")
 RUNNER_GRACE = 15.0  # default seconds the daemon waits for a lost runner to come back (STIGMER_RUNNER_GRACE)
 INHERIT_ENV_VAR = "STIGMER_INHERIT_ENV"  # 1: the agent's shell gets secret-looking variables too (--inherit-env)
-COMMANDS = ("run", "resume", "start", "stop", "status", "list", "logs", "cancel", "agents", "daemon", "worker")
-USER_COMMANDS = ("status", "list", "logs", "start", "stop", "cancel", "run", "resume", "agents", "daemon",
+COMMANDS = ("run", "resume", "chat", "start", "stop", "status", "list", "logs", "cancel", "agents", "daemon", "worker")
+USER_COMMANDS = ("status", "list", "logs", "start", "stop", "cancel", "run", "resume", "chat", "agents", "daemon",
                  "worker")  # the order a near miss is matched in
 REDIS_SETTINGS = (  # cloud mode: (variable, redis_backend setting, default seconds)
     ("STIGMER_LEASE_TTL", "lease_ttl", 15.0),  # a dead worker's execution fails about this long after
@@ -284,6 +284,15 @@ def parser():
     resume.set_defaults(workspace=None, cont=False, repo=None, ref=None, keep_sandbox=False, agent=None, env=None,
                         no_project_doc=False)
 
+    chat = sub.add_parser("chat", help="a session: each line is a run that continues the conversation "
+                                       "(also: stigmer alone on a terminal)", parents=[shared],
+                          epilog="in the session: Ctrl-C cancels the current turn, /new starts a fresh conversation, "
+                                 "/exit or Ctrl-D leaves", formatter_class=argparse.RawDescriptionHelpFormatter)
+    chat.add_argument("--workspace", help="directory the agent works in (default: SANDBOX_ROOT_DIR or .)")
+    chat.add_argument("--model", help="provider/model (default: STIGMER_MODEL or the newest Claude Sonnet)")
+    chat.add_argument("--agent", metavar="NAME_OR_PATH", help="the agent to run (default: STIGMER_AGENT)")
+    chat.set_defaults(task=[], cont=False, repo=None, ref=None, keep_sandbox=False, env=None, no_project_doc=False)
+
     start = sub.add_parser("start", help="run the daemon and workers in the background",
                            epilog="example: python runner.py start --workers 2")
     start.add_argument("--workers", type=int, default=1, help="how many workers (default 1)")
@@ -369,11 +378,8 @@ def run_cli(argv):
         args.insert(0, "run")
     p = parser()
     if not args:
-        if not sys.stdin.isatty():  # `echo "task" | python runner.py`: the prompt comes from stdin
-            args = ["run"]
-        else:
-            p.print_help()
-            return 2
+        # `echo "task" | python runner.py`: the prompt comes from stdin; alone on a terminal: a session
+        args = ["run"] if not sys.stdin.isatty() else ["chat"]
     try:
         parsed = p.parse_args(args)
     except SystemExit as exc:

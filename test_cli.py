@@ -676,6 +676,51 @@ class CancelWhileThinkingTest(CliCase):
         self.assertFalse(os.path.exists(os.path.join(self.home, "logs", "run-worker.log")))  # start's worker ran it
 
 
+class SessionTest(CliCase):
+    script = [text_step("first answer"), text_step("second answer")]
+
+    def test_two_turns_continue_one_conversation_and_ctrl_d_leaves(self):
+        term = Pty([], self.env, self.workspace)  # the CLI alone on a terminal opens a session
+        try:
+            wait_for(lambda: "› " in term.screen, what="the session's prompt")
+            term.type("say something\n")
+            wait_for(lambda: "first answer" in term.screen and term.screen.count("› ") >= 2, what="the first turn")
+            term.type("and again\n")
+            wait_for(lambda: "second answer" in term.screen and term.screen.count("› ") >= 3, what="the second turn")
+            term.type("\x04")  # Ctrl-D
+            code = term.wait()
+        finally:
+            term.kill()
+        self.assertEqual(code, 0, term.screen)
+        second = self.fake.requests[1]["messages"]  # the second turn continued the first's conversation
+        self.assertEqual([m["role"] for m in second], ["user", "assistant", "user"])
+        self.assertIn("say something", json.dumps(second[0]))
+        rows = [json.loads(line) for line in self.cli("list", "--json").stdout.splitlines()]
+        self.assertEqual(rows[0]["spec"]["parent_id"], rows[1]["id"])  # every turn is an execution in the log
+
+
+class SessionCancelTest(CliCase):
+    script = [text_step("far too late", delay=600)]
+
+    def test_ctrl_c_cancels_the_turn_and_comes_back_to_the_prompt(self):
+        term = Pty(["chat"], self.env, self.workspace)
+        try:
+            wait_for(lambda: "› " in term.screen, what="the session's prompt")
+            term.type("think hard\n")
+            wait_for(lambda: self.fake.requests, what="the model request")
+            term.proc.send_signal(signal.SIGINT)
+            wait_for(lambda: term.screen.count("› ") >= 2, timeout=60, what="the prompt again")  # not the 600 s
+            self.assertIsNone(term.proc.poll())  # the session goes on
+            term.type("/exit\n")
+            code = term.wait()
+        finally:
+            term.kill()
+        self.assertEqual(code, 0, term.screen)
+        self.assertIn("cancelled", term.screen)
+        rows = [json.loads(line) for line in self.cli("list", "--json").stdout.splitlines()]
+        self.assertEqual(rows[0]["phase"], "CANCELLED")
+
+
 class WatcherInterruptTest(CliCase):
     script = [tool_step(("execute", {"command": "sleep 60"})), text_step("never")]
 
