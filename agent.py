@@ -54,6 +54,9 @@ TOOL_CUT_NOTE = ("Your previous reply was cut off by the output token limit in t
 CUT_TEXT = "(reply cut off by the output token limit)"  # the assistant text of a cut-off reply that had none
 NOT_RUN = "not run: the execution was cancelled"  # the result of a tool call that never ran
 NO_OUTPUT = "(no output)"  # what the model gets for an empty tool output
+OUTPUT_EVERY = 0.3  # seconds between a running command's output events
+OUTPUT_CAP = 64 * 1024  # characters of live output events per command (the tool result has the output the model sees)
+OUTPUT_LINE = 4096  # bytes of a line without its end that are sent anyway
 CLEAR_AT = 0.80  # share of the context window the previous request may fill before old tool results are cleared
 CLEAR_TO = 0.50  # ... clearing goes on until the estimate is under this share
 KEEP_RESULTS = 3  # the most recent tool results are never cleared
@@ -159,6 +162,63 @@ class Stop(Exception):
 def cancel_stop():
     """The Stop that ends a run the user cancelled."""
     return Stop(pb.CANCELLED, "cancelled by the user", "cancelled")
+
+
+class LiveOutput:
+    """A running command's output as `output` events for CALL_ID: whole lines, batched every OUTPUT_EVERY seconds
+    by a thread that starts with the first chunk, at most OUTPUT_CAP characters (then one note). EMIT is the
+    agent's (the worker redacts every event)."""
+
+    def __init__(self, emit, call_id):
+        self.emit, self.call_id = emit, call_id
+        self.lock = threading.Lock()
+        self.pending = {"stdout": bytearray(), "stderr": bytearray()}
+        self.sent = 0
+        self.done = threading.Event()
+        self.thread = None
+
+    def feed(self, stream, data):
+        """ON_OUTPUT for the sandbox's execute()."""
+        with self.lock:
+            self.pending[stream] += data
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._loop, name="live-output", daemon=True)
+                self.thread.start()
+
+    def _loop(self):
+        while not self.done.wait(OUTPUT_EVERY):
+            self.flush()
+
+    def flush(self):
+        """Send the whole lines (and overlong line starts) that came since the last flush."""
+        with self.lock:
+            batches = []
+            for stream, buf in self.pending.items():
+                end = buf.rfind(b"\n") + 1 or (len(buf) if len(buf) >= OUTPUT_LINE else 0)
+                if end:
+                    batches.append((stream, bytes(buf[:end]).decode("utf-8", "replace")))
+                    del buf[:end]
+        for stream, text in batches:
+            if self.sent >= OUTPUT_CAP:
+                return
+            if self.sent + len(text) > OUTPUT_CAP:
+                text = "… live output capped here; the command goes on, and its result has the output\n"
+                self.sent = OUTPUT_CAP
+            else:
+                self.sent += len(text)
+            self.emit(output=pb.Output(call_id=self.call_id, stream=stream, text=valid_text(text)))
+
+    def close(self):
+        """The command ended: its last lines go too when some went live already (the view stays whole), and a
+        command that ended before the first batch sends nothing (its result follows, with the output)."""
+        self.done.set()
+        if self.thread is not None:
+            self.thread.join()
+            if self.sent:
+                for buf in self.pending.values():
+                    if buf and not buf.endswith(b"\n"):
+                        buf += b"\n"
+                self.flush()
 
 
 def cap_output(text, limit=TOOL_OUTPUT_CHARS):
@@ -380,6 +440,7 @@ class Agent:
             output, is_error, exit_code, truncated, duration = NOT_RUN, True, 130, False, 0.0
         else:
             start = time.monotonic()
+            self._call_id = call.id  # for live output (the calls of one agent run one at a time)
             output, is_error, exit_code, truncated = self._call_tool(call)
             duration = time.monotonic() - start
         output, cut = cap_output(self._redact(valid_text(output)))
@@ -411,7 +472,12 @@ class Agent:
 
     def _execute(self, command, timeout=None):
         timeout = min(float(timeout), 600.0) if timeout else None
-        result = self.sandbox.execute(command, timeout=timeout, env=self.shell_env, cancel=self.cancelled)
+        live = LiveOutput(self.emit, getattr(self, "_call_id", ""))
+        try:
+            result = self.sandbox.execute(command, timeout=timeout, env=self.shell_env, cancel=self.cancelled,
+                                          on_output=live.feed)
+        finally:
+            live.close()
         parts = [result.output.rstrip("\n")]
         if result.exit_code != 0:
             parts.append(f"[exit code {result.exit_code}]")

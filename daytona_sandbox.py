@@ -262,8 +262,9 @@ class DaytonaSandbox:
 
     # ---- shell ----
 
-    def execute(self, command, timeout=None, env=None, *, cancel=None) -> ExecutionResult:
-        """Run command with /bin/sh in the workspace; never raises because the command failed."""
+    def execute(self, command, timeout=None, env=None, *, cancel=None, on_output=None) -> ExecutionResult:
+        """Run command with /bin/sh in the workspace; never raises because the command failed. (ON_OUTPUT is
+        accepted for the host's signature: Daytona's session gives the output when the command ends.)"""
         if not isinstance(command, str) or not command.strip():
             raise SandboxError("command must be a non-empty string")
         if "\0" in command:

@@ -345,14 +345,17 @@ def seatbelt_profile(root, mode, *, network=False, hide=(), read_only=(), temp_d
 class _Capture:
     """Keeps the first and last bytes of a stream, counting what falls in between."""
 
-    def __init__(self, limit):
+    def __init__(self, limit, tee=None):
         self.head_limit = limit // 2
         self.tail_limit = limit - self.head_limit
         self.head = bytearray()
         self.tail = bytearray()
         self.total = 0
+        self.tee = tee  # tee(data): also given every chunk as it comes (live output)
 
     def add(self, data):
+        if self.tee is not None:
+            self.tee(data)
         self.total += len(data)
         room = self.head_limit - len(self.head)
         if room > 0:
@@ -427,8 +430,9 @@ class FilesystemSandbox:
 
     # ---- shell ----
 
-    def execute(self, command, timeout=None, env=None, *, cancel=None) -> ExecutionResult:
-        """Run command with the shell in the root; never raises because the command failed."""
+    def execute(self, command, timeout=None, env=None, *, cancel=None, on_output=None) -> ExecutionResult:
+        """Run command with the shell in the root; never raises because the command failed. ON_OUTPUT(stream,
+        data), when given, gets each chunk of stdout ("stdout") and stderr ("stderr") as it comes."""
         if not isinstance(command, str) or not command.strip():
             raise SandboxError("command must be a non-empty string")
         if "\0" in command:
@@ -471,7 +475,8 @@ class FilesystemSandbox:
         with _LIVE_LOCK:
             _LIVE.add(pid)
             _tell_guard(b"+%d %s" % (pid, marker.encode()))
-        out, err = _Capture(self.max_output_bytes), _Capture(self.max_output_bytes)
+        out = _Capture(self.max_output_bytes, on_output and (lambda data: on_output("stdout", data)))
+        err = _Capture(self.max_output_bytes, on_output and (lambda data: on_output("stderr", data)))
         # In bubblewrap nothing can leave: the PID namespace ends, everything in it killed, before bwrap exits.
         sweeper = _Sweeper(pid, marker, start, active=not self._bwrap)
         try:

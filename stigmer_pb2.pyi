@@ -423,6 +423,16 @@ class ContextCleared(_message.Message):
     window: int
     def __init__(self, results: _Optional[int] = ..., tokens_before: _Optional[int] = ..., tokens_after: _Optional[int] = ..., ids: _Optional[_Iterable[str]] = ..., window: _Optional[int] = ...) -> None: ...
 
+class Output(_message.Message):
+    __slots__ = ("call_id", "stream", "text")
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    STREAM_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    call_id: str
+    stream: str
+    text: str
+    def __init__(self, call_id: _Optional[str] = ..., stream: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...
+
 class Error(_message.Message):
     __slots__ = ("code", "message")
     CODE_FIELD_NUMBER: _ClassVar[int]
@@ -450,7 +460,7 @@ class Artifact(_message.Message):
     def __init__(self, type: _Optional[str] = ..., name: _Optional[str] = ..., text: _Optional[str] = ..., size: _Optional[int] = ..., truncated: _Optional[bool] = ..., notes: _Optional[str] = ..., created_in: _Optional[float] = ...) -> None: ...
 
 class Event(_message.Message):
-    __slots__ = ("execution_id", "seq", "time", "subagent", "task_call_id", "depth", "phase", "text", "tool_call", "tool_result", "usage", "error", "artifact", "prompt", "turn", "context_cleared")
+    __slots__ = ("execution_id", "seq", "time", "subagent", "task_call_id", "depth", "phase", "text", "tool_call", "tool_result", "usage", "error", "artifact", "prompt", "turn", "context_cleared", "output")
     EXECUTION_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
@@ -467,6 +477,7 @@ class Event(_message.Message):
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     TURN_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_CLEARED_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
     execution_id: str
     seq: int
     time: float
@@ -483,7 +494,8 @@ class Event(_message.Message):
     prompt: Prompt
     turn: Turn
     context_cleared: ContextCleared
-    def __init__(self, execution_id: _Optional[str] = ..., seq: _Optional[int] = ..., time: _Optional[float] = ..., subagent: _Optional[str] = ..., task_call_id: _Optional[str] = ..., depth: _Optional[int] = ..., phase: _Optional[_Union[PhaseChange, _Mapping]] = ..., text: _Optional[_Union[TextDelta, _Mapping]] = ..., tool_call: _Optional[_Union[ToolCall, _Mapping]] = ..., tool_result: _Optional[_Union[ToolResult, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., artifact: _Optional[_Union[Artifact, _Mapping]] = ..., prompt: _Optional[_Union[Prompt, _Mapping]] = ..., turn: _Optional[_Union[Turn, _Mapping]] = ..., context_cleared: _Optional[_Union[ContextCleared, _Mapping]] = ...) -> None: ...
+    output: Output
+    def __init__(self, execution_id: _Optional[str] = ..., seq: _Optional[int] = ..., time: _Optional[float] = ..., subagent: _Optional[str] = ..., task_call_id: _Optional[str] = ..., depth: _Optional[int] = ..., phase: _Optional[_Union[PhaseChange, _Mapping]] = ..., text: _Optional[_Union[TextDelta, _Mapping]] = ..., tool_call: _Optional[_Union[ToolCall, _Mapping]] = ..., tool_result: _Optional[_Union[ToolResult, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., artifact: _Optional[_Union[Artifact, _Mapping]] = ..., prompt: _Optional[_Union[Prompt, _Mapping]] = ..., turn: _Optional[_Union[Turn, _Mapping]] = ..., context_cleared: _Optional[_Union[ContextCleared, _Mapping]] = ..., output: _Optional[_Union[Output, _Mapping]] = ...) -> None: ...
 
 class SubmitRequest(_message.Message):
     __slots__ = ("spec",)

@@ -47,6 +47,7 @@ class Renderer:
         self.show_prompts = False  # show the task of each execution (logs), not only the model's side (run)
         self.cleared = []  # the ContextCleared events seen, for the summary
         self.full = False  # show tool output whole (logs --full, run --verbose), not its first lines
+        self.live = set()  # (task_call_id, depth, call id) of the commands whose output was shown as it came
         self.shown_errors = set()  # the messages of the error events shown: the summary does not repeat them
         self.sandbox_id = ""  # the execution's remote sandbox, from its artifact event
 
@@ -99,6 +100,8 @@ class Renderer:
             self.tool_call(ev)
         elif kind == "tool_result":
             self.tool_result(ev)
+        elif kind == "output":
+            self.live_output(ev)
         elif kind == "error" and ev.error.code.endswith("_retry"):  # asked again: a note, not a failure
             self.newline()
             self.out(self.paint("2", f"↻ {ev.error.message}") + "\n", err=True)
@@ -132,20 +135,30 @@ class Renderer:
             shown = shown or ev.tool_call.input_json
         self.out(f"{lead}{self.paint('36', '⏺ ' + ev.tool_call.name)} {shown[:200]}\n")
 
+    def live_output(self, ev, lead=""):
+        """A running command's output lines, under its tool line as they come."""
+        self.newline()
+        self.live.add((ev.task_call_id, ev.depth, ev.output.call_id))
+        color = "31" if ev.output.stream == "stderr" else "2"
+        for line in ev.output.text.splitlines():
+            self.out(lead + self.paint(color, "  │ " + (line if self.full else line[:160])) + "\n")
+
     def tool_result(self, ev, lead="", keep=4):
-        """The status line of a tool result and its first KEEP lines of output."""
+        """The status line of a tool result and its first KEEP lines of output (none when they were shown live)."""
         r = ev.tool_result
+        if (ev.task_call_id, ev.depth, r.id) in self.live:
+            keep = 0
         lines = r.output.splitlines()
         name = self.calls.get((ev.task_call_id, ev.depth, r.id))
         status = f"exit {r.exit_code}" if name == "execute" else ("error" if r.is_error else "ok")
         head = f"  ⎿ {status} · {r.duration_ms / 1000:.1f} s" + (" · truncated" if r.truncated else "")
         self.out(lead + self.paint("31" if r.is_error else "2", head) + "\n")
         pad = lead + self.paint("2", "    ")
-        if self.full:  # logs --full, run --verbose: the output whole
+        if self.full and keep:  # logs --full, run --verbose: the output whole (unless it was shown live)
             keep = len(lines)
         for line in lines[:keep]:
             self.out(pad + self.paint("2", line if self.full else line[:160]) + "\n")
-        if len(lines) > keep:
+        if len(lines) > keep and keep:
             more = len(lines) - keep
             self.out(pad + self.paint("2", f"… {more} more line{'s' if more > 1 else ''}") + "\n")
 
@@ -157,6 +170,8 @@ class Renderer:
             self.tool_call(ev, lead)
         elif kind == "tool_result":
             self.tool_result(ev, lead, keep=2)
+        elif kind == "output":
+            self.live_output(ev, lead)
         elif kind == "turn" and ev.turn.text.strip():
             self.newline()
             lines = ev.turn.text.strip().splitlines()

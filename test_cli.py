@@ -207,6 +207,44 @@ class OutputTest(CliCase):
         self.assertEqual(status["started_by"], "foreground run")  # `start` found the daemon "say hello" started
 
 
+class LiveOutputTest(CliCase):
+    script = [tool_step(("execute", {"command": "echo first; echo oops >&2; while [ ! -e release ]; do sleep 0.05; "
+                                                "done; echo second"})), text_step("Released.")]
+
+    def test_a_commands_output_arrives_while_it_still_runs(self):
+        run = subprocess.Popen([sys.executable, RUNNER, "--json", "wait for the release"], env=self.env,
+                               cwd=self.workspace, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+        self.addCleanup(lambda: run.poll() is None and run.kill())
+        seen = []
+        while not any(e.get("kind") == "output" and e["stream"] == "stdout" for e in seen):
+            line = run.stdout.readline()
+            self.assertTrue(line, "the run ended before any output event")
+            seen.append(json.loads(line))
+        self.assertEqual([e for e in seen if e.get("kind") == "tool_result"], [])  # the command still runs
+        self.assertIn("first", [e for e in seen if e.get("kind") == "output"][0]["text"])
+        open(os.path.join(self.workspace, "release"), "w").close()
+        deadline = threading.Timer(90, run.kill)  # a run that never ends fails the test, not hangs it
+        deadline.start()
+        self.addCleanup(deadline.cancel)
+        out = run.stdout.read()  # to its end (communicate() would skip what readline buffered)
+        err = run.stderr.read()
+        self.assertEqual(run.wait(timeout=60), 0, err)
+        events = seen + [json.loads(line) for line in out.splitlines()]
+        call_id = next(e["id"] for e in events if e.get("kind") == "tool_call")
+        live = [e for e in events if e.get("kind") == "output"]
+        self.assertEqual({e["call_id"] for e in live}, {call_id})
+        self.assertEqual("".join(e["text"] for e in live if e["stream"] == "stdout"), "first\nsecond\n")
+        self.assertEqual("".join(e["text"] for e in live if e["stream"] == "stderr"), "oops\n")
+        result = next(e for e in events if e.get("kind") == "tool_result")
+        self.assertIn("second", result["output"])  # what the model sees is the whole output, as before
+        # every watcher follows them: the log holds them, and the text replay shows them under the tool line
+        self.assertEqual([e for e in self.logs(result["execution_id"]) if e["kind"] == "output"], live)
+        replay = self.cli("logs", result["execution_id"])
+        self.assertIn("│ first", replay.stdout)
+        self.assertIn("│ second", replay.stdout)
+
+
 class FullOutputTest(CliCase):
     script = [tool_step(("execute", {"command": "seq 1 10 | sed 's/^/line /'"})), text_step("Counted.")]
 
