@@ -300,6 +300,23 @@ class ForegroundCancelTest(CloudCase):
         self.assertEqual(self.log.r.keys(self.prefix + "queue:*"), [])  # its own worker's queue is gone
 
 
+class CancelWhileThinkingTest(CloudCase):
+    script = [text_step("far too late", delay=600)]  # the model's first byte would come in 10 minutes
+
+    def test_ctrl_c_while_the_model_thinks_cancels_at_once(self):
+        proc = subprocess.Popen([sys.executable, os.path.join(HERE, "runner.py"), "--json", "--workspace",
+                                 self.workspace("think"), "think hard"], env=self.env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        wait_for(lambda: self.fake.requests, 90, "the model request")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)  # far less than 600 s: the request was abandoned
+        self.assertEqual(proc.returncode, 130, err)
+        summary = json.loads(out.splitlines()[-1])
+        self.assertEqual((summary["kind"], summary["phase"]), ("summary", "CANCELLED"))
+        self.assertEqual(self.phase(summary["execution_id"]), pb.CANCELLED)
+
+
 class RedisRestartTest(CloudCase):
     aof = True
     settings = {"STIGMER_LEASE_TTL": "20"}  # the lease outlives the outage (its TTL is kept in the AOF)
