@@ -686,6 +686,38 @@ def show_agent(cfg, name, workspace, as_json):
     return 0
 
 
+def cmd_recover(cfg, args):
+    """`recover`: move a damaged database aside (kept, with a timestamp) and copy into a fresh one what SQLite can
+    still read; says how many executions and events it kept. The daemon must be stopped first."""
+    import sqlite3
+
+    import store
+    path = os.path.join(cfg.home, "stigmer.db")
+    if daemon_owner(cfg) is not None:
+        raise CliError("the daemon is running on this database: stop it first (`python runner.py stop`), "
+                       "then run `python runner.py recover`")
+    if not os.path.exists(path):
+        raise CliError(f"there is no database at {path}: nothing to recover")
+    aside = f"{path}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
+    for suffix in ("", "-wal", "-shm"):  # the write-ahead log holds the latest writes: it moves with the file
+        if os.path.exists(path + suffix):
+            os.rename(path + suffix, aside + suffix)
+    try:
+        db = store.open_db(path)
+        try:
+            executions, events = store.recover(aside, db)
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        raise CliError(f"could not copy from {aside} into a fresh {path}: {exc} (the damaged file is kept)") from None
+    if args.json:
+        print(json.dumps({"database": path, "damaged_copy": aside, "executions": executions, "events": events}))
+    else:
+        print(f"kept {executions} execution(s) and {events} event(s) in a fresh {path}; the damaged file is "
+              f"{aside} (delete it once you are sure)")
+    return 0
+
+
 def cmd_cancel(cfg, args):
     import stigmer_pb2 as pb
     ex = connect(cfg).cancel(args.id)

@@ -15,6 +15,7 @@ migrations, queries, row conversions) lives in store.py. Watch sends the log's s
 and WatchBatches EventBatches spliced together from them (batch_bytes; daemon_server.add_service registers
 both without re-serializing). Listening, the token and the home's lock are in daemon_server.py.
 """
+import contextlib
 import os
 import queue
 import sqlite3
@@ -188,7 +189,7 @@ class Daemon(pb_grpc.DaemonServicer):
             return self._active.get(ex.id, ex)
 
     def Get(self, request, context):
-        with self._lock:
+        with self._lock, self._reading(context):
             self._check_open(context)
             return self._find(request.execution_id, context)
 
@@ -200,7 +201,7 @@ class Daemon(pb_grpc.DaemonServicer):
             after = store.parse_page_token(request.page_token)
         except ValueError:
             context.abort(Code.INVALID_ARGUMENT, f"page_token {request.page_token!r} is not one List gave")
-        with self._lock:
+        with self._lock, self._reading(context):
             self._check_open(context)
             executions = store.list_executions(self._db, request.phase, limit, after)
         page, size = [], 0
@@ -238,7 +239,7 @@ class Daemon(pb_grpc.DaemonServicer):
             return ex
 
     def Status(self, request, context):
-        with self._lock:
+        with self._lock, self._reading(context):
             self._check_open(context)
             counts = store.count_by_phase(self._db)
             return pb.DaemonStatus(
@@ -264,7 +265,7 @@ class Daemon(pb_grpc.DaemonServicer):
         return chain.from_iterable(batch_bytes(_payloads(rows)) for rows in pages)
 
     def _check_watch(self, request, context):
-        with self._lock:
+        with self._lock, self._reading(context):
             self._check_open(context)
             self._find(request.execution_id, context)
             self._watchers += 1
@@ -281,6 +282,11 @@ class Daemon(pb_grpc.DaemonServicer):
         for more until the terminal one. A page is whatever the log holds (up to WATCH_PAGE), so an idle
         log's next event goes out alone, at once. A terminal phase event is always an execution's last,
         so only each page's last row is looked at."""
+        with self._reading(context):
+            yield from self._watch_rows(execution_id, after, follow, context)
+
+    def _watch_rows(self, execution_id, after, follow, context):
+        """_watch's pages, its reads of the database unguarded (_watch turns their failure into one line)."""
         db = store.open_reader(self._db_path)
         seen = 0  # notices (seq 0, not in the log) already sent
         try:
@@ -649,6 +655,18 @@ class Daemon(pb_grpc.DaemonServicer):
             timer.cancel()
 
     # ---- lookups (the caller holds self._lock) ----
+
+    @contextlib.contextmanager
+    def _reading(self, context):
+        """A read of the database that fails (an I/O error, a malformed page) ends the RPC with DATA_LOSS and
+        one line naming the file and the way out, never an empty answer or a gRPC internal."""
+        try:
+            yield
+        except sqlite3.DatabaseError as e:
+            if _is_full(e):
+                raise
+            say(store.damaged(self._db_path, e))
+            context.abort(Code.DATA_LOSS, store.damaged(self._db_path, e))
 
     def _check_open(self, context):
         self._last_call = time.monotonic()

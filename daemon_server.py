@@ -228,9 +228,14 @@ def _serve_locked(home, host, port, bind_host, address, runner_grace, cancel_gra
     except OSError as e:
         raise DaemonError(f"cannot create the database {db_path}: {e}") from None
     except sqlite3.Error as e:
-        raise DaemonError(f"cannot open the database {db_path}: {e}") from None
+        raise DaemonError(store.damaged(db_path, e) if isinstance(e, sqlite3.DatabaseError) and not
+                          isinstance(e, store.SchemaError) else f"cannot open the database {db_path}: {e}") from None
     token = os.urandom(32).hex()
-    daemon = Daemon(db, db_path, runner_grace, runner_grace if cancel_grace is None else cancel_grace, home)
+    try:  # it reads what was running when the last daemon stopped: a damaged file fails here
+        daemon = Daemon(db, db_path, runner_grace, runner_grace if cancel_grace is None else cancel_grace, home)
+    except sqlite3.DatabaseError as e:
+        db.close()
+        raise DaemonError(store.damaged(db_path, e)) from None
     server = grpc.server(futures.ThreadPoolExecutor(RPC_THREADS, thread_name_prefix="stigmer-rpc"),
                          interceptors=[TokenAuth(token)], options=SERVER_OPTIONS,
                          maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS)

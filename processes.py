@@ -63,8 +63,10 @@ class DaemonBackend:
         return connect(self.cfg)
 
     def start(self, out):
-        """For `start`: the daemon, started when none runs; returns where the workers serve, for a person."""
+        """For `start`: the daemon, started when none runs, on a database that reads whole (checked here, where
+        a person waits for it, not on a foreground run's path); returns where the workers serve, for a person."""
         if find_daemon(self.cfg) is None:
+            check_database(self.cfg)
             ensure_daemon(self.cfg, out=out)
         else:
             print(f"daemon already running at {self.cfg.endpoint}", file=out)
@@ -139,6 +141,27 @@ class RedisBackend(DaemonBackend):
     def processes(self):
         """This host's workers only: cloud mode has no daemon (one a local run left in this home is not ours)."""
         return {name: pid for name, pid in super().processes().items() if name.startswith("worker-")}
+
+
+def check_database(cfg):
+    """A CliError naming the file and the way out when STIGMER_HOME's database does not read whole
+    (SQLite's quick_check: every page, not the cross-checks of the indexes)."""
+    import sqlite3
+
+    import store
+    path = os.path.join(cfg.home, "stigmer.db")
+    if not os.path.exists(path):
+        return
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            problem = db.execute("PRAGMA quick_check(1)").fetchone()[0]
+        finally:
+            db.close()
+    except sqlite3.DatabaseError as exc:
+        problem = str(exc)
+    if problem != "ok":
+        raise CliError(store.damaged(path, problem).replace("stop the daemon (`python runner.py stop`), then ", ""))
 
 
 def daemon_token(home):

@@ -52,9 +52,10 @@ SANDBOXES = ("filesystem", "daytona")  # STIGMER_SANDBOX: the host, or one Dayto
 ENVS = ("development", "staging", "production")
 RUNNER_GRACE = 15.0  # default seconds the daemon waits for a lost runner to come back (STIGMER_RUNNER_GRACE)
 INHERIT_ENV_VAR = "STIGMER_INHERIT_ENV"  # 1: the agent's shell gets secret-looking variables too (--inherit-env)
-COMMANDS = ("run", "resume", "chat", "start", "stop", "status", "list", "logs", "cancel", "agents", "daemon", "worker")
-USER_COMMANDS = ("status", "list", "logs", "start", "stop", "cancel", "run", "resume", "chat", "agents", "daemon",
-                 "worker")  # the order a near miss is matched in
+COMMANDS = ("run", "resume", "chat", "start", "stop", "status", "list", "logs", "cancel", "agents", "recover",
+            "daemon", "worker")
+USER_COMMANDS = ("status", "list", "logs", "start", "stop", "cancel", "run", "resume", "chat", "agents", "recover",
+                 "daemon", "worker")  # the order a near miss is matched in
 REDIS_SETTINGS = (  # cloud mode: (variable, redis_backend setting, default seconds)
     ("STIGMER_LEASE_TTL", "lease_ttl", 15.0),  # a dead worker's execution fails about this long after
     ("STIGMER_CLAIM_IDLE", "claim_idle", 10.0),  # a queue entry read but never taken is reclaimed after
@@ -317,6 +318,9 @@ def parser():
                       help="show the conversation it continues first (its parent's events, and theirs)")
     logs.add_argument("--patch", action="store_true",
                       help="print the change the agent made, for git apply: logs ID --patch > change.patch")
+    recover = sub.add_parser("recover", help="move a damaged database aside and keep what can still be read",
+                             epilog="example: python runner.py stop && python runner.py recover")
+    recover.add_argument("--json", action="store_true", help="one JSON object")
     cancel = sub.add_parser("cancel", help="cancel an execution", epilog="example: python runner.py cancel ex-1a2b")
     cancel.add_argument("id")
     agents = sub.add_parser("agents", help="list the agents this workspace can use (name, description, file, "

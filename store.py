@@ -52,6 +52,13 @@ INSERT_EVENT = ("INSERT INTO events (execution_id, seq, time, kind, payload) VAL
 BUSY_TIMEOUT_MS = 5000  # how long a statement waits for another connection's lock
 
 
+def damaged(db_path, error):
+    """The one line for a database that cannot be read: which file, and what to do."""
+    error = " ".join(str(error).split())  # quick_check's report spans lines
+    return (f"the database {db_path} cannot be read ({error}): stop the daemon (`python runner.py stop`), then "
+            "`python runner.py recover` moves it aside and keeps what can still be read")
+
+
 def open_db(path):
     """Open (creating or migrating) the SQLite store for writing."""
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -190,3 +197,81 @@ def event_row(event):
     """The events row of an Event (the daemon's batch path builds the same tuple inline)."""
     return (event.execution_id, event.seq, event.time, event.WhichOneof("payload"),
             event.SerializeToString())
+
+
+# ---- recovery of a damaged file ----
+
+RECOVER_PAGE = 500  # rows read at a time from a damaged file; a page that fails is read row by row
+
+
+def recover(damaged_path, db):
+    """Copy into DB (a fresh store from open_db) what SQLite can still read of the database at DAMAGED_PATH:
+    executions in rowid order, then each one's events in seq order, reading past what fails a page at a time,
+    then row by row. Returns (executions, events) kept."""
+    old = sqlite3.connect(f"file:{damaged_path}?mode=ro", uri=True)
+    try:
+        columns = EXECUTION_COLUMNS + ", cancel_requested_at"
+        kept_ids = []
+        last, misses = 0, 0
+        while misses < 4:  # past this many unreadable spans of rowids in a row, the table is over (or gone)
+            try:
+                rows = old.execute(f"SELECT rowid, {columns} FROM executions WHERE rowid > ? ORDER BY rowid "
+                                   "LIMIT ?", (last, RECOVER_PAGE)).fetchall()
+            except sqlite3.DatabaseError:
+                rows = _row_by_row(old, f"SELECT rowid, {columns} FROM executions WHERE rowid = ?", last)
+                if not rows:
+                    last, misses = last + RECOVER_PAGE, misses + 1
+                    continue
+            if not rows:
+                break
+            misses = 0
+            for row in rows:
+                db.execute(f"INSERT OR IGNORE INTO executions ({columns}) VALUES ({', '.join('?' * 13)})", row[1:])
+                kept_ids.append(row[1])
+            last = rows[-1][0]
+        events = 0
+        for execution_id in kept_ids:
+            events += _recover_events(old, db, execution_id)
+        return len(kept_ids), events
+    finally:
+        old.close()
+
+
+def _row_by_row(old, query, last, span=RECOVER_PAGE):
+    """The rows of QUERY (by rowid) from LAST + 1 on that can still be read, up to SPAN of them."""
+    found = []
+    for rowid in range(last + 1, last + 1 + span):
+        try:
+            found += old.execute(query, (rowid,)).fetchall()
+        except sqlite3.DatabaseError:
+            continue
+    return found
+
+
+def _recover_events(old, db, execution_id):
+    """Copy the readable events of EXECUTION_ID; returns how many."""
+    copied, after = 0, 0
+    try:
+        top = old.execute("SELECT last_seq FROM executions WHERE id = ?", (execution_id,)).fetchone()[0]
+    except (sqlite3.DatabaseError, TypeError):
+        top = 0
+    while True:
+        try:
+            rows = old.execute("SELECT execution_id, seq, time, kind, payload FROM events WHERE execution_id = ? "
+                               "AND seq > ? ORDER BY seq LIMIT ?", (execution_id, after, RECOVER_PAGE)).fetchall()
+        except sqlite3.DatabaseError:
+            rows = []
+            for seq in range(after + 1, max(top, after) + 1):
+                try:
+                    rows += old.execute("SELECT execution_id, seq, time, kind, payload FROM events WHERE "
+                                        "execution_id = ? AND seq = ?", (execution_id, seq)).fetchall()
+                except sqlite3.DatabaseError:
+                    continue
+            after = max(top, after)
+            db.executemany(INSERT_EVENT, rows)
+            return copied + len(rows)
+        if not rows:
+            return copied
+        db.executemany(INSERT_EVENT, rows)
+        copied += len(rows)
+        after = rows[-1][1]

@@ -3,10 +3,12 @@ anthropic SDK against the fake Messages API on loopback (testsupport.FakeAnthrop
 
     python -m unittest test_runner -v
 """
+import contextlib
 import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -15,6 +17,7 @@ import time
 import unittest
 
 import runner
+import stigmer_pb2 as pb
 from testsupport import (FAKE_KEY, HERE, FakeAnthropic, assert_one_line, files_containing, free_port, pid_alive, run_cli,
                          running, sleep_tag, text_step, tool_step, wait_for)
 
@@ -295,6 +298,76 @@ class CancelTest(CliCase):
         stored = self.logs(events[0]["execution_id"])
         self.assertEqual(stored[-1]["phase"], "CANCELLED")
         self.assertContiguous(stored)
+
+
+def damage(path, first_page, pages):
+    """Overwrite PAGES pages of the SQLite file at PATH from page FIRST_PAGE (1-based) with random bytes."""
+    with open(path, "r+b") as f:
+        f.seek((first_page - 1) * 4096)
+        f.write(os.urandom(4096 * pages))
+
+
+class DamagedDatabaseTest(CliCase):
+    script = [text_step("stored")]
+    assertOneLine = assert_one_line
+
+    def assert_damaged_line(self, proc):
+        self.assertOneLine(proc, 1, os.path.join(self.home, "stigmer.db"), "cannot be read", "runner.py recover")
+
+    def test_a_database_damaged_under_a_running_daemon_is_one_line_not_an_empty_answer(self):
+        done = self.cli("store something")
+        self.assertEqual(done.returncode, 0, done.stderr)
+        execution_id = json.loads(self.cli("list", "--json").stdout.splitlines()[0])["id"]
+        db = os.path.join(self.home, "stigmer.db")
+        with contextlib.closing(sqlite3.connect(db)) as c:  # the log's pages into the main file, then damage them
+            c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        damage(db, 2, 3)
+        self.assert_damaged_line(self.cli("list"))
+        self.assert_damaged_line(self.cli("logs", execution_id))
+        listed = self.cli("list", "--json")
+        self.assert_damaged_line(listed)
+        self.assertEqual(json.loads(listed.stdout)["kind"], "error")
+        status = self.cli("status")  # it answers from what still reads, or says the same one line
+        self.assertNotIn("Traceback", status.stderr)
+        self.assertLessEqual(len(status.stderr.strip().splitlines()), 1, status.stderr)
+        self.assertEqual(self.cli("stop").returncode, 0)
+        self.assert_damaged_line(self.cli("start"))
+        self.assertOneLine(self.cli("status"), 1, "no daemon answers")  # none was started on it
+
+    def test_recover_moves_the_file_aside_and_keeps_what_reads(self):
+        import store
+        os.makedirs(self.home, mode=0o700)
+        db_path = os.path.join(self.home, "stigmer.db")
+        db = store.open_db(db_path)
+        for n in range(40):
+            ex = pb.Execution(id=f"ex-{n:04d}", created_at=1000.0 + n, phase=pb.COMPLETED, last_seq=20,
+                              spec=pb.ExecutionSpec(prompt=f"task {n}", workspace=self.workspace))
+            events = [pb.Event(execution_id=ex.id, seq=seq, time=1000.0 + n,
+                               tool_result=pb.ToolResult(id=f"t{seq}", output="x" * 900)) for seq in range(1, 21)]
+            store.write(db, [store.event_row(e) for e in events], [ex])
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        db.close()
+        pages = os.path.getsize(db_path) // 4096
+        damage(db_path, pages // 2, 2)  # two pages in the middle of the events
+        proc = self.cli("recover", "--json")
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        report = json.loads(proc.stdout)
+        self.assertTrue(os.path.exists(report["damaged_copy"]))  # kept, with a timestamp in its name
+        self.assertRegex(report["damaged_copy"], r"stigmer\.db\.damaged-\d{8}-\d{6}$")
+        self.assertGreater(report["executions"], 30)  # what reads is kept ...
+        self.assertGreater(report["events"], 0)
+        self.assertLess(report["events"], 800)  # ... and what was damaged is not invented
+        with contextlib.closing(sqlite3.connect(db_path)) as c:
+            self.assertEqual(c.execute("PRAGMA quick_check").fetchone()[0], "ok")
+            self.assertEqual(c.execute("SELECT count(*) FROM events").fetchone()[0], report["events"])
+            self.assertEqual(c.execute("SELECT count(*) FROM executions").fetchone()[0], report["executions"])
+        listed = [json.loads(line) for line in self.cli("list", "--json", "--limit", "100").stdout.splitlines()]
+        self.assertEqual(len(listed), report["executions"])
+        self.assertEqual(self.cli("stop").returncode, 0)
+        again = self.cli("recover", "--json")  # on a good file: a fresh copy of everything
+        self.assertEqual(again.returncode, 0, again.stderr)
+        self.assertEqual([json.loads(again.stdout)[k] for k in ("executions", "events")],
+                         [report["executions"], report["events"]])
 
 
 class ForegroundDaemonLostTest(CliCase):
