@@ -88,8 +88,10 @@ def cmd_run(cfg, args):
         if endpoint:
             worker = run_worker(cfg, plan, endpoint, runner_id)
         client, status = found or be.ensure(idle_exit=RUN_IDLE_EXIT)
-        if plan.resuming:
+        if plan.resuming:  # a follow-up: the parent's secrets known, a warm worker that holds them takes it too
             continue_parent(cfg, args, plan, find_parent(client, args, plan.workspace))
+            if be.warm_worker((client, status), plan.model, plan.shell_names):
+                runner_id = ""
         if runner_id and worker is None:
             worker = run_worker(cfg, plan, be.worker_endpoint((client, status)), runner_id)
         spec = execution_spec(cfg, args, plan, runner_id, getattr(worker, "secrets", ()))

@@ -208,11 +208,14 @@ class OutputTest(CliCase):
 
 
 class LiveOutputTest(CliCase):
-    script = [tool_step(("execute", {"command": "echo first; echo oops >&2; while [ ! -e release ]; do sleep 0.05; "
-                                                "done; echo second"})), text_step("Released.")]
+    script = [tool_step(("execute", {"command": "echo first; echo token=$LIVE_TOKEN; echo oops >&2; "
+                                                "while [ ! -e release ]; do sleep 0.05; done; echo second"})),
+              text_step("Released.")]
+    TOKEN = "live-output-secret-6f1d2a"
 
     def test_a_commands_output_arrives_while_it_still_runs(self):
-        run = subprocess.Popen([sys.executable, RUNNER, "--json", "wait for the release"], env=self.env,
+        run = subprocess.Popen([sys.executable, RUNNER, "--json", "--secret", "LIVE_TOKEN", "wait for the release"],
+                               env=dict(self.env, LIVE_TOKEN=self.TOKEN),
                                cwd=self.workspace, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
         self.addCleanup(lambda: run.poll() is None and run.kill())
@@ -234,7 +237,9 @@ class LiveOutputTest(CliCase):
         call_id = next(e["id"] for e in events if e.get("kind") == "tool_call")
         live = [e for e in events if e.get("kind") == "output"]
         self.assertEqual({e["call_id"] for e in live}, {call_id})
-        self.assertEqual("".join(e["text"] for e in live if e["stream"] == "stdout"), "first\nsecond\n")
+        self.assertEqual("".join(e["text"] for e in live if e["stream"] == "stdout"),
+                         "first\ntoken=[REDACTED:LIVE_TOKEN]\nsecond\n")  # redacted like every event
+        self.assertNotIn(self.TOKEN, json.dumps(events))
         self.assertEqual("".join(e["text"] for e in live if e["stream"] == "stderr"), "oops\n")
         result = next(e for e in events if e.get("kind") == "tool_result")
         self.assertIn("second", result["output"])  # what the model sees is the whole output, as before
@@ -507,6 +512,12 @@ class WarmRunTest(CliCase):
         self.assertEqual(events[-1]["final_text"], "warm")
         self.assertEqual(self.newest_spec().get("runner_id", ""), "")  # not pinned: the warm worker took it
         self.assertFalse(os.path.exists(os.path.join(self.home, "logs", "run-worker.log")))  # none was spawned
+        # A follow-up (-c, a session's next line) fits it too: the parent's secrets are the worker's
+        proc, events = self.run_task("-c", "and again")
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertEqual(self.newest_spec().get("runner_id", ""), "")
+        self.assertTrue(self.newest_spec()["parent_id"])
+        self.assertFalse(os.path.exists(os.path.join(self.home, "logs", "run-worker.log")))
         # A --secret the started worker was not given: this run needs its own worker, with that secret.
         proc, events = self.run_task("--secret", "EXTRA_TOKEN", "hello", env=dict(self.env, EXTRA_TOKEN="x"))
         self.assertEqual(proc.returncode, 0, proc.stderr)
