@@ -141,6 +141,7 @@ class Daemon(pb_grpc.DaemonServicer):
         self._full = False  # the last write failed with a full disk (logged once per outage)
         self._notices = {}  # execution id -> serialized seq-0 Events for its followers (disk full)
         self._noticed = {}  # execution id -> notice kinds sent in the current outage
+        self._unstored = {}  # execution id -> the PhaseChange its runner ended it with, which the log refused
         self._watchers = 0  # open Watch streams
         self._last_call = time.monotonic()  # the latest RPC, for the idle check
         self._runner_grace, self._cancel_grace = runner_grace, cancel_grace
@@ -191,7 +192,21 @@ class Daemon(pb_grpc.DaemonServicer):
     def Get(self, request, context):
         with self._lock, self._reading(context):
             self._check_open(context)
-            return self._find(request.execution_id, context)
+            return self._shown(self._find(request.execution_id, context))
+
+    def _shown(self, ex):
+        """EX as a client sees it: when its runner ended it but the log could not store that (a full disk), the
+        phase it ended in, marked not_stored, until the log holds it (call with the lock held)."""
+        change = self._unstored.get(ex.id)
+        if change is None:
+            return ex
+        if ex.phase in TERMINAL_PHASES:  # stored at last
+            del self._unstored[ex.id]
+            return ex
+        ex = _copy(ex)
+        ex.phase, ex.error, ex.turns, ex.not_stored = change.phase, change.reason, change.turns, True
+        ex.final_text = change.final_text
+        return ex
 
     def List(self, request, context):
         if request.limit < 0 or request.phase not in pb.Phase.values():
@@ -203,7 +218,7 @@ class Daemon(pb_grpc.DaemonServicer):
             context.abort(Code.INVALID_ARGUMENT, f"page_token {request.page_token!r} is not one List gave")
         with self._lock, self._reading(context):
             self._check_open(context)
-            executions = store.list_executions(self._db, request.phase, limit, after)
+            executions = [self._shown(ex) for ex in store.list_executions(self._db, request.phase, limit, after)]
         page, size = [], 0
         for ex in executions:  # a page stays well under the message limit, whatever the prompts hold
             size += ex.ByteSize()
@@ -242,10 +257,18 @@ class Daemon(pb_grpc.DaemonServicer):
         with self._lock, self._reading(context):
             self._check_open(context)
             counts = store.count_by_phase(self._db)
+            for execution_id, change in list(self._unstored.items()):  # ended, not stored yet: counted as ended
+                active = self._active.get(execution_id)
+                if active is None:  # gone from memory: its end was stored
+                    del self._unstored[execution_id]
+                    continue
+                if self._shown(active).not_stored and counts.get(pb.RUNNING):
+                    counts[pb.RUNNING] -= 1
+                    counts[change.phase] = counts.get(change.phase, 0) + 1
             return pb.DaemonStatus(
                 version=VERSION, pid=os.getpid(), uptime_seconds=time.time() - self._started,
                 connected_runners=len(self._sessions), queue_depth=len(self._pending),
-                executions_by_phase={pb.Phase.Name(phase): n for phase, n in counts.items()},
+                executions_by_phase={pb.Phase.Name(phase): n for phase, n in counts.items() if n},
                 free_capacity=sum(s.free_slots() for s in self._sessions.values() if not s.pinned))  # shared slots
 
     # ---- Watch ----
@@ -474,6 +497,7 @@ class Daemon(pb_grpc.DaemonServicer):
             self._notice(execution_id, "error", error=pb.Error(code="disk_full", message=message))
             ended = [e.phase for e in events if e.WhichOneof("payload") == "phase" and e.phase.phase in TERMINAL_PHASES]
             if ended:
+                self._unstored[execution_id] = ended[-1]  # Get, List and Status answer with it meanwhile
                 self._notice(execution_id, "phase", phase=pb.PhaseChange(
                     phase=pb.FAILED, turns=ended[-1].turns,
                     reason=f"{message}; the run has ended ({pb.Phase.Name(ended[-1].phase)}) but its last "

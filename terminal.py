@@ -351,7 +351,8 @@ def print_executions(executions, json_lines, phase=None):
         tokens = ex.usage.input_tokens + ex.usage.output_tokens
         print(f"{ex.id:<18} {pb.Phase.Name(ex.phase):<10} {age_s:>6} {ex.turns:>5} {tokens:>8}  "
               f"{ex.spec.model or '-':<{width}}  {ex.spec.agent.name or '-':<{agents}}  {ex.spec.parent_id or '-':<18} "
-              f"{ex.spec.prompt.splitlines()[0][:60] if ex.spec.prompt else ''}")
+              f"{ex.spec.prompt.splitlines()[0][:60] if ex.spec.prompt else ''}"
+              + ("  (ended; not stored yet: the disk is full)" if ex.not_stored else ""))
 
 
 def print_status(st, processes, endpoint, json_lines, running=(), background=True, sandbox=None):

@@ -257,6 +257,14 @@ class DiskFullTest(CliCase):
         self.assertIn(self.home, err.splitlines()[-1])
         execution_id = json_lines(out)[0]["execution_id"]
         self.assertEqual(self.cli("status").returncode, 0)  # reads keep working
+        # The run has ended, though its end is not stored: the daemon says how it ended, not "running"
+        row = [r for r in json_lines(self.cli("list", "--json").stdout) if r["id"] == execution_id][0]
+        self.assertTrue(row["not_stored"], row)
+        self.assertIn(row["phase"], ("COMPLETED", "FAILED", "CANCELLED"))
+        self.assertIn("not stored yet", self.cli("list").stdout)
+        status = json.loads(self.cli("status", "--json").stdout)
+        self.assertNotIn("RUNNING", status["executions_by_phase"])
+        self.assertEqual(self.cli("logs", execution_id).returncode, {"COMPLETED": 0, "FAILED": 1}.get(row["phase"], 130))
         os.unlink(self.ballast)
 
         def failed():
