@@ -232,6 +232,8 @@ class LiveOutputTest(CliCase):
         self.addCleanup(deadline.cancel)
         out = run.stdout.read()  # to its end (communicate() would skip what readline buffered)
         err = run.stderr.read()
+        run.stdout.close()
+        run.stderr.close()
         self.assertEqual(run.wait(timeout=60), 0, err)
         events = seen + [json.loads(line) for line in out.splitlines()]
         call_id = next(e["id"] for e in events if e.get("kind") == "tool_call")

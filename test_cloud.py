@@ -344,6 +344,8 @@ class RedisRestartTest(CloudCase):
         self.addCleanup(deadline.cancel)
         out = follower.stdout.read()  # to its end (communicate() would skip what readline buffered)
         err = follower.stderr.read()
+        follower.stdout.close()
+        follower.stderr.close()
         follower.wait(timeout=60)
         self.assertEqual(follower.returncode, 0, err)
         self.assertEqual([json.loads(line)["seq"] for line in (first + out).splitlines()], [e.seq for e in events])

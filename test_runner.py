@@ -421,6 +421,8 @@ class BackgroundServicesTest(CliCase):
         self.addCleanup(deadline.cancel)
         out = follower.stdout.read()  # to its end (communicate() would skip what readline buffered)
         err = follower.stderr.read()
+        follower.stdout.close()
+        follower.stderr.close()
         follower.wait(timeout=60)  # it lived through the restart
         self.assertEqual(follower.returncode, 0, err)
         self.assertIn("reconnected", err)
