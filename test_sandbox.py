@@ -879,6 +879,7 @@ class RaceTest(SandboxCase):
         os.symlink(outside, self.path("swap"))
         swapper = subprocess.Popen([sys.executable, "-c", SWAPPER, self.path("sub"), self.path("swap")],
                                    stdout=subprocess.PIPE, text=True)
+        self.addCleanup(swapper.stdout.close)
         self.addCleanup(swapper.wait)
         self.addCleanup(swapper.kill)
         self.assertEqual(swapper.stdout.readline(), "swapping\n")
