@@ -23,8 +23,8 @@ import processes
 import runner
 import sandbox
 from test_runner import CliCase, read
-from testsupport import (FAKE_KEY, HERE, PongServer, assert_one_line, files_containing, run_cli, text_step, tool_step,
-                         wait_for)
+from testsupport import (FAKE_KEY, HERE, PongServer, assert_one_line, files_containing, pid_alive, run_cli, running,
+                         text_step, tool_step, wait_for)
 
 RUNNER = os.path.join(HERE, "runner.py")
 
@@ -88,7 +88,7 @@ class TypoTest(CliCase):
     def test_near_miss_of_a_command_is_refused_before_any_key_prompt_or_model_call(self):
         no_key = {k: v for k, v in self.env.items() if k != "ANTHROPIC_API_KEY"}
         for args, command in ((["stauts"], "status"), (["lst", "--json"], "list"), (["--json", "lst"], "list"),
-                              (["stat"], "status"), (["cancle"], "cancel"), (["--json", "list"], "list")):
+                              (["stat"], "status"), (["cancle"], "cancel")):
             proc = self.cli(*args, env=no_key)
             self.assertEqual(proc.returncode, 2, (args, proc.stderr))
             self.assertIn(f"did you mean `{command}`?", proc.stderr)
@@ -110,12 +110,18 @@ class TypoTest(CliCase):
         self.assertEqual(proc.returncode, 0, proc.stderr)
         self.assertEqual(first_prompt(self.fake), "refactor")
 
-    def test_a_command_after_an_option_says_to_put_it_first(self):
-        proc = self.cli("--json", "list")
+    def test_a_command_after_a_flag_is_still_the_command(self):
+        proc = self.cli("--json", "list")  # as `list --json`: no executions yet is one JSON error, exit 1
+        self.assertEqual(proc.returncode, 1, proc.stderr)
+        self.assertEqual(json.loads(proc.stdout)["kind"], "error")
+        first = json.loads(self.cli("--json", "hello").stdout.splitlines()[0])["execution_id"]
+        proc = self.cli("--json", "resume", first, "and more")  # not a task "resume ex-… and more"
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertEqual(json.loads(proc.stdout.splitlines()[0])["prompt"], "and more")
+        proc = self.cli("--model", "claude-fake", "list")  # an option with a value first: say where it goes
         self.assertEqual(proc.returncode, 2, proc.stderr)
         self.assertIn("it is a command: put it before its options", proc.stderr)
-        self.assertNotIn("not a command", proc.stderr)
-        self.assertEqual(self.fake.requests, [])
+        self.assertEqual(len(self.fake.requests), 2)
 
     def test_near_miss(self):
         self.assertEqual(runner.near_miss("stauts"), "status")
@@ -528,12 +534,93 @@ class WarmRunTest(CliCase):
     def test_another_provider_or_a_missing_secret_does_not_fit(self):
         self.assertEqual(self.cli("start", "--secret", "EXTRA_TOKEN", env=dict(self.env, EXTRA_TOKEN="x")).returncode, 0)
         cfg = runner.Config.load(self.env)
-        self.assertTrue(processes.shared_worker_fits(cfg, "anthropic/claude-fake", ["EXTRA_TOKEN"]))
-        self.assertTrue(processes.shared_worker_fits(cfg, "anthropic/claude-other", []))
-        self.assertFalse(processes.shared_worker_fits(cfg, "openai/gpt-fake", []))
-        self.assertFalse(processes.shared_worker_fits(cfg, "anthropic/claude-fake", ["EXTRA_TOKEN", "OTHER"]))
+
+        def fits(model, names):
+            return processes.fitting_worker(cfg, model, names, "-", shared_free=True)
+        self.assertEqual(fits("anthropic/claude-fake", ["EXTRA_TOKEN"]), "")
+        self.assertEqual(fits("anthropic/claude-other", []), "")
+        self.assertIsNone(fits("openai/gpt-fake", []))
+        self.assertIsNone(fits("anthropic/claude-fake", ["EXTRA_TOKEN", "OTHER"]))
         self.assertEqual(self.cli("stop", "--force").returncode, 0)
-        self.assertFalse(processes.shared_worker_fits(cfg, "anthropic/claude-fake", []))  # none alive
+        self.assertIsNone(fits("anthropic/claude-fake", []))  # none alive
+
+
+class WarmFollowUpTest(CliCase):
+    """A completed foreground run's worker stays warm for the next run that fits it (processes.keep_warm)."""
+    script = [tool_step(("execute", {"command": 'echo "extra=${EXTRA_TOKEN:-unset}"'})), text_step("done")]
+
+    def spec(self, execution_id):
+        return json.loads(self.cli("list", "--json").stdout.splitlines()[0])["spec"] if execution_id is None else \
+            next(json.loads(line)["spec"] for line in self.cli("list", "--json").stdout.splitlines()
+                 if json.loads(line)["id"] == execution_id)
+
+    def warm_files(self):
+        logs = os.path.join(self.home, "logs")
+        return sorted(n for n in os.listdir(logs) if n.startswith("warm-")) if os.path.isdir(logs) else []
+
+    def warm_pid(self):
+        files = self.warm_files()
+        self.assertEqual(len(files), 1, files)
+        return int(read(os.path.join(self.home, "logs", files[0])).split()[0])
+
+    def run_id(self, proc):
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        return json.loads(proc.stdout.splitlines()[0])["execution_id"]
+
+    def command_output(self, events):
+        return "".join(e.get("output", "") for e in events if e.get("kind") == "tool_result")
+
+    def test_the_next_run_takes_the_warm_worker_and_gets_only_its_own_secrets(self):
+        env = dict(self.env, EXTRA_TOKEN="tok-first-run-secret")
+        proc, events = self.run_task("--secret", "EXTRA_TOKEN", "show it", env=env)
+        first = self.run_id(proc)
+        self.assertIn("[REDACTED:EXTRA_TOKEN]", json.dumps(events))
+        pid = self.warm_pid()
+        self.assertTrue(pid_alive(pid))
+        own = self.spec(first)["runner_id"]
+        self.assertTrue(own.startswith("run-"))
+        # A new task with the same environment, naming no secret: the warm worker takes it, pinned to it, and its
+        # shell does not get the first run's secret.
+        proc, events = self.run_task("show it again", env=env)
+        self.assertEqual(self.spec(self.run_id(proc))["runner_id"], own)
+        self.assertIn("extra=unset", json.dumps(events))
+        # A follow-up of the first run, which names the secret again (its parent's): the worker holds it.
+        proc = self.cli("resume", first, "and again", "--json", env=env)
+        follow_up = self.spec(self.run_id(proc))
+        self.assertEqual((follow_up["runner_id"], follow_up["secret_names"]), (own, ["EXTRA_TOKEN"]))
+        self.assertEqual(self.warm_pid(), pid)  # still the one warm worker, idle again
+
+    def test_a_run_that_needs_more_brings_its_own_worker(self):
+        first = self.run_id(self.run_task("hello")[0])
+        own = self.spec(first)["runner_id"]
+        self.warm_pid()
+        # A secret it was never given: never taken by the warm worker, whose shell could not pass it.
+        env = dict(self.env, EXTRA_TOKEN="tok-second-secret")
+        proc, events = self.run_task("--secret", "EXTRA_TOKEN", "hello", env=env)
+        self.assertNotEqual(self.spec(self.run_id(proc))["runner_id"], own)
+        self.assertIn("[REDACTED:EXTRA_TOKEN]", json.dumps(events))
+        # Another environment (a variable the agent's shell would see): its own worker too.
+        proc, _ = self.run_task("hello", env=dict(self.env, PROJECT_STAGE="beta"))
+        self.assertNotIn(self.spec(self.run_id(proc))["runner_id"], (own, ""))
+
+    def test_stop_and_the_idle_period_end_it_and_a_failed_run_leaves_none(self):
+        self.run_id(self.run_task("hello")[0])
+        pid = self.warm_pid()
+        self.assertEqual(self.cli("stop").returncode, 0)
+        wait_for(lambda: not pid_alive(pid), what="the warm worker to exit after stop")
+        self.assertEqual(self.warm_files(), [])
+        # A short idle period: it leaves by itself, and so does its pid file.
+        own = self.spec(self.run_id(self.run_task("hello", env=dict(self.env, STIGMER_KEEP_WARM="0.5"))[0]))["runner_id"]
+        self.assertTrue(own.startswith("run-"))
+        wait_for(lambda: not running(own), what="the warm worker to leave after its idle period")
+        self.assertEqual(self.warm_files(), [])
+        # A run that fails (here a wrong key) keeps no worker: the next run must not meet that key again.
+        proc = self.cli("--json", "hello", env=dict(self.env, ANTHROPIC_API_KEY="sk-ant-wrong-key-1234"))
+        self.assertEqual(proc.returncode, 1, proc.stderr)
+        self.assertEqual(self.warm_files(), [], proc.stdout + proc.stderr)
+        # STIGMER_KEEP_WARM=0: the worker exits with its run.
+        self.run_id(self.run_task("hello", env=dict(self.env, STIGMER_KEEP_WARM="0"))[0])
+        self.assertEqual(self.warm_files(), [])
 
 
 class StopTest(CliCase):
