@@ -26,6 +26,7 @@ from test_runner import CliCase
 from test_worker import drain
 from testsupport import (FAKE_KEY, HERE, FakeAnthropic, assert_one_line, files_containing, run_cli, text_step,
                          tool_step, wait_for)
+from testsupport_parallel import load_tests  # noqa: F401 - the suite runs in parallel (see there)
 
 EXAMPLE = os.path.join(HERE, "examples", "agents", "code-reviewer.yaml")
 

@@ -25,6 +25,7 @@ import sandbox
 from test_runner import CliCase, read
 from testsupport import (FAKE_KEY, HERE, PongServer, assert_one_line, files_containing, pid_alive, run_cli, running,
                          text_step, tool_step, wait_for)
+from testsupport_parallel import load_tests  # noqa: F401 - the suite runs in parallel (see there)
 
 RUNNER = os.path.join(HERE, "runner.py")
 

@@ -23,6 +23,7 @@ import stigmer_pb2 as pb
 from testsupport import (FAKE_KEY, HERE, FakeAnthropic, pid_alive, run_cli, running, sleep_tag, text_step, tool_step,
                          wait_for)
 from testsupport_redis import RedisServer, requires_redis
+from testsupport_parallel import load_tests  # noqa: F401 - the suite runs in parallel (see there)
 
 LEASE_TTL = 5.0  # seconds; heartbeats every 1.7 s: short enough to see a lost worker, long for a busy machine
 _prefixes = itertools.count()

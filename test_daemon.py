@@ -22,6 +22,7 @@ import daemon_server
 import daemon_client
 import stigmer_pb2 as pb
 import stigmer_pb2_grpc as pb_grpc
+from testsupport_parallel import load_tests  # noqa: F401 - the suite runs in parallel (see there)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TIMEOUT = 20  # seconds any single RPC or expected message may take before the test fails

@@ -20,6 +20,7 @@ import runner
 import stigmer_pb2 as pb
 from testsupport import (FAKE_KEY, HERE, FakeAnthropic, assert_one_line, files_containing, free_port, pid_alive, run_cli,
                          running, sleep_tag, text_step, tool_step, wait_for)
+from testsupport_parallel import load_tests  # noqa: F401 - the suite runs in parallel (see there)
 
 KEY_VARS = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "OPENAI_API_KEY", "STIGMER_SANDBOX_SECRETS", "MODE", "ENV",
             "STIGMER_MODEL", "SANDBOX_ROOT_DIR", "NO_COLOR", "STIGMER_SANDBOX", "DAYTONA_API_KEY")

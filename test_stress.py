@@ -12,6 +12,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import unittest
 
@@ -23,6 +24,7 @@ import stigmer_pb2_grpc as pb_grpc
 import worker
 from test_runner import CliCase, read
 from testsupport import HERE, FakeAnthropic, pid_alive, running, sleep_tag, text_step, tool_step, wait_for
+from testsupport_parallel import load_tests  # noqa: F401 - the suite runs in parallel (see there)
 
 TIMEOUT = 180  # seconds a CLI under test may take on a loaded machine before the test fails
 
@@ -229,10 +231,13 @@ class DiskFullTest(CliCase):
         return self.daemon_log.read()
 
     def test_space_comes_back_and_the_run_completes(self):
+        space_back = threading.Event()  # the last reply waits for it, so that the run ends after space is back
+        self.fake.script = [*self.script[:-1], dict(self.script[-1], gate=space_back)]
         proc, lines = self.run_until_full()
         self.assertIn(self.home, lines[-1])
         self.assertEqual(self.cli("list").returncode, 0)  # reads keep working on a full disk
         os.unlink(self.ballast)
+        space_back.set()
         out, err = self.finish(proc)
         err = "".join(lines) + err
         self.assertEqual(proc.returncode, 0, err)

@@ -32,6 +32,7 @@ from test_cloud import CloudCase
 from test_resume import dumps, plain
 from test_runner import CliCase
 from testsupport import FakeAnthropic, HERE, running, sleep_tag, text_step, tool_step, wait_for
+from testsupport_parallel import load_tests  # noqa: F401 - the suite runs in parallel (see there)
 
 GP = subagents.GENERAL_PURPOSE
 

@@ -219,6 +219,8 @@ class FakeAnthropic:
         else:
             if step.get("delay"):
                 time.sleep(step["delay"])
+            if step.get("gate"):  # a threading.Event the test sets when this reply may go
+                step["gate"].wait(60)
             with self._lock:
                 self._replies = getattr(self, "_replies", 0) + 1
                 reply_id = f"msg_{step_index}_{self._replies}"  # unique per reply, as the real API's ids are
@@ -426,6 +428,8 @@ class FakeOpenAI(FakeAnthropic):
         else:
             if step.get("delay"):
                 time.sleep(step["delay"])
+            if step.get("gate"):  # a threading.Event the test sets when this reply may go
+                step["gate"].wait(60)
             include = bool((body.get("stream_options") or {}).get("include_usage"))
             result = self._stream_reply(step, step_index, render_chat_stream(
                 step, step_index, body.get("model", "gpt-fake"), include, reply_id))
