@@ -83,8 +83,8 @@ def cmd_run(cfg, args):
         # That worker (its SDK import is the slowest part of a cold start) starts before the daemon, unless it
         # needs the secret names of the run it resumes, which only the log knows.
         # A warm worker a foreground run left behind takes it too, pinned to it (see processes.keep_warm).
-        taker = None if args.detach or plan.resuming else be.warm_worker(found, plan.model, plan.shell_names,
-                                                                        environment_print(cfg, plan.shell_names))
+        wanted = environment_print(cfg, plan.shell_names, plan.model)
+        taker = None if args.detach or plan.resuming else be.warm_worker(found, plan.model, plan.shell_names, wanted)
         own = not args.detach and taker is None
         runner_id = f"run-{os.getpid()}-{os.urandom(3).hex()}" if own else taker or ""
         endpoint = be.worker_endpoint(found) if own and not plan.resuming else None
@@ -94,7 +94,7 @@ def cmd_run(cfg, args):
         if plan.resuming:  # a follow-up: the parent's secrets known, a warm worker that holds them takes it too
             continue_parent(cfg, args, plan, find_parent(client, args, plan.workspace))
             taker = be.warm_worker((client, status), plan.model, plan.shell_names,
-                                   environment_print(cfg, plan.shell_names))
+                                   environment_print(cfg, plan.shell_names, plan.model))  # the parent's names
             if taker is not None:
                 own, runner_id = False, taker
         if own and worker is None:

@@ -491,7 +491,8 @@ def spawn_run_worker(cfg, names, endpoint, runner_id, model, labels=None, inheri
     shell = names + [project_secrets().INHERIT_ALL] if inherit else names
     proc = spawn(["worker", "--capacity", "1", "--exit-with-stdin", "--runner-id", runner_id, "--pinned",
                   "--model", model, *allowed_args(names, inherit),
-                  *(["--warm-for", f"{warm:g}", "--warm-print", environment_print(cfg, shell)] if warm else [])],
+                  *(["--warm-for", f"{warm:g}", "--warm-print", environment_print(cfg, shell, model, secrets)]
+                    if warm else [])],
                  worker_env(cfg, secrets, endpoint), os.path.join(cfg.home, "logs", "run-worker.log"), pipe_stdin=True)
     proc.secrets = secrets
     proc.warm_path = os.path.join(cfg.home, "logs", f"warm-{runner_id}.pid") if warm else None
@@ -577,7 +578,7 @@ def fitting_worker(cfg, model, names, environ_print, shared_free):
             continue
         if base.startswith("worker-") and shared_free:
             return ""
-        if base.startswith("warm-") and record[3:] and record[4:6] == ["idle", environ_print]:
+        if base.startswith("warm-") and record[5:] and record[4] == "idle" and prints_fit(record[5], environ_print):
             warm = warm or record[3]
     return warm
 
@@ -588,14 +589,28 @@ def keep_warm(cfg):
     return 0.0 if cfg.cloud else min(cfg.keep_warm, RUN_IDLE_EXIT)
 
 
-def environment_print(cfg, names):
-    """A digest of the environment a worker for this command would be given, without its secrets (NAMES, keys,
-    secret-looking variables: never written anywhere) and the shell's bookkeeping: a warm worker takes a later
-    run only when that run would give its worker the same (the variables its commands see, the model's URL)."""
+def environment_print(cfg, names, model, values=None):
+    """What a warm worker must have been given to take a later run: a digest of the environment without its
+    secrets (NAMES, keys, secret-looking variables) and the shell's bookkeeping (the variables its commands see,
+    the model's URL), then "-", then a short digest of MODEL's provider key in VALUES (default: the environment),
+    or "" when there is none there (typed at a prompt, the worker holds it: any key of that provider fits).
+    Only these digests are written (in STIGMER_HOME, private): 32 bits of a key's hash cannot give the key back,
+    and they let a run whose key changed bring its own worker instead of using the old key."""
     import hashlib
     kept = sorted((k, v) for k, v in without_keys(cfg.environ).items()
-                  if k not in names and k not in ("_", "PWD", "OLDPWD", "SHLVL"))
-    return hashlib.sha256(repr(kept).encode()).hexdigest()[:24]
+                  if k not in names and k not in ("_", "PWD", "OLDPWD", "SHLVL", "SANDBOX_ROOT_DIR"))
+    provider = project_secrets().PROVIDERS.get(model.split("/")[0])
+    source = cfg.environ if values is None else values
+    key = next((source[v] for v in (provider.key_vars if provider else ()) if source.get(v)), "")
+    key_print = hashlib.sha256(key.encode()).hexdigest()[:8] if key else ""
+    return hashlib.sha256(repr(kept).encode()).hexdigest()[:24] + "-" + key_print
+
+
+def prints_fit(held, wanted):
+    """True when a warm worker given HELD (environment_print) may take a run that would give WANTED."""
+    held_env, _, held_key = held.partition("-")
+    wanted_env, _, wanted_key = wanted.partition("-")
+    return held_env == wanted_env and (not wanted_key or wanted_key == held_key)
 
 
 def warm_marker(path, fields, environ_print):

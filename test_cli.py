@@ -84,6 +84,7 @@ class Pty:
 
 
 class TypoTest(CliCase):
+    fresh = True  # it checks that nothing was stored
     script = [text_step("ran it on purpose")]
 
     def test_near_miss_of_a_command_is_refused_before_any_key_prompt_or_model_call(self):
@@ -509,6 +510,7 @@ class ConfigNamesTest(CliCase):
 
 
 class WarmRunTest(CliCase):
+    fresh = True  # it counts the workers of the home
     script = [text_step("warm")]
 
     def newest_spec(self):
@@ -548,6 +550,7 @@ class WarmRunTest(CliCase):
 
 class WarmFollowUpTest(CliCase):
     """A completed foreground run's worker stays warm for the next run that fits it (processes.keep_warm)."""
+    fresh = True  # it counts the warm workers of the home
     script = [tool_step(("execute", {"command": 'echo "extra=${EXTRA_TOKEN:-unset}"'})), text_step("done")]
 
     def spec(self, execution_id):
@@ -598,11 +601,20 @@ class WarmFollowUpTest(CliCase):
         # A secret it was never given: never taken by the warm worker, whose shell could not pass it.
         env = dict(self.env, EXTRA_TOKEN="tok-second-secret")
         proc, events = self.run_task("--secret", "EXTRA_TOKEN", "hello", env=env)
-        self.assertNotEqual(self.spec(self.run_id(proc))["runner_id"], own)
+        second = self.spec(self.run_id(proc))["runner_id"]
+        self.assertNotEqual(second, own)
         self.assertIn("[REDACTED:EXTRA_TOKEN]", json.dumps(events))
         # Another environment (a variable the agent's shell would see): its own worker too.
         proc, _ = self.run_task("hello", env=dict(self.env, PROJECT_STAGE="beta"))
         self.assertNotIn(self.spec(self.run_id(proc))["runner_id"], (own, ""))
+        # Another key in the environment: never the old one (here the new key is wrong, and the run says so).
+        proc = self.cli("--json", "hello", env=dict(self.env, ANTHROPIC_API_KEY="sk-ant-another-key-5678"))
+        self.assertEqual(proc.returncode, 1, proc.stderr)
+        self.assertIn("401", proc.stdout + proc.stderr)
+        # No key in the environment at all: the warm worker holds one (as if typed at the prompt).
+        no_key = {k: v for k, v in self.env.items() if k != "ANTHROPIC_API_KEY"}
+        proc, _ = self.run_task("hello", env=no_key)
+        self.assertIn(self.spec(self.run_id(proc))["runner_id"], (own, second))  # both hold the key, idle
 
     def test_stop_and_the_idle_period_end_it_and_a_failed_run_leaves_none(self):
         self.run_id(self.run_task("hello")[0])
@@ -682,6 +694,7 @@ class StopTest(CliCase):
 
 
 class MessagesTest(CliCase):
+    fresh = True  # it takes the daemon's port and breaks its start
     def test_port_in_use_names_the_variable_not_a_missing_flag(self):
         host, port = self.env["STIGMER_BACKEND_ENDPOINT"].split(":")
         with socket.socket() as s:
@@ -939,6 +952,7 @@ class InputLimitTest(CliCase):
 class ParentEnvironTest(CliCase):
     """Issue 28, item 6: a command the agent runs reads its parent's environment block, the worker's: no
     provider key, token or credential is there, whichever way the worker was started."""
+    fresh = True  # it inspects the processes of the home
     GITHUB = "ghp_aFakeTokenTheShellMustNotRead"
     script = [tool_step(("execute", {"command": "tr '\\0' '\\n' < /proc/$PPID/environ > parent.env; echo copied"})),
               text_step("done")]

@@ -42,6 +42,7 @@ def json_lines(text):
 class ManyTerminalsTest(CliCase):
     """Reproduction 1 and the ten-terminal case: each run has its own fake model (its own secrets and
     ANTHROPIC_BASE_URL), so an execution that ran on another run's worker shows in its final text."""
+    fresh = True  # the terminals race to start the daemon
 
     def fake_for(self, name, delay=0.0):
         script = [tool_step(("execute", {"command": f"sleep {delay}; echo {name}"})), text_step(f"result {name}")]
@@ -172,6 +173,7 @@ class KilledWorkerTest(CliCase):
                      "mounting a 2 MB tmpfs for STIGMER_HOME needs root")
 class DiskFullTest(CliCase):
     """Reproduction 3: STIGMER_HOME on a 2 MB tmpfs, a chatty task fills it."""
+    fresh = True  # STIGMER_HOME is a small tmpfs
 
     script = [tool_step(("execute", {"command": "head -c 40000 /dev/zero | tr '\\\\0' x; echo"}))
               for _ in range(12)] + [text_step("chatty done")]
@@ -315,6 +317,7 @@ class DiskFullTest(CliCase):
 
 class BrokenTokenTest(CliCase):
     """Reproduction 4: an empty, or foreign, daemon.token."""
+    fresh = True  # it breaks the token
 
     def write_token(self, text):
         os.makedirs(self.home, mode=0o700, exist_ok=True)
@@ -356,6 +359,7 @@ class BrokenTokenTest(CliCase):
 
 class PrivateHomeTest(CliCase):
     """Reproduction 5: `start` as the first command, with a permissive umask."""
+    fresh = True  # it checks how the home is created
 
     def test_files_are_private_whoever_creates_them(self):
         proc = subprocess.run([sys.executable, os.path.join(HERE, "runner.py"), "start"], env=self.env,

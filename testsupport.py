@@ -135,6 +135,13 @@ class FakeAnthropic:
     def url(self):
         return f"http://127.0.0.1:{self._server.server_address[1]}"
 
+    def reset(self, script):
+        """Start over with SCRIPT: no request seen, no scripted error served (the server and its URL stay)."""
+        with self._lock:
+            self.script = list(script)
+            self.requests, self.statuses, self.times = [], [], []
+            self._failures, self._replies = {}, 0
+
     def start(self):
         fake = self
 

@@ -549,6 +549,8 @@ class Worker:
                     emit(error=pb.Error(code="secret_missing", message=f"{name} was named with --secret but this "
                                         "worker's environment does not have it; the agent's shell runs without it"))
             shell_env = mod.shell_environment(environ, named, key_vars, inherit=mod.INHERIT_ALL in spec.secret_names)
+            if environ.get("SANDBOX_ROOT_DIR"):  # a warm worker's is its first run's: say this execution's
+                shell_env["SANDBOX_ROOT_DIR"] = spec.workspace
             shell_env.update(agent_settings(spec))  # an agent's declared non-secret variables
             check_agent(spec)
             history = self.conversation(spec.parent_id) if spec.parent_id else []
