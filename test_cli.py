@@ -23,8 +23,8 @@ import processes
 import runner
 import sandbox
 from test_runner import CliCase, read
-from testsupport import (FAKE_KEY, HERE, PongServer, assert_one_line, files_containing, pid_alive, run_cli, running,
-                         text_step, tool_step, wait_for)
+from testsupport import (FAKE_KEY, HERE, PongServer, assert_one_line, files_containing, pid_alive, reap, run_cli,
+                         running, text_step, tool_step, wait_for)
 from testsupport_parallel import load_tests  # noqa: F401 - the suite runs in parallel (see there)
 
 RUNNER = os.path.join(HERE, "runner.py")
@@ -226,7 +226,7 @@ class LiveOutputTest(CliCase):
                                env=dict(self.env, LIVE_TOKEN=self.TOKEN),
                                cwd=self.workspace, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
-        self.addCleanup(lambda: run.poll() is None and run.kill())
+        self.addCleanup(reap, run)
         seen = []
         while not any(e.get("kind") == "output" and e["stream"] == "stdout" for e in seen):
             line = run.stdout.readline()
@@ -676,7 +676,7 @@ class StopTest(CliCase):
     def test_status_and_stop_see_a_foreground_runs_daemon(self):
         run = subprocess.Popen([sys.executable, RUNNER, "sleep in the foreground"], env=self.env, cwd=self.workspace,
                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.addCleanup(lambda: run.poll() is None and run.kill())
+        self.addCleanup(reap, run)
         wait_for(lambda: self.fake.requests)
         status = self.cli("status")
         self.assertEqual(status.returncode, 0, status.stderr)
@@ -764,8 +764,8 @@ class TurnLimitOfOneTest(CliCase):
 
     def test_limit_of_one_turn(self):
         proc, events = self.run_task("keep going", "--max-turns", "1")
-        self.assertEqual(proc.returncode, 1)
-        self.assertIn("reached the turn limit (1 turn)", events[-1]["reason"])
+        self.assertEqual(proc.returncode, 1, proc.stderr)
+        self.assertIn("reached the turn limit (1 turn)", events[-1]["reason"], proc.stdout + proc.stderr)
 
 
 class ApiMessagesTest(CliCase):
@@ -809,7 +809,7 @@ class CancelWhileThinkingTest(CliCase):
         run = subprocess.Popen([sys.executable, RUNNER, "--json", *args, "think hard"], env=self.env,
                                cwd=self.workspace, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
-        self.addCleanup(lambda: run.poll() is None and run.kill())
+        self.addCleanup(reap, run)
         wait_for(lambda: self.fake.requests, what="the model request")
         run.send_signal(signal.SIGINT)
         out, err = run.communicate(timeout=60)  # far less than the model's 600 s: the request was abandoned

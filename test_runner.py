@@ -21,8 +21,8 @@ import processes
 import runner
 import stigmer_pb2 as pb
 from contract import BackendError
-from testsupport import (FAKE_KEY, HERE, FakeAnthropic, assert_one_line, files_containing, free_port, pid_alive, run_cli,
-                         running, sleep_tag, text_step, tool_step, wait_for)
+from testsupport import (FAKE_KEY, HERE, FakeAnthropic, assert_one_line, files_containing, free_port, pid_alive, reap,
+                         run_cli, running, sleep_tag, text_step, tool_step, wait_for)
 from testsupport_parallel import load_tests  # noqa: F401 - the suite runs in parallel (see there)
 
 KEY_VARS = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "OPENAI_API_KEY", "STIGMER_SANDBOX_SECRETS", "MODE", "ENV",
@@ -432,7 +432,7 @@ class ForegroundDaemonLostTest(CliCase):
         run = subprocess.Popen([sys.executable, os.path.join(HERE, "runner.py"), "--json", "sleep a little"],
                                env=self.env, cwd=self.workspace, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
-        self.addCleanup(lambda: run.poll() is None and run.kill())
+        self.addCleanup(reap, run)
         wait_for(lambda: self.fake.requests, what="the first model request")  # the sleep is under way
         daemon_pid = int(read(os.path.join(self.home, "logs", "daemon.pid")).split()[0])
         os.kill(daemon_pid, signal.SIGKILL)
@@ -463,7 +463,7 @@ class BackgroundServicesTest(CliCase):
         follower = subprocess.Popen([sys.executable, os.path.join(HERE, "runner.py"), "logs", execution_id, "-f",
                                      "--json"], env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     stdin=subprocess.DEVNULL, text=True)
-        self.addCleanup(lambda: follower.poll() is None and follower.kill())
+        self.addCleanup(reap, follower)
         first = follower.stdout.readline()  # the follower is connected (it has shown the first event)...
         wait_for(lambda: self.fake.requests)  # ... and the model has been asked: the sleep is under way
         os.kill(daemon_pid, signal.SIGTERM)
@@ -503,7 +503,7 @@ class CancelAfterRestartTest(CliCase):
         proc = subprocess.Popen([sys.executable, os.path.join(HERE, "runner.py"), "--json", "wait"], env=self.env,
                                 cwd=self.workspace, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 stdin=subprocess.DEVNULL, text=True)
-        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        self.addCleanup(reap, proc)
         wait_for(lambda: self.fake.requests)  # the sleep is under way
         os.kill(daemon_pid, signal.SIGTERM)
         wait_for(lambda: not pid_alive(daemon_pid))

@@ -23,7 +23,7 @@ import stigmer_pb2 as pb
 import stigmer_pb2_grpc as pb_grpc
 import worker
 from test_runner import CliCase, read
-from testsupport import HERE, FakeAnthropic, pid_alive, running, sleep_tag, text_step, tool_step, wait_for
+from testsupport import HERE, FakeAnthropic, pid_alive, reap, running, sleep_tag, text_step, tool_step, wait_for
 from testsupport_parallel import load_tests  # noqa: F401 - the suite runs in parallel (see there)
 
 TIMEOUT = 180  # seconds a CLI under test may take on a loaded machine before the test fails
@@ -193,7 +193,7 @@ class DiskFullTest(CliCase):
         self.addCleanup(self.daemon_log.close)
         self.daemon = subprocess.Popen([sys.executable, os.path.join(HERE, "runner.py"), "daemon"], env=self.env,
                                        stdout=self.daemon_log, stderr=self.daemon_log, stdin=subprocess.DEVNULL)
-        self.addCleanup(lambda: self.daemon.poll() is None and self.daemon.kill())
+        self.addCleanup(reap, self.daemon)
         wait_for(lambda: self.cli("status").returncode == 0, timeout=60)
         self.ballast = os.path.join(self.home, "ballast")
         with open(self.ballast, "wb") as f:  # fill the disk, then leave 200 KB for the run to start
@@ -213,7 +213,7 @@ class DiskFullTest(CliCase):
         proc = subprocess.Popen([sys.executable, os.path.join(HERE, "runner.py"), "--json", "chatter"],
                                 env=self.env, cwd=self.workspace, stdout=self.out, stderr=subprocess.PIPE,
                                 stdin=subprocess.DEVNULL, text=True)
-        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        self.addCleanup(reap, proc)
         lines = []
         while True:
             line = proc.stderr.readline()
@@ -293,7 +293,7 @@ class DiskFullTest(CliCase):
         self.addCleanup(worker_log.close)
         shared = subprocess.Popen([sys.executable, os.path.join(HERE, "runner.py"), "worker"], env=self.env,
                                   stdout=worker_log, stderr=worker_log, stdin=subprocess.DEVNULL)
-        self.addCleanup(lambda: shared.poll() is None and shared.kill())
+        self.addCleanup(reap, shared)
         wait_for(lambda: json.loads(self.cli("status", "--json").stdout).get("connected_runners") == 1, timeout=60)
         fd = os.open(self.ballast, os.O_WRONLY | os.O_APPEND)  # not even the 200 KB left
         try:

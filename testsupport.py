@@ -257,6 +257,17 @@ def run_cli(args, env, timeout=60, cwd=None, input=None):
                           stdin=None if input is not None else subprocess.DEVNULL)
 
 
+def reap(proc):
+    """A test's cleanup for a process it started: killed if it still runs, waited for, its pipes closed
+    (else each leaves a ResourceWarning, or a zombie)."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()
+
+
 def pid_alive(pid):
     """True while PID exists and is not a zombie."""
     try:
