@@ -709,7 +709,8 @@ def import_profile(stderr, top=8):
 @bench
 def bench_start(runs=7):
     """Wall time of a one-turn task (`python runner.py --json go`) from a cold shell (no daemon: the CLI
-    starts the daemon and a worker) and after `python runner.py start` (a warm worker), against
+    starts the daemon and a worker), a second task right after it (the first run's worker kept warm), and after
+    `python runner.py start` (a warm worker), against
     the floor: a bare script that imports the anthropic SDK and makes the same one streamed request to the
     same fake. Interleaved, RUNS rounds. Then what the CLI and the worker import (-X importtime), and,
     when a `claude` CLI is on PATH, Claude Code headless on the same fake."""
@@ -765,7 +766,8 @@ def bench_start(runs=7):
             env = dict(fresh_env(f"agent{n}"), SANDBOX_ROOT_DIR=agent_ws, GITHUB_TOKEN="ghp_bench0000000000000000")
             shutil.copytree(os.path.join(seeded, "cache"), os.path.join(env["STIGMER_HOME"], "cache"))
             return env
-        to_request = {"floor": [], "cold": []}  # seconds from the start to the fake's receiving the request
+        to_request = {"floor": [], "cold": [], "follow-up": []}  # seconds from the start to the fake's request
+        follow_up = []  # a second one-turn task right after a cold one: the first run's worker, kept warm
 
         def until_request(kind, args, env):
             before = len(fake.times)
@@ -779,7 +781,10 @@ def bench_start(runs=7):
             timed_run([sys.executable, "-c", START_FLOOR, fake.url, FAKE_KEY], base)
             for n in range(runs):
                 floor.append(until_request("floor", [sys.executable, "-c", START_FLOOR, fake.url, FAKE_KEY], base))
-                cold.append(until_request("cold", [sys.executable, runner_py, "--json", "go"], fresh_env(f"cold{n}")))
+                cold_env = fresh_env(f"cold{n}")
+                cold.append(until_request("cold", [sys.executable, runner_py, "--json", "go"], cold_env))
+                follow_up.append(until_request("follow-up", [sys.executable, runner_py, "--json", "go"], cold_env))
+                timed_run([sys.executable, runner_py, "stop"], cold_env)  # not left lingering for the next rounds
                 cold_agent.append(timed_run([sys.executable, runner_py, "--json", "--agent", "code-reviewer", "go"],
                                             agent_env(n))[0])
                 for times, code, home in ((plan_bare, plan.format(""), seeded),
@@ -824,14 +829,19 @@ def bench_start(runs=7):
                "context: the same the first time (import yaml, parse and check the file, write the cache)":
                    f"{(statistics.median(plan_first) - statistics.median(plan_bare)) * 1000:.1f} ms",
                "context: agent_added vs the cold run": f"{(statistics.median(plan_agent) - statistics.median(plan_bare)) / cold_s:.2%}",
+               "warm follow-up (a second task within a minute of a cold one)": spread(follow_up),
+               "follow_up_to_request_s": verdict(statistics.median(to_request["follow-up"]), "<=", 0.30, 3),
                "warm run (after start)": spread(warm),
                "warm_run_s": verdict(warm_s, "<=", 0.25, 3),
                "context: python -c 'import grpc, stigmer_pb2' (the CLI's own floor)": spread(grpc_start)}
     if claude_times:
         figures["claude code headless"] = spread(claude_times)
         figures["claude_code_vs_cold_run"] = round(statistics.median(claude_times) / cold_s, 2)
+        figures["follow_up_vs_claude_code"] = verdict(statistics.median(follow_up) / statistics.median(claude_times),
+                                                      "<=", 0.5, 2)
     else:
         figures["claude code headless"] = "skipped: no `claude` CLI on PATH (npm i -g @anthropic-ai/claude-code)"
+        figures["follow_up_vs_claude_code"] = "skipped: no `claude` CLI on PATH"
     for who, text in (("cli", done.stderr), ("worker", worker_log)):
         total, top = import_profile(text)
         figures[f"{who}_imports_ms (cumulative, top level)"] = round(total)

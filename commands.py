@@ -6,18 +6,18 @@
 They reach the backend through the mode's client only (processes.connect: the daemon, or Redis).
 """
 import argparse
+import contextlib
 import json
 import os
 import signal
 import sys
 import time
 
-from processes import (START_WAIT, CliError, allowed_args, backend, backend_is_terminal, connect, daemon_owner,
-                       gather_secrets, known_secrets, live_pid, pid_files, project_secrets, spawn,
-                       spawn_run_worker, stop_pid, stop_process, worker_env)
+from processes import (RUN_IDLE_EXIT, START_WAIT, CliError, allowed_args, backend, backend_is_terminal, connect,
+                       daemon_owner, environment_print, gather_secrets, known_secrets, live_pid, pid_files,
+                       project_secrets, release_worker, spawn, spawn_run_worker, stop_pid, warm_marker, worker_env)
 
 EXIT_CODES = {"COMPLETED": 0, "FAILED": 1, "CANCELLED": 130}
-RUN_IDLE_EXIT = 60.0  # seconds a daemon started by a foreground run lingers with nothing to do, then exits
 PROMPT_CHARS_SURELY_FINE = (1 << 20) // 4  # characters that fit contract.MAX_PROMPT_BYTES whatever they are
 
 
@@ -76,23 +76,28 @@ def cmd_run(cfg, args):
                   out=sys.stderr, labels=plan.labels)
         found = be.find()
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    worker = None
+    worker, ended = None, False
     try:
         # After `start`, a warm worker with a free slot, this run's provider and secrets takes the run at once
         # (its SDK is loaded, its key was asked for at `start`); else the run's own worker takes only this run.
         # That worker (its SDK import is the slowest part of a cold start) starts before the daemon, unless it
         # needs the secret names of the run it resumes, which only the log knows.
-        shared = args.detach or (not plan.resuming and be.warm_worker(found, plan.model, plan.shell_names))
-        runner_id = "" if shared else f"run-{os.getpid()}-{os.urandom(3).hex()}"
-        endpoint = be.worker_endpoint(found) if runner_id and not plan.resuming else None
+        # A warm worker a foreground run left behind takes it too, pinned to it (see processes.keep_warm).
+        wanted = environment_print(cfg, plan.shell_names, plan.model)
+        taker = None if args.detach or plan.resuming else be.warm_worker(found, plan.model, plan.shell_names, wanted)
+        own = not args.detach and taker is None
+        runner_id = f"run-{os.getpid()}-{os.urandom(3).hex()}" if own else taker or ""
+        endpoint = be.worker_endpoint(found) if own and not plan.resuming else None
         if endpoint:
             worker = run_worker(cfg, plan, endpoint, runner_id)
         client, status = found or be.ensure(idle_exit=RUN_IDLE_EXIT)
         if plan.resuming:  # a follow-up: the parent's secrets known, a warm worker that holds them takes it too
             continue_parent(cfg, args, plan, find_parent(client, args, plan.workspace))
-            if be.warm_worker((client, status), plan.model, plan.shell_names):
-                runner_id = ""
-        if runner_id and worker is None:
+            taker = be.warm_worker((client, status), plan.model, plan.shell_names,
+                                   environment_print(cfg, plan.shell_names, plan.model))  # the parent's names
+            if taker is not None:
+                own, runner_id = False, taker
+        if own and worker is None:
             worker = run_worker(cfg, plan, be.worker_endpoint((client, status)), runner_id)
         spec = execution_spec(cfg, args, plan, runner_id, getattr(worker, "secrets", ()))
         queued = 0 if runner_id else (status or client.status()).queue_depth
@@ -105,13 +110,14 @@ def cmd_run(cfg, args):
         if args.detach:
             print(json.dumps({"execution_id": execution.id}) if args.json else execution.id)
             return 0
-        return follow_run(cfg, be, client, execution, plan, args)
+        code = follow_run(cfg, be, client, execution, plan, args)
+        ended = code == 0  # it completed (its key works): its worker may stay warm for the next run
+        return code
     finally:
         for sig in handlers:  # let the clean-up below finish
             signal.signal(sig, signal.SIG_IGN)
         if worker is not None:
-            worker.stdin.close()  # EOF tells the worker to stop and kill its commands
-            stop_process(worker, timeout=10)
+            release_worker(worker, ended)
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
 
@@ -493,14 +499,16 @@ def cmd_stop(cfg, args):
     if running:  # their runners record the end before the daemon goes
         wait_until_ended(found[0], running)
     files = pid_files(cfg)
-    ordered = [p for p in files if "worker-" in p] + [p for p in files if "worker-" not in p]
+    workers = [p for p in files if os.path.basename(p).startswith(("worker-", "warm-"))]  # warm: a run's, kept
+    ordered = workers + [p for p in files if p not in workers]
     stopped = []
     for path in ordered:  # workers first, so they can report their last events to the daemon
         pid = live_pid(path)
         if pid:
             stop_pid(pid, lambda: live_pid(path, wait=0))
             stopped.append(os.path.basename(path)[:-4])
-        os.unlink(path)
+        with contextlib.suppress(FileNotFoundError):  # a warm worker takes its own away as it stops
+            os.unlink(path)
     owner = daemon_owner(cfg)
     if owner and owner != os.getpid():  # a daemon with no pid file of ours: one a foreground run started
         stop_pid(owner, lambda: daemon_owner(cfg))
@@ -784,4 +792,8 @@ def cmd_worker(cfg, args):
     where = f"sandbox root {cfg.sandbox_root}" if cfg.sandbox == "filesystem" else "sandbox daytona"
     print(f"stigmer worker {VERSION} · mode {cfg.mode} · endpoint {link.endpoint} · {where} · "
           f"model {model} · capacity {args.capacity}", file=sys.stderr, flush=True)
-    return worker.serve(w, link, exit_with_stdin=args.exit_with_stdin)
+    mark = None
+    if args.warm_for and args.pinned:  # a foreground run's: its pid file, should it stay warm
+        mark = warm_marker(os.path.join(cfg.home, "logs", f"warm-{runner_id}.pid"),
+                           (model, ",".join(allowed) or "-", runner_id), args.warm_print or "-")
+    return worker.serve(w, link, exit_with_stdin=args.exit_with_stdin, warm_for=args.warm_for, mark=mark)

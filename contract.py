@@ -25,6 +25,7 @@ TOKEN_FILE = "daemon.token"  # inside $STIGMER_HOME
 LOCK_FILE = "daemon.lock"  # inside $STIGMER_HOME: flocked by its one daemon; holds its pid, endpoint, transport
 SOCKET_FILE = "daemon.sock"  # inside $STIGMER_HOME (0700): the daemon's local transport, which only we can reach
 PROG = "python runner.py"  # how the user runs the CLI, for hints: runner.main makes it `stigmer` when so started
+WARM_WORD = b"warm\n"  # a run writes it to its own worker's stdin before EOF: stay warm for the next run
 MAX_SOCKET_PATH = 100  # bytes; a Unix socket path must fit sun_path (104 on macOS, 108 on Linux)
 
 

@@ -720,10 +720,12 @@ class Daemon(pb_grpc.DaemonServicer):
     # ---- shutdown ----
 
     def idle(self):
-        """True when nothing is queued or running, no runner is connected, nobody watches,
-        and no RPC came in during the last check (the caller times how long this lasts)."""
+        """True when nothing is queued or running, no runner is connected but a foreground run's idle one (kept
+        warm for the next run: it leaves after the same idle period), nobody watches, and no RPC came in during
+        the last check (the caller times how long this lasts)."""
         with self._lock:
-            return not (self._active or self._sessions or self._watchers) and not self._stopping
+            runners = any(not s.pinned or s.executions for s in self._sessions.values())
+            return not (self._active or runners or self._watchers) and not self._stopping
 
     def last_call(self):
         return self._last_call

@@ -9,6 +9,7 @@ workers (a run's own, or `start`'s in the background) with their secrets, and st
 Everything here gets the configuration as a `runner.Config`; nothing reads os.environ. grpc and the
 generated stubs are imported where they are used, so that `--help` starts at once.
 """
+import contextlib
 import os
 import signal
 import sys
@@ -18,6 +19,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 START_WAIT = 30.0  # seconds `start` (or a run) waits for the daemon it started to answer
 DAEMON_LOCK = "daemon.lock"  # in STIGMER_HOME: flocked by its one daemon (daemon_server.LOCK_FILE)
 START_LOCK = "start.lock"  # in STIGMER_HOME: flocked by the one command starting a daemon
+RUN_IDLE_EXIT = 60.0  # seconds a daemon started by a foreground run lingers with nothing to do, then exits
 
 
 def project_secrets():
@@ -80,9 +82,13 @@ class DaemonBackend:
     def where(self, client):
         return f"daemon at {client.endpoint}"
 
-    def warm_worker(self, found, model, names):
-        """True when a worker of `start` with a free slot fits a run of MODEL naming NAMES."""
-        return found is not None and found[1].free_capacity > 0 and shared_worker_fits(self.cfg, model, names)
+    def warm_worker(self, found, model, names, environ_print):
+        """Who takes a run of MODEL naming NAMES whose worker would get the environment ENVIRON_PRINT (see
+        environment_print) at once: "" for the shared workers of `start` (one with a free slot fits), the runner id
+        of an idle warm worker a foreground run left (see fitting_worker), or None: the run brings its own."""
+        if found is None:
+            return None
+        return fitting_worker(self.cfg, model, names, environ_print, shared_free=found[1].free_capacity > 0)
 
     def link(self):
         """A worker's side of the backend: its Connect stream to the daemon."""
@@ -125,8 +131,8 @@ class RedisBackend(DaemonBackend):
     def where(self, client):
         return f"Redis at {client.endpoint}"
 
-    def warm_worker(self, found, model, names):
-        return False  # a run brings its own worker: a shared one may be on another host, with other keys
+    def warm_worker(self, found, model, names, environ_print):
+        return None  # a run brings its own worker: a shared one may be on another host, with other keys
 
     def link(self):
         import redis_backend
@@ -478,13 +484,43 @@ def allowed_args(names, inherit):
 def spawn_run_worker(cfg, names, endpoint, runner_id, model, labels=None, inherit=False):
     """This run's own worker (capacity 1) for MODEL (provider/model; its provider's key is gathered, and
     NAMES, asked for with LABELS), which takes only executions pinned to RUNNER_ID and stops when this command
-    closes its stdin. Its .secrets are the values gathered for it (some perhaps typed at the prompt)."""
+    closes its stdin, unless it was told to stay warm first (see release_worker). Its .secrets are the values
+    gathered for it (some perhaps typed at the prompt)."""
     secrets = gather_secrets(cfg, names, model, labels)
+    warm = keep_warm(cfg)
+    shell = names + [project_secrets().INHERIT_ALL] if inherit else names
     proc = spawn(["worker", "--capacity", "1", "--exit-with-stdin", "--runner-id", runner_id, "--pinned",
-                  "--model", model, *allowed_args(names, inherit)], worker_env(cfg, secrets, endpoint),
-                 os.path.join(cfg.home, "logs", "run-worker.log"), pipe_stdin=True)
+                  "--model", model, *allowed_args(names, inherit),
+                  *(["--warm-for", f"{warm:g}", "--warm-print", environment_print(cfg, shell, model, secrets)]
+                    if warm else [])],
+                 worker_env(cfg, secrets, endpoint), os.path.join(cfg.home, "logs", "run-worker.log"), pipe_stdin=True)
     proc.secrets = secrets
+    proc.warm_path = os.path.join(cfg.home, "logs", f"warm-{runner_id}.pid") if warm else None
     return proc
+
+
+def release_worker(proc, warm):
+    """The end of a run for its own worker PROC: with WARM (the run ended and it may stay warm), the worker is told
+    to stay for the next run and left running; else EOF on its stdin stops it, killing its commands."""
+    import home
+    try:
+        if warm and proc.warm_path and proc.poll() is None:
+            from contract import WARM_WORD
+            proc.stdin.write(WARM_WORD)
+            proc.stdin.close()
+            # Wait (briefly) until it says it is idle, so that a run started right after this one finds it.
+            deadline = time.monotonic() + 2.0
+            while proc.poll() is None and time.monotonic() < deadline and \
+                    (home.lock_record(proc.warm_path) or [""])[4:5] != ["idle"]:
+                time.sleep(0.005)
+            return
+    except OSError:  # it exited meanwhile
+        pass
+    try:
+        proc.stdin.close()
+    except OSError:
+        pass
+    stop_process(proc, timeout=10)
 
 
 def known_secrets(cfg, names, gathered=()):
@@ -524,18 +560,79 @@ def stop_pid(pid, alive):
         pass
 
 
-def shared_worker_fits(cfg, model, names):
-    """True when a worker of `start` is alive with the key of MODEL's provider and every secret in NAMES:
-    its pid file records the model and the secret names it was started with (never their values)."""
+def fitting_worker(cfg, model, names, environ_print, shared_free):
+    """"" when a worker of `start` is alive (SHARED_FREE: the shared workers have a free slot) with the key of
+    MODEL's provider and every secret in NAMES; else the runner id of a warm worker (a foreground run's, kept for
+    the next run: see keep_warm) that is idle, holds the same and was given the environment ENVIRON_PRINT; else
+    None. Their pid files record the model, the secret names (never their values) and, for a warm one, its
+    runner id, whether it is idle and its environment's print."""
     import home
+    warm = None
     for path in pid_files(cfg):
-        if not os.path.basename(path).startswith("worker-"):
+        base = os.path.basename(path)
+        if not base.startswith(("worker-", "warm-")):
             continue
         record = home.lock_record(path) or []
-        if len(record) >= 3 and record[1].split("/")[0] == model.split("/")[0] and \
-                set(names) <= set(record[2].split(",")) - {"-"} and live_pid(path, wait=0):
-            return True
-    return False
+        if len(record) < 3 or record[1].split("/")[0] != model.split("/")[0] or \
+                not set(names) <= set(record[2].split(",")) - {"-"} or not live_pid(path, wait=0):
+            continue
+        if base.startswith("worker-") and shared_free:
+            return ""
+        if base.startswith("warm-") and record[5:] and record[4] == "idle" and prints_fit(record[5], environ_print):
+            warm = warm or record[3]
+    return warm
+
+
+def keep_warm(cfg):
+    """Seconds a foreground run's worker stays warm for the next run (STIGMER_KEEP_WARM, at most as long as the
+    daemon a run starts lingers; 0: it exits with its run). Local mode only: in cloud mode runs bring their own."""
+    return 0.0 if cfg.cloud else min(cfg.keep_warm, RUN_IDLE_EXIT)
+
+
+def environment_print(cfg, names, model, values=None):
+    """What a warm worker must have been given to take a later run: a digest of the environment without its
+    secrets (NAMES, keys, secret-looking variables) and the shell's bookkeeping (the variables its commands see,
+    the model's URL), then "-", then a short digest of MODEL's provider key in VALUES (default: the environment),
+    or "" when there is none there (typed at a prompt, the worker holds it: any key of that provider fits).
+    Only these digests are written (in STIGMER_HOME, private): 32 bits of a key's hash cannot give the key back,
+    and they let a run whose key changed bring its own worker instead of using the old key."""
+    import hashlib
+    kept = sorted((k, v) for k, v in without_keys(cfg.environ).items()
+                  if k not in names and k not in ("_", "PWD", "OLDPWD", "SHLVL", "SANDBOX_ROOT_DIR"))
+    provider = project_secrets().PROVIDERS.get(model.split("/")[0])
+    source = cfg.environ if values is None else values
+    key = next((source[v] for v in (provider.key_vars if provider else ()) if source.get(v)), "")
+    key_print = hashlib.sha256(key.encode()).hexdigest()[:8] if key else ""
+    return hashlib.sha256(repr(kept).encode()).hexdigest()[:24] + "-" + key_print
+
+
+def prints_fit(held, wanted):
+    """True when a warm worker given HELD (environment_print) may take a run that would give WANTED."""
+    held_env, _, held_key = held.partition("-")
+    wanted_env, _, wanted_key = wanted.partition("-")
+    return held_env == wanted_env and (not wanted_key or wanted_key == held_key)
+
+
+def warm_marker(path, fields, environ_print):
+    """mark(state) for a warm worker: "idle" or "busy" (re)writes its pid file PATH (held locked while it lives)
+    with its pid, FIELDS (model, secret names, runner id), the state and ENVIRON_PRINT, which runs read to find
+    it (fitting_worker); None removes the file, so that no run picks it any more."""
+    import home
+    fd = None
+
+    def mark(state):
+        nonlocal fd
+        if state is None:
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+                os.close(fd)
+                fd = None
+            return
+        if fd is None:
+            fd = home.lock(path, timeout=2.0)
+        home.write_record(fd, os.getpid(), *fields, state, environ_print)
+    return mark
 
 
 def pid_files(cfg):

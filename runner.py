@@ -51,9 +51,13 @@ NEEDED_MODULES = ("grpc", "google", "anthropic", "yaml")  # the core packages: m
 SANDBOXES = ("filesystem", "daytona")  # STIGMER_SANDBOX: the host, or one Daytona sandbox per execution
 ENVS = ("development", "staging", "production")
 RUNNER_GRACE = 15.0  # default seconds the daemon waits for a lost runner to come back (STIGMER_RUNNER_GRACE)
+# Seconds a foreground run's worker stays warm for the next run (STIGMER_KEEP_WARM; 0: it exits with its run), at
+# most as long as the daemon such a run starts lingers idle (processes.RUN_IDLE_EXIT).
+KEEP_WARM = 60.0
 INHERIT_ENV_VAR = "STIGMER_INHERIT_ENV"  # 1: the agent's shell gets secret-looking variables too (--inherit-env)
 COMMANDS = ("run", "resume", "chat", "start", "stop", "status", "list", "logs", "cancel", "agents", "recover",
             "daemon", "worker")
+LEADING_FLAGS = ("--json", "--verbose")  # flags without a value a user may type before the command word
 USER_COMMANDS = ("status", "list", "logs", "start", "stop", "cancel", "run", "resume", "chat", "agents", "recover",
                  "daemon", "worker")  # the order a near miss is matched in
 REDIS_SETTINGS = (  # cloud mode: (variable, redis_backend setting, default seconds)
@@ -82,8 +86,8 @@ class Daytona(namedtuple("Daytona", "api_key api_url target snapshot")):
 
 class Config(namedtuple("Config", "mode env home endpoint sandbox_root model runner_grace environ sandbox daytona "
                                   "redis_url redis_prefix redis_settings context_window inherit_env warnings agent "
-                                  "sandbox_mode sandbox_hide",
-                        defaults=("", "", {}, 0, False, (), "", "", ()))):
+                                  "sandbox_mode sandbox_hide keep_warm",
+                        defaults=("", "", {}, 0, False, (), "", "", (), 0.0))):
     """The configuration, read from the environment once at the entry point."""
 
     @staticmethod
@@ -116,6 +120,7 @@ class Config(namedtuple("Config", "mode env home endpoint sandbox_root model run
                       sandbox=sandbox, daytona=daytona, context_window=tokens(environ, "STIGMER_CONTEXT_WINDOW"),
                       inherit_env=environ.get(INHERIT_ENV_VAR, "").strip().lower() in ("1", "true", "yes", "on"),
                       warnings=tuple(warnings), agent=environ.get("STIGMER_AGENT", "").strip(),
+                      keep_warm=min(seconds(environ, "STIGMER_KEEP_WARM", KEEP_WARM), KEEP_WARM),
                       **confinement_settings(environ, home))
         return cfg._replace(**cloud_settings(environ)) if mode == "cloud" else cfg
 
@@ -355,6 +360,8 @@ def parser():
                      help="executions may pass every variable to their shell (run --inherit-env)")
     wrk.add_argument("--runner-id", help=argparse.SUPPRESS)  # a foreground run's own worker: its id ...
     wrk.add_argument("--pinned", action="store_true", help=argparse.SUPPRESS)  # ... and it takes only that run's
+    wrk.add_argument("--warm-for", type=float, default=0, help=argparse.SUPPRESS)  # ... or, told so, stays warm
+    wrk.add_argument("--warm-print", default="", help=argparse.SUPPRESS)  # ... for runs of the same environment
     return p
 
 
@@ -377,6 +384,9 @@ def main(argv=None):
 def run_cli(argv):
     """Parse ARGV and run the command; returns the exit code."""
     args = list(argv)
+    lead = next((n for n, a in enumerate(args) if a not in LEADING_FLAGS), len(args))
+    if 0 < lead < len(args) and args[lead] in COMMANDS:  # `stigmer --json resume ID "more"`: the command first
+        args = [args[lead], *args[:lead], *args[lead + 1:]]
     implicit_run = bool(args) and args[0] not in COMMANDS and args[0] not in ("-h", "--help", "--version")
     if implicit_run:
         args.insert(0, "run")

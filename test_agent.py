@@ -25,6 +25,7 @@ import sandbox
 import stigmer_pb2 as pb
 from sandbox import FilesystemSandbox
 from testsupport import FAKE_KEY, HERE, OPENAI_KEY, FakeAnthropic, FakeOpenAI, text_step, tool_step
+from testsupport_parallel import load_tests  # noqa: F401 - the suite runs in parallel (see there)
 
 
 def anthropic_model(test, url, key=FAKE_KEY, max_retries=0):  # the adapter retries (models.API_RETRIES), visibly

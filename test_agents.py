@@ -26,6 +26,7 @@ from test_runner import CliCase
 from test_worker import drain
 from testsupport import (FAKE_KEY, HERE, FakeAnthropic, assert_one_line, files_containing, run_cli, text_step,
                          tool_step, wait_for)
+from testsupport_parallel import load_tests  # noqa: F401 - the suite runs in parallel (see there)
 
 EXAMPLE = os.path.join(HERE, "examples", "agents", "code-reviewer.yaml")
 
@@ -432,6 +433,7 @@ class CliValidationTest(CliCase):
 
 class AgentRunTest(CliCase):
     """The example code reviewer, end to end against the fake model."""
+    fresh = True  # it looks at what a first run leaves in STIGMER_HOME
 
     GITHUB = "ghp_fakeGithubTokenForTheReviewer123"
     script = [tool_step(("execute", {"command": "echo style=$REVIEW_STYLE gh=$GITHUB_TOKEN; sleep 0.5"})),
@@ -681,6 +683,7 @@ class AgentWorkerTest(unittest.TestCase):
 
 class AgentsCommandTest(CliCase):
     """`agents` lists what a run here can use; `agents show` prints one, secret values never."""
+    fresh = True  # it looks for agents in a home with none
 
     def test_list_and_show_in_text_and_json(self):
         os.makedirs(os.path.join(self.workspace, ".git"))

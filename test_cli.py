@@ -23,8 +23,9 @@ import processes
 import runner
 import sandbox
 from test_runner import CliCase, read
-from testsupport import (FAKE_KEY, HERE, PongServer, assert_one_line, files_containing, run_cli, text_step, tool_step,
-                         wait_for)
+from testsupport import (FAKE_KEY, HERE, PongServer, assert_one_line, files_containing, pid_alive, reap, run_cli,
+                         running, text_step, tool_step, wait_for)
+from testsupport_parallel import load_tests  # noqa: F401 - the suite runs in parallel (see there)
 
 RUNNER = os.path.join(HERE, "runner.py")
 
@@ -83,12 +84,13 @@ class Pty:
 
 
 class TypoTest(CliCase):
+    fresh = True  # it checks that nothing was stored
     script = [text_step("ran it on purpose")]
 
     def test_near_miss_of_a_command_is_refused_before_any_key_prompt_or_model_call(self):
         no_key = {k: v for k, v in self.env.items() if k != "ANTHROPIC_API_KEY"}
         for args, command in ((["stauts"], "status"), (["lst", "--json"], "list"), (["--json", "lst"], "list"),
-                              (["stat"], "status"), (["cancle"], "cancel"), (["--json", "list"], "list")):
+                              (["stat"], "status"), (["cancle"], "cancel")):
             proc = self.cli(*args, env=no_key)
             self.assertEqual(proc.returncode, 2, (args, proc.stderr))
             self.assertIn(f"did you mean `{command}`?", proc.stderr)
@@ -110,12 +112,18 @@ class TypoTest(CliCase):
         self.assertEqual(proc.returncode, 0, proc.stderr)
         self.assertEqual(first_prompt(self.fake), "refactor")
 
-    def test_a_command_after_an_option_says_to_put_it_first(self):
-        proc = self.cli("--json", "list")
+    def test_a_command_after_a_flag_is_still_the_command(self):
+        proc = self.cli("--json", "list")  # as `list --json`: no executions yet is one JSON error, exit 1
+        self.assertEqual(proc.returncode, 1, proc.stderr)
+        self.assertEqual(json.loads(proc.stdout)["kind"], "error")
+        first = json.loads(self.cli("--json", "hello").stdout.splitlines()[0])["execution_id"]
+        proc = self.cli("--json", "resume", first, "and more")  # not a task "resume ex-… and more"
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertEqual(json.loads(proc.stdout.splitlines()[0])["prompt"], "and more")
+        proc = self.cli("--model", "claude-fake", "list")  # an option with a value first: say where it goes
         self.assertEqual(proc.returncode, 2, proc.stderr)
         self.assertIn("it is a command: put it before its options", proc.stderr)
-        self.assertNotIn("not a command", proc.stderr)
-        self.assertEqual(self.fake.requests, [])
+        self.assertEqual(len(self.fake.requests), 2)
 
     def test_near_miss(self):
         self.assertEqual(runner.near_miss("stauts"), "status")
@@ -218,7 +226,7 @@ class LiveOutputTest(CliCase):
                                env=dict(self.env, LIVE_TOKEN=self.TOKEN),
                                cwd=self.workspace, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
-        self.addCleanup(lambda: run.poll() is None and run.kill())
+        self.addCleanup(reap, run)
         seen = []
         while not any(e.get("kind") == "output" and e["stream"] == "stdout" for e in seen):
             line = run.stdout.readline()
@@ -502,6 +510,7 @@ class ConfigNamesTest(CliCase):
 
 
 class WarmRunTest(CliCase):
+    fresh = True  # it counts the workers of the home
     script = [text_step("warm")]
 
     def newest_spec(self):
@@ -528,12 +537,103 @@ class WarmRunTest(CliCase):
     def test_another_provider_or_a_missing_secret_does_not_fit(self):
         self.assertEqual(self.cli("start", "--secret", "EXTRA_TOKEN", env=dict(self.env, EXTRA_TOKEN="x")).returncode, 0)
         cfg = runner.Config.load(self.env)
-        self.assertTrue(processes.shared_worker_fits(cfg, "anthropic/claude-fake", ["EXTRA_TOKEN"]))
-        self.assertTrue(processes.shared_worker_fits(cfg, "anthropic/claude-other", []))
-        self.assertFalse(processes.shared_worker_fits(cfg, "openai/gpt-fake", []))
-        self.assertFalse(processes.shared_worker_fits(cfg, "anthropic/claude-fake", ["EXTRA_TOKEN", "OTHER"]))
+
+        def fits(model, names):
+            return processes.fitting_worker(cfg, model, names, "-", shared_free=True)
+        self.assertEqual(fits("anthropic/claude-fake", ["EXTRA_TOKEN"]), "")
+        self.assertEqual(fits("anthropic/claude-other", []), "")
+        self.assertIsNone(fits("openai/gpt-fake", []))
+        self.assertIsNone(fits("anthropic/claude-fake", ["EXTRA_TOKEN", "OTHER"]))
         self.assertEqual(self.cli("stop", "--force").returncode, 0)
-        self.assertFalse(processes.shared_worker_fits(cfg, "anthropic/claude-fake", []))  # none alive
+        self.assertIsNone(fits("anthropic/claude-fake", []))  # none alive
+
+
+class WarmFollowUpTest(CliCase):
+    """A completed foreground run's worker stays warm for the next run that fits it (processes.keep_warm)."""
+    fresh = True  # it counts the warm workers of the home
+    script = [tool_step(("execute", {"command": 'echo "extra=${EXTRA_TOKEN:-unset}"'})), text_step("done")]
+
+    def spec(self, execution_id):
+        return json.loads(self.cli("list", "--json").stdout.splitlines()[0])["spec"] if execution_id is None else \
+            next(json.loads(line)["spec"] for line in self.cli("list", "--json").stdout.splitlines()
+                 if json.loads(line)["id"] == execution_id)
+
+    def warm_files(self):
+        logs = os.path.join(self.home, "logs")
+        return sorted(n for n in os.listdir(logs) if n.startswith("warm-")) if os.path.isdir(logs) else []
+
+    def warm_pid(self):
+        files = self.warm_files()
+        self.assertEqual(len(files), 1, files)
+        return int(read(os.path.join(self.home, "logs", files[0])).split()[0])
+
+    def run_id(self, proc):
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        return json.loads(proc.stdout.splitlines()[0])["execution_id"]
+
+    def command_output(self, events):
+        return "".join(e.get("output", "") for e in events if e.get("kind") == "tool_result")
+
+    def test_the_next_run_takes_the_warm_worker_and_gets_only_its_own_secrets(self):
+        env = dict(self.env, EXTRA_TOKEN="tok-first-run-secret")
+        proc, events = self.run_task("--secret", "EXTRA_TOKEN", "show it", env=env)
+        first = self.run_id(proc)
+        self.assertIn("[REDACTED:EXTRA_TOKEN]", json.dumps(events))
+        pid = self.warm_pid()
+        self.assertTrue(pid_alive(pid))
+        own = self.spec(first)["runner_id"]
+        self.assertTrue(own.startswith("run-"))
+        # A new task with the same environment, naming no secret: the warm worker takes it, pinned to it, and its
+        # shell does not get the first run's secret.
+        proc, events = self.run_task("show it again", env=env)
+        self.assertEqual(self.spec(self.run_id(proc))["runner_id"], own)
+        self.assertIn("extra=unset", json.dumps(events))
+        # A follow-up of the first run, which names the secret again (its parent's): the worker holds it.
+        proc = self.cli("resume", first, "and again", "--json", env=env)
+        follow_up = self.spec(self.run_id(proc))
+        self.assertEqual((follow_up["runner_id"], follow_up["secret_names"]), (own, ["EXTRA_TOKEN"]))
+        self.assertEqual(self.warm_pid(), pid)  # still the one warm worker, idle again
+
+    def test_a_run_that_needs_more_brings_its_own_worker(self):
+        first = self.run_id(self.run_task("hello")[0])
+        own = self.spec(first)["runner_id"]
+        self.warm_pid()
+        # A secret it was never given: never taken by the warm worker, whose shell could not pass it.
+        env = dict(self.env, EXTRA_TOKEN="tok-second-secret")
+        proc, events = self.run_task("--secret", "EXTRA_TOKEN", "hello", env=env)
+        second = self.spec(self.run_id(proc))["runner_id"]
+        self.assertNotEqual(second, own)
+        self.assertIn("[REDACTED:EXTRA_TOKEN]", json.dumps(events))
+        # Another environment (a variable the agent's shell would see): its own worker too.
+        proc, _ = self.run_task("hello", env=dict(self.env, PROJECT_STAGE="beta"))
+        self.assertNotIn(self.spec(self.run_id(proc))["runner_id"], (own, ""))
+        # Another key in the environment: never the old one (here the new key is wrong, and the run says so).
+        proc = self.cli("--json", "hello", env=dict(self.env, ANTHROPIC_API_KEY="sk-ant-another-key-5678"))
+        self.assertEqual(proc.returncode, 1, proc.stderr)
+        self.assertIn("401", proc.stdout + proc.stderr)
+        # No key in the environment at all: the warm worker holds one (as if typed at the prompt).
+        no_key = {k: v for k, v in self.env.items() if k != "ANTHROPIC_API_KEY"}
+        proc, _ = self.run_task("hello", env=no_key)
+        self.assertIn(self.spec(self.run_id(proc))["runner_id"], (own, second))  # both hold the key, idle
+
+    def test_stop_and_the_idle_period_end_it_and_a_failed_run_leaves_none(self):
+        self.run_id(self.run_task("hello")[0])
+        pid = self.warm_pid()
+        self.assertEqual(self.cli("stop").returncode, 0)
+        wait_for(lambda: not pid_alive(pid), what="the warm worker to exit after stop")
+        self.assertEqual(self.warm_files(), [])
+        # A short idle period: it leaves by itself, and so does its pid file.
+        own = self.spec(self.run_id(self.run_task("hello", env=dict(self.env, STIGMER_KEEP_WARM="0.5"))[0]))["runner_id"]
+        self.assertTrue(own.startswith("run-"))
+        wait_for(lambda: not running(own), what="the warm worker to leave after its idle period")
+        self.assertEqual(self.warm_files(), [])
+        # A run that fails (here a wrong key) keeps no worker: the next run must not meet that key again.
+        proc = self.cli("--json", "hello", env=dict(self.env, ANTHROPIC_API_KEY="sk-ant-wrong-key-1234"))
+        self.assertEqual(proc.returncode, 1, proc.stderr)
+        self.assertEqual(self.warm_files(), [], proc.stdout + proc.stderr)
+        # STIGMER_KEEP_WARM=0: the worker exits with its run.
+        self.run_id(self.run_task("hello", env=dict(self.env, STIGMER_KEEP_WARM="0"))[0])
+        self.assertEqual(self.warm_files(), [])
 
 
 class StopTest(CliCase):
@@ -576,7 +676,7 @@ class StopTest(CliCase):
     def test_status_and_stop_see_a_foreground_runs_daemon(self):
         run = subprocess.Popen([sys.executable, RUNNER, "sleep in the foreground"], env=self.env, cwd=self.workspace,
                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.addCleanup(lambda: run.poll() is None and run.kill())
+        self.addCleanup(reap, run)
         wait_for(lambda: self.fake.requests)
         status = self.cli("status")
         self.assertEqual(status.returncode, 0, status.stderr)
@@ -594,6 +694,7 @@ class StopTest(CliCase):
 
 
 class MessagesTest(CliCase):
+    fresh = True  # it takes the daemon's port and breaks its start
     def test_port_in_use_names_the_variable_not_a_missing_flag(self):
         host, port = self.env["STIGMER_BACKEND_ENDPOINT"].split(":")
         with socket.socket() as s:
@@ -663,8 +764,8 @@ class TurnLimitOfOneTest(CliCase):
 
     def test_limit_of_one_turn(self):
         proc, events = self.run_task("keep going", "--max-turns", "1")
-        self.assertEqual(proc.returncode, 1)
-        self.assertIn("reached the turn limit (1 turn)", events[-1]["reason"])
+        self.assertEqual(proc.returncode, 1, proc.stderr)
+        self.assertIn("reached the turn limit (1 turn)", events[-1]["reason"], proc.stdout + proc.stderr)
 
 
 class ApiMessagesTest(CliCase):
@@ -708,7 +809,7 @@ class CancelWhileThinkingTest(CliCase):
         run = subprocess.Popen([sys.executable, RUNNER, "--json", *args, "think hard"], env=self.env,
                                cwd=self.workspace, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
-        self.addCleanup(lambda: run.poll() is None and run.kill())
+        self.addCleanup(reap, run)
         wait_for(lambda: self.fake.requests, what="the model request")
         run.send_signal(signal.SIGINT)
         out, err = run.communicate(timeout=60)  # far less than the model's 600 s: the request was abandoned
@@ -851,6 +952,7 @@ class InputLimitTest(CliCase):
 class ParentEnvironTest(CliCase):
     """Issue 28, item 6: a command the agent runs reads its parent's environment block, the worker's: no
     provider key, token or credential is there, whichever way the worker was started."""
+    fresh = True  # it inspects the processes of the home
     GITHUB = "ghp_aFakeTokenTheShellMustNotRead"
     script = [tool_step(("execute", {"command": "tr '\\0' '\\n' < /proc/$PPID/environ > parent.env; echo copied"})),
               text_step("done")]

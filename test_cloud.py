@@ -20,9 +20,10 @@ import unittest
 
 import redis_backend as rb
 import stigmer_pb2 as pb
-from testsupport import (FAKE_KEY, HERE, FakeAnthropic, pid_alive, run_cli, running, sleep_tag, text_step, tool_step,
-                         wait_for)
+from testsupport import (FAKE_KEY, HERE, FakeAnthropic, pid_alive, reap, run_cli, running, sleep_tag, text_step,
+                         tool_step, wait_for)
 from testsupport_redis import RedisServer, requires_redis
+from testsupport_parallel import load_tests  # noqa: F401 - the suite runs in parallel (see there)
 
 LEASE_TTL = 5.0  # seconds; heartbeats every 1.7 s: short enough to see a lost worker, long for a busy machine
 _prefixes = itertools.count()
@@ -286,7 +287,7 @@ class ForegroundCancelTest(CloudCase):
         proc = subprocess.Popen([sys.executable, os.path.join(HERE, "runner.py"), "--json", "--workspace", workspace,
                                  "sleep a while"], env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 stdin=subprocess.DEVNULL, text=True)
-        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        self.addCleanup(reap, proc)
         pids = self.slow_pids("fg")
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
@@ -307,7 +308,7 @@ class CancelWhileThinkingTest(CloudCase):
         proc = subprocess.Popen([sys.executable, os.path.join(HERE, "runner.py"), "--json", "--workspace",
                                  self.workspace("think"), "think hard"], env=self.env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
-        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        self.addCleanup(reap, proc)
         wait_for(lambda: self.fake.requests, 90, "the model request")
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)  # far less than 600 s: the request was abandoned
@@ -329,7 +330,7 @@ class RedisRestartTest(CloudCase):
         follower = subprocess.Popen([sys.executable, os.path.join(HERE, "runner.py"), "logs", execution_id, "-f",
                                      "--json"], env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     stdin=subprocess.DEVNULL, text=True)
-        self.addCleanup(lambda: follower.poll() is None and follower.kill())
+        self.addCleanup(reap, follower)
         first = follower.stdout.readline()  # the follower is connected (it has shown the first event)...
         wait_for(lambda: self.fake.requests, 90, "the first turn")  # ... and the sleep is under way
         self.server.restart(down_for=1.0)

@@ -12,6 +12,7 @@ import models
 import processes
 import runner
 from testsupport import HERE
+from testsupport_parallel import load_tests  # noqa: F401 - the suite runs in parallel (see there)
 
 
 class ConfigTest(unittest.TestCase):

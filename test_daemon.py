@@ -22,6 +22,7 @@ import daemon_server
 import daemon_client
 import stigmer_pb2 as pb
 import stigmer_pb2_grpc as pb_grpc
+from testsupport_parallel import load_tests  # noqa: F401 - the suite runs in parallel (see there)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TIMEOUT = 20  # seconds any single RPC or expected message may take before the test fails
@@ -444,6 +445,35 @@ class RunnerStreamTest(DaemonCase):
         self.start()
         events = self.log(ex.id, follow=True)  # nobody reconnects: it fails after the grace
         self.assertEqual((events[-2].error.code, events[-1].phase.phase), ("runner_lost", pb.FAILED))
+
+
+class IdleTest(DaemonCase):
+    """A daemon started by a foreground run idles out (daemon_server.stop_when_idle asks Daemon.idle): a run's
+    own worker kept warm for the next run (pinned, holding nothing) does not keep it up; any other runner does."""
+
+    def connected(self, n):
+        deadline = time.monotonic() + TIMEOUT
+        while self.rpc("Status", pb.StatusRequest()).connected_runners != n:
+            self.assertLess(time.monotonic(), deadline, f"waiting for {n} runner(s) to connect")
+            time.sleep(0.02)
+
+    def test_a_warm_run_worker_does_not_keep_the_daemon_up_but_its_run_and_a_shared_runner_do(self):
+        idle = self.server._daemon.idle
+        self.assertTrue(idle())
+        warm = self.runner(hello=False)
+        warm.send(hello=pb.Hello(runner_id="run-1-abc", capacity=1, mode="local", pinned=True))
+        self.connected(1)
+        self.assertTrue(idle())
+        ex = self.rpc("Submit", pb.SubmitRequest(spec=pb.ExecutionSpec(prompt="p", workspace=self.workspace,
+                                                                       runner_id="run-1-abc")))
+        self.assertEqual(self.assigned(warm).id, ex.id)
+        self.assertFalse(idle())  # its run
+        warm.batch(phase(ex.id, 3, pb.COMPLETED))
+        warm.expect_ack(ex.id, 3)
+        self.assertTrue(idle())
+        self.runner(runner_id="shared-1")  # a worker of `start`
+        self.connected(2)
+        self.assertFalse(idle())
 
 
 class WatchTest(DaemonCase):

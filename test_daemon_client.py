@@ -19,6 +19,7 @@ import stigmer_pb2 as pb
 from daemon_client import TOKEN_FILE, BackendError, BackendUnavailable, Client
 from testsupport import (FAKE_KEY, HERE, Squatter, assert_one_line, free_port, private_hosts_argv, private_hosts_problem, run_cli,
                          wait_for)
+from testsupport_parallel import load_tests  # noqa: F401 - the suite runs in parallel (see there)
 
 RUNNER = os.path.join(HERE, "runner.py")
 

@@ -11,6 +11,7 @@ import subprocess
 import tempfile
 import unittest
 from unittest import mock
+from testsupport_parallel import load_tests  # noqa: F401 - the suite runs in parallel (see there)
 
 try:
     import daytona

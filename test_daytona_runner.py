@@ -15,6 +15,7 @@ import tempfile
 import threading
 import unittest
 from unittest import mock
+from testsupport_parallel import load_tests  # noqa: F401 - the suite runs in parallel (see there)
 
 try:
     import daytona

@@ -15,6 +15,7 @@ import openai
 
 import models
 from testsupport import FAKE_KEY, HERE, OPENAI_KEY, FakeAnthropic, FakeOpenAI, text_step, tool_step
+from testsupport_parallel import load_tests  # noqa: F401 - the suite runs in parallel (see there)
 
 EPHEMERAL = {"type": "ephemeral"}
 TOOLS = [{"name": "ls", "description": "List a directory.", "input_schema": {"type": "object", "properties": {}}},

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import tempfile
 import unittest
+from testsupport_parallel import load_tests  # noqa: F401 - the suite runs in parallel (see there)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GENERATED = ("stigmer_pb2.py", "stigmer_pb2.pyi", "stigmer_pb2_grpc.py")

@@ -21,6 +21,7 @@ import unittest
 
 from testsupport import (FAKE_KEY, HERE, OPENAI_KEY, FakeAnthropic, FakeOpenAI, assert_one_line, files_containing, free_port,
                          read_until, run_cli, text_step, tool_step)
+from testsupport_parallel import load_tests  # noqa: F401 - the suite runs in parallel (see there)
 
 KEY_VARS = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_BASE_URL", "OPENAI_API_KEY", "OPENAI_BASE_URL",
             "GEMINI_API_KEY", "GOOGLE_API_KEY", "GEMINI_BASE_URL", "OLLAMA_HOST", "STIGMER_SANDBOX_SECRETS", "MODE",

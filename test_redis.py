@@ -21,6 +21,7 @@ import redis_backend as rb  # imports without the redis package (it is loaded on
 from redis_backend import BackendError, BackendUnavailable, RedisClient, RedisLink
 from testsupport import wait_for
 from testsupport_redis import RedisServer, requires_redis
+from testsupport_parallel import load_tests  # noqa: F401 - the suite runs in parallel (see there)
 
 SHORT = dict(lease_ttl=1.0, claim_idle=0.3, cancel_grace=30.0, retention=600.0)  # fast settings for tests
 _prefixes = itertools.count()

@@ -25,6 +25,7 @@ from test_agent import anthropic_model
 from test_runner import CliCase
 from testsupport import FAKE_KEY, FakeAnthropic, text_step, tool_step
 from testsupport_redis import RedisServer, requires_redis
+from testsupport_parallel import load_tests  # noqa: F401 - the suite runs in parallel (see there)
 
 BIG = 8000  # characters of output of each `big` command: about 2000 tokens
 

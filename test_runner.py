@@ -16,35 +16,89 @@ import threading
 import time
 import unittest
 
+import commands
+import processes
 import runner
 import stigmer_pb2 as pb
-from testsupport import (FAKE_KEY, HERE, FakeAnthropic, assert_one_line, files_containing, free_port, pid_alive, run_cli,
-                         running, sleep_tag, text_step, tool_step, wait_for)
+from contract import BackendError
+from testsupport import (FAKE_KEY, HERE, FakeAnthropic, assert_one_line, files_containing, free_port, pid_alive, reap,
+                         run_cli, running, sleep_tag, text_step, tool_step, wait_for)
+from testsupport_parallel import load_tests  # noqa: F401 - the suite runs in parallel (see there)
 
 KEY_VARS = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "OPENAI_API_KEY", "STIGMER_SANDBOX_SECRETS", "MODE", "ENV",
             "STIGMER_MODEL", "SANDBOX_ROOT_DIR", "NO_COLOR", "STIGMER_SANDBOX", "DAYTONA_API_KEY")
 
 
 class CliCase(unittest.TestCase):
-    """A temporary STIGMER_HOME and workspace, a free daemon port, and a fake model per test."""
+    """A workspace per test; a STIGMER_HOME (with its daemon), a user's HOME, a daemon port and a fake model per
+    class, shared by its tests: the fake starts each test over with the test's script, and what a test left
+    running is cancelled after it. So a test's runs find the worker the class's previous run left warm, as a
+    user's next run does, instead of each paying a cold start. A class whose tests need a home, daemon or
+    fake of their own (they break, stop or inspect them) sets `fresh = True`: then each test gets all of it."""
 
     script = [text_step("nothing to do")]
+    fresh = False
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.shared = None if cls.fresh else cls.fixture()
+        if cls.shared:
+            cls.addClassCleanup(cls.release, *cls.shared)
+
+    @classmethod
+    def fixture(cls):
+        """(directory, fake model, environment) of a home, a user's HOME and a daemon port."""
+        tmp = tempfile.mkdtemp(prefix="stigmer-test-")
+        fake = FakeAnthropic(cls.script).start()
+        env = {k: v for k, v in os.environ.items() if k not in KEY_VARS}
+        env.update(STIGMER_HOME=os.path.join(tmp, "home"), STIGMER_BACKEND_ENDPOINT=f"127.0.0.1:{free_port()}",
+                   ANTHROPIC_BASE_URL=fake.url, ANTHROPIC_API_KEY=FAKE_KEY, STIGMER_MODEL="claude-fake",
+                   HOME=os.path.join(tmp, "userhome"))
+        return tmp, fake, env
+
+    @staticmethod
+    def release(tmp, fake, env):
+        run_cli(["stop", "--force"], env, timeout=30)  # cancels what a test left running
+        fake.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
 
     def setUp(self):
-        self.tmp = tempfile.mkdtemp(prefix="stigmer-test-")
-        self.home = os.path.join(self.tmp, "home")
+        if self.shared:
+            shared_tmp, self.fake, env = self.shared
+            self.tmp = tempfile.mkdtemp(prefix="test-", dir=shared_tmp)
+            self.fake.reset(self.script)
+        else:
+            self.tmp, self.fake, env = self.fixture()
+        self.home = env["STIGMER_HOME"]
         self.workspace = os.path.join(self.tmp, "ws")
         os.makedirs(self.workspace)
-        self.fake = FakeAnthropic(self.script).start()
-        self.env = {k: v for k, v in os.environ.items() if k not in KEY_VARS}
-        self.env.update(STIGMER_HOME=self.home, STIGMER_BACKEND_ENDPOINT=f"127.0.0.1:{free_port()}",
-                        ANTHROPIC_BASE_URL=self.fake.url, ANTHROPIC_API_KEY=FAKE_KEY, STIGMER_MODEL="claude-fake",
-                        SANDBOX_ROOT_DIR=self.workspace, HOME=os.path.join(self.tmp, "userhome"))
+        self.env = dict(env, SANDBOX_ROOT_DIR=self.workspace)
 
     def tearDown(self):
-        run_cli(["stop", "--force"], self.env, timeout=30)  # cancels what a test left running
-        self.fake.stop()
+        if not self.shared:
+            self.release(self.tmp, self.fake, self.env)
+            return
+        self.cancel_leftovers()
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def cancel_leftovers(self):
+        """Cancel what the test left pending or running on the class's daemon, and wait for the ends."""
+        cfg = runner.Config.load(self.env)
+        try:
+            found = processes.find_daemon(cfg)
+            if found is None:
+                return
+            client = found[0]
+            try:
+                left = [ex for phase in (pb.PENDING, pb.RUNNING) for ex in client.list(phase, 1000)]
+                for ex in left:
+                    client.cancel(ex.id)
+                commands.wait_until_ended(client, left, timeout=30)
+            finally:
+                client.close()
+        except (processes.CliError, BackendError):  # a test broke the home: the next test starts afresh
+            run_cli(["stop", "--force"], self.env, timeout=30)
 
     def cli(self, *args, env=None, timeout=90):
         return run_cli(list(args), env or self.env, timeout=timeout, cwd=self.workspace)
@@ -309,6 +363,7 @@ def damage(path, first_page, pages):
 
 class DamagedDatabaseTest(CliCase):
     script = [text_step("stored")]
+    fresh = True  # it damages the database
     assertOneLine = assert_one_line
 
     def assert_damaged_line(self, proc):
@@ -377,7 +432,7 @@ class ForegroundDaemonLostTest(CliCase):
         run = subprocess.Popen([sys.executable, os.path.join(HERE, "runner.py"), "--json", "sleep a little"],
                                env=self.env, cwd=self.workspace, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
-        self.addCleanup(lambda: run.poll() is None and run.kill())
+        self.addCleanup(reap, run)
         wait_for(lambda: self.fake.requests, what="the first model request")  # the sleep is under way
         daemon_pid = int(read(os.path.join(self.home, "logs", "daemon.pid")).split()[0])
         os.kill(daemon_pid, signal.SIGKILL)
@@ -408,7 +463,7 @@ class BackgroundServicesTest(CliCase):
         follower = subprocess.Popen([sys.executable, os.path.join(HERE, "runner.py"), "logs", execution_id, "-f",
                                      "--json"], env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     stdin=subprocess.DEVNULL, text=True)
-        self.addCleanup(lambda: follower.poll() is None and follower.kill())
+        self.addCleanup(reap, follower)
         first = follower.stdout.readline()  # the follower is connected (it has shown the first event)...
         wait_for(lambda: self.fake.requests)  # ... and the model has been asked: the sleep is under way
         os.kill(daemon_pid, signal.SIGTERM)
@@ -448,7 +503,7 @@ class CancelAfterRestartTest(CliCase):
         proc = subprocess.Popen([sys.executable, os.path.join(HERE, "runner.py"), "--json", "wait"], env=self.env,
                                 cwd=self.workspace, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 stdin=subprocess.DEVNULL, text=True)
-        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        self.addCleanup(reap, proc)
         wait_for(lambda: self.fake.requests)  # the sleep is under way
         os.kill(daemon_pid, signal.SIGTERM)
         wait_for(lambda: not pid_alive(daemon_pid))

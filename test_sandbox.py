@@ -30,6 +30,7 @@ import sandbox
 import stigmer_pb2 as pb
 from sandbox import ExecutionResult, FilesystemSandbox, SandboxError
 from testsupport import PongServer, running, sleep_tag, survivors
+from testsupport_parallel import load_tests  # noqa: F401 - the suite runs in parallel (see there)
 
 HANG = 15  # seconds; a call that takes longer than this has hung (the commands sleep 30-60 s)
 

@@ -25,6 +25,7 @@ import unittest
 
 import models
 from testsupport import read_until
+from testsupport_parallel import load_tests  # noqa: F401 - the suite runs in parallel (see there)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SECRETS_PY = os.path.join(HERE, "secrets.py")

@@ -10,6 +10,7 @@ import unittest
 
 import stigmer_pb2 as pb
 import store
+from testsupport_parallel import load_tests  # noqa: F401 - the suite runs in parallel (see there)
 
 
 def execution(execution_id, created_at, phase=pb.PENDING, **fields):

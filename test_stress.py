@@ -12,6 +12,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import unittest
 
@@ -22,7 +23,8 @@ import stigmer_pb2 as pb
 import stigmer_pb2_grpc as pb_grpc
 import worker
 from test_runner import CliCase, read
-from testsupport import HERE, FakeAnthropic, pid_alive, running, sleep_tag, text_step, tool_step, wait_for
+from testsupport import HERE, FakeAnthropic, pid_alive, reap, running, sleep_tag, text_step, tool_step, wait_for
+from testsupport_parallel import load_tests  # noqa: F401 - the suite runs in parallel (see there)
 
 TIMEOUT = 180  # seconds a CLI under test may take on a loaded machine before the test fails
 
@@ -40,6 +42,7 @@ def json_lines(text):
 class ManyTerminalsTest(CliCase):
     """Reproduction 1 and the ten-terminal case: each run has its own fake model (its own secrets and
     ANTHROPIC_BASE_URL), so an execution that ran on another run's worker shows in its final text."""
+    fresh = True  # the terminals race to start the daemon
 
     def fake_for(self, name, delay=0.0):
         script = [tool_step(("execute", {"command": f"sleep {delay}; echo {name}"})), text_step(f"result {name}")]
@@ -170,6 +173,7 @@ class KilledWorkerTest(CliCase):
                      "mounting a 2 MB tmpfs for STIGMER_HOME needs root")
 class DiskFullTest(CliCase):
     """Reproduction 3: STIGMER_HOME on a 2 MB tmpfs, a chatty task fills it."""
+    fresh = True  # STIGMER_HOME is a small tmpfs
 
     script = [tool_step(("execute", {"command": "head -c 40000 /dev/zero | tr '\\\\0' x; echo"}))
               for _ in range(12)] + [text_step("chatty done")]
@@ -189,7 +193,7 @@ class DiskFullTest(CliCase):
         self.addCleanup(self.daemon_log.close)
         self.daemon = subprocess.Popen([sys.executable, os.path.join(HERE, "runner.py"), "daemon"], env=self.env,
                                        stdout=self.daemon_log, stderr=self.daemon_log, stdin=subprocess.DEVNULL)
-        self.addCleanup(lambda: self.daemon.poll() is None and self.daemon.kill())
+        self.addCleanup(reap, self.daemon)
         wait_for(lambda: self.cli("status").returncode == 0, timeout=60)
         self.ballast = os.path.join(self.home, "ballast")
         with open(self.ballast, "wb") as f:  # fill the disk, then leave 200 KB for the run to start
@@ -209,7 +213,7 @@ class DiskFullTest(CliCase):
         proc = subprocess.Popen([sys.executable, os.path.join(HERE, "runner.py"), "--json", "chatter"],
                                 env=self.env, cwd=self.workspace, stdout=self.out, stderr=subprocess.PIPE,
                                 stdin=subprocess.DEVNULL, text=True)
-        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        self.addCleanup(reap, proc)
         lines = []
         while True:
             line = proc.stderr.readline()
@@ -229,10 +233,13 @@ class DiskFullTest(CliCase):
         return self.daemon_log.read()
 
     def test_space_comes_back_and_the_run_completes(self):
+        space_back = threading.Event()  # the last reply waits for it, so that the run ends after space is back
+        self.fake.script = [*self.script[:-1], dict(self.script[-1], gate=space_back)]
         proc, lines = self.run_until_full()
         self.assertIn(self.home, lines[-1])
         self.assertEqual(self.cli("list").returncode, 0)  # reads keep working on a full disk
         os.unlink(self.ballast)
+        space_back.set()
         out, err = self.finish(proc)
         err = "".join(lines) + err
         self.assertEqual(proc.returncode, 0, err)
@@ -286,7 +293,7 @@ class DiskFullTest(CliCase):
         self.addCleanup(worker_log.close)
         shared = subprocess.Popen([sys.executable, os.path.join(HERE, "runner.py"), "worker"], env=self.env,
                                   stdout=worker_log, stderr=worker_log, stdin=subprocess.DEVNULL)
-        self.addCleanup(lambda: shared.poll() is None and shared.kill())
+        self.addCleanup(reap, shared)
         wait_for(lambda: json.loads(self.cli("status", "--json").stdout).get("connected_runners") == 1, timeout=60)
         fd = os.open(self.ballast, os.O_WRONLY | os.O_APPEND)  # not even the 200 KB left
         try:
@@ -310,6 +317,7 @@ class DiskFullTest(CliCase):
 
 class BrokenTokenTest(CliCase):
     """Reproduction 4: an empty, or foreign, daemon.token."""
+    fresh = True  # it breaks the token
 
     def write_token(self, text):
         os.makedirs(self.home, mode=0o700, exist_ok=True)
@@ -351,6 +359,7 @@ class BrokenTokenTest(CliCase):
 
 class PrivateHomeTest(CliCase):
     """Reproduction 5: `start` as the first command, with a permissive umask."""
+    fresh = True  # it checks how the home is created
 
     def test_files_are_private_whoever_creates_them(self):
         proc = subprocess.run([sys.executable, os.path.join(HERE, "runner.py"), "start"], env=self.env,

@@ -31,7 +31,8 @@ from test_agent import anthropic_model
 from test_cloud import CloudCase
 from test_resume import dumps, plain
 from test_runner import CliCase
-from testsupport import FakeAnthropic, HERE, running, sleep_tag, text_step, tool_step, wait_for
+from testsupport import HERE, FakeAnthropic, reap, running, sleep_tag, text_step, tool_step, wait_for
+from testsupport_parallel import load_tests  # noqa: F401 - the suite runs in parallel (see there)
 
 GP = subagents.GENERAL_PURPOSE
 
@@ -419,7 +420,7 @@ class EndToEnd:
         proc = subprocess.Popen([sys.executable, os.path.join(HERE, "runner.py"), *args], env=self.env,
                                 cwd=self.ws, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 stdin=subprocess.DEVNULL, text=True)
-        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        self.addCleanup(reap, proc)
         return proc
 
     def json_run(self, *args):

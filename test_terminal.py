@@ -12,6 +12,7 @@ import unittest
 import stigmer_pb2 as pb
 import terminal
 from daemon_client import BackendError, BackendUnavailable
+from testsupport_parallel import load_tests  # noqa: F401 - the suite runs in parallel (see there)
 
 
 def phase(seq, value, **fields):

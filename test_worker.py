@@ -22,6 +22,7 @@ import stigmer_pb2 as pb
 import stigmer_pb2_grpc as pb_grpc
 import worker
 from testsupport import FAKE_KEY, FakeAnthropic, text_step, tool_step
+from testsupport_parallel import load_tests  # noqa: F401 - the suite runs in parallel (see there)
 
 stigmer_secrets = models.project_secrets()
 

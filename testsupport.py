@@ -135,6 +135,13 @@ class FakeAnthropic:
     def url(self):
         return f"http://127.0.0.1:{self._server.server_address[1]}"
 
+    def reset(self, script):
+        """Start over with SCRIPT: no request seen, no scripted error served (the server and its URL stay)."""
+        with self._lock:
+            self.script = list(script)
+            self.requests, self.statuses, self.times = [], [], []
+            self._failures, self._replies = {}, 0
+
     def start(self):
         fake = self
 
@@ -219,6 +226,8 @@ class FakeAnthropic:
         else:
             if step.get("delay"):
                 time.sleep(step["delay"])
+            if step.get("gate"):  # a threading.Event the test sets when this reply may go
+                step["gate"].wait(60)
             with self._lock:
                 self._replies = getattr(self, "_replies", 0) + 1
                 reply_id = f"msg_{step_index}_{self._replies}"  # unique per reply, as the real API's ids are
@@ -246,6 +255,17 @@ def run_cli(args, env, timeout=60, cwd=None, input=None):
     return subprocess.run([sys.executable, os.path.join(HERE, "runner.py"), *args], env=env, cwd=cwd,
                           capture_output=True, text=True, timeout=timeout, input=input,
                           stdin=None if input is not None else subprocess.DEVNULL)
+
+
+def reap(proc):
+    """A test's cleanup for a process it started: killed if it still runs, waited for, its pipes closed
+    (else each leaves a ResourceWarning, or a zombie)."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()
 
 
 def pid_alive(pid):
@@ -426,6 +446,8 @@ class FakeOpenAI(FakeAnthropic):
         else:
             if step.get("delay"):
                 time.sleep(step["delay"])
+            if step.get("gate"):  # a threading.Event the test sets when this reply may go
+                step["gate"].wait(60)
             include = bool((body.get("stream_options") or {}).get("include_usage"))
             result = self._stream_reply(step, step_index, render_chat_stream(
                 step, step_index, body.get("model", "gpt-fake"), include, reply_id))

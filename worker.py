@@ -38,7 +38,7 @@ import uuid
 
 import models
 import stigmer_pb2 as pb
-from contract import TERMINAL_PHASES
+from contract import TERMINAL_PHASES, WARM_WORD
 
 log = logging.getLogger("stigmer.worker")
 
@@ -54,6 +54,8 @@ CLEANUP_ON_STOP = 8.0  # seconds a stopping worker then waits for executions to 
 STOP_LIMIT = FLUSH_ON_STOP + CLEANUP_ON_STOP + 5.0  # seconds after which a stopping worker exits anyway
 PATCH_MAX_BYTES = 512_000  # most bytes of a patch artifact: whole files are left out to fit, and named
 SWEEP_EVERY = 600.0  # seconds between sweeps of leftover sandboxes
+WARM_CUT_OFF = 5.0  # seconds a warm worker stays without its daemon (gone: it idled out or was stopped)
+WARM_GRACE = 1.0  # seconds a warm worker leaving waits for a run that picked it just before
 MAX_CHAIN = 1000  # most ancestors a resumed conversation may have
 MAX_EVENT_BYTES = 4 << 20  # the largest event payload sent: longer strings are cut to fit, and say so
 
@@ -547,6 +549,8 @@ class Worker:
                     emit(error=pb.Error(code="secret_missing", message=f"{name} was named with --secret but this "
                                         "worker's environment does not have it; the agent's shell runs without it"))
             shell_env = mod.shell_environment(environ, named, key_vars, inherit=mod.INHERIT_ALL in spec.secret_names)
+            if environ.get("SANDBOX_ROOT_DIR"):  # a warm worker's is its first run's: say this execution's
+                shell_env["SANDBOX_ROOT_DIR"] = spec.workspace
             shell_env.update(agent_settings(spec))  # an agent's declared non-secret variables
             check_agent(spec)
             history = self.conversation(spec.parent_id) if spec.parent_id else []
@@ -734,9 +738,39 @@ def _stuck_on_stop():
     os._exit(1)
 
 
-def serve(worker, link, *, exit_with_stdin=False):
+def stay_warm(worker, period, mark, stop, cut_off=WARM_CUT_OFF, grace=WARM_GRACE):
+    """A foreground run's worker after its run: it waits for the next run of the same daemon, which pins it by
+    runner id. MARK("idle"/"busy") keeps its pid file saying whether it is free; it returns (and the worker stops)
+    once it has been idle for PERIOD seconds or cut off from the log for CUT_OFF (the daemon is gone), or when
+    STOP is set. Before leaving it takes its pid file away and waits GRACE seconds for a run that picked it just
+    before, which it then serves to its end."""
+    state, idle_since, away_since = None, time.monotonic(), None
+    with worker.cond:
+        while not stop.is_set():
+            busy, now = bool(worker.active), time.monotonic()
+            if state != ("busy" if busy else "idle"):
+                state = "busy" if busy else "idle"
+                try:
+                    mark(state)
+                except OSError:
+                    log.warning("cannot write the warm worker's pid file; exiting", exc_info=True)
+                    break
+            if busy:
+                idle_since = now
+            away_since = None if worker.connected else away_since or now
+            if not busy and (now - idle_since >= period or (away_since and now - away_since >= cut_off)):
+                break
+            worker.cond.wait(0.5)
+        mark(None)
+        deadline = time.monotonic() + grace
+        while not stop.is_set() and (worker.active or time.monotonic() < deadline):
+            worker.cond.wait(0.2)
+
+
+def serve(worker, link, *, exit_with_stdin=False, warm_for=0.0, mark=None):
     """Run WORKER over LINK in the foreground until SIGTERM, SIGINT or (optionally) EOF on stdin;
-    returns an exit code. LINK is anything with run(worker) that returns once worker.stopping is set."""
+    returns an exit code. LINK is anything with run(worker) that returns once worker.stopping is set.
+    With WARM_FOR and MARK, a stdin that said WARM_WORD before its EOF keeps the worker (see stay_warm)."""
     import faulthandler
     import signal
 
@@ -749,7 +783,12 @@ def serve(worker, link, *, exit_with_stdin=False):
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     if exit_with_stdin:  # the CLI that spawned us holds our stdin; EOF means it is gone
-        threading.Thread(target=lambda: (sys.stdin.buffer.read(), stop.set()), daemon=True).start()
+
+        def until_eof():
+            if sys.stdin.buffer.read() == WARM_WORD and warm_for > 0 and mark is not None:
+                stay_warm(worker, warm_for, mark, stop)  # its run ended well: stay for the next one a while
+            stop.set()
+        threading.Thread(target=until_eof, name="stdin", daemon=True).start()
     thread = threading.Thread(target=link.run, args=(worker,), name="link", daemon=True)
     thread.start()
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: every thread's stack to the log
