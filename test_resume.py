@@ -23,9 +23,9 @@ import terminal
 from sandbox import FilesystemSandbox
 from test_agent import anthropic_model
 from test_runner import CliCase
-from testsupport import FAKE_KEY, FakeAnthropic, text_step, tool_step
-from testsupport_redis import RedisServer, requires_redis
+from testsupport import FAKE_KEY, FakeAnthropic, running, sleep_tag, text_step, tool_step, wait_for
 from testsupport_parallel import load_tests  # noqa: F401 - the suite runs in parallel (see there)
+from testsupport_redis import RedisServer, requires_redis
 
 BIG = 8000  # characters of output of each `big` command: about 2000 tokens
 
@@ -143,15 +143,13 @@ class ResumeAgentTest(unittest.TestCase):
         self.assertEqual(tokens, 100)  # the fake's default input tokens for the request
 
     def test_a_cancelled_run_resumes_with_its_not_run_results(self):
-        run = AgentRun(self, [tool_step(("execute", {"command": "sleep 30"}), ("execute", {"command": "echo 2"})),
+        tag = sleep_tag()
+        run = AgentRun(self, [tool_step(("execute", {"command": f"sleep {tag}"}), ("execute", {"command": "echo 2"})),
                               text_step("resumed")])
         result = {}
         thread = threading.Thread(target=lambda: result.update(r=run.run("sleep")))
         thread.start()
-        deadline = time.monotonic() + 30
-        while not run.fake.requests and time.monotonic() < deadline:
-            time.sleep(0.02)
-        time.sleep(0.5)  # the first command is running (its reply was short)
+        wait_for(lambda: running(tag), 30, "the first command to run")
         run.agent.cancel()
         thread.join(30)
         phase, _, events, _ = result["r"]

@@ -83,8 +83,12 @@ class CliCase(unittest.TestCase):
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def cancel_leftovers(self):
-        """Cancel what the test left pending or running on the class's daemon, and wait for the ends."""
+        """Cancel what the test left pending or running on the class's daemon, and wait for the ends; after a
+        `start`, stop everything, so that the class's next test finds no worker of `start`."""
         cfg = runner.Config.load(self.env)
+        if any(os.path.basename(p).startswith("worker-") for p in processes.pid_files(cfg)):
+            run_cli(["stop", "--force"], self.env, timeout=30)  # the test ran `start`: the next one starts without
+            return
         try:
             found = processes.find_daemon(cfg)
             if found is None:
