@@ -15,6 +15,7 @@ Most of the suite's time is spent waiting on other processes (a worker importing
 starting, a command being killed), so classes overlap well even on two CPUs.
 """
 import collections
+import contextlib
 import json
 import os
 import select
@@ -26,6 +27,7 @@ import traceback
 import unittest
 from unittest.suite import _ErrorHolder
 
+CLASS_LIMIT = 900.0  # seconds a class may take in its process before it is killed (the slowest take under 60)
 _suites = []  # every ForkedSuite that loading made, in order: the last one to run waits for the pool
 _pool = None
 
@@ -200,7 +202,9 @@ class Pool:
         running = {}
         while True:
             with self.cond:
-                while not self.queue and not running and not self.closed:
+                # Fork only once loading is over and the main thread just waits in join: a lock it held at the
+                # moment of a fork (a module being imported, a stream being written) would stay held in the child.
+                while not self.closed:
                     self.cond.wait()
                 if not self.queue and not running and self.closed:
                     return
@@ -211,6 +215,10 @@ class Pool:
                     self.queue.clear()
             if not running:
                 continue
+            for child in running.values():  # a class that hangs is killed: its unfinished tests fail, the rest go on
+                if time.monotonic() - child.started > CLASS_LIMIT:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(child.pid, signal.SIGKILL)
             ready, _, _ = select.select(list(running), [], [], 0.5)
             for fd in ready:
                 child = running[fd]
