@@ -77,14 +77,16 @@ def cmd_run(cfg, args):
         found = be.find()
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     worker, ended = None, False
+
+    def taker_in(found):  # who takes the run at once, for the plan's secret names (a parent adds to them)
+        return be.warm_worker(found, plan.model, plan.shell_names, environment_print(cfg, plan.shell_names, plan.model))
     try:
         # After `start`, a warm worker with a free slot, this run's provider and secrets takes the run at once
         # (its SDK is loaded, its key was asked for at `start`); else the run's own worker takes only this run.
         # That worker (its SDK import is the slowest part of a cold start) starts before the daemon, unless it
         # needs the secret names of the run it resumes, which only the log knows.
         # A warm worker a foreground run left behind takes it too, pinned to it (see processes.keep_warm).
-        wanted = environment_print(cfg, plan.shell_names, plan.model)
-        taker = None if args.detach or plan.resuming else be.warm_worker(found, plan.model, plan.shell_names, wanted)
+        taker = None if args.detach or plan.resuming else taker_in(found)
         own = not args.detach and taker is None
         runner_id = f"run-{os.getpid()}-{os.urandom(3).hex()}" if own else taker or ""
         endpoint = be.worker_endpoint(found) if own and not plan.resuming else None
@@ -93,8 +95,7 @@ def cmd_run(cfg, args):
         client, status = found or be.ensure(idle_exit=RUN_IDLE_EXIT)
         if plan.resuming:  # a follow-up: the parent's secrets known, a warm worker that holds them takes it too
             continue_parent(cfg, args, plan, find_parent(client, args, plan.workspace))
-            taker = be.warm_worker((client, status), plan.model, plan.shell_names,
-                                   environment_print(cfg, plan.shell_names, plan.model))  # the parent's names
+            taker = taker_in((client, status))
             if taker is not None:
                 own, runner_id = False, taker
         if own and worker is None:

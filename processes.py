@@ -511,7 +511,7 @@ def release_worker(proc, warm):
             # Wait (briefly) until it says it is idle, so that a run started right after this one finds it.
             deadline = time.monotonic() + 2.0
             while proc.poll() is None and time.monotonic() < deadline and \
-                    (home.lock_record(proc.warm_path) or [""])[4:5] != ["idle"]:
+                    (home.lock_record(proc.warm_path) or [])[WARM_STATE:WARM_STATE + 1] != ["idle"]:
                 time.sleep(0.005)
             return
     except OSError:  # it exited meanwhile
@@ -578,7 +578,8 @@ def fitting_worker(cfg, model, names, environ_print, shared_free):
             continue
         if base.startswith("worker-") and shared_free:
             return ""
-        if base.startswith("warm-") and record[5:] and record[4] == "idle" and prints_fit(record[5], environ_print):
+        if base.startswith("warm-") and len(record) > WARM_PRINT and record[WARM_STATE] == "idle" and \
+                prints_fit(record[WARM_PRINT], environ_print):
             warm = warm or record[3]
     return warm
 
@@ -611,6 +612,10 @@ def prints_fit(held, wanted):
     held_env, _, held_key = held.partition("-")
     wanted_env, _, wanted_key = wanted.partition("-")
     return held_env == wanted_env and (not wanted_key or wanted_key == held_key)
+
+
+WARM_STATE = 4  # a warm worker's pid file: pid, model, secret names, runner id, then WARM_STATE: idle or busy,
+WARM_PRINT = 5  # and its environment_print (see warm_marker)
 
 
 def warm_marker(path, fields, environ_print):

@@ -42,7 +42,7 @@ import sys
 from collections import namedtuple
 
 import commands
-from processes import CliError, project_secrets
+from processes import RUN_IDLE_EXIT, CliError, project_secrets
 
 # grpc (with daemon_client), stigmer_pb2 and terminal are imported where they are used: `--help` starts at once.
 # The commands are in commands.py, the processes they start and find in processes.py.
@@ -51,9 +51,6 @@ NEEDED_MODULES = ("grpc", "google", "anthropic", "yaml")  # the core packages: m
 SANDBOXES = ("filesystem", "daytona")  # STIGMER_SANDBOX: the host, or one Daytona sandbox per execution
 ENVS = ("development", "staging", "production")
 RUNNER_GRACE = 15.0  # default seconds the daemon waits for a lost runner to come back (STIGMER_RUNNER_GRACE)
-# Seconds a foreground run's worker stays warm for the next run (STIGMER_KEEP_WARM; 0: it exits with its run), at
-# most as long as the daemon such a run starts lingers idle (processes.RUN_IDLE_EXIT).
-KEEP_WARM = 60.0
 INHERIT_ENV_VAR = "STIGMER_INHERIT_ENV"  # 1: the agent's shell gets secret-looking variables too (--inherit-env)
 COMMANDS = ("run", "resume", "chat", "start", "stop", "status", "list", "logs", "cancel", "agents", "recover",
             "daemon", "worker")
@@ -120,7 +117,7 @@ class Config(namedtuple("Config", "mode env home endpoint sandbox_root model run
                       sandbox=sandbox, daytona=daytona, context_window=tokens(environ, "STIGMER_CONTEXT_WINDOW"),
                       inherit_env=environ.get(INHERIT_ENV_VAR, "").strip().lower() in ("1", "true", "yes", "on"),
                       warnings=tuple(warnings), agent=environ.get("STIGMER_AGENT", "").strip(),
-                      keep_warm=min(seconds(environ, "STIGMER_KEEP_WARM", KEEP_WARM), KEEP_WARM),
+                      keep_warm=seconds(environ, "STIGMER_KEEP_WARM", RUN_IDLE_EXIT),  # see processes.keep_warm
                       **confinement_settings(environ, home))
         return cfg._replace(**cloud_settings(environ)) if mode == "cloud" else cfg
 
