@@ -296,6 +296,8 @@ def rest_of_output(proc, timeout):
         return out, err[0]
     finally:
         killer.cancel()
+        proc.stdout.close()
+        proc.stderr.close()
 
 
 class CancelTest(CliCase):
@@ -319,8 +321,7 @@ class CancelTest(CliCase):
             proc.send_signal(signal.SIGINT)
             out, err = rest_of_output(proc, timeout=30)
         finally:
-            if proc.poll() is None:
-                proc.kill()
+            reap(proc)
         self.assertEqual(first["phase"], "PENDING")
         self.assertEqual(proc.returncode, 130, err)
         events = [first] + [json.loads(line) for line in out.splitlines()][:-1]  # minus the summary
