@@ -697,6 +697,13 @@ def show_agent(cfg, name, workspace, as_json):
     return 0
 
 
+def cmd_skills(cfg, args):
+    """`skills`: the Agent Skills a run here would offer, and those skipped with the rule they break."""
+    import skills
+    workspace = os.path.abspath(os.path.expanduser(args.workspace)) if args.workspace else cfg.sandbox_root
+    return skills.command(workspace, cfg.home, args.json)
+
+
 def cmd_recover(cfg, args):
     """`recover`: move a damaged database aside (kept, with a timestamp) and copy into a fresh one what SQLite can
     still read; says how many executions and events it kept. The daemon must be stopped first."""

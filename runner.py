@@ -52,10 +52,10 @@ SANDBOXES = ("filesystem", "daytona")  # STIGMER_SANDBOX: the host, or one Dayto
 ENVS = ("development", "staging", "production")
 RUNNER_GRACE = 15.0  # default seconds the daemon waits for a lost runner to come back (STIGMER_RUNNER_GRACE)
 INHERIT_ENV_VAR = "STIGMER_INHERIT_ENV"  # 1: the agent's shell gets secret-looking variables too (--inherit-env)
-COMMANDS = ("run", "resume", "chat", "start", "stop", "status", "list", "logs", "cancel", "agents", "recover",
+COMMANDS = ("run", "resume", "chat", "start", "stop", "status", "list", "logs", "cancel", "agents", "skills", "recover",
             "daemon", "worker")
 LEADING_FLAGS = ("--json", "--verbose")  # flags without a value a user may type before the command word
-USER_COMMANDS = ("status", "list", "logs", "start", "stop", "cancel", "run", "resume", "chat", "agents", "recover",
+USER_COMMANDS = ("status", "list", "logs", "start", "stop", "cancel", "run", "resume", "chat", "agents", "skills", "recover",
                  "daemon", "worker")  # the order a near miss is matched in
 REDIS_SETTINGS = (  # cloud mode: (variable, redis_backend setting, default seconds)
     ("STIGMER_LEASE_TTL", "lease_ttl", 15.0),  # a dead worker's execution fails about this long after
@@ -340,6 +340,11 @@ def parser():
     show.add_argument("--json", dest="show_json", action="store_true", help="one JSON object")
     show.add_argument("--workspace", dest="show_workspace",
                       help="look up from this directory (default: SANDBOX_ROOT_DIR or .)")
+    skl = sub.add_parser("skills", help="list the Agent Skills a run here would offer, and those skipped",
+                         epilog="examples:\n  python runner.py skills\n  python runner.py skills --json",
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    skl.add_argument("--json", action="store_true", help="one JSON object per skill per line")
+    skl.add_argument("--workspace", help="look up from this directory (default: SANDBOX_ROOT_DIR or .)")
     dmn = sub.add_parser("daemon", help="run the daemon in the foreground (also: python daemon.py)",
                          epilog=DAEMON_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     dmn.add_argument("--endpoint", metavar="HOST:PORT",

@@ -116,3 +116,24 @@ def discover(workspace, home):
             elif skill.name not in usable:
                 usable[skill.name] = skill
     return [usable[n] for n in sorted(usable)], skipped
+
+
+def command(workspace, home, as_json):
+    """`skills`: the skills a run here would offer, then the ones skipped, each with where and its problems."""
+    import json
+    usable, skipped = discover(workspace, home)
+    if as_json:
+        for s in usable + skipped:
+            print(json.dumps({"name": s.name, "description": s.description, "path": s.path,
+                              "problems": s.problems}, ensure_ascii=False))
+        return 0
+    if not usable and not skipped:
+        print("no skills found in " + ", ".join(roots(workspace, home)) + ": put NAME/SKILL.md in one of them")
+        return 0
+    width = max(len(s.name) for s in usable + skipped)
+    for s in usable + skipped:
+        description = s.description.splitlines()[0][:60] if s.description else "-"
+        print(f"{s.name:<{width}}  {description:<60}  {s.path}")
+        for problem in s.problems:
+            print(f"{'':<{width}}  ! skipped: {problem}")
+    return 0

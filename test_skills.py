@@ -111,3 +111,30 @@ class Validation(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class Command(unittest.TestCase):
+    """`python runner.py skills` as a user runs it."""
+
+    def test_text_and_json(self):
+        import json
+        import testsupport
+        with tempfile.TemporaryDirectory() as t:
+            work = os.path.join(t, "w")
+            os.makedirs(os.path.join(work, ".git"))
+            root = os.path.join(work, ".agents", "skills")
+            make(root, "pdf", fm("pdf", "Fill PDF forms."))
+            make(root, "Bad", fm("Bad"))
+            home = os.path.join(t, "home")
+            os.makedirs(home, mode=0o700)
+            env = {**os.environ, "HOME": t, "STIGMER_HOME": home}
+            proc = testsupport.run_cli(["skills", "--workspace", work], env)
+            self.assertEqual(proc.returncode, 0, proc.stderr)
+            self.assertIn("pdf", proc.stdout)
+            self.assertIn("Fill PDF forms.", proc.stdout)
+            self.assertIn("! skipped: name must be lowercase", proc.stdout)
+            proc = testsupport.run_cli(["skills", "--json", "--workspace", work], env)
+            self.assertEqual(proc.returncode, 0, proc.stderr)
+            rows = [json.loads(line) for line in proc.stdout.splitlines()]
+            self.assertEqual([(r["name"], bool(r["problems"])) for r in rows], [("pdf", False), ("Bad", True)])
+            self.assertTrue(rows[1]["path"].endswith(os.path.join("Bad", "SKILL.md")))
