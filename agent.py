@@ -35,12 +35,14 @@ data: they go back to the model as `is_error` results.
 """
 import json
 import platform
+import posixpath
 import re
 import threading
 import time
 from datetime import date
 
 import models
+import skills as skills_mod
 import stigmer_pb2 as pb
 import subagents
 from sandbox import SandboxError
@@ -138,16 +140,19 @@ PROJECT_DOCS_HEAD = ("# Project instructions\n\nThe files below hold instruction
                      "one wins, and the user's request wins over all of them.")
 
 
-def system_prompt(workspace, instructions="", project_docs=()):
+def system_prompt(workspace, instructions="", project_docs=(), skills=()):
     """The system prompt of a new conversation: the role (INSTRUCTIONS, an agent's, in place of DEFAULT_ROLE),
-    the runner's own part (workspace, OS, date, how to use the tools), then the PROJECT_DOCS (pb.ProjectDoc,
-    in order). The same inputs give the same bytes, on any day but its date line."""
+    the runner's own part (workspace, OS, date, how to use the tools), the PROJECT_DOCS (pb.ProjectDoc,
+    in order), then the catalogue of SKILLS (none: no section). The same inputs give the same bytes, on any day
+    but its date line."""
     role = AGENT_ROLE.format(instructions=instructions.strip()) if instructions.strip() else DEFAULT_ROLE
     text = SYSTEM_PROMPT.format(role=role, workspace=workspace, os=platform.platform(), date=date.today().isoformat())
     docs = [d for d in project_docs if d.text.strip()]
     if docs:
         text += "\n\n" + PROJECT_DOCS_HEAD + "".join(
             f"\n\n## {d.path}{' (cut to fit)' if d.truncated else ''}\n\n{d.text.strip()}" for d in docs)
+    if skills:
+        text += "\n\n" + skills_mod.catalogue(skills)
     return text
 
 
@@ -261,7 +266,7 @@ class Agent:
 
     def __init__(self, model, sandbox, emit, *, max_turns=DEFAULT_MAX_TURNS, max_tokens_total=0,
                  redactor=None, shell_env=None, context_window=0, instructions="", project_docs=(), team=None,
-                 depth=0, subagent="", task_call_id=""):
+                 depth=0, subagent="", task_call_id="", skills=None):
         self.model, self.sandbox = model, sandbox  # model: e.g. models.AnthropicModel
         self.sink = emit  # the execution's emit, untagged (a sub-agent's events go there too)
         self.depth, self.subagent, self.task_call_id = depth, subagent, task_call_id  # 0, "", "": the execution's own
@@ -274,6 +279,7 @@ class Agent:
         self.workspace = ""  # run()'s
         self.instructions = instructions  # an agent's (pb.AgentSpec.instructions); empty: the default role
         self.project_docs = list(project_docs)  # pb.ProjectDoc, for the system prompt of a new conversation
+        self.skills = skills  # skills.Shelf: the execution's skills (catalogue, reads, first reads); None: none
         self.context_window = context_window or models.context_window(getattr(model, "model", ""))
         self.context_tokens = 0  # the previous request's input tokens (input + cache read + cache write)
         self.max_turns = max_turns or DEFAULT_MAX_TURNS
@@ -304,7 +310,8 @@ class Agent:
         system, messages, self.context_tokens = rebuild(history)
         docs = []
         if not system:  # a new conversation (a resumed one keeps its parent's system prompt, byte for byte)
-            system = system_prompt(workspace, self.instructions, self.project_docs)
+            system = system_prompt(workspace, self.instructions, self.project_docs,
+                                   self.skills.skills if self.skills else ())
             docs = [d.path + (" (cut)" if d.truncated else "") for d in self.project_docs if d.text.strip()]
         self._say(messages, prompt, "task", system, docs)
         try:
@@ -414,7 +421,7 @@ class Agent:
             self.usage.cache_write_tokens += usage.cache_write
             self.emit(usage=pb.Usage(input_tokens=self.usage.input_tokens, output_tokens=self.usage.output_tokens,
                                      cache_read_tokens=self.usage.cache_read_tokens,
-                                     cache_write_tokens=self.usage.cache_write_tokens))
+                                     cache_write_tokens=self.usage.cache_write_tokens, skills=self.usage.skills))
 
     def _run_tools(self, calls):
         """Run every tool call of a turn (models.ToolUse), in order; a task call starts its sub-agent on a thread and
@@ -483,30 +490,51 @@ class Agent:
             parts.append(f"[exit code {result.exit_code}]")
         return "\n".join(p for p in parts if p), result.exit_code != 0, result.exit_code, result.truncated
 
+    def _box(self, path):
+        """(sandbox, path) for a file tool: a skill's folder outside the workspace has a read-only view of its own."""
+        return self.skills.route(path) if self.skills else (self.sandbox, path)
+
+    def _check_write(self, path):
+        if self.skills:
+            self.skills.check_write(path)
+
     def _read(self, path, offset=0, limit=None):
-        text = self.sandbox.read(path, offset=offset, limit=limit or READ_DEFAULT_LINES)
+        box, inside = self._box(path)
+        text = box.read(inside, offset=offset, limit=limit or READ_DEFAULT_LINES)
+        skill = self.skills.first_read(path) if self.skills else None
+        if skill is not None:  # a SKILL.md read for the first time: the log says which skill the agent took up
+            with self.usage_lock:
+                self.usage.skills.append(skill.name)
+            self.emit(skill=pb.SkillUsed(name=skill.name, path=skill.path))
         lines = text.splitlines()
         numbered = "\n".join(f"{offset + i + 1}\t{line}" for i, line in enumerate(lines))
         return numbered or "(empty file or no lines in that range)", False, 0, False
 
     def _write(self, path, content):
+        self._check_write(path)
         self.sandbox.write(path, content)
         return f"wrote {len(content.encode())} bytes to {path}", False, 0, False
 
     def _edit(self, path, old_string, new_string, replace_all=False):
+        self._check_write(path)
         count = self.sandbox.edit(path, old_string, new_string, replace_all=replace_all)
         return f"replaced {count} occurrence{'s' if count != 1 else ''} in {path}", False, 0, False
 
     def _ls(self, path="."):
-        return "\n".join(self.sandbox.ls(path)) or "(empty directory)", False, 0, False
+        box, inside = self._box(path)
+        return "\n".join(box.ls(inside)) or "(empty directory)", False, 0, False
 
     def _glob(self, pattern, path="."):
-        found = self.sandbox.glob(pattern, path, cancel=self.cancelled)
-        return _search_output(found, "\n".join(found)), False, 0, False
+        box, inside = self._box(path)
+        found = box.glob(pattern, inside, cancel=self.cancelled)
+        shown = found if box is self.sandbox else [posixpath.join(box.root, p) for p in found]  # a skill's: whole
+        return _search_output(found, "\n".join(shown)), False, 0, False
 
     def _grep(self, pattern, path=".", glob=None):
-        hits = self.sandbox.grep(pattern, path, glob=glob, cancel=self.cancelled)
-        return _search_output(hits, "\n".join(f"{p}:{n}:{line}" for p, n, line in hits)), False, 0, False
+        box, inside = self._box(path)
+        hits = box.grep(pattern, inside, glob=glob, cancel=self.cancelled)
+        shown = (lambda p: p) if box is self.sandbox else (lambda p: posixpath.join(box.root, p))
+        return _search_output(hits, "\n".join(f"{shown(p)}:{n}:{line}" for p, n, line in hits)), False, 0, False
 
 
 def _search_output(found, text):

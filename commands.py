@@ -190,10 +190,11 @@ def plan_run(cfg, args):
     network = args.network or bool(agent is not None and agent.config.network)
     if not resuming:  # resuming: once the parent is known
         sandbox_mode, network = confinement(cfg, sandbox_mode, network)
+    model = choose_model(cfg, args.model or (agent.config.model if agent else ""))
     plan = argparse.Namespace(
         prompt=prompt, workspace=workspace, resuming=resuming, agent=agent, labels=agent_labels(agent),
-        model=choose_model(cfg, args.model or (agent.config.model if agent else "")), parent=None,
-        docs=project_docs(cfg, args, workspace, resuming), sandbox_mode=sandbox_mode, network=network,
+        model=model, parent=None, docs=project_docs(cfg, args, workspace, resuming),
+        skills=plan_skills(cfg, args, workspace, agent, model, resuming), sandbox_mode=sandbox_mode, network=network,
         inherit=args.inherit_env or cfg.inherit_env)
     settle_names(plan, names)
     return plan
@@ -215,6 +216,7 @@ def continue_parent(cfg, args, plan, parent):
     settle_names(plan, [*parent.spec.secret_names, *plan.names])
     if not args.model:
         plan.model = choose_model(cfg, parent.spec.model)
+    plan.skills = list(parent.spec.skills)  # its catalogue is in the system prompt the conversation keeps
     if parent.spec.HasField("agent"):  # its secrets are in secret_names already
         plan.agent, plan.labels = parent.spec.agent, agent_labels(parent.spec.agent)
     plan.sandbox_mode, plan.network = confinement(cfg, plan.sandbox_mode, plan.network, parent)
@@ -236,7 +238,8 @@ def execution_spec(cfg, args, plan, runner_id, gathered):
         max_tokens_total=args.max_tokens_total or 0, runner_id=runner_id,
         repo=args.repo or (parent.spec.repo if parent else ""), ref=args.ref or (parent.spec.ref if parent else ""),
         keep_sandbox=args.keep_sandbox, sandbox=cfg.sandbox, parent_id=parent.id if parent else "", agent=plan.agent,
-        project_docs=plan.docs, sandbox_mode=plan.sandbox_mode, network=plan.network, no_patch=args.no_patch)
+        project_docs=plan.docs, sandbox_mode=plan.sandbox_mode, network=plan.network, no_patch=args.no_patch,
+        skills=plan.skills)
 
 
 def follow_run(cfg, be, client, execution, plan, args):
@@ -380,6 +383,61 @@ def project_docs(cfg, args, workspace, resuming):
     for warning in warnings:
         print(f"stigmer: warning: {warning}", file=sys.stderr)
     return docs
+
+
+def skill_refs(agent):
+    """The slugs of AGENT's skillRefs and its sub-agents' (and the agent files they refer to), in file order."""
+    if agent is None:
+        return []
+    refs = [r.slug for r in agent.skill_refs]
+    for sub in agent.sub_agents:
+        refs += [r.slug for r in sub.skill_refs] + skill_refs(sub.agent_spec if sub.HasField("agent_spec") else None)
+    return list(dict.fromkeys(refs))
+
+
+def plan_skills(cfg, args, workspace, agent, model, resuming):
+    """The Agent Skills this run offers ([pb.Skill], sorted by name): those AGENT's skillRefs name, else all that
+    were found (skills.py); none with --no-skills or when resuming (the parent's, once it is known). Prints a
+    warning line for each skill skipped for a rule it breaks, and when the catalogue's budget cut it. For a Daytona
+    sandbox the skills' files travel in the spec (its workspace is elsewhere: only the user's own skills count,
+    and an agent's). A ref that does not resolve is a CliError (exit 2)."""
+    if getattr(args, "no_skills", False) or resuming:
+        return []
+    import skills
+    import stigmer_pb2 as pb
+    local = cfg.sandbox == "filesystem"
+    usable, skipped = skills.discover(workspace if local else None, cfg.home)
+    refs = skill_refs(agent)
+    try:
+        if refs:
+            base = os.path.dirname(agent.source) if agent.source else workspace
+            chosen = skills.select(usable, skipped, refs, base)
+        else:
+            chosen = usable
+    except skills.SkillError as exc:
+        raise CliError(str(exc), 2) from None
+    for s in skipped:
+        if not refs:
+            print(f"stigmer: warning: skill {s.path} is skipped: {s.problems[0]}", file=sys.stderr)
+    offered, warnings = skills.fit(chosen, skills.budget(model, cfg.context_window))
+    for warning in warnings:
+        print(f"stigmer: warning: {warning}", file=sys.stderr)
+    folders = {s.name: s.folder for s in chosen}
+    result, total = [], 0
+    for s in offered:
+        skill = pb.Skill(name=s.name, description=s.description, path=s.path, folder=folders[s.name])
+        if not local:
+            try:
+                found = skills.files(skill.folder)
+            except skills.SkillError as exc:
+                raise CliError(str(exc), 2) from None
+            total += sum(len(data) for _, data, _ in found)
+            if total > skills.UPLOAD_MAX:
+                raise CliError(f"the skills' files come to more than {skills.UPLOAD_MAX >> 20} MiB, too much to upload "
+                               "into a sandbox: name fewer in the agent's skillRefs, or run with --no-skills", 2)
+            skill.files.extend(pb.SkillFile(path=p, data=d, executable=x) for p, d, x in found)
+        result.append(skill)
+    return result
 
 
 def find_parent(client, args, workspace):

@@ -244,6 +244,24 @@ class DaytonaSandbox:
     def __repr__(self):
         return f"DaytonaSandbox({self.id!r}, {self.root!r})"
 
+    def view(self, folder):
+        """The same sandbox with FOLDER as its root (a skill's folder), for the file tools' reads."""
+        return DaytonaSandbox(self.sandbox, folder, timeout=self.timeout, max_output_bytes=self.max_output_bytes)
+
+    def upload(self, folder, files):
+        """Put FILES ([(path relative to FOLDER, bytes, executable)]) under FOLDER (an absolute path in the
+        sandbox) in one request, give the executable ones their run bits, and make FOLDER read-only."""
+        daytona = _sdk()
+        uploads = [daytona.FileUpload(source=data, destination=posixpath.join(folder, rel)) for rel, data, _ in files]
+        if uploads:
+            self._tool(lambda: self.sandbox.fs.upload_files(uploads), "upload skill files", folder, "write")
+        runnable = [shlex.quote(posixpath.join(folder, rel)) for rel, _, executable in files if executable]
+        script = (f"mkdir -p -- {shlex.quote(folder)}" + (f" && chmod a+x -- {' '.join(runnable)}" if runnable else "")
+                  + f" && chmod -R a-w -- {shlex.quote(folder)}")
+        code, out, err = self._run(script, SETUP_TIMEOUT)
+        if code != 0:
+            raise SandboxError(f"could not set up the skills in the sandbox: {_last_line(err or out)}")
+
     def delete(self):
         """Delete the sandbox (once; a sandbox already gone is fine)."""
         with self._lock:

@@ -668,10 +668,15 @@ CONTEXT_WINDOWS = (  # (model-name prefix, tokens): the first prefix that matche
 DEFAULT_CONTEXT_WINDOW = 128_000  # a model the table does not know (a local server's, say): set STIGMER_CONTEXT_WINDOW
 
 
+def known_window(name):
+    """The context window of model NAME in tokens when the table knows it, else 0."""
+    model = (name or "").strip().rpartition("/")[2].lower()
+    return next((tokens for prefix, tokens in CONTEXT_WINDOWS if model.startswith(prefix)), 0)
+
+
 def context_window(name, override=0):
     """The context window of model NAME ("provider/model" or bare), in tokens; OVERRIDE (from
     STIGMER_CONTEXT_WINDOW) wins when set."""
     if override:
         return int(override)
-    model = (name or "").strip().rpartition("/")[2].lower()
-    return next((tokens for prefix, tokens in CONTEXT_WINDOWS if model.startswith(prefix)), DEFAULT_CONTEXT_WINDOW)
+    return known_window(name) or DEFAULT_CONTEXT_WINDOW

@@ -410,6 +410,11 @@ class FilesystemSandbox:
     def __repr__(self):
         return f"FilesystemSandbox({self.root!r}, mode={self.mode!r})"
 
+    def view(self, folder):
+        """A sandbox over FOLDER (a skill's, outside the root) for the file tools' reads: confined to it, with
+        this one's limits. Its commands would run unconfined: the caller uses it to read, never to execute."""
+        return FilesystemSandbox(folder, timeout=self.timeout, max_output_bytes=self.max_output_bytes)
+
     def _check_writable(self, path):
         if self.mode == "read-only":
             raise SandboxError(f"cannot write {path}: this sandbox is read-only (sandbox mode read-only); "

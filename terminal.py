@@ -112,6 +112,9 @@ class Renderer:
         elif kind == "prompt" and ev.prompt.source == "task" and self.show_prompts:
             self.newline()
             self.out(self.paint("1", "› " + "\n  ".join(ev.prompt.text.splitlines() or [""])) + "\n")
+        elif kind == "skill":
+            self.newline()
+            self.out(self.paint("36", skill_line(ev.skill)) + "\n")
         elif kind == "context_cleared":
             self.cleared.append(ev.context_cleared)
             self.newline()
@@ -190,6 +193,9 @@ class Renderer:
         elif kind == "context_cleared":
             self.newline()
             self.out(lead + self.paint("2", cleared_line(ev.context_cleared)) + "\n")
+        elif kind == "skill":
+            self.newline()
+            self.out(lead + self.paint("36", skill_line(ev.skill)) + "\n")
 
     def json_line(self, obj):
         print(json.dumps(obj, ensure_ascii=False), flush=True)
@@ -214,6 +220,8 @@ class Renderer:
                                  f"cache {u.cache_read_tokens:,} read{hit}, {u.cache_write_tokens:,} written · "
                                  f"{elapsed:.1f} s · {execution.spec.model or 'default model'}{agent_part(execution)}"
                                  f"{sandbox_part(execution.spec)} · {execution.id}") + "\n")
+        if u.skills:
+            self.out(self.paint("2", f"  skills used: {', '.join(u.skills)}") + "\n")
         if self.cleared:
             results = sum(c.results for c in self.cleared)
             times = f" in {len(self.cleared)} steps" if len(self.cleared) > 1 else ""
@@ -242,6 +250,11 @@ def sandbox_part(spec):
 def agent_part(execution):
     """` · agent NAME` for an execution that runs a named agent, else nothing."""
     return f" · agent {execution.spec.agent.name}" if execution.spec.agent.name else ""
+
+
+def skill_line(used):
+    """The live view's line for a skill the agent took up (a `skill` event)."""
+    return f"◆ skill {used.name} ({used.path})"
 
 
 def cleared_line(cleared):
@@ -300,7 +313,8 @@ def summary_dict(execution, phase_name, elapsed):
             "network": execution.spec.network, "turns": execution.turns,
             "usage": {"input_tokens": u.input_tokens, "output_tokens": u.output_tokens,
                       "cache_read_tokens": u.cache_read_tokens, "cache_write_tokens": u.cache_write_tokens},
-            "duration_s": round(elapsed, 3), "final_text": execution.final_text, "error": execution.error}
+            "skills_used": list(u.skills), "duration_s": round(elapsed, 3), "final_text": execution.final_text,
+            "error": execution.error}
 
 
 def event_dict(ev):
@@ -311,6 +325,8 @@ def event_dict(ev):
     body = MessageToDict(getattr(ev, kind), preserving_proto_field_name=True,
                          always_print_fields_with_no_presence=True) if kind else {}
     nested = {"subagent": ev.subagent, "task_call_id": ev.task_call_id, "depth": ev.depth} if ev.depth else {}
+    if kind == "usage" and not body["skills"]:  # a usage event names skills once the agent has read one
+        del body["skills"]
     return {"execution_id": ev.execution_id, "seq": ev.seq, "time": ev.time, "kind": kind, **nested,
             **json_ints(body)}
 
@@ -325,9 +341,17 @@ def json_ints(value):
 
 
 def execution_dict(ex):
-    """An Execution as a JSON-ready dict, int64 fields as numbers."""
+    """An Execution as a JSON-ready dict, int64 fields as numbers, the skills its agent read as skills_used; the
+    files of its skills (uploaded to a remote sandbox) are left out, their paths kept."""
     from google.protobuf.json_format import MessageToDict
-    return json_ints(MessageToDict(ex, preserving_proto_field_name=True, always_print_fields_with_no_presence=True))
+    if any(s.files for s in ex.spec.skills):
+        ex = type(ex).FromString(ex.SerializeToString())
+        for skill in ex.spec.skills:
+            for f in skill.files:
+                f.ClearField("data")
+    shown = json_ints(MessageToDict(ex, preserving_proto_field_name=True, always_print_fields_with_no_presence=True))
+    shown["skills_used"] = list(ex.usage.skills)
+    return shown
 
 
 def print_executions(executions, json_lines, phase=None):

@@ -179,7 +179,7 @@ class AgentFileTest(TempDir):
         (sub,) = spec.sub_agents
         self.assertEqual((sub.name, list(sub.mcp_servers), list(sub.mcp_tool_selections["search"].enabled_tools),
                           [r.slug for r in sub.skill_refs]), ("researcher", ["search"], ["query"], ["notes"]))
-        self.assertEqual(agents.unsupported(spec), ["mcpServers", "skillRefs"])  # sub-agents run (subagents.py)
+        self.assertEqual(agents.unsupported(spec), ["mcpServers"])  # sub-agents and skills run
         again = pb.ExecutionSpec.FromString(pb.ExecutionSpec(agent=spec).SerializeToString()).agent
         self.assertEqual(again, spec)  # everything travels in the execution
 
@@ -672,11 +672,11 @@ class AgentWorkerTest(unittest.TestCase):
 
     def test_a_spec_this_runner_cannot_honour_fails_before_any_model_call(self):
         the_agent = pb.AgentSpec(name="helper", instructions="You help with whatever the task is.")
-        the_agent.skill_refs.add(slug="code-review")
-        events = self.run_spec("ex-skills", pb.ExecutionSpec(prompt="go", workspace=self.workspace, agent=the_agent))
+        the_agent.mcp_servers.add(name="github")
+        events = self.run_spec("ex-mcp", pb.ExecutionSpec(prompt="go", workspace=self.workspace, agent=the_agent))
         (error,) = [e.error for e in events if e.HasField("error")]
         self.assertEqual(error.code, "agent")
-        self.assertIn("skillRefs", error.message)
+        self.assertIn("mcpServers", error.message)
         self.assertEqual(events[-1].phase.phase, pb.FAILED)
         self.assertEqual(self.fake.requests, [])
 

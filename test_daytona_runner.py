@@ -312,6 +312,42 @@ class CliTest(CliCase):
             self.assertEqual(f.read(), "Run: python3 calc.py\n")
         self.assertFalse(os.path.exists(os.path.join(fresh, "notes.txt")))
 
+    def test_skills_are_uploaded_offered_by_their_sandbox_path_read_run_and_read_only(self):
+        from test_skills_run import make_skill
+        user_skills = os.path.join(self.env["HOME"], ".agents", "skills")
+        self.addCleanup(shutil.rmtree, user_skills, True)
+        make_skill(user_skills, "pdf", "Fill in PDF forms.", "# Filling PDF forms\n",
+                   script="#!/bin/sh\necho \"filled $1\"\n")
+        skill_md = "../.agents/skills/pdf/SKILL.md"  # beside the workspace, under the sandbox user's home
+        self.fake.reset([
+            tool_step(("read_file", {"path": skill_md}),
+                      ("execute", {"command": "../.agents/skills/pdf/scripts/fill.sh form-b"}),
+                      ("write_file", {"path": skill_md, "content": "gone"}),
+                      ("execute", {"command": "touch ../.agents/skills/pdf/new || echo refused"})),
+            text_step("Filled."),
+        ])
+        proc, events = self.run_task("fill form-b")
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        (sandbox_id,) = self.daytona.created
+        system = self.fake.requests[0]["system"][0]["text"]
+        self.assertIn(f"\n- pdf: Fill in PDF forms. ({self.daytona.tmp}/{sandbox_id}/.agents/skills/pdf/SKILL.md)",
+                      system)
+        self.assertNotIn(user_skills, system)  # the host's path is not the agent's
+        results = [e for e in events if e["kind"] == "tool_result"]
+        self.assertIn("Filling PDF forms", results[0]["output"])
+        self.assertEqual(results[1]["output"], "filled form-b")  # its run bits kept
+        self.assertTrue(results[2]["is_error"])
+        self.assertIn("which is read-only", results[2]["output"])
+        if os.geteuid() != 0:  # root writes anywhere
+            self.assertIn("refused", results[3]["output"])
+        (used,) = [e for e in events if e["kind"] == "skill"]
+        self.assertEqual(used["name"], "pdf")
+        row = json.loads(self.cli("list", "--json").stdout.splitlines()[0])
+        self.assertEqual(row["skills_used"], ["pdf"])
+        (listed,) = row["spec"]["skills"]
+        self.assertEqual(sorted(f["path"] for f in listed["files"]), ["SKILL.md", "scripts/fill.sh"])
+        self.assertTrue(all("data" not in f or not f["data"] for f in listed["files"]))  # names, not contents
+
     def test_keep_sandbox_prints_its_id_and_leaves_it_running(self):
         self.fake.script[:] = [text_step("nothing to change")]
         proc = self.cli("run", "look around", "--keep-sandbox")

@@ -5,6 +5,7 @@ import tempfile
 import unittest
 
 import skills
+from testsupport_parallel import load_tests  # noqa: F401 - the suite runs in parallel (see there)
 
 
 def make(root, folder, front, body="Do the thing.\n"):
@@ -109,10 +110,6 @@ class Validation(unittest.TestCase):
         self.assertTrue(skipped[0].path.endswith("Bad/SKILL.md"))
 
 
-if __name__ == "__main__":
-    unittest.main()
-
-
 class Command(unittest.TestCase):
     """`python runner.py skills` as a user runs it."""
 
@@ -138,3 +135,105 @@ class Command(unittest.TestCase):
             rows = [json.loads(line) for line in proc.stdout.splitlines()]
             self.assertEqual([(r["name"], bool(r["problems"])) for r in rows], [("pdf", False), ("Bad", True)])
             self.assertTrue(rows[1]["path"].endswith(os.path.join("Bad", "SKILL.md")))
+
+
+class Selection(unittest.TestCase):
+    """skillRefs: by name among those found, or by path; a ref that does not resolve is one line."""
+
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(self.tmp.cleanup)
+        self.root = os.path.join(self.tmp.name, "skills")
+        make(self.root, "pdf", fm("pdf"))
+        make(self.root, "Bad", fm("Bad"))
+        self.agent_dir = os.path.join(self.tmp.name, "agents")
+        make(os.path.join(self.tmp.name, "shared"), "by-path", fm("by-path"))
+        self.usable, self.skipped = [skills.check(os.path.join(self.root, "pdf"))], [
+            skills.check(os.path.join(self.root, "Bad"))]
+
+    def test_names_and_paths_sorted_by_name(self):
+        for ref in ("../shared/by-path", "../shared/by-path/SKILL.md"):
+            chosen = skills.select(self.usable, self.skipped, ["pdf", ref, "pdf"], self.agent_dir)
+            self.assertEqual([s.name for s in chosen], ["by-path", "pdf"])
+
+    def test_a_ref_that_does_not_resolve(self):
+        for ref, says in (("nowhere", "skill nowhere was not found"), ("Bad", "name must be lowercase"),
+                          ("./missing", "there is no SKILL.md in")):
+            with self.subTest(ref=ref):
+                with self.assertRaises(skills.SkillError) as caught:
+                    skills.select(self.usable, self.skipped, [ref], self.agent_dir)
+                self.assertIn(says, str(caught.exception))
+                self.assertNotIn("\n", str(caught.exception))
+
+
+class Budget(unittest.TestCase):
+    def offered(self, n, description):
+        return [skills.Skill(f"s-{i}", description, f"/skills/s-{i}/SKILL.md") for i in range(n)]
+
+    def test_within_the_budget_nothing_changes_but_lines_are_joined(self):
+        kept, warnings = skills.fit(self.offered(3, "Does\n  things."), 10_000)
+        self.assertEqual(([s.description for s in kept], warnings), (["Does things."] * 3, []))
+
+    def test_descriptions_are_cut_to_one_length_first(self):
+        chosen = self.offered(4, "x" * 300)
+        whole = len(skills.catalogue(chosen))
+        kept, (warning,) = skills.fit(chosen, whole - 400)
+        self.assertEqual(len(kept), 4)
+        self.assertLessEqual(len(skills.catalogue(kept)), whole - 400)
+        self.assertGreater(len(skills.catalogue(kept)), whole - 400 - 8)  # the longest cut that fits
+        self.assertEqual(len({len(s.description) for s in kept}), 1)
+        self.assertTrue(kept[0].description.endswith("…"))
+        self.assertIn("descriptions are cut to", warning)
+
+    def test_then_skills_are_left_out_from_the_end(self):
+        chosen = self.offered(10, "y" * 300)
+        limit = len(skills.CATALOGUE_HEAD) + 3 * 100
+        kept, (warning,) = skills.fit(chosen, limit)
+        self.assertEqual([s.name for s in kept], [s.name for s in chosen[:len(kept)]])
+        self.assertLess(len(kept), 10)
+        self.assertLessEqual(len(skills.catalogue(kept)), limit)
+        self.assertIn(f"{10 - len(kept)} skills left out (s-{len(kept)}, ", warning)
+
+    def test_the_budget_follows_the_context_window(self):
+        self.assertEqual(skills.budget("anthropic/claude-sonnet-4-5"), 16_000)  # 2% of 200k tokens, 4 chars each
+        self.assertEqual(skills.budget("ollama/some-local-model"), skills.BUDGET_UNKNOWN)
+        self.assertEqual(skills.budget("ollama/some-local-model", 50_000), 4_000)
+        self.assertEqual(skills.catalogue([]), "")
+
+
+class ShelfTest(unittest.TestCase):
+    """The worker's side: reads routed into skill folders outside the workspace, writes refused, first reads."""
+
+    def setUp(self):
+        import sandbox
+        self.tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(self.tmp.cleanup)
+        self.work = os.path.join(self.tmp.name, "work")
+        os.makedirs(self.work)
+        self.out = make(os.path.join(self.tmp.name, "skills"), "out", fm("out"))
+        self.inside = make(os.path.join(self.work, ".agents", "skills"), "inside", fm("inside"))
+        self.box = sandbox.FilesystemSandbox(self.work)
+        offered = [skills.check(self.out), skills.check(self.inside)]
+        self.shelf = skills.Shelf(offered, self.box)
+
+    def test_routes_writes_and_first_reads(self):
+        import sandbox
+        view, rel = self.shelf.route(os.path.join(self.out, "SKILL.md"))
+        self.assertIsNot(view, self.box)
+        self.assertEqual(rel, "SKILL.md")
+        self.assertIn("Do the thing.", view.read(rel))
+        self.assertEqual(self.shelf.route("../skills/out/SKILL.md")[1], "SKILL.md")  # relative, beside the workspace
+        self.assertIs(self.shelf.route(".agents/skills/inside/SKILL.md")[0], self.box)  # inside: the workspace's
+        with self.assertRaises(sandbox.SandboxError):  # the view is confined to the skill's folder
+            view.read("../../work/.agents/skills/inside/SKILL.md")
+        with self.assertRaises(sandbox.SandboxError):
+            self.shelf.check_write(os.path.join(self.out, "scripts", "new.sh"))
+        self.shelf.check_write(".agents/skills/inside/SKILL.md")  # a project's own skill may be edited
+        self.assertEqual(self.shelf.first_read(os.path.join(self.out, "SKILL.md")).name, "out")
+        self.assertIsNone(self.shelf.first_read("../skills/out/SKILL.md"))  # once
+        self.assertEqual(self.shelf.first_read(".agents/skills/inside/SKILL.md").name, "inside")
+        self.assertIsNone(self.shelf.first_read(os.path.join(self.out, "other.md")))
+
+
+if __name__ == "__main__":
+    unittest.main()

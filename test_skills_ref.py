@@ -10,6 +10,7 @@ import tempfile
 import unittest
 
 import skills
+from testsupport_parallel import load_tests  # noqa: F401 - the suite runs in parallel (see there)
 
 try:
     import skills_ref

@@ -77,7 +77,7 @@ class FakeDaytona:
         self.server.server_close()
         for box in list(self.sandboxes.values()):
             _kill_sessions(box)
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        remove(self.tmp)
 
     def _scripted(self, method, path):
         with self._lock:
@@ -105,6 +105,17 @@ class FakeDaytona:
             self.sandboxes[sandbox_id] = {"record": record, "home": home, "sessions": {}}
             self.created.append(sandbox_id)
         return record
+
+
+def remove(path):
+    """Remove PATH's tree, folders made read-only inside it (a run's skills) included."""
+    for top, dirs, _ in os.walk(path):
+        for d in dirs:
+            try:
+                os.chmod(os.path.join(top, d), 0o700)
+            except OSError:
+                pass
+    shutil.rmtree(path, ignore_errors=True)
 
 
 class _Command:
@@ -251,7 +262,7 @@ class _Handler(BaseHTTPRequestHandler):
                     fake.sandboxes.pop(parts[1], None)
                     fake.deleted.append(parts[1])
                 _kill_sessions(box)
-                shutil.rmtree(box["home"], ignore_errors=True)
+                remove(box["home"])
                 return self._send(200, dict(record, state="destroyed"))
             if parts[2:] == ["stop"] and method == "POST":
                 _kill_sessions(box)

@@ -30,6 +30,7 @@ conversation in its ancestors' events, which the worker reads through `history(e
 """
 import logging
 import os
+import posixpath
 import socket
 import sys
 import threading
@@ -37,6 +38,7 @@ import time
 import uuid
 
 import models
+import skills as skills_mod
 import stigmer_pb2 as pb
 from contract import TERMINAL_PHASES, WARM_WORD
 
@@ -57,6 +59,7 @@ SWEEP_EVERY = 600.0  # seconds between sweeps of leftover sandboxes
 WARM_CUT_OFF = 5.0  # seconds a warm worker stays without its daemon (gone: it idled out or was stopped)
 WARM_GRACE = 1.0  # seconds a warm worker leaving waits for a run that picked it just before
 MAX_CHAIN = 1000  # most ancestors a resumed conversation may have
+SKILLS_DIR = ".agents/skills"  # in a remote sandbox, under its user's home: where an execution's skills are put
 MAX_EVENT_BYTES = 4 << 20  # the largest event payload sent: longer strings are cut to fit, and say so
 
 class Cancelled(Exception):
@@ -109,9 +112,13 @@ def host_sandbox(execution, env, default_mode="full-access", hide=()):
     if problem:
         raise SandboxError(f"{problem} (on runner {socket.gethostname()}); or run it unconfined with "
                            "--sandbox-mode full-access")
-    # The marker names the execution in its commands' environment (sandbox.kill_marked finds them by it).
+    # The marker names the execution in its commands' environment (sandbox.kill_marked finds them by it). Skill
+    # folders outside the workspace stay readable (and read-only) for its commands, even under a hidden path.
+    root = os.path.realpath(spec.workspace).rstrip("/") + "/"
+    skill_dirs = [os.path.realpath(s.folder) for s in spec.skills
+                  if not (os.path.realpath(s.folder) + "/").startswith(root)]
     return FilesystemSandbox(spec.workspace, env={EXECUTION_MARKER: execution.id}, mode=mode, network=spec.network,
-                             hide=hide)
+                             hide=hide, read_only=skill_dirs)
 
 
 def confined_host_sandbox(default_mode, hide):
@@ -571,11 +578,13 @@ class Worker:
             box = self._open_sandbox(execution, emit)
             if not getattr(box, "id", None) and not spec.no_patch:  # the host: what the run changes is its patch
                 box.patch_base = workspace_tree(spec.workspace, self.environ)
+            offered = self._skills(execution, box)
             the_agent = agent_mod.Agent(model, box, emit, max_turns=spec.max_turns,
                                         max_tokens_total=spec.max_tokens_total, redactor=redactor, shell_env=shell_env,
                                         context_window=models.context_window(model_name, self.context_window),
                                         instructions=spec.agent.instructions, project_docs=spec.project_docs,
-                                        team=subagents.Team(spec.agent.instructions, spec.agent.sub_agents))
+                                        team=subagents.Team(spec.agent.instructions, spec.agent.sub_agents),
+                                        skills=skills_mod.Shelf(offered, box) if offered else None)
             with self.cond:
                 self.agents[execution.id] = the_agent
                 if execution.id in self.cancels or execution.id not in self.outboxes:
@@ -662,6 +671,21 @@ class Worker:
             self._close_sandbox(execution, box, emit, None, take_patch=False)
             raise Cancelled()
         return box
+
+    def _skills(self, execution, box):
+        """The execution's skills as its agent sees them: on the host where the CLI found them; in a remote
+        sandbox uploaded first, each into SKILLS_DIR/NAME under the sandbox user's home (read-only there)."""
+        spec = execution.spec
+        if not spec.skills or not getattr(box, "id", None):
+            return list(spec.skills)
+        base = posixpath.join(posixpath.dirname(box.root), SKILLS_DIR)
+        offered = []
+        for skill in spec.skills:
+            folder = posixpath.join(base, skill.name)
+            box.upload(folder, [(f.path, f.data, f.executable) for f in skill.files])
+            offered.append(pb.Skill(name=skill.name, description=skill.description,
+                                    path=posixpath.join(folder, "SKILL.md"), folder=folder))
+        return offered
 
     def _close_sandbox(self, execution, box, emit, redactor, take_patch=True):
         """At the end of an execution, however it ended: a remote sandbox's workspace patch becomes a "patch"
