@@ -762,6 +762,25 @@ def bench_start(runs=7):
         seeded = os.path.join(tmp, "seeded")  # a STIGMER_HOME whose cache holds the agent, as after one run
         timed_run([sys.executable, "-c", plan.format(with_agent), agent_ws, seeded], base, cwd=os.path.dirname(runner_py))
 
+        # With 200 Agent Skills in the workspace: what discovering them and fitting their catalogue adds to the plan
+        # every cold run makes (models, agents and the project docs are part of it anyway).
+        skills_ws = os.path.join(tmp, "skills-ws")
+        os.makedirs(os.path.join(skills_ws, ".git"))
+        for k in range(200):
+            folder = os.path.join(skills_ws, ".agents", "skills", f"skill-{k:03d}")
+            os.makedirs(os.path.join(folder, "scripts"))
+            with open(os.path.join(folder, "SKILL.md"), "w") as f:
+                f.write(f"---\nname: skill-{k:03d}\ndescription: Helps with tasks of kind {k} and says which steps to "
+                        f"take and which scripts to run.\nlicense: MIT\nmetadata:\n  version: '1.{k}'\n---\n"
+                        + "A step of the skill.\n" * 100)
+        skills_base = "; import models, agents; agents.project_docs(sys.argv[1], sys.argv[2])"
+        with_skills = skills_base + ("; import skills; usable, _ = skills.discover(sys.argv[1], sys.argv[2]); "
+                                     "skills.fit(usable, skills.budget('anthropic/claude-sonnet-4-5'))")
+        skills_seeded = os.path.join(tmp, "skills-seeded")  # a STIGMER_HOME whose cache holds the checked files
+        timed_run([sys.executable, "-c", plan.format(with_skills), skills_ws, skills_seeded], base,
+                  cwd=os.path.dirname(runner_py))
+        plan_no_skills, plan_skills, plan_skills_first = [], [], []
+
         def agent_env(n):  # a fresh home (so no daemon runs), the agent's cache as a previous run left it
             env = dict(fresh_env(f"agent{n}"), SANDBOX_ROOT_DIR=agent_ws, GITHUB_TOKEN="ghp_bench0000000000000000")
             shutil.copytree(os.path.join(seeded, "cache"), os.path.join(env["STIGMER_HOME"], "cache"))
@@ -787,6 +806,12 @@ def bench_start(runs=7):
                 timed_run([sys.executable, runner_py, "stop"], cold_env)  # not left lingering for the next rounds
                 cold_agent.append(timed_run([sys.executable, runner_py, "--json", "--agent", "code-reviewer", "go"],
                                             agent_env(n))[0])
+                for times, code, home in ((plan_no_skills, plan.format(skills_base), skills_seeded),
+                                          (plan_skills, plan.format(with_skills), skills_seeded),
+                                          (plan_skills_first, plan.format(with_skills), os.path.join(tmp, f"sk{n}"))):
+                    _, done = timed_run([sys.executable, "-c", code, skills_ws, home], base,
+                                        cwd=os.path.dirname(runner_py))
+                    times.append(float(done.stdout))
                 for times, code, home in ((plan_bare, plan.format(""), seeded),
                                           (plan_agent, plan.format(with_agent), seeded),
                                           (plan_first, plan.format(with_agent), os.path.join(tmp, f"unseeded{n}"))):
@@ -829,6 +854,10 @@ def bench_start(runs=7):
                "context: the same the first time (import yaml, parse and check the file, write the cache)":
                    f"{(statistics.median(plan_first) - statistics.median(plan_bare)) * 1000:.1f} ms",
                "context: agent_added vs the cold run": f"{(statistics.median(plan_agent) - statistics.median(plan_bare)) / cold_s:.2%}",
+               "skills_added_ms (discover 200 skills, checked by an earlier run, and fit their catalogue)":
+                   verdict((statistics.median(plan_skills) - statistics.median(plan_no_skills)) * 1000, "<", 30, 1),
+               "context: the same the first time (import yaml, parse and check 200 SKILL.md, write the cache)":
+                   f"{(statistics.median(plan_skills_first) - statistics.median(plan_no_skills)) * 1000:.1f} ms",
                "warm follow-up (a second task within a minute of a cold one)": spread(follow_up),
                "follow_up_to_request_s": verdict(statistics.median(to_request["follow-up"]), "<=", 0.30, 3),
                "warm run (after start)": spread(warm),

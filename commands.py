@@ -18,6 +18,7 @@ from processes import (RUN_IDLE_EXIT, START_WAIT, CliError, allowed_args, backen
                        project_secrets, release_worker, spawn, spawn_run_worker, stop_pid, warm_marker, worker_env)
 
 EXIT_CODES = {"COMPLETED": 0, "FAILED": 1, "CANCELLED": 130}
+REMOTE_SKILL = "/home/daytona/.agents/skills/{}/SKILL.md"  # about where a Daytona sandbox's worker puts a skill
 PROMPT_CHARS_SURELY_FINE = (1 << 20) // 4  # characters that fit contract.MAX_PROMPT_BYTES whatever they are
 
 
@@ -385,13 +386,16 @@ def project_docs(cfg, args, workspace, resuming):
     return docs
 
 
-def skill_refs(agent):
-    """The slugs of AGENT's skillRefs and its sub-agents' (and the agent files they refer to), in file order."""
+def skill_refs(agent, workspace):
+    """(slug, folder of the file that names it) of AGENT's skillRefs and its sub-agents' (and the agent files they
+    refer to), in file order."""
     if agent is None:
         return []
-    refs = [r.slug for r in agent.skill_refs]
+    base = os.path.dirname(agent.source) if agent.source else workspace
+    refs = [(r.slug, base) for r in agent.skill_refs]
     for sub in agent.sub_agents:
-        refs += [r.slug for r in sub.skill_refs] + skill_refs(sub.agent_spec if sub.HasField("agent_spec") else None)
+        refs += [(r.slug, base) for r in sub.skill_refs]
+        refs += skill_refs(sub.agent_spec if sub.HasField("agent_spec") else None, workspace)
     return list(dict.fromkeys(refs))
 
 
@@ -407,25 +411,24 @@ def plan_skills(cfg, args, workspace, agent, model, resuming):
     import stigmer_pb2 as pb
     local = cfg.sandbox == "filesystem"
     usable, skipped = skills.discover(workspace if local else None, cfg.home)
-    refs = skill_refs(agent)
+    refs = skill_refs(agent, workspace)
     try:
-        if refs:
-            base = os.path.dirname(agent.source) if agent.source else workspace
-            chosen = skills.select(usable, skipped, refs, base)
-        else:
-            chosen = usable
+        chosen = skills.select(usable, skipped, refs) if refs else usable
     except skills.SkillError as exc:
         raise CliError(str(exc), 2) from None
     for s in skipped:
         if not refs:
             print(f"stigmer: warning: skill {s.path} is skipped: {s.problems[0]}", file=sys.stderr)
-    offered, warnings = skills.fit(chosen, skills.budget(model, cfg.context_window))
+    # In a remote sandbox the catalogue shows where the worker puts them (worker.SKILLS_DIR): fit those paths.
+    shown = chosen if local else [skills.Skill(s.name, s.description, REMOTE_SKILL.format(s.name)) for s in chosen]
+    offered, warnings = skills.fit(shown, skills.budget(model, cfg.context_window))
     for warning in warnings:
         print(f"stigmer: warning: {warning}", file=sys.stderr)
     folders = {s.name: s.folder for s in chosen}
     result, total = [], 0
     for s in offered:
-        skill = pb.Skill(name=s.name, description=s.description, path=s.path, folder=folders[s.name])
+        skill = pb.Skill(name=s.name, description=s.description, path=os.path.join(folders[s.name], "SKILL.md"),
+                         folder=folders[s.name])
         if not local:
             try:
                 found = skills.files(skill.folder)
@@ -759,7 +762,7 @@ def cmd_skills(cfg, args):
     """`skills`: the Agent Skills a run here would offer, and those skipped with the rule they break."""
     import skills
     workspace = os.path.abspath(os.path.expanduser(args.workspace)) if args.workspace else cfg.sandbox_root
-    return skills.command(workspace, cfg.home, args.json)
+    return skills.command(workspace if cfg.sandbox == "filesystem" else None, cfg.home, args.json)
 
 
 def cmd_recover(cfg, args):

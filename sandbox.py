@@ -412,8 +412,11 @@ class FilesystemSandbox:
 
     def view(self, folder):
         """A sandbox over FOLDER (a skill's, outside the root) for the file tools' reads: confined to it, with
-        this one's limits. Its commands would run unconfined: the caller uses it to read, never to execute."""
-        return FilesystemSandbox(folder, timeout=self.timeout, max_output_bytes=self.max_output_bytes)
+        this one's mode, hidden paths and limits. The caller uses it to read, never to execute or write."""
+        real = os.path.realpath(folder)
+        hide = [h for h in self.hide if not (real + os.sep).startswith(os.path.realpath(h).rstrip(os.sep) + os.sep)]
+        return FilesystemSandbox(folder, timeout=self.timeout, max_output_bytes=self.max_output_bytes,
+                                 mode=self.mode, network=self.network, hide=hide)  # what hides FOLDER itself: not
 
     def _check_writable(self, path):
         if self.mode == "read-only":

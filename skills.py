@@ -194,10 +194,12 @@ def command(workspace, home, as_json):
     if not usable and not skipped:
         print("no skills found in " + ", ".join(roots(workspace, home)) + ": put NAME/SKILL.md in one of them")
         return 0
-    width = max(len(s.name) for s in usable + skipped)
+    def shown(s):  # a skipped skill's name may be anything: its folder's name is printable
+        return s.name if not s.problems else os.path.basename(s.folder).encode("unicode_escape").decode()
+    width = max(len(shown(s)) for s in usable + skipped)
     for s in usable + skipped:
-        description = s.description.splitlines()[0][:60] if s.description else "-"
-        print(f"{s.name:<{width}}  {description:<60}  {s.path}")
+        description = one_line(s.description)[:60] or "-"
+        print(f"{shown(s):<{width}}  {description:<60}  {s.path}")
         for problem in s.problems:
             print(f"{'':<{width}}  ! skipped: {problem}")
     return 0
@@ -209,14 +211,15 @@ class SkillError(Exception):
     """A skill an agent names cannot be used: one line a person can act on (the CLI exits 2 with it)."""
 
 
-def select(usable, skipped, refs, base):
-    """The skills an agent's REFS (skillRefs' slugs, in file order) name, sorted by name: a name found by
-    discover(), or a path (it holds a /, or starts with . or ~) to a skill folder or its SKILL.md, relative to
-    BASE (the agent file's folder). Raises SkillError for one that does not resolve or breaks a rule."""
+def select(usable, skipped, refs):
+    """The skills an agent's REFS ((slug, base) pairs: skillRefs, in file order) name, sorted by name: a name found
+    by discover(), or a path (it holds a /, or starts with . or ~) to a skill folder or its SKILL.md, relative to
+    BASE (the folder of the agent file that names it). Raises SkillError for one that does not resolve or breaks
+    a rule."""
     by_name = {s.name: s for s in usable}
     broken = {s.name: s for s in skipped}
     chosen = {}
-    for ref in refs:
+    for ref, base in refs:
         if "/" in ref or ref.startswith((".", "~")):
             folder = os.path.normpath(os.path.join(base, os.path.expanduser(ref)))
             if os.path.basename(folder) == "SKILL.md":
@@ -316,10 +319,19 @@ def files(folder):
     """[(relative path with /, bytes, executable)] of the regular files in FOLDER (symlinks followed, SKIP_DIRS
     left out), sorted; raises SkillError past UPLOAD_MAX bytes in all (total: the caller's running count)."""
     found = []
+    real = os.path.realpath(folder)
+    inside = lambda path: path == real or path.startswith(real.rstrip(os.sep) + os.sep)  # noqa: E731
+    seen = set()
     for top, dirs, names in os.walk(folder, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS)
+        seen.add(os.path.realpath(top))
+        # A symlink is followed while it stays in the skill's folder: never out of it (a project's skill must not
+        # carry the user's files into a sandbox), never round a loop.
+        dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and inside(os.path.realpath(os.path.join(top, d)))
+                         and os.path.realpath(os.path.join(top, d)) not in seen)
         for name in sorted(names):
             full = os.path.join(top, name)
+            if not inside(os.path.realpath(full)):
+                continue
             try:
                 st = os.stat(full)
                 if not os.path.isfile(full):
@@ -345,15 +357,14 @@ class Shelf:
         self.skills = list(skills)
         self.box = box
         self._views, self._read, self._lock = {}, set(), threading.Lock()
-        root = box.root.rstrip("/") + "/"
+        self.root = box.root.rstrip("/") + "/"
         self._outside = []  # (prefix with a trailing /, skill), longest first: the folders outside the workspace
         for s in self.skills:
-            prefixes = {s.folder.rstrip("/")}
-            if not getattr(box, "id", None):  # the host: a symlinked folder is reached by its real path too
-                prefixes.add(os.path.realpath(s.folder))
-            for p in prefixes:
-                if not (p + "/").startswith(root):
-                    self._outside.append((p + "/", s))
+            real = s.folder.rstrip("/") if getattr(box, "id", None) else os.path.realpath(s.folder)
+            if (real + "/").startswith(self.root):
+                continue  # in the workspace (a symlink to it included): the workspace's own tools serve it
+            for p in {s.folder.rstrip("/"), real}:  # a folder reached through a symlink: both ways
+                self._outside.append((p + "/", s))
         self._outside.sort(key=lambda item: -len(item[0]))
         self._skill_files = {}
         for s in self.skills:
@@ -366,10 +377,10 @@ class Shelf:
         workspace: ../.agents/skills/x) is in, or (None, None)."""
         if not isinstance(path, str) or not path or "\0" in path:
             return None, None
-        norm = posixpath.normpath(posixpath.join(self.box.root, path))
+        norm = posixpath.normpath(posixpath.join(self.box.root, path)) + "/"
         for prefix, skill in self._outside:
-            if (norm + "/").startswith(prefix):
-                return prefix, skill
+            if norm.startswith(prefix) and not (self.root.startswith(prefix) and norm.startswith(self.root)):
+                return prefix, skill  # (a workspace inside a skill's folder is the workspace: writable)
         return None, None
 
     def route(self, path):
@@ -386,7 +397,8 @@ class Shelf:
                     raise SandboxError(f"the folder of skill {skill.name} ({prefix.rstrip('/')}) is not on this "
                                        "runner's host")
                 view = self._views[prefix] = self.box.view(prefix.rstrip("/"))
-        return view, posixpath.normpath(posixpath.join(self.box.root, path))[len(prefix):] or "."
+        return view, prefix.rstrip("/") + "/" + (posixpath.normpath(posixpath.join(self.box.root, path))[len(prefix):]
+                                                  or ".")
 
     def check_write(self, path):
         """Raise SandboxError when PATH is in a skill's folder outside the workspace (read-only)."""

@@ -50,6 +50,27 @@ class Discovery(unittest.TestCase):
         self.assertEqual({s.name: s.description for s in usable}["pdf"], "near")
         self.assertEqual(skipped, [])
 
+    def test_checked_files_are_cached_in_the_home_until_they_change(self):
+        folder = make(os.path.join(self.work, ".agents", "skills"), "pdf", fm("pdf", "first"))
+        first = skills.discover(self.work, self.home)
+        cache = os.path.join(self.home, skills.CACHE_FILE)
+        self.assertEqual(os.stat(cache).st_mode & 0o777, 0o600)
+        self.assertEqual(skills.discover(self.work, self.home), first)  # from the cache
+        with open(cache) as f:
+            self.assertIn('"first"', f.read())
+        with open(os.path.join(folder, "SKILL.md"), "w") as f:  # changed: checked again
+            f.write(fm("pdf", "second, and longer") + "body\n")
+        usable, _ = skills.discover(self.work, self.home)
+        self.assertEqual(usable[0].description, "second, and longer")
+        with open(cache, "w") as f:  # a damaged cache is checked again, not trusted
+            f.write("{not json")
+        usable, _ = skills.discover(self.work, self.home)
+        self.assertEqual(usable[0].description, "second, and longer")
+        with open(os.path.join(folder, "SKILL.md"), "w") as f:
+            f.write(fm("PDF", "now broken"))
+        _, skipped = skills.discover(self.work, self.home)
+        self.assertIn("lowercase", skipped[0].problems[0])
+
     def test_symlinked_skill_folder_is_followed(self):
         real = make(self.tmp.name, "linked", fm("linked"))
         root = os.path.join(self.work, ".agents", "skills")
@@ -153,7 +174,7 @@ class Selection(unittest.TestCase):
 
     def test_names_and_paths_sorted_by_name(self):
         for ref in ("../shared/by-path", "../shared/by-path/SKILL.md"):
-            chosen = skills.select(self.usable, self.skipped, ["pdf", ref, "pdf"], self.agent_dir)
+            chosen = skills.select(self.usable, self.skipped, [(r, self.agent_dir) for r in ("pdf", ref, "pdf")])
             self.assertEqual([s.name for s in chosen], ["by-path", "pdf"])
 
     def test_a_ref_that_does_not_resolve(self):
@@ -161,7 +182,7 @@ class Selection(unittest.TestCase):
                           ("./missing", "there is no SKILL.md in")):
             with self.subTest(ref=ref):
                 with self.assertRaises(skills.SkillError) as caught:
-                    skills.select(self.usable, self.skipped, [ref], self.agent_dir)
+                    skills.select(self.usable, self.skipped, [(ref, self.agent_dir)])
                 self.assertIn(says, str(caught.exception))
                 self.assertNotIn("\n", str(caught.exception))
 
@@ -220,12 +241,12 @@ class ShelfTest(unittest.TestCase):
         import sandbox
         view, rel = self.shelf.route(os.path.join(self.out, "SKILL.md"))
         self.assertIsNot(view, self.box)
-        self.assertEqual(rel, "SKILL.md")
+        self.assertEqual(rel, os.path.join(self.out, "SKILL.md"))
         self.assertIn("Do the thing.", view.read(rel))
-        self.assertEqual(self.shelf.route("../skills/out/SKILL.md")[1], "SKILL.md")  # relative, beside the workspace
+        self.assertEqual(self.shelf.route("../skills/out/SKILL.md")[1], rel)  # relative, beside the workspace
         self.assertIs(self.shelf.route(".agents/skills/inside/SKILL.md")[0], self.box)  # inside: the workspace's
         with self.assertRaises(sandbox.SandboxError):  # the view is confined to the skill's folder
-            view.read("../../work/.agents/skills/inside/SKILL.md")
+            view.read(os.path.join(self.out, "..", "..", "work", ".agents", "skills", "inside", "SKILL.md"))
         with self.assertRaises(sandbox.SandboxError):
             self.shelf.check_write(os.path.join(self.out, "scripts", "new.sh"))
         self.shelf.check_write(".agents/skills/inside/SKILL.md")  # a project's own skill may be edited
@@ -233,6 +254,47 @@ class ShelfTest(unittest.TestCase):
         self.assertIsNone(self.shelf.first_read("../skills/out/SKILL.md"))  # once
         self.assertEqual(self.shelf.first_read(".agents/skills/inside/SKILL.md").name, "inside")
         self.assertIsNone(self.shelf.first_read(os.path.join(self.out, "other.md")))
+
+    def test_a_symlink_in_the_workspace_to_an_outside_skill_and_a_workspace_inside_a_skill(self):
+        import sandbox
+        link = os.path.join(self.work, ".agents", "skills", "linked")
+        os.symlink(self.out, link)
+        shelf = skills.Shelf([skills.check(link)], self.box)
+        view, rel = shelf.route(".agents/skills/linked/SKILL.md")  # the catalogue's path, through the link
+        self.assertIn("Do the thing.", view.read(rel))
+        with self.assertRaises(sandbox.SandboxError):
+            shelf.check_write(".agents/skills/linked/SKILL.md")
+        inner = os.path.join(self.out, "scripts")  # someone working on a skill, in its folder
+        os.makedirs(inner)
+        shelf = skills.Shelf([skills.check(self.out)], sandbox.FilesystemSandbox(inner))
+        shelf.check_write("fix.sh")  # the workspace wins: writable
+        self.assertEqual(shelf.route("fix.sh")[1], "fix.sh")
+        with self.assertRaises(sandbox.SandboxError):
+            shelf.check_write("../SKILL.md")
+
+    def test_files_for_upload_stay_in_the_folder(self):
+        secret = os.path.join(self.tmp.name, "id_key")
+        with open(secret, "w") as f:
+            f.write("private")
+        os.symlink(secret, os.path.join(self.out, "key"))  # a file that leads out
+        os.symlink("..", os.path.join(self.out, "up"))  # a folder that leads out
+        os.makedirs(os.path.join(self.out, "sub"))
+        os.symlink("..", os.path.join(self.out, "sub", "loop"))  # round and round
+        self.assertEqual([p for p, _, _ in skills.files(self.out)], ["SKILL.md"])
+
+    def test_a_view_keeps_the_sandboxs_hidden_paths(self):
+        import sandbox
+        if sandbox.confinement_problem():
+            self.skipTest(sandbox.confinement_problem())
+        secret = os.path.join(self.out, "token.txt")
+        with open(secret, "w") as f:
+            f.write("hidden")
+        box = sandbox.FilesystemSandbox(self.work, mode="workspace-write", hide=[secret, self.tmp.name])
+        view, rel = skills.Shelf([skills.check(self.out)], box).route(secret)
+        with self.assertRaises(sandbox.SandboxError) as caught:
+            view.read(rel)
+        self.assertIn("hidden", str(caught.exception))
+        self.assertIn("Do the thing.", view.read("SKILL.md"))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import stat
+import subprocess
 import unittest
 
 import skills
@@ -108,13 +109,15 @@ class SkillRunTest(CliCase):
         home_skill = make_skill(os.path.join(self.home, "skills"), "home-skill", "From the runner's home.",
                                 script="#!/bin/sh\necho home skill ran\n")
         self.addCleanup(shutil.rmtree, os.path.dirname(home_skill))
-        self.fake.reset([tool_step(("execute", {"command": f"{home_skill}/scripts/fill.sh; ls {self.home}"})),
+        self.fake.reset([tool_step(("execute", {"command": f"{home_skill}/scripts/fill.sh; ls {self.home}"}),
+                                   ("read_file", {"path": os.path.join(home_skill, "SKILL.md")})),
                          text_step("done")])
         proc, events = self.run_task("--sandbox-mode", "workspace-write", "go")
         if "cannot be confined" in proc.stderr:
             self.skipTest(proc.stderr.strip())
         self.assertEqual(proc.returncode, 0, proc.stderr)
-        (result,) = [e for e in events if e["kind"] == "tool_result"]
+        result, read = [e for e in events if e["kind"] == "tool_result"]
+        self.assertIn("Follow these steps.", read["output"])  # the file tools read it too, the home hidden
         self.assertTrue(result["output"].startswith("home skill ran\n"), result["output"])
         self.assertNotIn("stigmer.db", result["output"])  # the rest of the home stays hidden
 
@@ -177,6 +180,31 @@ class SkillRunTest(CliCase):
         self.assertLess(catalogue.count("\n- "), 8)
         self.assertIn("- lint:", catalogue)  # left out from the end of the sorted list
         self.assertNotIn("- pdf:", catalogue)
+
+    def test_the_example_agent_uses_the_example_skill(self):
+        here = os.path.dirname(os.path.abspath(__file__))
+        skill = os.path.join(here, "examples", "skills", "changelog")
+        work = os.path.join(self.tmp, "project")
+        os.makedirs(work)
+        git = ["git", "-c", "user.email=dev@example.com", "-c", "user.name=Dev"]
+        for args in (["init", "-q"], ["commit", "-q", "--allow-empty", "-m", "First release"], ["tag", "v1"],
+                     ["commit", "-q", "--allow-empty", "-m", "Add the export button"]):
+            subprocess.run(git + args, cwd=work, check=True, capture_output=True)
+        self.fake.reset([
+            tool_step(("read_file", {"path": os.path.join(skill, "SKILL.md")})),
+            tool_step(("execute", {"command": os.path.join(skill, "scripts", "commits.sh")})),
+            text_step("## Unreleased\n\n### Added\n- An export button"),
+        ])
+        proc, events = self.run_task("--agent", os.path.join(here, "examples", "agents", "release-notes.yaml"),
+                                     "--workspace", work, "write the entry for the next release")
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertIn(f"\n- changelog: Writes a CHANGELOG.md entry for the changes since the last release tag, "
+                      f"from the git history. Use it when", self.system())
+        self.assertNotIn("- pdf:", self.system())  # the agent names its skills: only those
+        results = [e["output"] for e in events if e["kind"] == "tool_result"]
+        self.assertIn("Run `scripts/commits.sh` from this folder", results[0])
+        self.assertRegex(results[1], r"^- Add the export button \([0-9a-f]{7,}\)$")  # since the tag only
+        self.assertEqual([e["name"] for e in events if e["kind"] == "skill"], ["changelog"])
 
 
 if __name__ == "__main__":
