@@ -266,14 +266,15 @@ class Agent:
 
     def __init__(self, model, sandbox, emit, *, max_turns=DEFAULT_MAX_TURNS, max_tokens_total=0,
                  redactor=None, shell_env=None, context_window=0, instructions="", project_docs=(), team=None,
-                 depth=0, subagent="", task_call_id="", skills=None):
+                 depth=0, subagent="", task_call_id="", skills=None, mcp=None):
         self.model, self.sandbox = model, sandbox  # model: e.g. models.AnthropicModel
         self.sink = emit  # the execution's emit, untagged (a sub-agent's events go there too)
         self.depth, self.subagent, self.task_call_id = depth, subagent, task_call_id  # 0, "", "": the execution's own
         self.emit = emit if not depth else (
             lambda **payload: emit(subagent=subagent, task_call_id=task_call_id, depth=depth, **payload))
         self.team = team  # subagents.Team: the sub-agents this agent may start with the task tool; None: no task tool
-        self.tool_specs = TOOLS + ([team.spec] if team is not None else [])
+        self.mcp = mcp  # mcp_tools.Hub: the execution's MCP servers, their tools after the built-in ones; None: none
+        self.tool_specs = TOOLS + ([team.spec] if team is not None else []) + (list(mcp.specs) if mcp else [])
         self.children = set()  # sub-agents running now (task calls), cancelled with this agent
         self.children_lock = threading.Lock()  # not usage_lock: cancel() must never wait on an emit
         self.workspace = ""  # run()'s
@@ -464,6 +465,8 @@ class Agent:
         spec = next((t for t in self.tool_specs if t["name"] == name), None)
         if spec is None:
             return f"unknown tool {name!r}; the tools are: {', '.join(t['name'] for t in self.tool_specs)}", True, 2, False
+        if self.mcp is not None and name in self.mcp.tools:  # the server checks its own input
+            return self.mcp.call(name, args, self.cancelled.is_set)
         problem = check_args(args, spec["input_schema"])
         if problem:
             return f"invalid input for {name}: {problem}", True, 2, False

@@ -48,8 +48,9 @@ What the other parts of the runner read from a pb.AgentSpec (see stigmer.proto):
   its value reaches the worker's environment like --secret's, and its name is in ExecutionSpec.secret_names.
   A non-secret's value is the one the run got (--env, else the environment, else the file's default).
 
-Until this runner can honour mcpServers, an agent with any is refused before a run starts: unsupported() lists
-them. skillRefs are honoured: the CLI resolves them to the skills the run offers (skills.select).
+Every field is honoured: the CLI resolves skillRefs to the skills the run offers (skills.select) and
+mcpServers to the servers it starts (mcp_tools.plan). unsupported() and UNSUPPORTED stay for a field a
+later Stigmer adds before this runner can use it.
 """
 import os
 import re
@@ -73,7 +74,7 @@ FILE_MAX_BYTES = 1 << 20  # an agent file larger than this is refused
 PROJECT_DOCS = ("AGENTS.md", "CLAUDE.md")  # per directory, the first that exists is read
 PROJECT_DOC_CAP = 32 * 1024  # bytes of project instructions, in all, that go into the system prompt
 PROJECT_DOC_MIN_CUT = 1024  # a file the cap cuts keeps at least this many bytes, else it is left out
-UNSUPPORTED = ("mcpServers",)  # parsed and carried, not honoured yet (see unsupported())
+UNSUPPORTED = ()  # fields parsed and carried but not honoured yet (see unsupported()): none now
 GENERAL_PURPOSE = "general-purpose"  # the sub-agent every agent has (subagents.py): no file may declare it
 SUB_AGENT_LEVELS = 2  # sub-agents of sub-agents: references are resolved this many levels down, no further
 CACHE_DIR = os.path.join("cache", "agents")  # under STIGMER_HOME: agent files already parsed (see cached())

@@ -198,6 +198,7 @@ def plan_run(cfg, args):
         skills=plan_skills(cfg, args, workspace, agent, model, resuming), sandbox_mode=sandbox_mode, network=network,
         inherit=args.inherit_env or cfg.inherit_env)
     settle_names(plan, names)
+    plan.mcp = plan_mcp(cfg, args, agent, plan.names, resuming)
     return plan
 
 
@@ -218,6 +219,9 @@ def continue_parent(cfg, args, plan, parent):
     if not args.model:
         plan.model = choose_model(cfg, parent.spec.model)
     plan.skills = list(parent.spec.skills)  # its catalogue is in the system prompt the conversation keeps
+    if getattr(args, "mcp_config", None):
+        raise CliError("a continued conversation keeps its MCP servers: drop --mcp-config (or start a new run)", 2)
+    plan.mcp = list(parent.spec.mcp_servers)  # its tools are in the requests the conversation repeats
     if parent.spec.HasField("agent"):  # its secrets are in secret_names already
         plan.agent, plan.labels = parent.spec.agent, agent_labels(parent.spec.agent)
     plan.sandbox_mode, plan.network = confinement(cfg, plan.sandbox_mode, plan.network, parent)
@@ -240,7 +244,7 @@ def execution_spec(cfg, args, plan, runner_id, gathered):
         repo=args.repo or (parent.spec.repo if parent else ""), ref=args.ref or (parent.spec.ref if parent else ""),
         keep_sandbox=args.keep_sandbox, sandbox=cfg.sandbox, parent_id=parent.id if parent else "", agent=plan.agent,
         project_docs=plan.docs, sandbox_mode=plan.sandbox_mode, network=plan.network, no_patch=args.no_patch,
-        skills=plan.skills)
+        skills=plan.skills, mcp_servers=plan.mcp)
 
 
 def follow_run(cfg, be, client, execution, plan, args):
@@ -397,6 +401,24 @@ def skill_refs(agent, workspace):
         refs += [(r.slug, base) for r in sub.skill_refs]
         refs += skill_refs(sub.agent_spec if sub.HasField("agent_spec") else None, workspace)
     return list(dict.fromkeys(refs))
+
+
+def plan_mcp(cfg, args, agent, secret_names, resuming):
+    """The MCP servers this run starts ([pb.McpServerDefinition], inline): --mcp-config's and AGENT's (mcp_tools.plan);
+    none when resuming (the parent's, once it is known). Each ${NAME} they use must be a secret this run names or a
+    variable it declares (the agent's envSpec, --env). A problem is a CliError (exit 2) before any prompt."""
+    if resuming:
+        return []
+    config = getattr(args, "mcp_config", None)
+    if not config and (agent is None or not agent.mcp_servers):
+        return []
+    import mcp_tools
+    declared = set(secret_names) | (set(agent.env_spec.data) if agent is not None else set())
+    try:
+        return mcp_tools.plan(agent, os.path.abspath(os.path.expanduser(config)) if config else None, cfg.home,
+                              declared)
+    except mcp_tools.McpError as exc:
+        raise CliError(str(exc), 2) from None
 
 
 def plan_skills(cfg, args, workspace, agent, model, resuming):
@@ -848,7 +870,8 @@ def cmd_worker(cfg, args):
     make_sandbox, sweep = worker.sandbox_factory(cfg, runner_id, backend_is_terminal(cfg))
     w = worker.Worker(capacity=args.capacity, mode=cfg.mode, model=model, runner_id=runner_id, pinned=args.pinned,
                       allowed_secrets=allowed, make_sandbox=make_sandbox, sweep=sweep, sandbox=cfg.sandbox,
-                      environ=environ, context_window=cfg.context_window, also_secret=be.worker_secrets())
+                      environ=environ, context_window=cfg.context_window, also_secret=be.worker_secrets(),
+                      log_dir=os.path.join(cfg.home, "logs"))
     w.start_preload()  # the SDK's import is the slowest part of a cold start: begin it before the link's (grpc)
     level = {"development": logging.DEBUG, "staging": logging.INFO, "production": logging.WARNING}[cfg.env]
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")

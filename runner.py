@@ -278,6 +278,9 @@ def parser():
                           "declares, or any other")
     run.add_argument("--no-project-doc", action="store_true",
                      help="leave the project's AGENTS.md / CLAUDE.md and $STIGMER_HOME/AGENTS.md out of the system prompt")
+    run.add_argument("--mcp-config", metavar="FILE",
+                     help="start the MCP servers in FILE ({\"mcpServers\": {NAME: {...}}}, as Claude Code's .mcp.json) "
+                          "and offer their tools as mcp__NAME__TOOL; an agent's named servers are looked up there too")
     run.add_argument("--no-skills", action="store_true",
                      help="offer no Agent Skills (.agents/skills, .claude/skills, ~/.agents/skills ...; see `skills`)")
 
@@ -287,7 +290,7 @@ def parser():
     resume.add_argument("task", nargs="*", help="the follow-up; `-` or none reads it from stdin")
     resume.add_argument("--model", help="model id (default: the one the execution used); another provider's is fine")
     resume.set_defaults(workspace=None, cont=False, repo=None, ref=None, keep_sandbox=False, agent=None, env=None,
-                        no_project_doc=False, no_skills=False)
+                        no_project_doc=False, no_skills=False, mcp_config=None)
 
     chat = sub.add_parser("chat", help="a session: each line is a run that continues the conversation "
                                        "(also: stigmer alone on a terminal)", parents=[shared],
@@ -297,6 +300,7 @@ def parser():
     chat.add_argument("--model", help="provider/model (default: STIGMER_MODEL or the newest Claude Sonnet)")
     chat.add_argument("--agent", metavar="NAME_OR_PATH", help="the agent to run (default: STIGMER_AGENT)")
     chat.add_argument("--no-skills", action="store_true", help="offer no Agent Skills")
+    chat.add_argument("--mcp-config", metavar="FILE", help="start the MCP servers in FILE (see run --help)")
     chat.set_defaults(task=[], cont=False, repo=None, ref=None, keep_sandbox=False, env=None, no_project_doc=False)
 
     start = sub.add_parser("start", help="run the daemon and workers in the background",

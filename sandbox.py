@@ -186,21 +186,13 @@ def kill_marked(value, name=EXECUTION_MARKER) -> int:
     """SIGKILL every process of this user whose environment has NAME=VALUE, and its process
     group; returns how many were found. Finds what a worker killed with SIGKILL left behind
     (its commands carry EXECUTION_MARKER=<execution id>). Linux only: without /proc it finds nothing."""
-    needle = b"\0" + os.fsencode(name) + b"=" + os.fsencode(value) + b"\0"
     found = 0
     for _ in range(SWEEP_ROUNDS):  # a process may fork while we look
-        try:
-            pids = [int(n) for n in os.listdir(PROC_ROOT) if n.isdigit()]
-        except OSError:
-            return found
         hits = 0
-        for pid in pids:
+        for pid in marked_pids(value, name):
             if pid == os.getpid():
                 continue
             try:
-                with open(f"{PROC_ROOT}/{pid}/environ", "rb") as f:
-                    if needle not in b"\0" + f.read():
-                        continue
                 group = os.getpgid(pid)
             except OSError:
                 continue  # gone, or another user's
@@ -229,6 +221,42 @@ def guard_commands():
             for pgid in _LIVE:
                 _tell_guard(b"+%d" % pgid)
         return _GUARD
+
+
+def guard_group(pgid, marker=""):
+    """Count process group PGID (a process this runner started outside execute(), such as an MCP server) among the
+    live commands: kill_all() and the guardian kill it, and what carries RUN_MARKER=MARKER. Returns PGID."""
+    with _LIVE_LOCK:
+        _LIVE.add(pgid)
+        _tell_guard(b"+%d %s" % (pgid, os.fsencode(marker)) if marker else b"+%d" % pgid)
+    return pgid
+
+
+def unguard_group(pgid, kill=False):
+    """Forget PGID (guard_group's); KILL: SIGKILL the group first (what is left of it)."""
+    with _LIVE_LOCK:
+        if kill:
+            _signal_group(pgid, signal.SIGKILL)
+        _LIVE.discard(pgid)
+        _tell_guard(b"-%d" % pgid)
+
+
+def marked_pids(value, name=RUN_MARKER):
+    """The pids of this user's processes whose environment has NAME=VALUE (Linux; elsewhere none)."""
+    needle = b"\0" + os.fsencode(name) + b"=" + os.fsencode(value) + b"\0"
+    found = []
+    try:
+        pids = [int(n) for n in os.listdir(PROC_ROOT) if n.isdigit()]
+    except OSError:
+        return found
+    for pid in pids:
+        try:
+            with open(f"{PROC_ROOT}/{pid}/environ", "rb") as f:
+                if needle in b"\0" + f.read():
+                    found.append(pid)
+        except OSError:
+            continue
+    return found
 
 
 def _tell_guard(line):

@@ -23,7 +23,7 @@ FAILED: Phase
 CANCELLED: Phase
 
 class ExecutionSpec(_message.Message):
-    __slots__ = ("prompt", "workspace", "model", "max_turns", "secret_names", "max_tokens_total", "runner_id", "repo", "ref", "keep_sandbox", "sandbox", "parent_id", "agent", "project_docs", "sandbox_mode", "network", "no_patch", "skills")
+    __slots__ = ("prompt", "workspace", "model", "max_turns", "secret_names", "max_tokens_total", "runner_id", "repo", "ref", "keep_sandbox", "sandbox", "parent_id", "agent", "project_docs", "sandbox_mode", "network", "no_patch", "skills", "mcp_servers")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     WORKSPACE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +42,7 @@ class ExecutionSpec(_message.Message):
     NETWORK_FIELD_NUMBER: _ClassVar[int]
     NO_PATCH_FIELD_NUMBER: _ClassVar[int]
     SKILLS_FIELD_NUMBER: _ClassVar[int]
+    MCP_SERVERS_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     workspace: str
     model: str
@@ -60,7 +61,8 @@ class ExecutionSpec(_message.Message):
     network: bool
     no_patch: bool
     skills: _containers.RepeatedCompositeFieldContainer[Skill]
-    def __init__(self, prompt: _Optional[str] = ..., workspace: _Optional[str] = ..., model: _Optional[str] = ..., max_turns: _Optional[int] = ..., secret_names: _Optional[_Iterable[str]] = ..., max_tokens_total: _Optional[int] = ..., runner_id: _Optional[str] = ..., repo: _Optional[str] = ..., ref: _Optional[str] = ..., keep_sandbox: _Optional[bool] = ..., sandbox: _Optional[str] = ..., parent_id: _Optional[str] = ..., agent: _Optional[_Union[AgentSpec, _Mapping]] = ..., project_docs: _Optional[_Iterable[_Union[ProjectDoc, _Mapping]]] = ..., sandbox_mode: _Optional[str] = ..., network: _Optional[bool] = ..., no_patch: _Optional[bool] = ..., skills: _Optional[_Iterable[_Union[Skill, _Mapping]]] = ...) -> None: ...
+    mcp_servers: _containers.RepeatedCompositeFieldContainer[McpServerDefinition]
+    def __init__(self, prompt: _Optional[str] = ..., workspace: _Optional[str] = ..., model: _Optional[str] = ..., max_turns: _Optional[int] = ..., secret_names: _Optional[_Iterable[str]] = ..., max_tokens_total: _Optional[int] = ..., runner_id: _Optional[str] = ..., repo: _Optional[str] = ..., ref: _Optional[str] = ..., keep_sandbox: _Optional[bool] = ..., sandbox: _Optional[str] = ..., parent_id: _Optional[str] = ..., agent: _Optional[_Union[AgentSpec, _Mapping]] = ..., project_docs: _Optional[_Iterable[_Union[ProjectDoc, _Mapping]]] = ..., sandbox_mode: _Optional[str] = ..., network: _Optional[bool] = ..., no_patch: _Optional[bool] = ..., skills: _Optional[_Iterable[_Union[Skill, _Mapping]]] = ..., mcp_servers: _Optional[_Iterable[_Union[McpServerDefinition, _Mapping]]] = ...) -> None: ...
 
 class Skill(_message.Message):
     __slots__ = ("name", "description", "path", "folder", "files")
@@ -144,18 +146,20 @@ class AgentConfig(_message.Message):
     def __init__(self, model: _Optional[str] = ..., temperature: _Optional[float] = ..., max_tokens: _Optional[int] = ..., network: _Optional[bool] = ...) -> None: ...
 
 class McpServerDefinition(_message.Message):
-    __slots__ = ("name", "stdio", "http", "docker", "enabled_tools")
+    __slots__ = ("name", "stdio", "http", "docker", "enabled_tools", "call_timeout_seconds")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STDIO_FIELD_NUMBER: _ClassVar[int]
     HTTP_FIELD_NUMBER: _ClassVar[int]
     DOCKER_FIELD_NUMBER: _ClassVar[int]
     ENABLED_TOOLS_FIELD_NUMBER: _ClassVar[int]
+    CALL_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     name: str
     stdio: StdioServer
     http: HttpServer
     docker: DockerServer
     enabled_tools: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., stdio: _Optional[_Union[StdioServer, _Mapping]] = ..., http: _Optional[_Union[HttpServer, _Mapping]] = ..., docker: _Optional[_Union[DockerServer, _Mapping]] = ..., enabled_tools: _Optional[_Iterable[str]] = ...) -> None: ...
+    call_timeout_seconds: int
+    def __init__(self, name: _Optional[str] = ..., stdio: _Optional[_Union[StdioServer, _Mapping]] = ..., http: _Optional[_Union[HttpServer, _Mapping]] = ..., docker: _Optional[_Union[DockerServer, _Mapping]] = ..., enabled_tools: _Optional[_Iterable[str]] = ..., call_timeout_seconds: _Optional[int] = ...) -> None: ...
 
 class StdioServer(_message.Message):
     __slots__ = ("command", "args", "env_placeholders", "working_dir")

@@ -91,7 +91,8 @@ def run_task(parent, call):
                          shell_env=parent.shell_env, context_window=parent.context_window,
                          instructions=member.instructions, project_docs=parent.project_docs,
                          team=parent.team.team_of(member) if parent.depth + 1 < MAX_DEPTH else None,
-                         depth=parent.depth + 1, subagent=member.name, task_call_id=call.id, skills=parent.skills)
+                         depth=parent.depth + 1, subagent=member.name, task_call_id=call.id, skills=parent.skills,
+                         mcp=parent.mcp)
     child.usage, child.usage_lock = parent.usage, parent.usage_lock  # the execution's, one budget
     with parent.children_lock:
         parent.children.add(child)

@@ -274,6 +274,8 @@ def artifact_line(ev):
                         f"{a.name or 'change.patch'}")
     if a.type == "sandbox":
         return f"▣ sandbox {a.name}" + (f" · {a.notes}" if a.notes else "")
+    if a.type == "mcp":
+        return f"⚙ MCP servers started: {a.notes or a.name}"
     return f"⎘ {a.type} {a.name}" + (f" · {a.notes}" if a.notes else "")
 
 

@@ -41,6 +41,7 @@ import models
 import skills as skills_mod
 import stigmer_pb2 as pb
 from contract import TERMINAL_PHASES, WARM_WORD
+from mcp_tools import McpError
 
 log = logging.getLogger("stigmer.worker")
 
@@ -303,7 +304,7 @@ class Worker:
 
     def __init__(self, *, capacity=2, mode="local", model="", runner_id=None, pinned=False, make_sandbox=host_sandbox,
                  sweep=None, sandbox="filesystem", history=None, context_window=0, environ=None, allowed_secrets=(),
-                 also_secret=None):
+                 also_secret=None, log_dir=None):
         self.capacity, self.mode, self.model = capacity, mode, model
         # The worker's whole environment (runner.Config.environ plus the gathered key): keys and base URLs for
         # the models, what an execution's shell may be given. Never os.environ, which holds no secret here.
@@ -315,6 +316,7 @@ class Worker:
         # () -> {name: value} of more secrets to redact, read when an execution starts: the daemon's token,
         # which a command in full-access can read from STIGMER_HOME.
         self.also_secret = also_secret
+        self.log_dir = log_dir  # where an execution's MCP servers write their stderr (STIGMER_HOME/logs)
         self.log_full_patience = LOG_FULL_PATIENCE
         self.abandoned = {}  # execution id -> why this worker ends it FAILED (the log stayed full)
         self.sandbox = sandbox  # what make_sandbox makes: "filesystem" or "daytona" (checked against spec.sandbox)
@@ -543,7 +545,7 @@ class Worker:
                                                    **(self.also_secret() if self.also_secret else {})}))
         emit = lambda **payload: self.emit(execution.id, redactor, **payload)  # noqa: E731
         log.info("running %s in %s", execution.id, spec.repo or spec.workspace)
-        phase, reason, final_text, turns, box, service_down = pb.FAILED, "", "", 0, None, False
+        phase, reason, final_text, turns, box, service_down, hub = pb.FAILED, "", "", 0, None, False, None
         try:
             refused = mod.refused_secrets(spec.secret_names, key_vars, self.allowed_secrets)
             if refused:
@@ -579,12 +581,13 @@ class Worker:
             if not getattr(box, "id", None) and not spec.no_patch:  # the host: what the run changes is its patch
                 box.patch_base = workspace_tree(spec.workspace, self.environ)
             offered = self._skills(execution, box)
+            hub = self._mcp(execution, box, shell_env, emit)
             the_agent = agent_mod.Agent(model, box, emit, max_turns=spec.max_turns,
                                         max_tokens_total=spec.max_tokens_total, redactor=redactor, shell_env=shell_env,
                                         context_window=models.context_window(model_name, self.context_window),
                                         instructions=spec.agent.instructions, project_docs=spec.project_docs,
                                         team=subagents.Team(spec.agent.instructions, spec.agent.sub_agents),
-                                        skills=skills_mod.Shelf(offered, box) if offered else None)
+                                        skills=skills_mod.Shelf(offered, box) if offered else None, mcp=hub)
             with self.cond:
                 self.agents[execution.id] = the_agent
                 if execution.id in self.cancels or execution.id not in self.outboxes:
@@ -605,6 +608,9 @@ class Worker:
         except AgentUnsupported as exc:
             reason = str(exc)
             emit(error=pb.Error(code="agent", message=reason))
+        except McpError as exc:
+            reason = str(exc)
+            emit(error=pb.Error(code="mcp", message=reason))
         except SandboxUnavailable as exc:  # the sandbox service: auth, quota, rate limit, unreachable, clone
             reason, service_down = str(exc), True
             emit(error=pb.Error(code=f"sandbox_{exc.code}", message=reason))
@@ -616,6 +622,8 @@ class Worker:
             reason = f"internal runner error: {type(exc).__name__}: {exc}"
             emit(error=pb.Error(code="internal", message=reason))
         finally:
+            if hub is not None:
+                hub.close()
             if box is not None:
                 self._close_sandbox(execution, box, emit, redactor, take_patch=not service_down)
             with self.cond:
@@ -671,6 +679,27 @@ class Worker:
             self._close_sandbox(execution, box, emit, None, take_patch=False)
             raise Cancelled()
         return box
+
+    def _mcp(self, execution, box, shell_env, emit):
+        """The execution's MCP servers, started (all at once, before the first model request), in a Hub whose tools
+        the agent offers; None without servers. One "mcp" artifact event names them, their tools and versions.
+        Raises McpError (the execution fails) for a server that does not start."""
+        spec = execution.spec
+        if not spec.mcp_servers:
+            return None
+        import mcp_tools
+        import tempfile
+        hub = mcp_tools.Hub(spec.mcp_servers, shell_env, spec.workspace, self.log_dir or tempfile.gettempdir(),
+                            execution.id, remote=bool(getattr(box, "id", None)))
+        cancelled = lambda: execution.id in self.cancels or self.stopping.is_set()  # noqa: E731
+        try:
+            hub.start(cancelled=cancelled)
+        except McpError:
+            if cancelled():
+                raise Cancelled() from None
+            raise
+        emit(artifact=pb.Artifact(type="mcp", name=",".join(s.name for s in spec.mcp_servers), notes=hub.notes()))
+        return hub
 
     def _skills(self, execution, box):
         """The execution's skills as its agent sees them: on the host where the CLI found them; in a remote
