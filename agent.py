@@ -266,7 +266,7 @@ class Agent:
 
     def __init__(self, model, sandbox, emit, *, max_turns=DEFAULT_MAX_TURNS, max_tokens_total=0,
                  redactor=None, shell_env=None, context_window=0, instructions="", project_docs=(), team=None,
-                 depth=0, subagent="", task_call_id="", skills=None, mcp=None):
+                 depth=0, subagent="", task_call_id="", skills=None, mcp=None, mcp_filter=None):
         self.model, self.sandbox = model, sandbox  # model: e.g. models.AnthropicModel
         self.sink = emit  # the execution's emit, untagged (a sub-agent's events go there too)
         self.depth, self.subagent, self.task_call_id = depth, subagent, task_call_id  # 0, "", "": the execution's own
@@ -274,7 +274,10 @@ class Agent:
             lambda **payload: emit(subagent=subagent, task_call_id=task_call_id, depth=depth, **payload))
         self.team = team  # subagents.Team: the sub-agents this agent may start with the task tool; None: no task tool
         self.mcp = mcp  # mcp_tools.Hub: the execution's MCP servers, their tools after the built-in ones; None: none
-        self.tool_specs = TOOLS + ([team.spec] if team is not None else []) + (list(mcp.specs) if mcp else [])
+        self.mcp_filter = mcp_filter  # {server: tool names or None} this agent may use (a sub-agent's); None: all
+        mcp_specs = [t for t in (mcp.specs if mcp else ()) if mcp.allowed(t["name"], mcp_filter)]
+        self.mcp_names = {t["name"] for t in mcp_specs}
+        self.tool_specs = TOOLS + ([team.spec] if team is not None else []) + mcp_specs
         self.children = set()  # sub-agents running now (task calls), cancelled with this agent
         self.children_lock = threading.Lock()  # not usage_lock: cancel() must never wait on an emit
         self.workspace = ""  # run()'s
@@ -394,8 +397,10 @@ class Agent:
                 break
             note = cleared_note(calls.get(result["id"]), self._redact)
             saved = (len(result["output"]) - len(note)) // CHARS_PER_TOKEN
+            saved += sum(len(d) for _, d in result.get("images", ())) // CHARS_PER_TOKEN
             if saved > 0:  # else already cleared, or too short to matter
                 result["output"] = note
+                result.pop("images", None)
                 estimate -= saved
                 cleared.append(result["id"])
         if not cleared:
@@ -445,16 +450,20 @@ class Agent:
     def _run_tool(self, call, n, results):
         """Run CALL, emit its result event and put its result for the model at RESULTS[N]."""
         if self.cancelled.is_set():
-            output, is_error, exit_code, truncated, duration = NOT_RUN, True, 130, False, 0.0
+            output, is_error, exit_code, truncated, duration, images = NOT_RUN, True, 130, False, 0.0, ()
         else:
             start = time.monotonic()
             self._call_id = call.id  # for live output (the calls of one agent run one at a time)
-            output, is_error, exit_code, truncated = self._call_tool(call)
+            output, is_error, exit_code, truncated, *more = self._call_tool(call)
+            images = more[0] if more else ()  # an MCP tool's images: [(media type, bytes)]
             duration = time.monotonic() - start
         output, cut = cap_output(self._redact(valid_text(output)))
         self.emit(tool_result=pb.ToolResult(id=call.id, is_error=is_error, exit_code=exit_code, output=output,
-                                            truncated=truncated or cut, duration_ms=int(duration * 1000)))
+                                            truncated=truncated or cut, duration_ms=int(duration * 1000),
+                                            images=[pb.Image(media_type=m, data=d) for m, d in images]))
         results[n] = {"id": call.id, "output": output or NO_OUTPUT, "is_error": is_error}
+        if images:
+            results[n]["images"] = list(images)
 
     def _call_tool(self, call):
         """Run one tool call: returns (output, is_error, exit_code, truncated). Never raises for tool failures."""
@@ -465,7 +474,7 @@ class Agent:
         spec = next((t for t in self.tool_specs if t["name"] == name), None)
         if spec is None:
             return f"unknown tool {name!r}; the tools are: {', '.join(t['name'] for t in self.tool_specs)}", True, 2, False
-        if self.mcp is not None and name in self.mcp.tools:  # the server checks its own input
+        if name in self.mcp_names:  # the server checks its own input
             return self.mcp.call(name, args, self.cancelled.is_set)
         problem = check_args(args, spec["input_schema"])
         if problem:
@@ -611,6 +620,8 @@ def rebuild(events):
         elif kind == "tool_result":
             r = event.tool_result
             results[r.id] = {"id": r.id, "output": r.output or NO_OUTPUT, "is_error": r.is_error}
+            if r.images:
+                results[r.id]["images"] = [(i.media_type, i.data) for i in r.images]
         elif kind == "context_cleared":
             cleared.update(event.context_cleared.ids)
             tokens = event.context_cleared.tokens_after
@@ -619,6 +630,7 @@ def rebuild(events):
         for result in message.get("results", ()):
             if result["id"] in cleared:
                 result["output"] = cleared_note(calls.get(result["id"]))
+                result.pop("images", None)
     return system, messages, tokens
 
 

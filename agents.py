@@ -256,8 +256,12 @@ def discover(workspace, home):
                 item["description"] = spec.description
                 resolve_sub_agents(spec, workspace, home)
                 check_supported(spec)
+                import mcp_tools
+                mcp_tools.plan(spec, None, home, declared=None)  # its servers: each defined, none a docker one
             except AgentError as exc:
                 item["problems"].append(str(exc))
+            except mcp_tools.McpError as exc:
+                item["problems"].append(f"agent {spec.name}: {exc}")
             if stem in first:
                 item["shadowed_by"] = first[stem]
             else:

@@ -10,6 +10,8 @@
     python bench.py cloud_workers   # executions per minute through 1, 2 and 4 worker processes on one Redis
     python bench.py cloud_appends   # RedisLink's fenced appends against bare XADD pipelines (needs redis-server)
     python bench.py start      # a one-turn task: cold, and warm after `start`, against the SDK's floor
+    python bench.py mcp        # an MCP tool call through the whole path against the SDK's own client; and
+                               # the start of a run with two stdio servers against their own start-up
     python bench.py --json     # one JSON object per benchmark
 
 The machine is shared and noisy, so every figure is relative to a baseline taken
@@ -942,6 +944,145 @@ def bench_cloud_workers(executions=24, counts=(1, 2, 4)):
     return {"executions_per_run": executions, "cores": os.cpu_count(),
             **{f"workers_{n}_executions_per_min": round(rates[n]) for n in counts},
             "scaling_4_over_1": round(rates[counts[-1]] / rates[counts[0]], 2)}
+
+
+@bench
+def bench_mcp(turns=40, rounds=5):
+    """Per turn with one MCP tool call: the whole path (runner.py --json, a warm worker after `start`: model turn, the
+    call through mcp_tools.Hub, events stored) against a bare loop (the anthropic SDK on the same fake server and
+    the mcp SDK's own ClientSession calling the same stdio server). And, with two stdio servers, the time from the
+    execution's start (its RUNNING event) to its first model request, against the servers' own start-up (the SDK
+    starting both at once and listing their tools); a cold run's time to its first request, with and without the
+    servers, for context. ROUNDS times each."""
+    import asyncio
+    import os
+    import subprocess
+    import tempfile
+    import threading
+
+    import anthropic
+    from mcp import ClientSession
+    from mcp.client.stdio import StdioServerParameters, stdio_client
+
+    import agent
+    import models
+    from testsupport import FAKE_KEY, FakeAnthropic, free_port, text_step, tool_step
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    runner_py, server_py = os.path.join(here, "runner.py"), os.path.join(here, "testsupport_mcp_server.py")
+    params = StdioServerParameters(command=sys.executable, args=[server_py, "stdio"])
+    script = [tool_step(("mcp__t__echo", {"text": f"turn {i}"})) for i in range(turns - 1)] + [text_step("done")]
+
+    def per_turn_ms(fake):
+        return (fake.times[-1] - fake.times[0]) / (len(fake.times) - 1) * 1000
+
+    async def server_start(t0=None):  # the SDK alone: spawn, initialize, list the tools
+        t0 = t0 or time.perf_counter()
+        async with stdio_client(params, errlog=open(os.devnull, "w")) as (read, write):
+            async with ClientSession(read, write) as session:
+                await session.initialize()
+                listed = await session.list_tools()
+                took = time.perf_counter() - t0
+        return took, listed
+
+    async def both_start():  # two at once, as an execution starts its servers
+        t0 = time.perf_counter()
+        return max(took for took, _ in await asyncio.gather(server_start(t0), server_start(t0)))
+
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    _, listed = asyncio.run_coroutine_threadsafe(server_start(), loop).result()
+    mcp_tools = [{"name": f"mcp__t__{t.name}", "description": t.description, "input_schema": t.input_schema}
+                 for t in sorted(listed.tools, key=lambda t: t.name)]
+
+    async def bare_loop(fake):  # the same requests (built-in tools, the task tool aside, and the server's)
+        client = anthropic.AsyncAnthropic(api_key=FAKE_KEY, base_url=fake.url)
+        system = agent.system_prompt("/tmp")
+        async with stdio_client(params, errlog=open(os.devnull, "w")) as (read, write):
+            async with ClientSession(read, write) as session:
+                await session.initialize()
+                messages = [{"role": "user", "content": "go"}]
+                while True:
+                    async with client.messages.stream(model="m", max_tokens=models.MAX_OUTPUT_TOKENS, system=system,
+                                                      messages=messages, tools=agent.TOOLS + mcp_tools) as stream:
+                        message = await stream.get_final_message()
+                    if message.stop_reason != "tool_use":
+                        break
+                    messages.append({"role": "assistant",
+                                     "content": [b.model_dump(exclude_none=True) for b in message.content]})
+                    results = []
+                    for block in message.content:
+                        if block.type == "tool_use":
+                            result = await session.call_tool(block.name.removeprefix("mcp__t__"), block.input)
+                            results.append({"type": "tool_result", "tool_use_id": block.id,
+                                            "content": result.content[0].text})
+                    messages.append({"role": "user", "content": results})
+        await client.close()
+
+    bare, full, to_request, starts, from_running = [], [], {"with": [], "without": []}, [], []
+    wall_offset = time.time() - time.perf_counter()  # the fake's times are perf_counter's; events carry wall time
+    with tempfile.TemporaryDirectory() as tmp:
+        config = os.path.join(tmp, "mcp.json")
+        with open(config, "w") as f:
+            json.dump({"mcpServers": {"t": {"command": sys.executable, "args": [server_py, "stdio"]}}}, f)
+        two = os.path.join(tmp, "two.json")
+        with open(two, "w") as f:
+            json.dump({"mcpServers": {n: {"command": sys.executable, "args": [server_py, "stdio"]} for n in "ab"}}, f)
+        base = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC", "STIGMER", "OPENAI"))}
+        with FakeAnthropic(script) as fake:
+            base.update(ANTHROPIC_API_KEY=FAKE_KEY, ANTHROPIC_BASE_URL=fake.url, STIGMER_MODEL="claude-fake",
+                        SANDBOX_ROOT_DIR=tmp)
+            warm = dict(base, STIGMER_HOME=os.path.join(tmp, "warm"), STIGMER_BACKEND_ENDPOINT=f"127.0.0.1:{free_port()}")
+            subprocess.run([sys.executable, runner_py, "start"], env=warm, capture_output=True, check=True)
+            try:
+                for _ in range(rounds):
+                    fake.reset(script)
+                    asyncio.run_coroutine_threadsafe(bare_loop(fake), loop).result()
+                    bare.append(per_turn_ms(fake))
+                    fake.reset(script)
+                    done = subprocess.run([sys.executable, runner_py, "--json", "--mcp-config", config, "go"], env=warm,
+                                          capture_output=True, text=True)
+                    if done.returncode != 0 or len(fake.times) != turns:
+                        raise RuntimeError(f"the MCP run failed ({done.returncode}): {done.stderr[-500:]}")
+                    full.append(per_turn_ms(fake))
+                for n in range(rounds + 1):  # two servers; the first run imports the mcp SDK in the worker
+                    fake.reset([text_step("done")])
+                    done = subprocess.run([sys.executable, runner_py, "--json", "--mcp-config", two, "go"], env=warm,
+                                          capture_output=True, text=True)
+                    running = next(json.loads(line)["time"] for line in done.stdout.splitlines()
+                                   if '"phase": "RUNNING"' in line)
+                    if n:
+                        from_running.append(fake.times[0] + wall_offset - running)
+                        starts.append(asyncio.run_coroutine_threadsafe(both_start(), loop).result())
+            finally:
+                subprocess.run([sys.executable, runner_py, "stop", "--force"], env=warm, capture_output=True)
+            for n in range(rounds):  # cold runs: each its own home, so no daemon or worker is there yet
+                for kind, extra in (("without", []), ("with", ["--mcp-config", two])):
+                    fake.reset([text_step("done")])
+                    cold = dict(base, STIGMER_HOME=os.path.join(tmp, f"{kind}{n}"),
+                                STIGMER_BACKEND_ENDPOINT=f"127.0.0.1:{free_port()}")
+                    t0 = time.perf_counter()
+                    done = subprocess.run([sys.executable, runner_py, "--json", *extra, "go"], env=cold,
+                                          capture_output=True, text=True)
+                    if done.returncode != 0 or not fake.times:
+                        raise RuntimeError(f"the cold run failed ({done.returncode}): {done.stderr[-500:]}")
+                    to_request[kind].append(fake.times[0] - t0)
+                    subprocess.run([sys.executable, runner_py, "stop", "--force"], env=cold, capture_output=True)
+    loop.call_soon_threadsafe(loop.stop)
+    bare_ms, full_ms = statistics.median(bare), statistics.median(full)
+    without, with_servers = (statistics.median(x) for x in (to_request["without"], to_request["with"]))
+    own, ours = statistics.median(starts), statistics.median(from_running)
+    return {"turns": turns, "rounds": rounds,
+            "bare_loop_ms_per_turn (anthropic SDK + mcp ClientSession.call_tool)": round(bare_ms, 2),
+            "full_path_ms_per_turn (runner.py after start, --mcp-config)": round(full_ms, 2),
+            "per_call_vs_bare": verdict(full_ms, "<=", round(1.3 * bare_ms + 5, 2), 2) + " ms (target: 1.3x bare + 5 ms)",
+            "context: ratio": round(full_ms / bare_ms, 2),
+            "two servers' own start-up (the SDK: both at once, initialize, list tools)": f"{own:.3f} s",
+            "execution start to its first request, two servers (worker after start)": f"{ours:.3f} s",
+            "startup_vs_servers_own_s": verdict(ours, "<=", round(own + 0.1, 3), 3)
+            + " (target: the servers' own start-up plus 100 ms)",
+            "context: cold run to its first request, no servers": f"{without:.3f} s",
+            "context: cold run to its first request, two stdio servers": f"{with_servers:.3f} s"}
 
 
 GROUPS = {"cloud": ["cloud_workers", "cloud_appends"]}  # a name that runs several benchmarks

@@ -229,7 +229,8 @@ def continue_parent(cfg, args, plan, parent):
 
 def run_worker(cfg, plan, endpoint, runner_id):
     """PLAN's own worker, dialling ENDPOINT, taking only executions pinned to RUNNER_ID."""
-    return spawn_run_worker(cfg, plan.names, endpoint, runner_id, plan.model, plan.labels, plan.inherit)
+    return spawn_run_worker(cfg, plan.names, endpoint, runner_id, plan.model, plan.labels, plan.inherit,
+                            mcp=bool(getattr(plan, "mcp", None)))
 
 
 def execution_spec(cfg, args, plan, runner_id, gathered):
@@ -872,7 +873,7 @@ def cmd_worker(cfg, args):
                       allowed_secrets=allowed, make_sandbox=make_sandbox, sweep=sweep, sandbox=cfg.sandbox,
                       environ=environ, context_window=cfg.context_window, also_secret=be.worker_secrets(),
                       log_dir=os.path.join(cfg.home, "logs"))
-    w.start_preload()  # the SDK's import is the slowest part of a cold start: begin it before the link's (grpc)
+    w.start_preload(mcp=args.preload_mcp)  # the SDK's import is the slowest part of a cold start: begin it early
     level = {"development": logging.DEBUG, "staging": logging.INFO, "production": logging.WARNING}[cfg.env]
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     for noisy in ("httpx", "httpx2", "httpcore", "httpcore2", "anthropic", "openai", "grpc"):  # they log whole requests

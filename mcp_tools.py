@@ -96,7 +96,10 @@ def from_entry(name, entry, where):
         server.stdio.command, server.stdio.working_dir = command, str(entry.get("cwd") or "")
         server.stdio.args.extend(args)
         server.stdio.env_placeholders.update(env)
-    elif kind in ("http", "streamable-http", "streamableHttp", "sse"):
+    elif kind == "sse":
+        raise McpError(f"{where}: MCP server {name} is an SSE server, which this runner does not reach: use its "
+                       "streamable HTTP endpoint (\"type\": \"http\")")
+    elif kind in ("http", "streamable-http", "streamableHttp"):
         url, headers = entry.get("url"), entry.get("headers", {})
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise McpError(f"{where}: MCP server {name} needs an http:// or https:// url")
@@ -112,7 +115,7 @@ def from_entry(name, entry, where):
 def plan(agent, config_path, home, declared):
     """The servers an execution starts ([pb.McpServerDefinition], inline, names unique, in order: --mcp-config's,
     then the agent's), checked: a name nothing defines, a docker server, or a ${NAME} that DECLARED (the run's
-    secret and variable names) does not hold is an McpError before the run."""
+    secret and variable names; None: not checked) does not hold is an McpError before the run."""
     config = read_config(config_path) if config_path else {}
     chosen = dict(config)
     user = None
@@ -140,7 +143,7 @@ def plan(agent, config_path, home, declared):
                 merged.enabled_tools.extend(server.enabled_tools)
             server = merged
         chosen[server.name] = server
-    for server in chosen.values():
+    for server in chosen.values() if declared is not None else ():  # None: names only (`agents` lists problems)
         missing = sorted(placeholders(server) - set(declared))
         if missing:
             raise McpError(f"MCP server {server.name} uses ${{{missing[0]}}}, which this run does not declare: pass "
@@ -184,12 +187,29 @@ def _tail(path, lines=STDERR_TAIL):
         return ""
 
 
+IMAGE_TYPES = ("image/png", "image/jpeg", "image/gif", "image/webp")  # what the model APIs take
+IMAGE_MAX = 3 << 20  # bytes of images one result may carry to the model; past it, a note
+
+
 def result_text(result):
-    """(text, is_error) for the model from a CallToolResult: text blocks joined, structured content as JSON, a
-    note for what the model cannot be shown (images, audio, resources)."""
-    parts = []
+    """(text, is_error, images) for the model from a CallToolResult: text blocks joined, structured content as
+    JSON, images as [(media type, bytes)] (IMAGE_TYPES, IMAGE_MAX in all), a note for what cannot be shown (other
+    images, audio, binary resources)."""
+    import base64
+    import binascii
+    parts, images, room = [], [], IMAGE_MAX
     for block in result.content or ():
         kind = getattr(block, "type", "")
+        mime = getattr(block, "mimeType", None) or getattr(block, "mime_type", None) or ""
+        if kind == "image" and mime in IMAGE_TYPES:
+            try:
+                data = base64.b64decode(block.data, validate=True)
+            except (binascii.Error, ValueError, TypeError):
+                data = None
+            if data is not None and len(data) <= room:
+                images.append((mime, data))
+                room -= len(data)
+                continue
         if kind == "text":
             parts.append(block.text)
         elif kind == "resource":
@@ -199,14 +219,13 @@ def result_text(result):
             parts.append(f"[resource {block.uri}]")
         else:
             size = len(getattr(block, "data", "") or "") * 3 // 4
-            parts.append(f"[{kind} ({getattr(block, 'mimeType', None) or getattr(block, 'mime_type', '')}, about "
-                         f"{size:,} bytes): not shown]")
+            parts.append(f"[{kind} ({mime}, about {size:,} bytes): not shown]")
     structured = getattr(result, "structuredContent", None)
     if structured is None:
         structured = getattr(result, "structured_content", None)
     if structured is not None and not parts:
         parts.append(json.dumps(structured, ensure_ascii=False))
-    return "\n".join(parts), bool(getattr(result, "isError", False) or getattr(result, "is_error", False))
+    return "\n".join(parts), bool(getattr(result, "isError", False) or getattr(result, "is_error", False)), images
 
 
 class Hub:
@@ -219,7 +238,8 @@ class Hub:
         self.env = {k: v for k, v in env.items() if v is not None}
         self.workspace, self.log_dir, self.marker, self.remote = workspace, log_dir, marker, remote
         self.tools = {}  # our name -> (server name, the server's tool name)
-        self.specs = []  # tool specs for the model, in a stable order
+        self.specs = []  # tool specs for the model, in a stable order: servers as listed, each one's tools by name
+        self.by_server = {}  # server name -> its tool specs
         self.sessions, self.info, self.dead, self.groups = {}, {}, {}, {}
         self.timeouts = {s.name: float(s.call_timeout_seconds or CALL_TIMEOUT) for s in self.servers}
         self.loop = self.thread = self.stopping = None
@@ -269,6 +289,7 @@ class Hub:
         except BaseException:
             self.close()
             raise
+        self.specs = [spec for server in self.servers for spec in self.by_server[server.name]]
         return self.specs
 
     async def _ready_future(self):
@@ -297,11 +318,12 @@ class Hub:
                 self.sessions[server.name] = session
                 wanted = set(server.enabled_tools)
                 tools = sorted((t for t in listed.tools if not wanted or t.name in wanted), key=lambda t: t.name)
+                own = self.by_server[server.name] = []
                 for tool in tools:
                     name = tool_name(server.name, tool.name)
                     self.tools[name] = (server.name, tool.name)
                     schema = getattr(tool, "inputSchema", None) or getattr(tool, "input_schema", None) or {}
-                    self.specs.append({"name": name, "description": (tool.description or tool.name)[:4000],
+                    own.append({"name": name, "description": (tool.description or tool.name)[:4000],
                                        "input_schema": schema if isinstance(schema, dict) else {"type": "object"}})
                 about = getattr(init, "serverInfo", None) or getattr(init, "server_info", None)
                 label = f"{getattr(about, 'name', '')} {getattr(about, 'version', '')}".strip() if about else ""
@@ -327,8 +349,10 @@ class Hub:
             env = {**self.env, **{k: fill(v, self.env) for k, v in cfg.env_placeholders.items()},
                    sandbox.EXECUTION_MARKER: self.marker, sandbox.RUN_MARKER: f"mcp-{self.marker}-{server.name}"}
             cwd = os.path.join(self.workspace, cfg.working_dir) if cfg.working_dir else self.workspace
-            os.makedirs(self.log_dir, exist_ok=True)
-            errlog = stack.enter_context(open(self._log(server.name), "a", encoding="utf-8"))
+            import home
+            home.private_dirs(self.log_dir)
+            fd = home.private_open(self._log(server.name), os.O_WRONLY | os.O_APPEND)
+            errlog = stack.enter_context(os.fdopen(fd, "a", encoding="utf-8"))
             params = StdioServerParameters(command=fill(cfg.command, self.env),
                                            args=[fill(a, self.env) for a in cfg.args], env=env, cwd=cwd)
             return _guarded(stdio_client(params, errlog=errlog), env[sandbox.RUN_MARKER], self.groups, server.name)
@@ -344,9 +368,17 @@ class Hub:
                                     timeout=float(cfg.timeout_seconds or 30))
         return streamable_http_client(url, http_client=client)
 
+    def allowed(self, name, only):
+        """Whether the tool NAME may be offered under ONLY ({server: tool names or None for all}; None: any)."""
+        if only is None:
+            return True
+        server, tool = self.tools[name]
+        return server in only and (only[server] is None or tool in only[server])
+
     def call(self, name, args, cancelled=None):
-        """Call the tool NAME (mcp__SERVER__TOOL) with ARGS: (output, is_error, exit_code, truncated), never
-        raising for the server's failures: a dead server, a timeout and a cancel are error results."""
+        """Call the tool NAME (mcp__SERVER__TOOL) with ARGS: (output, is_error, exit_code, truncated) and, when the
+        server answered, its images; never raising for the server's failures: a dead server, a timeout and a
+        cancel are error results."""
         import asyncio
         server, tool = self.tools[name]
         if server in self.dead:
@@ -375,8 +407,8 @@ class Hub:
                 if "timed out" in reason.lower() or "timeout" in type(e).__name__.lower():
                     return f"{name} timed out after {timeout:.0f} s (MCP server {server})", True, 124, False
                 return f"{name} failed (MCP server {server}): {reason}", True, 1, False
-        text, is_error = result_text(result)
-        return text, is_error, 1 if is_error else 0, False
+        text, is_error, images = result_text(result)
+        return text, is_error, 1 if is_error else 0, False, images
 
     def notes(self):
         """One line per server for the log: its tools and version."""

@@ -421,7 +421,7 @@ class AnthropicModel(StreamedReply):
             return {"role": "user", "content": [{"type": "text", "text": message["text"]}]}
         if message["role"] == "tool_results":
             return {"role": "user", "content": [{"type": "tool_result", "tool_use_id": r["id"],
-                                                 "is_error": r["is_error"], "content": r["output"]}
+                                                 "is_error": r["is_error"], "content": _result_content(r)}
                                                 for r in message["results"]]}
         content = [{"text": message["text"], "type": "text"}] if message["text"] else []
         content += [{"id": c.id, "input": c.input, "name": c.name, "type": "tool_use"} for c in message["tool_calls"]]
@@ -652,8 +652,26 @@ def chat_messages(system_text, messages):
                     "name": c.name, "arguments": json.dumps(c.input, ensure_ascii=False)}} for c in m["tool_calls"]]
             out.append(message)
         else:
-            out += [{"role": "tool", "tool_call_id": r["id"], "content": r["output"]} for r in m["results"]]
+            out += [{"role": "tool", "tool_call_id": r["id"], "content": r["output"] + _images_note(r)}
+                    for r in m["results"]]
     return out
+
+def _result_content(result):
+    """A tool result's content for the Messages API: its text, or text and image blocks when it has images."""
+    if not result.get("images"):
+        return result["output"]
+    import base64
+    return [{"type": "text", "text": result["output"]}] + [
+        {"type": "image", "source": {"type": "base64", "media_type": mime, "data": base64.b64encode(data).decode()}}
+        for mime, data in result["images"]]
+
+
+def _images_note(result):
+    """What a chat-completions tool message says of a result's images (that API takes only text there)."""
+    n = len(result.get("images", ()))
+    return f"\n[{n} image{'s' if n != 1 else ''} returned by the tool: not shown, this model's API takes no " \
+        "images in tool results]" if n else ""
+
 
 # ---- context windows (how many input tokens a model takes; the agent clears old tool results near it) ----
 

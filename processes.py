@@ -481,18 +481,19 @@ def allowed_args(names, inherit):
     return [arg for name in names for arg in ("--secret", name)] + (["--inherit-env"] if inherit else [])
 
 
-def spawn_run_worker(cfg, names, endpoint, runner_id, model, labels=None, inherit=False):
+def spawn_run_worker(cfg, names, endpoint, runner_id, model, labels=None, inherit=False, mcp=False):
     """This run's own worker (capacity 1) for MODEL (provider/model; its provider's key is gathered, and
     NAMES, asked for with LABELS), which takes only executions pinned to RUNNER_ID and stops when this command
     closes its stdin, unless it was told to stay warm first (see release_worker). Its .secrets are the values
-    gathered for it (some perhaps typed at the prompt)."""
+    gathered for it (some perhaps typed at the prompt). MCP: the run has MCP servers, so the worker imports their
+    SDK first (it starts them while the model's SDK is still importing)."""
     secrets = gather_secrets(cfg, names, model, labels)
     warm = keep_warm(cfg)
     shell = names + [project_secrets().INHERIT_ALL] if inherit else names
     proc = spawn(["worker", "--capacity", "1", "--exit-with-stdin", "--runner-id", runner_id, "--pinned",
                   "--model", model, *allowed_args(names, inherit),
                   *(["--warm-for", f"{warm:g}", "--warm-print", environment_print(cfg, shell, model, secrets)]
-                    if warm else [])],
+                    if warm else []), *(["--preload-mcp"] if mcp else [])],
                  worker_env(cfg, secrets, endpoint), os.path.join(cfg.home, "logs", "run-worker.log"), pipe_stdin=True)
     proc.secrets = secrets
     proc.warm_path = os.path.join(cfg.home, "logs", f"warm-{runner_id}.pid") if warm else None

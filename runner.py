@@ -370,6 +370,7 @@ def parser():
     wrk.add_argument("--runner-id", help=argparse.SUPPRESS)  # a foreground run's own worker: its id ...
     wrk.add_argument("--pinned", action="store_true", help=argparse.SUPPRESS)  # ... and it takes only that run's
     wrk.add_argument("--warm-for", type=float, default=0, help=argparse.SUPPRESS)  # ... or, told so, stays warm
+    wrk.add_argument("--preload-mcp", action="store_true", help=argparse.SUPPRESS)  # its run has MCP servers
     wrk.add_argument("--warm-print", default="", help=argparse.SUPPRESS)  # ... for runs of the same environment
     return p
 

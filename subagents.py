@@ -19,8 +19,9 @@ deepagents); an agent file adds its spec.subAgents: inline ones (their instructi
 general-purpose of their own) and references to other agent files (agents.resolve_sub_agents read them into
 sub.agent_spec; they may start that agent's own sub-agents). A sub-agent at MAX_DEPTH gets no task tool.
 
-Not done yet: a sub-agent's mcpServers and mcpToolSelections (the parent's MCP servers, narrowed) and skillRefs;
-agents.check_supported refuses an agent that uses them until MCP servers and skills are tools of this runner.
+MCP tools: general-purpose has all of its parent's; a declared sub-agent those of the parent's servers its
+mcpServers names, narrowed by its mcpToolSelections (none when it names none). Skills: every agent of the
+execution sees the execution's catalogue (its sub-agents' skillRefs were added to it at submit).
 """
 import copy
 import json
@@ -45,9 +46,10 @@ NO_ANSWER = "(the sub-agent ended without a final answer)"
 class Member:
     """One sub-agent an agent may start: its name, description, instructions and the sub-agents it may start."""
 
-    def __init__(self, name, description, instructions, sub_agents=()):
+    def __init__(self, name, description, instructions, sub_agents=(), mcp=None):
         self.name, self.description, self.instructions = name, description, instructions
         self.sub_agents = list(sub_agents)  # pb.SubAgent: what its own Team declares (besides general-purpose)
+        self.mcp = mcp  # {server: tool names, or None for all} it may use; None: all of its parent's
 
 
 class Team:
@@ -59,7 +61,10 @@ class Team:
         self.members = {GENERAL_PURPOSE: Member(GENERAL_PURPOSE, GENERAL_DESCRIPTION, instructions, sub_agents)}
         for sub in sub_agents:
             own = sub.agent_spec.sub_agents if sub.agent else ()  # a referenced agent file brings its own
-            self.members[sub.name] = Member(sub.name, sub.description or "(no description)", sub.instructions, own)
+            mcp = {server: set(sub.mcp_tool_selections[server].enabled_tools) or None
+                   if server in sub.mcp_tool_selections else None for server in sub.mcp_servers}
+            self.members[sub.name] = Member(sub.name, sub.description or "(no description)", sub.instructions, own,
+                                            mcp)
         listed = "\n".join(f"- {m.name}: {' '.join(m.description.split())}" for m in self.members.values())
         self.spec = {"name": TASK, "description": TASK_DESCRIPTION.format(members=listed),
                      "input_schema": {"type": "object", "properties": {
@@ -92,7 +97,7 @@ def run_task(parent, call):
                          instructions=member.instructions, project_docs=parent.project_docs,
                          team=parent.team.team_of(member) if parent.depth + 1 < MAX_DEPTH else None,
                          depth=parent.depth + 1, subagent=member.name, task_call_id=call.id, skills=parent.skills,
-                         mcp=parent.mcp)
+                         mcp=parent.mcp, mcp_filter=narrowed(parent.mcp_filter, member.mcp))
     child.usage, child.usage_lock = parent.usage, parent.usage_lock  # the execution's, one budget
     with parent.children_lock:
         parent.children.add(child)
@@ -114,6 +119,17 @@ def run_task(parent, call):
         return f"sub-agent {member.name} was cancelled: {reason}", True, 130, False
     turns = f" after {child.turns} turn{'s' if child.turns != 1 else ''}"
     return f"sub-agent {member.name} failed{turns}: {reason}", True, 1, False
+
+
+def narrowed(parent, own):
+    """The MCP tools a sub-agent may use ({server: tool names or None for all}, None for all): OWN (its member's)
+    within PARENT (what its parent may use)."""
+    if own is None:
+        return parent
+    if parent is None:
+        return own
+    return {server: (tools if parent[server] is None else parent[server] if tools is None else tools & parent[server])
+            for server, tools in own.items() if server in parent}
 
 
 def describe_call(input_json):

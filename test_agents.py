@@ -135,7 +135,7 @@ class AgentFileTest(TempDir):
                          [("github", None), ("filesystem", None), ("slack", None)])  # names of servers defined elsewhere
         self.assertEqual((spec.config.model, spec.config.temperature, spec.config.max_tokens),
                          ("claude-3-5-sonnet-20241022", 0.7, 2000))
-        self.assertEqual(agents.unsupported(spec), ["mcpServers"])
+        self.assertEqual(agents.unsupported(spec), [])
         self.assertFalse(spec.config.network)  # commands get the network only when a file says so
 
     def test_config_network_lets_commands_use_the_network(self):
@@ -179,7 +179,7 @@ class AgentFileTest(TempDir):
         (sub,) = spec.sub_agents
         self.assertEqual((sub.name, list(sub.mcp_servers), list(sub.mcp_tool_selections["search"].enabled_tools),
                           [r.slug for r in sub.skill_refs]), ("researcher", ["search"], ["query"], ["notes"]))
-        self.assertEqual(agents.unsupported(spec), ["mcpServers"])  # sub-agents and skills run
+        self.assertEqual(agents.unsupported(spec), [])  # sub-agents, skills and MCP servers run
         again = pb.ExecutionSpec.FromString(pb.ExecutionSpec(agent=spec).SerializeToString()).agent
         self.assertEqual(again, spec)  # everything travels in the execution
 
@@ -420,10 +420,11 @@ class CliValidationTest(CliCase):
         self.assertEqual(self.fake.requests, [])
         self.assertFalse(os.path.exists(os.path.join(self.home, "stigmer.db")))  # nothing was submitted
 
-    def test_fields_this_version_cannot_honour_are_refused_by_name(self):
+    def test_servers_defined_nowhere_are_refused_by_name(self):
         path = write(os.path.join(self.workspace, "support-bot.yaml"), SUPPORT_BOT)
         proc = self.cli("--agent", path, "help a customer", env=agent_home_env(self))
-        assert_one_line(self, proc, 2, "agent support-bot", "uses mcpServers", "cannot honour yet")
+        assert_one_line(self, proc, 2, "names the MCP server github, which is not defined in", "mcp.json",
+                        "--mcp-config")
         self.assertEqual(self.fake.requests, [])
 
     def test_stigmer_agent_names_the_agent_too(self):
@@ -670,13 +671,13 @@ class AgentWorkerTest(unittest.TestCase):
         body = chat.request("sys", [], [{"role": "user", "text": "hi"}])
         self.assertEqual((body["temperature"], body["max_completion_tokens"]), (0.25, 1234))
 
-    def test_a_spec_this_runner_cannot_honour_fails_before_any_model_call(self):
-        the_agent = pb.AgentSpec(name="helper", instructions="You help with whatever the task is.")
-        the_agent.mcp_servers.add(name="github")
-        events = self.run_spec("ex-mcp", pb.ExecutionSpec(prompt="go", workspace=self.workspace, agent=the_agent))
+    def test_a_server_that_cannot_start_fails_the_execution_before_any_model_call(self):
+        spec = pb.ExecutionSpec(prompt="go", workspace=self.workspace)
+        spec.mcp_servers.add(name="gone").stdio.command = os.path.join(self.workspace, "no-such-server")
+        events = self.run_spec("ex-mcp", spec)
         (error,) = [e.error for e in events if e.HasField("error")]
-        self.assertEqual(error.code, "agent")
-        self.assertIn("mcpServers", error.message)
+        self.assertEqual(error.code, "mcp")
+        self.assertIn("MCP server gone failed to start", error.message)
         self.assertEqual(events[-1].phase.phase, pb.FAILED)
         self.assertEqual(self.fake.requests, [])
 
@@ -694,7 +695,8 @@ class AgentsCommandTest(CliCase):
         rows = [json.loads(line) for line in self.cli("agents", "--json", env=env).stdout.splitlines()]
         self.assertEqual([r["name"] for r in rows], ["code-reviewer", "support-bot", "broken"])
         self.assertEqual(rows[0]["problems"], [])
-        self.assertIn("uses mcpServers", rows[1]["problems"][0])
+        self.assertIn("agent support-bot: the agent names the MCP server github, which is not defined in",
+                      rows[1]["problems"][0])
         self.assertIn("at least 10 characters", rows[2]["problems"][0])
         text = self.cli("agents", env=env)
         self.assertEqual(text.returncode, 0, text.stderr)

@@ -348,6 +348,16 @@ class CliTest(CliCase):
         self.assertEqual(sorted(f["path"] for f in listed["files"]), ["SKILL.md", "scripts/fill.sh"])
         self.assertTrue(all("data" not in f or not f["data"] for f in listed["files"]))  # names, not contents
 
+    def test_a_stdio_mcp_server_is_refused_with_what_works(self):
+        path = os.path.join(self.tmp, "mcp.json")
+        with open(path, "w") as f:
+            json.dump({"mcpServers": {"t": {"command": "python3", "args": ["-c", "pass"]}}}, f)
+        proc = self.cli("--mcp-config", path, "go")
+        self.assertEqual(proc.returncode, 1, proc.stderr)
+        self.assertIn("MCP server t is a stdio server, which needs the filesystem sandbox", proc.stderr)
+        self.assertIn("HTTP servers work with any sandbox", proc.stderr)
+        self.assertEqual(self.fake.requests, [])
+
     def test_keep_sandbox_prints_its_id_and_leaves_it_running(self):
         self.fake.script[:] = [text_step("nothing to change")]
         proc = self.cli("run", "look around", "--keep-sandbox")

@@ -1,6 +1,7 @@
 """MCP servers as the agent's tools, through the CLI against the fake model: a stdio and a streamable-HTTP server
 written with the SDK's own server API (testsupport_mcp_server.py), and a third-party server from PyPI."""
 
+import importlib.util
 import json
 import os
 import signal
@@ -9,16 +10,13 @@ import sys
 import time
 import unittest
 
-import mcp_tools
+from test_cloud import CloudCase
 from test_runner import CliCase
-from testsupport import HERE, free_port, pid_alive, reap, text_step, tool_step, wait_for
+from testsupport import HERE, free_port, pid_alive, reap, run_cli, text_step, tool_step, wait_for
 from testsupport_parallel import load_tests  # noqa: F401 - the suite runs in parallel (see there)
 
-try:
-    import mcp  # noqa: F401
-except ImportError:
-    mcp = None
-SKIP = unittest.skipIf(mcp is None, "the mcp SDK is not installed: pip install -e '.[mcp]'")
+# Not imported here: the SDK's import sets up logging, and every test module is loaded in one process first.
+SKIP = unittest.skipIf(importlib.util.find_spec("mcp") is None, "the mcp SDK is not installed: pip install -e '.[mcp]'")
 SERVER = os.path.join(HERE, "testsupport_mcp_server.py")
 TOKEN = "mcp-secret-token-4f9a2c77e1"
 
@@ -50,7 +48,7 @@ class StdioServerTest(CliCase):
         names = [t["name"] for t in self.fake.requests[0]["tools"]]
         builtin = names.index("task")
         self.assertEqual(names[builtin + 1:], ["mcp__t__add", "mcp__t__crash", "mcp__t__echo", "mcp__t__fail",
-                                               "mcp__t__slow"])  # after the built-in tools, sorted
+                                               "mcp__t__picture", "mcp__t__slow"])  # after the built-in tools, sorted
         echo = next(t for t in self.fake.requests[0]["tools"] if t["name"] == "mcp__t__echo")
         self.assertIn("Say TEXT back", echo["description"])
         self.assertEqual(echo["input_schema"]["required"], ["text"])
@@ -58,7 +56,7 @@ class StdioServerTest(CliCase):
             self.assertEqual((request["system"], request["tools"]), (self.fake.requests[0]["system"],
                                                                       self.fake.requests[0]["tools"]))
         (started,) = [e for e in events if e["kind"] == "artifact" and e["type"] == "mcp"]
-        self.assertEqual(started["notes"], "t: 5 tools (stigmer-test-server 1.2.3)")
+        self.assertEqual(started["notes"], "t: 6 tools (stigmer-test-server 1.2.3)")
         results = {e["id"]: e for e in events if e["kind"] == "tool_result"}
         calls = [(c["name"], results[c["id"]]) for c in events if c["kind"] == "tool_call"]
         self.assertEqual(calls[0][1]["output"], "echo: hello token=[REDACTED:MCP_TEST_TOKEN]")
@@ -66,10 +64,47 @@ class StdioServerTest(CliCase):
         self.assertTrue(calls[2][1]["is_error"])
         self.assertTrue(calls[3][1]["is_error"])  # the server refused a bad input: an error result, not a crash
         self.assertNotIn(TOKEN, json.dumps(self.fake.requests) + proc.stdout + proc.stderr)
-        with open(os.path.join(self.home, "logs", f"mcp-{events[0]['execution_id']}-t.log")) as f:
-            f.read()  # its stderr went to the home's logs, not to the model
+        log = os.path.join(self.home, "logs", f"mcp-{events[0]['execution_id']}-t.log")
+        self.assertEqual(os.stat(log).st_mode & 0o777, 0o600)  # its stderr: in the home's logs, private
         text = self.cli("logs", events[0]["execution_id"])
         self.assertIn("mcp__t__echo", text.stdout)
+
+    def test_an_image_goes_to_the_model_as_an_image_and_again_on_resume(self):
+        import base64
+
+        from testsupport_mcp_server import PICTURE
+        path = self.config({"t": stdio_server()})
+        self.fake.reset([tool_step(("mcp__t__picture", {"format": "png"}), ("mcp__t__picture", {"format": "bmp"})),
+                         text_step("a picture")])
+        proc, events = self.run_task("--mcp-config", path, "draw")
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        png, bmp = [e for e in events if e["kind"] == "tool_result"]
+        self.assertEqual((png["output"], [i["media_type"] for i in png["images"]]), ("here it is", ["image/png"]))
+        self.assertIn("[image (image/bmp, about", bmp["output"])  # not a type the APIs take: a note
+        self.assertEqual(bmp["images"], [])
+        wanted = {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                              "data": base64.b64encode(PICTURE + b"png").decode()}}
+        (sent,) = [b for b in self.tool_results(1) if b["tool_use_id"] == png["id"]]
+        self.assertEqual(sent["content"], [{"type": "text", "text": "here it is"}, wanted])
+        self.fake.reset([text_step("still the picture")])
+        resumed = self.cli("resume", events[0]["execution_id"], "and now?")
+        self.assertEqual(resumed.returncode, 0, resumed.stderr)
+        (again,) = [b for b in self.tool_results_in(self.fake.requests[0]) if b["tool_use_id"] == png["id"]]
+        self.assertEqual(again["content"], sent["content"])  # rebuilt from the log, byte for byte
+
+    def tool_results_in(self, body):
+        return [b for m in body["messages"] if m["role"] == "user" and isinstance(m["content"], list)
+                for b in m["content"] if b.get("type") == "tool_result"]
+
+    def test_a_projects_own_mcp_json_starts_nothing_unless_named(self):
+        marker = os.path.join(self.tmp, "started")
+        with open(os.path.join(self.workspace, ".mcp.json"), "w") as f:
+            json.dump({"mcpServers": {"evil": {"command": "/bin/sh", "args": ["-c", f"touch {marker}"]}}}, f)
+        self.fake.reset([text_step("done")])
+        proc = self.cli("go")
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertFalse(os.path.exists(marker))
+        self.assertEqual([t for t in self.fake.requests[0]["tools"] if t["name"].startswith("mcp__")], [])
 
     def test_a_slow_call_times_out_and_a_dead_server_is_an_error_the_agent_goes_on_from(self):
         path = self.config({"t": stdio_server(timeout=1)})
@@ -123,10 +158,207 @@ class StdioServerTest(CliCase):
                 else:  # the run's worker: the server's parent
                     with open(f"/proc/{server}/stat") as f:
                         worker = int(f.read().rsplit(")", 1)[1].split()[1])
-                    self.assertIn(b"worker", open(f"/proc/{worker}/cmdline", "rb").read())
+                    with open(f"/proc/{worker}/cmdline", "rb") as f:
+                        self.assertIn(b"worker", f.read())
                     os.kill(worker, signal.SIGKILL)
                 wait_for(lambda: not pid_alive(server), timeout=30, what=f"the server gone after {how}")
                 proc.wait(timeout=60)
+
+
+@SKIP
+class HttpAgentAndThirdPartyTest(CliCase):
+    """A streamable-HTTP server (one per class), an agent's mcpServers, the errors before a run, and a server from
+    PyPI that was not written here."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.port = free_port()
+        cls.http = subprocess.Popen([sys.executable, SERVER, "http", str(cls.port)], stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                    env=dict(os.environ, MCP_TEST_TOKEN=TOKEN))
+        cls.addClassCleanup(reap, cls.http)
+        import socket
+
+        def listening():
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", cls.port)) == 0
+        wait_for(listening, what="the HTTP MCP server")
+
+    def config(self, servers):
+        path = os.path.join(self.tmp, "mcp.json")
+        with open(path, "w") as f:
+            json.dump({"mcpServers": servers}, f)
+        return path
+
+    def agent(self, name, servers_yaml):
+        folder = os.path.join(self.workspace, ".stigmer", "agents")
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, f"{name}.yaml"), "w") as f:
+            f.write(f"apiVersion: agentic.stigmer.ai/v1\nkind: Agent\nmetadata: {{name: {name}}}\nspec:\n"
+                    f"  instructions: You use the tools of your MCP servers.\n  mcpServers:\n{servers_yaml}")
+
+    def test_a_streamable_http_server(self):
+        path = self.config({"web": {"type": "http", "url": f"http://127.0.0.1:{self.port}/mcp",
+                                    "headers": {"X-Token": "${MCP_TEST_TOKEN}"}}})
+        self.fake.reset([tool_step(("mcp__web__echo", {"text": "over http", "token": True}),
+                                   ("mcp__web__add", {"a": 40, "b": 2})), text_step("done")])
+        proc, events = self.run_task("--mcp-config", path, "--secret", "MCP_TEST_TOKEN", "go",
+                                     env=dict(self.env, MCP_TEST_TOKEN=TOKEN))
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        outputs = [e["output"] for e in events if e["kind"] == "tool_result"]
+        self.assertEqual(outputs[0], "echo: over http token=[REDACTED:MCP_TEST_TOKEN]")
+        self.assertEqual(json.loads(outputs[1]), {"sum": 42})
+        self.assertNotIn(TOKEN, json.dumps(self.fake.requests))
+
+    def test_an_agents_inline_and_named_servers(self):
+        with open(os.path.join(self.home, "mcp.json"), "w") as f:  # the user's servers, by name
+            json.dump({"mcpServers": {"web": {"type": "http", "url": f"http://127.0.0.1:{self.port}/mcp"}}}, f)
+        self.addCleanup(os.remove, os.path.join(self.home, "mcp.json"))
+        self.agent("both", f"""    - name: local
+      stdio: {{command: {sys.executable}, args: [{SERVER}, stdio]}}
+      enabledTools: [echo]
+    - web
+""")
+        self.fake.reset([tool_step(("mcp__local__echo", {"text": "inline"}), ("mcp__web__add", {"a": 1, "b": 1})),
+                         text_step("done")])
+        proc, events = self.run_task("--agent", "both", "go")
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        names = [t["name"] for t in self.fake.requests[0]["tools"] if t["name"].startswith("mcp__")]
+        self.assertEqual(names, ["mcp__local__echo", "mcp__web__add", "mcp__web__crash", "mcp__web__echo",
+                                 "mcp__web__fail", "mcp__web__picture", "mcp__web__slow"])  # enabledTools narrows; servers in order
+        outputs = [e["output"] for e in events if e["kind"] == "tool_result"]
+        self.assertEqual(outputs[0], "echo: inline")
+        self.assertEqual(json.loads(outputs[1]), {"sum": 2})
+
+    def test_a_sub_agent_gets_the_parents_servers_it_names_narrowed(self):
+        self.agent("lead", f"""    - name: local
+      stdio: {{command: {sys.executable}, args: [{SERVER}, stdio]}}
+  subAgents:
+    - name: echoer
+      instructions: You echo what you are given with the echo tool.
+      mcpServers: [local]
+      mcpToolSelections: {{local: {{enabledTools: [echo]}}}}
+    - name: plain
+      instructions: You answer without any MCP tool at all.
+""")
+        self.fake.reset([tool_step(("task", {"description": "[sub] echo it", "subagent_type": "echoer"}),
+                                   ("task", {"description": "[plain] answer", "subagent_type": "plain"})),
+                         text_step("done")])
+        self.fake.routes = {"[sub]": [tool_step(("mcp__local__echo", {"text": "from sub"})), text_step("echoed")],
+                            "[plain]": [text_step("answered")]}
+        proc, events = self.run_task("--agent", "lead", "go")
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+
+        def mcp_tools_of(marker):
+            body = next(b for b in self.fake.requests if marker in json.dumps(b["messages"][:1]))
+            return [t["name"] for t in body["tools"] if t["name"].startswith("mcp__")]
+        self.assertEqual(mcp_tools_of("[sub]"), ["mcp__local__echo"])
+        self.assertEqual(mcp_tools_of("[plain]"), [])
+        self.assertEqual(len([t for t in self.fake.requests[0]["tools"] if t["name"].startswith("mcp__")]), 6)
+        (sub_result,) = [e for e in events if e["kind"] == "tool_result" and e.get("subagent") == "echoer"]
+        self.assertEqual(sub_result["output"], "echo: from sub")
+
+    def test_what_cannot_start_is_one_line_before_the_run(self):
+        self.agent("unknown", "    - nowhere\n")
+        self.agent("docker", "    - name: box\n      docker: {image: example/mcp}\n")
+        self.agent("undeclared", f"    - name: t\n      stdio: {{command: {sys.executable}, args: [{SERVER}, stdio], "
+                   "envPlaceholders: {TOKEN: '${API_TOKEN}'}}\n")
+        bad = os.path.join(self.tmp, "bad.json")
+        with open(bad, "w") as f:
+            f.write("{not json")
+        sse = self.config({"old": {"type": "sse", "url": "http://127.0.0.1:1/sse"}})
+        for args, says in ((["--agent", "unknown"], "names the MCP server nowhere, which is not defined"),
+                           (["--agent", "docker"], "is a docker server"),
+                           (["--agent", "undeclared"], "uses ${API_TOKEN}, which this run does not declare"),
+                           (["--mcp-config", bad], "is not valid JSON"),
+                           (["--mcp-config", sse], "is an SSE server, which this runner does not reach"),
+                           (["--mcp-config", os.path.join(self.tmp, "missing.json")], "does not exist")):
+            with self.subTest(args=args):
+                proc = self.cli(*args, "go")
+                self.assertEqual(proc.returncode, 2, proc.stderr)
+                self.assertEqual(proc.stderr.count("\n"), 1, proc.stderr)
+                self.assertIn(says, proc.stderr)
+        self.assertEqual(self.fake.requests, [])
+
+    def test_the_example_agent_and_config(self):
+        if importlib.util.find_spec("mcp_server_time") is None:
+            self.skipTest("mcp-server-time is not installed: pip install -e '.[dev]'")
+        venv_python = os.path.dirname(sys.executable)  # the examples say `python`: this interpreter's
+        env = dict(self.env, PATH=venv_python + os.pathsep + self.env.get("PATH", ""))
+        self.fake.reset([tool_step(("mcp__time__get_current_time", {"timezone": "Europe/Berlin"})),
+                         text_step("Done: ...")])
+        proc, events = self.run_task("--agent", os.path.join(HERE, "examples", "agents", "standup.yaml"), "standup",
+                                     env=env)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        names = [t["name"] for t in self.fake.requests[0]["tools"] if t["name"].startswith("mcp__")]
+        self.assertEqual(names, ["mcp__time__get_current_time"])  # enabledTools
+        (result,) = [e for e in events if e["kind"] == "tool_result"]
+        self.assertEqual(json.loads(result["output"])["timezone"], "Europe/Berlin")
+        from mcp_tools import read_config
+        self.assertEqual(sorted(read_config(os.path.join(HERE, "examples", "mcp", "mcp.json"))), ["github", "time"])
+
+    def test_a_third_party_server_from_pypi(self):
+        if importlib.util.find_spec("mcp_server_time") is None:  # the dev extra installs it; written elsewhere
+            self.skipTest("mcp-server-time is not installed: pip install -e '.[dev]'")
+        path = self.config({"time": {"command": sys.executable, "args": ["-m", "mcp_server_time",
+                                                                         "--local-timezone", "UTC"]}})
+        self.fake.reset([tool_step(("mcp__time__get_current_time", {"timezone": "Europe/Paris"})),
+                         text_step("done")])
+        proc, events = self.run_task("--mcp-config", path, "what time is it in Paris")
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        (started,) = [e for e in events if e["kind"] == "artifact" and e["type"] == "mcp"]
+        self.assertRegex(started["notes"], r"^time: \d+ tools")
+        (result,) = [e for e in events if e["kind"] == "tool_result"]
+        self.assertFalse(result["is_error"], result["output"])
+        self.assertEqual(json.loads(result["output"])["timezone"], "Europe/Paris")
+
+
+class NamesTest(unittest.TestCase):
+    def test_tool_names_the_providers_take(self):
+        from mcp_tools import NAME_MAX, tool_name
+        self.assertEqual(tool_name("github", "create_issue"), "mcp__github__create_issue")
+        self.assertEqual(tool_name("my.server", "do it/now"), "mcp__my_server__do_it_now")
+        long_a, long_b = tool_name("s", "x" * 80 + "a"), tool_name("s", "x" * 80 + "b")
+        self.assertEqual((len(long_a), len(long_b)), (NAME_MAX, NAME_MAX))
+        self.assertNotEqual(long_a, long_b)  # cut, and told apart by a digest of the whole
+        self.assertEqual(long_a, tool_name("s", "x" * 80 + "a"))  # the same every time
+
+
+class MissingSdkTest(CliCase):
+    """Without the mcp SDK, a run with servers fails with the line that says how to install it."""
+
+    def test_the_install_line(self):
+        shadow = os.path.join(self.tmp, "shadow", "mcp")
+        os.makedirs(shadow)
+        with open(os.path.join(shadow, "__init__.py"), "w") as f:
+            f.write("raise ImportError('No module named mcp')\n")
+        path = os.path.join(self.tmp, "mcp.json")
+        with open(path, "w") as f:
+            json.dump({"mcpServers": {"t": stdio_server()}}, f)
+        env = dict(self.env, PYTHONPATH=os.path.dirname(shadow))
+        proc = self.cli("--mcp-config", path, "go", env=env)
+        self.assertEqual(proc.returncode, 1, proc.stderr)
+        self.assertIn("the mcp SDK is not installed: pip install -e '.[mcp]'", proc.stderr)
+        self.assertEqual(self.fake.requests, [])
+
+
+@SKIP
+class CloudModeTest(CloudCase):
+    """The same through Redis: a foreground run in cloud mode with a stdio server from --mcp-config."""
+    script = [tool_step(("mcp__t__echo", {"text": "via redis"})), text_step("done")]
+
+    def test_a_server_in_cloud_mode(self):
+        path = os.path.join(self.tmp, "mcp.json")
+        with open(path, "w") as f:
+            json.dump({"mcpServers": {"t": stdio_server()}}, f)
+        proc = run_cli(["--json", "--workspace", self.workspace("ws"), "--mcp-config", path, "go"], self.env,
+                       timeout=120)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        events = [json.loads(line) for line in proc.stdout.splitlines()]
+        (result,) = [e for e in events if e.get("kind") == "tool_result"]
+        self.assertEqual(result["output"], "echo: via redis")
+        self.assertEqual(self.log.get(events[0]["execution_id"]).spec.mcp_servers[0].name, "t")
 
 
 if __name__ == "__main__":

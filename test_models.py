@@ -193,6 +193,15 @@ class OpenAIChatModelTest(unittest.TestCase):
         self.assertEqual((reply.text, reply.stop, reply.tool_calls), ("done", models.STOP_DONE, []))
         self.assertEqual("".join(texts), "done")
 
+    def test_a_results_images_are_a_note_in_a_chat_tool_message(self):
+        calls = [models.ToolUse("call_0_0", "mcp__t__picture", {})]
+        messages = [{"role": "user", "text": "draw"}, {"role": "assistant", "text": "", "tool_calls": calls},
+                    {"role": "tool_results", "results": [{"id": "call_0_0", "output": "here", "is_error": False,
+                                                          "images": [("image/png", b"\x89PNG")] * 2}]}]
+        _, body, _ = self.turn([{}, text_step("done")], messages)
+        self.assertEqual(body["messages"][-1], {"role": "tool", "tool_call_id": "call_0_0", "content": (
+            "here\n[2 images returned by the tool: not shown, this model's API takes no images in tool results]")})
+
     def test_other_servers_get_max_tokens(self):
         _, body, _ = self.turn([text_step("hi")], [{"role": "user", "text": "go"}], provider="ollama")
         self.assertEqual(body["max_tokens"], models.MAX_OUTPUT_TOKENS)

@@ -28,6 +28,7 @@ An execution that continues another (spec.parent_id: `runner.py resume`) starts 
 conversation in its ancestors' events, which the worker reads through `history(execution_id)
 -> (pb.Execution, [pb.Event])`, a function the link provides (DaemonLink.history, RedisLink.history).
 """
+import importlib
 import logging
 import os
 import posixpath
@@ -516,13 +517,22 @@ class Worker:
         thread = threading.Thread(target=self._run_execution, args=(execution,), name=execution.id, daemon=True)
         thread.start()
 
-    def start_preload(self):
-        """Begin preload in the background (once: later calls do nothing)."""
+    def start_preload(self, mcp=False):
+        """Begin preload in the background (once: later calls do nothing); MCP: import the mcp SDK first (the run has
+        MCP servers: its execution starts them as soon as that import is done, the model's SDK importing meanwhile)."""
         with self._sdk_lock:
             if self._preloading:
                 return
             self._preloading = True
-        threading.Thread(target=self.preload, name="import-model-sdk", daemon=True).start()
+
+        def preload():
+            if mcp:
+                try:
+                    importlib.import_module("mcp.client.stdio")
+                except ImportError:
+                    pass  # the execution says so, with the fix
+            self.preload()
+        threading.Thread(target=preload, name="import-model-sdk", daemon=True).start()
 
     def preload(self):
         """Import the model SDK once (it is slow to import) and make its client."""
@@ -563,6 +573,7 @@ class Worker:
             shell_env.update(agent_settings(spec))  # an agent's declared non-secret variables
             check_agent(spec)
             history = self.conversation(spec.parent_id) if spec.parent_id else []
+            hub = self._mcp(execution, shell_env, emit)  # while the model's SDK may still be importing
             while not self._sdk_ready.wait(0.1):  # the SDK is still importing (serve() started that)
                 if execution.id in self.cancels or self.stopping.is_set():
                     raise Cancelled()
@@ -581,7 +592,6 @@ class Worker:
             if not getattr(box, "id", None) and not spec.no_patch:  # the host: what the run changes is its patch
                 box.patch_base = workspace_tree(spec.workspace, self.environ)
             offered = self._skills(execution, box)
-            hub = self._mcp(execution, box, shell_env, emit)
             the_agent = agent_mod.Agent(model, box, emit, max_turns=spec.max_turns,
                                         max_tokens_total=spec.max_tokens_total, redactor=redactor, shell_env=shell_env,
                                         context_window=models.context_window(model_name, self.context_window),
@@ -680,7 +690,7 @@ class Worker:
             raise Cancelled()
         return box
 
-    def _mcp(self, execution, box, shell_env, emit):
+    def _mcp(self, execution, shell_env, emit):
         """The execution's MCP servers, started (all at once, before the first model request), in a Hub whose tools
         the agent offers; None without servers. One "mcp" artifact event names them, their tools and versions.
         Raises McpError (the execution fails) for a server that does not start."""
@@ -690,7 +700,7 @@ class Worker:
         import mcp_tools
         import tempfile
         hub = mcp_tools.Hub(spec.mcp_servers, shell_env, spec.workspace, self.log_dir or tempfile.gettempdir(),
-                            execution.id, remote=bool(getattr(box, "id", None)))
+                            execution.id, remote=self.sandbox != "filesystem")
         cancelled = lambda: execution.id in self.cancels or self.stopping.is_set()  # noqa: E731
         try:
             hub.start(cancelled=cancelled)
