@@ -266,13 +266,14 @@ class Agent:
 
     def __init__(self, model, sandbox, emit, *, max_turns=DEFAULT_MAX_TURNS, max_tokens_total=0,
                  redactor=None, shell_env=None, context_window=0, instructions="", project_docs=(), team=None,
-                 depth=0, subagent="", task_call_id="", skills=None, mcp=None, mcp_filter=None):
+                 depth=0, subagent="", task_call_id="", skills=None, mcp=None, mcp_filter=None, gate=None):
         self.model, self.sandbox = model, sandbox  # model: e.g. models.AnthropicModel
         self.sink = emit  # the execution's emit, untagged (a sub-agent's events go there too)
         self.depth, self.subagent, self.task_call_id = depth, subagent, task_call_id  # 0, "", "": the execution's own
         self.emit = emit if not depth else (
             lambda **payload: emit(subagent=subagent, task_call_id=task_call_id, depth=depth, **payload))
         self.team = team  # subagents.Team: the sub-agents this agent may start with the task tool; None: no task tool
+        self.gate = gate if gate is not None and not gate.quiet() else None  # approvals.Gate; None: nothing asked
         self.mcp = mcp  # mcp_tools.Hub: the execution's MCP servers, their tools after the built-in ones; None: none
         self.mcp_filter = mcp_filter  # {server: tool names or None} this agent may use (a sub-agent's); None: all
         mcp_specs = [t for t in (mcp.specs if mcp else ()) if mcp.allowed(t["name"], mcp_filter)]
@@ -317,6 +318,10 @@ class Agent:
             system = system_prompt(workspace, self.instructions, self.project_docs,
                                    self.skills.skills if self.skills else ())
             docs = [d.path + (" (cut)" if d.truncated else "") for d in self.project_docs if d.text.strip()]
+        try:
+            self._resume_waiting(history, messages)
+        except Stop as stop:
+            return stop.phase, stop.reason, ""
         self._say(messages, prompt, "task", system, docs)
         try:
             while True:
@@ -338,6 +343,22 @@ class Agent:
                     return pb.COMPLETED, "", reply.text
         except Stop as stop:
             return stop.phase, stop.reason, ""
+
+    def _resume_waiting(self, history, messages):
+        """The calls of the conversation's last tool turn that were waiting for approval when their run ended (its
+        worker died, or it was cancelled): run them now, asking again, before the new message. Their results take
+        the place of "not run" (rebuild() reads them from this execution's log the same way)."""
+        waiting = awaiting_approval(history)
+        if not waiting or not messages or messages[-1]["role"] != "tool_results":
+            return
+        calls = [c for c in messages[-2]["tool_calls"] if c.id in waiting] if len(messages) > 1 else []
+        results = [None] * len(calls)
+        for n, call in enumerate(calls):
+            self._run_tool(call, n, results)
+        if self.cancelled.is_set():
+            raise cancel_stop()
+        fresh = {r["id"]: r for r in results}
+        messages[-1]["results"] = [fresh.get(r["id"], r) for r in messages[-1]["results"]]
 
     def _say(self, messages, text, kind, system="", docs=()):
         """Add a user message to the conversation and to the log (DOCS: the project files in SYSTEM)."""
@@ -454,7 +475,13 @@ class Agent:
         else:
             start = time.monotonic()
             self._call_id = call.id  # for live output (the calls of one agent run one at a time)
-            output, is_error, exit_code, truncated, *more = self._call_tool(call)
+            refusal = self.gate.check(call, self._describe) if self.gate is not None else None
+            if refusal is not None:
+                more, (output, is_error, exit_code, truncated) = (), (refusal, True, 1, False)
+            elif self.cancelled.is_set():  # cancelled while it waited for an answer
+                more, (output, is_error, exit_code, truncated) = (), (NOT_RUN, True, 130, False)
+            else:
+                output, is_error, exit_code, truncated, *more = self._call_tool(call)
             images = more[0] if more else ()  # an MCP tool's images: [(media type, bytes)]
             duration = time.monotonic() - start
         output, cut = cap_output(self._redact(valid_text(output)))
@@ -501,6 +528,25 @@ class Agent:
         if result.exit_code != 0:
             parts.append(f"[exit code {result.exit_code}]")
         return "\n".join(p for p in parts if p), result.exit_code != 0, result.exit_code, result.truncated
+
+    def _describe(self, call):
+        """A write's or edit's change to its file as a unified diff (for its approval request)."""
+        import difflib
+
+        from sandbox import _replace
+        args = call.input
+        box, inside = self._box(args["path"])
+        try:
+            old = box.read(inside)
+        except SandboxError:
+            old = None
+        if call.name == "write_file":
+            new = args["content"]
+        else:
+            new, _ = _replace(old or "", args["path"], args["old_string"], args["new_string"],
+                              args.get("replace_all", False))
+        return "".join(difflib.unified_diff((old or "").splitlines(True), new.splitlines(True),
+                                            "/dev/null" if old is None else f"a/{args['path']}", f"b/{args['path']}"))
 
     def _box(self, path):
         """(sandbox, path) for a file tool: a skill's folder outside the workspace has a read-only view of its own."""
@@ -573,6 +619,21 @@ def cleared_note(call, redact=lambda text: text):
         what = " ".join([call.name, *(str(args[k]) for k in ("path", "pattern") if k in args)])
     what = redact(what if len(what) <= 200 else what[:200] + "…").replace("`", "'")
     return f"output of `{what}` cleared to save context; run it again if you need it"
+
+
+def awaiting_approval(events):
+    """The ids of the tool calls in EVENTS (a conversation's, oldest first) that asked for approval and have neither
+    an answer nor a result: their run ended while they waited."""
+    waiting = {}
+    for event in events:
+        kind = event.WhichOneof("payload")
+        if event.depth:
+            continue
+        if kind == "approval_request":
+            waiting[event.approval_request.id] = True
+        elif kind in ("approval", "tool_result"):
+            waiting.pop(getattr(event, kind).id, None)
+    return set(waiting)
 
 
 def rebuild(events):

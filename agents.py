@@ -78,7 +78,7 @@ UNSUPPORTED = ()  # fields parsed and carried but not honoured yet (see unsuppor
 GENERAL_PURPOSE = "general-purpose"  # the sub-agent every agent has (subagents.py): no file may declare it
 SUB_AGENT_LEVELS = 2  # sub-agents of sub-agents: references are resolved this many levels down, no further
 CACHE_DIR = os.path.join("cache", "agents")  # under STIGMER_HOME: agent files already parsed (see cached())
-CACHE_VERSION = 2  # raise it when what load() makes of a file changes (2: sub-agents that refer to agent files)
+CACHE_VERSION = 3  # raise it when what load() makes of a file changes (2: sub-agents by reference; 3: approval)
 
 
 class AgentError(Exception):
@@ -513,12 +513,17 @@ def agent_spec(data):
         for entry in version.values():
             typed(entry, str)
     body = fields(top["spec"][0], top["spec"][1], ("description", "iconUrl", "instructions", "mcpServers",
-                                                   "skillRefs", "subAgents", "envSpec", "config"),
+                                                   "skillRefs", "subAgents", "envSpec", "config", "approval"),
                   required=("instructions",))
     spec = pb.AgentSpec(name=name, labels=text_map(meta.get("labels")),
                         description=typed(body.get("description"), str, "").strip(),
                         icon_url=typed(body.get("iconUrl"), str, ""),
                         instructions=instructions_of(body["instructions"], ["spec"]))
+    if "approval" in body:
+        spec.approval = typed(body["approval"], str)
+        if spec.approval not in ("never", "on-write", "always"):
+            raise Problem(body["approval"][1], f"{where(body['approval'][1])} must be never, on-write or always "
+                                               f"(got {spec.approval!r})")
     servers = typed(body.get("mcpServers"), list, [])
     for n, item in enumerate(servers):
         server = mcp_server(item, body["mcpServers"][1] + [n])

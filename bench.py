@@ -480,12 +480,13 @@ def bench_loop(turns=50, list_runs=15):
 
     runner_py = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runner.py")
 
-    def full_path(fake, tmp, **settings):
+    def full_path(fake, tmp, args=(), **settings):
         """The scripted run through `runner.py --json`, CLI to daemon to worker to model and sandbox."""
         env = dict(os.environ, STIGMER_HOME=os.path.join(tmp, "home"), SANDBOX_ROOT_DIR=tmp,
                    STIGMER_BACKEND_ENDPOINT=f"127.0.0.1:{free_port()}", **settings)
         start = time.perf_counter()
-        done = subprocess.run([sys.executable, runner_py, "--json", "go"], env=env, capture_output=True, text=True)
+        done = subprocess.run([sys.executable, runner_py, "--json", *args, "go"], env=env, capture_output=True,
+                              text=True)
         wall = time.perf_counter() - start
         if done.returncode != 0 or len(fake.times) != turns:
             raise RuntimeError(f"the scripted run failed ({done.returncode}): {done.stderr[-500:]}")
@@ -540,6 +541,16 @@ def bench_loop(turns=50, list_runs=15):
                 [_timed(lambda: subprocess.run([sys.executable, "-c", "pass"], check=True)) for _ in range(list_runs)])
         finally:
             stop(env)
+    # Approvals under never: no call is checked; with a deny rule every call is, against the rule. Alternating runs
+    # of the same script, so that the machine's noise falls on both.
+    never, checked = [], []
+    for _ in range(3):
+        for times, args in ((never, ["--approval", "never"]), (checked, ["--approval", "never", "--deny", "rm -rf"])):
+            with tempfile.TemporaryDirectory() as tmp, FakeAnthropic(script) as fake:
+                took, _, env = full_path(fake, tmp, args, ANTHROPIC_API_KEY=FAKE_KEY, ANTHROPIC_BASE_URL=fake.url,
+                                         STIGMER_MODEL="claude-fake")
+                stop(env)
+                times.append(took)
     top_ms, sub_ms = bench_subagent_turns(script, turns)
     return {"turns": turns, "bare_loop_ms_per_turn": round(bare, 2), "full_path_ms_per_turn": round(full, 2),
             "ratio": verdict(full / bare, "<=", 1.5, 2),
@@ -550,7 +561,11 @@ def bench_loop(turns=50, list_runs=15):
             "list_start_s": verdict(statistics.median(starts), "<", 0.3, 3) + f" (bare python start {python_alone:.3f})",
             "top_level_ms_per_turn (median of 3)": round(top_ms, 2),
             "subagent_ms_per_turn (median of 3)": round(sub_ms, 2),
-            "subagent_ratio": verdict(sub_ms / top_ms, "<=", 1.10, 3)}
+            "subagent_ratio": verdict(sub_ms / top_ms, "<=", 1.10, 3),
+            "approval never, ms per turn (median of 3)": round(statistics.median(never), 2),
+            "approval never with a deny rule checked on every call, ms per turn (median of 3)":
+                round(statistics.median(checked), 2),
+            "approval_check_vs_never": verdict(statistics.median(checked) / statistics.median(never), "<=", 1.05, 3)}
 
 
 def bench_subagent_turns(script, turns, rounds=3):

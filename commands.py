@@ -199,6 +199,7 @@ def plan_run(cfg, args):
         inherit=args.inherit_env or cfg.inherit_env)
     settle_names(plan, names)
     plan.mcp = plan_mcp(cfg, args, agent, plan.names, resuming)
+    plan.approval = plan_approval(cfg, args, workspace, agent, resuming)
     return plan
 
 
@@ -222,6 +223,8 @@ def continue_parent(cfg, args, plan, parent):
     if getattr(args, "mcp_config", None):
         raise CliError("a continued conversation keeps its MCP servers: drop --mcp-config (or start a new run)", 2)
     plan.mcp = list(parent.spec.mcp_servers)  # its tools are in the requests the conversation repeats
+    if plan.approval is None:  # no approval flag: the conversation keeps its policy
+        plan.approval = parent.spec.approval
     if parent.spec.HasField("agent"):  # its secrets are in secret_names already
         plan.agent, plan.labels = parent.spec.agent, agent_labels(parent.spec.agent)
     plan.sandbox_mode, plan.network = confinement(cfg, plan.sandbox_mode, plan.network, parent)
@@ -245,7 +248,7 @@ def execution_spec(cfg, args, plan, runner_id, gathered):
         repo=args.repo or (parent.spec.repo if parent else ""), ref=args.ref or (parent.spec.ref if parent else ""),
         keep_sandbox=args.keep_sandbox, sandbox=cfg.sandbox, parent_id=parent.id if parent else "", agent=plan.agent,
         project_docs=plan.docs, sandbox_mode=plan.sandbox_mode, network=plan.network, no_patch=args.no_patch,
-        skills=plan.skills, mcp_servers=plan.mcp)
+        skills=plan.skills, mcp_servers=plan.mcp, approval=plan.approval)
 
 
 def follow_run(cfg, be, client, execution, plan, args):
@@ -279,6 +282,8 @@ def follow_run(cfg, be, client, execution, plan, args):
         except CliError as exc:  # it cannot start now: the follower waits, and says what brings it back
             raise BackendUnavailable(f"{exc}; `python runner.py start` brings it back") from None
 
+    if sys.stdin.isatty():  # the foreground terminal answers approval requests as they come
+        renderer.on_request = lambda ev: ask_approval(be, ev, renderer)
     interrupted = terminal.cancel_on_signals(cancel)  # cmd_run restores the handlers
     try:
         # A lost daemon is started again (the same lock-guarded start every command uses): the run's worker
@@ -294,6 +299,37 @@ def follow_run(cfg, be, client, execution, plan, args):
         print(f"stigmer: sandbox {renderer.sandbox_id} kept running for inspection; delete it when you are done "
               "(Daytona also stops it once idle, then deletes it)", file=sys.stderr)
     return EXIT_CODES.get(phase, 130)
+
+
+def ask_approval(be, ev, renderer):
+    """Ask the person at this terminal about the approval request EV, on a thread (the live view goes on): y
+    approves, a approves always, n (or an empty line) denies, anything else denies with it as the reason. An answer
+    given elsewhere first wins; this one is then told so."""
+    import threading
+
+    from contract import BackendError
+
+    def run():
+        try:
+            renderer.out("  approve? [y]es / [a]lways / [n]o / or type why not: ", err=True)
+            sys.stderr.flush()
+            line = sys.stdin.readline()
+        except (OSError, ValueError):
+            return
+        if not line:
+            return  # EOF: leave it to another terminal, or the timeout
+        text = line.strip()
+        approved, always = text.lower() in ("y", "yes", "a", "always"), text.lower() in ("a", "always")
+        reason = "" if approved or text.lower() in ("n", "no", "") else text
+        try:
+            client = be.connect()
+            try:
+                client.approve(ev.execution_id, ev.approval_request.id, approved, reason, always, who())
+            finally:
+                client.close()
+        except BackendError as exc:
+            renderer.out(f"stigmer: {exc}\n", err=True)
+    threading.Thread(target=run, name="approval-question", daemon=True).start()
 
 
 def confinement(cfg, sandbox_mode, network, parent=None):
@@ -402,6 +438,29 @@ def skill_refs(agent, workspace):
         refs += [(r.slug, base) for r in sub.skill_refs]
         refs += skill_refs(sub.agent_spec if sub.HasField("agent_spec") else None, workspace)
     return list(dict.fromkeys(refs))
+
+
+def plan_approval(cfg, args, workspace, agent, resuming):
+    """The pb.ApprovalPolicy this run submits (approvals.plan): --approval, else the agent's, else STIGMER_APPROVAL,
+    else the settings files'; the rules of --allow/--deny and of both settings files; the wait for an answer
+    (--approval-timeout; default 10 minutes in the foreground, none detached). None when resuming without any of
+    the flags: the parent's holds."""
+    policy = getattr(args, "approval", None) or (agent.approval if agent is not None else "") or \
+        cfg.environ.get("STIGMER_APPROVAL", "")
+    allow, deny = getattr(args, "allow", None) or [], getattr(args, "deny", None) or []
+    timeout = getattr(args, "approval_timeout", None)
+    if resuming and not (getattr(args, "approval", None) or allow or deny or timeout is not None):
+        return None
+    import agents
+    import approvals
+    if timeout is None:
+        timeout = 0 if getattr(args, "detach", False) else approvals.FOREGROUND_TIMEOUT
+    if timeout < 0:
+        raise CliError(f"--approval-timeout must not be negative (got {timeout:g})", 2)
+    try:
+        return approvals.plan(policy, allow, deny, agents.project_dirs(workspace), cfg.home, timeout)
+    except approvals.ApprovalError as exc:
+        raise CliError(str(exc), 2) from None
 
 
 def plan_mcp(cfg, args, agent, secret_names, resuming):
@@ -826,6 +885,41 @@ def cmd_cancel(cfg, args):
     phase = pb.Phase.Name(ex.phase)
     print(f"{ex.id}: cancel requested; its runner is stopping it" if phase == "RUNNING" else f"{ex.id}: {phase}")
     return 0
+
+
+def cmd_approve(cfg, args):
+    """`approve ID [--always]`: approve the tool call of ID waiting for approval (the oldest, or --request's)."""
+    return answer(cfg, args.id, args.request, True, "", args.always)
+
+
+def cmd_deny(cfg, args):
+    """`deny ID [REASON]`: deny it; the model gets REASON."""
+    return answer(cfg, args.id, args.request, False, " ".join(args.reason), False)
+
+
+def answer(cfg, execution_id, request_id, approved, reason, always):
+    """Send one answer to a waiting approval request; says which call it answered, or why none."""
+    from contract import BackendError
+    client = connect(cfg)
+    try:
+        answered = client.approve(execution_id, request_id, approved, reason, always, who())
+    except BackendError as exc:
+        raise CliError(str(exc), 1) from None
+    finally:
+        client.close()
+    print(f"{execution_id}: call {answered} {'approved' if approved else 'denied'}"
+          + (" (and calls like it, from now on)" if always else ""))
+    return 0
+
+
+def who():
+    """Who answers, for the log: the user, their terminal, this process."""
+    import getpass
+    try:
+        tty = os.ttyname(sys.stdin.fileno())
+    except (OSError, ValueError, AttributeError):
+        tty = "no terminal"
+    return f"{getpass.getuser()} on {tty} (pid {os.getpid()})"
 
 
 def cmd_daemon(cfg, args):

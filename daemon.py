@@ -142,6 +142,8 @@ class Daemon(pb_grpc.DaemonServicer):
         self._notices = {}  # execution id -> serialized seq-0 Events for its followers (disk full)
         self._noticed = {}  # execution id -> notice kinds sent in the current outage
         self._unstored = {}  # execution id -> the PhaseChange its runner ended it with, which the log refused
+        self._waiting = {}  # execution id -> {approval request id: None}, in order: tool calls waiting for a person
+        self._answered = {}  # execution id -> {request id: who answered}: the first answer counts
         self._watchers = 0  # open Watch streams
         self._last_call = time.monotonic()  # the latest RPC, for the idle check
         self._runner_grace, self._cancel_grace = runner_grace, cancel_grace
@@ -195,8 +197,12 @@ class Daemon(pb_grpc.DaemonServicer):
             return self._shown(self._find(request.execution_id, context))
 
     def _shown(self, ex):
-        """EX as a client sees it: when its runner ended it but the log could not store that (a full disk), the
-        phase it ended in, marked not_stored, until the log holds it (call with the lock held)."""
+        """EX as a client sees it: with the approvals it waits for; when its runner ended it but the log could not
+        store that (a full disk), the phase it ended in, marked not_stored, until the log holds it (call with the
+        lock held)."""
+        if self._waiting.get(ex.id):
+            ex = _copy(ex)
+            ex.waiting_approvals = len(self._waiting[ex.id])
         change = self._unstored.get(ex.id)
         if change is None:
             return ex
@@ -252,6 +258,32 @@ class Daemon(pb_grpc.DaemonServicer):
                 if ex.id in self._owner:
                     self._owner[ex.id].send(_cancel_message(ex.id))
             return ex
+
+    def Approve(self, request, context):
+        """Pass a person's answer to the runner of an execution waiting for it; the first answer counts."""
+        with self._lock:
+            self._check_open(context)
+            ex = self._find(request.execution_id, context)
+            waiting = self._waiting.get(ex.id, {})
+            answered = self._answered.get(ex.id, {})
+            request_id = request.request_id or next(iter(waiting), "")
+            if request_id in answered:
+                context.abort(Code.FAILED_PRECONDITION, f"that call of {ex.id} was already answered "
+                                                        f"({answered[request_id]})")
+            if request_id not in waiting:
+                context.abort(Code.FAILED_PRECONDITION, f"{ex.id} has no tool call waiting for approval"
+                              + (f" with id {request_id}" if request.request_id else ""))
+            session = self._owner.get(ex.id)
+            if session is None:
+                context.abort(Code.FAILED_PRECONDITION, f"the runner of {ex.id} is not connected: answer once it "
+                                                        "is back, or resume the execution later")
+            verdict = "approved" if request.approved else "denied"
+            answered[request_id] = f"{verdict} by {request.by or 'someone'}"
+            self._answered[ex.id] = answered
+            approval = pb.Approval(id=request_id, approved=request.approved, reason=request.reason,
+                                   always=request.always, by=request.by)
+            session.send(pb.DaemonMessage(approval=pb.ApprovalAnswer(execution_id=ex.id, approval=approval)))
+            return pb.ApproveResponse(request_id=request_id)
 
     def Status(self, request, context):
         with self._lock, self._reading(context):
@@ -549,9 +581,18 @@ class Daemon(pb_grpc.DaemonServicer):
                 break
             if kind == "usage":
                 ex.usage.CopyFrom(event.usage)
+            elif kind == "approval_request":
+                self._waiting.setdefault(execution_id, {})[event.approval_request.id] = None
+            elif kind == "approval":
+                self._waiting.get(execution_id, {}).pop(event.approval.id, None)
+                self._answered.setdefault(execution_id, {}).setdefault(
+                    event.approval.id, f"{'approved' if event.approval.approved else 'denied'} by "
+                                       f"{event.approval.by or 'someone'}")
             elif kind == "phase":
                 if event.phase.phase in TERMINAL_PHASES:
                     _finish(ex, event.phase)
+                    self._waiting.pop(execution_id, None)
+                    self._answered.pop(execution_id, None)
                     ended = True
                 elif event.phase.turns:
                     ex.turns = event.phase.turns

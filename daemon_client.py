@@ -218,6 +218,8 @@ class DaemonLink:
             worker.refused(reject.execution_id, reject.ack_seq, gap=reject.code == GAP, message=reject.message)
         elif kind == "cancel":
             worker.cancel_requested(message.cancel.execution_id)
+        elif kind == "approval":
+            worker.approval_answered(message.approval.execution_id, message.approval.approval)
 
 # ---- the CLI's client ----
 
@@ -337,6 +339,13 @@ class Client:
     def cancel(self, execution_id):
         """Ask for the execution to stop; returns it as it is now."""
         return self._call("Cancel", pb.CancelRequest(execution_id=execution_id))
+
+    def approve(self, execution_id, request_id, approved, reason="", always=False, by=""):
+        """Answer a tool call of EXECUTION_ID waiting for approval (REQUEST_ID, or the oldest): the id answered.
+        BackendError (FAILED_PRECONDITION) when none waits or it was answered already."""
+        return self._call("Approve", pb.ApproveRequest(execution_id=execution_id, request_id=request_id,
+                                                       approved=approved, reason=reason, always=always,
+                                                       by=by)).request_id
 
     def status(self, timeout=10.0):
         """The daemon's pb.DaemonStatus: version, pid, runners, queue, executions by phase."""

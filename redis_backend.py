@@ -15,6 +15,7 @@ Key layout, all under one prefix (default "stigmer:"):
     lease:ID           string   the owner's epoch, with a TTL the owner renews by heartbeat
     leases             zset     ID by lease deadline (ms): where sweepers look for expired leases
     cancels            zset     ID by cancel request time: RUNNING executions asked to stop
+    answers:ID         hash     approval request id -> the serialized Approval: the first answer (HSETNX) counts
     epoch              counter  the fencing tokens handed out by take
     index:all, index:PHASE   zset   ID by created_at, for list (newest first, by phase)
     workers, worker:RUNNER   zset + string (TTL): live workers and their free slots, for status
@@ -109,6 +110,14 @@ def execution_from_hash(fields):
         error=_text(f["error"]), last_seq=int(f["last_seq"]), turns=int(f["turns"]))
 
 
+def _answered_by(data):
+    """Who gave the stored answer DATA (a serialized Approval), for a person."""
+    if not data:
+        return "by someone"
+    a = pb.Approval.FromString(data)
+    return f"{'approved' if a.approved else 'denied'} by {a.by or 'someone'}"
+
+
 def _pinned(worker):
     """True for a private runner (a foreground run's own worker): it takes only executions pinned to it."""
     return bool(getattr(worker, "pinned", False))
@@ -190,6 +199,27 @@ class RedisLog:
             if len(entries) < PAGE:
                 return events
             after = events[-1].seq
+
+    def waiting(self, execution_id, recent=None):
+        """The ids of EXECUTION_ID's tool calls waiting for approval, oldest first (from its log: RECENT, its last
+        events, when given), and {id: who answered} of the answered ones."""
+        waiting, answered = {}, {}
+        for event in self.events(execution_id) if recent is None else recent:
+            kind = event.WhichOneof("payload")
+            if kind == "approval_request":
+                waiting[event.approval_request.id] = None
+            elif kind == "approval":
+                waiting.pop(event.approval.id, None)
+                a = event.approval
+                answered[a.id] = f"{'approved' if a.approved else 'denied'} by {a.by or 'someone'}"
+            elif kind == "tool_result":
+                waiting.pop(event.tool_result.id, None)
+        return list(waiting), answered
+
+    def recent(self, execution_id, count=50):
+        """The last COUNT events of the execution, oldest first."""
+        entries = self.r.xrevrange(self.prefix + "events:" + execution_id, "+", "-", count=count)
+        return [pb.Event.FromString(fields[b"e"]) for _, fields in reversed(entries)]
 
     def last_seq(self, execution_id):
         return int(self.r.hget(self.prefix + "ex:" + execution_id, "last_seq") or 0)
@@ -405,7 +435,14 @@ class RedisClient:
             if ex.phase == pb.RUNNING and not self.log.r.exists(self.log.prefix + "lease:" + execution_id):
                 if self.log.end(execution_id, "lost"):
                     ex = self._find(execution_id)
-            return ex
+            return self._with_waiting([ex])[0]
+
+    def _with_waiting(self, executions):
+        """EXECUTIONS with waiting_approvals set for the RUNNING ones (from their last events)."""
+        for ex in executions:
+            if ex.phase == pb.RUNNING:
+                ex.waiting_approvals = len(self.log.waiting(ex.id, self.log.recent(ex.id))[0])
+        return executions
 
     def _find(self, execution_id):
         ex = self.log.get(execution_id)
@@ -419,12 +456,36 @@ class RedisClient:
             raise BackendError("limit must not be negative and phase must be a known Phase")
         with self.reachable():
             self.log.sweep()
-            return self.log.list(phase, min(limit or LIST_DEFAULT, LIST_MAX))
+            return self._with_waiting(self.log.list(phase, min(limit or LIST_DEFAULT, LIST_MAX)))
 
     def watch(self, execution_id, after_seq=0, follow=True):
         """Events after AFTER_SEQ; with FOLLOW, then live ones until the terminal phase event."""
         self.get(execution_id)  # a missing one is an error now, not at the first next()
         return Watch(self, execution_id, after_seq, follow)
+
+    def approve(self, execution_id, request_id, approved, reason="", always=False, by=""):
+        """Answer a tool call of EXECUTION_ID waiting for approval (REQUEST_ID, or the oldest); its worker reads the
+        answer from answers:ID. The first answer counts (HSETNX); returns the id answered."""
+        with self.reachable():
+            ex = self._find(execution_id)
+            waiting, answered = self.log.waiting(execution_id)
+            request_id = request_id or (waiting[0] if waiting else "")
+            key = self.log.prefix + "answers:" + execution_id
+            if request_id in answered or (request_id and self.log.r.hexists(key, request_id)):
+                first = answered.get(request_id) or _answered_by(self.log.r.hget(key, request_id))
+                raise BackendError(f"that call of {execution_id} was already answered ({first})")
+            if request_id not in waiting or ex.phase != pb.RUNNING:
+                raise BackendError(f"{execution_id} has no tool call waiting for approval"
+                                   + (f" with id {request_id}" if request_id and request_id not in waiting else ""))
+            approval = pb.Approval(id=request_id, approved=approved, reason=reason, always=always, by=by)
+            pipe = self.log.r.pipeline(transaction=True)
+            pipe.hsetnx(key, request_id, approval.SerializeToString())
+            pipe.expire(key, int(self.log.retention))
+            won, _ = pipe.execute()
+            if not won:
+                raise BackendError(f"that call of {execution_id} was already answered "
+                                   f"({_answered_by(self.log.r.hget(key, request_id))})")
+            return request_id
 
     def cancel(self, execution_id):
         """Cancel: a PENDING execution at once, a RUNNING one through its worker."""
@@ -472,6 +533,7 @@ class RedisLink:
         self.endpoint = shown_url(url)
         self.held = {}  # execution id -> epoch (bytes) of the leases this link holds
         self.told = set()  # executions whose cancel the worker has been given
+        self.passed = set()  # (execution id, request id) of the approval answers the worker has been given
         self._lock = threading.Lock()
         self._next_beat = 0.0  # monotonic time of the next heartbeat (keeper thread)
         self._next_reclaim = 0.0  # monotonic time of the next XAUTOCLAIM (poller thread)
@@ -681,8 +743,20 @@ class RedisLink:
             self._next_beat = time.monotonic() + self.log.lease_ttl / 3
 
     def _pass_cancels(self, worker):
+        """Pass on cancels and approval answers for the executions this link holds."""
         with self._lock:
-            ids = [i for i in self.held if i not in self.told]
+            held = list(self.held)
+            ids = [i for i in held if i not in self.told]
+        if held and any(getattr(worker, "gates", {}).get(i) is not None and worker.gates[i].pending() for i in held):
+            pipe = self.log.r.pipeline(transaction=False)
+            for execution_id in held:
+                pipe.hgetall(self.log.prefix + "answers:" + execution_id)
+            for execution_id, answers in zip(held, pipe.execute()):
+                for request_id, data in answers.items():
+                    key = (execution_id, _text(request_id))
+                    if key not in self.passed:
+                        self.passed.add(key)
+                        worker.approval_answered(execution_id, pb.Approval.FromString(data))
         if not ids:
             return
         pipe = self.log.r.pipeline(transaction=False)

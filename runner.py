@@ -52,10 +52,12 @@ SANDBOXES = ("filesystem", "daytona")  # STIGMER_SANDBOX: the host, or one Dayto
 ENVS = ("development", "staging", "production")
 RUNNER_GRACE = 15.0  # default seconds the daemon waits for a lost runner to come back (STIGMER_RUNNER_GRACE)
 INHERIT_ENV_VAR = "STIGMER_INHERIT_ENV"  # 1: the agent's shell gets secret-looking variables too (--inherit-env)
-COMMANDS = ("run", "resume", "chat", "start", "stop", "status", "list", "logs", "cancel", "agents", "skills", "recover",
+COMMANDS = ("run", "resume", "chat", "start", "stop", "status", "list", "logs", "cancel", "approve", "deny", "agents",
+            "skills", "recover",
             "daemon", "worker")
 LEADING_FLAGS = ("--json", "--verbose")  # flags without a value a user may type before the command word
-USER_COMMANDS = ("status", "list", "logs", "start", "stop", "cancel", "run", "resume", "chat", "agents", "skills", "recover",
+USER_COMMANDS = ("status", "list", "logs", "start", "stop", "cancel", "approve", "deny", "run", "resume", "chat", "agents",
+                 "skills", "recover",
                  "daemon", "worker")  # the order a near miss is matched in
 REDIS_SETTINGS = (  # cloud mode: (variable, redis_backend setting, default seconds)
     ("STIGMER_LEASE_TTL", "lease_ttl", 15.0),  # a dead worker's execution fails about this long after
@@ -278,6 +280,16 @@ def parser():
                           "declares, or any other")
     run.add_argument("--no-project-doc", action="store_true",
                      help="leave the project's AGENTS.md / CLAUDE.md and $STIGMER_HOME/AGENTS.md out of the system prompt")
+    run.add_argument("--approval", choices=("never", "on-write", "always"),
+                     help="ask before acting: on-write (commands not known to be read-only, writes, MCP tools) or "
+                          "always; default STIGMER_APPROVAL, the settings files, else never")
+    run.add_argument("--allow", action="append", metavar="RULE",
+                     help="never ask about this: a command's first words (git commit), a path glob (Write(src/**)), "
+                          "an MCP tool (mcp__github__*); repeatable")
+    run.add_argument("--deny", action="append", metavar="RULE",
+                     help="refuse this under every policy (same rules as --allow); repeatable")
+    run.add_argument("--approval-timeout", type=float, metavar="SECONDS",
+                     help="deny a call nobody answered after this long (default: 600 in the foreground, none detached)")
     run.add_argument("--mcp-config", metavar="FILE",
                      help="start the MCP servers in FILE ({\"mcpServers\": {NAME: {...}}}, as Claude Code's .mcp.json) "
                           "and offer their tools as mcp__NAME__TOOL; an agent's named servers are looked up there too")
@@ -290,7 +302,8 @@ def parser():
     resume.add_argument("task", nargs="*", help="the follow-up; `-` or none reads it from stdin")
     resume.add_argument("--model", help="model id (default: the one the execution used); another provider's is fine")
     resume.set_defaults(workspace=None, cont=False, repo=None, ref=None, keep_sandbox=False, agent=None, env=None,
-                        no_project_doc=False, no_skills=False, mcp_config=None)
+                        no_project_doc=False, no_skills=False, mcp_config=None, approval=None, allow=None, deny=None,
+                        approval_timeout=None)
 
     chat = sub.add_parser("chat", help="a session: each line is a run that continues the conversation "
                                        "(also: stigmer alone on a terminal)", parents=[shared],
@@ -301,6 +314,8 @@ def parser():
     chat.add_argument("--agent", metavar="NAME_OR_PATH", help="the agent to run (default: STIGMER_AGENT)")
     chat.add_argument("--no-skills", action="store_true", help="offer no Agent Skills")
     chat.add_argument("--mcp-config", metavar="FILE", help="start the MCP servers in FILE (see run --help)")
+    chat.add_argument("--approval", choices=("never", "on-write", "always"), help="ask before acting (see run --help)")
+    chat.set_defaults(allow=None, deny=None, approval_timeout=None)
     chat.set_defaults(task=[], cont=False, repo=None, ref=None, keep_sandbox=False, env=None, no_project_doc=False)
 
     start = sub.add_parser("start", help="run the daemon and workers in the background",
@@ -332,6 +347,19 @@ def parser():
     recover.add_argument("--json", action="store_true", help="one JSON object")
     cancel = sub.add_parser("cancel", help="cancel an execution", epilog="example: python runner.py cancel ex-1a2b")
     cancel.add_argument("id")
+    approve = sub.add_parser("approve", help="approve a tool call waiting for approval (see run --approval)",
+                             epilog="examples:\n  python runner.py approve ex-1a2b\n  python runner.py approve ex-1a2b "
+                                    "--always   # and every call like it, for the rest of the run",
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    approve.add_argument("id", help="the execution")
+    approve.add_argument("--always", action="store_true",
+                         help="approve calls like this one for the rest of the execution and its resumes")
+    approve.add_argument("--request", default="", metavar="CALL_ID", help="which waiting call (default: the oldest)")
+    deny = sub.add_parser("deny", help="deny a tool call waiting for approval; the agent gets REASON",
+                          epilog='example: python runner.py deny ex-1a2b "not on main: use a branch"')
+    deny.add_argument("id", help="the execution")
+    deny.add_argument("reason", nargs="*", help="why (the model reads it)")
+    deny.add_argument("--request", default="", metavar="CALL_ID", help="which waiting call (default: the oldest)")
     agents = sub.add_parser("agents", help="list the agents this workspace can use (name, description, file, "
                                            "problems); `agents show NAME` prints one",
                             epilog="examples:\n  python runner.py agents\n  python runner.py agents --json\n"

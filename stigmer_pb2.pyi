@@ -23,7 +23,7 @@ FAILED: Phase
 CANCELLED: Phase
 
 class ExecutionSpec(_message.Message):
-    __slots__ = ("prompt", "workspace", "model", "max_turns", "secret_names", "max_tokens_total", "runner_id", "repo", "ref", "keep_sandbox", "sandbox", "parent_id", "agent", "project_docs", "sandbox_mode", "network", "no_patch", "skills", "mcp_servers")
+    __slots__ = ("prompt", "workspace", "model", "max_turns", "secret_names", "max_tokens_total", "runner_id", "repo", "ref", "keep_sandbox", "sandbox", "parent_id", "agent", "project_docs", "sandbox_mode", "network", "no_patch", "approval", "skills", "mcp_servers")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     WORKSPACE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +41,7 @@ class ExecutionSpec(_message.Message):
     SANDBOX_MODE_FIELD_NUMBER: _ClassVar[int]
     NETWORK_FIELD_NUMBER: _ClassVar[int]
     NO_PATCH_FIELD_NUMBER: _ClassVar[int]
+    APPROVAL_FIELD_NUMBER: _ClassVar[int]
     SKILLS_FIELD_NUMBER: _ClassVar[int]
     MCP_SERVERS_FIELD_NUMBER: _ClassVar[int]
     prompt: str
@@ -60,9 +61,10 @@ class ExecutionSpec(_message.Message):
     sandbox_mode: str
     network: bool
     no_patch: bool
+    approval: ApprovalPolicy
     skills: _containers.RepeatedCompositeFieldContainer[Skill]
     mcp_servers: _containers.RepeatedCompositeFieldContainer[McpServerDefinition]
-    def __init__(self, prompt: _Optional[str] = ..., workspace: _Optional[str] = ..., model: _Optional[str] = ..., max_turns: _Optional[int] = ..., secret_names: _Optional[_Iterable[str]] = ..., max_tokens_total: _Optional[int] = ..., runner_id: _Optional[str] = ..., repo: _Optional[str] = ..., ref: _Optional[str] = ..., keep_sandbox: _Optional[bool] = ..., sandbox: _Optional[str] = ..., parent_id: _Optional[str] = ..., agent: _Optional[_Union[AgentSpec, _Mapping]] = ..., project_docs: _Optional[_Iterable[_Union[ProjectDoc, _Mapping]]] = ..., sandbox_mode: _Optional[str] = ..., network: _Optional[bool] = ..., no_patch: _Optional[bool] = ..., skills: _Optional[_Iterable[_Union[Skill, _Mapping]]] = ..., mcp_servers: _Optional[_Iterable[_Union[McpServerDefinition, _Mapping]]] = ...) -> None: ...
+    def __init__(self, prompt: _Optional[str] = ..., workspace: _Optional[str] = ..., model: _Optional[str] = ..., max_turns: _Optional[int] = ..., secret_names: _Optional[_Iterable[str]] = ..., max_tokens_total: _Optional[int] = ..., runner_id: _Optional[str] = ..., repo: _Optional[str] = ..., ref: _Optional[str] = ..., keep_sandbox: _Optional[bool] = ..., sandbox: _Optional[str] = ..., parent_id: _Optional[str] = ..., agent: _Optional[_Union[AgentSpec, _Mapping]] = ..., project_docs: _Optional[_Iterable[_Union[ProjectDoc, _Mapping]]] = ..., sandbox_mode: _Optional[str] = ..., network: _Optional[bool] = ..., no_patch: _Optional[bool] = ..., approval: _Optional[_Union[ApprovalPolicy, _Mapping]] = ..., skills: _Optional[_Iterable[_Union[Skill, _Mapping]]] = ..., mcp_servers: _Optional[_Iterable[_Union[McpServerDefinition, _Mapping]]] = ...) -> None: ...
 
 class Skill(_message.Message):
     __slots__ = ("name", "description", "path", "folder", "files")
@@ -101,7 +103,7 @@ class ProjectDoc(_message.Message):
     def __init__(self, path: _Optional[str] = ..., text: _Optional[str] = ..., size: _Optional[int] = ..., truncated: _Optional[bool] = ...) -> None: ...
 
 class AgentSpec(_message.Message):
-    __slots__ = ("description", "icon_url", "instructions", "mcp_servers", "skill_refs", "sub_agents", "env_spec", "name", "labels", "source", "config")
+    __slots__ = ("description", "icon_url", "instructions", "mcp_servers", "skill_refs", "sub_agents", "env_spec", "name", "labels", "source", "config", "approval")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -120,6 +122,7 @@ class AgentSpec(_message.Message):
     LABELS_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
+    APPROVAL_FIELD_NUMBER: _ClassVar[int]
     description: str
     icon_url: str
     instructions: str
@@ -131,7 +134,8 @@ class AgentSpec(_message.Message):
     labels: _containers.ScalarMap[str, str]
     source: str
     config: AgentConfig
-    def __init__(self, description: _Optional[str] = ..., icon_url: _Optional[str] = ..., instructions: _Optional[str] = ..., mcp_servers: _Optional[_Iterable[_Union[McpServerDefinition, _Mapping]]] = ..., skill_refs: _Optional[_Iterable[_Union[SkillRef, _Mapping]]] = ..., sub_agents: _Optional[_Iterable[_Union[SubAgent, _Mapping]]] = ..., env_spec: _Optional[_Union[EnvironmentSpec, _Mapping]] = ..., name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., source: _Optional[str] = ..., config: _Optional[_Union[AgentConfig, _Mapping]] = ...) -> None: ...
+    approval: str
+    def __init__(self, description: _Optional[str] = ..., icon_url: _Optional[str] = ..., instructions: _Optional[str] = ..., mcp_servers: _Optional[_Iterable[_Union[McpServerDefinition, _Mapping]]] = ..., skill_refs: _Optional[_Iterable[_Union[SkillRef, _Mapping]]] = ..., sub_agents: _Optional[_Iterable[_Union[SubAgent, _Mapping]]] = ..., env_spec: _Optional[_Union[EnvironmentSpec, _Mapping]] = ..., name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., source: _Optional[str] = ..., config: _Optional[_Union[AgentConfig, _Mapping]] = ..., approval: _Optional[str] = ...) -> None: ...
 
 class AgentConfig(_message.Message):
     __slots__ = ("model", "temperature", "max_tokens", "network")
@@ -338,7 +342,7 @@ class Usage(_message.Message):
     def __init__(self, input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., cache_read_tokens: _Optional[int] = ..., cache_write_tokens: _Optional[int] = ..., skills: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Execution(_message.Message):
-    __slots__ = ("id", "spec", "phase", "created_at", "started_at", "finished_at", "runner_id", "usage", "final_text", "error", "last_seq", "turns", "not_stored")
+    __slots__ = ("id", "spec", "phase", "created_at", "started_at", "finished_at", "runner_id", "usage", "final_text", "error", "last_seq", "turns", "not_stored", "waiting_approvals")
     ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
@@ -352,6 +356,7 @@ class Execution(_message.Message):
     LAST_SEQ_FIELD_NUMBER: _ClassVar[int]
     TURNS_FIELD_NUMBER: _ClassVar[int]
     NOT_STORED_FIELD_NUMBER: _ClassVar[int]
+    WAITING_APPROVALS_FIELD_NUMBER: _ClassVar[int]
     id: str
     spec: ExecutionSpec
     phase: Phase
@@ -365,7 +370,8 @@ class Execution(_message.Message):
     last_seq: int
     turns: int
     not_stored: bool
-    def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[ExecutionSpec, _Mapping]] = ..., phase: _Optional[_Union[Phase, str]] = ..., created_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., runner_id: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., final_text: _Optional[str] = ..., error: _Optional[str] = ..., last_seq: _Optional[int] = ..., turns: _Optional[int] = ..., not_stored: _Optional[bool] = ...) -> None: ...
+    waiting_approvals: int
+    def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[ExecutionSpec, _Mapping]] = ..., phase: _Optional[_Union[Phase, str]] = ..., created_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., runner_id: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., final_text: _Optional[str] = ..., error: _Optional[str] = ..., last_seq: _Optional[int] = ..., turns: _Optional[int] = ..., not_stored: _Optional[bool] = ..., waiting_approvals: _Optional[int] = ...) -> None: ...
 
 class PhaseChange(_message.Message):
     __slots__ = ("phase", "reason", "final_text", "turns", "model", "agent", "sandbox_mode", "network")
@@ -504,7 +510,7 @@ class Artifact(_message.Message):
     def __init__(self, type: _Optional[str] = ..., name: _Optional[str] = ..., text: _Optional[str] = ..., size: _Optional[int] = ..., truncated: _Optional[bool] = ..., notes: _Optional[str] = ..., created_in: _Optional[float] = ...) -> None: ...
 
 class Event(_message.Message):
-    __slots__ = ("execution_id", "seq", "time", "subagent", "task_call_id", "depth", "phase", "text", "tool_call", "tool_result", "usage", "error", "artifact", "prompt", "turn", "context_cleared", "output", "skill")
+    __slots__ = ("execution_id", "seq", "time", "subagent", "task_call_id", "depth", "phase", "text", "tool_call", "tool_result", "usage", "error", "artifact", "prompt", "turn", "context_cleared", "output", "skill", "approval_request", "approval")
     EXECUTION_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
@@ -523,6 +529,8 @@ class Event(_message.Message):
     CONTEXT_CLEARED_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     SKILL_FIELD_NUMBER: _ClassVar[int]
+    APPROVAL_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    APPROVAL_FIELD_NUMBER: _ClassVar[int]
     execution_id: str
     seq: int
     time: float
@@ -541,7 +549,9 @@ class Event(_message.Message):
     context_cleared: ContextCleared
     output: Output
     skill: SkillUsed
-    def __init__(self, execution_id: _Optional[str] = ..., seq: _Optional[int] = ..., time: _Optional[float] = ..., subagent: _Optional[str] = ..., task_call_id: _Optional[str] = ..., depth: _Optional[int] = ..., phase: _Optional[_Union[PhaseChange, _Mapping]] = ..., text: _Optional[_Union[TextDelta, _Mapping]] = ..., tool_call: _Optional[_Union[ToolCall, _Mapping]] = ..., tool_result: _Optional[_Union[ToolResult, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., artifact: _Optional[_Union[Artifact, _Mapping]] = ..., prompt: _Optional[_Union[Prompt, _Mapping]] = ..., turn: _Optional[_Union[Turn, _Mapping]] = ..., context_cleared: _Optional[_Union[ContextCleared, _Mapping]] = ..., output: _Optional[_Union[Output, _Mapping]] = ..., skill: _Optional[_Union[SkillUsed, _Mapping]] = ...) -> None: ...
+    approval_request: ApprovalRequest
+    approval: Approval
+    def __init__(self, execution_id: _Optional[str] = ..., seq: _Optional[int] = ..., time: _Optional[float] = ..., subagent: _Optional[str] = ..., task_call_id: _Optional[str] = ..., depth: _Optional[int] = ..., phase: _Optional[_Union[PhaseChange, _Mapping]] = ..., text: _Optional[_Union[TextDelta, _Mapping]] = ..., tool_call: _Optional[_Union[ToolCall, _Mapping]] = ..., tool_result: _Optional[_Union[ToolResult, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., artifact: _Optional[_Union[Artifact, _Mapping]] = ..., prompt: _Optional[_Union[Prompt, _Mapping]] = ..., turn: _Optional[_Union[Turn, _Mapping]] = ..., context_cleared: _Optional[_Union[ContextCleared, _Mapping]] = ..., output: _Optional[_Union[Output, _Mapping]] = ..., skill: _Optional[_Union[SkillUsed, _Mapping]] = ..., approval_request: _Optional[_Union[ApprovalRequest, _Mapping]] = ..., approval: _Optional[_Union[Approval, _Mapping]] = ...) -> None: ...
 
 class SubmitRequest(_message.Message):
     __slots__ = ("spec",)
@@ -695,16 +705,48 @@ class Reject(_message.Message):
     def __init__(self, execution_id: _Optional[str] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., ack_seq: _Optional[int] = ...) -> None: ...
 
 class DaemonMessage(_message.Message):
-    __slots__ = ("assign", "ack", "cancel", "reject")
+    __slots__ = ("assign", "ack", "cancel", "reject", "approval")
     ASSIGN_FIELD_NUMBER: _ClassVar[int]
     ACK_FIELD_NUMBER: _ClassVar[int]
     CANCEL_FIELD_NUMBER: _ClassVar[int]
     REJECT_FIELD_NUMBER: _ClassVar[int]
+    APPROVAL_FIELD_NUMBER: _ClassVar[int]
     assign: Assign
     ack: Ack
     cancel: CancelExecution
     reject: Reject
-    def __init__(self, assign: _Optional[_Union[Assign, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., cancel: _Optional[_Union[CancelExecution, _Mapping]] = ..., reject: _Optional[_Union[Reject, _Mapping]] = ...) -> None: ...
+    approval: ApprovalAnswer
+    def __init__(self, assign: _Optional[_Union[Assign, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., cancel: _Optional[_Union[CancelExecution, _Mapping]] = ..., reject: _Optional[_Union[Reject, _Mapping]] = ..., approval: _Optional[_Union[ApprovalAnswer, _Mapping]] = ...) -> None: ...
+
+class ApproveRequest(_message.Message):
+    __slots__ = ("execution_id", "request_id", "approved", "reason", "always", "by")
+    EXECUTION_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    APPROVED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    ALWAYS_FIELD_NUMBER: _ClassVar[int]
+    BY_FIELD_NUMBER: _ClassVar[int]
+    execution_id: str
+    request_id: str
+    approved: bool
+    reason: str
+    always: bool
+    by: str
+    def __init__(self, execution_id: _Optional[str] = ..., request_id: _Optional[str] = ..., approved: _Optional[bool] = ..., reason: _Optional[str] = ..., always: _Optional[bool] = ..., by: _Optional[str] = ...) -> None: ...
+
+class ApprovalAnswer(_message.Message):
+    __slots__ = ("execution_id", "approval")
+    EXECUTION_ID_FIELD_NUMBER: _ClassVar[int]
+    APPROVAL_FIELD_NUMBER: _ClassVar[int]
+    execution_id: str
+    approval: Approval
+    def __init__(self, execution_id: _Optional[str] = ..., approval: _Optional[_Union[Approval, _Mapping]] = ...) -> None: ...
+
+class ApproveResponse(_message.Message):
+    __slots__ = ("request_id",)
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    def __init__(self, request_id: _Optional[str] = ...) -> None: ...
 
 class SkillUsed(_message.Message):
     __slots__ = ("name", "path")
@@ -713,3 +755,49 @@ class SkillUsed(_message.Message):
     name: str
     path: str
     def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ...) -> None: ...
+
+class ApprovalPolicy(_message.Message):
+    __slots__ = ("mode", "allow", "deny", "timeout_seconds")
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_FIELD_NUMBER: _ClassVar[int]
+    DENY_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    mode: str
+    allow: _containers.RepeatedScalarFieldContainer[str]
+    deny: _containers.RepeatedScalarFieldContainer[str]
+    timeout_seconds: float
+    def __init__(self, mode: _Optional[str] = ..., allow: _Optional[_Iterable[str]] = ..., deny: _Optional[_Iterable[str]] = ..., timeout_seconds: _Optional[float] = ...) -> None: ...
+
+class ApprovalRequest(_message.Message):
+    __slots__ = ("id", "tool", "command", "path", "diff", "reason", "input_json")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    TOOL_FIELD_NUMBER: _ClassVar[int]
+    COMMAND_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    DIFF_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    INPUT_JSON_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    tool: str
+    command: str
+    path: str
+    diff: str
+    reason: str
+    input_json: str
+    def __init__(self, id: _Optional[str] = ..., tool: _Optional[str] = ..., command: _Optional[str] = ..., path: _Optional[str] = ..., diff: _Optional[str] = ..., reason: _Optional[str] = ..., input_json: _Optional[str] = ...) -> None: ...
+
+class Approval(_message.Message):
+    __slots__ = ("id", "approved", "reason", "always", "rule", "by")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    APPROVED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    ALWAYS_FIELD_NUMBER: _ClassVar[int]
+    RULE_FIELD_NUMBER: _ClassVar[int]
+    BY_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    approved: bool
+    reason: str
+    always: bool
+    rule: str
+    by: str
+    def __init__(self, id: _Optional[str] = ..., approved: _Optional[bool] = ..., reason: _Optional[str] = ..., always: _Optional[bool] = ..., rule: _Optional[str] = ..., by: _Optional[str] = ...) -> None: ...

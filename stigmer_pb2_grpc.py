@@ -70,6 +70,11 @@ class DaemonStub:
                 request_serializer=stigmer__pb2.StatusRequest.SerializeToString,
                 response_deserializer=stigmer__pb2.DaemonStatus.FromString,
                 _registered_method=True)
+        self.Approve = channel.unary_unary(
+                '/stigmer.v1.Daemon/Approve',
+                request_serializer=stigmer__pb2.ApproveRequest.SerializeToString,
+                response_deserializer=stigmer__pb2.ApproveResponse.FromString,
+                _registered_method=True)
         self.Connect = channel.stream_stream(
                 '/stigmer.v1.Daemon/Connect',
                 request_serializer=stigmer__pb2.RunnerMessage.SerializeToString,
@@ -135,6 +140,14 @@ class DaemonServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Approve(self, request, context):
+        """Answer a tool call waiting for a person's approval (`runner.py approve ID`, `deny ID`, the foreground
+        terminal): the first answer counts; a later one is FAILED_PRECONDITION, saying who answered first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Connect(self, request_iterator, context):
         """The runners' channel: Hello first, then event batches and heartbeats up;
         assignments, acks and cancels down.
@@ -180,6 +193,11 @@ def add_DaemonServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=stigmer__pb2.StatusRequest.FromString,
                     response_serializer=stigmer__pb2.DaemonStatus.SerializeToString,
+            ),
+            'Approve': grpc.unary_unary_rpc_method_handler(
+                    servicer.Approve,
+                    request_deserializer=stigmer__pb2.ApproveRequest.FromString,
+                    response_serializer=stigmer__pb2.ApproveResponse.SerializeToString,
             ),
             'Connect': grpc.stream_stream_rpc_method_handler(
                     servicer.Connect,
@@ -377,6 +395,33 @@ class Daemon:
             '/stigmer.v1.Daemon/Status',
             stigmer__pb2.StatusRequest.SerializeToString,
             stigmer__pb2.DaemonStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Approve(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stigmer.v1.Daemon/Approve',
+            stigmer__pb2.ApproveRequest.SerializeToString,
+            stigmer__pb2.ApproveResponse.FromString,
             options,
             channel_credentials,
             insecure,

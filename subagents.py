@@ -97,7 +97,7 @@ def run_task(parent, call):
                          instructions=member.instructions, project_docs=parent.project_docs,
                          team=parent.team.team_of(member) if parent.depth + 1 < MAX_DEPTH else None,
                          depth=parent.depth + 1, subagent=member.name, task_call_id=call.id, skills=parent.skills,
-                         mcp=parent.mcp, mcp_filter=narrowed(parent.mcp_filter, member.mcp))
+                         mcp=parent.mcp, mcp_filter=narrowed(parent.mcp_filter, member.mcp), gate=parent.gate)
     child.usage, child.usage_lock = parent.usage, parent.usage_lock  # the execution's, one budget
     with parent.children_lock:
         parent.children.add(child)

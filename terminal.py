@@ -50,6 +50,7 @@ class Renderer:
         self.live = set()  # (task_call_id, depth, call id) of the commands whose output was shown as it came
         self.shown_errors = set()  # the messages of the error events shown: the summary does not repeat them
         self.sandbox_id = ""  # the execution's remote sandbox, from its artifact event
+        self.on_request = None  # (event) -> None: the foreground terminal's question for an approval request
 
     def paint(self, code, text):
         return f"\033[{code}m{text}\033[0m" if self.color else text
@@ -89,6 +90,16 @@ class Renderer:
             self.sandbox_id = ev.artifact.name
         if self.json_lines:
             print(json.dumps(event_dict(ev), ensure_ascii=False), flush=True)
+            if kind == "approval_request" and self.on_request is not None:
+                self.on_request(ev)
+            return
+        if kind in ("approval_request", "approval"):
+            self.newline()
+            lead = "    " * ev.depth + (self.paint("35", ev.subagent) + " " if ev.depth else "")
+            for line in approval_lines(ev, self.full):
+                self.out(lead + self.paint("33" if kind == "approval_request" else "2", line) + "\n")
+            if kind == "approval_request" and self.on_request is not None:
+                self.on_request(ev)
             return
         if ev.depth:
             self.sub_event(ev, kind)
@@ -252,6 +263,24 @@ def agent_part(execution):
     return f" · agent {execution.spec.agent.name}" if execution.spec.agent.name else ""
 
 
+def approval_lines(ev, full=False):
+    """The live view's lines for an approval request (what waits, why, a write's diff) or its answer."""
+    if ev.WhichOneof("payload") == "approval":
+        a = ev.approval
+        verdict = "✓ approved" if a.approved else "✗ denied"
+        extra = f" · from now on: {a.rule}" if a.always and a.rule else ""
+        return [f"{verdict} by {a.by or 'someone'}{': ' + a.reason if a.reason else ''}{extra}"]
+    r = ev.approval_request
+    what = f"$ {r.command}" if r.command else f"{r.tool} {r.path}".strip()
+    lines = [f"⏸ waiting for approval: {what}", f"  {r.reason}; answer here, or: python runner.py approve "
+                                                   f"{ev.execution_id} [--always] | deny {ev.execution_id} [REASON]"]
+    diff = r.diff.splitlines()
+    lines += ["  " + line for line in (diff if full else diff[:20])]
+    if len(diff) > 20 and not full:
+        lines.append(f"  … {len(diff) - 20} more lines of the change")
+    return lines
+
+
 def skill_line(used):
     """The live view's line for a skill the agent took up (a `skill` event)."""
     return f"◆ skill {used.name} ({used.path})"
@@ -378,7 +407,8 @@ def print_executions(executions, json_lines, phase=None):
         print(f"{ex.id:<18} {pb.Phase.Name(ex.phase):<10} {age_s:>6} {ex.turns:>5} {tokens:>8}  "
               f"{ex.spec.model or '-':<{width}}  {ex.spec.agent.name or '-':<{agents}}  {ex.spec.parent_id or '-':<18} "
               f"{ex.spec.prompt.splitlines()[0][:60] if ex.spec.prompt else ''}"
-              + ("  (ended; not stored yet: the disk is full)" if ex.not_stored else ""))
+              + ("  (ended; not stored yet: the disk is full)" if ex.not_stored else "")
+              + (f"  (waiting for approval: python runner.py approve {ex.id})" if ex.waiting_approvals else ""))
 
 
 def print_status(st, processes, endpoint, json_lines, running=(), background=True, sandbox=None):
@@ -392,7 +422,8 @@ def print_status(st, processes, endpoint, json_lines, running=(), background=Tru
         print(json.dumps({**status, "processes": processes, "started_by": ("start" if background else "foreground run") if st.pid else None,
                           "sandbox": sandbox or {},
                           "running": [{"id": ex.id, "prompt": ex.spec.prompt, "sandbox_mode": ex.spec.sandbox_mode,
-                                       "network": ex.spec.network} for ex in running]}))
+                                       "network": ex.spec.network, "waiting_approvals": ex.waiting_approvals}
+                                      for ex in running]}))
         return
     phases = ", ".join(f"{k.lower()} {v}" for k, v in sorted(st.executions_by_phase.items())) or "none"
     if st.pid:
@@ -407,7 +438,8 @@ def print_status(st, processes, endpoint, json_lines, running=(), background=Tru
                                                            if sandbox.get("confinement") else ""))
     for ex in running:
         print(f"  running {ex.id}  {sandbox_label(ex.spec) or '-'}  "
-              f"{json.dumps((ex.spec.prompt.splitlines() or [''])[0][:60], ensure_ascii=False)}")
+              f"{json.dumps((ex.spec.prompt.splitlines() or [''])[0][:60], ensure_ascii=False)}"
+              + ("  waiting for approval" if ex.waiting_approvals else ""))
     for name, pid in processes.items():
         print(f"  {name}: {'pid ' + str(pid) if pid else 'not running'}")
 

@@ -38,6 +38,7 @@ import threading
 import time
 import uuid
 
+import approvals
 import models
 import skills as skills_mod
 import stigmer_pb2 as pb
@@ -330,6 +331,7 @@ class Worker:
         self.cond = threading.Condition()
         self.outboxes = {}  # execution id -> Outbox
         self.agents = {}  # execution id -> Agent, while it runs
+        self.gates = {}  # execution id -> approvals.Gate, while it runs
         self.cancels = set()  # executions cancelled before their agent existed
         self.buffered = 0  # unacknowledged events over all outboxes
         self.stopping = threading.Event()  # set by stop(): the link ends its session
@@ -496,6 +498,13 @@ class Worker:
                 self._drop(execution_id)
             # else: it has finished and its last events are on their way; the log decides
 
+    def approval_answered(self, execution_id, approval):
+        """A person answered one of EXECUTION_ID's approval requests (pb.Approval); the first answer counts."""
+        with self.cond:
+            gate = self.gates.get(execution_id)
+        if gate is None or not gate.answer(approval):
+            log.info("an answer to %s of %s came when nothing waited for it", approval.id, execution_id)
+
     def _drop(self, execution_id):
         """Forget an execution the log no longer wants (called with the lock held)."""
         box = self.outboxes.pop(execution_id, None)
@@ -592,14 +601,18 @@ class Worker:
             if not getattr(box, "id", None) and not spec.no_patch:  # the host: what the run changes is its patch
                 box.patch_base = workspace_tree(spec.workspace, self.environ)
             offered = self._skills(execution, box)
+            gate = approvals.Gate(spec.approval, emit, lambda: execution.id in self.cancels, history)
             the_agent = agent_mod.Agent(model, box, emit, max_turns=spec.max_turns,
                                         max_tokens_total=spec.max_tokens_total, redactor=redactor, shell_env=shell_env,
                                         context_window=models.context_window(model_name, self.context_window),
                                         instructions=spec.agent.instructions, project_docs=spec.project_docs,
                                         team=subagents.Team(spec.agent.instructions, spec.agent.sub_agents),
-                                        skills=skills_mod.Shelf(offered, box) if offered else None, mcp=hub)
+                                        skills=skills_mod.Shelf(offered, box) if offered else None, mcp=hub,
+                                        gate=gate)
+            gate.cancelled = the_agent.cancelled.is_set
             with self.cond:
                 self.agents[execution.id] = the_agent
+                self.gates[execution.id] = gate
                 if execution.id in self.cancels or execution.id not in self.outboxes:
                     the_agent.cancel()  # cancelled (or dropped) while it was being set up
             phase, reason, final_text = the_agent.run(spec.prompt, box.root, history)
@@ -638,6 +651,7 @@ class Worker:
                 self._close_sandbox(execution, box, emit, redactor, take_patch=not service_down)
             with self.cond:
                 self.agents.pop(execution.id, None)
+                self.gates.pop(execution.id, None)
                 self.cancels.discard(execution.id)
                 alive = execution.id in self.outboxes
                 abandoned = self.abandoned.pop(execution.id, None)
