@@ -182,7 +182,9 @@ class ApprovalRunTest(CliCase):
         self.fake.reset([tool_step(("execute", {"command": "touch x"})), text_step("done")])
         run = Run(self, "--approval", "always", "go")
         run.waiting(1)
-        procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "runner.py"), verb, run.execution_id],
+        first = run.events("approval_request")[0]["id"]
+        procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "runner.py"), verb, run.execution_id,
+                                   "--request", first],
                                   env=self.env, cwd=self.workspace, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   text=True) for verb in ("approve", "deny", "approve", "deny")]
         outcomes = []
@@ -305,10 +307,11 @@ class CloudApprovalTest(CloudCase):
     def test_answers_through_redis(self):
         ws = self.workspace("ws")
         run = Run(self, "--workspace", ws, "--approval", "always", "go", cwd=ws)
-        run.waiting(1)
+        first = run.waiting(1)["id"]
         (row,) = [json.loads(line) for line in run_cli(["list", "--json"], self.env).stdout.splitlines()]
         self.assertEqual(row["waiting_approvals"], 1)
-        procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "runner.py"), "approve", run.execution_id],
+        procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "runner.py"), "approve", run.execution_id,
+                                   "--request", first],  # the same call (without it, a later one may be next)
                                   env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for _ in range(3)]
         codes = sorted(p.wait(timeout=60) for p in procs)

@@ -29,6 +29,10 @@ def stdio_server(**extra):
 class StdioServerTest(CliCase):
     """A stdio server from --mcp-config: its tools offered, called, their results, errors and limits."""
 
+    def setUp(self):
+        super().setUp()
+        self.env["STIGMER_RUNNER_GRACE"] = "1"  # the class's daemon ends a killed worker's run in a second
+
     def config(self, servers):
         path = os.path.join(self.tmp, "mcp.json")
         with open(path, "w") as f:
