@@ -622,18 +622,10 @@ def cleared_note(call, redact=lambda text: text):
 
 
 def awaiting_approval(events):
-    """The ids of the tool calls in EVENTS (a conversation's, oldest first) that asked for approval and have neither
-    an answer nor a result: their run ended while they waited."""
-    waiting = {}
-    for event in events:
-        kind = event.WhichOneof("payload")
-        if event.depth:
-            continue
-        if kind == "approval_request":
-            waiting[event.approval_request.id] = True
-        elif kind in ("approval", "tool_result"):
-            waiting.pop(getattr(event, kind).id, None)
-    return set(waiting)
+    """The ids of the tool calls of the conversation's own agent in EVENTS (oldest first) that asked for approval
+    and have neither an answer nor a result: their run ended while they waited."""
+    import approvals
+    return set(approvals.waiting_calls(e for e in events if not e.depth)[0])
 
 
 def rebuild(events):

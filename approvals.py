@@ -175,6 +175,23 @@ def _read_only_part(words):
     return True
 
 
+def waiting_calls(events):
+    """([ids of the tool calls waiting for approval, oldest first], {id: who answered, for a person}) from an
+    execution's EVENTS (its own agent's: a sub-agent's calls count too), in seq order."""
+    waiting, answered = {}, {}
+    for event in events:
+        kind = event.WhichOneof("payload")
+        if kind == "approval_request":
+            waiting[event.approval_request.id] = None
+        elif kind == "approval":
+            waiting.pop(event.approval.id, None)
+            a = event.approval
+            answered[a.id] = f"{'approved' if a.approved else 'denied'} by {a.by or 'someone'}"
+        elif kind == "tool_result":
+            waiting.pop(event.tool_result.id, None)
+    return list(waiting), answered
+
+
 # ---- the worker: the gate every tool call passes ----
 
 SUBCOMMANDS = {"git", "npm", "pnpm", "yarn", "npx", "cargo", "go", "docker", "kubectl", "pip", "pip3", "uv", "poetry",

@@ -283,7 +283,8 @@ def follow_run(cfg, be, client, execution, plan, args):
             raise BackendUnavailable(f"{exc}; `python runner.py start` brings it back") from None
 
     if sys.stdin.isatty():  # the foreground terminal answers approval requests as they come
-        renderer.on_request = lambda ev: ask_approval(be, ev, renderer)
+        questions = ApprovalQuestions(be, renderer)
+        renderer.on_request, renderer.on_answer = questions.request, questions.answered
     interrupted = terminal.cancel_on_signals(cancel)  # cmd_run restores the handlers
     try:
         # A lost daemon is started again (the same lock-guarded start every command uses): the run's worker
@@ -301,35 +302,56 @@ def follow_run(cfg, be, client, execution, plan, args):
     return EXIT_CODES.get(phase, 130)
 
 
-def ask_approval(be, ev, renderer):
-    """Ask the person at this terminal about the approval request EV, on a thread (the live view goes on): y
-    approves, a approves always, n (or an empty line) denies, anything else denies with it as the reason. An answer
-    given elsewhere first wins; this one is then told so."""
-    import threading
+class ApprovalQuestions:
+    """The foreground terminal's side of approvals: each approval request is asked about (the live view goes on);
+    one thread reads the answers from stdin, each for the latest request still waiting. y approves, a approves
+    always, n (or an empty line) denies, anything else denies with it as the reason. An answer given elsewhere
+    first wins: its approval event withdraws the question here."""
 
-    from contract import BackendError
+    def __init__(self, be, renderer):
+        import threading
+        self.be, self.renderer = be, renderer
+        self.lock, self.current, self.reader = threading.Lock(), None, None
 
-    def run():
-        try:
-            renderer.out("  approve? [y]es / [a]lways / [n]o / or type why not: ", err=True)
-            sys.stderr.flush()
-            line = sys.stdin.readline()
-        except (OSError, ValueError):
-            return
-        if not line:
-            return  # EOF: leave it to another terminal, or the timeout
-        text = line.strip()
-        approved, always = text.lower() in ("y", "yes", "a", "always"), text.lower() in ("a", "always")
-        reason = "" if approved or text.lower() in ("n", "no", "") else text
-        try:
-            client = be.connect()
+    def request(self, ev):
+        import threading
+        with self.lock:
+            self.current = ev
+            if self.reader is None:
+                self.reader = threading.Thread(target=self._read, name="approval-answers", daemon=True)
+                self.reader.start()
+        self.renderer.out("  approve? [y]es / [a]lways / [n]o / or type why not: ", err=True)
+        sys.stderr.flush()
+
+    def answered(self, ev):
+        with self.lock:
+            if self.current is not None and self.current.approval_request.id == ev.approval.id:
+                self.current = None
+
+    def _read(self):
+        from contract import BackendError
+        while True:
             try:
-                client.approve(ev.execution_id, ev.approval_request.id, approved, reason, always, who())
-            finally:
-                client.close()
-        except BackendError as exc:
-            renderer.out(f"stigmer: {exc}\n", err=True)
-    threading.Thread(target=run, name="approval-question", daemon=True).start()
+                line = sys.stdin.readline()
+            except (OSError, ValueError):
+                return
+            if not line:
+                return  # EOF: leave it to another terminal, or the timeout
+            with self.lock:
+                ev, self.current = self.current, None
+            if ev is None:
+                continue  # nothing waits (answered elsewhere): the line is not an answer
+            text = line.strip()
+            approved, always = text.lower() in ("y", "yes", "a", "always"), text.lower() in ("a", "always")
+            reason = "" if approved or text.lower() in ("n", "no", "") else text
+            try:
+                client = self.be.connect()
+                try:
+                    client.approve(ev.execution_id, ev.approval_request.id, approved, reason, always, who())
+                finally:
+                    client.close()
+            except BackendError as exc:
+                self.renderer.out(f"stigmer: {exc}\n", err=True)
 
 
 def confinement(cfg, sandbox_mode, network, parent=None):

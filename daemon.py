@@ -264,6 +264,8 @@ class Daemon(pb_grpc.DaemonServicer):
         with self._lock:
             self._check_open(context)
             ex = self._find(request.execution_id, context)
+            if ex.phase == pb.RUNNING and ex.id not in self._waiting:  # a daemon started since: the log knows
+                self._recall_approvals(ex.id)
             waiting = self._waiting.get(ex.id, {})
             answered = self._answered.get(ex.id, {})
             request_id = request.request_id or next(iter(waiting), "")
@@ -284,6 +286,12 @@ class Daemon(pb_grpc.DaemonServicer):
                                    always=request.always, by=request.by)
             session.send(pb.DaemonMessage(approval=pb.ApprovalAnswer(execution_id=ex.id, approval=approval)))
             return pb.ApproveResponse(request_id=request_id)
+
+    def _recall_approvals(self, execution_id):
+        """Fill _waiting and _answered for EXECUTION_ID from its stored events (call with the lock held)."""
+        import approvals
+        waiting, answered = approvals.waiting_calls(store.approval_events(self._db, execution_id))
+        self._waiting[execution_id], self._answered[execution_id] = dict.fromkeys(waiting), answered
 
     def Status(self, request, context):
         with self._lock, self._reading(context):

@@ -203,18 +203,8 @@ class RedisLog:
     def waiting(self, execution_id, recent=None):
         """The ids of EXECUTION_ID's tool calls waiting for approval, oldest first (from its log: RECENT, its last
         events, when given), and {id: who answered} of the answered ones."""
-        waiting, answered = {}, {}
-        for event in self.events(execution_id) if recent is None else recent:
-            kind = event.WhichOneof("payload")
-            if kind == "approval_request":
-                waiting[event.approval_request.id] = None
-            elif kind == "approval":
-                waiting.pop(event.approval.id, None)
-                a = event.approval
-                answered[a.id] = f"{'approved' if a.approved else 'denied'} by {a.by or 'someone'}"
-            elif kind == "tool_result":
-                waiting.pop(event.tool_result.id, None)
-        return list(waiting), answered
+        import approvals
+        return approvals.waiting_calls(self.events(execution_id) if recent is None else recent)
 
     def recent(self, execution_id, count=50):
         """The last COUNT events of the execution, oldest first."""

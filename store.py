@@ -169,6 +169,13 @@ def count_by_phase(db):
     return dict(db.execute("SELECT phase, COUNT(*) FROM executions GROUP BY phase"))
 
 
+def approval_events(db, execution_id):
+    """The approval_request, approval and tool_result events of EXECUTION_ID, as pb.Event, in seq order."""
+    rows = db.execute("SELECT payload FROM events WHERE execution_id = ? AND kind IN "
+                      "('approval_request', 'approval', 'tool_result') ORDER BY seq", (execution_id,)).fetchall()
+    return [pb.Event.FromString(payload) for (payload,) in rows]
+
+
 def events_after(db, execution_id, after, limit):
     """Up to `limit` stored events with seq > after, in seq order, as (payload, seq, kind) rows:
     payload is the serialized Event, sent to watchers as it is."""

@@ -50,7 +50,8 @@ class Renderer:
         self.live = set()  # (task_call_id, depth, call id) of the commands whose output was shown as it came
         self.shown_errors = set()  # the messages of the error events shown: the summary does not repeat them
         self.sandbox_id = ""  # the execution's remote sandbox, from its artifact event
-        self.on_request = None  # (event) -> None: the foreground terminal's question for an approval request
+        self.on_request = None  # (event) -> None: the foreground terminal's question for an approval request ...
+        self.on_answer = None  # ... and (event) -> None for its answer, wherever it came from
 
     def paint(self, code, text):
         return f"\033[{code}m{text}\033[0m" if self.color else text
@@ -90,16 +91,14 @@ class Renderer:
             self.sandbox_id = ev.artifact.name
         if self.json_lines:
             print(json.dumps(event_dict(ev), ensure_ascii=False), flush=True)
-            if kind == "approval_request" and self.on_request is not None:
-                self.on_request(ev)
+            self._approval_hooks(kind, ev)
             return
         if kind in ("approval_request", "approval"):
             self.newline()
             lead = "    " * ev.depth + (self.paint("35", ev.subagent) + " " if ev.depth else "")
             for line in approval_lines(ev, self.full):
                 self.out(lead + self.paint("33" if kind == "approval_request" else "2", line) + "\n")
-            if kind == "approval_request" and self.on_request is not None:
-                self.on_request(ev)
+            self._approval_hooks(kind, ev)
             return
         if ev.depth:
             self.sub_event(ev, kind)
@@ -133,6 +132,12 @@ class Renderer:
         elif kind == "artifact":
             self.newline()
             self.out(self.paint("35", artifact_line(ev)) + "\n")
+
+    def _approval_hooks(self, kind, ev):
+        if kind == "approval_request" and self.on_request is not None:
+            self.on_request(ev)
+        elif kind == "approval" and self.on_answer is not None:
+            self.on_answer(ev)
 
     def tool_call(self, ev, lead=""):
         """The line of a tool call (LEAD: a sub-agent's indent and name); a task call shows its sub-agent and brief."""

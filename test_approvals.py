@@ -329,6 +329,26 @@ class CloudApprovalTest(CloudCase):
         self.assertEqual([(a["approved"], a["reason"]) for a in run.events("approval")], [(True, ""), (False, "not d")])
 
 
+class ForegroundAndElsewhereTest(CliCase):
+    """A question answered from another terminal first is withdrawn at the foreground one; the next is its own."""
+
+    def test_elsewhere_then_here(self):
+        from test_cli import Pty
+        self.fake.reset([tool_step(("execute", {"command": "touch one"})), tool_step(("execute", {"command": "touch two"})),
+                         text_step("done")])
+        term = Pty(["--approval", "always", "go"], self.env, self.workspace)
+        self.addCleanup(term.kill)
+        wait_for(lambda: "$ touch one" in term.screen, what="the first question")
+        execution_id = json.loads(self.cli("list", "--json").stdout.splitlines()[0])["id"]
+        self.assertEqual(self.cli("approve", execution_id).returncode, 0)
+        wait_for(lambda: "$ touch two" in term.screen, what="the second question")
+        term.type("y\n")
+        self.assertEqual(term.wait(), 0, term.screen)
+        self.assertTrue(os.path.exists(os.path.join(self.workspace, "one")))
+        self.assertTrue(os.path.exists(os.path.join(self.workspace, "two")))
+        self.assertNotIn("already answered", term.screen)
+
+
 def _run_worker_pid(home):
     """The pid of the run's own worker (the process whose command line is runner.py worker, under HOME)."""
     for entry in os.listdir("/proc"):
