@@ -26,6 +26,7 @@ execution has servers.
 """
 import hashlib
 import json
+import math
 import os
 import re
 import threading
@@ -38,6 +39,7 @@ NAME_MAX = 64  # the longest tool name the providers take
 NAME_RE = re.compile(r"[^A-Za-z0-9_-]")  # characters a provider refuses in a tool name
 START_TIMEOUT = 30.0  # seconds a server may take to start and answer initialize
 CALL_TIMEOUT = 120.0  # seconds a tool call may take unless its server says otherwise
+TIMEOUT_MAX = 86400  # the longest per-call timeout a config may give
 STOP_TIMEOUT = 5.0  # seconds the servers get to stop at the end of an execution
 STDERR_TAIL = 5  # lines of a server's stderr quoted when it fails to start
 CANCEL_POLL = 0.05  # seconds between checks of the cancel event during a call
@@ -78,9 +80,10 @@ def from_entry(name, entry, where):
     kind = entry.get("type") or ("stdio" if "command" in entry else "http" if "url" in entry else "")
     server = pb.McpServerDefinition(name=name)
     timeout = entry.get("timeout", 0)
-    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout < 0:
-        raise McpError(f"{where}: MCP server {name}'s timeout must be a number of seconds")
-    server.call_timeout_seconds = int(timeout)
+    if timeout != 0 and (not isinstance(timeout, (int, float)) or isinstance(timeout, bool)
+                         or not math.isfinite(timeout) or not 1 <= timeout <= TIMEOUT_MAX):
+        raise McpError(f"{where}: MCP server {name}'s timeout must be a number of seconds from 1 to {TIMEOUT_MAX:,}")
+    server.call_timeout_seconds = math.ceil(timeout)
     tools = entry.get("enabledTools", entry.get("enabled_tools", []))
     if not isinstance(tools, list) or not all(isinstance(t, str) for t in tools):
         raise McpError(f"{where}: MCP server {name}'s enabledTools must be a list of tool names")
@@ -169,12 +172,13 @@ def fill(text, values):
 
 # ---- the worker: one execution's servers ----
 
-def tool_name(server, tool):
+def tool_name(server, tool, taken=()):
     """mcp__SERVER__TOOL, made of the characters the providers take, at most NAME_MAX long (a longer one is cut
-    and ends with a digest of the whole, so that two long names stay apart)."""
+    and ends with a digest of the whole, so that two long names stay apart; so does one that cleaning made equal
+    to a name in TAKEN: a.b and a_b)."""
     name = NAME_RE.sub("_", f"{PREFIX}{server}__{tool}")
-    if len(name) > NAME_MAX:
-        digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    if len(name) > NAME_MAX or name in taken:
+        digest = hashlib.sha256(f"{server}\0{tool}".encode()).hexdigest()[:8]
         name = name[:NAME_MAX - 9] + "_" + digest
     return name
 
@@ -264,7 +268,7 @@ class Hub:
         self.thread.start()
         ready = {s.name: asyncio.run_coroutine_threadsafe(self._ready_future(), self.loop).result()
                  for s in self.servers}
-        self.tasks = [asyncio.run_coroutine_threadsafe(self._serve(s, ready[s.name]), self.loop) for s in self.servers]
+        self.tasks = asyncio.run_coroutine_threadsafe(self._spawn(ready), self.loop).result()
         deadline = time.monotonic() + START_TIMEOUT
         try:
             for server in self.servers:
@@ -283,14 +287,36 @@ class Hub:
                     except McpError:
                         raise
                     except Exception as e:  # noqa: BLE001 - whatever the transport raised: the server failed
-                        tail = _tail(self._log(server.name))
-                        raise McpError(f"MCP server {server.name} failed to start: {_reason(e)}"
+                        tail, reason = _tail(self._log(server.name)), _reason(e)
+                        if "connection closed" in reason.lower():
+                            reason = "it exited (or closed its output) before answering initialize"
+                        raise McpError(f"MCP server {server.name} failed to start: {reason}"
                                        + (f"; its stderr: {tail}" if tail else "")) from None
         except BaseException:
             self.close()
             raise
         self.specs = [spec for server in self.servers for spec in self.by_server[server.name]]
         return self.specs
+
+    async def _spawn(self, ready):
+        import asyncio
+        return [asyncio.ensure_future(self._serve(s, ready[s.name])) for s in self.servers]
+
+    async def _shutdown(self):
+        """Stop every server: those still starting at once, the others by their stop event, then whatever is left
+        by cancelling it, each task awaited so that its transport closes (its process, its files)."""
+        import asyncio
+        self.stopping.set()
+        tasks = getattr(self, "tasks", [])
+        for server, task in zip(self.servers, tasks):
+            if server.name not in self.sessions:
+                task.cancel()  # still starting (or failed): nothing to wait for
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=STOP_TIMEOUT)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=STOP_TIMEOUT)
 
     async def _ready_future(self):
         import asyncio
@@ -320,7 +346,7 @@ class Hub:
                 tools = sorted((t for t in listed.tools if not wanted or t.name in wanted), key=lambda t: t.name)
                 own = self.by_server[server.name] = []
                 for tool in tools:
-                    name = tool_name(server.name, tool.name)
+                    name = tool_name(server.name, tool.name, {spec["name"] for spec in own})
                     self.tools[name] = (server.name, tool.name)
                     schema = getattr(tool, "inputSchema", None) or getattr(tool, "input_schema", None) or {}
                     own.append({"name": name, "description": (tool.description or tool.name)[:4000],
@@ -381,6 +407,8 @@ class Hub:
         cancel are error results."""
         import asyncio
         server, tool = self.tools[name]
+        if self.closed:
+            return f"{name} was not called: the execution's MCP servers are stopped", True, 1, False
         if server in self.dead:
             return f"MCP server {server} is not running any more ({self.dead[server]}): its tools cannot be used", \
                 True, 1, False
@@ -422,12 +450,10 @@ class Hub:
             return
         self.closed = True
         import asyncio
-        self.loop.call_soon_threadsafe(self.stopping.set)
-        for task in getattr(self, "tasks", ()):
-            try:
-                task.result(timeout=STOP_TIMEOUT)
-            except BaseException:  # noqa: BLE001 - a server that failed or would not stop: killed below
-                task.cancel()
+        try:
+            asyncio.run_coroutine_threadsafe(self._shutdown(), self.loop).result(timeout=3 * STOP_TIMEOUT)
+        except BaseException:  # noqa: BLE001 - a server that would not stop: its process group is killed below
+            pass
         import sandbox
         for group in list(self.groups.values()):
             sandbox.unguard_group(group, kill=True)
@@ -435,7 +461,6 @@ class Hub:
         self.thread.join(STOP_TIMEOUT)
         if not self.loop.is_running():
             self.loop.close()
-        del asyncio
 
 
 def _reason(e):

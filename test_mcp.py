@@ -327,6 +327,8 @@ class NamesTest(unittest.TestCase):
         self.assertEqual((len(long_a), len(long_b)), (NAME_MAX, NAME_MAX))
         self.assertNotEqual(long_a, long_b)  # cut, and told apart by a digest of the whole
         self.assertEqual(long_a, tool_name("s", "x" * 80 + "a"))  # the same every time
+        self.assertEqual(tool_name("s", "a_b", {"mcp__s__a_b"})[:len("mcp__s__a_b_")], "mcp__s__a_b_")
+        self.assertNotEqual(tool_name("s", "a.b", {"mcp__s__a_b"}), "mcp__s__a_b")  # cleaning made them one
 
 
 class MissingSdkTest(CliCase):
