@@ -476,7 +476,9 @@ class Agent:
             start = time.monotonic()
             self._call_id = call.id  # for live output (the calls of one agent run one at a time)
             refusal = self.gate.check(call, self._describe) if self.gate is not None else None
-            if refusal is not None:
+            if refusal == NOT_RUN:  # cancelled while it waited for an answer
+                more, (output, is_error, exit_code, truncated) = (), (NOT_RUN, True, 130, False)
+            elif refusal is not None:
                 more, (output, is_error, exit_code, truncated) = (), (refusal, True, 1, False)
             elif self.cancelled.is_set():  # cancelled while it waited for an answer
                 more, (output, is_error, exit_code, truncated) = (), (NOT_RUN, True, 130, False)
@@ -625,7 +627,7 @@ def awaiting_approval(events):
     """The ids of the tool calls of the conversation's own agent in EVENTS (oldest first) that asked for approval
     and have neither an answer nor a result: their run ended while they waited."""
     import approvals
-    return set(approvals.waiting_calls(e for e in events if not e.depth)[0])
+    return set(approvals.waiting_calls(e for e in events if not e.depth)[0].values())
 
 
 def rebuild(events):

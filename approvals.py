@@ -29,6 +29,7 @@ import os
 import re
 import shlex
 import threading
+import uuid
 
 import stigmer_pb2 as pb
 
@@ -38,10 +39,11 @@ FOREGROUND_TIMEOUT = 600.0  # seconds a foreground run waits for an answer by de
 COMMAND_TOOL = "execute"
 WRITE_TOOLS = ("write_file", "edit_file")
 READ_TOOLS = ("read_file", "ls", "glob", "grep")  # never asked about: confined to the workspace and read-only
-READ_ONLY = {"ls", "cat", "head", "tail", "wc", "grep", "rg", "find", "pwd", "echo", "which", "file", "stat",
-             "du", "df", "tree", "diff", "cmp", "sort", "uniq", "cut", "basename", "dirname", "realpath", "date",
-             "whoami", "uname", "env", "printenv", "true", "false", "test", "git"}
-GIT_READ_ONLY = {"status", "diff", "log", "show", "blame", "branch", "rev-parse", "ls-files", "describe"}
+READ_ONLY = {"ls", "cat", "head", "tail", "wc", "grep", "rg", "find", "pwd", "echo", "which", "stat", "du", "df",
+             "diff", "cmp", "cut", "basename", "dirname", "realpath", "whoami", "uname", "true", "false", "test",
+             "git"}  # not sort, uniq, file, tree, date, env: each has a way to write, run or change something
+GIT_READ_ONLY = {"status", "diff", "log", "show", "blame", "rev-parse", "ls-files", "describe"}
+NOT_RUN = "not run: the execution was cancelled"  # check()'s answer for a call whose wait a cancel ended
 FIND_WRITES = {"-exec", "-execdir", "-ok", "-okdir", "-delete", "-fprint", "-fprint0", "-fprintf", "-fls"}
 WRITING_OPTIONS = ("--output", "-o")  # git diff --output=FILE, sort -o FILE: a read-only command that writes
 CHAIN = {"|", "||", "&&", ";", "&", "\n"}
@@ -112,7 +114,7 @@ def parse_rule(rule):
         return "path", inner or "**"
     if rule.startswith("mcp__") or rule in (COMMAND_TOOL, *WRITE_TOOLS):
         return "tool", rule
-    if "/" in rule or "*" in rule or "?" in rule:
+    if rule.startswith(".") or any(c in rule for c in "/*?["):
         return "path", rule
     words = _words(rule)
     if not words:
@@ -127,69 +129,159 @@ def _words(text):
         return text.split()
 
 
-# ---- read-only commands ----
+# ---- commands: the read-only ones, and what a rule matches ----
 
-def read_only(command):
-    """True only when COMMAND surely changes nothing: each part of it (split on |, ||, &&, ;, &) a READ_ONLY command
-    with read-only arguments, and no redirection, command substitution or subshell anywhere."""
-    if any(mark in command for mark in ("`", "$(", ">", "<", "\n")):
-        return False
+UNSURE = set("$`#{}~*?[]\\<>\n")  # what the shell would expand, glob, redirect or treat as a comment
+WRAPPERS = {"sudo", "command", "exec", "nohup", "time", "nice", "env", "builtin", "doas", "xargs", "timeout"}
+
+
+def parts(command):
+    """The simple commands of COMMAND (split on |, ||, &&, ;, &), each a list of words; None when the shell would
+    read it otherwise than plain words (a subshell, a redirection, an unclosed quote)."""
     lexer = shlex.shlex(command, posix=True, punctuation_chars=True)
     lexer.whitespace_split = True
+    lexer.commenters = ""  # a # is judged by UNSURE (the shell starts a comment only at a word's start)
     try:
         tokens = list(lexer)
     except ValueError:
-        return False
-    part = []
+        return None
+    found, part = [], []
     for token in tokens + [";"]:
-        if token in CHAIN or (token and set(token) <= set("|&;()")):
+        if token and set(token) <= set("|&;()<>"):
             if token not in CHAIN:
-                return False  # a subshell, or an operator we do not know
-            if part and not _read_only_part(part):
-                return False
-            if not part and token != ";":
-                return False
+                return None
+            if part:
+                found.append(part)
             part = []
         else:
             part.append(token)
-    return True
+    return found
+
+
+def read_only(command):
+    """True only when COMMAND surely changes nothing: each of its parts a READ_ONLY command, named bare, with
+    read-only arguments, and nothing in it the shell would expand, glob, redirect or substitute."""
+    outside = re.sub(r"'[^']*'", "''", command)  # in single quotes the shell expands nothing
+    if not command.strip() or any(c in UNSURE for c in outside):
+        return False
+    found = parts(command)
+    return bool(found) and all(_read_only_part(p) for p in found)
 
 
 def _read_only_part(words):
-    while words and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", words[0]):
-        return False  # VAR=value cmd: an environment we do not judge
-    name = os.path.basename(words[0])
+    name, args = words[0], words[1:]
     if name not in READ_ONLY:
-        return False
-    args = words[1:]
-    if any(a.startswith(WRITING_OPTIONS) and (a in WRITING_OPTIONS or "=" in a or a.startswith("--output"))
-           for a in args):
+        return False  # a path (./cat, /tmp/ls) or VAR=value is not a name on the list either
+    if any(a.startswith(WRITING_OPTIONS) for a in args):
         return False
     if name == "find":
-        return not any(a in FIND_WRITES for a in args)
+        return not any(a in FIND_WRITES or a.startswith(("-fprint", "-fls", "-exec", "-ok")) for a in args)
+    if name == "rg":
+        return not any(a.startswith(("--pre", "--hostname-bin", "-z", "--search-zip")) for a in args)
     if name == "git":
-        sub = next((a for a in args if not a.startswith("-")), "")
-        return sub in GIT_READ_ONLY and not any(a.startswith(("-c", "--exec-path", "--git-dir")) for a in args)
-    if name == "env":
-        return not args  # env CMD runs CMD
+        if not args or args[0].startswith("-"):
+            return False  # an option before the subcommand (-c, --config-env, -C, --namespace ...): not judged
+        risky = ("--ext-diff", "--textconv", "--output", "--exec", "--upload-pack", "-O", "--open-files-in-pager")
+        return args[0] in GIT_READ_ONLY and not any(a.startswith(risky) for a in args[1:])
     return True
 
 
+def _command_words(words):
+    """WORDS without the wrappers that run another command (sudo, env, time ...), its name bare, its short options
+    one letter each: rm -fr and /bin/rm -r -f read alike."""
+    while words and (os.path.basename(words[0]) in WRAPPERS or re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", words[0])):
+        words = words[1:]
+        while words and words[0].startswith("-"):
+            words = words[1:]
+    if not words:
+        return []
+    out = [os.path.basename(words[0])]
+    for w in words[1:]:
+        out += [f"-{c}" for c in w[1:]] if re.fullmatch(r"-[A-Za-z]{2,}", w) else [w]
+    return out
+
+
+def _command_matches(pattern, command, deny):
+    """Whether the rule's words PATTERN cover COMMAND. A deny rule: any part of it (the first word equal, the rule's
+    other words all in the part, in any order); a command the shell would read otherwise than words is denied when
+    the rule's command name appears in it at all. An allow rule: every part starts with the rule's words, and the
+    shell would expand or redirect nothing."""
+    want = _command_words(pattern)
+    found = parts(command)
+    if deny:
+        if found is None or any(c in "$`" for c in command):
+            return re.search(rf"(^|[^\w-]){re.escape(want[0])}([^\w-]|$)", command) is not None
+        return any(_part_has(_command_words(p), want) for p in found)
+    if not found or any(c in UNSURE - set("*?[~") for c in command):
+        return False
+    return all(_command_words(p)[:len(want)] == want for p in found)
+
+
+def _part_has(words, want):
+    return bool(words) and words[0] == want[0] and all(w in words[1:] for w in want[1:])
+
+
+def clean_path(path, root):
+    """PATH as the workspace-relative path a rule is matched against (an absolute one under ROOT made relative,
+    . and .. resolved); None for a path outside the workspace."""
+    if not isinstance(path, str) or not path:
+        return None
+    if path.startswith("/"):
+        root = (root or "").rstrip("/")
+        if not root or not (path == root or path.startswith(root + "/")):
+            return None
+        path = path[len(root):].lstrip("/") or "."
+    path = os.path.normpath(path)
+    return None if path == ".." or path.startswith("../") else path
+
+
+def _matches(rule, tool, command, path, deny=False):
+    """Whether RULE covers the call (TOOL, its COMMAND, its workspace-relative PATH); DENY: as a deny rule."""
+    kind, pattern = parse_rule(rule)
+    if kind == "tool":
+        return fnmatch.fnmatchcase(tool, pattern)
+    if kind == "command":
+        return tool == COMMAND_TOOL and _command_matches(pattern, command, deny)
+    if tool not in WRITE_TOOLS or path is None:
+        return deny and tool in WRITE_TOOLS  # a write outside the workspace: refused by the sandbox anyway
+    import sandbox
+    return sandbox._glob_regex(pattern.removeprefix("./")).match(path) is not None
+
+
 def waiting_calls(events):
-    """([ids of the tool calls waiting for approval, oldest first], {id: who answered, for a person}) from an
-    execution's EVENTS (its own agent's: a sub-agent's calls count too), in seq order."""
+    """({request id: its tool call's id} of the requests waiting for an answer, oldest first; {request id: who
+    answered, for a person}) from an execution's EVENTS, in seq order. A request is answered by its approval event,
+    and ended by its call's tool_result (a cancel, a timeout seen first)."""
     waiting, answered = {}, {}
     for event in events:
         kind = event.WhichOneof("payload")
         if kind == "approval_request":
-            waiting[event.approval_request.id] = None
+            r = event.approval_request
+            waiting[r.id] = r.call_id or r.id
         elif kind == "approval":
             waiting.pop(event.approval.id, None)
             a = event.approval
             answered[a.id] = f"{'approved' if a.approved else 'denied'} by {a.by or 'someone'}"
         elif kind == "tool_result":
-            waiting.pop(event.tool_result.id, None)
-    return list(waiting), answered
+            for request_id in [rid for rid, call in waiting.items() if call == event.tool_result.id]:
+                del waiting[request_id]
+    return waiting, answered
+
+
+def pick(execution_id, request_id, waiting, answered):
+    """The request an answer is for: REQUEST_ID, else the one waiting (more than one: ApprovalError naming them);
+    ApprovalError when it was answered already or none waits."""
+    if not request_id:
+        if len(waiting) > 1:
+            raise ApprovalError(f"{len(waiting)} calls of {execution_id} wait for approval: name one with --request "
+                                f"({', '.join(waiting)})")
+        request_id = next(iter(waiting), "")
+    if request_id in answered:
+        raise ApprovalError(f"that call of {execution_id} was already answered ({answered[request_id]})")
+    if request_id not in waiting:
+        raise ApprovalError(f"{execution_id} has no tool call waiting for approval"
+                            + (f" with request id {request_id}" if request_id else ""))
+    return request_id
 
 
 # ---- the worker: the gate every tool call passes ----
@@ -199,9 +291,10 @@ SUBCOMMANDS = {"git", "npm", "pnpm", "yarn", "npx", "cargo", "go", "docker", "ku
 
 
 def command_prefix(command):
-    """The words an "always" answer covers for COMMAND: its first word, and the second too for a tool whose second
-    word is a subcommand (git commit, npm install: SUBCOMMANDS)."""
-    words = _words(command)
+    """The words an "always" answer covers for COMMAND (its first part's): its first word, and the second too for a
+    tool whose second word is a subcommand (git commit, npm install: SUBCOMMANDS)."""
+    found = parts(command)
+    words = _command_words(found[0]) if found else []
     if not words:
         return []
     if len(words) > 1 and os.path.basename(words[0]) in SUBCOMMANDS and not words[1].startswith("-"):
@@ -209,25 +302,20 @@ def command_prefix(command):
     return words[:1]
 
 
-def _matches(rule, tool, command, path):
-    kind, pattern = parse_rule(rule)
-    if kind == "tool":
-        return fnmatch.fnmatchcase(tool, pattern)
-    if kind == "command":
-        return tool == COMMAND_TOOL and _words(command)[:len(pattern)] == pattern
-    return tool in WRITE_TOOLS and path is not None and (fnmatch.fnmatchcase(path, pattern)
-                                                         or fnmatch.fnmatchcase(path.lstrip("./"), pattern))
+def args_path(call):
+    return call.input.get("path", "") if isinstance(call.input, dict) and isinstance(call.input.get("path"), str) else ""
 
 
 class Gate:
     """One execution's approvals: its policy and rules, the answers "always" added, and the calls waiting. Shared
     by the execution's agent and its sub-agents. EMIT writes the request and answer events; CANCELLED() ends a wait."""
 
-    def __init__(self, policy, emit, cancelled, history=()):
+    def __init__(self, policy, emit, cancelled, history=(), root=""):
         self.mode = policy.mode or "never"
         self.allow, self.deny = list(policy.allow), list(policy.deny)
         self.timeout = policy.timeout_seconds or None
         self.emit, self.cancelled = emit, cancelled
+        self.root = root  # the workspace: a write's path is matched relative to it
         self.lock = threading.Lock()
         self.waiting = {}  # request id -> [threading.Event, pb.Approval or None]
         self.rules = {}  # request id -> the rule an "always" answer to it adds
@@ -246,9 +334,9 @@ class Gate:
         if tool in READ_TOOLS or tool == "task":
             return None
         command = args.get("command", "") if tool == COMMAND_TOOL else ""
-        path = args.get("path") if tool in WRITE_TOOLS else None
+        path = clean_path(args.get("path"), self.root) if tool in WRITE_TOOLS else None
         for rule in self.deny:
-            if _matches(rule, tool, command, path):
+            if _matches(rule, tool, command, path, deny=True):
                 return f"denied by rule {rule!r}: do not try this again; find another way or ask the user"
         if self.mode == "never":
             return None
@@ -273,31 +361,32 @@ class Gate:
                 diff = f"(the change cannot be shown: {e})"
         slot = [threading.Event(), None]
         if tool == COMMAND_TOOL:
-            rule = shlex.join(command_prefix(command))
-        elif tool in WRITE_TOOLS:
-            folder = os.path.dirname(os.path.normpath(path or "."))
-            rule = f"Write({folder}/**)" if folder and folder != "." else "Write(*)"
+            rule = shlex.join(command_prefix(command)) if len(parts(command) or ()) == 1 else ""  # a chain: no rule
+        elif tool in WRITE_TOOLS and path:
+            folder = os.path.dirname(path)
+            rule = f"Write({folder}/**)" if folder else f"Write({path})"  # a top-level file: that file only
         else:
-            rule = tool
+            rule = tool if tool not in WRITE_TOOLS else ""
+        request_id = f"{call.id}.{uuid.uuid4().hex[:8]}"  # two calls may share an id (a provider that gives none)
         with self.lock:
-            self.waiting[call.id] = slot
-            self.rules[call.id] = rule
+            self.waiting[request_id] = slot
+            self.rules[request_id] = rule
         self.emit(approval_request=pb.ApprovalRequest(
-            id=call.id, tool=tool, command=command, path=path or "", diff=diff, reason=why,
-            input_json=json.dumps(call.input, ensure_ascii=False)[:DIFF_MAX]))
+            id=request_id, call_id=call.id, tool=tool, command=command, path=path or args_path(call), diff=diff,
+            reason=why, input_json=json.dumps(call.input, ensure_ascii=False)[:DIFF_MAX]))
         try:
             waited = 0.0
             while not slot[0].wait(0.1):
                 waited += 0.1
                 if self.cancelled():
-                    return None  # the agent sees its cancel and ends the run
+                    return NOT_RUN  # never "run it": the agent sees its cancel and ends the run
                 if self.timeout and waited >= self.timeout:
-                    self.answer(pb.Approval(id=call.id, approved=False, by="timeout",
+                    self.answer(pb.Approval(id=request_id, approved=False, by="timeout",
                                             reason=f"no answer within {self.timeout:g} s"))
         finally:
             with self.lock:
-                self.waiting.pop(call.id, None)
-                self.rules.pop(call.id, None)
+                self.waiting.pop(request_id, None)
+                self.rules.pop(request_id, None)
         answer = slot[1]
         if answer.approved:
             if answer.rule:

@@ -268,13 +268,11 @@ class Daemon(pb_grpc.DaemonServicer):
                 self._recall_approvals(ex.id)
             waiting = self._waiting.get(ex.id, {})
             answered = self._answered.get(ex.id, {})
-            request_id = request.request_id or next(iter(waiting), "")
-            if request_id in answered:
-                context.abort(Code.FAILED_PRECONDITION, f"that call of {ex.id} was already answered "
-                                                        f"({answered[request_id]})")
-            if request_id not in waiting:
-                context.abort(Code.FAILED_PRECONDITION, f"{ex.id} has no tool call waiting for approval"
-                              + (f" with id {request_id}" if request.request_id else ""))
+            import approvals
+            try:
+                request_id = approvals.pick(ex.id, request.request_id, waiting, answered)
+            except approvals.ApprovalError as e:
+                context.abort(Code.FAILED_PRECONDITION, str(e))
             session = self._owner.get(ex.id)
             if session is None:
                 context.abort(Code.FAILED_PRECONDITION, f"the runner of {ex.id} is not connected: answer once it "
@@ -291,7 +289,7 @@ class Daemon(pb_grpc.DaemonServicer):
         """Fill _waiting and _answered for EXECUTION_ID from its stored events (call with the lock held)."""
         import approvals
         waiting, answered = approvals.waiting_calls(store.approval_events(self._db, execution_id))
-        self._waiting[execution_id], self._answered[execution_id] = dict.fromkeys(waiting), answered
+        self._waiting[execution_id], self._answered[execution_id] = waiting, answered
 
     def Status(self, request, context):
         with self._lock, self._reading(context):
@@ -590,12 +588,16 @@ class Daemon(pb_grpc.DaemonServicer):
             if kind == "usage":
                 ex.usage.CopyFrom(event.usage)
             elif kind == "approval_request":
-                self._waiting.setdefault(execution_id, {})[event.approval_request.id] = None
-            elif kind == "approval":
+                r = event.approval_request
+                self._waiting.setdefault(execution_id, {})[r.id] = r.call_id or r.id
+            elif kind == "approval":  # what the runner took is the answer that counts (a timeout's, perhaps)
                 self._waiting.get(execution_id, {}).pop(event.approval.id, None)
-                self._answered.setdefault(execution_id, {}).setdefault(
-                    event.approval.id, f"{'approved' if event.approval.approved else 'denied'} by "
-                                       f"{event.approval.by or 'someone'}")
+                self._answered.setdefault(execution_id, {})[event.approval.id] = (
+                    f"{'approved' if event.approval.approved else 'denied'} by {event.approval.by or 'someone'}")
+            elif kind == "tool_result" and self._waiting.get(execution_id):
+                waiting = self._waiting[execution_id]
+                for request_id in [r for r, call in waiting.items() if call == event.tool_result.id]:
+                    del waiting[request_id]
             elif kind == "phase":
                 if event.phase.phase in TERMINAL_PHASES:
                     _finish(ex, event.phase)

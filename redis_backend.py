@@ -113,7 +113,7 @@ def execution_from_hash(fields):
 def _answered_by(data):
     """Who gave the stored answer DATA (a serialized Approval), for a person."""
     if not data:
-        return "by someone"
+        return "answered by someone"
     a = pb.Approval.FromString(data)
     return f"{'approved' if a.approved else 'denied'} by {a.by or 'someone'}"
 
@@ -458,15 +458,15 @@ class RedisClient:
         answer from answers:ID. The first answer counts (HSETNX); returns the id answered."""
         with self.reachable():
             ex = self._find(execution_id)
-            waiting, answered = self.log.waiting(execution_id)
-            request_id = request_id or (waiting[0] if waiting else "")
+            import approvals
+            waiting, answered = self.log.waiting(execution_id) if ex.phase == pb.RUNNING else ({}, {})
             key = self.log.prefix + "answers:" + execution_id
-            if request_id in answered or (request_id and self.log.r.hexists(key, request_id)):
-                first = answered.get(request_id) or _answered_by(self.log.r.hget(key, request_id))
-                raise BackendError(f"that call of {execution_id} was already answered ({first})")
-            if request_id not in waiting or ex.phase != pb.RUNNING:
-                raise BackendError(f"{execution_id} has no tool call waiting for approval"
-                                   + (f" with id {request_id}" if request_id and request_id not in waiting else ""))
+            for rid, data in self.log.r.hgetall(key).items():  # answered, its event not written yet
+                answered.setdefault(_text(rid), _answered_by(data))
+            try:
+                request_id = approvals.pick(execution_id, request_id, waiting, answered)
+            except approvals.ApprovalError as e:
+                raise BackendError(str(e)) from None
             approval = pb.Approval(id=request_id, approved=approved, reason=reason, always=always, by=by)
             pipe = self.log.r.pipeline(transaction=True)
             pipe.hsetnx(key, request_id, approval.SerializeToString())

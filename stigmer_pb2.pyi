@@ -769,7 +769,7 @@ class ApprovalPolicy(_message.Message):
     def __init__(self, mode: _Optional[str] = ..., allow: _Optional[_Iterable[str]] = ..., deny: _Optional[_Iterable[str]] = ..., timeout_seconds: _Optional[float] = ...) -> None: ...
 
 class ApprovalRequest(_message.Message):
-    __slots__ = ("id", "tool", "command", "path", "diff", "reason", "input_json")
+    __slots__ = ("id", "tool", "command", "path", "diff", "reason", "input_json", "call_id")
     ID_FIELD_NUMBER: _ClassVar[int]
     TOOL_FIELD_NUMBER: _ClassVar[int]
     COMMAND_FIELD_NUMBER: _ClassVar[int]
@@ -777,6 +777,7 @@ class ApprovalRequest(_message.Message):
     DIFF_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     INPUT_JSON_FIELD_NUMBER: _ClassVar[int]
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
     id: str
     tool: str
     command: str
@@ -784,7 +785,8 @@ class ApprovalRequest(_message.Message):
     diff: str
     reason: str
     input_json: str
-    def __init__(self, id: _Optional[str] = ..., tool: _Optional[str] = ..., command: _Optional[str] = ..., path: _Optional[str] = ..., diff: _Optional[str] = ..., reason: _Optional[str] = ..., input_json: _Optional[str] = ...) -> None: ...
+    call_id: str
+    def __init__(self, id: _Optional[str] = ..., tool: _Optional[str] = ..., command: _Optional[str] = ..., path: _Optional[str] = ..., diff: _Optional[str] = ..., reason: _Optional[str] = ..., input_json: _Optional[str] = ..., call_id: _Optional[str] = ...) -> None: ...
 
 class Approval(_message.Message):
     __slots__ = ("id", "approved", "reason", "always", "rule", "by")
