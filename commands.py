@@ -910,7 +910,7 @@ def cmd_cancel(cfg, args):
 
 
 def cmd_approve(cfg, args):
-    """`approve ID [--always]`: approve the tool call of ID waiting for approval (the oldest, or --request's)."""
+    """`approve ID [--always]`: approve the tool call of ID waiting for approval (the one waiting, or --request's)."""
     return answer(cfg, args.id, args.request, True, "", args.always)
 
 

@@ -341,7 +341,7 @@ class Client:
         return self._call("Cancel", pb.CancelRequest(execution_id=execution_id))
 
     def approve(self, execution_id, request_id, approved, reason="", always=False, by=""):
-        """Answer a tool call of EXECUTION_ID waiting for approval (REQUEST_ID, or the oldest): the id answered.
+        """Answer a tool call of EXECUTION_ID waiting for approval (REQUEST_ID, or the one waiting): the id answered.
         BackendError (FAILED_PRECONDITION) when none waits or it was answered already."""
         return self._call("Approve", pb.ApproveRequest(execution_id=execution_id, request_id=request_id,
                                                        approved=approved, reason=reason, always=always,

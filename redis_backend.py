@@ -454,7 +454,7 @@ class RedisClient:
         return Watch(self, execution_id, after_seq, follow)
 
     def approve(self, execution_id, request_id, approved, reason="", always=False, by=""):
-        """Answer a tool call of EXECUTION_ID waiting for approval (REQUEST_ID, or the oldest); its worker reads the
+        """Answer a tool call of EXECUTION_ID waiting for approval (REQUEST_ID, or the one waiting); its worker reads the
         answer from answers:ID. The first answer counts (HSETNX); returns the id answered."""
         with self.reachable():
             ex = self._find(execution_id)

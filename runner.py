@@ -354,12 +354,14 @@ def parser():
     approve.add_argument("id", help="the execution")
     approve.add_argument("--always", action="store_true",
                          help="approve calls like this one for the rest of the execution and its resumes")
-    approve.add_argument("--request", default="", metavar="CALL_ID", help="which waiting call (default: the oldest)")
+    approve.add_argument("--request", default="", metavar="REQUEST_ID",
+                         help="which question (its id, in `logs --json`); needed when several wait")
     deny = sub.add_parser("deny", help="deny a tool call waiting for approval; the agent gets REASON",
                           epilog='example: python runner.py deny ex-1a2b "not on main: use a branch"')
     deny.add_argument("id", help="the execution")
     deny.add_argument("reason", nargs="*", help="why (the model reads it)")
-    deny.add_argument("--request", default="", metavar="CALL_ID", help="which waiting call (default: the oldest)")
+    deny.add_argument("--request", default="", metavar="REQUEST_ID",
+                      help="which question (its id, in `logs --json`); needed when several wait")
     agents = sub.add_parser("agents", help="list the agents this workspace can use (name, description, file, "
                                            "problems); `agents show NAME` prints one",
                             epilog="examples:\n  python runner.py agents\n  python runner.py agents --json\n"
