@@ -475,7 +475,7 @@ class Agent:
         else:
             start = time.monotonic()
             self._call_id = call.id  # for live output (the calls of one agent run one at a time)
-            refusal = self.gate.check(call, self._describe) if self.gate is not None else None
+            refusal = self.gate.check(call, self._describe, self.emit) if self.gate is not None else None
             if refusal == NOT_RUN:  # cancelled while it waited for an answer
                 more, (output, is_error, exit_code, truncated) = (), (NOT_RUN, True, 130, False)
             elif refusal is not None:

@@ -327,9 +327,10 @@ class Gate:
         """True when no call can be stopped or asked about (never, and no deny rule): check() is not needed."""
         return self.mode == "never" and not self.deny
 
-    def check(self, call, describe):
+    def check(self, call, describe, emit=None):
         """None when CALL (models.ToolUse) may run; else the error result it gets. DESCRIBE(call) -> (command, path,
-        diff) says what it would do (the diff of a write, for the request)."""
+        diff) says what it would do (the diff of a write, for the request). EMIT: the asking agent's (a sub-agent's
+        tags its request and answer events with its name), else the execution's."""
         tool, args = call.name, call.input if isinstance(call.input, dict) else {}
         if tool in READ_TOOLS or tool == "task":
             return None
@@ -350,16 +351,16 @@ class Gate:
                "on-write": "the approval policy is on-write" + (
                    ": this command is not known to be read-only" if tool == COMMAND_TOOL else
                    ": this writes a file" if tool in WRITE_TOOLS else ": an MCP tool may change things")}[self.mode]
-        return self._ask(call, tool, command, path, why, describe)
+        return self._ask(call, tool, command, path, why, describe, emit or self.emit)
 
-    def _ask(self, call, tool, command, path, why, describe):
+    def _ask(self, call, tool, command, path, why, describe, emit):
         diff = ""
         if tool in WRITE_TOOLS:
             try:
                 diff = describe(call)[:DIFF_MAX]
             except Exception as e:  # noqa: BLE001 - what it would change is for the person; the ask goes on
                 diff = f"(the change cannot be shown: {e})"
-        slot = [threading.Event(), None]
+        slot = [threading.Event(), None, emit]
         if tool == COMMAND_TOOL:
             rule = shlex.join(command_prefix(command)) if len(parts(command) or ()) == 1 else ""  # a chain: no rule
         elif tool in WRITE_TOOLS and path:
@@ -371,7 +372,7 @@ class Gate:
         with self.lock:
             self.waiting[request_id] = slot
             self.rules[request_id] = rule
-        self.emit(approval_request=pb.ApprovalRequest(
+        emit(approval_request=pb.ApprovalRequest(
             id=request_id, call_id=call.id, tool=tool, command=command, path=path or args_path(call), diff=diff,
             reason=why, input_json=json.dumps(call.input, ensure_ascii=False)[:DIFF_MAX]))
         try:
@@ -406,7 +407,7 @@ class Gate:
             if approval.always and approval.approved and not approval.rule:
                 approval.rule = self._always_rule(approval.id)
             slot[1] = approval
-        self.emit(approval=approval)
+        slot[2](approval=approval)
         slot[0].set()
         return True
 

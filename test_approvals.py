@@ -116,6 +116,14 @@ class RulesTest(unittest.TestCase):
         self.assertEqual([list(e) for e in events], [["approval_request"], ["approval"]])
         self.assertEqual(events[1]["approval"].by, "timeout")
 
+    def test_an_mcp_tool_counts_as_a_write_unless_allowed(self):
+        gate, events = self.gate("on-write")
+        self.assertIn("no answer within", gate.check(self.call("mcp__gh__list_issues"), None))
+        self.assertIn("an MCP tool may change things", events[0]["approval_request"].reason)
+        gate, events = self.gate("on-write", allow=["mcp__gh__list_*"])
+        self.assertIsNone(gate.check(self.call("mcp__gh__list_issues"), None))
+        self.assertEqual(events, [])
+
     def test_settings_files_and_their_errors(self):
         with tempfile.TemporaryDirectory() as t:
             project, home = os.path.join(t, "p"), os.path.join(t, "h")
@@ -295,6 +303,19 @@ class ApprovalRunTest(CliCase):
         bad = self.cli("--agent", "careless", "go")
         self.assertEqual(bad.returncode, 2)
         self.assertIn("must be never, on-write or always", bad.stderr)
+
+    def test_a_sub_agents_call_is_asked_about_like_its_parents(self):
+        self.fake.reset([tool_step(("task", {"description": "[sub] make the file", "subagent_type": "general-purpose"})),
+                         text_step("done")])
+        self.fake.routes = {"[sub]": [tool_step(("execute", {"command": "touch from-sub"})), text_step("made it")]}
+        run = Run(self, "--approval", "on-write", "delegate")
+        request = run.waiting(1)
+        self.assertEqual((request["subagent"], request["depth"], request["command"]),
+                         ("general-purpose", 1, "touch from-sub"))
+        self.assertEqual(self.cli("approve", run.execution_id).returncode, 0)
+        code, err = run.finish()
+        self.assertEqual(code, 0, err)
+        self.assertTrue(os.path.exists(os.path.join(self.workspace, "from-sub")))
 
     def test_cancel_while_waiting(self):
         self.fake.reset([tool_step(("execute", {"command": "touch x"})), text_step("done")])
