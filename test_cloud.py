@@ -21,7 +21,7 @@ import unittest
 import redis_backend as rb
 import stigmer_pb2 as pb
 from testsupport import (FAKE_KEY, HERE, FakeAnthropic, pid_alive, reap, run_cli, running, sleep_tag, text_step,
-                         tool_step, wait_for)
+                         stop_home, tool_step, wait_for)
 from testsupport_redis import RedisServer, requires_redis
 from testsupport_parallel import load_tests  # noqa: F401 - the suite runs in parallel (see there)
 
@@ -89,7 +89,7 @@ class CloudCase(unittest.TestCase):
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        run_cli(["stop", "--force"], self.env, timeout=30)  # cancels what a test left running
+        stop_home(self.env)  # cancels what a test left running
         self.client.close()
         self.fake.stop()
         shutil.rmtree(self.tmp, ignore_errors=True)

@@ -22,7 +22,7 @@ import runner
 import stigmer_pb2 as pb
 from contract import BackendError
 from testsupport import (FAKE_KEY, HERE, FakeAnthropic, assert_one_line, files_containing, free_port, pid_alive, reap,
-                         run_cli, running, sleep_tag, text_step, tool_step, wait_for)
+                         run_cli, running, sleep_tag, stop_home, text_step, tool_step, wait_for)
 from testsupport_parallel import load_tests  # noqa: F401 - the suite runs in parallel (see there)
 
 KEY_VARS = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "OPENAI_API_KEY", "STIGMER_SANDBOX_SECRETS", "MODE", "ENV",
@@ -59,7 +59,7 @@ class CliCase(unittest.TestCase):
 
     @staticmethod
     def release(tmp, fake, env):
-        run_cli(["stop", "--force"], env, timeout=30)  # cancels what a test left running
+        stop_home(env)  # cancels what a test left running
         fake.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -87,7 +87,7 @@ class CliCase(unittest.TestCase):
         `start`, stop everything, so that the class's next test finds no worker of `start`."""
         cfg = runner.Config.load(self.env)
         if any(os.path.basename(p).startswith("worker-") for p in processes.pid_files(cfg)):
-            run_cli(["stop", "--force"], self.env, timeout=30)  # the test ran `start`: the next one starts without
+            stop_home(self.env)  # the test ran `start`: the next one starts without
             return
         try:
             found = processes.find_daemon(cfg)
@@ -102,7 +102,7 @@ class CliCase(unittest.TestCase):
             finally:
                 client.close()
         except (processes.CliError, BackendError):  # a test broke the home: the next test starts afresh
-            run_cli(["stop", "--force"], self.env, timeout=30)
+            stop_home(self.env)
 
     def cli(self, *args, env=None, timeout=90):
         return run_cli(list(args), env or self.env, timeout=timeout, cwd=self.workspace)

@@ -257,6 +257,23 @@ def run_cli(args, env, timeout=60, cwd=None, input=None):
                           stdin=None if input is not None else subprocess.DEVNULL)
 
 
+def stop_home(env):
+    """`runner.py stop --force` for the home ENV names, in this process: a class's fixtures end with it, and a new
+    interpreter (its imports) for each cost a second of CPU in every five the suite spends on stopping."""
+    import argparse
+    import contextlib
+    import io
+
+    import commands
+    import runner
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            commands.cmd_stop(runner.Config.load(env), argparse.Namespace(force=True))
+    except Exception:  # noqa: BLE001 - whatever in-process stopping trips on, the command itself is the fallback
+        run_cli(["stop", "--force"], env, timeout=30)
+
+
 def reap(proc):
     """A test's cleanup for a process it started: killed if it still runs, waited for, its pipes closed
     (else each leaves a ResourceWarning, or a zombie)."""
