@@ -41,6 +41,7 @@ import threading
 import time
 from datetime import date
 
+import approvals
 import models
 import skills as skills_mod
 import stigmer_pb2 as pb
@@ -476,12 +477,10 @@ class Agent:
             start = time.monotonic()
             self._call_id = call.id  # for live output (the calls of one agent run one at a time)
             refusal = self.gate.check(call, self._describe, self.emit) if self.gate is not None else None
-            if refusal == NOT_RUN:  # cancelled while it waited for an answer
+            if refusal == approvals.CANCELLED or self.cancelled.is_set():  # cancelled while it waited for an answer
                 more, (output, is_error, exit_code, truncated) = (), (NOT_RUN, True, 130, False)
             elif refusal is not None:
                 more, (output, is_error, exit_code, truncated) = (), (refusal, True, 1, False)
-            elif self.cancelled.is_set():  # cancelled while it waited for an answer
-                more, (output, is_error, exit_code, truncated) = (), (NOT_RUN, True, 130, False)
             else:
                 output, is_error, exit_code, truncated, *more = self._call_tool(call)
             images = more[0] if more else ()  # an MCP tool's images: [(media type, bytes)]
@@ -626,7 +625,6 @@ def cleared_note(call, redact=lambda text: text):
 def awaiting_approval(events):
     """The ids of the tool calls of the conversation's own agent in EVENTS (oldest first) that asked for approval
     and have neither an answer nor a result: their run ended while they waited."""
-    import approvals
     return set(approvals.waiting_calls(e for e in events if not e.depth)[0].values())
 
 

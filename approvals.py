@@ -43,7 +43,7 @@ READ_ONLY = {"ls", "cat", "head", "tail", "wc", "grep", "rg", "find", "pwd", "ec
              "diff", "cmp", "cut", "basename", "dirname", "realpath", "whoami", "uname", "true", "false", "test",
              "git"}  # not sort, uniq, file, tree, date, env: each has a way to write, run or change something
 GIT_READ_ONLY = {"status", "diff", "log", "show", "blame", "rev-parse", "ls-files", "describe"}
-NOT_RUN = "not run: the execution was cancelled"  # check()'s answer for a call whose wait a cancel ended
+CANCELLED = "cancelled"  # check()'s answer for a call whose wait a cancel ended (never "run it")
 FIND_WRITES = {"-exec", "-execdir", "-ok", "-okdir", "-delete", "-fprint", "-fprint0", "-fprintf", "-fls"}
 WRITING_OPTIONS = ("--output", "-o")  # git diff --output=FILE, sort -o FILE: a read-only command that writes
 CHAIN = {"|", "||", "&&", ";", "&", "\n"}
@@ -248,23 +248,32 @@ def _matches(rule, tool, command, path, deny=False):
     return sandbox._glob_regex(pattern.removeprefix("./")).match(path) is not None
 
 
+def answered_by(approval):
+    """Who answered how (a pb.Approval), for a person: "approved by me on /dev/pts/3 (pid 42)"."""
+    return f"{'approved' if approval.approved else 'denied'} by {approval.by or 'someone'}"
+
+
+def track(event, waiting, answered):
+    """Apply one EVENT to WAITING ({request id: its tool call's id}, in order) and ANSWERED ({request id: who
+    answered}): a request waits from its approval_request to its approval event, or to its call's tool_result
+    (a cancel, or a timeout seen first)."""
+    kind = event.WhichOneof("payload")
+    if kind == "approval_request":
+        r = event.approval_request
+        waiting[r.id] = r.call_id or r.id
+    elif kind == "approval":
+        waiting.pop(event.approval.id, None)
+        answered[event.approval.id] = answered_by(event.approval)
+    elif kind == "tool_result" and waiting:
+        for request_id in [rid for rid, call in waiting.items() if call == event.tool_result.id]:
+            del waiting[request_id]
+
+
 def waiting_calls(events):
-    """({request id: its tool call's id} of the requests waiting for an answer, oldest first; {request id: who
-    answered, for a person}) from an execution's EVENTS, in seq order. A request is answered by its approval event,
-    and ended by its call's tool_result (a cancel, a timeout seen first)."""
+    """(waiting, answered) as track() leaves them after an execution's EVENTS, in seq order."""
     waiting, answered = {}, {}
     for event in events:
-        kind = event.WhichOneof("payload")
-        if kind == "approval_request":
-            r = event.approval_request
-            waiting[r.id] = r.call_id or r.id
-        elif kind == "approval":
-            waiting.pop(event.approval.id, None)
-            a = event.approval
-            answered[a.id] = f"{'approved' if a.approved else 'denied'} by {a.by or 'someone'}"
-        elif kind == "tool_result":
-            for request_id in [rid for rid, call in waiting.items() if call == event.tool_result.id]:
-                del waiting[request_id]
+        track(event, waiting, answered)
     return waiting, answered
 
 
@@ -310,7 +319,7 @@ class Gate:
     """One execution's approvals: its policy and rules, the answers "always" added, and the calls waiting. Shared
     by the execution's agent and its sub-agents. EMIT writes the request and answer events; CANCELLED() ends a wait."""
 
-    def __init__(self, policy, emit, cancelled, history=(), root=""):
+    def __init__(self, policy, emit, cancelled=lambda: False, history=(), root=""):
         self.mode = policy.mode or "never"
         self.allow, self.deny = list(policy.allow), list(policy.deny)
         self.timeout = policy.timeout_seconds or None
@@ -380,7 +389,7 @@ class Gate:
             while not slot[0].wait(0.1):
                 waited += 0.1
                 if self.cancelled():
-                    return NOT_RUN  # never "run it": the agent sees its cancel and ends the run
+                    return CANCELLED  # never "run it": the agent sees its cancel and ends the run
                 if self.timeout and waited >= self.timeout:
                     self.answer(pb.Approval(id=request_id, approved=False, by="timeout",
                                             reason=f"no answer within {self.timeout:g} s"))

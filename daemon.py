@@ -30,6 +30,7 @@ import grpc
 
 import stigmer_pb2 as pb
 import stigmer_pb2_grpc as pb_grpc
+import approvals
 import store
 from contract import LIST_PAGE_BYTES, TERMINAL_PHASES, VERSION, parent_problem, prompt_problem
 
@@ -268,7 +269,6 @@ class Daemon(pb_grpc.DaemonServicer):
                 self._recall_approvals(ex.id)
             waiting = self._waiting.get(ex.id, {})
             answered = self._answered.get(ex.id, {})
-            import approvals
             try:
                 request_id = approvals.pick(ex.id, request.request_id, waiting, answered)
             except approvals.ApprovalError as e:
@@ -277,17 +277,15 @@ class Daemon(pb_grpc.DaemonServicer):
             if session is None:
                 context.abort(Code.FAILED_PRECONDITION, f"the runner of {ex.id} is not connected: answer once it "
                                                         "is back, or resume the execution later")
-            verdict = "approved" if request.approved else "denied"
-            answered[request_id] = f"{verdict} by {request.by or 'someone'}"
-            self._answered[ex.id] = answered
             approval = pb.Approval(id=request_id, approved=request.approved, reason=request.reason,
                                    always=request.always, by=request.by)
+            answered[request_id] = approvals.answered_by(approval)
+            self._answered[ex.id] = answered
             session.send(pb.DaemonMessage(approval=pb.ApprovalAnswer(execution_id=ex.id, approval=approval)))
             return pb.ApproveResponse(request_id=request_id)
 
     def _recall_approvals(self, execution_id):
         """Fill _waiting and _answered for EXECUTION_ID from its stored events (call with the lock held)."""
-        import approvals
         waiting, answered = approvals.waiting_calls(store.approval_events(self._db, execution_id))
         self._waiting[execution_id], self._answered[execution_id] = waiting, answered
 
@@ -587,17 +585,9 @@ class Daemon(pb_grpc.DaemonServicer):
                 break
             if kind == "usage":
                 ex.usage.CopyFrom(event.usage)
-            elif kind == "approval_request":
-                r = event.approval_request
-                self._waiting.setdefault(execution_id, {})[r.id] = r.call_id or r.id
-            elif kind == "approval":  # what the runner took is the answer that counts (a timeout's, perhaps)
-                self._waiting.get(execution_id, {}).pop(event.approval.id, None)
-                self._answered.setdefault(execution_id, {})[event.approval.id] = (
-                    f"{'approved' if event.approval.approved else 'denied'} by {event.approval.by or 'someone'}")
-            elif kind == "tool_result" and self._waiting.get(execution_id):
-                waiting = self._waiting[execution_id]
-                for request_id in [r for r, call in waiting.items() if call == event.tool_result.id]:
-                    del waiting[request_id]
+            elif kind in ("approval_request", "approval", "tool_result"):  # the runner's answer is the one that counts
+                approvals.track(event, self._waiting.setdefault(execution_id, {}),
+                                self._answered.setdefault(execution_id, {}))
             elif kind == "phase":
                 if event.phase.phase in TERMINAL_PHASES:
                     _finish(ex, event.phase)

@@ -31,6 +31,7 @@ import os
 import re
 import threading
 import time
+from concurrent.futures import Future
 
 import stigmer_pb2 as pb
 
@@ -266,13 +267,12 @@ class Hub:
         self.stopping = asyncio.Event()
         self.thread = threading.Thread(target=self.loop.run_forever, name="mcp", daemon=True)
         self.thread.start()
-        ready = {s.name: asyncio.run_coroutine_threadsafe(self._ready_future(), self.loop).result()
-                 for s in self.servers}
+        ready = {s.name: Future() for s in self.servers}  # a server's tools listed, or why it failed (thread-safe)
         self.tasks = asyncio.run_coroutine_threadsafe(self._spawn(ready), self.loop).result()
         deadline = time.monotonic() + START_TIMEOUT
         try:
             for server in self.servers:
-                future = asyncio.run_coroutine_threadsafe(self._wait(ready[server.name]), self.loop)
+                future = ready[server.name]
                 while True:
                     try:
                         future.result(timeout=CANCEL_POLL)
@@ -317,15 +317,6 @@ class Hub:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=STOP_TIMEOUT)
-
-    async def _ready_future(self):
-        import asyncio
-        return asyncio.get_running_loop().create_future()
-
-    @staticmethod
-    async def _wait(future):
-        import asyncio
-        return await asyncio.shield(future)
 
     def _log(self, name):
         return os.path.join(self.log_dir, f"mcp-{self.marker}-{name}.log")

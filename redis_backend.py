@@ -114,8 +114,8 @@ def _answered_by(data):
     """Who gave the stored answer DATA (a serialized Approval), for a person."""
     if not data:
         return "answered by someone"
-    a = pb.Approval.FromString(data)
-    return f"{'approved' if a.approved else 'denied'} by {a.by or 'someone'}"
+    import approvals
+    return approvals.answered_by(pb.Approval.FromString(data))
 
 
 def _pinned(worker):

@@ -601,7 +601,7 @@ class Worker:
             if not getattr(box, "id", None) and not spec.no_patch:  # the host: what the run changes is its patch
                 box.patch_base = workspace_tree(spec.workspace, self.environ)
             offered = self._skills(execution, box)
-            gate = approvals.Gate(spec.approval, emit, lambda: execution.id in self.cancels, history, box.root)
+            gate = approvals.Gate(spec.approval, emit, history=history, root=box.root)
             the_agent = agent_mod.Agent(model, box, emit, max_turns=spec.max_turns,
                                         max_tokens_total=spec.max_tokens_total, redactor=redactor, shell_env=shell_env,
                                         context_window=models.context_window(model_name, self.context_window),
