@@ -463,18 +463,30 @@ def _reason(e):
 
 
 class _guarded:
-    """An async context around the SDK's stdio_client that registers the server's process group with the
-    sandbox's guardian once it runs (found by its RUN_MARKER), so that it dies with the worker, even by kill -9."""
+    """An async context around the SDK's stdio_client that has the sandbox's guardian kill the server should the
+    worker die, even by kill -9: by its RUN_MARKER from before it starts, and by its process group once found."""
+
+    FIND_TRIES = 50  # x 10 ms: how long the server's group is looked for (its exec may still be under way)
 
     def __init__(self, inner, marker, groups, name):
         self.inner, self.marker, self.groups, self.name = inner, marker, groups, name
 
     async def __aenter__(self):
-        streams = await self.inner.__aenter__()
+        import asyncio
+
         import sandbox
-        pids = sandbox.marked_pids(self.marker)
-        if pids:
-            self.groups[self.name] = sandbox.guard_group(min(pids), self.marker)
+        sandbox.guard_marker(self.marker)
+        try:
+            streams = await self.inner.__aenter__()
+        except BaseException:
+            sandbox.guard_marker(self.marker, on=False)
+            raise
+        for _ in range(self.FIND_TRIES):
+            pids = sandbox.marked_pids(self.marker)
+            if pids:
+                self.groups[self.name] = sandbox.guard_group(min(pids), self.marker)
+                break
+            await asyncio.sleep(0.01)
         return streams
 
     async def __aexit__(self, *exc):
@@ -485,3 +497,5 @@ class _guarded:
             group = self.groups.pop(self.name, None)
             if group is not None:
                 sandbox.unguard_group(group, kill=True)
+            sandbox.kill_marked(self.marker, sandbox.RUN_MARKER)  # what the group missed, or all when not found
+            sandbox.guard_marker(self.marker, on=False)

@@ -105,19 +105,26 @@ PROBE_TIMEOUT = 10.0    # seconds confinement_problem() gives bwrap to show it c
 
 _LIVE = set()           # process-group ids of commands running now, in any sandbox
 _LIVE_LOCK = threading.Lock()
+_MARKS = set()          # RUN_MARKER values guarded alone (guard_marker), as bytes
 _GUARD = None           # the guardian's stdin (a pipe), once guard_commands() has started it
 _CONFINEMENT = {}       # what confinement_problem() found, once per process: {"problem": str or None}
 _CONFINEMENT_LOCK = threading.Lock()
 
 # The guardian: a child that outlives a SIGKILLed parent. It learns "+PGID MARKER" when a command
-# starts and "-PGID" when it ends; at EOF (its parent is gone, however it died) it SIGKILLs what is left.
+# starts and "-PGID" when it ends, "m MARKER" and "u MARKER" for a marker alone (guard_marker); at EOF (its
+# parent is gone, however it died) it SIGKILLs what is left: the groups, and every process carrying a marker.
 _GUARD_CODE = r"""
 import os, signal, sys
 signal.signal(signal.SIGINT, signal.SIG_IGN)
 live = {}
+marks = set()
 for line in sys.stdin.buffer:
     sign, _, rest = line.strip().partition(b" ")
-    if sign[:1] == b"+":
+    if sign == b"m":
+        marks.add(rest)
+    elif sign == b"u":
+        marks.discard(rest)
+    elif sign[:1] == b"+":
         live[int(sign[1:])] = rest
     elif sign[:1] == b"-":
         live.pop(int(sign[1:]), None)
@@ -126,7 +133,7 @@ for pgid in live:
         os.killpg(pgid, signal.SIGKILL)
     except OSError:
         pass
-needles = [b"\0%s=%s\0" % (os.fsencode(sys.argv[1]), m) for m in live.values() if m]
+needles = [b"\0%s=%s\0" % (os.fsencode(sys.argv[1]), m) for m in {*live.values(), *marks} if m]
 if needles:
     for name in os.listdir("/proc") if os.path.isdir("/proc") else []:
         try:
@@ -220,6 +227,8 @@ def guard_commands():
             _GUARD = proc.stdin
             for pgid in _LIVE:
                 _tell_guard(b"+%d" % pgid)
+            for mark in _MARKS:
+                _tell_guard(b"m " + mark)
         return _GUARD
 
 
@@ -239,6 +248,16 @@ def unguard_group(pgid, kill=False):
             _signal_group(pgid, signal.SIGKILL)
         _LIVE.discard(pgid)
         _tell_guard(b"-%d" % pgid)
+
+
+def guard_marker(marker, on=True):
+    """Have the guardian kill every process carrying RUN_MARKER=MARKER should this process die (ON), or no longer
+    (not ON). For a process whose group is not known yet: a child that is still being exec'd shows no environment
+    in /proc, so marked_pids() may miss it for a moment, but the guardian looks only once its parent is gone."""
+    mark = os.fsencode(marker)
+    with _LIVE_LOCK:
+        (_MARKS.add if on else _MARKS.discard)(mark)
+        _tell_guard((b"m " if on else b"u ") + mark)
 
 
 def marked_pids(value, name=RUN_MARKER):

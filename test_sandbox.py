@@ -29,7 +29,7 @@ from unittest import mock
 import sandbox
 import stigmer_pb2 as pb
 from sandbox import ExecutionResult, FilesystemSandbox, SandboxError
-from testsupport import PongServer, running, sleep_tag, survivors
+from testsupport import PongServer, pid_alive, running, sleep_tag, survivors
 from testsupport_parallel import load_tests  # noqa: F401 - the suite runs in parallel (see there)
 
 HANG = 15  # seconds; a call that takes longer than this has hung (the commands sleep 30-60 s)
@@ -1133,6 +1133,45 @@ class HostExecuteBehaviour:
 
 class ExecuteFullAccessTest(HostExecuteBehaviour, SandboxCase):
     pass
+
+
+class GuardianTest(unittest.TestCase):
+    """The guardian of a process killed with SIGKILL kills what carries a marker it was given (guard_marker), even
+    when the process's group was never registered; a marker it was not given, or was told to forget, is left."""
+
+    CHILD = textwrap.dedent("""
+        import os, subprocess, sys, time
+        import sandbox
+        sandbox.guard_commands()
+        sandbox.guard_marker("guarded-" + sys.argv[1])
+        sandbox.guard_marker("forgotten-" + sys.argv[1])
+        sandbox.guard_marker("forgotten-" + sys.argv[1], on=False)
+        for pid in filter(str.isdigit, os.listdir("/proc")):  # the guardian: this process's only child yet
+            with open(f"/proc/{pid}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == os.getpid():
+                    print(pid, flush=True)
+        for name in ("guarded", "forgotten", "unknown"):
+            p = subprocess.Popen(["sleep", "60"], start_new_session=True,
+                                 env={**os.environ, sandbox.RUN_MARKER: name + "-" + sys.argv[1]})
+            print(p.pid, flush=True)
+        time.sleep(60)
+    """)
+
+    def test_a_marker_alone_is_enough_for_the_guardian(self):
+        tag = uuid.uuid4().hex
+        child = subprocess.Popen([sys.executable, "-c", self.CHILD, tag], stdout=subprocess.PIPE, text=True,
+                                 cwd=os.path.dirname(os.path.abspath(__file__)))
+        self.addCleanup(child.wait)
+        self.addCleanup(child.kill)
+        guardian, guarded, forgotten, unknown = [int(child.stdout.readline()) for _ in range(4)]
+        for pid in (guarded, forgotten, unknown):
+            self.addCleanup(lambda pid=pid: pid_alive(pid) and os.kill(pid, signal.SIGKILL))
+        child.kill()
+        child.wait()
+        self.assertFalse(alive(guardian), "the guardian did not end with its parent")  # so it is done killing
+        self.assertFalse(pid_alive(guarded), "the guardian left the marked process running")
+        self.assertTrue(pid_alive(forgotten))
+        self.assertTrue(pid_alive(unknown))
 
 
 class ConfinedCase(SandboxCase):
