@@ -522,6 +522,7 @@ class AgentRunTest(CliCase):
 
 class ResumeTest(CliCase):
     """resume and -c keep the parent's agent, its settings and its system prompt, byte for byte."""
+    share_home = False  # it lists the home's executions
 
     GITHUB = "ghp_fakeTokenForTheResumedReviewer1"
     script = [tool_step(("execute", {"command": "echo style=$REVIEW_STYLE"})), text_step("First review."),

@@ -363,6 +363,7 @@ class EnvironmentTest(CliCase):
 class ConfinedCase(CliCase):
     """HOME and STIGMER_HOME outside /tmp, so that only the confinement can hide them from a command (the
     sandbox's own /tmp is private), a fake ~/.ssh/id_rsa, and real bwrap (skipped, saying why, without it)."""
+    share_home = False  # each test has a home of its own, on the class's port
 
     KEY = "-----BEGIN OPENSSH PRIVATE KEY----- fake key of the cli test"
 
@@ -807,6 +808,7 @@ class NotFoundTest(CliCase):
 
 class CancelWhileThinkingTest(CliCase):
     """Ctrl-C while the model has not answered yet (its first byte would come in 10 minutes) cancels at once."""
+    share_home = False  # it looks for the logs of the home's workers
     script = [text_step("far too late", delay=600)]
 
     def interrupt_run(self, *args):
@@ -928,6 +930,7 @@ class SecretsAtRestTest(CliCase):
 class InputLimitTest(CliCase):
     """Issue 28, item 8: 16 MiB of stdin is refused clearly, while the worker, `list` and an unrelated
     execution running on that worker carry on."""
+    share_home = False  # it lists the home's executions
     script = [tool_step(("execute", {"command": "while [ ! -e release ]; do sleep 0.05; done; echo released"})),
               text_step("finished")]
 

@@ -28,6 +28,7 @@ def stdio_server(**extra):
 @SKIP
 class StdioServerTest(CliCase):
     """A stdio server from --mcp-config: its tools offered, called, their results, errors and limits."""
+    share_home = False  # its daemon is started with a short runner grace (setUp)
 
     def setUp(self):
         super().setUp()

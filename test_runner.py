@@ -33,18 +33,35 @@ class CliCase(unittest.TestCase):
     """A workspace per test; a STIGMER_HOME (with its daemon), a user's HOME, a daemon port and a fake model per
     class, shared by its tests: the fake starts each test over with the test's script, and what a test left
     running is cancelled after it. So a test's runs find the worker the class's previous run left warm, as a
-    user's next run does, instead of each paying a cold start. A class whose tests need a home, daemon or
-    fake of their own (they break, stop or inspect them) sets `fresh = True`: then each test gets all of it."""
+    user's next run does, instead of each paying a cold start. The classes of a module that testsupport_parallel
+    runs in one process (share_process: the module's name by default) share that home too. A class whose tests
+    need a home, daemon or fake of their own (they break, stop or inspect them) sets `fresh = True`: then each
+    test gets all of it; one whose tests only need the class's home to themselves sets `share_home = False`."""
 
     script = [text_step("nothing to do")]
     fresh = False
+    share_home = True  # False: a home of the class's own (its tests count what the home holds, or use its port)
+    _process_home = []  # the fixture this process's classes share (one list for all subclasses)
+
+    @classmethod
+    def share_process(cls):
+        """The key under which testsupport_parallel runs this class in one process with others (their home
+        shared), or None."""
+        return cls.__module__ if cls.share_home and not cls.fresh else None
 
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
-        cls.shared = None if cls.fresh else cls.fixture()
-        if cls.shared:
+        if cls.fresh:
+            cls.shared = None
+        elif cls.share_process() is None:  # a home of the class's own
+            cls.shared = cls.fixture()
             cls.addClassCleanup(cls.release, *cls.shared)
+        else:  # the home of the classes run in this process (released when the module's tests are done)
+            if not CliCase._process_home:
+                CliCase._process_home.append(cls.fixture())
+                unittest.addModuleCleanup(lambda: cls.release(*CliCase._process_home.pop()))
+            cls.shared = CliCase._process_home[0]
 
     @classmethod
     def fixture(cls):
@@ -132,6 +149,7 @@ class CliCase(unittest.TestCase):
 
 
 class MultiTurnTest(CliCase):
+    share_home = False  # it lists the home's executions
     script = [
         tool_step(("write_file", {"path": "app/calc.py", "content": "print('sum', 2 + )\n"}), text="Writing it."),
         tool_step(("execute", {"command": "python3 app/calc.py"})),
@@ -454,6 +472,7 @@ class ForegroundDaemonLostTest(CliCase):
 
 
 class BackgroundServicesTest(CliCase):
+    share_home = False  # it counts the home's executions
     script = [tool_step(("execute", {"command": "sleep 3; echo slept"})),
               tool_step(("execute", {"command": "echo second"})),
               text_step("done after the restart")]
@@ -600,6 +619,7 @@ class TerminalTest(CliCase):
 
 
 class CliErrorTest(CliCase):
+    share_home = False  # it makes and breaks the home
     assertOneLine = assert_one_line
 
     def test_missing_workspace(self):

@@ -5,7 +5,9 @@ from the one that discovered the tests, STIGMER_TEST_JOBS classes at once (defau
 Each test module opts in with one line, `load_tests = testsupport_parallel.load_tests`; unittest calls it
 while it discovers (or loads a named module), and the suite it returns hands the module's classes to one pool
 instead of running them. The pool forks a child per class (setUpClass, the tests, tearDownClass: a class's
-fixtures stay shared by its tests, and nothing is shared between classes), reads each test's outcome from a
+fixtures stay shared by its tests, and nothing is shared between classes), or per group of up to SHARE_CLASSES
+classes of a module whose `share_process()` gives the same key (their fixtures may then be shared between them: see
+test_runner.CliCase, whose classes share a home, a daemon and its warm worker this way), reads each test's outcome from a
 pipe and reports it to unittest's own result in the parent, one test at a time, so that the dots, `-v` and
 the failure listing read as usual. A child that dies without reporting fails its remaining tests with its exit
 status. The last module's suite waits for the pool, so `Ran N tests` counts them all. STIGMER_TEST_TIMES=N
@@ -27,6 +29,7 @@ import traceback
 import unittest
 from unittest.suite import _ErrorHolder
 
+SHARE_CLASSES = 6  # classes that share a process (the same share_process key, one module) run in one child, this many
 CLASS_LIMIT = 900.0  # seconds a class may take in its process before it is killed (the slowest take under 60)
 _suites = []  # every ForkedSuite that loading made, in order: the last one to run waits for the pool
 _pool = None
@@ -71,7 +74,19 @@ class ForkedSuite(unittest.TestSuite):
         groups = collections.OrderedDict()
         for test in _cases(self):
             groups.setdefault(type(test), []).append(test)
-        for tests in groups.values():
+        units, open_units = [], {}
+        for cls, tests in groups.items():
+            key = cls.share_process() if hasattr(cls, "share_process") else None
+            if key is None:
+                units.append(tests)
+                continue
+            unit = open_units.get(key)
+            if unit is None or unit[1] >= SHARE_CLASSES:
+                unit = open_units[key] = [[], 0]
+                units.append(unit[0])
+            unit[0].extend(tests)
+            unit[1] += 1
+        for tests in units:
             _pool.submit(tests)
         self.submitted = True
         if all(s.submitted for s in _suites):
@@ -155,7 +170,9 @@ class Child:
         self.done = set()
         self.buffered = []  # the current test's events, reported together at its stop
         self.partial = b""
-        self.name = f"{type(tests[0]).__module__}.{type(tests[0]).__qualname__}"
+        classes = list(dict.fromkeys(type(t) for t in tests))
+        self.name = f"{classes[0].__module__}.{classes[0].__qualname__}" + \
+            (f" (+{len(classes) - 1} classes)" if len(classes) > 1 else "")
         self.started = time.monotonic()
         read, write = os.pipe()
         self.pid = os.fork()
