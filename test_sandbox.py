@@ -1161,6 +1161,7 @@ class GuardianTest(unittest.TestCase):
         tag = uuid.uuid4().hex
         child = subprocess.Popen([sys.executable, "-c", self.CHILD, tag], stdout=subprocess.PIPE, text=True,
                                  cwd=os.path.dirname(os.path.abspath(__file__)))
+        self.addCleanup(child.stdout.close)
         self.addCleanup(child.wait)
         self.addCleanup(child.kill)
         guardian, guarded, forgotten, unknown = [int(child.stdout.readline()) for _ in range(4)]

@@ -347,8 +347,8 @@ class Worker:
         """Queue one event payload for EXECUTION_ID, redacted by REDACTOR (text deltas as a stream, every other
         payload's strings here: the one redaction point of the events); waits while the buffer is full."""
         error = payload.get("error")
-        if error is not None and error.code == "auth":  # its key was refused: it must not stay warm with it
-            self.key_refused = True
+        if error is not None and error.code in ("auth", "sandbox_auth"):
+            self.key_refused = True  # the model's or Daytona's key was refused: it must not stay warm with it
         if "text" not in payload:
             for message in payload.values():
                 if isinstance(message, (str, int)):
