@@ -113,9 +113,7 @@ def cmd_run(cfg, args):
             print(json.dumps({"execution_id": execution.id}) if args.json else execution.id)
             return 0
         code = follow_run(cfg, be, client, execution, plan, args)
-        # It ended (completed, or failed: a limit, an error of the task): its worker may stay warm for the next run,
-        # unless the model API refused its key (the worker knows, and leaves).
-        ended = code in (0, 1)
+        ended = code == 0  # it completed (its key works): its worker may stay warm for the next run
         return code
     finally:
         for sig in handlers:  # let the clean-up below finish

@@ -339,16 +339,12 @@ class Worker:
         self._sdk_lock = threading.Lock()
         self._sdk_ready = threading.Event()
         self._preloading = False  # start_preload has started preload's thread
-        self.key_refused = False  # a run's model API refused the key this worker holds (an "auth" error)
 
     # ---- events from the agents ----
 
     def emit(self, execution_id, redactor, **payload):
         """Queue one event payload for EXECUTION_ID, redacted by REDACTOR (text deltas as a stream, every other
         payload's strings here: the one redaction point of the events); waits while the buffer is full."""
-        error = payload.get("error")
-        if error is not None and error.code in ("auth", "sandbox_auth"):
-            self.key_refused = True  # the model's or Daytona's key was refused: it must not stay warm with it
         if "text" not in payload:
             for message in payload.values():
                 if isinstance(message, (str, int)):
@@ -866,8 +862,8 @@ def serve(worker, link, *, exit_with_stdin=False, warm_for=0.0, mark=None):
     if exit_with_stdin:  # the CLI that spawned us holds our stdin; EOF means it is gone
 
         def until_eof():
-            if sys.stdin.buffer.read() == WARM_WORD and warm_for > 0 and mark is not None and not worker.key_refused:
-                stay_warm(worker, warm_for, mark, stop)  # its run ended: stay for the next one a while
+            if sys.stdin.buffer.read() == WARM_WORD and warm_for > 0 and mark is not None:
+                stay_warm(worker, warm_for, mark, stop)  # its run ended well: stay for the next one a while
             stop.set()
         threading.Thread(target=until_eof, name="stdin", daemon=True).start()
     thread = threading.Thread(target=link.run, args=(worker,), name="link", daemon=True)
