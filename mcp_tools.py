@@ -29,6 +29,7 @@ import json
 import math
 import os
 import re
+import sys
 import threading
 import time
 from concurrent.futures import Future
@@ -481,12 +482,16 @@ class _guarded:
         except BaseException:
             sandbox.guard_marker(self.marker, on=False)
             raise
-        for _ in range(self.FIND_TRIES):
-            pids = sandbox.marked_pids(self.marker)
-            if pids:
-                self.groups[self.name] = sandbox.guard_group(min(pids), self.marker)
-                break
-            await asyncio.sleep(0.01)
+        try:
+            for _ in range(self.FIND_TRIES):
+                pids = sandbox.marked_pids(self.marker)
+                if pids:
+                    self.groups[self.name] = sandbox.guard_group(min(pids), self.marker)
+                    break
+                await asyncio.sleep(0.01)
+        except BaseException:  # cancelled while looking (the hub stops): the server must not outlive this
+            await self.__aexit__(*sys.exc_info())
+            raise
         return streams
 
     async def __aexit__(self, *exc):

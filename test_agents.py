@@ -403,6 +403,7 @@ def agent_home_env(case):
 
 class CliValidationTest(CliCase):
     """Each problem stops `run --agent` with one line and exit 2, before any key prompt or model call."""
+    share_home = False  # it checks that nothing was stored in the home
 
     def test_every_problem_is_one_line_exit_2_before_any_prompt(self):
         env = agent_home_env(self)  # no key and no terminal: a key prompt would fail with another message
@@ -560,6 +561,7 @@ class ResumeTest(CliCase):
 
 class DefaultAgentTest(CliCase):
     """Without an agent nothing changes but the project's instructions, which --no-project-doc leaves out."""
+    share_home = False  # it writes the home's AGENTS.md
 
     script = [tool_step(("execute", {"command": "echo mode=$MODE_SETTING"})), text_step("done")]
 

@@ -26,6 +26,54 @@ def stdio_server(**extra):
 
 
 @SKIP
+class GuardedStartTest(unittest.TestCase):
+    """A stdio server whose start is cancelled while its process group is still being looked for (its exec under
+    way) is killed, and its marker withdrawn from the guardian."""
+
+    def test_a_cancel_while_the_group_is_looked_for_leaves_no_server(self):
+        import asyncio
+        from unittest import mock
+
+        import mcp_tools
+        import sandbox
+        from mcp.client.stdio import StdioServerParameters, stdio_client
+        marker = f"mcp-test-{os.getpid()}-{time.monotonic_ns()}"
+        real = sandbox.marked_pids
+        looked = []
+
+        def not_yet(value, name=sandbox.RUN_MARKER):  # the server's exec still under way: not found for a while
+            looked.append(value)
+            return [] if len(looked) < 40 else real(value, name)
+
+        async def main():
+            params = StdioServerParameters(command="sleep", args=["60"],
+                                           env={sandbox.RUN_MARKER: marker, "PATH": os.environ["PATH"]})
+            groups = {}
+
+            async def serve():
+                async with mcp_tools._guarded(stdio_client(params), marker, groups, "t"):
+                    await asyncio.sleep(60)
+            task = asyncio.ensure_future(serve())
+            while not looked:
+                await asyncio.sleep(0.005)
+            self.assertTrue(real(marker))  # the server runs
+            task.cancel()
+            with self.assertRaises(asyncio.CancelledError):
+                await task
+            for _ in range(500):  # gone while the loop goes on (the hub's loop outlives a server's start)
+                if not real(marker):
+                    break
+                await asyncio.sleep(0.01)
+            return groups, real(marker)
+        self.addCleanup(lambda: [os.kill(pid, signal.SIGKILL) for pid in real(marker)])
+        with mock.patch.object(sandbox, "marked_pids", not_yet):
+            groups, left = asyncio.run(main())
+        self.assertEqual(left, [])
+        self.assertEqual(groups, {})
+        self.assertNotIn(os.fsencode(marker), sandbox._MARKS)
+
+
+@SKIP
 class StdioServerTest(CliCase):
     """A stdio server from --mcp-config: its tools offered, called, their results, errors and limits."""
     share_home = False  # its daemon is started with a short runner grace (setUp)

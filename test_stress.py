@@ -137,6 +137,7 @@ class PinningTest(unittest.TestCase):
 
 class KilledWorkerTest(CliCase):
     """Reproduction 2: SIGKILL a worker mid-command; by pid, nothing of the tool's tree survives."""
+    share_home = False  # its daemon starts with a runner grace of its own
 
     TAG = sleep_tag()  # found on the host by its command line: a confined command's $! is its namespace's pid
     script = [tool_step(("execute", {"command": f"sleep {TAG} & echo $! > sleep.pid; wait"})),
@@ -414,6 +415,7 @@ sys.exit(runner.main(sys.argv[1:]))
 
 class WithoutProcTest(CliCase):
     """The portability promise: start, status and stop work with no /proc (as on macOS)."""
+    share_home = False  # it counts what `stop` stops
 
     def no_proc(self, *args):
         return subprocess.run([sys.executable, "-c", NO_PROC.format(here=HERE), *args], env=self.env,
