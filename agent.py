@@ -477,10 +477,11 @@ class Agent:
             start = time.monotonic()
             self._call_id = call.id  # for live output (the calls of one agent run one at a time)
             refusal = self.gate.check(call, self._describe, self.emit) if self.gate is not None else None
+            more = ()
             if refusal == approvals.CANCELLED or self.cancelled.is_set():  # cancelled while it waited for an answer
-                more, (output, is_error, exit_code, truncated) = (), (NOT_RUN, True, 130, False)
+                output, is_error, exit_code, truncated = NOT_RUN, True, 130, False
             elif refusal is not None:
-                more, (output, is_error, exit_code, truncated) = (), (refusal, True, 1, False)
+                output, is_error, exit_code, truncated = refusal, True, 1, False
             else:
                 output, is_error, exit_code, truncated, *more = self._call_tool(call)
             images = more[0] if more else ()  # an MCP tool's images: [(media type, bytes)]

@@ -200,12 +200,6 @@ class RedisLog:
                 return events
             after = events[-1].seq
 
-    def waiting(self, execution_id, recent=None):
-        """The ids of EXECUTION_ID's tool calls waiting for approval, oldest first (from its log: RECENT, its last
-        events, when given), and {id: who answered} of the answered ones."""
-        import approvals
-        return approvals.waiting_calls(self.events(execution_id) if recent is None else recent)
-
     def recent(self, execution_id, count=50):
         """The last COUNT events of the execution, oldest first."""
         entries = self.r.xrevrange(self.prefix + "events:" + execution_id, "+", "-", count=count)
@@ -429,9 +423,10 @@ class RedisClient:
 
     def _with_waiting(self, executions):
         """EXECUTIONS with waiting_approvals set for the RUNNING ones (from their last events)."""
+        import approvals
         for ex in executions:
             if ex.phase == pb.RUNNING:
-                ex.waiting_approvals = len(self.log.waiting(ex.id, self.log.recent(ex.id))[0])
+                ex.waiting_approvals = len(approvals.waiting_calls(self.log.recent(ex.id))[0])
         return executions
 
     def _find(self, execution_id):
@@ -459,7 +454,8 @@ class RedisClient:
         with self.reachable():
             ex = self._find(execution_id)
             import approvals
-            waiting, answered = self.log.waiting(execution_id) if ex.phase == pb.RUNNING else ({}, {})
+            waiting, answered = approvals.waiting_calls(self.log.events(execution_id)) if ex.phase == pb.RUNNING \
+                else ({}, {})
             key = self.log.prefix + "answers:" + execution_id
             for rid, data in self.log.r.hgetall(key).items():  # answered, its event not written yet
                 answered.setdefault(_text(rid), _answered_by(data))
