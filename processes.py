@@ -424,10 +424,15 @@ def spawn(args, env, log_path, pipe_stdin=False, pid_path=None, record=()):
             except mod.SecretError as exc:
                 raise CliError(str(exc), 2) from None
             env[mod.SECRETS_FD_VAR] = str(secrets_fd)
-        proc = subprocess.Popen([sys.executable, os.path.join(HERE, "runner.py"), *args], env=env,
-                                stdin=subprocess.PIPE if pipe_stdin else subprocess.DEVNULL,
-                                stdout=log, stderr=log, start_new_session=True,
-                                pass_fds=tuple(fd for fd in (pid_fd, secrets_fd) if fd is not None))
+            # forked from the fork server, which has imported the SDKs already; else started afresh
+            proc = forked_worker(args, env, log, pipe_stdin, [fd for fd in (pid_fd, secrets_fd) if fd is not None])
+        else:
+            proc = None
+        if proc is None:
+            proc = subprocess.Popen([sys.executable, os.path.join(HERE, "runner.py"), *args], env=env,
+                                    stdin=subprocess.PIPE if pipe_stdin else subprocess.DEVNULL,
+                                    stdout=log, stderr=log, start_new_session=True,
+                                    pass_fds=tuple(fd for fd in (pid_fd, secrets_fd) if fd is not None))
         if pid_fd is not None:
             try:
                 home.write_record(pid_fd, proc.pid, *record)
@@ -440,6 +445,24 @@ def spawn(args, env, log_path, pipe_stdin=False, pid_path=None, record=()):
         for fd in (pid_fd, secrets_fd):
             if fd is not None:
                 os.close(fd)
+
+
+def forked_worker(args, env, log, pipe_stdin, passed):
+    """`runner.py ARGS` (a worker) forked from the fork server, as spawn would start it (output to LOG, stdin a
+    pipe when PIPE_STDIN, the fds PASSED at their numbers), or None when the fork server cannot (spawn starts
+    it then)."""
+    import forkserver
+    stdin, ours = (os.pipe() if pipe_stdin else (os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC), None))
+    child = None
+    try:
+        child = forkserver.spawn(args, env, {0: stdin, 1: log, 2: log, **{fd: fd for fd in passed}})
+    finally:
+        os.close(stdin)
+        if ours is not None and child is None:
+            os.close(ours)
+        elif ours is not None:
+            child.stdin = os.fdopen(ours, "wb")
+    return child
 
 
 def home_problem(path, exc):

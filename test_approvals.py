@@ -15,7 +15,7 @@ import approvals
 import stigmer_pb2 as pb
 from test_cloud import CloudCase
 from test_runner import CliCase
-from testsupport import HERE, reap, run_cli, text_step, tool_step, wait_for
+from testsupport import HERE, reap, run_cli, run_workers, text_step, tool_step, wait_for
 from testsupport_parallel import load_tests  # noqa: F401 - the suite runs in parallel (see there)
 
 
@@ -337,7 +337,8 @@ class ApprovalEdgeTest(CliCase):
         env = dict(self.env, STIGMER_RUNNER_GRACE="1")
         run = Run(self, "--approval", "always", "go", env=env)
         request = run.waiting(1)
-        os.kill(_run_worker_pid(self.home), signal.SIGKILL)
+        (worker,) = run_workers(self.home)
+        os.kill(worker, signal.SIGKILL)
         code, err = run.finish()
         self.assertEqual(code, 1, err)
         self.fake.reset([text_step("done after all")])
@@ -413,23 +414,6 @@ class ForegroundAndElsewhereTest(CliCase):
         self.assertTrue(os.path.exists(os.path.join(self.workspace, "one")))
         self.assertTrue(os.path.exists(os.path.join(self.workspace, "two")))
         self.assertNotIn("already answered", term.screen)
-
-
-def _run_worker_pid(home):
-    """The pid of the run's own worker (the process whose command line is runner.py worker, under HOME)."""
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                environ = f.read()
-        except OSError:
-            continue
-        if b"worker" in argv and b"STIGMER_HOME=" + home.encode() + b"\0" in environ:
-            return int(entry)
-    raise AssertionError("no run worker found")
 
 
 if __name__ == "__main__":

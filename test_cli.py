@@ -24,7 +24,7 @@ import runner
 import sandbox
 from test_runner import CliCase, read
 from testsupport import (FAKE_KEY, HERE, PongServer, assert_one_line, files_containing, pid_alive, reap, run_cli,
-                         running, text_step, tool_step, wait_for)
+                         text_step, tool_step, wait_for)
 from testsupport_parallel import load_tests  # noqa: F401 - the suite runs in parallel (see there)
 
 RUNNER = os.path.join(HERE, "runner.py")
@@ -632,7 +632,8 @@ class WarmFollowUpTest(CliCase):
         # A short idle period: it leaves by itself, and so does its pid file.
         own = self.spec(self.run_id(self.run_task("hello", env=dict(self.env, STIGMER_KEEP_WARM="0.5"))[0]))["runner_id"]
         self.assertTrue(own.startswith("run-"))
-        wait_for(lambda: not running(own), what="the warm worker to leave after its idle period")
+        pid = self.warm_pid()
+        wait_for(lambda: not pid_alive(pid), what="the warm worker to leave after its idle period")
         self.assertEqual(self.warm_files(), [])
         # A run that fails (here a wrong key) keeps no worker: the next run must not meet that key again.
         proc = self.cli("--json", "hello", env=dict(self.env, ANTHROPIC_API_KEY="sk-ant-wrong-key-1234"))
@@ -967,7 +968,8 @@ class ParentEnvironTest(CliCase):
     provider key, token or credential is there, whichever way the worker was started."""
     fresh = True  # it inspects the processes of the home
     GITHUB = "ghp_aFakeTokenTheShellMustNotRead"
-    script = [tool_step(("execute", {"command": "tr '\\0' '\\n' < /proc/$PPID/environ > parent.env; echo copied"})),
+    script = [tool_step(("execute", {"command": "tr '\\0' '\\n' < /proc/$PPID/environ > parent.env; "
+                                                "tr '\\0' ' ' < /proc/$PPID/cmdline > parent.cmd; echo copied"})),
               text_step("done")]
 
     def parent_env(self):
@@ -980,8 +982,17 @@ class ParentEnvironTest(CliCase):
         # and this checks the first one, the worker's own environment block.
         self.env["STIGMER_SANDBOX_MODE"] = "full-access"
 
-    def assert_no_secret(self, block):
-        self.assertIn("STIGMER_SECRETS_FD=", block)  # a worker's block: it got its secrets in that pipe
+    def assert_no_secret(self, block, command=None):
+        """BLOCK, a worker's environment block (COMMAND its command line: by default the one the agent's
+        command saw), holds no key or secret."""
+        if command is None:
+            with open(os.path.join(self.workspace, "parent.cmd")) as f:
+                command = f.read()
+        if "forkserver.py" in command:  # forked: the block is the fork server's, which never held a secret
+            self.assertIn("PYTHONUNBUFFERED=1", block)
+        else:  # started: a worker's own block, its secrets in a pipe
+            self.assertIn("runner.py worker", command)
+            self.assertIn("STIGMER_SECRETS_FD=", block)
         for needle in (FAKE_KEY, self.GITHUB, "ANTHROPIC_API_KEY=", "GITHUB_TOKEN="):
             self.assertNotIn(needle, block)
 
@@ -1009,7 +1020,8 @@ class ParentEnvironTest(CliCase):
                      what="the worker to connect")
             with open(f"/proc/{worker.pid}/environ", "rb") as f:
                 block = f.read().decode(errors="replace").replace("\0", "\n")
-            self.assert_no_secret(block)
+            with open(f"/proc/{worker.pid}/cmdline", "rb") as f:
+                self.assert_no_secret(block, f.read().decode().replace("\0", " "))
             detached = self.cli("run", "--detach", "copy the parent environment")
             self.assertEqual(detached.returncode, 0, detached.stderr)
             followed = self.cli("logs", detached.stdout.strip(), "-f")

@@ -12,7 +12,7 @@ import unittest
 
 from test_cloud import CloudCase
 from test_runner import CliCase
-from testsupport import HERE, free_port, pid_alive, reap, run_cli, text_step, tool_step, wait_for
+from testsupport import HERE, free_port, pid_alive, reap, run_cli, run_workers, text_step, tool_step, wait_for
 from testsupport_parallel import load_tests  # noqa: F401 - the suite runs in parallel (see there)
 
 # Not imported here: the SDK's import sets up logging, and every test module is loaded in one process first.
@@ -211,8 +211,7 @@ class StdioServerTest(CliCase):
                 else:  # the run's worker: the server's parent
                     with open(f"/proc/{server}/stat") as f:
                         worker = int(f.read().rsplit(")", 1)[1].split()[1])
-                    with open(f"/proc/{worker}/cmdline", "rb") as f:
-                        self.assertIn(b"worker", f.read())
+                    self.assertEqual(run_workers(self.home), [worker])
                     os.kill(worker, signal.SIGKILL)
                 wait_for(lambda: not pid_alive(server), timeout=30, what=f"the server gone after {how}")
                 proc.wait(timeout=60)

@@ -22,7 +22,7 @@ import runner
 import stigmer_pb2 as pb
 from contract import BackendError
 from testsupport import (FAKE_KEY, HERE, FakeAnthropic, assert_one_line, files_containing, free_port, pid_alive, reap,
-                         run_cli, running, sleep_tag, stop_home, text_step, tool_step, wait_for)
+                         run_cli, run_workers, running, sleep_tag, stop_home, text_step, tool_step, wait_for)
 from testsupport_parallel import load_tests  # noqa: F401 - the suite runs in parallel (see there)
 
 KEY_VARS = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "OPENAI_API_KEY", "STIGMER_SANDBOX_SECRETS", "MODE", "ENV",
@@ -284,20 +284,6 @@ class RefusalTest(CliCase):
         self.assertIn("refused", events[-1]["reason"])
 
 
-def children(pid):
-    """PIDs of the direct children of PID."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        out.append(int(entry))
-            except (OSError, IndexError):
-                pass
-    return out
-
-
 def read(path):
     with open(path) as f:
         return f.read()
@@ -334,7 +320,10 @@ class CancelTest(CliCase):
         self.interrupt(signal.SIGTERM)
 
     def test_ctrl_c_before_the_agent_starts(self):
-        proc = subprocess.Popen([sys.executable, os.path.join(HERE, "runner.py"), "--json", "quick"], env=self.env,
+        # A worker started afresh (not forked: that takes a tenth of a second) is still importing the SDK
+        # when the first event comes: the window this test needs.
+        env = dict(self.env, STIGMER_FORKSERVER="0")
+        proc = subprocess.Popen([sys.executable, os.path.join(HERE, "runner.py"), "--json", "quick"], env=env,
                                 cwd=self.workspace, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 stdin=subprocess.DEVNULL, text=True)
         try:
@@ -359,8 +348,8 @@ class CancelTest(CliCase):
             sleep_pid_file = os.path.join(self.workspace, "sleep.pid")
             wait_for(lambda: os.path.exists(sleep_pid_file) and read(sleep_pid_file).strip())
             pids = running(self.TAG)  # the shell, the sleep (and the bwrap around them)
-            workers = children(proc.pid)
-            self.assertTrue(workers)
+            workers = run_workers(self.home)  # the run's own worker
+            self.assertEqual(len(workers), 1)
             self.assertTrue(all(pid_alive(p) for p in pids + workers))
             proc.send_signal(sig)
             out, err = proc.communicate(timeout=30)

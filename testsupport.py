@@ -346,6 +346,20 @@ def running(tag):
     return found
 
 
+def run_workers(home):
+    """Pids of the live processes whose output goes to HOME's logs/run-worker.log: the runs' own workers, started
+    by their CLI or forked from the fork server (whose command line and environment block they keep)."""
+    log = os.path.join(home, "logs", "run-worker.log")
+    found = []
+    for name in os.listdir("/proc"):
+        try:
+            if name.isdigit() and os.readlink(f"/proc/{name}/fd/1") == log and pid_alive(int(name)):
+                found.append(int(name))
+        except OSError:
+            continue
+    return found
+
+
 def survivors(tag, timeout=5):
     """running(TAG), once every SIGKILL has had up to TIMEOUT seconds to land."""
     deadline = time.monotonic() + timeout

@@ -1,0 +1,428 @@
+"""Workers forked from a process that has imported the model SDKs already: a worker then starts in about
+0.1 s of CPU instead of the second or more that `import anthropic` alone costs.
+
+    child = forkserver.spawn(["worker", ...], env, {0: stdin_r, 1: log, 2: log})   # Popen-like, or None
+    python forkserver.py                           # the server itself (spawn starts it when none is up)
+
+One server per user and installation (its key: this Python, this checkout and this file, the SDKs' files, the PYTHON* and
+locale variables and the hard resource limits the worker would start with), listening on a Unix socket in a private
+directory (TMPDIR/stigmer-UID, 0700, checked: a directory that is not ours and private is never used). It
+answers only its own user (SO_PEERCRED). It holds no key and no secret: it is started with a few plain
+variables (the locale, PYTHON*: server_env), and a worker's secrets travel as today, in a pipe (secrets.py
+secrets_pipe) whose end is passed through the socket and closed by the server as soon as it has forked.
+It never imports this project's modules, so a forked worker runs the code on disk.
+
+A forked child becomes `python runner.py ARGS` as the caller would have started it: its own session, the
+caller's environment, working directory, umask and resource limits, the caller's fds at their numbers and
+nothing else. The caller gets its pid and a pidfd (race-free signals; readable when it exits) and, from the
+server, its exit status. When no server is up, spawn starts one in the background and returns None at once
+(that worker is started as before); the next worker is forked. The server leaves after IDLE_EXIT seconds
+with no request and no live child. STIGMER_FORKSERVER=0 turns it off. Linux only (pidfd, SCM_RIGHTS).
+"""
+import hashlib
+import json
+import os
+import selectors
+import signal
+import socket
+import struct
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+OFF_VAR = "STIGMER_FORKSERVER"  # 0: workers are started as new processes, never forked
+IDLE_VAR = "STIGMER_FORKSERVER_IDLE"  # seconds a server without requests and children stays (IDLE_EXIT)
+IDLE_EXIT = 900.0
+SDKS = ("anthropic", "openai", "mcp", "mcp.client.stdio", "mcp.client.streamable_http")  # what is imported once
+MAX_REQUEST = 16 << 20  # bytes of one request (its environment, mostly)
+MAX_FDS = 16
+LIMITS = ("RLIMIT_AS", "RLIMIT_CORE", "RLIMIT_CPU", "RLIMIT_DATA", "RLIMIT_FSIZE", "RLIMIT_MEMLOCK",
+          "RLIMIT_NOFILE", "RLIMIT_NPROC", "RLIMIT_STACK")
+_HEADER = struct.Struct("!I")
+
+
+def server_env(env):
+    """The variables of ENV (a worker's) that shape an interpreter's start (the locale, PYTHON*, and HOME where
+    it adds the user's site-packages), and this module's settings: all a server starts with, and its key.
+    None of them is a key or a secret."""
+    import site
+    return {k: v for k, v in env.items() if k.startswith(("LC_", "PYTHON", OFF_VAR)) and k != "PYTHONSTARTUP"
+            or k == "LANG" or k == "HOME" and site.ENABLE_USER_SITE}
+
+
+def socket_path(env):
+    """Where the server for a worker with ENV listens, or None when there can be none here (not Linux, no
+    private directory of ours, a path too long for a Unix socket)."""
+    if not sys.platform.startswith("linux") or not hasattr(os, "pidfd_open") or not hasattr(socket, "send_fds"):
+        return None
+    import importlib.util
+    import resource
+    uid = os.getuid()
+    folder = os.path.join(env.get("TMPDIR") or "/tmp", f"stigmer-{uid}")
+    try:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        st = os.lstat(folder)
+    except OSError:
+        return None
+    import stat
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid or st.st_mode & 0o077:
+        return None
+    parts = [sys.executable, HERE, os.stat(__file__).st_mtime_ns, sys.version, sorted(server_env(env).items()),
+             [resource.getrlimit(getattr(resource, n))[1] for n in LIMITS]]
+    for name in ("anthropic", "openai", "mcp"):
+        try:
+            spec = importlib.util.find_spec(name)
+            parts.append([spec.origin, os.stat(spec.origin).st_mtime_ns] if spec and spec.origin else None)
+        except (ImportError, ValueError, OSError):
+            parts.append(None)
+    key = hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
+    path = os.path.join(folder, f"forkserver-{key}.sock")
+    return path if len(path.encode()) < 100 else None
+
+
+# ---- the caller's side ----
+
+class Child:
+    """A forked worker, as much of subprocess.Popen as a spawner uses: pid, args, stdin, returncode, poll(),
+    wait(), send_signal(), terminate(), kill()."""
+
+    def __init__(self, args, pid, pidfd, conn, stdin=None):
+        self.args, self.pid, self.stdin, self.returncode = args, pid, stdin, None
+        self._pidfd, self._conn = pidfd, conn
+
+    def poll(self):
+        return self.wait(0) if self.returncode is None and self._exited(0) else self.returncode
+
+    def wait(self, timeout=None):
+        if self.returncode is None:
+            if not self._exited(timeout):
+                import subprocess
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            self.returncode = self._status()
+            os.close(self._pidfd)
+            self._conn.close()
+        return self.returncode
+
+    def __del__(self):  # never waited for (a background worker left running): our two fds go, quietly
+        if self.returncode is None and self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
+            self._conn.close()
+
+    def _exited(self, timeout):
+        import select
+        return bool(select.select([self._pidfd], [], [], timeout)[0])
+
+    def _status(self):
+        """The exit status the server reports once it has reaped the child (255 if it cannot say)."""
+        self._conn.settimeout(5.0)
+        data = b""
+        try:
+            while not data.endswith(b"\n"):
+                more = self._conn.recv(64)
+                if not more:
+                    break
+                data += more
+            return int(data.split()[1])
+        except (OSError, ValueError, IndexError):
+            return 255
+
+    def send_signal(self, sig):
+        if self.returncode is None:
+            try:
+                signal.pidfd_send_signal(self._pidfd, sig)
+            except ProcessLookupError:
+                pass
+
+    def terminate(self):
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self):
+        self.send_signal(signal.SIGKILL)
+
+
+def spawn(args, env, fds, stdin=None):
+    """`python runner.py ARGS` forked from the server, with environment ENV, this process's working directory,
+    umask and resource limits, and FDS ({fd number in the child: an fd of ours}; the caller keeps and closes
+    its own). STDIN: the file the Child's .stdin is. Returns a Child, or None when the caller should start
+    the process itself: off, none possible here, none up yet (then one is started for the next time), or it
+    failed. Never raises for a server that is away or broken."""
+    if env.get(OFF_VAR, "1") == "0":
+        return None
+    path = socket_path(env)
+    if path is None:
+        return None
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.settimeout(10.0)
+        conn.connect(path)
+    except OSError:
+        conn.close()
+        start_server(path, env)
+        return None
+    try:
+        umask = os.umask(0o077)
+        os.umask(umask)
+        import resource
+        request = json.dumps({"args": list(args), "env": dict(env), "cwd": os.getcwd(), "umask": umask,
+                              "limits": {n: resource.getrlimit(getattr(resource, n)) for n in LIMITS},
+                              "ignored": [int(s) for s in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP)
+                                          if signal.getsignal(s) == signal.SIG_IGN],
+                              "fds": list(fds)}).encode()
+        socket.send_fds(conn, [_HEADER.pack(len(request)) + request], list(fds.values()))
+        reply, pidfds, _, _ = socket.recv_fds(conn, 4096, 1)
+        pid = int(json.loads(reply)["pid"]) if reply else 0
+        if not pid or len(pidfds) != 1:
+            raise OSError("the fork server did not fork")
+    except (OSError, ValueError, KeyError, TypeError):
+        conn.close()
+        return None
+    return Child(list(args), pid, pidfds[0], conn, stdin)
+
+
+def start_server(path, env):
+    """Start a server for PATH in the background, unless one is up or starting (it holds PATH.lock)."""
+    import fcntl
+    import subprocess
+    try:
+        fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return  # up, or starting
+    try:
+        log = os.open(path[:-len(".sock")] + ".log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    except OSError:
+        os.close(fd)
+        return
+    try:  # sh starts it in the background and exits: the server is not our child (it outlives us)
+        subprocess.run(["/bin/sh", "-c", '"$@" &', "sh", sys.executable, os.path.abspath(__file__), path],
+                       env=server_env(env), stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd="/",
+                       start_new_session=True, check=False, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        pass
+    finally:
+        os.close(log)
+        os.close(fd)  # the server takes the lock itself; a second one started meanwhile finds it taken and leaves
+
+
+# ---- the server ----
+
+def serve(path):
+    """Serve forks on PATH until IDLE_EXIT seconds pass with no request and no live child."""
+    import fcntl
+    lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return 0  # another server has it
+    idle_exit = float(os.environ.get(IDLE_VAR) or IDLE_EXIT)
+    for name in SDKS:
+        try:
+            __import__(name)
+        except Exception:  # not installed (an optional extra), or broken: a worker reports it as today
+            pass
+    # What the SDKs imported from this checkout (they import the standard `secrets`, and this directory's
+    # secrets.py comes first, as in any worker): should one change on disk, this server is out of date.
+    ours = {m.__file__: _mtime(m.__file__) for m in list(sys.modules.values())
+            if (getattr(m, "__file__", None) or "").startswith(HERE + os.sep)}
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    old = os.umask(0o077)
+    try:
+        listener.bind(path)
+    finally:
+        os.umask(old)
+    bound = _inode(path)  # our socket file (another server may replace it: then it is not ours to remove)
+    listener.listen(64)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    sel = selectors.DefaultSelector()
+    sel.register(listener, selectors.EVENT_READ, None)
+    children = {}  # pidfd -> (pid, the caller's connection)
+    last = time.monotonic()
+    accepting = True
+
+    def retire():
+        """Take no more requests (our socket file goes, if still ours, and the lock, so that a new server can
+        start), but report on the children still running."""
+        nonlocal accepting
+        accepting = False
+        sel.unregister(listener)
+        listener.close()
+        if _inode(path) == bound:
+            os.unlink(path)
+        os.close(lock)
+
+    try:
+        while children or accepting and time.monotonic() - last < idle_exit:
+            timeout = None if children else max(0.1, idle_exit - (time.monotonic() - last))
+            for key, _ in sel.select(timeout=timeout):
+                if key.data is None:
+                    conn, _ = listener.accept()
+                    last = time.monotonic()
+                    if any(_mtime(f) != t for f, t in ours.items()):
+                        retire()  # out of date: its caller starts the worker itself, and a new server
+                        conn.close()
+                        break
+                    forked = _fork(conn, listener, children)
+                    if forked:
+                        children[forked[0]] = forked[1:]
+                        sel.register(forked[0], selectors.EVENT_READ, "child")
+                    else:
+                        conn.close()
+                else:
+                    pidfd = key.fd
+                    pid, conn = children.pop(pidfd)
+                    sel.unregister(pidfd)
+                    _, status = os.waitpid(pid, 0)
+                    try:
+                        conn.sendall(f"exit {os.waitstatus_to_exitcode(status)}\n".encode())
+                    except OSError:
+                        pass  # the caller is gone: nobody to tell
+                    conn.close()
+                    os.close(pidfd)
+                    last = time.monotonic()
+            if accepting and _inode(path) != bound:
+                retire()  # our socket file was removed or replaced: no request can reach us
+    finally:
+        if accepting:
+            retire()
+    return 0
+
+
+def _mtime(path):
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return None
+
+
+def _inode(path):
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None
+
+
+def _fork(conn, listener, children):
+    """Read one request from CONN and fork its child: (pidfd, pid, conn), or None for a refused request."""
+    try:
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        if struct.unpack("3i", creds)[1] != os.getuid():
+            return None  # not our user
+        conn.settimeout(10.0)
+        data, fds, _, _ = socket.recv_fds(conn, 1 << 16, MAX_FDS)
+    except OSError:
+        return None
+    try:
+        while 0 < len(data) < _HEADER.size:
+            more = conn.recv(_HEADER.size)
+            if not more:
+                break
+            data += more
+        if len(data) < _HEADER.size:
+            raise ValueError("no request")
+        size = _HEADER.unpack_from(data)[0]
+        if size > MAX_REQUEST:
+            raise ValueError("too large")
+        while len(data) < _HEADER.size + size:
+            more = conn.recv(min(1 << 20, _HEADER.size + size - len(data)))
+            if not more:
+                raise ValueError("cut short")
+            data += more
+        request = json.loads(data[_HEADER.size:])
+        targets = [int(t) for t in request["fds"]]
+        if len(targets) != len(fds) or len(set(targets)) != len(targets) or min(targets, default=0) < 0:
+            raise ValueError("fds")
+    except (OSError, ValueError, KeyError, TypeError):
+        for fd in fds:
+            os.close(fd)
+        return None
+    pid = os.fork()
+    if pid == 0:
+        try:
+            for sock in (conn, listener, *(c for _, c in children.values())):
+                sock.detach()  # closed below with every other fd; never closed again by their objects
+            _become(request, dict(zip(targets, fds)))
+        finally:
+            os._exit(127)
+    for fd in fds:  # the child holds them now: a lock, a pipe's end, the secrets must not stay here
+        os.close(fd)
+    pidfd = os.pidfd_open(pid)
+    try:
+        socket.send_fds(conn, [json.dumps({"pid": pid}).encode()], [pidfd])
+    except OSError:
+        pass  # the caller left: the child runs on all the same (its stdin, if a pipe, tells it)
+    return pidfd, pid, conn
+
+
+def _become(request, fds):
+    """In the forked child: become `python runner.py ARGS` as the caller would have started it."""
+    os.setsid()
+    for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGHUP, signal.SIGQUIT):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for sig in request.get("ignored", ()):
+        signal.signal(sig, signal.SIG_IGN)
+    # The caller's fds at their numbers (first moved above every number in play), then nothing else open.
+    top = max([*fds, *fds.values(), 2]) + 1
+    high = {target: os.dup2(fd, top + n, inheritable=False) for n, (target, fd) in enumerate(fds.items())}
+    for target, fd in high.items():
+        os.dup2(fd, target, inheritable=True)
+    low = 0
+    for fd in sorted(high) + [max(os.sysconf("SC_OPEN_MAX"), top + len(high) + 1)]:
+        if fd > low:  # (closerange(n, n) would close every fd from n up)
+            os.closerange(low, fd)
+        low = fd + 1
+    import io
+    import resource
+    os.umask(int(request["umask"]))
+    for name, (soft, hard) in request.get("limits", {}).items():
+        try:
+            resource.setrlimit(getattr(resource, name), (soft, hard))
+        except (ValueError, OSError, AttributeError):
+            pass
+    os.environ.clear()
+    os.environ.update(request["env"])
+    os.chdir(request["cwd"])
+    # stdio as `python -u` makes it (a worker's environment says PYTHONUNBUFFERED=1)
+    unbuffered = bool(os.environ.get("PYTHONUNBUFFERED"))
+    sys.stdin = io.TextIOWrapper(io.BufferedReader(io.FileIO(0, "r", closefd=False)), errors="surrogateescape") \
+        if 0 in high else None
+    for n, name, errors in ((1, "stdout", "strict"), (2, "stderr", "backslashreplace")):
+        raw = io.FileIO(n, "w", closefd=False) if n in high else open(os.devnull, "wb", buffering=0)
+        stream = io.TextIOWrapper(raw if unbuffered else io.BufferedWriter(raw), errors=errors,
+                                  write_through=unbuffered, line_buffering=not unbuffered and n == 2)
+        setattr(sys, name, stream)
+        setattr(sys, f"__{name}__", stream)
+    runner = os.path.join(HERE, "runner.py")
+    sys.argv = [runner, *request["args"]]
+    sys.orig_argv = [sys.executable, *sys.argv]  # what a re-execution runs (secrets.reexec_without_secrets)
+    import runpy
+    try:
+        runpy.run_path(runner, run_name="__main__")
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if not isinstance(exc.code, (int, type(None))):
+            print(exc.code, file=sys.stderr)
+    except BaseException:
+        import traceback
+        traceback.print_exc()
+        code = 1
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except OSError:
+        pass
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    sys.exit(serve(sys.argv[1]))
