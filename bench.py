@@ -726,7 +726,8 @@ def import_profile(stderr, top=8):
 @bench
 def bench_start(runs=7):
     """Wall time of a one-turn task (`python runner.py --json go`) from a cold shell (no daemon: the CLI
-    starts the daemon and a worker), a second task right after it (the first run's worker kept warm), and after
+    starts the daemon and a worker, the fork server off), the same once the fork server is up (its worker
+    forked), a second task right after a cold one (the first run's worker kept warm), and after
     `python runner.py start` (a warm worker), against
     the floor: a bare script that imports the anthropic SDK and makes the same one streamed request to the
     same fake. Interleaved, RUNS rounds. Then what the CLI and the worker import (-X importtime), and,
@@ -755,8 +756,12 @@ def bench_start(runs=7):
         base.update(ANTHROPIC_API_KEY=FAKE_KEY, ANTHROPIC_BASE_URL=fake.url, STIGMER_MODEL="claude-fake",
                     SANDBOX_ROOT_DIR=tmp)
 
-        def fresh_env(name):
-            return dict(base, STIGMER_HOME=os.path.join(tmp, name), STIGMER_BACKEND_ENDPOINT=f"127.0.0.1:{free_port()}")
+        def fresh_env(name):  # the fork server off: a cold run is the first of the day, its worker started afresh
+            return dict(base, STIGMER_HOME=os.path.join(tmp, name), STIGMER_BACKEND_ENDPOINT=f"127.0.0.1:{free_port()}",
+                        STIGMER_FORKSERVER="0")
+
+        def forked_env(name):  # a cold run (no daemon, no warm worker) once the fork server is up: a bench's own
+            return dict(fresh_env(name), STIGMER_FORKSERVER="1", TMPDIR=tmp, STIGMER_FORKSERVER_IDLE="20")
 
         warm_env = fresh_env("warm")
         timed_run([sys.executable, runner_py, "start"], warm_env)
@@ -802,7 +807,8 @@ def bench_start(runs=7):
             env = dict(fresh_env(f"agent{n}"), SANDBOX_ROOT_DIR=agent_ws, GITHUB_TOKEN="ghp_bench0000000000000000")
             shutil.copytree(os.path.join(seeded, "cache"), os.path.join(env["STIGMER_HOME"], "cache"))
             return env
-        to_request = {"floor": [], "cold": [], "follow-up": []}  # seconds from the start to the fake's request
+        to_request = {"floor": [], "cold": [], "follow-up": [], "forked": []}  # seconds from the start to the request
+        forked = []  # a cold run whose worker is forked from the fork server
         follow_up = []  # a second one-turn task right after a cold one: the first run's worker, kept warm
 
         def until_request(kind, args, env):
@@ -815,12 +821,22 @@ def bench_start(runs=7):
             for _ in range(2):  # the started worker's first run, and page caches for everyone
                 timed_run([sys.executable, runner_py, "--json", "go"], warm_env)
             timed_run([sys.executable, "-c", START_FLOOR, fake.url, FAKE_KEY], base)
+            import forkserver
+            first = forked_env("forked-first")  # starts the fork server (its worker started afresh meanwhile)
+            timed_run([sys.executable, runner_py, "--json", "go"], first)
+            timed_run([sys.executable, runner_py, "stop"], first)
+            deadline = time.monotonic() + 60
+            while not os.path.exists(forkserver.socket_path(first) or "") and time.monotonic() < deadline:
+                time.sleep(0.05)
             for n in range(runs):
                 floor.append(until_request("floor", [sys.executable, "-c", START_FLOOR, fake.url, FAKE_KEY], base))
                 cold_env = fresh_env(f"cold{n}")
                 cold.append(until_request("cold", [sys.executable, runner_py, "--json", "go"], cold_env))
                 follow_up.append(until_request("follow-up", [sys.executable, runner_py, "--json", "go"], cold_env))
                 timed_run([sys.executable, runner_py, "stop"], cold_env)  # not left lingering for the next rounds
+                env = forked_env(f"forked{n}")
+                forked.append(until_request("forked", [sys.executable, runner_py, "--json", "go"], env))
+                timed_run([sys.executable, runner_py, "stop"], env)
                 cold_agent.append(timed_run([sys.executable, runner_py, "--json", "--agent", "code-reviewer", "go"],
                                             agent_env(n))[0])
                 for times, code, home in ((plan_no_skills, plan.format(skills_base), skills_seeded),
@@ -875,6 +891,9 @@ def bench_start(runs=7):
                    verdict((statistics.median(plan_skills) - statistics.median(plan_no_skills)) * 1000, "<", 30, 1),
                "context: the same the first time (import yaml, parse and check 200 SKILL.md, write the cache)":
                    f"{(statistics.median(plan_skills_first) - statistics.median(plan_no_skills)) * 1000:.1f} ms",
+               "cold run, fork server up (no daemon, no warm worker: another home, another secret)": spread(forked),
+               "context: until the request, cold run with the fork server up": spread(to_request["forked"]),
+               "forked_vs_cold": verdict(statistics.median(forked) / cold_s, "<=", 0.5, 2),
                "warm follow-up (a second task within a minute of a cold one)": spread(follow_up),
                "follow_up_to_request_s": verdict(statistics.median(to_request["follow-up"]), "<=", 0.30, 3),
                "warm run (after start)": spread(warm),
