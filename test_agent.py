@@ -331,6 +331,7 @@ class LoopTests:
 class AgentLoopTest(LoopTests, unittest.TestCase):
     """The loop through AnthropicModel; and what only the Messages API has (pause_turn, a context-full stop
     reason, the tool_result error flag)."""
+    slow = True  # among the longest: testsupport_parallel starts it first
 
     Fake, make_model, key, wrong_key = FakeAnthropic, staticmethod(anthropic_model), FAKE_KEY, "sk-ant-wrong.key.0000000000"
     call_prefix = "toolu"  # the fake's tool-call ids: PREFIX_STEP_N
@@ -374,6 +375,7 @@ class AgentLoopTest(LoopTests, unittest.TestCase):
 
 class OpenAIAgentLoopTest(LoopTests, unittest.TestCase):
     """Every loop test again, through OpenAIChatModel, the real openai SDK and the fake Chat Completions API."""
+    slow = True  # among the longest: testsupport_parallel starts it first
 
     Fake, make_model, key, wrong_key = FakeOpenAI, staticmethod(openai_model), OPENAI_KEY, "sk-wrong.key.000000000"
     call_prefix = "call"

@@ -24,7 +24,7 @@ import runner
 import sandbox
 from test_runner import CliCase, read
 from testsupport import (FAKE_KEY, HERE, PongServer, assert_one_line, files_containing, pid_alive, reap, run_cli,
-                         text_step, tool_step, wait_for)
+                         run_workers, text_step, tool_step, wait_for)
 from testsupport_parallel import load_tests  # noqa: F401 - the suite runs in parallel (see there)
 
 RUNNER = os.path.join(HERE, "runner.py")
@@ -632,8 +632,7 @@ class WarmFollowUpTest(CliCase):
         # A short idle period: it leaves by itself, and so does its pid file.
         own = self.spec(self.run_id(self.run_task("hello", env=dict(self.env, STIGMER_KEEP_WARM="0.5"))[0]))["runner_id"]
         self.assertTrue(own.startswith("run-"))
-        pid = self.warm_pid()
-        wait_for(lambda: not pid_alive(pid), what="the warm worker to leave after its idle period")
+        wait_for(lambda: not run_workers(self.home), what="the warm worker to leave after its idle period")
         self.assertEqual(self.warm_files(), [])
         # A run that fails (here a wrong key) keeps no worker: the next run must not meet that key again.
         proc = self.cli("--json", "hello", env=dict(self.env, ANTHROPIC_API_KEY="sk-ant-wrong-key-1234"))

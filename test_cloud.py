@@ -183,6 +183,7 @@ class ScaleOutTest(CloudCase):
 
 
 class LostWorkerTest(CloudCase):
+    slow = True  # among the longest: testsupport_parallel starts it first
 
     def test_kill_9_fails_its_execution_by_lease_expiry_and_kills_its_commands(self):
         self.start_workers(3)
@@ -354,6 +355,7 @@ class RedisRestartTest(CloudCase):
 
 
 class CliTest(CloudCase):
+    slow = True  # among the longest: testsupport_parallel starts it first
     GITHUB = "ghp_thisIsAFakeGithubTokenCloud42"
     script = [tool_step(("execute", {"command": "echo gh=$GITHUB_TOKEN key=[$ANTHROPIC_API_KEY]"})),
               text_step("done")]

@@ -477,6 +477,7 @@ class IdleTest(DaemonCase):
 
 
 class WatchTest(DaemonCase):
+    slow = True  # among the longest: testsupport_parallel starts it first
     def run_execution(self):
         """Submit one execution and assign it to a fake runner; returns (id, runner)."""
         ex = self.submit()

@@ -177,6 +177,7 @@ class ClientTest(unittest.TestCase):
 
 class SquatterTest(unittest.TestCase):
     """Issue 28, item 1: another local user listening where the client might dial the daemon gets no token."""
+    slow = True  # among the longest: testsupport_parallel starts it first
 
     def setUp(self):
         self.tmp = tempfile.mkdtemp(prefix="stigmer-squat-")

@@ -62,6 +62,7 @@ def bare_repo(tmp):
 @SKIP
 class WorkerLifecycleTest(unittest.TestCase):
     """A worker with the Daytona factory from Config, driven as a link drives it."""
+    slow = True  # among the longest: testsupport_parallel starts it first
 
     script = [tool_step(("execute", {"command": "pwd; echo key=[$DAYTONA_API_KEY] gh=$GITHUB_TOKEN"})),
               tool_step(("write_file", {"path": "calc.py", "content": "print('sum', 2 + 3)\n"})),
@@ -256,6 +257,7 @@ class CloneCredentialsTest(unittest.TestCase):
 @SKIP
 class CliTest(CliCase):
     """`STIGMER_SANDBOX=daytona` in local mode, end to end: CLI, daemon and worker processes."""
+    slow = True  # among the longest: testsupport_parallel starts it first
 
     script = [
         tool_step(("read_file", {"path": "calc.py"})),

@@ -43,16 +43,18 @@ def umask_of(pid):
 
 
 def server_pid(path):
-    """The pid of the server listening on PATH (the process holding PATH.lock), or None."""
+    """The pid of the server for PATH, or None: the process whose command line is `forkserver.py PATH` and whose
+    parent's is not (the children it forked keep its command line)."""
+    found = set()
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if f.read().split(b"\0")[-2:-1] == [path.encode()]:
-                        return int(entry)
+                    if f.read().split(b"\0")[-2:-1] == [path.encode()] and pid_alive(int(entry)):
+                        found.add(int(entry))
             except OSError:
                 continue
-    return None
+    return next((pid for pid in found if _parent(pid) not in found), None)
 
 
 class ServerCase(unittest.TestCase):

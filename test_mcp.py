@@ -76,6 +76,7 @@ class GuardedStartTest(unittest.TestCase):
 @SKIP
 class StdioServerTest(CliCase):
     """A stdio server from --mcp-config: its tools offered, called, their results, errors and limits."""
+    slow = True  # among the longest: testsupport_parallel starts it first
     share_home = False  # its daemon is started with a short runner grace (setUp)
 
     def setUp(self):
@@ -221,6 +222,7 @@ class StdioServerTest(CliCase):
 class HttpAgentAndThirdPartyTest(CliCase):
     """A streamable-HTTP server (one per class), an agent's mcpServers, the errors before a run, and a server from
     PyPI that was not written here."""
+    slow = True  # among the longest: testsupport_parallel starts it first
 
     @classmethod
     def setUpClass(cls):

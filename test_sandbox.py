@@ -508,6 +508,7 @@ class GrepBehaviour:
 
 
 class ExecuteTest(ExecuteBehaviour, SandboxCase):
+    slow = True  # among the longest: testsupport_parallel starts it first
     def test_root_is_created_resolved_and_the_cwd(self):
         link = os.path.join(self.tmp, "link")
         os.symlink(self.root, link)
@@ -1147,9 +1148,12 @@ class GuardianTest(unittest.TestCase):
         sandbox.guard_marker("forgotten-" + sys.argv[1])
         sandbox.guard_marker("forgotten-" + sys.argv[1], on=False)
         for pid in filter(str.isdigit, os.listdir("/proc")):  # the guardian: this process's only child yet
-            with open(f"/proc/{pid}/stat") as f:
-                if int(f.read().rsplit(")", 1)[1].split()[1]) == os.getpid():
-                    print(pid, flush=True)
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == os.getpid():
+                        print(pid, flush=True)
+            except OSError:  # a process of another test, gone since the listing
+                continue
         for name in ("guarded", "forgotten", "unknown"):
             p = subprocess.Popen(["sleep", "60"], start_new_session=True,
                                  env={**os.environ, sandbox.RUN_MARKER: name + "-" + sys.argv[1]})

@@ -42,6 +42,7 @@ def json_lines(text):
 class ManyTerminalsTest(CliCase):
     """Reproduction 1 and the ten-terminal case: each run has its own fake model (its own secrets and
     ANTHROPIC_BASE_URL), so an execution that ran on another run's worker shows in its final text."""
+    slow = True  # among the longest: testsupport_parallel starts it first
     fresh = True  # the terminals race to start the daemon
 
     def fake_for(self, name, delay=0.0):
@@ -174,6 +175,7 @@ class KilledWorkerTest(CliCase):
                      "mounting a 2 MB tmpfs for STIGMER_HOME needs root")
 class DiskFullTest(CliCase):
     """Reproduction 3: STIGMER_HOME on a 2 MB tmpfs, a chatty task fills it."""
+    slow = True  # among the longest: testsupport_parallel starts it first
     fresh = True  # STIGMER_HOME is a small tmpfs
 
     script = [tool_step(("execute", {"command": "head -c 40000 /dev/zero | tr '\\\\0' x; echo"}))
