@@ -430,8 +430,10 @@ class AnthropicModel(StreamedReply):
     def _request(self, request, on_text, cancelled):
         """One streamed request; returns its Reply."""
         import anthropic
+        opened = False
         try:
             with (self.client or _shared_anthropic()).messages.stream(**request) as stream:
+                opened = True
                 self._stream = stream
                 try:
                     for event in stream:
@@ -452,6 +454,8 @@ class AnthropicModel(StreamedReply):
         except anthropic.APIError as exc:
             if cancelled.is_set():
                 raise Cancelled() from None
+            if opened and type(exc) is anthropic.APIConnectionError:  # the SDK's name (2.17 on) for a body cut off
+                raise BrokenStream() from exc
             raise api_failure(anthropic_error(exc), exc) from None
         finally:
             self._stream = None
