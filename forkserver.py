@@ -33,7 +33,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 OFF_VAR = "STIGMER_FORKSERVER"  # 0: workers are started as new processes, never forked
 IDLE_VAR = "STIGMER_FORKSERVER_IDLE"  # seconds a server without requests and children stays (IDLE_EXIT)
 IDLE_EXIT = 900.0
-SDKS = ("anthropic", "openai", "mcp", "mcp.client.stdio", "mcp.client.streamable_http")  # what is imported once
+SDKS = ("anthropic", "openai", "mcp", "mcp.client.stdio", "mcp.client.streamable_http", "grpc", "google.protobuf",
+        "yaml")  # what is imported once (none starts a thread: a fork copies only the thread that forks)
 MAX_REQUEST = 16 << 20  # bytes of one request (its environment, mostly)
 MAX_FDS = 16
 LIMITS = ("RLIMIT_AS", "RLIMIT_CORE", "RLIMIT_CPU", "RLIMIT_DATA", "RLIMIT_FSIZE", "RLIMIT_MEMLOCK",
@@ -225,6 +226,11 @@ def serve(path):
             __import__(name)
         except Exception:  # not installed (an optional extra), or broken: a worker reports it as today
             pass
+    # A thread started by an import would not be copied by a fork, and could hold a lock the child then needs:
+    # such a server forks nothing (its callers start their workers themselves) until it idles out.
+    single = len(os.listdir("/proc/self/task")) == 1
+    if not single:
+        print(f"stigmer fork server: an import started a thread; forking nothing ({path})", file=sys.stderr)
     # What the SDKs imported from this checkout (they import the standard `secrets`, and this directory's
     # secrets.py comes first, as in any worker): should one change on disk, this server is out of date.
     ours = {m.__file__: _mtime(m.__file__) for m in list(sys.modules.values())
@@ -266,6 +272,9 @@ def serve(path):
                 if key.data is None:
                     conn, _ = listener.accept()
                     last = time.monotonic()
+                    if not single:
+                        conn.close()
+                        continue
                     if any(_mtime(f) != t for f, t in ours.items()):
                         retire()  # out of date: its caller starts the worker itself, and a new server
                         conn.close()

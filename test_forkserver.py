@@ -151,6 +151,7 @@ class ForkTest(ServerCase):
         wait_for(lambda: "stigmer worker" in self.output(), what="the worker's banner")
         self.assertIn("endpoint 127.0.0.1:9", self.output())  # the caller's environment, not the server's
         self.assertEqual(parent_of(child.pid), server)  # forked, not started
+        self.assertEqual(os.listdir(f"/proc/{server}/task"), [str(server)])  # from a process of one thread
         self.assertEqual(session_of(child.pid), child.pid)  # a session of its own
         self.assertEqual(os.readlink(f"/proc/{child.pid}/cwd"), os.getcwd())
         for pid in (child.pid, server):  # the key came in the pipe, and never reached the server
