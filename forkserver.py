@@ -35,11 +35,16 @@ IDLE_VAR = "STIGMER_FORKSERVER_IDLE"  # seconds a server without requests and ch
 IDLE_EXIT = 900.0
 SDKS = ("anthropic", "openai", "mcp", "mcp.client.stdio", "mcp.client.streamable_http", "grpc", "google.protobuf",
         "yaml")  # what is imported once (none starts a thread: a fork copies only the thread that forks)
+REQUEST_WAIT = 2.0  # seconds a caller has to send its request (it sends it at once)
+GO_WAIT = 30.0  # seconds a forked child waits for its caller's go before it leaves
 MAX_REQUEST = 16 << 20  # bytes of one request (its environment, mostly)
 MAX_FDS = 16
 LIMITS = ("RLIMIT_AS", "RLIMIT_CORE", "RLIMIT_CPU", "RLIMIT_DATA", "RLIMIT_FSIZE", "RLIMIT_MEMLOCK",
           "RLIMIT_NOFILE", "RLIMIT_NPROC", "RLIMIT_STACK")
 _HEADER = struct.Struct("!I")
+GO = b"g"  # the caller's word, once it has the child's pid: until then the child waits (and leaves without it)
+MARKERS = ("STIGMER_SANDBOX_RUN", "STIGMER_EXECUTION")  # sandbox.RUN_MARKER, EXECUTION_MARKER: an agent's command
+SDK_ENV = ("ANTHROPIC_LOG", "OPENAI_LOG", "PYDANTIC_DISABLE_PLUGINS", "TZ")  # read as the SDKs load (no secret)
 
 
 def server_env(env):
@@ -48,7 +53,7 @@ def server_env(env):
     None of them is a key or a secret."""
     import site
     return {k: v for k, v in env.items() if k.startswith(("LC_", "PYTHON", OFF_VAR)) and k != "PYTHONSTARTUP"
-            or k == "LANG" or k == "HOME" and site.ENABLE_USER_SITE}
+            or k in ("LANG", *SDK_ENV) or k == "HOME" and site.ENABLE_USER_SITE}
 
 
 def socket_path(env):
@@ -68,8 +73,16 @@ def socket_path(env):
     import stat
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid or st.st_mode & 0o077:
         return None
+    # What a forked child inherits from the server rather than from its caller, so must be the caller's: the
+    # hard limits, the scheduling priority, the CPUs, the groups and the cgroup (whose end would end it too).
+    try:
+        with open("/proc/self/cgroup") as f:
+            cgroup = f.read()
+    except OSError:
+        cgroup = ""
     parts = [sys.executable, HERE, os.stat(__file__).st_mtime_ns, sys.version, sorted(server_env(env).items()),
-             [resource.getrlimit(getattr(resource, n))[1] for n in LIMITS]]
+             [resource.getrlimit(getattr(resource, n))[1] for n in LIMITS], os.getpriority(os.PRIO_PROCESS, 0),
+             sorted(os.sched_getaffinity(0)), sorted(os.getgroups()), cgroup]
     for name in ("anthropic", "openai", "mcp"):
         try:
             spec = importlib.util.find_spec(name)
@@ -148,8 +161,8 @@ def spawn(args, env, fds, stdin=None):
     its own). STDIN: the file the Child's .stdin is. Returns a Child, or None when the caller should start
     the process itself: off, none possible here, none up yet (then one is started for the next time), or it
     failed. Never raises for a server that is away or broken."""
-    if env.get(OFF_VAR, "1") == "0":
-        return None
+    if env.get(OFF_VAR, "1") == "0" or any(m in env or m in os.environ for m in MARKERS):
+        return None  # off, or inside an agent's command: its sweep finds what it starts by the environment block
     path = socket_path(env)
     if path is None:
         return None
@@ -161,7 +174,10 @@ def spawn(args, env, fds, stdin=None):
         conn.close()
         start_server(path, env)
         return None
+    pidfds = []
     try:
+        if _peer_uid(conn) != os.getuid():
+            raise OSError("the socket is not our server's")
         umask = os.umask(0o077)
         os.umask(umask)
         import resource
@@ -170,15 +186,24 @@ def spawn(args, env, fds, stdin=None):
                               "ignored": [int(s) for s in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP)
                                           if signal.getsignal(s) == signal.SIG_IGN],
                               "fds": list(fds)}).encode()
-        socket.send_fds(conn, [_HEADER.pack(len(request)) + request], list(fds.values()))
+        socket.send_fds(conn, [_HEADER.pack(len(request))], list(fds.values()))  # the fds with the header
+        conn.sendall(request)
         reply, pidfds, _, _ = socket.recv_fds(conn, 4096, 1)
         pid = int(json.loads(reply)["pid"]) if reply else 0
         if not pid or len(pidfds) != 1:
             raise OSError("the fork server did not fork")
+        os.set_inheritable(pidfds[0], False)
+        conn.sendall(GO)  # the child waits for this: a caller that gave up (and starts its own) gets no twin
     except (OSError, ValueError, KeyError, TypeError):
         conn.close()
+        for fd in pidfds:
+            os.close(fd)
         return None
     return Child(list(args), pid, pidfds[0], conn, stdin)
+
+
+def _peer_uid(conn):
+    return struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[1]
 
 
 def start_server(path, env):
@@ -233,8 +258,9 @@ def serve(path):
         print(f"stigmer fork server: an import started a thread; forking nothing ({path})", file=sys.stderr)
     # What the SDKs imported from this checkout (they import the standard `secrets`, and this directory's
     # secrets.py comes first, as in any worker): should one change on disk, this server is out of date.
+    here = os.path.realpath(HERE) + os.sep
     ours = {m.__file__: _mtime(m.__file__) for m in list(sys.modules.values())
-            if (getattr(m, "__file__", None) or "").startswith(HERE + os.sep)}
+            if os.path.realpath(getattr(m, "__file__", None) or "/").startswith(here)}
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         os.unlink(path)
@@ -270,7 +296,10 @@ def serve(path):
             timeout = None if children else max(0.1, idle_exit - (time.monotonic() - last))
             for key, _ in sel.select(timeout=timeout):
                 if key.data is None:
-                    conn, _ = listener.accept()
+                    try:
+                        conn, _ = listener.accept()
+                    except OSError:  # out of fds, say: this caller starts its worker itself
+                        continue
                     last = time.monotonic()
                     if not single:
                         conn.close()
@@ -305,6 +334,23 @@ def serve(path):
     return 0
 
 
+def _same_world(pid):
+    """Whether process PID sees what this server sees (the same namespaces and root) and is not an agent's
+    command (which carries a sandbox marker in its environment block): only such a caller may have a child
+    forked, which would see the server's world, unconfined."""
+    try:
+        for ns in ("mnt", "net", "pid", "user", "ipc", "uts", "cgroup"):
+            if os.stat(f"/proc/{pid}/ns/{ns}").st_ino != os.stat(f"/proc/self/ns/{ns}").st_ino:
+                return False
+        if os.stat(f"/proc/{pid}/root").st_ino != os.stat("/proc/self/root").st_ino:
+            return False
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            block = b"\0" + f.read()
+    except OSError:
+        return False
+    return not any(b"\0" + m.encode() + b"=" in block for m in MARKERS)
+
+
 def _mtime(path):
     try:
         return os.stat(path).st_mtime_ns
@@ -322,16 +368,22 @@ def _inode(path):
 def _fork(conn, listener, children):
     """Read one request from CONN and fork its child: (pidfd, pid, conn), or None for a refused request."""
     try:
-        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        if struct.unpack("3i", creds)[1] != os.getuid():
-            return None  # not our user
-        conn.settimeout(10.0)
+        pid, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                          struct.calcsize("3i")))
+        if uid != os.getuid() or not _same_world(pid):
+            return None  # not our user, or a process confined (or an agent's command) asking to get out
+        deadline = time.monotonic() + REQUEST_WAIT  # one slow caller holds up the others this long at most
+        conn.settimeout(REQUEST_WAIT)
         data, fds, _, _ = socket.recv_fds(conn, 1 << 16, MAX_FDS)
     except OSError:
         return None
+
+    def more_of(n):
+        conn.settimeout(max(0.01, deadline - time.monotonic()))
+        return conn.recv(n)
     try:
         while 0 < len(data) < _HEADER.size:
-            more = conn.recv(_HEADER.size)
+            more = more_of(_HEADER.size)
             if not more:
                 break
             data += more
@@ -341,7 +393,7 @@ def _fork(conn, listener, children):
         if size > MAX_REQUEST:
             raise ValueError("too large")
         while len(data) < _HEADER.size + size:
-            more = conn.recv(min(1 << 20, _HEADER.size + size - len(data)))
+            more = more_of(min(1 << 20, _HEADER.size + size - len(data)))
             if not more:
                 raise ValueError("cut short")
             data += more
@@ -353,17 +405,37 @@ def _fork(conn, listener, children):
         for fd in fds:
             os.close(fd)
         return None
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError:
+        for fd in fds:
+            os.close(fd)
+        return None
     if pid == 0:
         try:
-            for sock in (conn, listener, *(c for _, c in children.values())):
+            caller = conn.detach()
+            for sock in (listener, *(c for _, c in children.values())):
                 sock.detach()  # closed below with every other fd; never closed again by their objects
+            import select
+            if not select.select([caller], [], [], GO_WAIT)[0] or os.read(caller, 1) != GO:
+                os._exit(0)  # the caller gave up (and starts the process itself): no twin
             _become(request, dict(zip(targets, fds)))
+        except BaseException:
+            import traceback
+            try:
+                os.write(2, f"stigmer fork server: the child could not start\n{traceback.format_exc()}".encode())
+            except OSError:
+                pass
         finally:
             os._exit(127)
     for fd in fds:  # the child holds them now: a lock, a pipe's end, the secrets must not stay here
         os.close(fd)
-    pidfd = os.pidfd_open(pid)
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        os.kill(pid, signal.SIGKILL)  # it waits for a go that will not come; unknown to anyone, it must not run
+        os.waitpid(pid, 0)
+        return None
     try:
         socket.send_fds(conn, [json.dumps({"pid": pid}).encode()], [pidfd])
     except OSError:
@@ -399,11 +471,12 @@ def _become(request, fds):
             pass
     os.environ.clear()
     os.environ.update(request["env"])
+    time.tzset()  # the caller's TZ
     os.chdir(request["cwd"])
     # stdio as `python -u` makes it (a worker's environment says PYTHONUNBUFFERED=1)
     unbuffered = bool(os.environ.get("PYTHONUNBUFFERED"))
-    sys.stdin = io.TextIOWrapper(io.BufferedReader(io.FileIO(0, "r", closefd=False)), errors="surrogateescape") \
-        if 0 in high else None
+    sys.stdin = io.TextIOWrapper(io.BufferedReader(io.FileIO(0, "r", closefd=False)), errors="surrogateescape",
+                                 newline="\n") if 0 in high else None
     for n, name, errors in ((1, "stdout", "strict"), (2, "stderr", "backslashreplace")):
         raw = io.FileIO(n, "w", closefd=False) if n in high else open(os.devnull, "wb", buffering=0)
         stream = io.TextIOWrapper(raw if unbuffered else io.BufferedWriter(raw), errors=errors,

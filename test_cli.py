@@ -980,6 +980,8 @@ class ParentEnvironTest(CliCase):
         # Unconfined, so that $PPID is the worker itself: OS confinement (a PID namespace) is a second line,
         # and this checks the first one, the worker's own environment block.
         self.env["STIGMER_SANDBOX_MODE"] = "full-access"
+        # Workers started afresh, their own blocks (a forked worker's is the fork server's: test_forkserver.RunTest).
+        self.env["STIGMER_FORKSERVER"] = "0"
 
     def assert_no_secret(self, block, command=None):
         """BLOCK, a worker's environment block (COMMAND its command line: by default the one the agent's

@@ -20,6 +20,7 @@ import unittest
 
 import forkserver
 import models
+import sandbox
 from test_runner import CliCase
 from testsupport import FAKE_KEY, HERE, pid_alive, text_step, tool_step, wait_for
 from testsupport_parallel import load_tests  # noqa: F401 - the suite runs in parallel (see there)
@@ -154,9 +155,8 @@ class ForkTest(ServerCase):
         self.assertEqual(os.listdir(f"/proc/{server}/task"), [str(server)])  # from a process of one thread
         self.assertEqual(session_of(child.pid), child.pid)  # a session of its own
         self.assertEqual(os.readlink(f"/proc/{child.pid}/cwd"), os.getcwd())
-        for pid in (child.pid, server):  # the key came in the pipe, and never reached the server
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                self.assertNotIn(FAKE_KEY.encode(), f.read())
+        with open(f"/proc/{server}/environ", "rb") as f:  # the key came in the pipe, and never reached the server
+            self.assertNotIn(FAKE_KEY.encode(), f.read())
         self.assertEqual(umask_of(child.pid), 0o027)
         self.assertEqual(resource.prlimit(child.pid, resource.RLIMIT_NOFILE)[0], min(soft, 200))
         fds = {int(n): os.readlink(f"/proc/{child.pid}/fd/{n}") for n in os.listdir(f"/proc/{child.pid}/fd")}
@@ -227,6 +227,67 @@ class ForkTest(ServerCase):
         self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode) & 0o077, 0)
 
 
+RAW = """
+import json, os, socket, sys
+import forkserver
+path, go, out = sys.argv[1:4]
+log = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+body = json.dumps({"args": ["--version"], "env": {"PATH": "/usr/bin:/bin"}, "cwd": "/", "umask": 0o22,
+                   "fds": [1, 2]}).encode()
+with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+    conn.settimeout(20)
+    conn.connect(path)
+    socket.send_fds(conn, [forkserver._HEADER.pack(len(body)) + body], [log, log])
+    try:
+        reply, fds, _, _ = socket.recv_fds(conn, 4096, 1)
+    except ConnectionResetError:  # closed with the request unread
+        reply = b""
+    if not reply:
+        print("refused")
+    else:
+        print("forked", json.loads(reply)["pid"], flush=True)
+        if go == "go":
+            conn.sendall(forkserver.GO)
+            conn.recv(100)  # its exit status
+"""
+
+
+class CallerTest(ServerCase):
+    """Who may have a child forked: not a confined process (it would get out of its confinement), not an agent's
+    command (its sweep could not find what it starts), and no twin for a caller that gave up."""
+
+    def raw(self, go="go", env=None, wrap=()):
+        out = tempfile.mktemp(prefix=f"raw-{go}-", dir=self.tmp)
+        done = subprocess.run([*wrap, sys.executable, "-c", RAW, self.path, go, out], env=env or self.env, cwd=HERE,
+                              capture_output=True, text=True, timeout=60)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        with open(out) as f:
+            return done.stdout.split(), f.read()
+
+    def test_a_plain_caller_gets_its_child_and_one_that_leaves_gets_none(self):
+        self.up()
+        reply, output = self.raw("go")
+        self.assertEqual(reply[0], "forked")
+        self.assertIn("stigmer", output)  # the control: the same request, from a plain process, runs
+        reply, output = self.raw("leave")  # it has the pid, and says no go
+        self.assertEqual(reply[0], "forked")
+        wait_for(lambda: not pid_alive(int(reply[1])), what="the child that got no go gone")
+        self.assertEqual(output, "")  # it never ran
+
+    def test_an_agents_command_is_refused(self):
+        self.up()
+        reply, output = self.raw(env=dict(self.env, STIGMER_SANDBOX_RUN="0123456789abcdef"))
+        self.assertEqual((reply, output), (["refused"], ""))
+
+    def test_a_confined_process_is_refused(self):
+        if sandbox.confinement_problem():
+            self.skipTest(f"bwrap cannot run here: {sandbox.confinement_problem()}")
+        self.up()
+        wrap = sandbox.bwrap_argv(self.tmp, "workspace-write", ["true"])[:-1]  # its socket is in the workspace
+        reply, output = self.raw(wrap=wrap)
+        self.assertEqual((reply, output), (["refused"], ""))
+
+
 class FallbackTest(ServerCase):
     """When the server cannot be used, spawn says so (None) and the caller starts the process as before."""
 
@@ -295,14 +356,14 @@ class OutOfDateTest(unittest.TestCase):
 
 
 class IdleTest(ServerCase):
-    idle = "1"
+    idle = "3"
 
     def test_it_leaves_when_idle_but_not_while_a_child_lives(self):
         self.up()
         server = server_pid(self.path)
         child, stdin = self.worker("h")
         wait_for(lambda: "stigmer worker" in self.output(), what="the worker up")
-        deadline = time.monotonic() + 2.5  # past the idle period: the server stays for its child
+        deadline = time.monotonic() + 4  # past the idle period: the server stays for its child
         wait_for(lambda: time.monotonic() > deadline or not pid_alive(server), what="the idle period over")
         self.assertTrue(pid_alive(server))
         self.eof(stdin)
