@@ -261,23 +261,26 @@ class CallerTest(ServerCase):
         done = subprocess.run([*wrap, sys.executable, "-c", RAW, self.path, go, out], env=env or self.env, cwd=HERE,
                               capture_output=True, text=True, timeout=60)
         self.assertEqual(done.returncode, 0, done.stderr)
-        with open(out) as f:
-            return done.stdout.split(), f.read()
+
+        def output():  # what the child wrote, read when asked
+            with open(out) as f:
+                return f.read()
+        return done.stdout.split(), output
 
     def test_a_plain_caller_gets_its_child_and_one_that_leaves_gets_none(self):
         self.up()
         reply, output = self.raw("go")
         self.assertEqual(reply[0], "forked")
-        self.assertIn("stigmer", output)  # the control: the same request, from a plain process, runs
+        self.assertIn("stigmer", output())  # the control: the same request, from a plain process, runs
         reply, output = self.raw("leave")  # it has the pid, and says no go
         self.assertEqual(reply[0], "forked")
         wait_for(lambda: not pid_alive(int(reply[1])), what="the child that got no go gone")
-        self.assertEqual(output, "")  # it never ran
+        self.assertEqual(output(), "")  # it never ran
 
     def test_an_agents_command_is_refused(self):
         self.up()
         reply, output = self.raw(env=dict(self.env, STIGMER_SANDBOX_RUN="0123456789abcdef"))
-        self.assertEqual((reply, output), (["refused"], ""))
+        self.assertEqual((reply, output()), (["refused"], ""))
 
     def test_a_confined_process_is_refused(self):
         if sandbox.confinement_problem():
@@ -285,7 +288,7 @@ class CallerTest(ServerCase):
         self.up()
         wrap = sandbox.bwrap_argv(self.tmp, "workspace-write", ["true"])[:-1]  # its socket is in the workspace
         reply, output = self.raw(wrap=wrap)
-        self.assertEqual((reply, output), (["refused"], ""))
+        self.assertEqual((reply, output()), (["refused"], ""))
 
 
 class FallbackTest(ServerCase):
