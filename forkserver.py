@@ -4,18 +4,23 @@
     child = forkserver.spawn(["worker", ...], env, {0: stdin_r, 1: log, 2: log})   # Popen-like, or None
     python forkserver.py                           # the server itself (spawn starts it when none is up)
 
-One server per user and installation (its key: this Python, this checkout and this file, the SDKs' files, the PYTHON* and
-locale variables and the hard resource limits the worker would start with), listening on a Unix socket in a private
-directory (TMPDIR/stigmer-UID, 0700, checked: a directory that is not ours and private is never used). It
-answers only its own user (SO_PEERCRED). It holds no key and no secret: it is started with a few plain
-variables (the locale, PYTHON*: server_env), and a worker's secrets travel as today, in a pipe (secrets.py
-secrets_pipe) whose end is passed through the socket and closed by the server as soon as it has forked.
-It never imports this project's modules, so a forked worker runs the code on disk.
+One server per user and installation (its key: this Python, this checkout and this file, the SDKs' files,
+the PYTHON* and locale variables, and what a child would inherit from the server rather than its caller:
+hard limits, nice, CPUs, groups, cgroup), listening on a Unix socket in a private directory
+(TMPDIR/stigmer-UID, 0700, checked: a directory that is not ours and private is never used). It answers
+only its own user (SO_PEERCRED), and only a caller that sees what it sees (the same namespaces and root)
+and is not an agent's command (a sandbox marker in its environment block): a confined process never gets
+an unconfined child. It holds no key and no secret: it is started with a few plain variables
+(server_env), and a worker's secrets travel as today, in a pipe (secrets.py secrets_pipe) whose end is
+passed through the socket and closed by the server as soon as it has forked. It imports no module of
+this project but the secrets.py the SDKs pull in (and retires when that changes), so a forked worker runs
+the code on disk.
 
 A forked child becomes `python runner.py ARGS` as the caller would have started it: its own session, the
 caller's environment, working directory, umask and resource limits, the caller's fds at their numbers and
 nothing else. The caller gets its pid and a pidfd (race-free signals; readable when it exits) and, from the
-server, its exit status. When no server is up, spawn starts one in the background and returns None at once
+server, its exit status; the child runs only once the caller has said go (a caller that gave up gets no
+twin). When no server is up, spawn starts one in the background and returns None at once
 (that worker is started as before); the next worker is forked. The server leaves after IDLE_EXIT seconds
 with no request and no live child. STIGMER_FORKSERVER=0 turns it off. Linux only (pidfd, SCM_RIGHTS).
 """

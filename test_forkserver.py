@@ -220,6 +220,9 @@ class ForkTest(ServerCase):
         self.assertEqual(child.wait(30), 0)
         self.assertIn("stigmer", self.output())
 
+    def test_the_markers_are_the_sandboxs(self):  # forkserver imports no module of ours: it names them itself
+        self.assertEqual(forkserver.MARKERS, (sandbox.RUN_MARKER, sandbox.EXECUTION_MARKER))
+
     def test_the_directory_and_socket_are_private(self):
         self.up()
         folder = os.path.dirname(self.path)
