@@ -105,8 +105,8 @@ class Child:
     """A forked worker, as much of subprocess.Popen as a spawner uses: pid, args, stdin, returncode, poll(),
     wait(), send_signal(), terminate(), kill()."""
 
-    def __init__(self, args, pid, pidfd, conn, stdin=None):
-        self.args, self.pid, self.stdin, self.returncode = args, pid, stdin, None
+    def __init__(self, args, pid, pidfd, conn):
+        self.args, self.pid, self.stdin, self.returncode = args, pid, None, None  # stdin: set by the spawner
         self._pidfd, self._conn = pidfd, conn
 
     def poll(self):
@@ -160,10 +160,10 @@ class Child:
         self.send_signal(signal.SIGKILL)
 
 
-def spawn(args, env, fds, stdin=None):
+def spawn(args, env, fds):
     """`python runner.py ARGS` forked from the server, with environment ENV, this process's working directory,
     umask and resource limits, and FDS ({fd number in the child: an fd of ours}; the caller keeps and closes
-    its own). STDIN: the file the Child's .stdin is. Returns a Child, or None when the caller should start
+    its own). Returns a Child, or None when the caller should start
     the process itself: off, none possible here, none up yet (then one is started for the next time), or it
     failed. Never raises for a server that is away or broken."""
     if env.get(OFF_VAR, "1") == "0" or any(m in env or m in os.environ for m in MARKERS):
@@ -181,7 +181,7 @@ def spawn(args, env, fds, stdin=None):
         return None
     pidfds = []
     try:
-        if _peer_uid(conn) != os.getuid():
+        if _peer(conn)[1] != os.getuid():
             raise OSError("the socket is not our server's")
         umask = os.umask(0o077)
         os.umask(umask)
@@ -204,11 +204,12 @@ def spawn(args, env, fds, stdin=None):
         for fd in pidfds:
             os.close(fd)
         return None
-    return Child(list(args), pid, pidfds[0], conn, stdin)
+    return Child(list(args), pid, pidfds[0], conn)
 
 
-def _peer_uid(conn):
-    return struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[1]
+def _peer(conn):
+    """(pid, uid) of the process at the other end of the Unix socket CONN (SO_PEERCRED)."""
+    return struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[:2]
 
 
 def start_server(path, env):
@@ -373,8 +374,7 @@ def _inode(path):
 def _fork(conn, listener, children):
     """Read one request from CONN and fork its child: (pidfd, pid, conn), or None for a refused request."""
     try:
-        pid, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                          struct.calcsize("3i")))
+        pid, uid = _peer(conn)
         if uid != os.getuid() or not _same_world(pid):
             return None  # not our user, or a process confined (or an agent's command) asking to get out
         deadline = time.monotonic() + REQUEST_WAIT  # one slow caller holds up the others this long at most
@@ -406,13 +406,8 @@ def _fork(conn, listener, children):
         targets = [int(t) for t in request["fds"]]
         if len(targets) != len(fds) or len(set(targets)) != len(targets) or min(targets, default=0) < 0:
             raise ValueError("fds")
-    except (OSError, ValueError, KeyError, TypeError):
-        for fd in fds:
-            os.close(fd)
-        return None
-    try:
         pid = os.fork()
-    except OSError:
+    except (OSError, ValueError, KeyError, TypeError):  # refused, or no fork: nothing of the caller's kept
         for fd in fds:
             os.close(fd)
         return None
@@ -444,7 +439,7 @@ def _fork(conn, listener, children):
     try:
         socket.send_fds(conn, [json.dumps({"pid": pid}).encode()], [pidfd])
     except OSError:
-        pass  # the caller left: the child runs on all the same (its stdin, if a pipe, tells it)
+        pass  # the caller left: it sends no go, and the child leaves
     return pidfd, pid, conn
 
 

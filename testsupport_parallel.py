@@ -232,7 +232,8 @@ class Pool:
                 while not self.closed:
                     self.cond.wait()
                 if not ordered:  # every class is in: those marked slow start first (else in order)
-                    self.queue, ordered = collections.deque(sorted(self.queue, key=lambda tests: not _slow(tests))), True
+                    self.queue = collections.deque(sorted(self.queue, key=lambda tests: not _slow(tests)))
+                    ordered = True
                 if not self.queue and not running and self.closed:
                     return
                 while self.queue and len(running) < self.jobs and not self.result.shouldStop:
